@@ -1,0 +1,48 @@
+"""Decoding and the square canvas, the shared first step of every loader."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torchvision.io import ImageReadMode, decode_image, read_file
+from torchvision.transforms.v2 import functional as TF
+
+from .errors import BackMixError
+
+
+class DecodeError(BackMixError):
+    def __init__(self, path: str, why: str = "") -> None:
+        super().__init__(f"image {path} does not decode" + (f": {why}" if why else ""))
+        self.path = path
+
+
+def decode_rgb(path: str) -> torch.Tensor:
+    """uint8 [3, H, W]; grey and palette images become RGB."""
+    try:
+        return decode_image(read_file(path), mode=ImageReadMode.RGB)
+    except (RuntimeError, ValueError) as e:
+        raise DecodeError(path, str(e).splitlines()[0] if str(e) else "") from None
+
+
+def to_canvas(image: torch.Tensor, size: int) -> torch.Tensor:
+    """Resize (aspect not kept) to the ``size x size`` canvas the mix works on; uint8 in and out."""
+    if image.shape[-2:] == (size, size):
+        return image
+    return TF.resize(image, [size, size], antialias=True)
+
+
+def decode_canvas(path: str, size: int) -> torch.Tensor:
+    return to_canvas(decode_rgb(path), size)
+
+
+def check_canvas(canvas: int, crop: int, grid: int) -> None:
+    if canvas <= 0 or crop <= 0:
+        raise BackMixError(f"canvas ({canvas}) and crop ({crop}) sizes must be positive")
+    if crop > canvas:
+        raise BackMixError(f"crop size {crop} is larger than the canvas {canvas}")
+    if canvas % grid:
+        raise BackMixError(f"canvas size {canvas} must be a multiple of the grid {grid} "
+                           "so that every cell covers whole pixels")
+
+
+def to_numpy_hwc(image: torch.Tensor) -> np.ndarray:
+    return image.permute(1, 2, 0).contiguous().numpy()

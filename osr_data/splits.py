@@ -1,0 +1,64 @@
+"""Open-set splits: which classes are known; every other class is unknown.
+
+Random splits follow the OSR protocol (Neal et al. 2018, Vaze et al. 2022): for
+10 classes, 6 known and 4 unknown, 5 seeded splits. An explicit list of class
+names (or labels) is accepted too.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .errors import BackMixError
+
+
+@dataclass(frozen=True)
+class OpenSetSplit:
+    known: tuple[str, ...]      # class names, in label order of the closed-set head
+    unknown: tuple[str, ...]
+
+    def known_labels(self, classes: tuple[str, ...]) -> np.ndarray:
+        return np.asarray([classes.index(c) for c in self.known], dtype=np.int64)
+
+    def label_map(self, classes: tuple[str, ...]) -> np.ndarray:
+        """Dataset label -> closed-set label (0..K-1), -1 for unknown classes."""
+        lut = np.full(len(classes), -1, dtype=np.int64)
+        lut[self.known_labels(classes)] = np.arange(len(self.known))
+        return lut
+
+
+def random_splits(classes: tuple[str, ...], n_splits: int = 5, n_known: int | None = None,
+                  seed: int = 0) -> list[OpenSetSplit]:
+    n = len(classes)
+    if n_known is None:
+        n_known = max(1, round(0.6 * n))
+    if not 0 < n_known < n:
+        raise BackMixError(f"a split needs 0 < known classes < {n}, got {n_known}")
+    rng = np.random.default_rng(seed)
+    splits = []
+    for _ in range(n_splits):
+        known = np.sort(rng.permutation(n)[:n_known])
+        splits.append(OpenSetSplit(tuple(classes[i] for i in known),
+                                   tuple(c for i, c in enumerate(classes) if i not in set(known))))
+    return splits
+
+
+def resolve_split(classes: tuple[str, ...], spec: str | int, n_splits: int = 5,
+                  seed: int = 0) -> OpenSetSplit:
+    """``spec`` is a split number (``"0"``..) or a comma list of known class names."""
+    spec = str(spec).strip()
+    if spec.isdigit():
+        k = int(spec)
+        if k >= n_splits:
+            raise BackMixError(f"split {k} does not exist: there are {n_splits} random splits (0..{n_splits - 1})")
+        return random_splits(classes, n_splits=n_splits, seed=seed)[k]
+    known = [c.strip() for c in spec.split(",") if c.strip()]
+    missing = [c for c in known if c not in classes]
+    if missing:
+        raise BackMixError(f"split names class {missing[0]!r}, which does not exist "
+                           f"(classes: {', '.join(classes)})")
+    if len(set(known)) != len(known) or not 0 < len(known) < len(classes):
+        raise BackMixError(f"split {spec!r} must name distinct classes, at least one and not all")
+    order = [c for c in classes if c in known]
+    return OpenSetSplit(tuple(order), tuple(c for c in classes if c not in known))

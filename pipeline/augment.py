@@ -1,0 +1,73 @@
+"""Batched augmentations on tensors: each a small class around one kernel.
+
+Geometric augmentation follows the mix (BackMix's order). Randomness comes in
+through ``BatchParams``; these classes hold only their configuration.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .backmix import box_size, mix_backgrounds, top_k_mask
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def crop_flip(images: Tensor, offsets: Tensor, flips: Tensor, size: int) -> Tensor:
+    """[B, C, H, W] -> [B, C, size, size]: crop at per-image offsets, mirror where ``flips``."""
+    b = images.shape[0]
+    r = torch.arange(size, device=images.device)
+    ys = offsets[:, 0:1] + r
+    xs = offsets[:, 1:2] + r
+    xs = torch.where(flips[:, None], xs.flip(1), xs)
+    out = images[torch.arange(b, device=images.device)[:, None, None], :, ys[:, :, None], xs[:, None, :]]
+    return out.permute(0, 3, 1, 2)      # channels-last in memory, which convolutions like
+
+
+def normalize(images: Tensor, mean: Tensor, std: Tensor) -> Tensor:
+    """uint8 [B, C, H, W] -> float32 ((x / 255) - mean) / std."""
+    return (images.float() / 255.0 - mean.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1)
+
+
+def fill_value(mean: tuple[float, ...]) -> Tensor:
+    """The uint8 blank colour: the normalisation mean, i.e. ~0 after ``normalize``."""
+    return torch.tensor([round(255.0 * m) for m in mean], dtype=torch.uint8)
+
+
+@dataclass(frozen=True)
+class BackMix:
+    top_k_ratio: float = 0.25
+    box_fraction: float = 0.25
+    mean: tuple[float, ...] = IMAGENET_MEAN
+
+    def __call__(self, canvases: Tensor, maps: Tensor, p: dict[str, Tensor]) -> Tensor:
+        masks = top_k_mask(maps, self.top_k_ratio, p["tie_break"])
+        return mix_backgrounds(canvases, p["partners"], masks, p["boxes"],
+                               box_size(tuple(canvases.shape[-2:]), self.box_fraction),
+                               fill_value(self.mean).to(canvases.device))
+
+
+@dataclass(frozen=True)
+class RandomCropFlip:
+    size: int
+
+    def __call__(self, images: Tensor, p: dict[str, Tensor]) -> Tensor:
+        return crop_flip(images, p["crops"], p["flips"], self.size)
+
+
+@dataclass(frozen=True)
+class Normalize:
+    mean: tuple[float, ...] = IMAGENET_MEAN
+    std: tuple[float, ...] = IMAGENET_STD
+
+    def __call__(self, images: Tensor) -> Tensor:
+        dev = images.device
+        return normalize(images, torch.tensor(self.mean, device=dev), torch.tensor(self.std, device=dev))
+
+
+def center_offsets(batch: int, canvas: int, crop: int, device=None) -> Tensor:
+    o = (canvas - crop) // 2
+    return torch.full((batch, 2), o, dtype=torch.int64, device=device)

@@ -1,0 +1,68 @@
+"""The contract every loader keeps, and the torch stage that fills it.
+
+A loader yields ``BackMixBatch``es. ``BatchTransform`` is the device-side half
+shared by the reference loader (and FFCV's GPU path): decoded canvases in,
+mixed/cropped/flipped/normalised tensors out, in BackMix's order.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from cam_cache.maps import ForegroundMaps
+
+from .augment import IMAGENET_MEAN, IMAGENET_STD, BackMix, Normalize, RandomCropFlip
+from .sampling import BackMixSampler
+
+
+class BackMixBatch(NamedTuple):
+    canvas: Tensor            # uint8 [B, 3, S, S]: decoded, un-augmented ("raw"); CAMs use it
+    images: Tensor            # float [B, 3, s, s]: cropped, flipped, normalised, not mixed
+    mixed: Optional[Tensor]   # float [B, 3, s, s]: same crop and flip, mixed; None without BackMix
+    labels: Tensor            # int64 [B]: dataset labels (the index file's)
+    indices: Tensor           # int64 [B]: dataset indices (row numbers of the index file)
+
+
+class BatchTransform:
+    """Mix, then crop/flip, then normalise, for one batch of canvases on any device."""
+
+    def __init__(self, maps: ForegroundMaps, sampler: BackMixSampler, *, backmix: bool = True,
+                 mean: tuple[float, ...] = IMAGENET_MEAN, std: tuple[float, ...] = IMAGENET_STD,
+                 train: bool = True) -> None:
+        self.maps, self.sampler, self.enabled, self.train = maps, sampler, backmix, train
+        self.mix = BackMix(sampler.top_k_ratio, sampler.box_fraction, mean)
+        self.crop = RandomCropFlip(sampler.crop)
+        self.normalize = Normalize(mean, std)
+
+    def params(self, batch_size: int, epoch: int, step: int, rank: int, device) -> dict[str, Tensor]:
+        p = self.sampler.draw(batch_size, epoch, step, rank).torch(device)
+        if not self.train:  # evaluation: centre crop, no flip
+            o = (self.sampler.canvas - self.sampler.crop) // 2
+            p["crops"] = torch.full_like(p["crops"], o)
+            p["flips"] = torch.zeros_like(p["flips"])
+        return p
+
+    def __call__(self, canvas: Tensor, labels: Tensor, indices: Tensor, *, epoch: int, step: int,
+                 rank: int = 0) -> BackMixBatch:
+        p = self.params(canvas.shape[0], epoch, step, rank, canvas.device)
+        mixed = None
+        if self.enabled:
+            maps = torch.from_numpy(self.maps.gather(indices.cpu().numpy())).to(canvas.device)
+            both = self.crop(torch.cat([canvas, self.mix(canvas, maps, p)]), _twice(p))
+            both = self.normalize(both)
+            images, mixed = both.chunk(2)
+        else:
+            images = self.normalize(self.crop(canvas, p))
+        return BackMixBatch(canvas, images, mixed, labels, indices)
+
+
+def _twice(p: dict[str, Tensor]) -> dict[str, Tensor]:
+    """The same crop and flip for the clean and the mixed copy of each image."""
+    return {"crops": p["crops"].repeat(2, 1), "flips": p["flips"].repeat(2)}
+
+
+def as_index_array(x) -> np.ndarray:
+    return np.asarray(x, dtype=np.int64)

@@ -1,0 +1,2 @@
+def register_data(sub) -> None:
+    pass

@@ -1,0 +1,68 @@
+"""One configuration shared by every loader backend."""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import torch
+
+from osr_data.decode import check_canvas
+from osr_data.errors import BackMixError
+
+from .augment import IMAGENET_MEAN, IMAGENET_STD
+from .sampling import LAST_BATCH, BackMixSampler, check_fraction
+
+log = logging.getLogger("backmix")
+
+ON_ERROR = ("raise", "skip")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+@dataclass
+class LoaderConfig:
+    batch_size: int = 64
+    canvas: int = 40             # side of the square canvas the mix works on
+    crop: int = 32               # side of the random crop the model sees
+    grid: int = 8                # g of the g x g foreground maps
+    backmix: bool = True
+    box_fraction: float = 0.25
+    top_k_ratio: float = 0.25
+    seed: int = 0
+    shuffle: bool = True
+    train: bool = True           # False: centre crop, no flip (evaluation)
+    rank: int = 0
+    world_size: int = 1
+    last_batch: str = "keep"     # "keep" or "drop"
+    num_workers: int = 2
+    on_error: str = "raise"      # a file that does not decode: "raise" or "skip" (and count)
+    device: str = "auto"         # "auto" picks CUDA when there is one
+    mean: tuple[float, ...] = field(default=IMAGENET_MEAN)
+    std: tuple[float, ...] = field(default=IMAGENET_STD)
+
+    def __post_init__(self) -> None:
+        check_canvas(self.canvas, self.crop, self.grid)
+        check_fraction("box fraction", self.box_fraction)
+        check_fraction("top-k ratio", self.top_k_ratio)
+        if self.batch_size < 1:
+            raise BackMixError(f"batch size must be at least 1, got {self.batch_size}")
+        if self.on_error not in ON_ERROR:
+            raise BackMixError(f"on_error must be one of {ON_ERROR}, got {self.on_error!r}")
+        if self.last_batch not in LAST_BATCH:
+            raise BackMixError(f"last_batch must be one of {LAST_BATCH}, got {self.last_batch!r}")
+        if self.device not in DEVICES:
+            raise BackMixError(f"device must be one of {DEVICES}, got {self.device!r}")
+
+    def sampler(self) -> BackMixSampler:
+        return BackMixSampler(canvas=self.canvas, crop=self.crop, grid=self.grid,
+                              box_fraction=self.box_fraction, top_k_ratio=self.top_k_ratio,
+                              seed=self.seed)
+
+
+def choose_device(request: str = "auto") -> torch.device:
+    """CUDA when asked for or available under "auto"; the CPU otherwise. Logs the choice."""
+    if request == "cuda" and not torch.cuda.is_available():
+        raise BackMixError("--device cuda was asked for, but CUDA is not available on this machine")
+    use_cuda = request == "cuda" or (request == "auto" and torch.cuda.is_available())
+    dev = torch.device("cuda", torch.cuda.current_device()) if use_cuda else torch.device("cpu")
+    log.info("mixing on %s", dev)
+    return dev

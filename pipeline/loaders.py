@@ -1,0 +1,28 @@
+"""``make_loader(backend, ...)``: one entry point for the three backends."""
+from __future__ import annotations
+
+from typing import Optional
+
+import numpy as np
+
+from cam_cache.maps import ForegroundMaps
+from osr_data.errors import BackMixError
+from osr_data.index import ImageIndex
+
+from .config import LoaderConfig
+
+BACKENDS = ("reference", "dali", "ffcv")
+
+
+def make_loader(backend: str, index: ImageIndex, config: LoaderConfig,
+                maps: Optional[ForegroundMaps] = None, indices: Optional[np.ndarray] = None, **kwargs):
+    if backend == "reference":
+        from .reference import ReferenceLoader
+        return ReferenceLoader(index, config, maps, indices)
+    if backend == "dali":
+        from .dali import DaliLoader
+        return DaliLoader(index, config, maps, indices, **kwargs)
+    if backend == "ffcv":
+        from .ffcv import FfcvLoader
+        return FfcvLoader(index, config, maps, indices, **kwargs)
+    raise BackMixError(f"unknown backend {backend!r} (choose from {', '.join(BACKENDS)})")

@@ -1,0 +1,113 @@
+"""The reference loader: plain ``torch.utils.data``, the result every other loader must equal.
+
+Workers decode files to canvases; the main process mixes, crops, flips and
+normalises the whole batch at once on the chosen device (``BatchTransform``).
+"""
+from __future__ import annotations
+
+import logging
+from typing import Iterator, Optional
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from cam_cache.maps import ForegroundMaps, UniformMaps
+from osr_data.decode import DecodeError, decode_canvas
+from osr_data.index import ImageIndex
+
+from .batch import BackMixBatch, BatchTransform
+from .config import LoaderConfig, choose_device
+from .sampling import EpochSampler
+
+log = logging.getLogger("backmix")
+
+
+class CanvasDataset(Dataset):
+    """dataset index -> (uint8 canvas [3, S, S], label, index), or the path if it does not decode."""
+
+    def __init__(self, index: ImageIndex, canvas: int) -> None:
+        self.index, self.canvas = index, canvas
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, i: int):
+        try:
+            return decode_canvas(self.index.abspath(i), self.canvas), int(self.index.labels[i]), i
+        except DecodeError as e:
+            # Raised in the main process instead, so the user sees one line, not a worker traceback.
+            return e.path
+
+
+def collate_canvases(items):
+    good = [it for it in items if not isinstance(it, str)]
+    failed = [it for it in items if isinstance(it, str)]
+    if good:
+        canvas = torch.stack([g[0] for g in good])
+        labels = torch.tensor([g[1] for g in good], dtype=torch.int64)
+        indices = torch.tensor([g[2] for g in good], dtype=torch.int64)
+    else:
+        canvas, labels, indices = None, None, None
+    return canvas, labels, indices, failed
+
+
+class _Batches(torch.utils.data.Sampler):
+    def __init__(self, loader: "ReferenceLoader") -> None:
+        self.loader = loader
+
+    def __iter__(self):
+        ids = self.loader.dataset_indices
+        return iter([ids[b].tolist() for b in self.loader.epoch_sampler.batches(self.loader.epoch)])
+
+    def __len__(self) -> int:
+        return len(self.loader.epoch_sampler)
+
+
+class ReferenceLoader:
+    """Yields ``BackMixBatch`` for the images ``indices`` (default: all) of ``index``."""
+
+    backend = "reference"
+
+    def __init__(self, index: ImageIndex, config: LoaderConfig, maps: Optional[ForegroundMaps] = None,
+                 indices: Optional[np.ndarray] = None) -> None:
+        self.index, self.config = index, config
+        self.maps = maps if maps is not None else UniformMaps(len(index), config.grid)
+        if self.maps.grid != config.grid:
+            from osr_data.errors import BackMixError
+            raise BackMixError(f"foreground maps have grid {self.maps.grid}, the loader expects {config.grid}")
+        self.dataset_indices = (np.arange(len(index)) if indices is None
+                                else np.asarray(indices, dtype=np.int64))
+        self.epoch_sampler = EpochSampler(len(self.dataset_indices), config.batch_size,
+                                          shuffle=config.shuffle, seed=config.seed, rank=config.rank,
+                                          world_size=config.world_size, last_batch=config.last_batch)
+        self.device = choose_device(config.device)
+        self.transform = BatchTransform(self.maps, config.sampler(), backmix=config.backmix,
+                                        mean=config.mean, std=config.std, train=config.train)
+        self.epoch = 0
+        self.skipped = 0
+        self._loader = DataLoader(CanvasDataset(index, config.canvas), batch_sampler=_Batches(self),
+                                  num_workers=config.num_workers, collate_fn=collate_canvases,
+                                  pin_memory=self.device.type == "cuda",
+                                  persistent_workers=False)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.epoch_sampler)
+
+    def __iter__(self) -> Iterator[BackMixBatch]:
+        self.maps.refresh()   # a new cache generation takes effect at an epoch boundary
+        for step, (canvas, labels, indices, failed) in enumerate(self._loader):
+            if failed:
+                if self.config.on_error == "raise":
+                    raise DecodeError(failed[0])
+                self.skipped += len(failed)
+                for path in failed:
+                    log.warning("skipped %s: it does not decode (%d skipped so far)", path, self.skipped)
+            if canvas is None:
+                continue
+            canvas = canvas.to(self.device, non_blocking=True)
+            yield self.transform(canvas, labels.to(self.device), indices.to(self.device),
+                                 epoch=self.epoch, step=step, rank=self.config.rank)

@@ -1,0 +1,108 @@
+"""All randomness of the pipeline, drawn once per batch from a seeded generator.
+
+``EpochSampler`` decides which dataset indices form each batch (shuffle per epoch,
+shard per rank, last-batch policy). ``BackMixSampler`` draws every random choice
+of one batch (partners, boxes, tie-breaks, crops, flips) as a pure function of
+(seed, epoch, rank, step), so every loader given the same key makes the same
+batch, and a resumed run makes the batches it would have made.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from osr_data.errors import BackMixError
+
+from .backmix import box_size
+
+LAST_BATCH = ("keep", "drop")
+
+
+class EpochSampler:
+    """The order of one rank's samples in one epoch, cut into batches.
+
+    ``positions`` are positions into the loader's list of dataset indices.
+    last_batch="keep": rank r takes every world_size-th sample; across ranks each
+    sample appears exactly once; the last batch may be short.
+    last_batch="drop": every rank gets the same number of full batches (what
+    DistributedDataParallel needs); the remainder is dropped, a different one each epoch.
+    """
+
+    def __init__(self, num_samples: int, batch_size: int, *, shuffle: bool = True, seed: int = 0,
+                 rank: int = 0, world_size: int = 1, last_batch: str = "keep") -> None:
+        if batch_size < 1:
+            raise BackMixError(f"batch size must be at least 1, got {batch_size}")
+        if not 0 <= rank < world_size:
+            raise BackMixError(f"rank {rank} is outside world size {world_size}")
+        if last_batch not in LAST_BATCH:
+            raise BackMixError(f"last_batch must be one of {LAST_BATCH}, got {last_batch!r}")
+        if num_samples < 1:
+            raise BackMixError("the loader has no samples")
+        self.num_samples, self.batch_size = num_samples, batch_size
+        self.shuffle, self.seed = shuffle, seed
+        self.rank, self.world_size, self.last_batch = rank, world_size, last_batch
+
+    def positions(self, epoch: int) -> np.ndarray:
+        n = self.num_samples
+        order = (np.random.default_rng([self.seed, epoch]).permutation(n) if self.shuffle
+                 else np.arange(n))
+        if self.last_batch == "drop":
+            per_rank = (n // self.world_size) // self.batch_size * self.batch_size
+            return order[self.rank * per_rank:(self.rank + 1) * per_rank]
+        return order[self.rank::self.world_size]
+
+    def batches(self, epoch: int) -> list[np.ndarray]:
+        pos = self.positions(epoch)
+        return [pos[i:i + self.batch_size] for i in range(0, len(pos), self.batch_size)]
+
+    def __len__(self) -> int:
+        return len(self.batches(0))
+
+
+@dataclass(frozen=True)
+class BatchParams:
+    """Every random choice of one batch (numpy, int64 unless noted)."""
+    partners: np.ndarray    # [B]
+    boxes: np.ndarray       # [B, 4] src_y, src_x, dst_y, dst_x
+    tie_break: np.ndarray   # [B, g*g]
+    crops: np.ndarray       # [B, 2] top-left corner of the crop in the canvas
+    flips: np.ndarray       # bool [B]
+
+    def torch(self, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+        return {k: torch.from_numpy(getattr(self, k)).to(device, non_blocking=True)
+                for k in ("partners", "boxes", "tie_break", "crops", "flips")}
+
+
+def check_fraction(name: str, value: float) -> float:
+    if not 0.0 < float(value) < 1.0:
+        raise BackMixError(f"{name} must lie in (0, 1), got {value}")
+    return float(value)
+
+
+class BackMixSampler:
+    """Draws ``BatchParams``; state is (seed, sizes, ratios) and nothing else."""
+
+    def __init__(self, *, canvas: int, crop: int, grid: int = 8, box_fraction: float = 0.25,
+                 top_k_ratio: float = 0.25, seed: int = 0) -> None:
+        self.canvas, self.crop, self.grid, self.seed = canvas, crop, grid, seed
+        self.box_fraction = check_fraction("box fraction", box_fraction)
+        self.top_k_ratio = check_fraction("top-k ratio", top_k_ratio)
+        self.box_hw = box_size((canvas, canvas), self.box_fraction)
+
+    def draw(self, batch_size: int, epoch: int, step: int, rank: int = 0) -> BatchParams:
+        b, g, (bh, bw) = batch_size, self.grid, self.box_hw
+        rng = np.random.default_rng([self.seed, epoch, rank, step, 0xBAC])
+        # A random cycle through the batch: nobody is their own partner and
+        # every image lends its background exactly once.
+        cycle = rng.permutation(b)
+        partners = np.empty(b, dtype=np.int64)
+        partners[cycle] = np.roll(cycle, -1)
+        boxes = np.stack([rng.integers(0, self.canvas - bh + 1, b), rng.integers(0, self.canvas - bw + 1, b),
+                          rng.integers(0, self.canvas - bh + 1, b), rng.integers(0, self.canvas - bw + 1, b)],
+                         axis=1).astype(np.int64)
+        tie_break = rng.random((b, g * g)).argsort(axis=1).astype(np.int64)
+        crops = rng.integers(0, self.canvas - self.crop + 1, (b, 2)).astype(np.int64)
+        flips = rng.random(b) < 0.5
+        return BatchParams(partners, boxes, tie_break, crops, flips)

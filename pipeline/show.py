@@ -1,0 +1,2 @@
+def register(top) -> None:
+    pass
