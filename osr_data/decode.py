@@ -1,12 +1,18 @@
 """Decoding and the square canvas, the shared first step of every loader."""
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import torch
 from torchvision.io import ImageReadMode, decode_image, read_file
 from torchvision.transforms.v2 import functional as TF
 
 from .errors import BackMixError
+
+# torchvision 0.29 marks its libjpeg-turbo/libpng decoders deprecated in favour of
+# torchcodec; they remain the fastest CPU decoders installed here, so keep them quiet.
+warnings.filterwarnings("ignore", message="The image decoding and encoding", category=DeprecationWarning)
 
 
 class DecodeError(BackMixError):

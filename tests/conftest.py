@@ -1,0 +1,28 @@
+"""Shared fixtures: one prepared copy of the bundled digits per test session."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from osr_data.prepare import prepare, write_split
+
+
+@pytest.fixture(scope="session")
+def digits_root(tmp_path_factory) -> Path:
+    """The bundled digits in the ImageNet layout: root/train and root/test."""
+    root = tmp_path_factory.mktemp("data") / "digits"
+    prepare("digits", root)
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_root(tmp_path_factory) -> Path:
+    """A 3-class folder of 24 random 48x40 RGB PNGs (8 a class); non-square on purpose."""
+    rng = np.random.default_rng(0)
+    root = tmp_path_factory.mktemp("tiny") / "train"
+    images = rng.integers(0, 256, (24, 40, 48, 3), dtype=np.uint8)
+    labels = np.repeat(np.arange(3), 8)
+    write_split(root, images, labels, ("cat", "dog", "fox"))
+    return root
