@@ -106,3 +106,46 @@ def test_every_subcommand_has_help():
     assert r.returncode == 0 and "data" in r.stdout
     r = run_cli("data", "prepare", "--help")
     assert r.returncode == 0 and "--out" in r.stdout
+
+
+# --- digits-on-photos: the data set with a fore-background prior ---------------------------------
+
+@pytest.fixture(scope="module")
+def on_photos():
+    from osr_data.composite import digits_on_photos
+    return digits_on_photos(prior=0.8, seed=0)
+
+
+def test_on_photos_training_backgrounds_follow_the_prior(on_photos):
+    d = on_photos
+    own = d["train_photos"] == d["class_photo"][d["train_labels"]]
+    n = len(own)
+    # Binomial(n, 0.8): 5 standard deviations either side.
+    assert abs(own.mean() - 0.8) < 5 * np.sqrt(0.8 * 0.2 / n)
+    assert len(set(d["class_photo"].tolist())) == 10   # every class has a photograph of its own
+
+
+def test_on_photos_test_backgrounds_are_uniform(on_photos):
+    from osr_data.composite import bundled_photos
+    d = on_photos
+    n_photos = len(bundled_photos())
+    counts = np.bincount(d["test_photos"], minlength=n_photos)
+    expected = len(d["test_photos"]) / n_photos
+    chi2 = ((counts - expected) ** 2 / expected).sum()
+    assert chi2 < 45.0    # chi-square, 15 dof: p < 1e-4 beyond this
+    own = d["test_photos"] == d["class_photo"][d["test_labels"]]
+    assert own.mean() < 0.2
+
+
+def test_on_photos_same_digits_split_as_digits(on_photos):
+    from osr_data.prepare import digits_arrays
+    _, ytr, _, yte, _ = digits_arrays()
+    assert np.array_equal(on_photos["train_labels"], ytr) and np.array_equal(on_photos["test_labels"], yte)
+    assert on_photos["train_images"].shape == (len(ytr), 32, 32, 3)
+    assert on_photos["train_images"].dtype == np.uint8
+
+
+def test_on_photos_rejects_a_prior_outside_0_1(tmp_path):
+    from osr_data.composite import digits_on_photos
+    with pytest.raises(BackMixError, match="prior"):
+        digits_on_photos(prior=1.5)
