@@ -1,0 +1,343 @@
+"""The DALI loader: decode, resize, BackMix, crop, flip and normalise as one DALI pipeline.
+
+Samples, their order and every random choice come from the shared samplers
+(``EpochSampler``, ``BackMixSampler``), fed in per batch through one
+``fn.external_source``, so the stream is ReferenceLoader's, except that DALI's
+resize is not bit-identical to torchvision's (|diff| <= 1 grey level on the
+digits). The mix itself is exact: given the canvases DALI decoded (returned as
+``canvas``), ``mixed`` equals ``mix_backgrounds`` then ``crop_flip`` then
+``normalize``, up to crop_mirror_normalize's float rounding (|diff| < 1e-5;
+it computes (x - 255 m) / (255 s)).
+
+The mix as DALI ops (target i borrows from partner j = partners[i]):
+  host     the top-k cells of each image's g x g map (``top_k_mask``; tiny), and for
+           each image j the corner of the box it lends: the source corner of its borrower
+  lent     image j cuts that box from its canvas and blanks its own foreground in it
+           (nearest-upsampled mask; uint8 arithmetic on the box only), then
+           ``permute_batch`` hands the box to its borrower
+  mixed    ``multi_paste`` of two inputs: the target's canvas, then the lent box at
+           the target's destination corner
+A batch of one is left as it is, as the kernel does: its own box goes back in place.
+"""
+from __future__ import annotations
+
+import logging
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Iterator, Optional
+
+import numpy as np
+import torch
+
+from cam_cache.maps import ForegroundMaps, UniformMaps
+from osr_data.decode import DecodeError, decode_rgb
+from osr_data.errors import BackMixError
+from osr_data.index import ImageIndex
+
+from .augment import fill_value
+from .backmix import top_k_mask
+from .batch import BackMixBatch
+from .config import LoaderConfig
+from .sampling import EpochSampler
+
+log = logging.getLogger("backmix")
+
+PREFETCH = 2
+
+
+@dataclass
+class _Fed:
+    """What the host knows about one batch it handed to the pipeline."""
+    step: int
+    ids: np.ndarray                                    # dataset indices of the samples fed
+    failed: list[str] = field(default_factory=list)    # paths dropped before feeding (unreadable)
+    plan: list = field(default_factory=list)           # the (step, ids) it came from, to replay it
+
+
+class _Feeder:
+    """The external_source callback: one call = the next batch of the epoch, as DALI inputs.
+
+    It reads file bytes and draws the batch's params on the host; everything
+    per-pixel happens in the pipeline. ``fed`` lists what is inside the pipeline,
+    in order, so each output can be matched to its batch.
+    """
+
+    def __init__(self, loader: "DaliLoader") -> None:
+        self.loader = loader
+        self.plan: deque[tuple[int, np.ndarray]] = deque()   # (step, dataset ids) still to feed
+        self.fed: deque[_Fed] = deque()
+        self.trailing: list[str] = []    # failures of whole batches after the last fed one
+        self.epoch = 0
+
+    def start(self, epoch: int, plan: list[tuple[int, np.ndarray]]) -> None:
+        self.epoch, self.plan, self.fed, self.trailing = epoch, deque(plan), deque(), []
+
+    def stop(self) -> None:
+        self.plan.clear()
+
+    def __call__(self):
+        ld = self.loader
+        failed: list[str] = []
+        consumed = []
+        while self.plan:
+            step, ids = self.plan.popleft()
+            consumed.append((step, ids))
+            data, good = [], []
+            for i in ids.tolist():
+                path = ld.index.abspath(i)
+                raw = None
+                if i not in ld.bad_rows:
+                    try:
+                        raw = np.fromfile(path, dtype=np.uint8)
+                    except OSError:
+                        raw = None
+                if raw is None or raw.size == 0:
+                    ld.bad_rows.add(i)
+                    failed.append(path)
+                    continue
+                data.append(raw)
+                good.append(i)
+            if not good:   # the whole batch failed: its step is used up, as in the reference
+                continue
+            ids = np.asarray(good, dtype=np.int64)
+            self.fed.append(_Fed(step, ids, failed, consumed))
+            return (data,) + ld.batch_inputs(ids, self.epoch, step)
+        self.trailing = failed
+        raise StopIteration
+
+
+class DaliLoader:
+    """Yields ``BackMixBatch`` for the images ``indices`` (default: all) of ``index``, from a DALI pipeline."""
+
+    backend = "dali"
+
+    def __init__(self, index: ImageIndex, config: LoaderConfig, maps: Optional[ForegroundMaps] = None,
+                 indices: Optional[np.ndarray] = None) -> None:
+        self.index, self.config = index, config
+        self.maps = maps if maps is not None else UniformMaps(len(index), config.grid)
+        if self.maps.grid != config.grid:
+            raise BackMixError(f"foreground maps have grid {self.maps.grid}, the loader expects {config.grid}")
+        self.dataset_indices = (np.arange(len(index)) if indices is None
+                                else np.asarray(indices, dtype=np.int64))
+        self.epoch_sampler = EpochSampler(len(self.dataset_indices), config.batch_size,
+                                          shuffle=config.shuffle, seed=config.seed, rank=config.rank,
+                                          world_size=config.world_size, last_batch=config.last_batch)
+        self.sampler = config.sampler()
+        self.fill = fill_value(config.mean).numpy()
+        self.gpu = torch.cuda.is_available() and config.device != "cpu"
+        if config.device == "cuda" and not self.gpu:
+            log.warning("CUDA was asked for but is not available; DALI runs on the CPU")
+        self.device = torch.device("cuda", torch.cuda.current_device()) if self.gpu else torch.device("cpu")
+        log.info("DALI pipeline on %s", "gpu" if self.gpu else "cpu")
+        self.epoch = 0
+        self.skipped = 0
+        self.bad_rows: set[int] = set()    # rows known not to decode: dropped at feed time from then on
+        self._feeder = _Feeder(self)
+        self._pipe = self._build()
+        self._dirty = False                # an epoch was left part-way: the pipeline holds stale batches
+
+    # ----------------------------------------------------------------- host side
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.epoch_sampler)
+
+    def batch_inputs(self, ids: np.ndarray, epoch: int, step: int) -> tuple:
+        """The per-sample params of one batch as DALI inputs (lists of numpy arrays)."""
+        cfg, b = self.config, len(ids)
+        p = self.sampler.draw(b, epoch, step, cfg.rank)
+        if cfg.train:
+            crops, flips = p.crops, p.flips
+        else:  # evaluation: centre crop, no flip (as BatchTransform.params)
+            crops = np.full_like(p.crops, (cfg.canvas - cfg.crop) // 2)
+            flips = np.zeros_like(p.flips)
+        # crop_mirror_normalize takes the crop corner as a fraction of the free range; it
+        # rounds fraction * range back to the integer corner exactly (checked by the tests).
+        free = max(cfg.canvas - cfg.crop, 1)
+        pos = (crops / free).astype(np.float32)
+        out = (list(pos[:, 1]), list(pos[:, 0]), list(flips.astype(np.int32)))
+        if not cfg.backmix:
+            return out
+        src, dst = p.boxes[:, 0:2], p.boxes[:, 2:4]
+        if b < 2:
+            # The kernel leaves a lone image as it is: its own box pasted back in place, nothing blanked.
+            masks = np.zeros((b, cfg.grid, cfg.grid, 1), dtype=np.uint8)
+            dst = src
+        else:
+            maps = torch.from_numpy(np.ascontiguousarray(self.maps.gather(ids), dtype=np.float32))
+            masks = top_k_mask(maps, self.sampler.top_k_ratio, torch.from_numpy(p.tie_break))
+            masks = masks.numpy().astype(np.uint8)[..., None]
+        # Image j lends its box to the target i with partners[i] == j, cut at that target's source corner.
+        lend_at = np.empty_like(src)
+        lend_at[p.partners] = src
+        out_anchors = np.zeros((b, 2, 2), dtype=np.int32)    # paste 0: the canvas at (0, 0)
+        out_anchors[:, 1] = dst                               # paste 1: the box at the destination
+        return out + (list(masks), list(p.partners.astype(np.int32)),
+                      list(lend_at.astype(np.int32)), list(out_anchors))
+
+    # ----------------------------------------------------------------- the pipeline
+
+    def _build(self):
+        from nvidia.dali import fn, pipeline_def, types
+
+        cfg = self.config
+        s, c = cfg.canvas, cfg.crop
+        bh, bw = self.sampler.box_hw
+        gpu = self.gpu
+        names = ["canvas", "images"] + (["mixed"] if cfg.backmix else [])
+        mean = [255.0 * m for m in cfg.mean]
+        std = [255.0 * v for v in cfg.std]
+
+        @pipeline_def(batch_size=cfg.batch_size, num_threads=max(1, cfg.num_workers),
+                      device_id=torch.cuda.current_device() if gpu else None,
+                      prefetch_queue_depth=PREFETCH, seed=cfg.seed, exec_dynamic=True)
+        def backmix_pipeline():
+            n_in = 8 if cfg.backmix else 4
+            inputs = fn.external_source(source=self._feeder, num_outputs=n_in, batch=True,
+                                        layout=[""] * 4 + ["HWC", "", "", ""][:n_in - 4])
+            files, pos_x, pos_y, flips = inputs[:4]
+            canvas = fn.decoders.image(files, device="mixed" if gpu else "cpu", output_type=types.RGB)
+            canvas = fn.resize(canvas, size=[s, s], mode="stretch", antialias=True,
+                               interp_type=types.INTERP_LINEAR)
+
+            def crop_norm(x):
+                return fn.crop_mirror_normalize(x, crop=(c, c), crop_pos_x=pos_x, crop_pos_y=pos_y,
+                                                mirror=flips, mean=mean, std=std, dtype=types.FLOAT,
+                                                output_layout="CHW")
+
+            outs = [fn.transpose(canvas, perm=[2, 0, 1]), crop_norm(canvas)]
+            if cfg.backmix:
+                masks, partners, lend_at, out_anchors = inputs[4:]
+                if gpu:
+                    masks = masks.gpu()
+                one = types.Constant(1, dtype=types.UINT8)
+                fill = types.Constant(self.fill.reshape(1, 1, 3), dtype=types.UINT8)
+                # Each image cuts the box it lends (at its borrower's source corner) and blanks
+                # its own foreground in it: box-sized work only, and no mask needs permuting.
+                masks = fn.resize(masks, size=[s, s], interp_type=types.INTERP_NN, antialias=False)
+                rgb = fn.slice(canvas, lend_at, [bh, bw], axis_names="HW")
+                fg = fn.slice(masks, lend_at, [bh, bw], axis_names="HW")
+                lent = fn.permute_batch(rgb * (one - fg) + fill * fg, indices=partners)
+                # Two pastes into one output: the target's canvas, then the borrowed box at its destination.
+                mixed = fn.multi_paste(canvas, lent, shapes=self._paste_shapes(), out_anchors=out_anchors,
+                                       output_size=[s, s])
+                outs.append(crop_norm(mixed))
+            return tuple(outs)
+
+        pipe = backmix_pipeline()
+        pipe.build()
+        self._names = names
+        return pipe
+
+    def _paste_shapes(self):
+        from nvidia.dali import types
+        s, (bh, bw) = self.config.canvas, self.sampler.box_hw
+        return types.Constant(np.array([[s, s], [bh, bw]], dtype=np.int32))
+
+    def _rebuild(self) -> None:
+        self._pipe = self._build()
+
+    # ----------------------------------------------------------------- iteration
+
+    def _settle(self) -> None:
+        """Make the pipeline ready for a new epoch after one that was left part-way."""
+        if not self._dirty:
+            return
+        self._feeder.stop()
+        try:
+            for _ in range(PREFETCH + 1):
+                self._pipe.run()
+        except StopIteration:
+            self._pipe.reset()
+        except Exception:   # noqa: BLE001 - a stale batch failing does not matter; start afresh
+            self._rebuild()
+        else:
+            self._rebuild()
+        self._dirty = False
+
+    def __iter__(self) -> Iterator[BackMixBatch]:
+        self._settle()
+        self.maps.refresh()   # a new cache generation takes effect at an epoch boundary
+        ids = self.dataset_indices
+        plan = [(step, ids[b]) for step, b in enumerate(self.epoch_sampler.batches(self.epoch))]
+        self._feeder.start(self.epoch, plan)
+        self._dirty = True
+        while True:
+            try:
+                outs = self._pipe.run()
+            except StopIteration:
+                self._report(self._feeder.trailing)
+                self._pipe.reset()
+                self._dirty = False
+                return
+            except RuntimeError as e:
+                self._recover(e)
+                continue
+            fed = self._feeder.fed.popleft()
+            self._report(fed.failed)
+            yield self._to_batch(outs, fed)
+
+    def _report(self, failed: list[str]) -> None:
+        if not failed:
+            return
+        if self.config.on_error == "raise":
+            self._dirty = True
+            raise DecodeError(failed[0])
+        self.skipped += len(failed)
+        for path in failed:
+            log.warning("skipped %s: it does not decode (%d skipped so far)", path, self.skipped)
+
+    def _recover(self, error: RuntimeError) -> None:
+        """DALI failed on the oldest batch in flight: name the file(s), then raise or re-run without them."""
+        feeder = self._feeder
+        if not feeder.fed:
+            raise error
+        fed = feeder.fed[0]
+        bad = [int(i) for i in fed.ids if not _decodes(self.index.abspath(int(i)))]
+        if not bad:
+            why = " ".join(str(error).split())[:300] or type(error).__name__
+            raise BackMixError(f"DALI failed on batch {fed.step} ({len(fed.ids)} images, all of which "
+                               f"torchvision decodes): {why}")
+        self.bad_rows.update(bad)
+        if self.config.on_error == "raise":
+            self._dirty = True
+            # Name the batch's first failing file, as the reference does, whichever way it failed.
+            failing = set(fed.failed) | {self.index.abspath(i) for i in bad}
+            batch = [self.index.abspath(int(i)) for i in fed.plan[-1][1]]
+            raise DecodeError(next(path for path in batch if path in failing))
+        # Re-feed this batch and everything after it; the bad rows are now dropped at feed time.
+        # A fresh pipeline: the old one may hold half-run state after the failure.
+        # Files dropped at feed time are found again on the replay, so nothing is counted twice.
+        replay = [item for f in feeder.fed for item in f.plan]
+        feeder.start(feeder.epoch, replay + list(feeder.plan))
+        self._rebuild()
+
+    def _to_batch(self, outs, fed: _Fed) -> BackMixBatch:
+        tensors = [self._to_torch(tl, torch.uint8 if name == "canvas" else torch.float32)
+                   for name, tl in zip(self._names, outs)]
+        ids = torch.from_numpy(fed.ids).to(self.device)
+        labels = torch.from_numpy(self.index.labels[fed.ids].astype(np.int64)).to(self.device)
+        mixed = tensors[2] if self.config.backmix else None
+        return BackMixBatch(tensors[0], tensors[1], mixed, labels, ids)
+
+    def _to_torch(self, tl, dtype: torch.dtype) -> torch.Tensor:
+        if not self.gpu:
+            # Zero-copy: under DALI's dynamic executor an output owns its memory, which stays
+            # valid while referenced (the numpy view keeps the DALI tensor alive), so there is
+            # no need to copy ~30 MB a batch on the host.
+            return torch.from_numpy(np.asarray(tl.as_tensor()))
+        from nvidia.dali.plugin.pytorch import feed_ndarray
+        t = tl.as_tensor()
+        out = torch.empty(tuple(t.shape()), dtype=dtype, device=self.device)
+        feed_ndarray(t, out, cuda_stream=torch.cuda.current_stream(self.device))
+        return out
+
+
+def _decodes(path: str) -> bool:
+    try:
+        decode_rgb(path)
+        return True
+    except DecodeError:
+        return False

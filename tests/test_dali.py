@@ -1,0 +1,230 @@
+"""The DALI loader keeps ReferenceLoader's contract and equals the kernel on its own canvases.
+
+DALI's resize is not torchvision's, so the canvases differ slightly from the
+reference's; everything after the canvas is held to the kernel exactly (uint8
+mix) or to 1e-5 (crop_mirror_normalize's float arithmetic vs torch's normalize).
+"""
+from __future__ import annotations
+
+import logging
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from cam_cache import ArrayMaps
+from cam_cache.maps import UniformMaps
+from osr_data import DecodeError, ImageIndex, decode_canvas
+from pipeline import (EpochSampler, LoaderConfig, ReferenceLoader, crop_flip, fill_value,
+                      make_loader, mix_backgrounds, normalize, top_k_mask)
+from pipeline.dali import DaliLoader
+
+ATOL = 1e-5   # crop_mirror_normalize computes (x - 255 m) / (255 s) in float32; torch (x / 255 - m) / s
+
+
+def config(**kw):
+    base = dict(batch_size=8, canvas=40, crop=32, num_workers=1, seed=0, device="cpu")
+    base.update(kw)
+    return LoaderConfig(**base)
+
+
+def expected(batch, maps, cfg, epoch, step, rank=0):
+    """The reference's arithmetic applied to the canvases DALI decoded: (images, mixed)."""
+    sampler = cfg.sampler()
+    p = sampler.draw(len(batch.indices), epoch, step, rank).torch()
+    if not cfg.train:
+        p["crops"][:] = (cfg.canvas - cfg.crop) // 2
+        p["flips"][:] = False
+    mean, std = torch.tensor(cfg.mean), torch.tensor(cfg.std)
+    images = normalize(crop_flip(batch.canvas, p["crops"], p["flips"], cfg.crop), mean, std)
+    if not cfg.backmix:
+        return images, None
+    masks = top_k_mask(torch.from_numpy(maps.gather(batch.indices.numpy())), cfg.top_k_ratio, p["tie_break"])
+    mixed = mix_backgrounds(batch.canvas, p["partners"], masks, p["boxes"], sampler.box_hw, fill_value(cfg.mean))
+    return images, normalize(crop_flip(mixed, p["crops"], p["flips"], cfg.crop), mean, std)
+
+
+def random_maps(n, grid=8, seed=0):
+    return ArrayMaps(np.random.default_rng(seed).random((n, grid, grid), dtype=np.float32))
+
+
+def test_batches_equal_the_kernel_on_dalis_canvases(digits_root, caplog):
+    index = ImageIndex.load(digits_root / "train")
+    known = np.flatnonzero(index.labels < 4)[:45]         # a subset of rows, as for the known classes
+    maps = random_maps(len(index))
+    cfg = config(batch_size=16)
+    with caplog.at_level(logging.INFO, logger="backmix"):
+        loader = make_loader("dali", index, cfg, maps, known)
+    assert loader.backend == "dali" and loader.device == torch.device("cpu")
+    assert "DALI pipeline on cpu" in caplog.text
+    loader.set_epoch(2)
+    batches = list(loader)
+    order = EpochSampler(len(known), 16, seed=0).batches(2)
+    assert len(batches) == len(loader) == len(order) == 3
+    assert [len(b.indices) for b in batches] == [16, 16, 13]     # the short last batch
+    for step, (b, pos) in enumerate(zip(batches, order)):
+        assert b.indices.tolist() == known[pos].tolist()
+        assert b.labels.tolist() == index.labels[known[pos]].tolist()
+        assert b.canvas.dtype == torch.uint8 and b.canvas.shape == (len(pos), 3, 40, 40)
+        assert b.canvas.is_contiguous()
+        # DALI's antialiased resize is close to torchvision's, not equal.
+        ref = torch.stack([decode_canvas(index.abspath(int(i)), 40) for i in known[pos]])
+        assert (ref.int() - b.canvas.int()).abs().max() <= 8
+        images, mixed = expected(b, maps, cfg, 2, step)
+        assert b.images.dtype == b.mixed.dtype == torch.float32
+        torch.testing.assert_close(b.images, images, rtol=0, atol=ATOL)
+        torch.testing.assert_close(b.mixed, mixed, rtol=0, atol=ATOL)
+        assert not torch.equal(b.mixed, b.images)
+
+
+def test_other_sizes_and_ratios_equal_the_kernel(tiny_root):
+    # An odd crop and box: every crop corner 0..31 must come out of crop_mirror_normalize exactly.
+    index = ImageIndex.load(tiny_root)
+    maps = random_maps(24, grid=16, seed=1)
+    cfg = config(batch_size=12, canvas=64, crop=33, grid=16, box_fraction=0.3, top_k_ratio=0.4, seed=7)
+    loader = DaliLoader(index, cfg, maps)
+    for epoch in range(3):
+        loader.set_epoch(epoch)
+        for step, b in enumerate(loader):
+            images, mixed = expected(b, maps, cfg, epoch, step)
+            torch.testing.assert_close(b.images, images, rtol=0, atol=ATOL)
+            torch.testing.assert_close(b.mixed, mixed, rtol=0, atol=ATOL)
+
+
+def test_same_order_as_the_reference_loader(tiny_root):
+    index = ImageIndex.load(tiny_root)
+    cfg = config(batch_size=5, num_workers=0)
+    ref = list(ReferenceLoader(index, cfg))
+    dali = list(DaliLoader(index, config(batch_size=5)))
+    assert [b.indices.tolist() for b in dali] == [b.indices.tolist() for b in ref]
+    assert [b.labels.tolist() for b in dali] == [b.labels.tolist() for b in ref]
+
+
+def test_a_lone_last_image_is_not_mixed(tiny_root):
+    index = ImageIndex.load(tiny_root)                      # 24 images: batches of 23 and 1
+    maps = random_maps(24)
+    cfg = config(batch_size=23)
+    loader = DaliLoader(index, cfg, maps)
+    loader.set_epoch(1)
+    batches = list(loader)
+    assert [len(b.indices) for b in batches] == [23, 1]
+    for step, b in enumerate(batches):
+        images, mixed = expected(b, maps, cfg, 1, step)
+        torch.testing.assert_close(b.mixed, mixed, rtol=0, atol=ATOL)
+        torch.testing.assert_close(b.images, images, rtol=0, atol=ATOL)
+    torch.testing.assert_close(batches[1].mixed, batches[1].images, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("last_batch", ["keep", "drop"])
+def test_two_shards_split_an_epoch(tiny_root, last_batch):
+    index = ImageIndex.load(tiny_root)
+    maps = random_maps(24)
+    seen = []
+    for rank in range(2):
+        cfg = config(batch_size=5, rank=rank, world_size=2, last_batch=last_batch)
+        loader = DaliLoader(index, cfg, maps)
+        loader.set_epoch(1)
+        batches = list(loader)
+        for step, b in enumerate(batches):   # the params are the rank's own
+            torch.testing.assert_close(b.mixed, expected(b, maps, cfg, 1, step, rank)[1], rtol=0, atol=ATOL)
+        seen.append(torch.cat([b.indices for b in batches]))
+    every = torch.cat(seen).sort().values
+    if last_batch == "keep":
+        assert every.tolist() == list(range(24))
+    else:
+        assert len(seen[0]) == len(seen[1]) == 10 and len(set(every.tolist())) == 20
+
+
+def test_a_new_map_generation_is_used_from_the_next_epoch(tiny_root):
+    index = ImageIndex.load(tiny_root)
+
+    class TwoGenerations(ArrayMaps):
+        def refresh(self):
+            if hasattr(self, "next_maps"):
+                self.maps, self.generation = self.next_maps, self.generation + 1
+                del self.next_maps
+                return True
+            return False
+
+    first = np.zeros((24, 8, 8), np.float32)
+    first[:, :2, :] = 1.0                 # foreground: the top two rows
+    maps = TwoGenerations(first)
+    cfg = config(batch_size=24)
+    loader = DaliLoader(index, cfg, maps)
+    a = next(iter(loader))
+    p = cfg.sampler().draw(24, 0, 0).torch()
+    torch.testing.assert_close(a.mixed, expected(a, maps, cfg, 0, 0)[1], rtol=0, atol=ATOL)
+    maps.next_maps = np.zeros_like(first)
+    maps.next_maps[:, -2:, :] = 1.0       # foreground: the bottom two rows
+    b = next(iter(loader))                # same epoch, so same params: only the maps changed
+    assert maps.generation == 1
+    new_masks = top_k_mask(torch.from_numpy(maps.maps), 0.25, p["tie_break"])
+    assert new_masks[:, -2:, :].all() and not new_masks[:, :2, :].any()
+    torch.testing.assert_close(b.mixed, expected(b, maps, cfg, 0, 0)[1], rtol=0, atol=ATOL)
+    assert torch.equal(a.canvas, b.canvas) and not torch.equal(a.mixed, b.mixed)
+
+
+def test_without_backmix_there_is_no_mixed_batch(tiny_root):
+    index = ImageIndex.load(tiny_root)
+    cfg = config(backmix=False)
+    b = next(iter(DaliLoader(index, cfg)))
+    assert b.mixed is None and b.images.shape == (8, 3, 32, 32)
+    torch.testing.assert_close(b.images, expected(b, None, cfg, 0, 0)[0], rtol=0, atol=ATOL)
+
+
+def test_evaluation_mode_is_centre_crop_without_flip(tiny_root):
+    index = ImageIndex.load(tiny_root)
+    cfg = config(train=False, shuffle=False)
+    b = next(iter(DaliLoader(index, cfg)))
+    want = normalize(b.canvas[:, :, 4:36, 4:36], torch.tensor(cfg.mean), torch.tensor(cfg.std))
+    torch.testing.assert_close(b.images, want, rtol=0, atol=ATOL)
+    torch.testing.assert_close(b.mixed, expected(b, UniformMaps(24, 8), cfg, 0, 0)[1], rtol=0, atol=ATOL)
+
+
+def test_an_epoch_left_part_way_does_not_leak_into_the_next(tiny_root):
+    index = ImageIndex.load(tiny_root)
+    loader = DaliLoader(index, config(batch_size=4))
+    next(iter(loader))                    # abandon epoch 0 after one batch (more are prefetched)
+    loader.set_epoch(1)
+    got = [b.indices.tolist() for b in loader]
+    assert got == [p.tolist() for p in EpochSampler(24, 4, seed=0).batches(1)]
+
+
+@pytest.fixture()
+def folder_with_a_broken_file(tiny_root, tmp_path):
+    root = tmp_path / "broken"
+    shutil.copytree(tiny_root, root)
+    (root / "dog" / "000009.png").write_bytes(b"this is not a png")
+    return root
+
+
+def test_a_broken_file_stops_with_its_path(folder_with_a_broken_file):
+    loader = DaliLoader(ImageIndex.load(folder_with_a_broken_file), config())
+    with pytest.raises(DecodeError, match=r"broken/dog/000009.png does not decode"):
+        list(loader)
+
+
+def test_a_broken_file_is_skipped_and_counted(folder_with_a_broken_file):
+    index = ImageIndex.load(folder_with_a_broken_file)
+    maps = random_maps(24)
+    cfg = config(on_error="skip")
+    loader = DaliLoader(index, cfg, maps)
+    for epoch in range(2):                # the second epoch drops the file before DALI sees it
+        loader.set_epoch(epoch)
+        batches = list(loader)
+        seen = torch.cat([b.indices for b in batches])
+        assert loader.skipped == epoch + 1 and len(seen) == 23 and 9 not in seen.tolist()
+        for step, b in enumerate(batches):   # the short batch is mixed with params drawn for its size
+            torch.testing.assert_close(b.mixed, expected(b, maps, cfg, epoch, step)[1], rtol=0, atol=ATOL)
+
+
+def test_a_missing_and_a_broken_file_are_both_skipped(folder_with_a_broken_file):
+    index = ImageIndex.load(folder_with_a_broken_file)
+    (folder_with_a_broken_file / "cat" / "000002.png").unlink()     # gone since the index was made
+    loader = DaliLoader(index, config(on_error="skip", batch_size=4))
+    seen = torch.cat([b.indices for b in loader]).tolist()
+    assert loader.skipped == 2 and sorted(seen) == [i for i in range(24) if i not in (2, 9)]
+    raising = DaliLoader(index, config(batch_size=4, shuffle=False))
+    with pytest.raises(DecodeError, match=r"cat/000002.png does not decode"):
+        list(raising)
