@@ -1,2 +1,116 @@
+"""``backmix train``, ``backmix eval`` and ``backmix experiment``."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from .config import AMP, OPTIMIZERS, field_defaults
+
+S = argparse.SUPPRESS   # an option not given stays out of the namespace: we know what was explicit
+
+
+def _d(name: str) -> str:
+    return f" (default: {field_defaults()[name]})"
+
+
 def register(top) -> None:
-    pass
+    from cam_cache.models import ARCHS
+    from pipeline.loaders import BACKENDS
+
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+    p = top.add_parser("train", help="train an open-set classifier with BackMix (or the plain baseline)",
+                       formatter_class=fmt,
+                       description="Train on the known classes of DATA/train, rebuild the foreground cache "
+                                   "every few epochs, evaluate on DATA/test (known vs unknown classes). "
+                                   "Writes RUN/config.json, RUN/metrics.jsonl, RUN/last.pt, RUN/best.pt. "
+                                   "Under torchrun every rank trains its share (DistributedDataParallel).")
+    p.add_argument("--data", type=Path, required=True, help="prepared data set root holding train/ and test/")
+    p.add_argument("--out", type=Path, default=Path("runs/quick"), help="run folder")
+    p.add_argument("--epochs", type=int, default=S, help="epochs" + _d("epochs"))
+    p.add_argument("--arch", choices=ARCHS, default=S, help="model" + _d("arch"))
+    p.add_argument("--width", type=float, default=S, help="cnn32 channel multiplier" + _d("width"))
+    p.add_argument("--batch-size", type=int, default=S, help="per rank" + _d("batch_size"))
+    p.add_argument("--lr", type=float, default=S, help="peak learning rate" + _d("lr"))
+    p.add_argument("--opt", choices=OPTIMIZERS, default=S, help="optimizer" + _d("opt"))
+    p.add_argument("--nesterov", action=argparse.BooleanOptionalAction, default=S,
+                   help="Nesterov momentum for SGD" + _d("nesterov"))
+    p.add_argument("--weight-decay", type=float, default=S, help=_d("weight_decay").strip())
+    p.add_argument("--warmup-epochs", type=float, default=S,
+                   help="linear warm-up before the cosine schedule" + _d("warmup_epochs"))
+    split = p.add_mutually_exclusive_group()
+    split.add_argument("--split", default=S, help="open-set split number 0..4" + _d("split"))
+    split.add_argument("--known", dest="split", default=S, metavar="A,B,C",
+                       help="comma list of known class names instead of a numbered split")
+    p.add_argument("--backend", choices=BACKENDS, default=S, help="loader" + _d("backend"))
+    p.add_argument("--no-backmix", dest="backmix", action="store_false", default=S,
+                   help="the plain baseline: same loader and schedule, loss on the raw images only")
+    p.add_argument("--w-mix", type=float, default=S, help="weight of the mixed images' loss" + _d("w_mix"))
+    p.add_argument("--regen-every", type=int, default=S,
+                   help="rebuild the foreground cache after every k epochs, 0 never" + _d("regen_every"))
+    p.add_argument("--momentum", type=float, default=S,
+                   help="CAM momentum of a cache rebuild (share of the new map)" + _d("momentum"))
+    p.add_argument("--canvas", type=int, default=S, help="canvas side the mix works on" + _d("canvas"))
+    p.add_argument("--crop", type=int, default=S, help="crop side the model sees" + _d("crop"))
+    p.add_argument("--cache", default=S, help="foreground cache folder to use or share (default: RUN/cache)")
+    p.add_argument("--seed", type=int, default=S, help=_d("seed").strip())
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default=S, help=_d("device").strip())
+    p.add_argument("--amp", choices=AMP, default=S, help="mixed precision, CUDA only" + _d("amp"))
+    p.add_argument("--workers", type=int, default=S, help="decoding worker processes" + _d("workers"))
+    p.add_argument("--eval-every", type=int, default=S,
+                   help="evaluate every k epochs (always after the last)" + _d("eval_every"))
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last.pt")
+    p.add_argument("--no-progress", dest="progress", action="store_false", default=S, help="no progress bars")
+    p.set_defaults(func=run_train)
+
+    e = top.add_parser("eval", help="open-set metrics of a checkpoint on a data set's test folder",
+                       formatter_class=fmt,
+                       description="Closed-set accuracy on the known classes; AUROC, FPR at 95%% TPR and "
+                                   "OSCR of known vs unknown test images, scored by maximum softmax "
+                                   "probability (MSP) and by maximum logit (MLS).")
+    e.add_argument("--checkpoint", type=Path, required=True, help="a last.pt or best.pt of `backmix train`")
+    e.add_argument("--data", type=Path, required=True, help="prepared data set root holding train/ and test/")
+    e.add_argument("--backend", choices=BACKENDS, default="reference", help="loader")
+    e.add_argument("--split", default=None,
+                   help="known classes (split number or names); default: those the checkpoint was trained on")
+    e.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    e.add_argument("--workers", type=int, default=2)
+    e.add_argument("--json", action="store_true", help="print the metrics as one JSON object")
+    e.set_defaults(func=run_eval)
+
+    from .experiment import register as register_experiment
+    register_experiment(top)
+
+
+def config_from_args(args) -> tuple["TrainConfig", set[str]]:
+    from .config import TrainConfig
+    values = {k: v for k, v in vars(args).items() if k in field_defaults()}
+    values["data"], values["out"] = str(args.data), str(args.out)
+    if "cache" in values and values["cache"] is not None:
+        values["cache"] = str(values["cache"])
+    explicit = set(values) - {"data", "out"}
+    return TrainConfig(**values), explicit | {"data"}
+
+
+def run_train(args) -> int:
+    from .train import main
+    cfg, explicit = config_from_args(args)
+    main(cfg, resume=args.resume, explicit=explicit)
+    return 0
+
+
+def run_eval(args) -> int:
+    import json
+
+    from .train import evaluate_checkpoint
+    m = evaluate_checkpoint(args.checkpoint, args.data, backend=args.backend, split=args.split,
+                            device=args.device, workers=args.workers)
+    if args.json:
+        print(json.dumps(m))
+        return 0
+    print(f"{args.checkpoint} on {args.data}/test: {m['num_known']} known, {m['num_unknown']} unknown images")
+    print(f"  closed-set accuracy  {m['accuracy']:.4f}")
+    for score, name in (("msp", "max softmax probability"), ("mls", "max logit")):
+        print(f"  {name:24s} AUROC {m['auroc_' + score]:.4f}  FPR@95%TPR {m['fpr95_' + score]:.4f}  "
+              f"OSCR {m['oscr_' + score]:.4f}")
+    return 0
+

@@ -1,0 +1,213 @@
+"""CAM precompute: the next cache generation from the current model.
+
+CAM_i = sum_k w_{y_i k} F_ik (Zhou et al. 2016) for image i's own label y_i,
+taken on the un-augmented canvas in inference mode, min-max scaled to [0, 1]
+per image at the feature map's resolution, then bilinearly upsampled to the
+canvas and average-pooled to the g x g grid (all linear after the scaling, so
+the pooled map stays in [0, 1]). A flat CAM carries no information and scales
+to 0.5 everywhere, the value of generation 0.
+
+Generation n+1 = (1 - m) * generation n + m * CAM. A build may be split into
+shards (``shard=(k, N)``: rows r with position % N == k); each shard is written
+on its own, a finished shard is not recomputed after a restart, and the
+generation is published once all N shards are there. The published file lists
+rows in dataset order whatever N was, so 1 and N processes give the same file.
+"""
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from osr_data.decode import DecodeError, decode_canvas
+from osr_data.errors import BackMixError
+from osr_data.index import ImageIndex
+
+from .models import features_and_head
+from .store import (ForegroundCache, MappedMaps, generation_path, pending_dir, prune, read_pointer,
+                    write_maps, write_pointer)
+
+log = logging.getLogger("backmix")
+
+
+def class_activation_maps(features: Tensor, fc_weight: Tensor, labels: Tensor, grid: int,
+                          canvas: int) -> Tensor:
+    """float32 [B, grid, grid] in [0, 1] from features [B, C, h, w] and the linear head's weights [K, C]."""
+    cam = torch.einsum("bchw,bc->bhw", features.float(), fc_weight.float()[labels])
+    lo = cam.amin(dim=(1, 2), keepdim=True)
+    span = cam.amax(dim=(1, 2), keepdim=True) - lo
+    flat = span <= 1e-12
+    cam = torch.where(flat, torch.full_like(cam, 0.5), (cam - lo) / torch.where(flat, 1.0, span))
+    cam = F.interpolate(cam[:, None], size=(canvas, canvas), mode="bilinear", align_corners=False)
+    return F.adaptive_avg_pool2d(cam, grid)[:, 0]
+
+
+class _Canvases(Dataset):
+    def __init__(self, index: ImageIndex, rows: np.ndarray, canvas: int) -> None:
+        self.index, self.rows, self.canvas = index, rows, canvas
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int):
+        row = int(self.rows[i])
+        try:
+            return decode_canvas(self.index.abspath(row), self.canvas)
+        except DecodeError as e:
+            return e.path
+
+
+def _collate(items):
+    bad = [x for x in items if isinstance(x, str)]
+    if bad:
+        raise DecodeError(bad[0])
+    return torch.stack(items)
+
+
+def compute_cams(model: nn.Module, index: ImageIndex, rows: np.ndarray, labels: np.ndarray, *, canvas: int,
+                 grid: int, mean: Sequence[float], std: Sequence[float], batch_size: int = 128,
+                 num_workers: int = 2, device: str | torch.device = "cpu", progress: bool = True,
+                 desc: str = "CAMs") -> np.ndarray:
+    """float32 [len(rows), grid, grid]: the CAM of each row for class ``labels[i]`` of ``model``."""
+    body, head = features_and_head(model)
+    device = torch.device(device)
+    m = torch.tensor(mean, device=device).view(1, -1, 1, 1) * 255
+    s = torch.tensor(std, device=device).view(1, -1, 1, 1) * 255
+    loader = DataLoader(_Canvases(index, rows, canvas), batch_size=batch_size, num_workers=num_workers,
+                        collate_fn=_collate, pin_memory=device.type == "cuda")
+    out = np.empty((len(rows), grid, grid), dtype=np.float32)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode(), tqdm(total=len(rows), desc=desc, unit="img", disable=not progress,
+                                          leave=False) as bar:
+            done = 0
+            for x in loader:
+                x = (x.to(device, non_blocking=True).float() - m) / s
+                y = torch.as_tensor(labels[done:done + len(x)], device=device)
+                cams = class_activation_maps(body(x), head.weight, y, grid, canvas)
+                out[done:done + len(x)] = cams.cpu().numpy()
+                done += len(x)
+                bar.update(len(x))
+    finally:
+        model.train(was_training)
+    return out
+
+
+def _shard_path(cache_dir: Path, generation: int, shard: tuple[int, int]) -> Path:
+    return pending_dir(cache_dir, generation) / f"shard-{shard[0]}-of-{shard[1]}.arrow"
+
+
+def _check_pending(cache_dir: Path, generation: int, world: int, checkpoint: str) -> None:
+    """Refuse a pending build made with another shard count; drop one made from other weights."""
+    folder = pending_dir(cache_dir, generation)
+    for path in sorted(folder.glob("shard-*-of-*.arrow")):
+        n = int(path.stem.rsplit("-", 1)[1])
+        if n != world:
+            raise BackMixError(f"a pending build of generation {generation} in {folder} was made with {n} "
+                               f"shards, this one has {world}: finish it with {n} processes or delete {folder}")
+        try:
+            stale = MappedMaps(path).meta.get("checkpoint") != checkpoint
+        except BackMixError:
+            stale = True   # a half-written shard cannot exist (atomic rename), but a foreign file can
+        if stale:
+            log.info("dropping %s: made from another checkpoint", path)
+            path.unlink(missing_ok=True)
+
+
+def build_generation(cache_dir: str | os.PathLike, model: nn.Module, index: ImageIndex, *, canvas: int,
+                     mean: Sequence[float], std: Sequence[float], momentum: float = 0.1,
+                     label_map: Optional[np.ndarray] = None, rows: Optional[np.ndarray] = None,
+                     batch_size: int = 128, num_workers: int = 2, device: str = "auto",
+                     shard: tuple[int, int] = (0, 1), checkpoint_digest: str = "", publish: bool = True,
+                     progress: bool = True) -> Optional[int]:
+    """Compute this shard of generation n+1; publish it when every shard is there (see module doc).
+
+    ``label_map`` maps dataset labels to the model's classes (-1: not a class of the model);
+    ``rows`` (default: all) are the dataset rows to recompute, the others keep their maps.
+    Returns the new generation number when it was published, else None.
+    """
+    cache_dir = Path(cache_dir)
+    k, world = shard
+    if not 0 <= k < world:
+        raise BackMixError(f"shard {k}/{world}: need 0 <= k < N")
+    if not 0.0 <= momentum <= 1.0:
+        raise BackMixError(f"momentum must lie in [0, 1], got {momentum}")
+    current = ForegroundCache(cache_dir, index=index)
+    nxt = current.generation + 1
+    rows = np.arange(len(index)) if rows is None else np.asarray(rows, dtype=np.int64)
+    labels = index.labels[rows] if label_map is None else np.asarray(label_map)[index.labels[rows]]
+    if (labels < 0).any():
+        raise BackMixError("build_generation: some rows have a label the model does not know; "
+                           "pass only rows of its classes")
+    pending_dir(cache_dir, nxt).mkdir(exist_ok=True)
+    _check_pending(cache_dir, nxt, world, checkpoint_digest)
+    path = _shard_path(cache_dir, nxt, shard)
+    if path.exists():
+        log.info("shard %d/%d of generation %d is already built", k, world, nxt)
+    else:
+        mine = rows[k::world]
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        cams = compute_cams(model, index, mine, labels[k::world], canvas=canvas, grid=current.grid,
+                            mean=mean, std=std, batch_size=batch_size, num_workers=num_workers,
+                            device=device, progress=progress,
+                            desc=f"CAMs gen {nxt}" + (f" shard {k}/{world}" if world > 1 else ""))
+        new = (1.0 - momentum) * current.gather(mine) + momentum * cams
+        write_maps(path, mine, index.labels[mine], new.astype(np.float16),
+                   {"generation": nxt, "base": current.generation, "momentum": momentum,
+                    "checkpoint": checkpoint_digest, "dataset": index.fingerprint()})
+    if not publish:
+        return None
+    shards = sorted(pending_dir(cache_dir, nxt).glob(f"shard-*-of-{world}.arrow"))
+    if len(shards) < world:
+        log.info("generation %d: %d of %d shards built; it is published when all are", nxt, len(shards), world)
+        return None
+    return publish_generation(cache_dir)
+
+
+def publish_generation(cache_dir: str | os.PathLike) -> int:
+    """Merge the complete shards of generation n+1 into its file and make it current."""
+    cache_dir = Path(cache_dir)
+    # One publisher at a time; flock is released by the kernel if the process dies.
+    with open(cache_dir / ".publish.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        ptr = read_pointer(cache_dir)
+        current = ForegroundCache(cache_dir)
+        nxt = current.generation + 1
+        folder = pending_dir(cache_dir, nxt)
+        shards = sorted(folder.glob("shard-*-of-*.arrow"))
+        if not shards:
+            if ptr["generation"] >= nxt:   # another process published it meanwhile
+                return int(ptr["generation"])
+            raise BackMixError(f"no build of generation {nxt} is pending in {cache_dir}")
+        world = int(shards[0].stem.rsplit("-", 1)[1])
+        missing = sorted(set(range(world)) - {int(p.stem.split("-")[1]) for p in shards})
+        if missing:
+            raise BackMixError(f"generation {nxt} is not complete: shard(s) {missing} of {world} are missing")
+        maps = np.array(current.maps)            # float16 copy of the current generation
+        meta = {}
+        for path in shards:
+            part = MappedMaps(path)
+            maps[part.rows] = part.maps
+            meta = part.meta
+        labels = np.asarray(current._mapped.labels)
+        write_maps(generation_path(cache_dir, nxt), np.arange(len(maps)), labels, maps,
+                   {"generation": nxt, "momentum": meta.get("momentum", ""),
+                    "checkpoint": meta.get("checkpoint", ""), "dataset": current.meta.get("dataset", "")})
+        keep = int(ptr.get("keep", 3))
+        write_pointer(cache_dir, nxt, keep)
+        shutil.rmtree(folder, ignore_errors=True)
+        prune(cache_dir, nxt, keep)
+        log.info("published generation %d of %s", nxt, cache_dir)
+        return nxt

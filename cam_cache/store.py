@@ -1,0 +1,237 @@
+"""The foreground cache on disk: one Arrow IPC file per generation, read by memory map.
+
+Layout of a cache folder::
+
+    CURRENT                  {"generation": n, "keep": k}: the one generation readers use
+    gen-000000.arrow         generation 0 (0.5 everywhere), then one file per generation
+    next-000004/shard-0-of-2.arrow   a build in progress: the shards of generation n+1
+
+Each generation file holds one record batch with columns ``index`` (int64,
+the dataset row), ``label`` (int32) and ``map`` (fixed-size list of g*g
+float16). Float16 keeps ImageNet's 1.28 M maps of 8 x 8 under 200 MB; the
+momentum arithmetic is done in float32 and rounded once per generation.
+The schema metadata names the generation, grid, momentum, the digest of the
+checkpoint that made it and the fingerprint of the dataset index.
+
+Every file is written to a temporary name, fsync'd and renamed, and CURRENT
+moves only after the generation file is in place, so a crash at any moment
+leaves the previous generation current and readable.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import pyarrow as pa
+
+from osr_data.errors import BackMixError
+from osr_data.index import ImageIndex, atomic_write_bytes
+
+FORMAT = "backmix-foreground-cache/1"
+POINTER = "CURRENT"
+
+
+def generation_path(cache_dir: Path, generation: int) -> Path:
+    return Path(cache_dir) / f"gen-{generation:06d}.arrow"
+
+
+def pending_dir(cache_dir: Path, generation: int) -> Path:
+    return Path(cache_dir) / f"next-{generation:06d}"
+
+
+def schema(grid: int, meta: dict[str, object]) -> pa.Schema:
+    fields = [pa.field("index", pa.int64()), pa.field("label", pa.int32()),
+              pa.field("map", pa.list_(pa.float16(), grid * grid))]
+    return pa.schema(fields, metadata={"format": FORMAT, "grid": str(grid),
+                                       **{k: str(v) for k, v in meta.items()}})
+
+
+def write_maps(path: Path, rows: np.ndarray, labels: np.ndarray, maps: np.ndarray,
+               meta: dict[str, object]) -> None:
+    """Atomically write one Arrow IPC file of ``maps`` (float16 [N, g, g]) for dataset ``rows``."""
+    n, g, _ = maps.shape
+    flat = pa.array(np.ascontiguousarray(maps, dtype=np.float16).reshape(-1), type=pa.float16())
+    batch = pa.record_batch([pa.array(rows, pa.int64()), pa.array(labels, pa.int32()),
+                             pa.FixedSizeListArray.from_arrays(flat, g * g)],
+                            schema=schema(g, meta))
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with pa.OSFile(str(tmp), "wb") as sink:
+        with pa.ipc.new_file(sink, batch.schema) as writer:
+            writer.write_batch(batch)
+    with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class MappedMaps:
+    """One generation (or shard) file, memory-mapped: ``maps`` is a zero-copy float16 [N, g, g] view."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise BackMixError(f"cache file {self.path} does not exist")
+        try:
+            # The reader must stay alive: the arrays below point into its memory map.
+            self._source = pa.memory_map(str(self.path), "r")
+            reader = pa.ipc.open_file(self._source)
+            if reader.num_record_batches != 1:
+                raise ValueError("expected one record batch")
+            batch = reader.get_batch(0)
+        except (pa.ArrowException, ValueError, OSError) as e:
+            raise BackMixError(f"cache file {self.path} is truncated or not an Arrow cache file "
+                               f"({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+        meta = {k.decode(): v.decode() for k, v in (batch.schema.metadata or {}).items()}
+        if meta.get("format") != FORMAT or batch.schema.names[:3] != ["index", "label", "map"]:
+            raise BackMixError(f"cache file {self.path} was not written by backmix "
+                               f"(format {meta.get('format')!r})")
+        self.meta = meta
+        self.grid = int(meta["grid"])
+        col = batch.column("map")
+        values = col.values
+        g2 = self.grid * self.grid
+        # Zero copy: view the float16 values buffer of the memory map, no per-row work.
+        buf = values.buffers()[1]
+        start = (col.offset * g2 + values.offset)
+        self.maps = np.frombuffer(buf, dtype=np.float16, count=len(col) * g2,
+                                  offset=start * 2).reshape(len(col), self.grid, self.grid)
+        self.rows = np.frombuffer(batch.column("index").buffers()[1], dtype=np.int64,
+                                  count=len(col), offset=batch.column("index").offset * 8)
+        self.labels = batch.column("label")
+
+    def __len__(self) -> int:
+        return len(self.maps)
+
+
+def read_pointer(cache_dir: Path) -> dict:
+    path = Path(cache_dir) / POINTER
+    if not path.is_file():
+        raise BackMixError(f"{cache_dir} is not a foreground cache (no {POINTER} file); "
+                           "create one with `backmix cache init` or `backmix cache build`")
+    try:
+        ptr = json.loads(path.read_text())
+        int(ptr["generation"])
+    except (ValueError, KeyError, TypeError):
+        raise BackMixError(f"{path} is not a backmix cache pointer") from None
+    return ptr
+
+
+def write_pointer(cache_dir: Path, generation: int, keep: int) -> None:
+    atomic_write_bytes(Path(cache_dir) / POINTER,
+                       json.dumps({"generation": generation, "keep": keep}).encode())
+    _fsync_dir(Path(cache_dir))
+
+
+class ForegroundCache:
+    """The current generation of a cache folder, as ``ForegroundMaps`` for the loaders.
+
+    ``index`` and ``grid``, when given, are checked against the file: a cache is
+    never used with another data set or grid. Pickles as its folder and
+    expectations, and reopens its memory map on the other side (loader workers).
+    """
+
+    def __init__(self, cache_dir: str | os.PathLike, *, index: Optional[ImageIndex] = None,
+                 grid: Optional[int] = None) -> None:
+        self.cache_dir = Path(cache_dir)
+        self._fingerprint = index.fingerprint() if index is not None else None
+        self._rows = len(index) if index is not None else None
+        self._grid = grid
+        self.generation = -1
+        self._open(int(read_pointer(self.cache_dir)["generation"]))
+
+    def _open(self, generation: int) -> None:
+        mapped = MappedMaps(generation_path(self.cache_dir, generation))
+        if self._grid is not None and mapped.grid != self._grid:
+            raise BackMixError(f"cache {self.cache_dir} has {mapped.grid}x{mapped.grid} maps, "
+                               f"expected {self._grid}x{self._grid}")
+        if self._fingerprint is not None and mapped.meta.get("dataset") != self._fingerprint:
+            raise BackMixError(f"cache {self.cache_dir} was built for another data set (index fingerprint "
+                               f"{mapped.meta.get('dataset', '?')[:12]}, this one {self._fingerprint[:12]})")
+        if self._rows is not None and len(mapped) != self._rows:
+            raise BackMixError(f"cache {self.cache_dir} has {len(mapped)} rows, the data set {self._rows}")
+        self._mapped, self.generation, self.grid = mapped, generation, mapped.grid
+
+    @property
+    def meta(self) -> dict:
+        return self._mapped.meta
+
+    @property
+    def maps(self) -> np.ndarray:
+        """float16 [N, g, g], a view of the memory map."""
+        return self._mapped.maps
+
+    def __len__(self) -> int:
+        return len(self._mapped)
+
+    def gather(self, indices: np.ndarray) -> np.ndarray:
+        return self._mapped.maps[np.asarray(indices, dtype=np.int64)].astype(np.float32)
+
+    def refresh(self) -> bool:
+        generation = int(read_pointer(self.cache_dir)["generation"])
+        if generation == self.generation:
+            return False
+        self._open(generation)
+        return True
+
+    def __getstate__(self) -> dict:
+        return {"cache_dir": self.cache_dir, "_fingerprint": self._fingerprint, "_rows": self._rows,
+                "_grid": self._grid, "generation": self.generation}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._open(state["generation"])
+
+
+def init_cache(cache_dir: str | os.PathLike, index: ImageIndex, *, grid: int = 8,
+               keep: int = 3) -> ForegroundCache:
+    """Generation 0 (0.5 everywhere) for ``index``; the existing cache when there is one for it."""
+    cache_dir = Path(cache_dir)
+    if keep < 1:
+        raise BackMixError(f"keep must be at least 1, got {keep}")
+    if (cache_dir / POINTER).exists():
+        return ForegroundCache(cache_dir, index=index, grid=grid)
+    if cache_dir.exists() and not cache_dir.is_dir():
+        raise BackMixError(f"cache path {cache_dir} is a file, not a folder")
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    n = len(index)
+    write_maps(generation_path(cache_dir, 0), np.arange(n), index.labels,
+               np.full((n, grid, grid), 0.5, dtype=np.float16),
+               {"generation": 0, "momentum": 0.0, "checkpoint": "", "dataset": index.fingerprint()})
+    write_pointer(cache_dir, 0, keep)
+    return ForegroundCache(cache_dir, index=index, grid=grid)
+
+
+def prune(cache_dir: Path, current: int, keep: int) -> list[Path]:
+    """Delete generation files older than the ``keep`` newest; return what was deleted."""
+    gone = []
+    for path in sorted(Path(cache_dir).glob("gen-*.arrow")):
+        try:
+            g = int(path.stem.split("-")[1])
+        except (IndexError, ValueError):
+            continue
+        if g <= current - keep:
+            path.unlink(missing_ok=True)
+            gone.append(path)
+    return gone
+
+
+def cache_info(cache_dir: str | os.PathLike) -> dict:
+    cache = ForegroundCache(cache_dir)
+    files = sorted(Path(cache_dir).glob("gen-*.arrow"))
+    return {"cache": str(cache_dir), "generation": cache.generation, "rows": len(cache), "grid": cache.grid,
+            "momentum": float(cache.meta.get("momentum", 0)), "checkpoint": cache.meta.get("checkpoint", ""),
+            "dataset": cache.meta.get("dataset", ""), "keep": int(read_pointer(cache_dir).get("keep", 3)),
+            "generations_on_disk": [int(p.stem.split("-")[1]) for p in files],
+            "bytes_on_disk": sum(p.stat().st_size for p in Path(cache_dir).rglob("*") if p.is_file())}

@@ -1,0 +1,561 @@
+"""Train a closed-set classifier with BackMix and evaluate it as an open-set recogniser.
+
+Plain functions over ``TrainConfig``, in the style of torchvision's reference
+``train.py``: ``train_one_epoch``, ``evaluate``, ``regenerate`` and ``main``.
+
+Order of one epoch e (0-based): train, evaluate, save RUN/last.pt, rebuild the
+foreground cache if e+1 is a multiple of ``regen_every``, append the epoch's line
+to RUN/metrics.jsonl. The checkpoint is written *before* the rebuild and records
+the generation the rebuild will publish, so a run killed during the rebuild
+redoes it (from the same weights) on ``--resume`` and the stream of masks stays
+what it would have been.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+from tqdm import tqdm
+
+from cam_cache.models import build_model, load_model, save_checkpoint
+from osr_data.errors import BackMixError
+from osr_data.index import ImageIndex, atomic_write_bytes
+from osr_data.splits import OpenSetSplit, resolve_split
+from pipeline.augment import IMAGENET_MEAN, IMAGENET_STD
+from pipeline.config import LoaderConfig
+from pipeline.loaders import make_loader
+
+from .config import TrainConfig
+from .metrics import open_set_metrics
+
+log = logging.getLogger("backmix")
+
+# Fields a resumed run may change; every other one must match RUN/config.json.
+RESUME_MAY_CHANGE = ("device", "workers", "progress", "backend", "eval_every", "out", "data", "cache",
+                     # these three reach load_model, which refuses a checkpoint that does not fit
+                     "arch", "width", "split")
+
+
+# --------------------------------------------------------------------------- data
+
+@dataclass
+class OpenSetData:
+    train: ImageIndex
+    test: ImageIndex
+    split: OpenSetSplit
+    label_map: np.ndarray        # dataset label -> 0..K-1, -1 for unknown classes
+    known_rows: np.ndarray       # train rows of known classes (the training set)
+
+    @property
+    def num_known(self) -> int:
+        return len(self.split.known)
+
+
+def data_folders(root: str | os.PathLike) -> tuple[Path, Path]:
+    root = Path(root)
+    if (root / "train").is_dir() and (root / "test").is_dir():
+        return root / "train", root / "test"
+    raise BackMixError(f"--data {root} must hold train/ and test/ image folders "
+                       f"(write one with `backmix data prepare --out {root}`)")
+
+
+def load_data(root: str | os.PathLike, split: str | OpenSetSplit) -> OpenSetData:
+    train_dir, test_dir = data_folders(root)
+    train, test = ImageIndex.load(train_dir), ImageIndex.load(test_dir)
+    if train.classes != test.classes:
+        raise BackMixError(f"{train_dir} and {test_dir} have different classes; both need the same folders")
+    if isinstance(split, OpenSetSplit):
+        missing = [c for c in split.known if c not in train.classes]
+        if missing:
+            raise BackMixError(f"known class {missing[0]!r} is not in {train_dir} "
+                               f"(classes: {', '.join(train.classes)})")
+        split = OpenSetSplit(split.known, tuple(c for c in train.classes if c not in split.known))
+    else:
+        split = resolve_split(train.classes, split)
+    lut = split.label_map(train.classes)
+    known_rows = np.flatnonzero(lut[train.labels] >= 0)
+    return OpenSetData(train, test, split, lut, known_rows)
+
+
+def loader_config(cfg: TrainConfig, device: torch.device, *, train: bool, rank: int = 0,
+                  world: int = 1) -> LoaderConfig:
+    return LoaderConfig(
+        batch_size=cfg.batch_size if train else max(cfg.batch_size, 256),
+        canvas=cfg.canvas, crop=cfg.crop, grid=cfg.grid, backmix=cfg.backmix and train,
+        box_fraction=cfg.box_fraction, top_k_ratio=cfg.top_k_ratio, seed=cfg.seed,
+        shuffle=train, train=train, rank=rank if train else 0, world_size=world if train else 1,
+        last_batch="drop" if train and world > 1 else "keep", num_workers=cfg.workers,
+        device=device.type)
+
+
+# --------------------------------------------------------------------------- devices, DDP
+
+def init_distributed(request: str) -> tuple[torch.device, int, int]:
+    """(device, rank, world size); joins the process group when torchrun started us."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if request == "cuda" and not torch.cuda.is_available():
+        raise BackMixError("--device cuda was asked for, but CUDA is not available on this machine")
+    cuda = request == "cuda" or (request == "auto" and torch.cuda.is_available())
+    if cuda:
+        torch.cuda.set_device(local)
+    device = torch.device("cuda", local) if cuda else torch.device("cpu")
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo")
+    return device, rank, world
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    return getattr(model, "module", model)
+
+
+def barrier(world: int) -> None:
+    if world > 1:
+        dist.barrier()
+
+
+def raise_on_any_rank(error: Optional[str], world: int) -> None:
+    """Every rank raises the first rank's error, so no rank waits forever at the next barrier."""
+    if world > 1:
+        errors = [None] * world
+        dist.all_gather_object(errors, error)
+        error = next((e for e in errors if e), None)
+    if error:
+        raise BackMixError(error)
+
+
+def gather_weight_digests(model: nn.Module, world: int) -> list[str]:
+    """sha256 of every rank's parameters (not buffers: BatchNorm running stats are per rank)."""
+    h = hashlib.sha256()
+    for p in unwrap(model).parameters():
+        h.update(p.detach().cpu().contiguous().numpy().tobytes())
+    digests = [None] * world
+    dist.all_gather_object(digests, h.hexdigest())
+    return digests
+
+
+class Precision:
+    """AMP on CUDA (bf16 where supported, else fp16 with loss scaling); full precision on the CPU."""
+
+    def __init__(self, device: torch.device, amp: str) -> None:
+        self.dtype = None
+        if device.type == "cuda" and amp != "off":
+            bf16 = amp == "bf16" or (amp == "auto" and torch.cuda.is_bf16_supported())
+            self.dtype = torch.bfloat16 if bf16 else torch.float16
+        self.device = device
+        self.scaler = torch.amp.GradScaler("cuda") if self.dtype == torch.float16 else None
+
+    def autocast(self):
+        if self.dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type="cuda", dtype=self.dtype)
+
+    def step(self, loss: torch.Tensor, optimizer: torch.optim.Optimizer) -> None:
+        if self.scaler is None:
+            loss.backward()
+            optimizer.step()
+        else:
+            self.scaler.scale(loss).backward()
+            self.scaler.step(optimizer)
+            self.scaler.update()
+
+
+def show_progress(cfg: TrainConfig, rank: int) -> bool:
+    return cfg.progress and rank == 0 and sys.stderr.isatty()
+
+
+# --------------------------------------------------------------------------- optimisation
+
+def build_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
+    # No weight decay on BatchNorm and biases (the usual recipe for small CNNs and ResNets).
+    decay = [p for p in model.parameters() if p.ndim > 1]
+    no_decay = [p for p in model.parameters() if p.ndim <= 1]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if cfg.opt == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.sgd_momentum,
+                               nesterov=cfg.nesterov and cfg.sgd_momentum > 0)
+    return torch.optim.AdamW(groups, lr=cfg.lr)
+
+
+def build_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer,
+                    steps_per_epoch: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up over ``warmup_epochs``, then cosine to zero; stepped once per batch."""
+    total = max(1, cfg.epochs * steps_per_epoch)
+    warm = min(total - 1, int(round(cfg.warmup_epochs * steps_per_epoch)))
+
+    def factor(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, (step - warm) / max(1, total - warm))))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def epoch_seed(seed: int, epoch: int, rank: int) -> int:
+    """Dropout's randomness is a pure function of (seed, epoch, rank), so a resumed run repeats it."""
+    return int(np.random.SeedSequence([seed, epoch, rank]).generate_state(1)[0])
+
+
+# --------------------------------------------------------------------------- the three steps
+
+def train_one_epoch(model: nn.Module, loader, optimizer, scheduler, label_map: torch.Tensor,
+                    cfg: TrainConfig, precision: Precision, epoch: int, *, rank: int = 0,
+                    world: int = 1) -> dict:
+    """One pass over the loader; loss = w_raw * CE(raw) + w_mix * CE(mixed) (mixed keeps the label)."""
+    model.train()
+    torch.manual_seed(epoch_seed(cfg.seed, epoch, rank))
+    loader.set_epoch(epoch)
+    device = precision.device
+    criterion = nn.CrossEntropyLoss()
+    sums = torch.zeros(3, dtype=torch.float64, device=device)   # loss * n, correct, n
+    start = time.perf_counter()
+    bar = tqdm(total=len(loader), desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch", leave=False,
+               disable=not show_progress(cfg, rank))
+    for batch in loader:
+        y = label_map[batch.labels]
+        n = y.shape[0]
+        x = batch.images
+        use_mix = cfg.backmix and batch.mixed is not None
+        if use_mix:
+            x = torch.cat([x, batch.mixed])   # one forward: BatchNorm sees raw and mixed together
+        if cfg.channels_last and device.type == "cuda":
+            x = x.contiguous(memory_format=torch.channels_last)
+        with precision.autocast():
+            logits = model(x)
+            loss = cfg.w_raw * criterion(logits[:n], y)
+            if use_mix:
+                loss = loss + cfg.w_mix * criterion(logits[n:], y)
+        optimizer.zero_grad(set_to_none=True)
+        precision.step(loss, optimizer)
+        scheduler.step()
+        with torch.no_grad():
+            sums += torch.stack([loss.detach().double() * n,
+                                 (logits[:n].argmax(1) == y).sum().double(),
+                                 torch.tensor(float(n), dtype=torch.float64, device=device)])
+        bar.update(1)
+        if bar.n % 10 == 0:
+            bar.set_postfix(loss=f"{sums[0].item() / max(1.0, sums[2].item()):.3f}",
+                            img_s=f"{sums[2].item() * world / (time.perf_counter() - start):.0f}")
+    bar.close()
+    seconds = time.perf_counter() - start
+    if world > 1:
+        dist.all_reduce(sums)
+    loss_sum, correct, count = sums.tolist()
+    return {"loss": loss_sum / max(1.0, count), "train_acc": correct / max(1.0, count),
+            "images": int(count), "images_per_s": count / max(seconds, 1e-9), "train_s": seconds,
+            "lr": optimizer.param_groups[0]["lr"]}
+
+
+@torch.no_grad()
+def predict(model: nn.Module, loader, precision: Precision, progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(float32 logits [N, K], dataset labels [N]) over the loader, in its order."""
+    was_training = model.training
+    model.eval()
+    logits, labels = [], []
+    for batch in tqdm(loader, desc="evaluate", unit="batch", leave=False, disable=not progress):
+        with precision.autocast():
+            logits.append(model(batch.images).float().cpu())
+        labels.append(batch.labels.cpu())
+    model.train(was_training)
+    return torch.cat(logits), torch.cat(labels)
+
+
+def evaluate(model: nn.Module, loader, label_map: np.ndarray, precision: Precision,
+             progress: bool = False) -> dict:
+    """Closed-set accuracy on known-class test images and open-set metrics vs unknown-class ones."""
+    logits, labels = predict(model, loader, precision, progress)
+    mapped = torch.from_numpy(label_map)[labels]
+    known = mapped >= 0
+    return open_set_metrics(logits[known], mapped[known], logits[~known])
+
+
+def regenerate(cfg: TrainConfig, model: nn.Module, data: OpenSetData, device: torch.device, *,
+               rank: int = 0, world: int = 1, tag: str = "") -> int:
+    """Build the next cache generation from the current weights; every rank builds its shard."""
+    from cam_cache import build_generation, publish_generation
+
+    net = unwrap(model)
+    was_training = net.training
+    net.eval()
+    error, generation = None, None
+    try:
+        generation = build_generation(
+            cfg.cache_dir, net, data.train, canvas=cfg.canvas, mean=IMAGENET_MEAN, std=IMAGENET_STD,
+            momentum=cfg.momentum, label_map=data.label_map, rows=data.known_rows,
+            batch_size=max(cfg.batch_size, 128), num_workers=cfg.workers, device=device.type,
+            shard=(rank, world), checkpoint_digest=tag, publish=world == 1,
+            progress=show_progress(cfg, rank))
+    except BackMixError as e:
+        error = f"cache rebuild in {cfg.cache_dir} failed on rank {rank}: {e}"
+    finally:
+        net.train(was_training)
+    raise_on_any_rank(error, world)
+    if world > 1:
+        barrier(world)
+        box = [publish_generation(cfg.cache_dir) if rank == 0 else None]
+        dist.broadcast_object_list(box, src=0)
+        generation = box[0]
+    return int(generation)
+
+
+# --------------------------------------------------------------------------- run files
+
+def write_jsonl(path: Path, records: list[dict]) -> None:
+    atomic_write_bytes(path, "".join(json.dumps(r) + "\n" for r in records).encode())
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """The complete lines of a JSON-lines file (a line cut short by a kill is ignored)."""
+    if not path.is_file():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            pass
+    return out
+
+
+def append_jsonl(path: Path, record: dict) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def rng_state() -> dict:
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+
+
+def resume_config(cfg: TrainConfig, explicit: set[str]) -> TrainConfig:
+    """RUN/config.json, with the few fields a resumed run may change taken from ``cfg``."""
+    path = cfg.run_dir / "config.json"
+    if not (cfg.run_dir / "last.pt").is_file() or not path.is_file():
+        raise BackMixError(f"nothing to resume in {cfg.run_dir}: it has no last.pt and config.json")
+    saved = TrainConfig.load(path).to_dict()
+    new = cfg.to_dict()
+    changed = sorted(k for k in explicit if k in saved and new[k] != saved[k] and k not in RESUME_MAY_CHANGE)
+    if changed:
+        raise BackMixError(f"--resume cannot change {', '.join('--' + k.replace('_', '-') for k in changed)} "
+                           f"of the run in {cfg.run_dir} (it was {saved[changed[0]]!r})")
+    for k in explicit:
+        if k in RESUME_MAY_CHANGE:
+            saved[k] = new[k]
+    saved["out"] = cfg.out
+    return TrainConfig.from_dict(saved)
+
+
+def summary_line(cfg: TrainConfig, m: dict) -> str:
+    method = "BackMix" if cfg.backmix else "baseline"
+    return (f"{cfg.out}: {method} {cfg.arch}, {cfg.epochs} epochs: accuracy {m['accuracy']:.4f}  "
+            f"AUROC (MSP) {m['auroc_msp']:.4f}  OSCR {m['oscr_msp']:.4f}")
+
+
+# --------------------------------------------------------------------------- main
+
+def main(cfg: TrainConfig, *, resume: bool = False, explicit: Optional[set[str]] = None) -> dict:
+    """Train (or resume) one run; returns the final evaluation metrics (rank 0; {} on other ranks)."""
+    if resume:
+        cfg = resume_config(cfg, explicit or set())
+    device, rank, world = init_distributed(cfg.device)
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    if device.type == "cpu":
+        torch.use_deterministic_algorithms(True)
+    else:
+        torch.backends.cudnn.benchmark = True
+    try:
+        return _run(cfg, device, rank, world, resume)
+    finally:
+        torch.use_deterministic_algorithms(deterministic)
+        if world > 1 and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _run(cfg: TrainConfig, device: torch.device, rank: int, world: int, resume: bool) -> dict:
+    run = cfg.run_dir
+    data = load_data(cfg.data, cfg.split)
+    K = data.num_known
+    if rank == 0:
+        if not resume and (run / "last.pt").exists():
+            raise BackMixError(f"{run} already holds a run; pass --resume to continue it or choose another --out")
+        run.mkdir(parents=True, exist_ok=True)
+    barrier(world)
+
+    # The model: fresh, or the last checkpoint (load_model refuses another arch or class count).
+    ckpt: dict = {}
+    if resume:
+        model, ckpt = load_model(run / "last.pt", arch=cfg.arch, num_classes=K)
+        if tuple(ckpt.get("known_classes", ())) != data.split.known:
+            raise BackMixError(f"{run / 'last.pt'} was trained on known classes "
+                               f"{', '.join(ckpt.get('known_classes', ()))}, not {', '.join(data.split.known)}")
+        if ckpt["epoch"] >= cfg.epochs:
+            raise BackMixError(f"the run in {run} has finished all {cfg.epochs} epochs; nothing to resume")
+    else:
+        torch.manual_seed(cfg.seed)
+        model = build_model(cfg.arch, K, **cfg.model_kwargs)
+    if rank == 0:   # only now: a resume refused above leaves the run's config as it was
+        atomic_write_bytes(run / "config.json", (json.dumps(cfg.to_dict(), indent=2) + "\n").encode())
+    model.to(device)
+    if cfg.channels_last and device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+
+    # The foreground cache: generation 0 (0.5 everywhere) unless it exists. Baselines need none.
+    maps = None
+    if cfg.backmix:
+        from cam_cache import ForegroundCache, init_cache
+        if rank == 0:
+            init_cache(cfg.cache_dir, data.train, grid=cfg.grid)
+        barrier(world)
+        maps = ForegroundCache(cfg.cache_dir, index=data.train, grid=cfg.grid)
+
+    train_loader = make_loader(cfg.backend, data.train, loader_config(cfg, device, train=True, rank=rank, world=world),
+                               maps=maps, indices=data.known_rows)
+    eval_loader = make_loader(cfg.backend, data.test, loader_config(cfg, device, train=False)) if rank == 0 else None
+    if len(train_loader) == 0:
+        raise BackMixError(f"{len(data.known_rows)} known training images are too few for batch size "
+                           f"{cfg.batch_size} on {world} rank(s)")
+
+    if world > 1:
+        model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    optimizer = build_optimizer(cfg, unwrap(model))
+    scheduler = build_scheduler(cfg, optimizer, len(train_loader))
+    precision = Precision(device, cfg.amp)
+    label_map = torch.from_numpy(data.label_map).to(device)
+
+    history: list[dict] = []
+    best = -1.0
+    start = 0
+    if resume:
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        if precision.scaler is not None and ckpt.get("scaler"):
+            precision.scaler.load_state_dict(ckpt["scaler"])
+        set_rng_state(ckpt["rng"])
+        history, best, start = list(ckpt.get("metrics", [])), ckpt.get("best", -1.0), ckpt["epoch"]
+        if cfg.backmix and ckpt.get("regen_pending"):
+            maps.refresh()
+            # Every rank decides from the shared cache, so all of them take the same branch.
+            if maps.generation < ckpt["cache_generation"]:
+                t0 = time.perf_counter()
+                gen = regenerate(cfg, model, data, device, rank=rank, world=world, tag=f"epoch-{start}")
+                history[-1].update(regen_s=time.perf_counter() - t0, regenerated=gen)
+                log.info("redid the cache rebuild after epoch %d that the interrupted run left undone", start)
+            else:   # rebuilt before the kill: keep its logged time if the line made it to disk
+                logged = {r.get("epoch"): r for r in read_jsonl(run / "metrics.jsonl")}
+                if "regenerated" in logged.get(start, {}):
+                    history[-1] = logged[start]
+        if rank == 0:
+            write_jsonl(run / "metrics.jsonl", history)
+        if rank == 0:
+            log.info("resuming %s at epoch %d/%d", run, start + 1, cfg.epochs)
+    elif rank == 0:
+        write_jsonl(run / "metrics.jsonl", [])
+
+    extra_common = {"config": cfg.to_dict(), "known_classes": list(data.split.known)}
+    final: dict = history[-1].get("eval", {}) if history else {}
+    t_run = time.perf_counter()
+    for epoch in range(start, cfg.epochs):
+        record = {"epoch": epoch + 1}
+        record.update(train_one_epoch(model, train_loader, optimizer, scheduler, label_map, cfg, precision,
+                                      epoch, rank=rank, world=world))
+        record["cache_generation"] = getattr(getattr(train_loader, "maps", maps), "generation", None) \
+            if cfg.backmix else None
+        last = epoch + 1 == cfg.epochs
+        if rank == 0 and (last or (cfg.eval_every and (epoch + 1) % cfg.eval_every == 0)):
+            t0 = time.perf_counter()
+            record["eval"] = final = evaluate(unwrap(model), eval_loader, data.label_map, precision,
+                                              show_progress(cfg, rank))
+            record["eval_s"] = time.perf_counter() - t0
+        regen_due = cfg.backmix and cfg.regen_every > 0 and (epoch + 1) % cfg.regen_every == 0 and not last
+        if rank == 0:
+            improved = "eval" in record and record["eval"]["accuracy"] > best
+            if improved:
+                best = record["eval"]["accuracy"]
+            state = dict(extra_common, epoch=epoch + 1, optimizer=optimizer.state_dict(),
+                         scheduler=scheduler.state_dict(), rng=rng_state(), metrics=history + [record],
+                         best=best, regen_pending=regen_due,
+                         scaler=precision.scaler.state_dict() if precision.scaler else None,
+                         cache_generation=(record["cache_generation"] or 0) + int(regen_due))
+            save_checkpoint(run / "last.pt", model, arch=cfg.arch, num_classes=K,
+                            model_kwargs=cfg.model_kwargs, **state)
+            if improved:
+                save_checkpoint(run / "best.pt", model, arch=cfg.arch, num_classes=K,
+                                model_kwargs=cfg.model_kwargs, **state)
+        barrier(world)
+        if regen_due:
+            t0 = time.perf_counter()
+            record["regenerated"] = regenerate(cfg, model, data, device, rank=rank, world=world,
+                                               tag=f"epoch-{epoch + 1}")
+            record["regen_s"] = time.perf_counter() - t0
+        if last and world > 1:
+            # DDP keeps the ranks' parameters equal; record each rank's digest so that is checkable.
+            record["weight_digests"] = gather_weight_digests(model, world)
+        history.append(record)
+        if rank == 0:
+            append_jsonl(run / "metrics.jsonl", record)
+            log.info("%s", epoch_line(record, cfg.epochs))
+    if rank == 0:
+        log.info("trained %d epochs in %.1fs", cfg.epochs - start, time.perf_counter() - t_run)
+        print(summary_line(cfg, final), flush=True)
+    return final if rank == 0 else {}
+
+
+def epoch_line(r: dict, epochs: int) -> str:
+    parts = [f"epoch {r['epoch']}/{epochs}", f"loss {r['loss']:.3f}", f"train acc {r['train_acc']:.3f}",
+             f"{r['images_per_s']:.0f} img/s"]
+    if r.get("cache_generation") is not None:
+        parts.append(f"masks from generation {r['cache_generation']}")
+    if "regen_s" in r:
+        parts.append(f"cache rebuilt in {r['regen_s']:.1f}s (generation {r['regenerated']})")
+    if "eval" in r:
+        e = r["eval"]
+        parts.append(f"test acc {e['accuracy']:.3f} AUROC {e['auroc_msp']:.3f} OSCR {e['oscr_msp']:.3f}")
+    return "  ".join(parts)
+
+
+# --------------------------------------------------------------------------- eval of a checkpoint
+
+def evaluate_checkpoint(checkpoint: str | os.PathLike, data_root: str | os.PathLike, *,
+                        backend: str = "reference", split: Optional[str] = None, device: str = "auto",
+                        workers: int = 2, progress: bool = True) -> dict:
+    """Open-set metrics of a checkpoint on ``data_root``/test; the known classes come from the checkpoint."""
+    from cam_cache.models import read_checkpoint
+    ckpt = read_checkpoint(checkpoint)
+    saved = ckpt.get("config") or {}
+    if split is not None:
+        data = load_data(data_root, split)
+    elif ckpt.get("known_classes"):
+        data = load_data(data_root, OpenSetSplit(tuple(ckpt["known_classes"]), ()))
+    else:
+        raise BackMixError(f"checkpoint {checkpoint} does not name its known classes; pass --split")
+    model, _ = load_model(checkpoint, num_classes=data.num_known)
+    cfg = TrainConfig.from_dict({**saved, "backend": backend, "device": device, "workers": workers,
+                                 "progress": progress}) if saved else \
+        TrainConfig(backend=backend, device=device, workers=workers, progress=progress)
+    dev, _, _ = init_distributed(device)
+    model.to(dev)
+    loader = make_loader(cfg.backend, data.test, loader_config(cfg, dev, train=False))
+    return evaluate(model, loader, data.label_map, Precision(dev, cfg.amp),
+                    progress and sys.stderr.isatty())
