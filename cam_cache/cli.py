@@ -1,9 +1,140 @@
-"""``backmix cache ...`` and ``backmix bench cache`` (filled in by the cache issue)."""
+"""``backmix cache init|build|info`` and ``backmix bench cache``.
+
+(``backmix cache show`` draws with the mix kernel, so the pipeline stage registers it.)
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+from osr_data.errors import BackMixError
+
+FMT = argparse.ArgumentDefaultsHelpFormatter
 
 
 def register(sub) -> None:
-    pass
+    p = sub.add_parser("init", help="create generation 0 (0.5 everywhere) for a data folder", formatter_class=FMT)
+    p.add_argument("--data", type=Path, required=True, help="image folder (root/<class>/<image>) with index.csv")
+    p.add_argument("--cache", type=Path, required=True, help="cache folder")
+    p.add_argument("--grid", type=int, default=8, help="g of the g x g maps")
+    p.add_argument("--keep", type=int, default=3, help="generations kept on disk")
+    p.set_defaults(func=run_init)
+
+    b = sub.add_parser("build", help="compute the next generation from a checkpoint's CAMs", formatter_class=FMT,
+                       description="S <- (1 - m) S + m CAM for every image of the folder, from the model of "
+                                   "CHECKPOINT (a `backmix train` last.pt/best.pt). Split the work with "
+                                   "--shard k/N or launch under torchrun; the generation is published when "
+                                   "all N shards are built, and a finished shard is not recomputed.")
+    b.add_argument("--data", type=Path, required=True, help="image folder (train split) with index.csv")
+    b.add_argument("--checkpoint", type=Path, required=True, help="model checkpoint")
+    b.add_argument("--cache", type=Path, required=True, help="cache folder (created at generation 0 if absent)")
+    b.add_argument("--grid", type=int, default=8, help="grid of a new cache")
+    b.add_argument("--keep", type=int, default=3, help="generations kept on disk (new cache)")
+    b.add_argument("--canvas", type=int, default=None, help="canvas side (default: the checkpoint's config, else 40)")
+    b.add_argument("--momentum", type=float, default=0.1, help="share of the new CAM")
+    b.add_argument("--batch-size", type=int, default=128)
+    b.add_argument("--workers", type=int, default=2, help="decoding worker processes")
+    b.add_argument("--shard", default=None, metavar="k/N", help="build shard k of N (default: torchrun's RANK/WORLD_SIZE, else 0/1)")
+    b.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    b.add_argument("--no-progress", dest="progress", action="store_false")
+    b.set_defaults(func=run_build)
+
+    i = sub.add_parser("info", help="generation, rows, grid, digests and size of a cache", formatter_class=FMT)
+    i.add_argument("--cache", type=Path, required=True)
+    i.add_argument("--json", action="store_true", help="print one JSON object")
+    i.set_defaults(func=run_info)
 
 
 def register_bench(sub) -> None:
-    pass
+    p = sub.add_parser("cache", help="precompute vs inference throughput, publish time/size, gather latency",
+                       formatter_class=FMT)
+    p.add_argument("--rows", type=int, default=1_281_167, help="rows of the synthetic cache (ImageNet-1k train)")
+    p.add_argument("--grid", type=int, default=8)
+    p.add_argument("--arch", default="resnet18", help="model timed for precompute vs plain inference")
+    p.add_argument("--image-size", type=int, default=112, help="canvas side of the timed batches")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--dir", type=Path, default=None, help="where to write the synthetic cache (default: a temp dir)")
+    p.add_argument("--json", type=Path, default=None, help="write the figures here")
+    p.set_defaults(func=run_bench)
+
+
+def parse_shard(text: str | None) -> tuple[int, int]:
+    if text is None:
+        return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    try:
+        k, n = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise BackMixError(f"--shard must look like k/N (e.g. 0/4), got {text!r}") from None
+    if not 0 <= k < n:
+        raise BackMixError(f"--shard {text}: need 0 <= k < N")
+    return k, n
+
+
+def run_init(args) -> int:
+    from osr_data.index import ImageIndex
+
+    from .store import init_cache
+    cache = init_cache(args.cache, ImageIndex.load(args.data), grid=args.grid, keep=args.keep)
+    print(f"cache {args.cache}: generation {cache.generation}, {len(cache)} rows, grid {cache.grid}")
+    return 0
+
+
+def run_build(args) -> int:
+    import numpy as np
+
+    from osr_data.decode import IMAGENET_MEAN, IMAGENET_STD
+    from osr_data.index import ImageIndex
+
+    from .models import file_digest, load_model
+    from .precompute import build_generation
+    from .store import init_cache
+
+    shard = parse_shard(args.shard)
+    index = ImageIndex.load(args.data)
+    model, ckpt = load_model(args.checkpoint)
+    config = ckpt.get("config") or {}
+    known = ckpt.get("known_classes")
+    label_map, rows = None, None
+    if known:
+        missing = [c for c in known if c not in index.classes]
+        if missing:
+            raise BackMixError(f"checkpoint {args.checkpoint} knows classes {missing} that {args.data} lacks")
+        label_map = np.full(index.num_classes, -1, dtype=np.int64)
+        label_map[[index.classes.index(c) for c in known]] = np.arange(len(known))
+        rows = np.flatnonzero(label_map[index.labels] >= 0)
+    elif ckpt["num_classes"] != index.num_classes:
+        raise BackMixError(f"checkpoint {args.checkpoint} has {ckpt['num_classes']} classes and names none; "
+                           f"{args.data} has {index.num_classes}")
+    init_cache(args.cache, index, grid=args.grid, keep=args.keep)
+    canvas = args.canvas or int(config.get("canvas", 40))
+    generation = build_generation(args.cache, model, index, canvas=canvas, mean=IMAGENET_MEAN, std=IMAGENET_STD,
+                                  momentum=args.momentum, label_map=label_map, rows=rows,
+                                  batch_size=args.batch_size, num_workers=args.workers, device=args.device,
+                                  shard=shard, checkpoint_digest=file_digest(args.checkpoint),
+                                  progress=args.progress)
+    if generation is None:
+        print(f"cache {args.cache}: shard {shard[0]}/{shard[1]} built; the generation is published "
+              "when every shard is")
+    else:
+        print(f"cache {args.cache}: generation {generation} published")
+    return 0
+
+
+def run_info(args) -> int:
+    from .store import cache_info
+    info = cache_info(args.cache)
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    for k, v in info.items():
+        print(f"{k:>20}: {v}")
+    return 0
+
+
+def run_bench(args) -> int:
+    from .bench import bench_cache
+    bench_cache(args)
+    return 0

@@ -10,6 +10,11 @@ from torchvision.transforms.v2 import functional as TF
 
 from .errors import BackMixError
 
+# The normalisation every stage shares (torchvision's ImageNet statistics): the
+# loaders normalise with it and the cache builder takes CAMs on the same input.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
 # torchvision 0.29 marks its libjpeg-turbo/libpng decoders deprecated in favour of
 # torchcodec; they remain the fastest CPU decoders installed here, so keep them quiet.
 warnings.filterwarnings("ignore", message="The image decoding and encoding", category=DeprecationWarning)

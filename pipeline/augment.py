@@ -10,10 +10,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .backmix import box_size, mix_backgrounds, top_k_mask
+from osr_data.decode import IMAGENET_MEAN, IMAGENET_STD
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from .backmix import box_size, mix_backgrounds, top_k_mask
 
 
 def crop_flip(images: Tensor, offsets: Tensor, flips: Tensor, size: int) -> Tensor:

@@ -1,0 +1,111 @@
+"""``backmix bench cache``: the three figures the cache promises, measured in one run.
+
+1. Precompute vs plain inference: images/s of the CAM path (features, einsum
+   with the label's weights, scaling, upsampling, pooling) against ``model(x)``
+   on the same in-memory batch, same model, inference mode. Decoding is left
+   out of both: it is the same work either way.
+2. Publishing a generation of ImageNet-1k's size (synthetic maps): the time of
+   ``publish_generation`` (merge the shard, write, fsync, rename, move the
+   pointer) and the size of the file on disk.
+3. Gather latency: ``ForegroundCache.gather`` of 256 random dataset indices.
+"""
+from __future__ import annotations
+
+import json
+import platform
+import shutil
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .models import build_model, features_and_head
+from .precompute import class_activation_maps, publish_generation
+from .store import ForegroundCache, generation_path, pending_dir, write_maps, write_pointer
+
+
+def _median_time(fn, repeats: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def precompute_vs_inference(arch: str, image_size: int, batch_size: int, grid: int, repeats: int) -> dict:
+    torch.manual_seed(0)
+    model = build_model(arch, 10).eval()
+    body, head = features_and_head(model)
+    x = torch.randn(batch_size, 3, image_size, image_size)
+    y = torch.randint(0, 10, (batch_size,))
+    with torch.inference_mode():
+        t_inf = _median_time(lambda: model(x), repeats)
+        t_cam = _median_time(lambda: class_activation_maps(body(x), head.weight, y, grid, image_size), repeats)
+    return {"arch": arch, "image_size": image_size, "batch_size": batch_size,
+            "inference_images_per_s": batch_size / t_inf, "precompute_images_per_s": batch_size / t_cam,
+            "precompute_vs_inference_ratio": t_inf / t_cam}
+
+
+def publish_and_gather(rows: int, grid: int, folder: Path, gathers: int = 2000) -> dict:
+    rng = np.random.default_rng(0)
+    folder.mkdir(parents=True, exist_ok=True)
+    maps = np.full((rows, grid, grid), 0.5, dtype=np.float16)
+    labels = rng.integers(0, 1000, rows)
+    meta = {"generation": 0, "momentum": 0.0, "checkpoint": "", "dataset": "synthetic"}
+    write_maps(generation_path(folder, 0), np.arange(rows), labels, maps, meta)
+    write_pointer(folder, 0, keep=2)
+    pending_dir(folder, 1).mkdir()
+    new = rng.random((rows, grid, grid), dtype=np.float32).astype(np.float16)
+    write_maps(pending_dir(folder, 1) / "shard-0-of-1.arrow", np.arange(rows), labels, new,
+               {**meta, "generation": 1, "momentum": 0.1})
+    t = time.perf_counter()
+    publish_generation(folder)
+    publish_s = time.perf_counter() - t
+    size = generation_path(folder, 1).stat().st_size
+    cache = ForegroundCache(folder)
+    assert cache.generation == 1
+    lat = []
+    for _ in range(gathers):
+        idx = rng.integers(0, rows, 256)
+        t = time.perf_counter()
+        cache.gather(idx)
+        lat.append(time.perf_counter() - t)
+    return {"rows": rows, "grid": grid, "publish_s": publish_s, "bytes_on_disk": size,
+            "gather_256_ms_median": 1e3 * statistics.median(lat),
+            "gather_256_ms_p95": 1e3 * float(np.percentile(lat, 95))}
+
+
+def bench_cache(args) -> dict:
+    pre = precompute_vs_inference(args.arch, args.image_size, args.batch_size, args.grid, args.repeats)
+    tmp = Path(tempfile.mkdtemp(prefix="backmix-bench-cache-", dir=args.dir))
+    try:
+        pub = publish_and_gather(args.rows, args.grid, tmp / "cache")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    result = {"precompute_vs_inference_ratio": pre["precompute_vs_inference_ratio"], "precompute": pre,
+              "publish": pub, "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, "
+                                         f"{'CUDA' if torch.cuda.is_available() else 'no GPU'}",
+              "command": "backmix bench cache " + " ".join(
+                  f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()
+                  if k in ("rows", "grid", "arch", "image_size", "batch_size", "repeats"))}
+    rows = [
+        ("precompute vs inference", f"{pre['precompute_vs_inference_ratio']:.3f}", ">= 0.9",
+         f"{pre['precompute_images_per_s']:.0f} vs {pre['inference_images_per_s']:.0f} img/s, "
+         f"{pre['arch']} {pre['image_size']}px batch {pre['batch_size']}"),
+        (f"publish {pub['rows']:,} rows", f"{pub['publish_s']:.2f} s", "< 10 s", f"grid {pub['grid']}"),
+        ("size on disk", f"{pub['bytes_on_disk'] / 1e6:.1f} MB", "< 200 MB", "float16 maps"),
+        ("gather 256 indices", f"{pub['gather_256_ms_median']:.3f} ms", "< 1 ms",
+         f"p95 {pub['gather_256_ms_p95']:.3f} ms"),
+    ]
+    width = [max(len(r[i]) for r in rows + [("figure", "value", "target", "notes")]) for i in range(4)]
+    for r in [("figure", "value", "target", "notes")] + rows:
+        print("  ".join(c.ljust(w) for c, w in zip(r, width)))
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    return result
