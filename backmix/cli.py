@@ -29,6 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     cache = top.add_parser("cache", help="build and inspect foreground-map caches").add_subparsers(
         dest="cache_command", metavar="SUBCOMMAND", required=True)
     cache_cli.register(cache)
+    pipeline_cli.register_cache_show(cache)
 
     trainer_cli.register(top)
 

@@ -1,2 +1,286 @@
+"""``backmix bench loader``: every backend with and without BackMix, one folder, one run.
+
+Each (backend, BackMix on/off) pair gets a fresh loader with the same
+configuration and worker count, runs ``--warmup`` batches, then times
+``--batches`` batches (epochs roll over as needed): images/s and time per batch
+(median, p95). The breakdown times the torch stages in isolation on the same
+files (read and decode a batch to canvases with the loader's workers, the mix
+kernel, crop/flip/normalise, host-to-device on a GPU) and, for every backend,
+the marginal cost of its mix (BackMix batch time minus plain batch time).
+The decode ceiling is the fastest installed CPU JPEG decoder on the same files,
+already in memory, on all workers: no CPU loader can beat it.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+
+from osr_data.errors import BackMixError
+
+from .loaders import BACKENDS
+
+
+def _percentile(xs: list[float], q: float) -> float:
+    return float(np.percentile(np.asarray(xs), q))
+
+
+def time_loader(loader, warmup: int, batches: int, sync: Callable[[], None]) -> list[float]:
+    """Seconds per batch for ``batches`` batches after ``warmup``, rolling over epochs."""
+    times: list[float] = []
+    epoch, seen = 0, 0
+    while len(times) < batches:
+        loader.set_epoch(epoch)
+        t = time.perf_counter()
+        for batch in loader:
+            sync()
+            now = time.perf_counter()
+            if seen >= warmup:
+                times.append(now - t)
+            seen += 1
+            if len(times) >= batches:
+                break
+            t = time.perf_counter()
+        epoch += 1
+    return times
+
+
+def stage_breakdown(index, config, batches: int, device: torch.device) -> dict[str, float]:
+    """Milliseconds per batch of each torch stage, timed alone on the same files."""
+    from cam_cache.maps import UniformMaps
+
+    from .augment import BackMix, Normalize, RandomCropFlip
+    from .reference import CanvasDataset, collate_canvases
+
+    b = config.batch_size
+    ds = CanvasDataset(index, config.canvas)
+    loader = torch.utils.data.DataLoader(ds, batch_size=b, num_workers=config.num_workers,
+                                         collate_fn=collate_canvases, shuffle=False)
+    decode, canvases = [], None
+    t = time.perf_counter()
+    for i, (canvas, *_rest) in enumerate(loader):
+        decode.append(time.perf_counter() - t)
+        canvases = canvas if canvases is None else canvases
+        if i + 1 >= batches:
+            break
+        t = time.perf_counter()
+    sampler = config.sampler()
+    maps = torch.from_numpy(UniformMaps(len(index), config.grid).gather(np.arange(b)))
+    mix, crop, norm = BackMix(config.top_k_ratio, config.box_fraction, config.mean), RandomCropFlip(config.crop), \
+        Normalize(config.mean, config.std)
+    x = canvases.to(device)
+    stages = {"mix": [], "augment": [], "host_to_device": []}
+    for step in range(max(3, batches)):
+        p = sampler.draw(len(x), 0, step).torch(device)
+        t0 = time.perf_counter()
+        mixed = mix(x, maps.to(device), p)
+        _sync(device)
+        t1 = time.perf_counter()
+        norm(crop(torch.cat([x, mixed]), {"crops": p["crops"].repeat(2, 1), "flips": p["flips"].repeat(2)}))
+        _sync(device)
+        t2 = time.perf_counter()
+        stages["mix"].append(t1 - t0)
+        stages["augment"].append(t2 - t1)
+        if device.type == "cuda":
+            pinned = canvases.pin_memory()
+            t3 = time.perf_counter()
+            pinned.to(device, non_blocking=True)
+            _sync(device)
+            stages["host_to_device"].append(time.perf_counter() - t3)
+    out = {"read_decode_ms": 1e3 * statistics.median(decode[1:] or decode)}
+    out.update({f"{k}_ms": 1e3 * statistics.median(v) for k, v in stages.items() if v})
+    return out
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def decode_ceiling(index, workers: int, limit: int = 256) -> dict:
+    """images/s of each installed CPU JPEG decoder on the same files (bytes in memory), ``workers`` threads."""
+    files = [index.abspath(i) for i in range(min(limit, len(index)))]
+    blobs = [open(f, "rb").read() for f in files]
+    decoders: dict[str, Callable[[bytes], object]] = {}
+    from torchvision.io import ImageReadMode, decode_image
+    decoders["torchvision.io (libjpeg-turbo)"] = lambda b: decode_image(
+        torch.frombuffer(bytearray(b), dtype=torch.uint8), mode=ImageReadMode.RGB)
+    import io
+
+    from PIL import Image
+    decoders["PIL"] = lambda b: np.asarray(Image.open(io.BytesIO(b)).convert("RGB"))
+    try:
+        import cv2
+        cv2.setNumThreads(1)
+        decoders["OpenCV"] = lambda b: cv2.imdecode(np.frombuffer(b, np.uint8), cv2.IMREAD_COLOR)
+    except ImportError:
+        pass
+    rates = {}
+    with ThreadPoolExecutor(max(1, workers)) as pool:
+        for name, fn in decoders.items():
+            list(pool.map(fn, blobs[:16]))  # warm-up
+            t = time.perf_counter()
+            list(pool.map(fn, blobs))
+            rates[name] = len(blobs) / (time.perf_counter() - t)
+    best = max(rates, key=rates.get)
+    return {"decoder": best, "images_per_s": rates[best], "threads": max(1, workers), "all": rates}
+
+
+def machine() -> str:
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
+    return f"{platform.machine()}, {os.cpu_count()} CPUs, {gpu}, python {platform.python_version()}"
+
+
+def run_benchmark(data: Optional[Path], backends: list[str], *, batches: int, warmup: int, batch_size: int,
+                  canvas: int, crop: int, workers: int, device: str, n_images: int) -> dict:
+    from cam_cache.maps import UniformMaps
+    from osr_data.benchdata import default_bench_folder, make_bench_folder
+    from osr_data.index import ImageIndex
+
+    from .config import LoaderConfig, choose_device
+    from .loaders import make_loader
+
+    for b in backends:
+        if b not in BACKENDS:
+            raise BackMixError(f"unknown backend {b!r} (choose from {', '.join(BACKENDS)})")
+    if data is None:
+        data = default_bench_folder(n_images)
+        index = make_bench_folder(data, n_images)
+    else:
+        data = Path(data)
+        index = ImageIndex.load(data / "train" if (data / "train").is_dir() else data)
+    dev = choose_device(device)
+    results = []
+    for backend in backends:
+        for backmix in (False, True):
+            config = LoaderConfig(batch_size=batch_size, canvas=canvas, crop=crop, backmix=backmix,
+                                  num_workers=workers, device=device, last_batch="drop")
+            row = {"backend": backend, "backmix": backmix}
+            try:
+                loader = make_loader(backend, index, config, UniformMaps(len(index), config.grid))
+                times = time_loader(loader, warmup, batches, lambda: _sync(dev))
+            except (BackMixError, ImportError) as e:
+                row.update({"images_per_s": None, "error": str(e).splitlines()[0]})
+                results.append(row)
+                continue
+            row.update({"images_per_s": batch_size * len(times) / sum(times),
+                        "batch_ms_median": 1e3 * statistics.median(times),
+                        "batch_ms_p95": 1e3 * _percentile(times, 95), "batches": len(times)})
+            results.append(row)
+    by = {(r["backend"], r["backmix"]): r for r in results}
+    stages = stage_breakdown(index, LoaderConfig(batch_size=batch_size, canvas=canvas, crop=crop,
+                                                 num_workers=workers), max(3, min(batches, 8)), dev)
+    for r in results:
+        plain = by.get((r["backend"], False))
+        r["breakdown"] = dict(stages) if r["backend"] == "reference" else {}
+        if r["backmix"] and r.get("images_per_s") and plain and plain.get("images_per_s"):
+            r["breakdown"]["mix_overhead_ms"] = r["batch_ms_median"] - plain["batch_ms_median"]
+    ratios = {}
+    ref = by.get(("reference", True), {}).get("images_per_s")
+    for backend in backends:
+        on, off = by[(backend, True)].get("images_per_s"), by[(backend, False)].get("images_per_s")
+        if on and off:
+            ratios[f"{backend}_backmix_vs_plain"] = on / off
+        if on and ref and backend != "reference":
+            ratios[f"{backend}_backmix_vs_reference_backmix"] = on / ref
+    return {"machine": machine(), "data": str(data), "images": len(index),
+            "config": {"batch_size": batch_size, "canvas": canvas, "crop": crop, "workers": workers,
+                       "batches": batches, "warmup": warmup, "device": str(dev)},
+            "results": results, "decode_ceiling": decode_ceiling(index, workers), "ratios": ratios}
+
+
+def format_table(report: dict) -> str:
+    head = ("backend", "backmix", "images/s", "batch ms (median)", "batch ms (p95)", "mix overhead ms")
+    rows = []
+    for r in report["results"]:
+        if r.get("images_per_s") is None:
+            rows.append((r["backend"], "on" if r["backmix"] else "off", "-", "-", "-", r.get("error", "")))
+            continue
+        mix = r["breakdown"].get("mix_overhead_ms")
+        rows.append((r["backend"], "on" if r["backmix"] else "off", f"{r['images_per_s']:.0f}",
+                     f"{r['batch_ms_median']:.1f}", f"{r['batch_ms_p95']:.1f}",
+                     "" if mix is None else f"{mix:+.1f}"))
+    dc = report["decode_ceiling"]
+    rows.append((f"decode ceiling: {dc['decoder']}", "", f"{dc['images_per_s']:.0f}", "", "", ""))
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    stages = next((r["breakdown"] for r in report["results"] if r["backend"] == "reference" and r["breakdown"]), {})
+    if stages:
+        lines.append("")
+        lines.append("torch stages alone, ms per batch: " + ", ".join(
+            f"{k.removesuffix('_ms')} {v:.1f}" for k, v in stages.items() if k != "mix_overhead_ms"))
+    if report["ratios"]:
+        lines.append("ratios: " + ", ".join(f"{k} {v:.2f}" for k, v in report["ratios"].items()))
+    return "\n".join(lines)
+
+
+def plot(report: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in report["results"] if r.get("images_per_s")]
+    labels = [f"{r['backend']}\n{'BackMix' if r['backmix'] else 'plain'}" for r in rows]
+    fig, ax = plt.subplots(figsize=(max(5, 1.1 * len(rows) + 2), 3.5), dpi=100)
+    ax.bar(labels, [r["images_per_s"] for r in rows],
+           color=["tab:orange" if r["backmix"] else "tab:blue" for r in rows])
+    dc = report["decode_ceiling"]
+    ax.axhline(dc["images_per_s"], color="k", ls="--", lw=1, label=f"decode ceiling ({dc['decoder']})")
+    ax.set_ylabel("images/s")
+    c = report["config"]
+    ax.set_title(f"{report['images']} JPEGs, canvas {c['canvas']}, crop {c['crop']}, batch {c['batch_size']}, "
+                 f"{c['workers']} workers\n{report['machine']}", fontsize=8)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+
+
 def register_bench(sub) -> None:
-    pass
+    p = sub.add_parser("loader", help="images/s of each loader with and without BackMix",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                       description=__doc__.split("\n\n", 1)[1])
+    p.add_argument("--data", type=Path, default=None,
+                   help="image folder (or prepared root); default: a folder of 500x375 JPEGs made once from "
+                        "the bundled photographs under ~/.cache/backmix")
+    p.add_argument("--images", type=int, default=1024, help="size of the default folder")
+    p.add_argument("--backend", default=",".join(BACKENDS), help="comma list of backends")
+    p.add_argument("--batches", type=int, default=20, help="timed batches per loader")
+    p.add_argument("--warmup", type=int, default=3, help="untimed batches first")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--canvas", type=int, default=224)
+    p.add_argument("--crop", type=int, default=192)
+    p.add_argument("--workers", type=int, default=2, help="worker processes/threads, the same for every backend")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--json", type=Path, default=None, help="write the report here")
+    p.add_argument("--plot", type=Path, default=None, help="write a PNG bar chart here")
+    p.set_defaults(func=run_bench)
+
+
+def run_bench(args) -> int:
+    import sys
+    backends = [b.strip() for b in args.backend.split(",") if b.strip()]
+    report = run_benchmark(args.data, backends, batches=args.batches, warmup=args.warmup,
+                           batch_size=args.batch_size, canvas=args.canvas, crop=args.crop, workers=args.workers,
+                           device=args.device, n_images=args.images)
+    report["command"] = "backmix " + " ".join(sys.argv[1:]) if sys.argv[0].endswith("backmix") else \
+        "backmix bench loader " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()
+                                           if k in ("backend", "batches", "warmup", "batch_size", "canvas",
+                                                    "crop", "workers") and v is not None)
+    print(format_table(report))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+    if args.plot:
+        plot(report, args.plot)
+    return 0

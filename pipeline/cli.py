@@ -17,3 +17,9 @@ def register(top) -> None:
     """``backmix show``."""
     from .show import register as reg
     reg(top)
+
+
+def register_cache_show(sub) -> None:
+    """``backmix cache show``: drawn here, where the mix kernel lives."""
+    from .show import register_cache_show as reg
+    reg(sub)

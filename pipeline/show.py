@@ -1,2 +1,139 @@
+"""``backmix show`` and ``backmix cache show``: one batch as a PNG sheet.
+
+Columns are images of the batch; rows are the raw canvas, its foreground map
+as a heat map over it, the top-k mask (the cells a partner blanks), and the
+mixed image the model sees (cropped, flipped, de-normalised) with the pasted
+box's place outlined on the canvas row.
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+
+from osr_data.errors import BackMixError
+
+from .backmix import top_k_mask
+from .batch import BackMixBatch
+
+CELL_IN, DPI = 1.5, 100
+ROWS = ("canvas", "foreground map", "top-k mask", "mixed (model input)")
+
+
+def sheet_size(n: int) -> tuple[int, int]:
+    """(width, height) in pixels of a sheet of ``n`` images."""
+    return round(n * CELL_IN * DPI), round((len(ROWS) * CELL_IN + 0.4) * DPI)
+
+
+def render_sheet(batch: BackMixBatch, maps: np.ndarray, masks: np.ndarray, path: str | Path, *,
+                 boxes: Optional[np.ndarray] = None, box_hw: tuple[int, int] = (0, 0),
+                 mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), title: str = "") -> Path:
+    """Write the sheet of ``batch`` (its first len(maps) images) to ``path`` (PNG)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Rectangle
+
+    n = len(maps)
+    canvas = batch.canvas[:n].permute(0, 2, 3, 1).cpu().numpy()
+    shown = batch.mixed if batch.mixed is not None else batch.images
+    m, s = torch.tensor(mean).view(1, 3, 1, 1), torch.tensor(std).view(1, 3, 1, 1)
+    model_in = ((shown[:n].cpu().float() * s + m).clamp(0, 1).permute(0, 2, 3, 1).numpy())
+    size = canvas.shape[1]
+    w, h = sheet_size(n)
+    fig, axes = plt.subplots(len(ROWS), n, figsize=(w / DPI, h / DPI), dpi=DPI, squeeze=False)
+    for j in range(n):
+        axes[0, j].imshow(canvas[j])
+        if boxes is not None and batch.mixed is not None:
+            dy, dx = boxes[j, 2], boxes[j, 3]
+            axes[0, j].add_patch(Rectangle((dx - 0.5, dy - 0.5), box_hw[1], box_hw[0], fill=False,
+                                           edgecolor="yellow", linewidth=1))
+        axes[1, j].imshow(canvas[j])
+        axes[1, j].imshow(maps[j], cmap="jet", alpha=0.5, vmin=0, vmax=1, extent=(-0.5, size - 0.5, size - 0.5, -0.5))
+        axes[2, j].imshow(canvas[j])
+        axes[2, j].imshow(np.where(masks[j], 1.0, np.nan), cmap="autumn", alpha=0.6, vmin=0, vmax=1,
+                          extent=(-0.5, size - 0.5, size - 0.5, -0.5))
+        axes[3, j].imshow(model_in[j])
+        axes[0, j].set_title(f"#{int(batch.indices[j])} y={int(batch.labels[j])}", fontsize=7)
+    for i, name in enumerate(ROWS):
+        axes[i, 0].set_ylabel(name, fontsize=7)
+    for ax in axes.flat:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    if title:
+        fig.suptitle(title, fontsize=8)
+    fig.subplots_adjust(left=0.03, right=0.99, top=0.93, bottom=0.01, wspace=0.05, hspace=0.12)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=DPI, format="png")
+    plt.close(fig)
+    return path
+
+
+def sheet_for(data: Path, out: Path, *, backend: str = "reference", cache: Optional[Path] = None, n: int = 8,
+              seed: int = 0, canvas: int = 40, crop: int = 32, grid: int = 8, workers: int = 0) -> Path:
+    """Load one batch of ``n`` images from ``data`` with ``backend`` and draw it."""
+    from cam_cache import ForegroundCache, UniformMaps
+    from osr_data.index import ImageIndex
+
+    from .config import LoaderConfig
+    from .loaders import make_loader
+
+    if n < 2:
+        raise BackMixError("--n must be at least 2: BackMix pairs images of one batch")
+    index = ImageIndex.load(_split_folder(data))
+    maps = ForegroundCache(cache, index=index, grid=grid) if cache else UniformMaps(len(index), grid)
+    config = LoaderConfig(batch_size=n, canvas=canvas, crop=crop, grid=grid, seed=seed, num_workers=workers)
+    loader = make_loader(backend, index, config, maps)
+    batch = next(iter(loader))
+    params = config.sampler().draw(len(batch.indices), 0, 0, config.rank)
+    soft = maps.gather(batch.indices.cpu().numpy())
+    masks = top_k_mask(torch.from_numpy(soft), config.top_k_ratio, torch.from_numpy(params.tie_break)).numpy()
+    title = (f"{backend} loader, {data}, cache generation {maps.generation}; "
+             "yellow: where the partner's background box lands")
+    return render_sheet(batch, soft, masks, out, boxes=params.boxes, box_hw=config.sampler().box_hw,
+                        mean=config.mean, std=config.std, title=title)
+
+
+def _split_folder(data: Path) -> Path:
+    """A prepared root (with train/) or an image folder itself."""
+    data = Path(data)
+    return data / "train" if (data / "train").is_dir() else data
+
+
+def _add_args(p, cache_required: bool) -> None:
+    from .loaders import BACKENDS
+    p.add_argument("--data", type=Path, required=True, help="prepared root (with train/) or an image folder")
+    p.add_argument("--out", type=Path, required=True, help="PNG file to write")
+    p.add_argument("--cache", type=Path, required=cache_required, default=None,
+                   help="foreground cache folder" + ("" if cache_required else " (default: generation 0, 0.5 everywhere)"))
+    p.add_argument("--backend", choices=BACKENDS, default="reference")
+    p.add_argument("--n", type=int, default=8, help="images in the sheet")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--canvas", type=int, default=40)
+    p.add_argument("--crop", type=int, default=32)
+    p.add_argument("--grid", type=int, default=8)
+    p.set_defaults(func=run_show)
+
+
 def register(top) -> None:
-    pass
+    p = top.add_parser("show", help="draw one mixed batch as a PNG sheet",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                       description="Rows: raw canvas, foreground map, top-k mask, mixed model input.")
+    _add_args(p, cache_required=False)
+
+
+def register_cache_show(cache_sub) -> None:
+    p = cache_sub.add_parser("show", help="draw a cache's maps, masks and a mixed batch as a PNG sheet",
+                             formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    _add_args(p, cache_required=True)
+
+
+def run_show(args) -> int:
+    path = sheet_for(args.data, args.out, backend=args.backend, cache=args.cache, n=args.n, seed=args.seed,
+                     canvas=args.canvas, crop=args.crop, grid=args.grid)
+    print(f"wrote {path}")
+    return 0
