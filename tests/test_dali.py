@@ -228,3 +228,34 @@ def test_a_missing_and_a_broken_file_are_both_skipped(folder_with_a_broken_file)
     raising = DaliLoader(index, config(batch_size=4, shuffle=False))
     with pytest.raises(DecodeError, match=r"cat/000002.png does not decode"):
         list(raising)
+
+
+def test_a_forked_child_does_not_hang_on_inherited_pipelines(tiny_root):
+    # DataLoader workers fork; a child's GC must never run an inherited DALI pipeline's
+    # destructor (its threads do not exist there, so it would wait forever).
+    import gc
+    import os
+    import time
+    loader = DaliLoader(ImageIndex.load(tiny_root), config())
+    list(loader)
+    gc.disable()
+    try:
+        loader.cycle = loader             # garbage the cyclic GC will find in the child
+        del loader
+        pid = os.fork()
+        if pid == 0:
+            gc.collect()
+            os._exit(0)
+    finally:
+        gc.enable()
+    for _ in range(200):
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            break
+        time.sleep(0.05)
+    else:
+        os.kill(pid, 9)
+        os.waitpid(pid, 0)
+        pytest.fail("the forked child hung destroying an inherited DALI pipeline")
+    assert os.waitstatus_to_exitcode(status) == 0
+    gc.collect()
