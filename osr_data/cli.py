@@ -16,7 +16,7 @@ def register(sub) -> None:
     p.add_argument("--dataset", choices=sorted(DATASETS), default="digits",
                    help="digits: scikit-learn's handwritten digits; digits-on-photos: the digits "
                         "composited on crops of bundled photographs with a class-background prior")
-    p.add_argument("--prior", type=float, default=0.9,
+    p.add_argument("--prior", type=float, default=0.5,
                    help="digits-on-photos: share of a known class's training images on its own photograph")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--force", action="store_true", help="replace OUT if it exists")

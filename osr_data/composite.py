@@ -64,7 +64,7 @@ def _crop(photo: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
 
 
 def composite(digit: np.ndarray, background: np.ndarray, rng: np.random.Generator,
-              digit_size: int = 20) -> np.ndarray:
+              digit_size: int = 24) -> np.ndarray:
     """Alpha-blend one 8x8 digit (0..16) onto a square uint8 background at a random place."""
     size = background.shape[0]
     alpha = np.asarray(Image.fromarray((digit / 16.0 * 255).astype(np.uint8)).resize(
@@ -73,14 +73,15 @@ def composite(digit: np.ndarray, background: np.ndarray, rng: np.random.Generato
     pad = np.pad(alpha, 1)
     halo = np.max([pad[dy:dy + digit_size, dx:dx + digit_size] for dy in range(3) for dx in range(3)], axis=0)
     y, x = rng.integers(0, size - digit_size + 1, 2)
-    out = background.astype(np.float32)
+    # Backgrounds are dimmed so the white strokes stay the brightest thing in the image.
+    out = background.astype(np.float32) * 0.75
     region = out[y:y + digit_size, x:x + digit_size]
-    region *= 1.0 - 0.7 * halo[..., None]
+    region *= 1.0 - halo[..., None]
     region[:] = region * (1.0 - alpha[..., None]) + 255.0 * alpha[..., None]
     return out.round().clip(0, 255).astype(np.uint8)
 
 
-def digits_on_photos(prior: float = 0.9, seed: int = 0, size: int = 32) -> dict[str, np.ndarray]:
+def digits_on_photos(prior: float = 0.5, seed: int = 0, size: int = 32) -> dict[str, np.ndarray]:
     """The data set as arrays: ``{train,test}_{images,labels,photos}``, ``class_photo``, ``names``.
 
     ``*_photos`` name the photograph each image's background was cut from;
@@ -121,7 +122,7 @@ def digits_on_photos(prior: float = 0.9, seed: int = 0, size: int = 32) -> dict[
             "class_photo": class_photo, "names": tuple(f"digit_{d}" for d in range(10))}
 
 
-def prepare_digits_on_photos(out: Path, seed: int = 0, prior: float = 0.9, **_) -> None:
+def prepare_digits_on_photos(out: Path, seed: int = 0, prior: float = 0.5, **_) -> None:
     d = digits_on_photos(prior=prior, seed=seed)
     write_split(out / "train", d["train_images"], d["train_labels"], d["names"])
     write_split(out / "test", d["test_images"], d["test_labels"], d["names"])
