@@ -173,23 +173,27 @@ def build_generation(cache_dir: str | os.PathLike, model: nn.Module, index: Imag
     if len(shards) < world:
         log.info("generation %d: %d of %d shards built; it is published when all are", nxt, len(shards), world)
         return None
-    return publish_generation(cache_dir)
+    return publish_generation(cache_dir, nxt)
 
 
-def publish_generation(cache_dir: str | os.PathLike) -> int:
-    """Merge the complete shards of generation n+1 into its file and make it current."""
+def publish_generation(cache_dir: str | os.PathLike, generation: Optional[int] = None) -> int:
+    """Merge the complete shards of generation n+1 into its file and make it current.
+
+    With ``generation`` given, a generation another process published meanwhile
+    counts as done (the shards of a build race to publish; one wins).
+    """
     cache_dir = Path(cache_dir)
     # One publisher at a time; flock is released by the kernel if the process dies.
     with open(cache_dir / ".publish.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         ptr = read_pointer(cache_dir)
+        if generation is not None and int(ptr["generation"]) >= generation:
+            return generation
         current = ForegroundCache(cache_dir)
         nxt = current.generation + 1
         folder = pending_dir(cache_dir, nxt)
         shards = sorted(folder.glob("shard-*-of-*.arrow"))
         if not shards:
-            if ptr["generation"] >= nxt:   # another process published it meanwhile
-                return int(ptr["generation"])
             raise BackMixError(f"no build of generation {nxt} is pending in {cache_dir}")
         world = int(shards[0].stem.rsplit("-", 1)[1])
         missing = sorted(set(range(world)) - {int(p.stem.split("-")[1]) for p in shards})
