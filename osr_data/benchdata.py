@@ -10,14 +10,13 @@ and decoding files from the page cache, not making them.
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
 from .index import ImageIndex
+from .prepare import atomic_folder
 
 SIZES = ((500, 375), (375, 500))   # (width, height), landscape 3:1 over portrait
 
@@ -39,9 +38,7 @@ def make_bench_folder(out: str | os.PathLike, n: int = 1024, seed: int = 0, qual
     photos = bundled_photos(short_side=600)
     names = [n_.split(".")[0] for n_ in SKIMAGE_PHOTOS + SKLEARN_PHOTOS]
     rng = np.random.default_rng(seed)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_folder(out) as tmp:
         for name in names:
             (tmp / name).mkdir()
         for i in range(n):
@@ -61,10 +58,4 @@ def make_bench_folder(out: str | os.PathLike, n: int = 1024, seed: int = 0, qual
             if not any((tmp / name).iterdir()):
                 (tmp / name).rmdir()
         ImageIndex.scan(tmp).write()
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return ImageIndex.load(out)

@@ -12,7 +12,8 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Callable
+from contextlib import contextmanager
+from typing import Callable, Iterator
 
 import numpy as np
 from PIL import Image
@@ -86,14 +87,21 @@ def prepare(name: str, out: str | os.PathLike, force: bool = False, **kwargs) ->
             return False
         if any(out.iterdir()) and not force:
             raise BackMixError(f"{out} exists and is not a prepared data set; pass --force to replace it")
+    with atomic_folder(out) as tmp:
+        DATASETS[name](tmp, **kwargs)
+    return True
+
+
+@contextmanager
+def atomic_folder(out: Path) -> Iterator[Path]:
+    """Yield a temporary folder beside ``out``; on success it replaces ``out``, on failure it goes."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        DATASETS[name](tmp, **kwargs)
+        yield tmp
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
-    return True

@@ -3,14 +3,19 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from typing import Optional
 
+import numpy as np
 import torch
+
+from cam_cache.maps import ForegroundMaps, UniformMaps
+from osr_data.index import ImageIndex
 
 from osr_data.decode import check_canvas
 from osr_data.errors import BackMixError
 
 from .augment import IMAGENET_MEAN, IMAGENET_STD
-from .sampling import LAST_BATCH, BackMixSampler, check_fraction
+from .sampling import LAST_BATCH, BackMixSampler, EpochSampler, check_fraction
 
 log = logging.getLogger("backmix")
 
@@ -66,3 +71,16 @@ def choose_device(request: str = "auto") -> torch.device:
     dev = torch.device("cuda", torch.cuda.current_device()) if use_cuda else torch.device("cpu")
     log.info("mixing on %s", dev)
     return dev
+
+
+def loader_inputs(index: ImageIndex, config: LoaderConfig, maps: Optional[ForegroundMaps],
+                  indices: Optional[np.ndarray]) -> tuple[ForegroundMaps, np.ndarray, EpochSampler]:
+    """What every backend derives from its arguments: the maps (generation 0 when none are
+    given), the dataset rows it serves (default: all), and their order per epoch."""
+    maps = maps if maps is not None else UniformMaps(len(index), config.grid)
+    if maps.grid != config.grid:
+        raise BackMixError(f"foreground maps have grid {maps.grid}, the loader expects {config.grid}")
+    rows = np.arange(len(index)) if indices is None else np.asarray(indices, dtype=np.int64)
+    order = EpochSampler(len(rows), config.batch_size, shuffle=config.shuffle, seed=config.seed,
+                         rank=config.rank, world_size=config.world_size, last_batch=config.last_batch)
+    return maps, rows, order

@@ -31,7 +31,7 @@ from typing import Iterator, Optional
 import numpy as np
 import torch
 
-from cam_cache.maps import ForegroundMaps, UniformMaps
+from cam_cache.maps import ForegroundMaps
 from osr_data.decode import DecodeError, decode_rgb
 from osr_data.errors import BackMixError
 from osr_data.index import ImageIndex
@@ -39,8 +39,7 @@ from osr_data.index import ImageIndex
 from .augment import fill_value
 from .backmix import top_k_mask
 from .batch import BackMixBatch
-from .config import LoaderConfig
-from .sampling import EpochSampler
+from .config import LoaderConfig, loader_inputs
 
 log = logging.getLogger("backmix")
 
@@ -133,14 +132,7 @@ class DaliLoader:
     def __init__(self, index: ImageIndex, config: LoaderConfig, maps: Optional[ForegroundMaps] = None,
                  indices: Optional[np.ndarray] = None) -> None:
         self.index, self.config = index, config
-        self.maps = maps if maps is not None else UniformMaps(len(index), config.grid)
-        if self.maps.grid != config.grid:
-            raise BackMixError(f"foreground maps have grid {self.maps.grid}, the loader expects {config.grid}")
-        self.dataset_indices = (np.arange(len(index)) if indices is None
-                                else np.asarray(indices, dtype=np.int64))
-        self.epoch_sampler = EpochSampler(len(self.dataset_indices), config.batch_size,
-                                          shuffle=config.shuffle, seed=config.seed, rank=config.rank,
-                                          world_size=config.world_size, last_batch=config.last_batch)
+        self.maps, self.dataset_indices, self.epoch_sampler = loader_inputs(index, config, maps, indices)
         self.sampler = config.sampler()
         self.fill = fill_value(config.mean).numpy()
         self.gpu = torch.cuda.is_available() and config.device != "cpu"

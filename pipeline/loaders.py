@@ -23,6 +23,12 @@ def make_loader(backend: str, index: ImageIndex, config: LoaderConfig,
         from .dali import DaliLoader
         return DaliLoader(index, config, maps, indices, **kwargs)
     if backend == "ffcv":
-        from .ffcv import FfcvLoader
+        try:
+            from .ffcv import FfcvLoader
+        except ModuleNotFoundError as e:
+            if e.name != f"{__package__}.ffcv":
+                raise
+            raise BackMixError("the FFCV backend is not part of this version yet; "
+                               "use --backend reference or dali") from None
         return FfcvLoader(index, config, maps, indices, **kwargs)
     raise BackMixError(f"unknown backend {backend!r} (choose from {', '.join(BACKENDS)})")

@@ -12,13 +12,12 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from cam_cache.maps import ForegroundMaps, UniformMaps
+from cam_cache.maps import ForegroundMaps
 from osr_data.decode import DecodeError, decode_canvas
 from osr_data.index import ImageIndex
 
 from .batch import BackMixBatch, BatchTransform
-from .config import LoaderConfig, choose_device
-from .sampling import EpochSampler
+from .config import LoaderConfig, choose_device, loader_inputs
 
 log = logging.getLogger("backmix")
 
@@ -72,15 +71,7 @@ class ReferenceLoader:
     def __init__(self, index: ImageIndex, config: LoaderConfig, maps: Optional[ForegroundMaps] = None,
                  indices: Optional[np.ndarray] = None) -> None:
         self.index, self.config = index, config
-        self.maps = maps if maps is not None else UniformMaps(len(index), config.grid)
-        if self.maps.grid != config.grid:
-            from osr_data.errors import BackMixError
-            raise BackMixError(f"foreground maps have grid {self.maps.grid}, the loader expects {config.grid}")
-        self.dataset_indices = (np.arange(len(index)) if indices is None
-                                else np.asarray(indices, dtype=np.int64))
-        self.epoch_sampler = EpochSampler(len(self.dataset_indices), config.batch_size,
-                                          shuffle=config.shuffle, seed=config.seed, rank=config.rank,
-                                          world_size=config.world_size, last_batch=config.last_batch)
+        self.maps, self.dataset_indices, self.epoch_sampler = loader_inputs(index, config, maps, indices)
         self.device = choose_device(config.device)
         self.transform = BatchTransform(self.maps, config.sampler(), backmix=config.backmix,
                                         mean=config.mean, std=config.std, train=config.train)

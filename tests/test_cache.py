@@ -1,7 +1,6 @@
 """The foreground cache: CAMs, generations with momentum, zero-copy reads, crash safety, shards, errors."""
 from __future__ import annotations
 
-import os
 import pickle
 import signal
 import subprocess
