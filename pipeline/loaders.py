@@ -23,12 +23,6 @@ def make_loader(backend: str, index: ImageIndex, config: LoaderConfig,
         from .dali import DaliLoader
         return DaliLoader(index, config, maps, indices, **kwargs)
     if backend == "ffcv":
-        try:
-            from .ffcv import FfcvLoader
-        except ModuleNotFoundError as e:
-            if e.name != f"{__package__}.ffcv":
-                raise
-            raise BackMixError("the FFCV backend is not part of this version yet; "
-                               "use --backend reference or dali") from None
+        from .ffcv import FfcvLoader   # says how to install FFCV when it is missing
         return FfcvLoader(index, config, maps, indices, **kwargs)
     raise BackMixError(f"unknown backend {backend!r} (choose from {', '.join(BACKENDS)})")
