@@ -11,7 +11,13 @@ from pathlib import Path
 
 from osr_data.errors import BackMixError
 
-FMT = argparse.ArgumentDefaultsHelpFormatter
+class FMT(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows defaults, except None (the help says what happens then), flags and required options."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.required or isinstance(action.default, bool):
+            return action.help
+        return super()._get_help_string(action)
 
 
 def register(sub) -> None:
@@ -30,19 +36,24 @@ def register(sub) -> None:
     b.add_argument("--data", type=Path, required=True, help="image folder (train split) with index.csv")
     b.add_argument("--checkpoint", type=Path, required=True, help="model checkpoint")
     b.add_argument("--cache", type=Path, required=True, help="cache folder (created at generation 0 if absent)")
-    b.add_argument("--grid", type=int, default=8, help="grid of a new cache")
+    b.add_argument("--grid", type=int, default=None,
+                   help="grid of a new cache (default 8); checked against an existing one")
     b.add_argument("--keep", type=int, default=3, help="generations kept on disk (new cache)")
     b.add_argument("--canvas", type=int, default=None, help="canvas side (default: the checkpoint's config, else 40)")
     b.add_argument("--momentum", type=float, default=0.1, help="share of the new CAM")
-    b.add_argument("--batch-size", type=int, default=128)
+    b.add_argument("--known", default=None, metavar="SPLIT",
+                   help="the model's classes: a split number (0..4) or a comma list of class names; rows of "
+                        "other classes keep their maps (default: the checkpoint's known_classes, else all)")
+    b.add_argument("--batch-size", type=int, default=128, help="images per forward pass")
     b.add_argument("--workers", type=int, default=2, help="decoding worker processes")
-    b.add_argument("--shard", default=None, metavar="k/N", help="build shard k of N (default: torchrun's RANK/WORLD_SIZE, else 0/1)")
-    b.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    b.add_argument("--no-progress", dest="progress", action="store_false")
+    b.add_argument("--shard", default=None, metavar="k/N",
+                   help="build shard k of N (default: torchrun's RANK/WORLD_SIZE, else 0/1)")
+    b.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto: the GPU when there is one")
+    b.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     b.set_defaults(func=run_build)
 
     i = sub.add_parser("info", help="generation, rows, grid, digests and size of a cache", formatter_class=FMT)
-    i.add_argument("--cache", type=Path, required=True)
+    i.add_argument("--cache", type=Path, required=True, help="cache folder")
     i.add_argument("--json", action="store_true", help="print one JSON object")
     i.set_defaults(func=run_info)
 
@@ -51,11 +62,13 @@ def register_bench(sub) -> None:
     p = sub.add_parser("cache", help="precompute vs inference throughput, publish time/size, gather latency",
                        formatter_class=FMT)
     p.add_argument("--rows", type=int, default=1_281_167, help="rows of the synthetic cache (ImageNet-1k train)")
-    p.add_argument("--grid", type=int, default=8)
+    p.add_argument("--grid", type=int, default=8, help="g of the g x g maps")
     p.add_argument("--arch", default="resnet18", help="model timed for precompute vs plain inference")
-    p.add_argument("--image-size", type=int, default=112, help="canvas side of the timed batches")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--canvas", "--image-size", dest="canvas", type=int, default=112,
+                   help="canvas side of the timed batches")
+    p.add_argument("--batch-size", type=int, default=256, help="images per timed forward pass")
+    p.add_argument("--repeats", type=int, default=7, help="timed batches of each path (median)")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto: the GPU when there is one")
     p.add_argument("--dir", type=Path, default=None, help="where to write the synthetic cache (default: a temp dir)")
     p.add_argument("--json", type=Path, default=None, help="write the figures here")
     p.set_defaults(func=run_bench)
@@ -90,25 +103,28 @@ def run_build(args) -> int:
 
     from .models import file_digest, load_model
     from .precompute import build_generation
-    from .store import init_cache
+    from .store import ForegroundCache, init_cache
 
     shard = parse_shard(args.shard)
     index = ImageIndex.load(args.data)
     model, ckpt = load_model(args.checkpoint)
     config = ckpt.get("config") or {}
-    known = ckpt.get("known_classes")
+    known = known_classes(ckpt.get("known_classes"), args.known, index.classes, args.checkpoint)
     label_map, rows = None, None
     if known:
-        missing = [c for c in known if c not in index.classes]
-        if missing:
-            raise BackMixError(f"checkpoint {args.checkpoint} knows classes {missing} that {args.data} lacks")
+        if len(known) != ckpt["num_classes"]:
+            raise BackMixError(f"--known names {len(known)} classes, checkpoint {args.checkpoint} has "
+                               f"{ckpt['num_classes']}")
         label_map = np.full(index.num_classes, -1, dtype=np.int64)
         label_map[[index.classes.index(c) for c in known]] = np.arange(len(known))
         rows = np.flatnonzero(label_map[index.labels] >= 0)
     elif ckpt["num_classes"] != index.num_classes:
         raise BackMixError(f"checkpoint {args.checkpoint} has {ckpt['num_classes']} classes and names none; "
-                           f"{args.data} has {index.num_classes}")
-    init_cache(args.cache, index, grid=args.grid, keep=args.keep)
+                           f"{args.data} has {index.num_classes}: say which with --known")
+    if args.grid is None and (args.cache / "CURRENT").is_file():
+        ForegroundCache(args.cache, index=index)           # an existing cache keeps its grid
+    else:
+        init_cache(args.cache, index, grid=args.grid or 8, keep=args.keep)
     canvas = args.canvas or int(config.get("canvas", 40))
     generation = build_generation(args.cache, model, index, canvas=canvas, mean=IMAGENET_MEAN, std=IMAGENET_STD,
                                   momentum=args.momentum, label_map=label_map, rows=rows,
@@ -121,6 +137,21 @@ def run_build(args) -> int:
     else:
         print(f"cache {args.cache}: generation {generation} published")
     return 0
+
+
+def known_classes(from_checkpoint, spec: str | None, classes: tuple[str, ...], checkpoint) -> tuple[str, ...]:
+    """The model's classes in head order: the checkpoint's ``known_classes``, else ``--known``, else ()."""
+    from osr_data.splits import resolve_split
+    if from_checkpoint:
+        known = tuple(from_checkpoint)
+        missing = [c for c in known if c not in classes]
+        if missing:
+            raise BackMixError(f"checkpoint {checkpoint} knows classes {missing} that the data set lacks")
+        if spec is not None and set(resolve_split(classes, spec).known) != set(known):
+            raise BackMixError(f"--known {spec} is not the classes checkpoint {checkpoint} was trained on "
+                               f"({','.join(known)})")
+        return known
+    return resolve_split(classes, spec).known if spec is not None else ()
 
 
 def run_info(args) -> int:

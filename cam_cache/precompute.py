@@ -3,9 +3,14 @@
 CAM_i = sum_k w_{y_i k} F_ik (Zhou et al. 2016) for image i's own label y_i,
 taken on the un-augmented canvas in inference mode, min-max scaled to [0, 1]
 per image at the feature map's resolution, then bilinearly upsampled to the
-canvas and average-pooled to the g x g grid (all linear after the scaling, so
-the pooled map stays in [0, 1]). A flat CAM carries no information and scales
-to 0.5 everywhere, the value of generation 0.
+canvas (align_corners=False) and adaptive-average-pooled to the g x g grid.
+Upsampling and pooling are one fixed linear map of the h x w CAM, so it is
+applied as a single [h*w, g*g] matrix (made once by pushing the identity
+basis through ``F.interpolate`` and ``F.adaptive_avg_pool2d``): the same
+numbers, without materialising canvas-sized maps. Both are convex
+combinations, so the pooled map stays in [0, 1]. A flat CAM (max - min <=
+1e-12) carries no information and scales to 0.5 everywhere, the value of
+generation 0.
 
 Generation n+1 = (1 - m) * generation n + m * CAM. A build may be split into
 shards (``shard=(k, N)``: rows r with position % N == k); each shard is written
@@ -16,9 +21,12 @@ rows in dataset order whatever N was, so 1 and N processes give the same file.
 from __future__ import annotations
 
 import fcntl
+import functools
+import hashlib
 import logging
 import os
 import shutil
+import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -40,16 +48,27 @@ from .store import (ForegroundCache, MappedMaps, generation_path, pending_dir, p
 log = logging.getLogger("backmix")
 
 
+@functools.lru_cache(maxsize=16)
+def _pool_matrix(h: int, w: int, canvas: int, grid: int, device: torch.device) -> Tensor:
+    """float32 [h*w, grid*grid] on ``device`` (built in float64): bilinear upsampling of an h x w map to
+    canvas x canvas, then adaptive average pooling to grid x grid, as one matrix (row j = the pooled
+    image of basis map j)."""
+    basis = torch.eye(h * w, dtype=torch.float64).view(h * w, 1, h, w)
+    up = F.interpolate(basis, size=(canvas, canvas), mode="bilinear", align_corners=False)
+    return F.adaptive_avg_pool2d(up, grid).reshape(h * w, grid * grid).to(device=device, dtype=torch.float32)
+
+
 def class_activation_maps(features: Tensor, fc_weight: Tensor, labels: Tensor, grid: int,
                           canvas: int) -> Tensor:
     """float32 [B, grid, grid] in [0, 1] from features [B, C, h, w] and the linear head's weights [K, C]."""
-    cam = torch.einsum("bchw,bc->bhw", features.float(), fc_weight.float()[labels])
-    lo = cam.amin(dim=(1, 2), keepdim=True)
-    span = cam.amax(dim=(1, 2), keepdim=True) - lo
+    b, _, h, w = features.shape
+    cam = torch.einsum("bchw,bc->bhw", features.float(), fc_weight.float()[labels]).reshape(b, h * w)
+    lo = cam.amin(dim=1, keepdim=True)
+    span = cam.amax(dim=1, keepdim=True) - lo
     flat = span <= 1e-12
     cam = torch.where(flat, torch.full_like(cam, 0.5), (cam - lo) / torch.where(flat, 1.0, span))
-    cam = F.interpolate(cam[:, None], size=(canvas, canvas), mode="bilinear", align_corners=False)
-    return F.adaptive_avg_pool2d(cam, grid)[:, 0]
+    pool = _pool_matrix(h, w, canvas, grid, cam.device)
+    return (cam @ pool).view(b, grid, grid).clamp_(0.0, 1.0)   # clamp: float rounding only
 
 
 class _Canvases(Dataset):
@@ -81,16 +100,19 @@ def compute_cams(model: nn.Module, index: ImageIndex, rows: np.ndarray, labels: 
     """float32 [len(rows), grid, grid]: the CAM of each row for class ``labels[i]`` of ``model``."""
     body, head = features_and_head(model)
     device = torch.device(device)
+    home = next(model.parameters()).device
+    if home.type == device.type:
+        device = home                 # "cuda" for a model on cuda:1 means cuda:1
     m = torch.tensor(mean, device=device).view(1, -1, 1, 1) * 255
     s = torch.tensor(std, device=device).view(1, -1, 1, 1) * 255
     loader = DataLoader(_Canvases(index, rows, canvas), batch_size=batch_size, num_workers=num_workers,
                         collate_fn=_collate, pin_memory=device.type == "cuda")
     out = np.empty((len(rows), grid, grid), dtype=np.float32)
     was_training = model.training
-    model.eval()
+    model.eval().to(device)
     try:
-        with torch.inference_mode(), tqdm(total=len(rows), desc=desc, unit="img", disable=not progress,
-                                          leave=False) as bar:
+        with torch.inference_mode(), tqdm(total=len(rows), desc=desc, unit="img", leave=False,
+                                          disable=not progress or not sys.stderr.isatty()) as bar:
             done = 0
             for x in loader:
                 x = (x.to(device, non_blocking=True).float() - m) / s
@@ -100,7 +122,7 @@ def compute_cams(model: nn.Module, index: ImageIndex, rows: np.ndarray, labels: 
                 done += len(x)
                 bar.update(len(x))
     finally:
-        model.train(was_training)
+        model.train(was_training).to(home)
     return out
 
 
@@ -108,20 +130,28 @@ def _shard_path(cache_dir: Path, generation: int, shard: tuple[int, int]) -> Pat
     return pending_dir(cache_dir, generation) / f"shard-{shard[0]}-of-{shard[1]}.arrow"
 
 
-def _check_pending(cache_dir: Path, generation: int, world: int, checkpoint: str) -> None:
-    """Refuse a pending build made with another shard count; drop one made from other weights."""
-    folder = pending_dir(cache_dir, generation)
+def _rows_digest(rows: np.ndarray, labels: np.ndarray) -> str:
+    """Names which rows a build recomputes and as which classes: a shard of another build is stale."""
+    return hashlib.sha256(np.ascontiguousarray(rows, np.int64).tobytes()
+                          + np.ascontiguousarray(labels, np.int64).tobytes()).hexdigest()[:16]
+
+
+def _check_pending(folder: Path, world: int, expected: dict[str, str]) -> None:
+    """Refuse a pending build made with another shard count; drop shards of another build
+    (other weights, base generation, data set, momentum or rows), which would mix two models' maps."""
     for path in sorted(folder.glob("shard-*-of-*.arrow")):
         n = int(path.stem.rsplit("-", 1)[1])
         if n != world:
-            raise BackMixError(f"a pending build of generation {generation} in {folder} was made with {n} "
-                               f"shards, this one has {world}: finish it with {n} processes or delete {folder}")
+            raise BackMixError(f"world size does not match the cache shards: a pending build in {folder} "
+                               f"was made with {n} shards, this one has {world}; finish it with {n} "
+                               f"processes (--shard k/{n}) or delete {folder}")
         try:
-            stale = MappedMaps(path).meta.get("checkpoint") != checkpoint
+            meta = MappedMaps(path).meta
+            stale = {k: meta.get(k) for k in expected} != expected
         except BackMixError:
             stale = True   # a half-written shard cannot exist (atomic rename), but a foreign file can
         if stale:
-            log.info("dropping %s: made from another checkpoint", path)
+            log.info("dropping %s: made by another build", path)
             path.unlink(missing_ok=True)
 
 
@@ -135,7 +165,8 @@ def build_generation(cache_dir: str | os.PathLike, model: nn.Module, index: Imag
 
     ``label_map`` maps dataset labels to the model's classes (-1: not a class of the model);
     ``rows`` (default: all) are the dataset rows to recompute, the others keep their maps.
-    Returns the new generation number when it was published, else None.
+    Shard k of N computes ``rows[k::N]``. Returns the new generation number when it was
+    published (by this call or, meanwhile, by another shard's), else None.
     """
     cache_dir = Path(cache_dir)
     k, world = shard
@@ -143,15 +174,25 @@ def build_generation(cache_dir: str | os.PathLike, model: nn.Module, index: Imag
         raise BackMixError(f"shard {k}/{world}: need 0 <= k < N")
     if not 0.0 <= momentum <= 1.0:
         raise BackMixError(f"momentum must lie in [0, 1], got {momentum}")
+    _, head = features_and_head(model)            # refuse a model without a CAM head before any work
     current = ForegroundCache(cache_dir, index=index)
     nxt = current.generation + 1
     rows = np.arange(len(index)) if rows is None else np.asarray(rows, dtype=np.int64)
+    if rows.size and (rows.min() < 0 or rows.max() >= len(index)):
+        raise BackMixError(f"build_generation: rows must lie in 0..{len(index) - 1}")
     labels = index.labels[rows] if label_map is None else np.asarray(label_map)[index.labels[rows]]
     if (labels < 0).any():
         raise BackMixError("build_generation: some rows have a label the model does not know; "
                            "pass only rows of its classes")
-    pending_dir(cache_dir, nxt).mkdir(exist_ok=True)
-    _check_pending(cache_dir, nxt, world, checkpoint_digest)
+    if labels.size and labels.max() >= head.out_features:
+        raise BackMixError(f"build_generation: the model has {head.out_features} classes but rows are "
+                           f"labelled up to {labels.max()}; pass a label_map to its classes")
+    meta = {"generation": str(nxt), "base": str(current.generation), "momentum": str(float(momentum)),
+            "checkpoint": checkpoint_digest, "dataset": index.fingerprint(),
+            "rows": _rows_digest(rows, labels)}
+    folder = pending_dir(cache_dir, nxt)
+    folder.mkdir(exist_ok=True)
+    _check_pending(folder, world, meta)
     path = _shard_path(cache_dir, nxt, shard)
     if path.exists():
         log.info("shard %d/%d of generation %d is already built", k, world, nxt)
@@ -163,13 +204,12 @@ def build_generation(cache_dir: str | os.PathLike, model: nn.Module, index: Imag
                             mean=mean, std=std, batch_size=batch_size, num_workers=num_workers,
                             device=device, progress=progress,
                             desc=f"CAMs gen {nxt}" + (f" shard {k}/{world}" if world > 1 else ""))
+        # float32 arithmetic, one rounding to float16 per generation
         new = (1.0 - momentum) * current.gather(mine) + momentum * cams
-        write_maps(path, mine, index.labels[mine], new.astype(np.float16),
-                   {"generation": nxt, "base": current.generation, "momentum": momentum,
-                    "checkpoint": checkpoint_digest, "dataset": index.fingerprint()})
+        write_maps(path, mine, index.labels[mine], new.astype(np.float16), meta)
     if not publish:
         return None
-    shards = sorted(pending_dir(cache_dir, nxt).glob(f"shard-*-of-{world}.arrow"))
+    shards = sorted(folder.glob(f"shard-*-of-{world}.arrow"))
     if len(shards) < world:
         log.info("generation %d: %d of %d shards built; it is published when all are", nxt, len(shards), world)
         return None
@@ -196,19 +236,30 @@ def publish_generation(cache_dir: str | os.PathLike, generation: Optional[int] =
         if not shards:
             raise BackMixError(f"no build of generation {nxt} is pending in {cache_dir}")
         world = int(shards[0].stem.rsplit("-", 1)[1])
+        if any(int(p.stem.rsplit("-", 1)[1]) != world for p in shards):
+            raise BackMixError(f"the pending build in {folder} mixes shard counts; delete {folder} and rebuild")
         missing = sorted(set(range(world)) - {int(p.stem.split("-")[1]) for p in shards})
         if missing:
             raise BackMixError(f"generation {nxt} is not complete: shard(s) {missing} of {world} are missing")
+        parts = [MappedMaps(p) for p in shards]
+        keys = ("base", "dataset", "checkpoint", "momentum", "rows")
+        for part in parts:
+            if (part.meta.get("base") != str(current.generation)
+                    or part.meta.get("dataset") != current.meta.get("dataset")):
+                raise BackMixError(f"shard {part.path} was built on another generation or data set than "
+                                   f"{generation_path(cache_dir, current.generation)}; delete {folder} and rebuild")
+            if [part.meta.get(k) for k in keys] != [parts[0].meta.get(k) for k in keys]:
+                raise BackMixError(f"shards {parts[0].path.name} and {part.path.name} come from different "
+                                   f"builds; delete {folder} and rebuild")
+            if part.grid != current.grid or (len(part) and (part.rows.min() < 0 or part.rows.max() >= len(current))):
+                raise BackMixError(f"shard {part.path} does not fit the cache (grid or rows)")
         maps = np.array(current.maps)            # float16 copy of the current generation
-        meta = {}
-        for path in shards:
-            part = MappedMaps(path)
+        for part in parts:
             maps[part.rows] = part.maps
-            meta = part.meta
-        labels = np.asarray(current._mapped.labels)
-        write_maps(generation_path(cache_dir, nxt), np.arange(len(maps)), labels, maps,
-                   {"generation": nxt, "momentum": meta.get("momentum", ""),
-                    "checkpoint": meta.get("checkpoint", ""), "dataset": current.meta.get("dataset", "")})
+        meta = {k: parts[0].meta.get(k, "") for k in ("momentum", "checkpoint", "base")}
+        write_maps(generation_path(cache_dir, nxt), np.arange(len(maps)), current.labels, maps,
+                   {**meta, "generation": nxt, "dataset": current.meta.get("dataset", "")})
+        del parts, current                       # unmap before deleting the shards
         keep = int(ptr.get("keep", 3))
         write_pointer(cache_dir, nxt, keep)
         shutil.rmtree(folder, ignore_errors=True)

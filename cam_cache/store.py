@@ -7,11 +7,14 @@ Layout of a cache folder::
     next-000004/shard-0-of-2.arrow   a build in progress: the shards of generation n+1
 
 Each generation file holds one record batch with columns ``index`` (int64,
-the dataset row), ``label`` (int32) and ``map`` (fixed-size list of g*g
-float16). Float16 keeps ImageNet's 1.28 M maps of 8 x 8 under 200 MB; the
-momentum arithmetic is done in float32 and rounded once per generation.
-The schema metadata names the generation, grid, momentum, the digest of the
-checkpoint that made it and the fingerprint of the dataset index.
+the dataset row), ``label`` (int64) and ``map`` (fixed-size list of g*g
+float16; format 1 stored ``label`` as int32 and is still read). Float16
+keeps ImageNet's 1.28 M maps of 8 x 8 under 200 MB; the momentum arithmetic
+is done in float32 and rounded once per generation. The schema metadata
+names the format, generation, base generation, grid, momentum, the digest of
+the checkpoint that made it and the fingerprint of the dataset index; a
+shard also names the digest of the build's rows and classes, so a restart
+reuses only shards of the very same build.
 
 Every file is written to a temporary name, fsync'd and renamed, and CURRENT
 moves only after the generation file is in place, so a crash at any moment
@@ -30,7 +33,8 @@ import pyarrow as pa
 from osr_data.errors import BackMixError
 from osr_data.index import ImageIndex, atomic_write_bytes
 
-FORMAT = "backmix-foreground-cache/1"
+FORMAT = "backmix-foreground-cache/2"
+READABLE_FORMATS = ("backmix-foreground-cache/1", FORMAT)
 POINTER = "CURRENT"
 
 
@@ -43,7 +47,7 @@ def pending_dir(cache_dir: Path, generation: int) -> Path:
 
 
 def schema(grid: int, meta: dict[str, object]) -> pa.Schema:
-    fields = [pa.field("index", pa.int64()), pa.field("label", pa.int32()),
+    fields = [pa.field("index", pa.int64()), pa.field("label", pa.int64()),
               pa.field("map", pa.list_(pa.float16(), grid * grid))]
     return pa.schema(fields, metadata={"format": FORMAT, "grid": str(grid),
                                        **{k: str(v) for k, v in meta.items()}})
@@ -54,7 +58,7 @@ def write_maps(path: Path, rows: np.ndarray, labels: np.ndarray, maps: np.ndarra
     """Atomically write one Arrow IPC file of ``maps`` (float16 [N, g, g]) for dataset ``rows``."""
     n, g, _ = maps.shape
     flat = pa.array(np.ascontiguousarray(maps, dtype=np.float16).reshape(-1), type=pa.float16())
-    batch = pa.record_batch([pa.array(rows, pa.int64()), pa.array(labels, pa.int32()),
+    batch = pa.record_batch([pa.array(rows, pa.int64()), pa.array(labels, pa.int64()),
                              pa.FixedSizeListArray.from_arrays(flat, g * g)],
                             schema=schema(g, meta))
     path = Path(path)
@@ -94,25 +98,35 @@ class MappedMaps:
             raise BackMixError(f"cache file {self.path} is truncated or not an Arrow cache file "
                                f"({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
         meta = {k.decode(): v.decode() for k, v in (batch.schema.metadata or {}).items()}
-        if meta.get("format") != FORMAT or batch.schema.names[:3] != ["index", "label", "map"]:
+        if meta.get("format") not in READABLE_FORMATS or batch.schema.names[:3] != ["index", "label", "map"]:
             raise BackMixError(f"cache file {self.path} was not written by backmix "
                                f"(format {meta.get('format')!r})")
-        self.meta = meta
-        self.grid = int(meta["grid"])
-        col = batch.column("map")
-        values = col.values
+        try:
+            self.grid = int(meta["grid"])
+        except (KeyError, ValueError):
+            raise BackMixError(f"cache file {self.path} names no grid in its metadata") from None
         g2 = self.grid * self.grid
-        # Zero copy: view the float16 values buffer of the memory map, no per-row work.
-        buf = values.buffers()[1]
-        start = (col.offset * g2 + values.offset)
-        self.maps = np.frombuffer(buf, dtype=np.float16, count=len(col) * g2,
-                                  offset=start * 2).reshape(len(col), self.grid, self.grid)
-        self.rows = np.frombuffer(batch.column("index").buffers()[1], dtype=np.int64,
-                                  count=len(col), offset=batch.column("index").offset * 8)
+        types = [batch.schema.field(i).type for i in range(3)]
+        if (types[0] != pa.int64() or types[1] not in (pa.int32(), pa.int64())
+                or types[2] != pa.list_(pa.float16(), g2) or batch.column("map").null_count):
+            raise BackMixError(f"cache file {self.path} has columns {', '.join(map(str, types))}, "
+                               f"not int64, int64, fixed_size_list<float16>[{g2}]")
+        self.meta = meta
+        self.maps = _view(batch.column("map").values, np.float16, len(batch) * g2).reshape(
+            len(batch), self.grid, self.grid)
+        self.rows = _view(batch.column("index"), np.int64, len(batch))
         self.labels = batch.column("label")
 
     def __len__(self) -> int:
         return len(self.maps)
+
+
+def _view(array: pa.Array, dtype: type, count: int) -> np.ndarray:
+    """Zero copy: a read-only numpy view of a primitive Arrow array's values buffer (the memory map)."""
+    if count == 0:
+        return np.empty(0, dtype=dtype)
+    return np.frombuffer(array.buffers()[1], dtype=dtype, count=count,
+                         offset=array.offset * np.dtype(dtype).itemsize)
 
 
 def read_pointer(cache_dir: Path) -> dict:
@@ -148,50 +162,82 @@ class ForegroundCache:
         self._fingerprint = index.fingerprint() if index is not None else None
         self._rows = len(index) if index is not None else None
         self._grid = grid
-        self.generation = -1
-        self._open(int(read_pointer(self.cache_dir)["generation"]))
+        self._pointer_stat: Optional[tuple] = None
+        self._open(self._read_generation())
+
+    def _read_generation(self) -> int:
+        self._pointer_stat = _stat_key(self.cache_dir / POINTER)
+        return int(read_pointer(self.cache_dir)["generation"])
 
     def _open(self, generation: int) -> None:
         mapped = MappedMaps(generation_path(self.cache_dir, generation))
         if self._grid is not None and mapped.grid != self._grid:
-            raise BackMixError(f"cache {self.cache_dir} has {mapped.grid}x{mapped.grid} maps, "
+            raise BackMixError(f"cache file {mapped.path} has {mapped.grid}x{mapped.grid} maps, "
                                f"expected {self._grid}x{self._grid}")
         if self._fingerprint is not None and mapped.meta.get("dataset") != self._fingerprint:
-            raise BackMixError(f"cache {self.cache_dir} was built for another data set (index fingerprint "
+            raise BackMixError(f"cache file {mapped.path} was built for another data set (index fingerprint "
                                f"{mapped.meta.get('dataset', '?')[:12]}, this one {self._fingerprint[:12]})")
         if self._rows is not None and len(mapped) != self._rows:
-            raise BackMixError(f"cache {self.cache_dir} has {len(mapped)} rows, the data set {self._rows}")
-        self._mapped, self.generation, self.grid = mapped, generation, mapped.grid
+            raise BackMixError(f"cache file {mapped.path} has {len(mapped)} rows, the data set {self._rows}")
+        self._mapped, self.generation, self.grid, self._length = mapped, generation, mapped.grid, len(mapped)
+
+    def _file(self) -> MappedMaps:
+        if self._mapped is None:      # unpickled: reopen the same generation on first use
+            self._open(self.generation)
+        return self._mapped
 
     @property
     def meta(self) -> dict:
-        return self._mapped.meta
+        return self._file().meta
 
     @property
     def maps(self) -> np.ndarray:
-        """float16 [N, g, g], a view of the memory map."""
-        return self._mapped.maps
+        """float16 [N, g, g], a read-only view of the memory map."""
+        return self._file().maps
+
+    @property
+    def rows(self) -> np.ndarray:
+        """int64 [N]: the dataset row of each map (0..N-1 in a generation file)."""
+        return self._file().rows
+
+    @property
+    def labels(self) -> np.ndarray:
+        return np.asarray(self._file().labels, dtype=np.int64)
 
     def __len__(self) -> int:
-        return len(self._mapped)
+        return self._length
 
     def gather(self, indices: np.ndarray) -> np.ndarray:
-        return self._mapped.maps[np.asarray(indices, dtype=np.int64)].astype(np.float32)
+        """float32 [B, g, g]: one fancy index into the memory map (only the touched pages are read)."""
+        return self._file().maps[np.asarray(indices, dtype=np.int64)].astype(np.float32)
 
     def refresh(self) -> bool:
-        generation = int(read_pointer(self.cache_dir)["generation"])
-        if generation == self.generation:
+        """Switch to the generation CURRENT names, if it changed. CURRENT is replaced by rename, so an
+        unchanged (inode, mtime, size) means an unchanged pointer: one stat, no read, in the common case."""
+        if _stat_key(self.cache_dir / POINTER) == self._pointer_stat and self._mapped is not None:
             return False
-        self._open(generation)
-        return True
+        generation = self._read_generation()
+        changed = generation != self.generation
+        if changed or self._mapped is None:
+            self._open(generation)
+        return changed
 
     def __getstate__(self) -> dict:
-        return {"cache_dir": self.cache_dir, "_fingerprint": self._fingerprint, "_rows": self._rows,
-                "_grid": self._grid, "generation": self.generation}
+        # The folder, the expectations and the generation in use; never the memory map.
+        state = dict(self.__dict__)
+        state["_mapped"], state["_pointer_stat"] = None, None
+        return state
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
-        self._open(state["generation"])
+
+
+def _stat_key(path: Path) -> Optional[tuple]:
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return st.st_ino, st.st_mtime_ns, st.st_size
 
 
 def init_cache(cache_dir: str | os.PathLike, index: ImageIndex, *, grid: int = 8,
@@ -214,9 +260,13 @@ def init_cache(cache_dir: str | os.PathLike, index: ImageIndex, *, grid: int = 8
 
 
 def prune(cache_dir: Path, current: int, keep: int) -> list[Path]:
-    """Delete generation files older than the ``keep`` newest; return what was deleted."""
+    """Delete generation files older than the ``keep`` newest, and what a killed process left behind
+    (temporary files of generation files, pending folders of published generations); return the
+    deleted paths. Call it holding the publish lock: only the publisher writes these names."""
+    import shutil
     gone = []
-    for path in sorted(Path(cache_dir).glob("gen-*.arrow")):
+    cache_dir = Path(cache_dir)
+    for path in sorted(cache_dir.glob("gen-*.arrow")):
         try:
             g = int(path.stem.split("-")[1])
         except (IndexError, ValueError):
@@ -224,14 +274,29 @@ def prune(cache_dir: Path, current: int, keep: int) -> list[Path]:
         if g <= current - keep:
             path.unlink(missing_ok=True)
             gone.append(path)
+    for pattern in (".gen-*.arrow.tmp-*", f".{POINTER}.tmp-*"):
+        for path in cache_dir.glob(pattern):
+            path.unlink(missing_ok=True)
+            gone.append(path)
+    for path in cache_dir.glob("next-*"):
+        try:
+            stale = int(path.name.split("-")[1]) <= current
+        except (IndexError, ValueError):
+            continue
+        if stale and path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+            gone.append(path)
     return gone
 
 
 def cache_info(cache_dir: str | os.PathLike) -> dict:
     cache = ForegroundCache(cache_dir)
     files = sorted(Path(cache_dir).glob("gen-*.arrow"))
-    return {"cache": str(cache_dir), "generation": cache.generation, "rows": len(cache), "grid": cache.grid,
+    return {"cache": str(cache_dir), "format": cache.meta.get("format", ""), "generation": cache.generation,
+            "rows": len(cache), "grid": cache.grid,
             "momentum": float(cache.meta.get("momentum", 0)), "checkpoint": cache.meta.get("checkpoint", ""),
             "dataset": cache.meta.get("dataset", ""), "keep": int(read_pointer(cache_dir).get("keep", 3)),
             "generations_on_disk": [int(p.stem.split("-")[1]) for p in files],
+            "pending_shards": sorted(p.name for p in pending_dir(cache_dir, cache.generation + 1)
+                                     .glob("shard-*-of-*.arrow")),
             "bytes_on_disk": sum(p.stat().st_size for p in Path(cache_dir).rglob("*") if p.is_file())}
