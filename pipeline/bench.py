@@ -5,7 +5,8 @@ configuration and worker count, runs ``--warmup`` batches, then times
 ``--batches`` batches (epochs roll over as needed): images/s and time per batch
 (median, p95). The breakdown times the torch stages in isolation on the same
 files (read and decode a batch to canvases with the loader's workers, the mix
-kernel, crop/flip/normalise, host-to-device on a GPU) and, for every backend,
+kernel, crop/flip/normalise, host-to-device on a GPU), DALI's decode and
+canvas resize alone (its own ops, threads and device) and, for every backend,
 the marginal cost of its mix (BackMix batch time minus plain batch time).
 The decode ceiling is the fastest installed CPU JPEG decoder on the same files,
 already in memory, on all workers: no CPU loader can beat it.
@@ -159,8 +160,12 @@ def run_benchmark(data: Optional[Path], backends: list[str], *, batches: int, wa
         data = Path(data)
         index = ImageIndex.load(data / "train" if (data / "train").is_dir() else data)
     dev = choose_device(device)
+    # The torch stages first, and the backends in a fixed order (reference, DALI, FFCV): a process
+    # that has started numba's (FFCV's) thread pool should not fork DataLoader workers after it.
+    stages = stage_breakdown(index, LoaderConfig(batch_size=batch_size, canvas=canvas, crop=crop,
+                                                 num_workers=workers), max(3, min(batches, 8)), dev)
     results = []
-    for backend in backends:
+    for backend in sorted(backends, key=BACKENDS.index):
         for backmix in (False, True):
             config = LoaderConfig(batch_size=batch_size, canvas=canvas, crop=crop, backmix=backmix,
                                   num_workers=workers, device=device, last_batch="drop")
@@ -176,12 +181,17 @@ def run_benchmark(data: Optional[Path], backends: list[str], *, batches: int, wa
                         "batch_ms_median": 1e3 * statistics.median(times),
                         "batch_ms_p95": 1e3 * _percentile(times, 95), "batches": len(times)})
             results.append(row)
+    results.sort(key=lambda r: backends.index(r["backend"]))
     by = {(r["backend"], r["backmix"]): r for r in results}
-    stages = stage_breakdown(index, LoaderConfig(batch_size=batch_size, canvas=canvas, crop=crop,
-                                                 num_workers=workers), max(3, min(batches, 8)), dev)
+    per_backend = {"reference": stages}
+    if any(r["backend"] == "dali" and r.get("images_per_s") for r in results):
+        from .dali import stage_times
+        per_backend["dali"] = stage_times(index, LoaderConfig(batch_size=batch_size, canvas=canvas, crop=crop,
+                                                              num_workers=workers, device=device),
+                                          max(3, min(batches, 8)))
     for r in results:
         plain = by.get((r["backend"], False))
-        r["breakdown"] = dict(stages) if r["backend"] == "reference" else {}
+        r["breakdown"] = dict(per_backend.get(r["backend"], {}))
         if r["backmix"] and r.get("images_per_s") and plain and plain.get("images_per_s"):
             r["breakdown"]["mix_overhead_ms"] = r["batch_ms_median"] - plain["batch_ms_median"]
     ratios = {}
@@ -213,11 +223,13 @@ def format_table(report: dict) -> str:
     rows.append((f"decode ceiling: {dc['decoder']}", "", f"{dc['images_per_s']:.0f}", "", "", ""))
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
-    stages = next((r["breakdown"] for r in report["results"] if r["backend"] == "reference" and r["breakdown"]), {})
-    if stages:
-        lines.append("")
-        lines.append("torch stages alone, ms per batch: " + ", ".join(
-            f"{k.removesuffix('_ms')} {v:.1f}" for k, v in stages.items() if k != "mix_overhead_ms"))
+    lines.append("")
+    for backend, what in (("reference", "torch"), ("dali", "DALI")):
+        stages = next((r["breakdown"] for r in report["results"] if r["backend"] == backend and r["breakdown"]), {})
+        stages = {k: v for k, v in stages.items() if k != "mix_overhead_ms"}
+        if stages:
+            lines.append(f"{what} stages alone, ms per batch: " + ", ".join(
+                f"{k.removesuffix('_ms')} {v:.1f}" for k, v in stages.items()))
     if report["ratios"]:
         lines.append("ratios: " + ", ".join(f"{k} {v:.2f}" for k, v in report["ratios"].items()))
     return "\n".join(lines)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 import weakref
 from collections import deque
 from dataclasses import dataclass, field
@@ -124,6 +125,50 @@ class _Feeder:
         raise StopIteration
 
 
+def decode_to_canvas(files, size: int, gpu: bool, stages: str = "decode,resize"):
+    """DALI ops: encoded files -> uint8 HWC canvases of size x size (aspect not kept, antialiased,
+    as ``osr_data.decode.to_canvas``). stages="decode" stops after decoding (for the benchmark)."""
+    from nvidia.dali import fn, types
+
+    images = fn.decoders.image(files, device="mixed" if gpu else "cpu", output_type=types.RGB)
+    if stages == "decode":
+        return images
+    return fn.resize(images, size=[size, size], mode="stretch", antialias=True, interp_type=types.INTERP_LINEAR)
+
+
+def stage_times(index: ImageIndex, config: LoaderConfig, batches: int) -> dict[str, float]:
+    """Milliseconds per batch of DALI's decode and of its canvas resize, each pipeline alone on the
+    loader's files, threads and device (the resize is the difference of the two)."""
+    from nvidia.dali import fn, pipeline_def
+
+    gpu = torch.cuda.is_available() and config.device != "cpu"
+    b = config.batch_size
+    rows = np.arange(min(len(index), b * max(1, batches)))
+    files = [np.fromfile(index.abspath(int(i)), dtype=np.uint8) for i in rows]
+    out = {}
+    for stages in ("decode", "decode,resize"):
+        def batches_of_files(info):
+            start = (info.iteration * b) % len(files)
+            return [files[(start + k) % len(files)] for k in range(b)]
+
+        @pipeline_def(batch_size=b, num_threads=max(1, config.num_workers),
+                      device_id=torch.cuda.current_device() if gpu else None,
+                      prefetch_queue_depth=PREFETCH, exec_dynamic=True)
+        def timing_pipeline():
+            files_in = fn.external_source(source=batches_of_files, batch=True, batch_info=True)
+            return decode_to_canvas(files_in, config.canvas, gpu, stages)
+
+        pipe = timing_pipeline()
+        pipe.build()
+        pipe.run()                                   # warm-up
+        t = time.perf_counter()
+        for _ in range(batches):
+            pipe.run()
+        out[stages] = 1e3 * (time.perf_counter() - t) / batches
+        del pipe
+    return {"decode_ms": out["decode"], "resize_ms": out["decode,resize"] - out["decode"]}
+
+
 class DaliLoader:
     """Yields ``BackMixBatch`` for the images ``indices`` (default: all) of ``index``, from a DALI pipeline."""
 
@@ -212,9 +257,7 @@ class DaliLoader:
             inputs = fn.external_source(source=feeder, num_outputs=n_in, batch=True,
                                         layout=[""] * 4 + ["HWC", "", "", ""][:n_in - 4])
             files, pos_x, pos_y, flips = inputs[:4]
-            canvas = fn.decoders.image(files, device="mixed" if gpu else "cpu", output_type=types.RGB)
-            canvas = fn.resize(canvas, size=[s, s], mode="stretch", antialias=True,
-                               interp_type=types.INTERP_LINEAR)
+            canvas = decode_to_canvas(files, s, gpu)
 
             def crop_norm(x):
                 return fn.crop_mirror_normalize(x, crop=(c, c), crop_pos_x=pos_x, crop_pos_y=pos_y,

@@ -1,22 +1,34 @@
-"""The FFCV loader: a .beton of canvases in, the common ``BackMixBatch`` stream out.
+"""The FFCV loader: a .beton in, the common ``BackMixBatch`` stream out.
 
-The beton stores every image already resized to the square canvas (see
-``pipeline.beton``), so FFCV's ``SimpleRGBImageDecoder`` yields canvases; in
-"raw" mode they are the reference loader's canvases bit for bit.
+Canvases. A beton written at the canvas size (``write-beton --canvas S``, what
+the loader writes itself on first use) is decoded as is; in "raw" mode those
+canvases are the reference loader's bit for bit. A beton of other sizes
+(``--max-resolution``) is decoded and resized to S x S by FFCV (OpenCV's
+resize: close to, not equal to, torchvision's).
 
-Order: FFCV's loader is built in sequential order over our rows and its
+Order. FFCV's loader is built in sequential order over our rows and its
 traversal order is replaced by ours (``EpochSampler``'s batches, flattened),
-so FFCV cuts exactly our batches. The mix is an FFCV ``Operation`` after the
-decoder: it finds its batch's step from the sample indices FFCV hands it
-(batches run on several threads, so call order means nothing), draws that
-step's params from the shared ``BackMixSampler``, and runs a mix kernel
-compiled by FFCV's ``Compiler`` (numba) with the per-batch tables as
-arguments. It writes the raw and the mixed canvas side by side, so nothing is
-decoded twice. Crop, flip and normalise are the torch ops every loader shares.
+so FFCV cuts exactly our batches.
+
+Mix. On the CPU the mix is an FFCV ``Operation`` after the decoder, whose
+kernel FFCV's ``Compiler`` compiles with numba (parallel over the batch, GIL
+released, on FFCV's own thread, ahead of the training loop). The operation
+finds its batch's step from the sample indices FFCV hands it (batches run on
+a background thread, so call order means nothing), draws that step's params
+from the shared ``BackMixSampler``, takes the top-k masks of the current maps
+and writes one buffer per batch: the canvases (uint8 CHW), then the crop/flip/
+normalised clean and mixed images (float32), which the batch's tensors view
+with no copy on the training loop's thread (the buffer is reused only once they
+are gone). Normalising is a lookup in a table made by
+``pipeline.augment.normalize`` itself, so the floats are the torch op's bit for
+bit. With a GPU (or ``mix_in="torch"``, or numba switched off) the
+operation is left out and the batch goes through the torch ``BatchTransform``
+on the device instead.
 """
 from __future__ import annotations
 
 import logging
+import sys
 from dataclasses import replace
 from pathlib import Path
 from typing import Iterator, Optional
@@ -28,37 +40,130 @@ from cam_cache.maps import ForegroundMaps
 from osr_data.errors import BackMixError
 from osr_data.index import ImageIndex
 
-from .augment import Normalize, RandomCropFlip, fill_value
+from .augment import fill_value, normalize
 from .backmix import top_k_mask
-from .batch import BackMixBatch, _twice
+from .batch import BackMixBatch, BatchTransform
 from .beton import default_beton_path, require_ffcv, write_beton
 from .config import LoaderConfig, choose_device, loader_inputs
 
 log = logging.getLogger("backmix")
 
+MIX_IN = ("auto", "ffcv", "torch")
+_KERNELS: dict = {}
 
-def mix_hwc(images, out, partners, boxes, masks, fill, bh, bw, cell):
-    """images uint8 [B, S, S, 3] -> out [B, 2, S, S, 3]: raw, then mixed (``mix_backgrounds``' arithmetic)."""
-    b = images.shape[0]
-    for i in range(b):
-        out[i, 0] = images[i]
-        out[i, 1] = images[i]
-    if b < 2:
-        return out
-    for i in range(b):
-        j = partners[i]
-        sy, sx, dy, dx = boxes[i, 0], boxes[i, 1], boxes[i, 2], boxes[i, 3]
-        for y in range(bh):
-            for x in range(bw):
-                if masks[j, (sy + y) // cell, (sx + x) // cell]:
-                    out[i, 1, dy + y, dx + x, :] = fill
-                else:
-                    out[i, 1, dy + y, dx + x, :] = images[j, sy + y, sx + x, :]
-    return out
+
+def normalize_table(mean, std) -> np.ndarray:
+    """float32 [3, 256]: what ``normalize`` makes of each uint8 value, per channel."""
+    levels = torch.arange(256, dtype=torch.uint8).view(1, 1, 1, 256).expand(1, 3, 1, 256)
+    return normalize(levels, torch.tensor(mean), torch.tensor(std)).reshape(3, 256).numpy().copy()
+
+
+def compile_mix_kernel():
+    """The FFCV op's kernel, compiled by FFCV's ``Compiler`` (numba; parallel over the batch).
+
+    kernel(images, canvas, clean, mixed, partners, boxes, masks, crops, flips, lut, fill, two, mix, bh,
+    bw, cell), per sample i of images uint8 [B, S, S, 3] (decoded canvases), writes
+      canvas[i]: uint8 [3, S, S], the canvas;
+      clean[i]: float32 [3, s, s], its crop (``crop_flip``), normalised by table ``lut``;
+      mixed[i] when ``two``: the same of the canvas mixed (``mix_backgrounds``' arithmetic) when
+      ``mix``, else of the canvas itself (``mixed`` is ignored without ``two``).
+    """
+    from ffcv.pipeline.compiler import Compiler
+
+    # One compiled kernel per process and threading mode: every loader shares it (no recompiling,
+    # and no numba dispatcher dies with a loader while FFCV's thread may still hold it).
+    key = (Compiler.is_enabled, Compiler.num_threads > 1)
+    if key in _KERNELS:
+        return _KERNELS[key]
+    my_range = Compiler.get_iterator()
+
+    def kernel(images, canvas, clean, mixed, partners, boxes, masks, crops, flips, lut, fill, two, mix,
+               bh, bw, cell):
+        b, s, size = images.shape[0], images.shape[1], clean.shape[2]
+        for i in my_range(b):
+            for c in range(3):
+                for y in range(s):
+                    for x in range(s):
+                        canvas[i, c, y, x] = images[i, y, x, c]
+            # Output column xx reads canvas column x0 + step * xx (step -1: mirrored).
+            step = -1 if flips[i] else 1
+            x0 = crops[i, 1] + (size - 1 if flips[i] else 0)
+            j = partners[i]
+            sy, sx, dy, dx = boxes[i, 0], boxes[i, 1], boxes[i, 2], boxes[i, 3]
+            # The output columns whose canvas column lies in the box [dx, dx + bw).
+            lo, hi = (dx - x0, dx + bw - x0) if step == 1 else (x0 - dx - bw + 1, x0 - dx + 1)
+            lo, hi = max(lo, 0), min(hi, size)
+            for yy in range(size):
+                y = crops[i, 0] + yy
+                for c in range(3):
+                    if two:
+                        for xx in range(size):
+                            v = lut[c, images[i, y, x0 + step * xx, c]]
+                            clean[i, c, yy, xx] = v
+                            mixed[i, c, yy, xx] = v
+                    else:
+                        for xx in range(size):
+                            clean[i, c, yy, xx] = lut[c, images[i, y, x0 + step * xx, c]]
+                if mix and dy <= y < dy + bh:
+                    # Inside the box: the partner's pixel, blanked where it is its foreground.
+                    py = sy + y - dy
+                    for xx in range(lo, hi):
+                        px = sx + x0 + step * xx - dx
+                        if masks[j, py // cell, px // cell]:
+                            for c in range(3):
+                                mixed[i, c, yy, xx] = lut[c, fill[c]]
+                        else:
+                            for c in range(3):
+                                mixed[i, c, yy, xx] = lut[c, images[j, py, px, c]]
+        return canvas
+
+    kernel.is_parallel = True
+    return _KERNELS.setdefault(key, Compiler.compile(kernel))
+
+
+def batch_layout(b: int, canvas: int, crop: int, two: bool) -> tuple[int, int, int, int]:
+    """Byte offsets in one batch's output buffer: canvas ends, floats start (4-aligned), clean ends, mixed ends."""
+    end = 3 * b * canvas * canvas
+    start = (end + 3) // 4 * 4
+    plane = 4 * 3 * b * crop * crop
+    return end, start, start + plane, start + plane * (1 + two)
+
+
+def split_batch(buf, b: int, canvas: int, crop: int, two: bool):
+    """(canvas uint8 [B,3,S,S], clean float32 [B,3,s,s], mixed or None): contiguous views of ``buf``
+    (numpy or torch, 1-D uint8)."""
+    end, start, mid, stop = batch_layout(b, canvas, crop, two)
+    f32 = np.float32 if isinstance(buf, np.ndarray) else torch.float32
+    canvases = buf[:end].reshape(b, 3, canvas, canvas)
+    clean = buf[start:mid].view(f32).reshape(b, 3, crop, crop)
+    mixed = buf[mid:stop].view(f32).reshape(b, 3, crop, crop) if two else None
+    return canvases, clean, mixed
+
+
+def whole_image(height, width, scale, ratio):
+    """Crop generator for FFCV's resized-crop decoder: the whole image (it is then resized)."""
+    return 0, 0, height, width
+
+
+def _resize_decoder():
+    from ffcv.fields.rgb_image import ResizedCropRGBImageDecoder
+
+    class ResizeRGBImageDecoder(ResizedCropRGBImageDecoder):
+        """Decodes and resizes the whole image to ``output_size`` (aspect not kept), like ``to_canvas``."""
+
+        def __init__(self, output_size) -> None:
+            super().__init__(output_size)
+            self.scale, self.ratio = None, 1.0
+
+        @property
+        def get_crop_generator(self):
+            return whole_image
+
+    return ResizeRGBImageDecoder
 
 
 class _OurOrder:
-    """Stands in for FFCV's traversal order: our batches, flattened, and where each sample sits."""
+    """Stands in for FFCV's traversal order: our batches, flattened."""
 
     def __init__(self, loader: "FfcvLoader") -> None:
         self.loader = loader
@@ -67,49 +172,102 @@ class _OurOrder:
         return self.loader.epoch_order(epoch)
 
 
+class _Recycler:
+    """Output buffers, reused once nothing outside holds them any more.
+
+    A new buffer per batch costs its page faults (as much as the kernel); FFCV's own buffers
+    are overwritten a few batches later, under tensors the training loop may still hold.
+    A buffer whose tensors are all gone has only our references left, and then nobody
+    can make a new one: it is free. Used from FFCV's one loading thread only.
+    """
+
+    def __init__(self, keep: int) -> None:
+        self.keep, self.buffers = keep, []
+
+    def take(self, nbytes: int) -> np.ndarray:
+        spare = None
+        for k in range(len(self.buffers)):
+            buf = self.buffers[k]
+            if sys.getrefcount(buf) == 3:        # self.buffers, ``buf`` and getrefcount's argument
+                if buf.nbytes == nbytes:
+                    return buf
+                spare = k
+        new = np.empty(nbytes, np.uint8)
+        if len(self.buffers) < self.keep:
+            self.buffers.append(new)
+        elif spare is not None:                # e.g. the last, short batch's: make room
+            self.buffers[spare] = new
+        return new
+
+
 def _mix_operation(loader: "FfcvLoader"):
-    from ffcv.pipeline.allocation_query import AllocationQuery
-    from ffcv.pipeline.compiler import Compiler
     from ffcv.pipeline.operation import Operation
 
-    kernel = Compiler.compile(mix_hwc)
+    cfg = loader.config
+    lut = normalize_table(cfg.mean, cfg.std)
+    bh, bw = loader.sampler.box_hw
+    cell = cfg.canvas // cfg.grid
+
+    recycler = _Recycler(keep=8)
 
     class BackMixOperation(Operation):
-        """FFCV op: decoded canvases [B, S, S, 3] -> [B, 2, S, S, 3] (raw, mixed). State: the loader's tables."""
+        """[B, S, S, 3] canvases -> one 1-D uint8 buffer of ours: canvases, clean crops, mixed crops.
+
+        The training loop holds views of it, with no copy on its thread (see ``_Recycler``).
+        State: the loader's per-epoch tables, found by sample index."""
 
         def generate_code(self):
-            def mix(images, dst, indices):
+            # Compiled here, after FFCV's loader has set its thread count (prange or range).
+            kernel = compile_mix_kernel()
+
+            def op(images, _, indices):
+                b = len(images)
                 p, masks = loader.batch_tables(np.asarray(indices, dtype=np.int64))
-                return kernel(images, dst[:len(images)], p.partners, p.boxes, masks, loader.fill,
-                              *loader.sampler.box_hw, loader.config.canvas // loader.config.grid)
-            mix.with_indices = True
-            return mix
+                buf = recycler.take(batch_layout(b, cfg.canvas, cfg.crop, cfg.backmix)[-1])
+                canvas, clean, mixed = split_batch(buf, b, cfg.canvas, cfg.crop, cfg.backmix)
+                kernel(images, canvas, clean, clean if mixed is None else mixed, p["partners"],
+                       p["boxes"], masks, p["crops"], p["flips"], lut, loader.fill,
+                       cfg.backmix, cfg.backmix and b > 1, bh, bw, cell)   # a lone image is not mixed
+                return buf
+            op.with_indices = True
+            return op
 
         def declare_state_and_memory(self, previous_state):
-            s = previous_state.shape
-            return (replace(previous_state, jit_mode=False, shape=(2, *s)),
-                    AllocationQuery((2, *s), np.dtype("u1")))
+            return replace(previous_state, jit_mode=False, shape=(-1,), dtype=np.dtype("u1")), None
 
     return BackMixOperation()
 
 
 class FfcvLoader:
-    """Yields ``BackMixBatch`` for the images ``indices`` (default: all) of ``index``, from an FFCV .beton."""
+    """Yields ``BackMixBatch`` for the images ``indices`` (default: all) of ``index``, from an FFCV .beton.
+
+    beton: the file to read (default: the one under ``index.root/.backmix`` for this data and canvas,
+    written on first use). mix_in: "ffcv" (the FFCV op, CPU), "torch" (the torch kernel on the
+    device after the transfer), "auto" (torch on a GPU, the FFCV op otherwise).
+    """
 
     backend = "ffcv"
 
     def __init__(self, index: ImageIndex, config: LoaderConfig, maps: Optional[ForegroundMaps] = None,
-                 indices: Optional[np.ndarray] = None, *, beton: Optional[str | Path] = None) -> None:
+                 indices: Optional[np.ndarray] = None, *, beton: Optional[str | Path] = None,
+                 mix_in: str = "auto") -> None:
         require_ffcv()
         from ffcv.fields.decoders import IntDecoder, SimpleRGBImageDecoder
         from ffcv.loader import Loader, OrderOption
+        from ffcv.pipeline.compiler import Compiler
 
+        if mix_in not in MIX_IN:
+            raise BackMixError(f"mix_in must be one of {MIX_IN}, got {mix_in!r}")
         self.index, self.config = index, config
         self.maps, self.dataset_indices, self.epoch_sampler = loader_inputs(index, config, maps, indices)
         self.sampler = config.sampler()
         self.device = choose_device(config.device)
+        if mix_in == "auto":
+            mix_in = "torch" if self.device.type == "cuda" or not Compiler.is_enabled else "ffcv"
+        self.mix_in = mix_in
         self.fill = fill_value(config.mean).numpy()
-        self.crop, self.normalize = RandomCropFlip(config.crop), Normalize(config.mean, config.std)
+        self.transform = BatchTransform(self.maps, self.sampler, backmix=config.backmix, mean=config.mean,
+                                        std=config.std, train=config.train)
         self.beton = Path(beton) if beton else default_beton_path(index, config.canvas)
         if not self.beton.exists():
             if beton:
@@ -117,22 +275,28 @@ class FfcvLoader:
             log.info("writing %s (once)", self.beton)
             write_beton(index, self.beton, canvas=config.canvas)
         self.epoch, self.skipped = 0, 0
-        self._position: dict[int, tuple[int, int]] = {}
-        image = [SimpleRGBImageDecoder()] + ([_mix_operation(self)] if config.backmix else [])
+        self._step_of = np.full(len(index), -1, dtype=np.int64)   # dataset row -> step, this epoch
+
+        from ffcv.reader import Reader
         try:
-            self._ffcv = Loader(str(self.beton), batch_size=config.batch_size,
-                                num_workers=max(1, config.num_workers), order=OrderOption.SEQUENTIAL,
-                                indices=self.dataset_indices, drop_last=False, batches_ahead=2,
-                                pipelines={"image": image, "label": [IntDecoder()], "index": [IntDecoder()]})
-        except (ValueError, KeyError, AssertionError) as e:
+            reader = Reader(str(self.beton))
+            names = list(reader.handlers)
+            image_meta = reader.metadata[f"f{names.index('image')}"]
+            stored_rows = reader.metadata[f"f{names.index('index')}"]
+            stored_labels = reader.metadata[f"f{names.index('label')}"]
+        except (ValueError, KeyError, AssertionError, OSError) as e:
             raise BackMixError(f"{self.beton} is not a backmix beton ({e})") from None
-        reader = self._ffcv.reader
-        meta = reader.metadata[f"f{list(reader.handlers).index('image')}"]
-        if reader.num_samples != len(index) or not (
-                (meta["height"] == config.canvas) & (meta["width"] == config.canvas)).all():
-            raise BackMixError(f"{self.beton} holds {self._ffcv.reader.num_samples} images that are not all "
-                               f"{config.canvas}x{config.canvas}; the data set has {len(index)}: "
-                               "write it again with `backmix data write-beton`")
+        if (reader.num_samples != len(index) or not np.array_equal(stored_rows, np.arange(len(index)))
+                or not np.array_equal(stored_labels, index.labels)):
+            raise BackMixError(f"{self.beton} holds {reader.num_samples} images that are not the {len(index)} "
+                               f"rows (and labels) of {index.root}: write it with `backmix data write-beton`")
+        at_canvas = bool(((image_meta["height"] == config.canvas) & (image_meta["width"] == config.canvas)).all())
+        decoder = SimpleRGBImageDecoder() if at_canvas else _resize_decoder()((config.canvas, config.canvas))
+        image = [decoder] + ([_mix_operation(self)] if self.mix_in == "ffcv" else [])
+        self._ffcv = Loader(str(self.beton), batch_size=config.batch_size,
+                            num_workers=max(1, config.num_workers), order=OrderOption.SEQUENTIAL,
+                            indices=self.dataset_indices, drop_last=False, batches_ahead=2,
+                            pipelines={"image": image, "label": [IntDecoder()], "index": [IntDecoder()]})
         self._ffcv.traversal_order = _OurOrder(self)
 
     def set_epoch(self, epoch: int) -> None:
@@ -142,36 +306,40 @@ class FfcvLoader:
         return len(self.epoch_sampler)
 
     def epoch_order(self, epoch: int) -> np.ndarray:
-        """Our batches of ``epoch`` flattened to dataset ids; remembers (step, slot) of every id."""
-        batches = [self.dataset_indices[b] for b in self.epoch_sampler.batches(epoch)]
-        self._position = {int(i): (step, slot) for step, ids in enumerate(batches) for slot, i in enumerate(ids)}
-        return np.concatenate(batches).astype(np.uint64)
+        """Our batches of ``epoch`` flattened to dataset rows; remembers each row's step."""
+        batches = self.epoch_sampler.batches(epoch)
+        sizes = np.array([len(b) for b in batches], dtype=np.int64)
+        order = self.dataset_indices[np.concatenate(batches)] if batches else np.zeros(0, np.int64)
+        self._step_of[order] = np.repeat(np.arange(len(batches)), sizes)
+        return order.astype(np.uint64)
 
-    def batch_tables(self, ids: np.ndarray):
-        """The shared sampler's params and the top-k masks of the batch holding dataset ids ``ids``."""
-        step = self._position[int(ids[0])][0]
-        p = self.sampler.draw(len(ids), self.epoch, step, self.config.rank)
-        soft = torch.from_numpy(self.maps.gather(ids))
+    def batch_tables(self, rows: np.ndarray) -> tuple[dict[str, np.ndarray], np.ndarray]:
+        """The shared sampler's params and the top-k masks for the batch holding dataset rows ``rows``."""
+        step = int(self._step_of[rows[0]])
+        p = self.sampler.draw(len(rows), self.epoch, step, self.config.rank)
+        crops, flips = p.crops, p.flips
+        if not self.config.train:   # evaluation: centre crop, no flip (as BatchTransform)
+            crops = np.full_like(crops, (self.config.canvas - self.config.crop) // 2)
+            flips = np.zeros_like(flips)
+        soft = torch.from_numpy(np.ascontiguousarray(self.maps.gather(rows), dtype=np.float32))
         masks = top_k_mask(soft, self.sampler.top_k_ratio, torch.from_numpy(p.tie_break)).numpy()
-        return p, masks
+        return {"partners": p.partners, "boxes": p.boxes, "crops": crops, "flips": flips}, masks
 
     def __iter__(self) -> Iterator[BackMixBatch]:
         self.maps.refresh()   # a new cache generation takes effect at an epoch boundary
         self._ffcv.next_epoch = self.epoch
-        for step, (images, labels, ids) in enumerate(self._ffcv):
-            # FFCV reuses its buffers for later batches: take our copy now.
-            x = torch.from_numpy(np.array(images)).to(self.device, non_blocking=True)
-            ids = torch.from_numpy(np.asarray(ids).reshape(-1).astype(np.int64)).to(self.device)
-            labels = torch.from_numpy(np.asarray(labels).reshape(-1).astype(np.int64)).to(self.device)
-            p = self.sampler.draw(len(ids), self.epoch, step, self.config.rank).torch(self.device)
-            if not self.config.train:
-                p["crops"] = torch.full_like(p["crops"], (self.config.canvas - self.config.crop) // 2)
-                p["flips"] = torch.zeros_like(p["flips"])
-            if self.config.backmix:
-                both = x.permute(1, 0, 4, 2, 3).reshape(2 * len(ids), 3, *x.shape[2:4])   # raw..., mixed...
-                canvas = both[:len(ids)]
-                images, mixed = self.normalize(self.crop(both, _twice(p))).chunk(2)
-            else:
-                canvas = x.permute(0, 3, 1, 2)
-                images, mixed = self.normalize(self.crop(canvas, p)), None
-            yield BackMixBatch(canvas.contiguous(), images, mixed, labels, ids)
+        cfg, dev = self.config, self.device
+        for step, (out, labels, ids) in enumerate(self._ffcv):
+            # FFCV reuses its own buffers a few batches later: what we yield must not point there.
+            ids = torch.from_numpy(np.asarray(ids).reshape(-1).astype(np.int64)).to(dev)
+            labels = torch.from_numpy(np.asarray(labels).reshape(-1).astype(np.int64)).to(dev)
+            if self.mix_in == "torch":
+                canvas = torch.from_numpy(out).permute(0, 3, 1, 2).clone(memory_format=torch.contiguous_format)
+                yield self.transform(canvas.to(dev), labels, ids, epoch=self.epoch, step=step, rank=cfg.rank)
+                continue
+            # Views of the op's buffer: it is not reused while any of them lives.
+            canvas, images, mixed = split_batch(torch.from_numpy(out), len(ids), cfg.canvas, cfg.crop, cfg.backmix)
+            if dev.type != "cpu":
+                canvas, images = canvas.to(dev), images.to(dev)
+                mixed = None if mixed is None else mixed.to(dev)
+            yield BackMixBatch(canvas, images, mixed, labels, ids)

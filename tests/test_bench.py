@@ -54,6 +54,8 @@ def test_bench_loader_command_writes_every_field(bench_folder, tmp_path):
         assert row["batches"] == 2
     assert {"read_decode_ms", "mix_ms", "augment_ms"} <= set(rows[("reference", True)]["breakdown"])
     assert "mix_overhead_ms" in rows[("dali", True)]["breakdown"]
+    assert rows[("dali", False)]["breakdown"]["decode_ms"] > 0 and "resize_ms" in rows[("dali", False)]["breakdown"]
+    assert "DALI stages alone" in r.stdout
     assert report["decode_ceiling"]["images_per_s"] > 0 and report["decode_ceiling"]["decoder"]
     assert {"reference_backmix_vs_plain", "dali_backmix_vs_plain",
             "dali_backmix_vs_reference_backmix"} <= set(report["ratios"])
