@@ -22,8 +22,8 @@ with no copy on the training loop's thread (the buffer is reused only once they
 are gone). Normalising is a lookup in a table made by
 ``pipeline.augment.normalize`` itself, so the floats are the torch op's bit for
 bit. With a GPU (or ``mix_in="torch"``, or numba switched off) the
-operation is left out and the batch goes through the torch ``BatchTransform``
-on the device instead.
+operation is left out: FFCV's ``ToTensor`` and ``ToDevice`` move the canvases
+and the torch ``BatchTransform`` mixes and augments them on the device.
 """
 from __future__ import annotations
 
@@ -292,7 +292,13 @@ class FfcvLoader:
                                f"rows (and labels) of {index.root}: write it with `backmix data write-beton`")
         at_canvas = bool(((image_meta["height"] == config.canvas) & (image_meta["width"] == config.canvas)).all())
         decoder = SimpleRGBImageDecoder() if at_canvas else _resize_decoder()((config.canvas, config.canvas))
-        image = [decoder] + ([_mix_operation(self)] if self.mix_in == "ffcv" else [])
+        if self.mix_in == "ffcv":
+            image = [decoder, _mix_operation(self)]
+        else:
+            # FFCV's own transfer (pinned, asynchronous on its CUDA stream), then a [B, 3, S, S] view
+            # (channels-last memory) of its device buffer, which the torch kernel reads.
+            from ffcv.transforms import ToDevice, ToTensor, ToTorchImage
+            image = [decoder, ToTensor(), ToDevice(self.device, non_blocking=True), ToTorchImage(channels_last=True)]
         self._ffcv = Loader(str(self.beton), batch_size=config.batch_size,
                             num_workers=max(1, config.num_workers), order=OrderOption.SEQUENTIAL,
                             indices=self.dataset_indices, drop_last=False, batches_ahead=2,
@@ -334,8 +340,8 @@ class FfcvLoader:
             ids = torch.from_numpy(np.asarray(ids).reshape(-1).astype(np.int64)).to(dev)
             labels = torch.from_numpy(np.asarray(labels).reshape(-1).astype(np.int64)).to(dev)
             if self.mix_in == "torch":
-                canvas = torch.from_numpy(out).permute(0, 3, 1, 2).clone(memory_format=torch.contiguous_format)
-                yield self.transform(canvas.to(dev), labels, ids, epoch=self.epoch, step=step, rank=cfg.rank)
+                canvas = out.clone(memory_format=torch.contiguous_format)   # out is on the device already
+                yield self.transform(canvas, labels, ids, epoch=self.epoch, step=step, rank=cfg.rank)
                 continue
             # Views of the op's buffer: it is not reused while any of them lives.
             canvas, images, mixed = split_batch(torch.from_numpy(out), len(ids), cfg.canvas, cfg.crop, cfg.backmix)
