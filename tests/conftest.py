@@ -1,6 +1,7 @@
 """Shared fixtures: one prepared copy of the bundled digits per test session."""
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -25,4 +26,13 @@ def tiny_root(tmp_path_factory) -> Path:
     images = rng.integers(0, 256, (24, 40, 48, 3), dtype=np.uint8)
     labels = np.repeat(np.arange(3), 8)
     write_split(root, images, labels, ("cat", "dog", "fox"))
+    return root
+
+
+@pytest.fixture()
+def folder_with_a_broken_file(tiny_root, tmp_path) -> Path:
+    """A copy of the tiny folder in which one PNG does not decode (broken/dog/000009.png)."""
+    root = tmp_path / "broken"
+    shutil.copytree(tiny_root, root)
+    (root / "dog" / "000009.png").write_bytes(b"this is not a png")
     return root

@@ -7,7 +7,6 @@ mix) or to 1e-5 (crop_mirror_normalize's float arithmetic vs torch's normalize).
 from __future__ import annotations
 
 import logging
-import shutil
 
 import numpy as np
 import pytest
@@ -189,14 +188,6 @@ def test_an_epoch_left_part_way_does_not_leak_into_the_next(tiny_root):
     loader.set_epoch(1)
     got = [b.indices.tolist() for b in loader]
     assert got == [p.tolist() for p in EpochSampler(24, 4, seed=0).batches(1)]
-
-
-@pytest.fixture()
-def folder_with_a_broken_file(tiny_root, tmp_path):
-    root = tmp_path / "broken"
-    shutil.copytree(tiny_root, root)
-    (root / "dog" / "000009.png").write_bytes(b"this is not a png")
-    return root
 
 
 def test_a_broken_file_stops_with_its_path(folder_with_a_broken_file):

@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 
 from osr_data import BackMixError, ImageIndex, random_splits, resolve_split
-from osr_data import prepare as prepare_mod
 from osr_data.prepare import DATASETS, prepare
 
 

@@ -83,15 +83,6 @@ def test_evaluation_mode_is_centre_crop_without_flip(tiny_root):
     assert torch.equal(b.images, want)
 
 
-@pytest.fixture()
-def folder_with_a_broken_file(tiny_root, tmp_path):
-    import shutil
-    root = tmp_path / "broken"
-    shutil.copytree(tiny_root, root)
-    (root / "dog" / "000009.png").write_bytes(b"this is not a png")
-    return root
-
-
 def test_a_broken_file_stops_with_its_path(folder_with_a_broken_file):
     loader = ReferenceLoader(ImageIndex.load(folder_with_a_broken_file), config(num_workers=1))
     with pytest.raises(DecodeError, match=r"broken/dog/000009.png does not decode"):
