@@ -248,6 +248,8 @@ class DaliLoader:
         # Locals only: the pipeline keeps its definition, which must not hold the loader.
         feeder, fill_rgb = self._feeder, self.fill.reshape(1, 1, 3)
         paste_shapes = np.array([[s, s], [bh, bw]], dtype=np.int32)   # the canvas, then the box
+        cell = s // cfg.grid
+        box_cells = types.Constant(np.array([bh / cell, bw / cell], dtype=np.float32))
 
         @pipeline_def(batch_size=cfg.batch_size, num_threads=max(1, cfg.num_workers),
                       device_id=torch.cuda.current_device() if gpu else None,
@@ -273,9 +275,12 @@ class DaliLoader:
                 fill = types.Constant(fill_rgb, dtype=types.UINT8)
                 # Each image cuts the box it lends (at its borrower's source corner) and blanks
                 # its own foreground in it: box-sized work only, and no mask needs permuting.
-                masks = fn.resize(masks, size=[s, s], interp_type=types.INTERP_NN, antialias=False)
+                # The lent box of the nearest-upsampled mask, sampled straight from the g x g grid:
+                # box pixel (y, x) reads cell floor((corner + (y, x) + 0.5) / cell), as the full resize would.
+                corner = fn.cast(lend_at, dtype=types.FLOAT) / float(cell)
+                fg = fn.resize(masks, size=[bh, bw], roi_start=corner, roi_end=corner + box_cells,
+                               interp_type=types.INTERP_NN, antialias=False)
                 rgb = fn.slice(canvas, lend_at, [bh, bw], axis_names="HW")
-                fg = fn.slice(masks, lend_at, [bh, bw], axis_names="HW")
                 lent = fn.permute_batch(rgb * (one - fg) + fill * fg, indices=partners)
                 # Two pastes into one output: the target's canvas, then the borrowed box at its destination.
                 mixed = fn.multi_paste(canvas, lent, shapes=types.Constant(paste_shapes),
