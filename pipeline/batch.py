@@ -20,7 +20,7 @@ from .sampling import BackMixSampler
 
 class BackMixBatch(NamedTuple):
     canvas: Tensor            # uint8 [B, 3, S, S]: decoded, un-augmented ("raw"); CAMs use it
-    images: Tensor            # float [B, 3, s, s]: cropped, flipped, normalised, not mixed
+    images: Optional[Tensor]  # float [B, 3, s, s]: cropped, flipped, normalised, not mixed; None if not asked for
     mixed: Optional[Tensor]   # float [B, 3, s, s]: same crop and flip, mixed; None without BackMix
     labels: Tensor            # int64 [B]: dataset labels (the index file's)
     indices: Tensor           # int64 [B]: dataset indices (row numbers of the index file)
@@ -31,8 +31,9 @@ class BatchTransform:
 
     def __init__(self, maps: ForegroundMaps, sampler: BackMixSampler, *, backmix: bool = True,
                  mean: tuple[float, ...] = IMAGENET_MEAN, std: tuple[float, ...] = IMAGENET_STD,
-                 train: bool = True) -> None:
+                 train: bool = True, clean: bool = True) -> None:
         self.maps, self.sampler, self.enabled, self.train = maps, sampler, backmix, train
+        self.clean = clean or not backmix
         self.mix = BackMix(sampler.top_k_ratio, sampler.box_fraction, mean)
         self.crop = RandomCropFlip(sampler.crop)
         self.normalize = Normalize(mean, std)
@@ -48,12 +49,14 @@ class BatchTransform:
     def __call__(self, canvas: Tensor, labels: Tensor, indices: Tensor, *, epoch: int, step: int,
                  rank: int = 0) -> BackMixBatch:
         p = self.params(canvas.shape[0], epoch, step, rank, canvas.device)
-        mixed = None
+        images = mixed = None
         if self.enabled:
             maps = torch.from_numpy(self.maps.gather(indices.cpu().numpy())).to(canvas.device)
-            both = self.crop(torch.cat([canvas, self.mix(canvas, maps, p)]), _twice(p))
-            both = self.normalize(both)
-            images, mixed = both.chunk(2)
+            mixed = self.mix(canvas, maps, p)
+            if self.clean:
+                images, mixed = self.normalize(self.crop(torch.cat([canvas, mixed]), _twice(p))).chunk(2)
+            else:
+                mixed = self.normalize(self.crop(mixed, p))
         else:
             images = self.normalize(self.crop(canvas, p))
         return BackMixBatch(canvas, images, mixed, labels, indices)

@@ -1,9 +1,11 @@
 """``backmix bench loader``: every backend with and without BackMix, one folder, one run.
 
-Each (backend, BackMix on/off) pair gets a fresh loader with the same
-configuration and worker count, runs ``--warmup`` batches, then times
-``--batches`` batches (epochs roll over as needed): images/s and time per batch
-(median, p95). The breakdown times the torch stages in isolation on the same
+Each backend runs in three modes, each a fresh loader with the same
+configuration and worker count: "off" (canvas + clean crop), "on" (canvas +
+mixed crop: BackMix's training stream, as in the authors' code) and "on+clean"
+(canvas + clean + mixed crops, for a loss on both). Each runs ``--warmup``
+batches, then times ``--batches`` batches (epochs roll over as needed):
+images/s and time per batch (median, p95); ``--repeat`` rounds, interleaved. The breakdown times the torch stages in isolation on the same
 files (read and decode a batch to canvases with the loader's workers, the mix
 kernel, crop/flip/normalise, host-to-device on a GPU), DALI's decode and
 canvas resize alone (its own ops, threads and device) and, for every backend,
@@ -29,6 +31,10 @@ import torch
 from osr_data.errors import BackMixError
 
 from .loaders import BACKENDS
+
+# What a loader returns in each mode: (BackMix, clean crop). "on" is the authors' training stream
+# (canvas + mixed crop, one model input per image, like "off"); "on+clean" adds the clean crop.
+MODES = {"off": (False, True), "on": (True, False), "on+clean": (True, True)}
 
 
 def _percentile(xs: list[float], q: float) -> float:
@@ -142,7 +148,7 @@ def machine() -> str:
 
 
 def run_benchmark(data: Optional[Path], backends: list[str], *, batches: int, warmup: int, batch_size: int,
-                  canvas: int, crop: int, workers: int, device: str, n_images: int) -> dict:
+                  canvas: int, crop: int, workers: int, device: str, n_images: int, repeat: int = 1) -> dict:
     from cam_cache.maps import UniformMaps
     from osr_data.benchdata import default_bench_folder, make_bench_folder
     from osr_data.index import ImageIndex
@@ -164,25 +170,45 @@ def run_benchmark(data: Optional[Path], backends: list[str], *, batches: int, wa
     # that has started numba's (FFCV's) thread pool should not fork DataLoader workers after it.
     stages = stage_breakdown(index, LoaderConfig(batch_size=batch_size, canvas=canvas, crop=crop,
                                                  num_workers=workers), max(3, min(batches, 8)), dev)
+    # Rounds interleave the (backend, mode) pairs, so slow drift on a shared machine hits them
+    # alike; a ratio is taken within each round, then the median over rounds. FFCV's rounds come
+    # last: a process that has started numba's thread pool should not fork DataLoader workers.
+    pairs = [(b, mode) for b in sorted(dict.fromkeys(backends), key=BACKENDS.index) for mode in MODES]
+    rounds = range(max(1, repeat))
+    schedule = [pair for _ in rounds for pair in pairs if pair[0] != "ffcv"] + \
+        [pair for _ in rounds for pair in pairs if pair[0] == "ffcv"]
+    rates: dict = {pair: [] for pair in pairs}
+    times: dict = {pair: [] for pair in pairs}
+    errors: dict = {}
+    for backend, mode in schedule:
+        if (backend, mode) in errors:
+            continue
+        backmix, clean = MODES[mode]
+        config = LoaderConfig(batch_size=batch_size, canvas=canvas, crop=crop, backmix=backmix, clean=clean,
+                              num_workers=workers, device=device, last_batch="drop")
+        try:
+            loader = make_loader(backend, index, config, UniformMaps(len(index), config.grid))
+            t = time_loader(loader, warmup, batches, lambda: _sync(dev))
+        except (BackMixError, ImportError) as e:
+            errors[(backend, mode)] = str(e).splitlines()[0]
+            continue
+        del loader
+        rates[(backend, mode)].append(batch_size * len(t) / sum(t))
+        times[(backend, mode)] += t
     results = []
-    for backend in sorted(backends, key=BACKENDS.index):
-        for backmix in (False, True):
-            config = LoaderConfig(batch_size=batch_size, canvas=canvas, crop=crop, backmix=backmix,
-                                  num_workers=workers, device=device, last_batch="drop")
-            row = {"backend": backend, "backmix": backmix}
-            try:
-                loader = make_loader(backend, index, config, UniformMaps(len(index), config.grid))
-                times = time_loader(loader, warmup, batches, lambda: _sync(dev))
-            except (BackMixError, ImportError) as e:
-                row.update({"images_per_s": None, "error": str(e).splitlines()[0]})
-                results.append(row)
-                continue
-            row.update({"images_per_s": batch_size * len(times) / sum(times),
-                        "batch_ms_median": 1e3 * statistics.median(times),
-                        "batch_ms_p95": 1e3 * _percentile(times, 95), "batches": len(times)})
-            results.append(row)
+    for backend, mode in pairs:
+        row = {"backend": backend, "mode": mode, "backmix": MODES[mode][0], "clean": MODES[mode][1]}
+        if (backend, mode) in errors:
+            row.update({"images_per_s": None, "error": errors[(backend, mode)]})
+        else:
+            t = times[(backend, mode)]
+            row.update({"images_per_s": statistics.median(rates[(backend, mode)]),
+                        "images_per_s_rounds": rates[(backend, mode)],
+                        "batch_ms_median": 1e3 * statistics.median(t), "batch_ms_p95": 1e3 * _percentile(t, 95),
+                        "batches": len(t)})
+        results.append(row)
     results.sort(key=lambda r: backends.index(r["backend"]))
-    by = {(r["backend"], r["backmix"]): r for r in results}
+    by = {(r["backend"], r["mode"]): r for r in results}
     per_backend = {"reference": stages}
     if any(r["backend"] == "dali" and r.get("images_per_s") for r in results):
         from .dali import stage_times
@@ -190,33 +216,41 @@ def run_benchmark(data: Optional[Path], backends: list[str], *, batches: int, wa
                                                               num_workers=workers, device=device),
                                           max(3, min(batches, 8)))
     for r in results:
-        plain = by.get((r["backend"], False))
+        plain = by.get((r["backend"], "off"))
         r["breakdown"] = dict(per_backend.get(r["backend"], {}))
         if r["backmix"] and r.get("images_per_s") and plain and plain.get("images_per_s"):
             r["breakdown"]["mix_overhead_ms"] = r["batch_ms_median"] - plain["batch_ms_median"]
-    ratios = {}
-    ref = by.get(("reference", True), {}).get("images_per_s")
-    for backend in backends:
-        on, off = by[(backend, True)].get("images_per_s"), by[(backend, False)].get("images_per_s")
-        if on and off:
-            ratios[f"{backend}_backmix_vs_plain"] = on / off
-        if on and ref and backend != "reference":
-            ratios[f"{backend}_backmix_vs_reference_backmix"] = on / ref
+    ratios, spread = {}, {}
+
+    def per_round(a, b):
+        ra, rb = rates.get(a), rates.get(b)
+        return [x / y for x, y in zip(ra, rb)] if ra and rb else []
+
+    for backend in dict.fromkeys(backends):
+        candidates = {}
+        for mode, name in (("on", "backmix"), ("on+clean", "backmix_clean")):
+            candidates[f"{backend}_{name}_vs_plain"] = per_round((backend, mode), (backend, "off"))
+            if backend != "reference":
+                candidates[f"{backend}_{name}_vs_reference_{name}"] = per_round((backend, mode), ("reference", mode))
+        for name, values in candidates.items():
+            if values:
+                ratios[name], spread[name] = statistics.median(values), [min(values), max(values)]
     return {"machine": machine(), "data": str(data), "images": len(index),
             "config": {"batch_size": batch_size, "canvas": canvas, "crop": crop, "workers": workers,
                        "batches": batches, "warmup": warmup, "device": str(dev)},
-            "results": results, "decode_ceiling": decode_ceiling(index, workers), "ratios": ratios}
+            "results": results, "decode_ceiling": decode_ceiling(index, workers), "ratios": ratios,
+            "ratio_range": spread, "rounds": max(1, repeat)}
 
 
 def format_table(report: dict) -> str:
-    head = ("backend", "backmix", "images/s", "batch ms (median)", "batch ms (p95)", "mix overhead ms")
+    head = ("backend", "BackMix", "images/s", "batch ms (median)", "batch ms (p95)", "mix overhead ms")
     rows = []
     for r in report["results"]:
         if r.get("images_per_s") is None:
-            rows.append((r["backend"], "on" if r["backmix"] else "off", "-", "-", "-", r.get("error", "")))
+            rows.append((r["backend"], r["mode"], "-", "-", "-", r.get("error", "")))
             continue
         mix = r["breakdown"].get("mix_overhead_ms")
-        rows.append((r["backend"], "on" if r["backmix"] else "off", f"{r['images_per_s']:.0f}",
+        rows.append((r["backend"], r["mode"], f"{r['images_per_s']:.0f}",
                      f"{r['batch_ms_median']:.1f}", f"{r['batch_ms_p95']:.1f}",
                      "" if mix is None else f"{mix:+.1f}"))
     dc = report["decode_ceiling"]
@@ -231,7 +265,10 @@ def format_table(report: dict) -> str:
             lines.append(f"{what} stages alone, ms per batch: " + ", ".join(
                 f"{k.removesuffix('_ms')} {v:.1f}" for k, v in stages.items()))
     if report["ratios"]:
-        lines.append("ratios: " + ", ".join(f"{k} {v:.2f}" for k, v in report["ratios"].items()))
+        rounds = report.get("rounds", 1)
+        lines.append(f"ratios (median of {rounds} rounds, min-max): " if rounds > 1 else "ratios: ")
+        lines[-1] += ", ".join(f"{k} {v:.2f}" + (" ({:.2f}-{:.2f})".format(*report["ratio_range"][k]) if rounds > 1
+                                                  else "") for k, v in report["ratios"].items())
     return "\n".join(lines)
 
 
@@ -241,10 +278,12 @@ def plot(report: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     rows = [r for r in report["results"] if r.get("images_per_s")]
-    labels = [f"{r['backend']}\n{'BackMix' if r['backmix'] else 'plain'}" for r in rows]
-    fig, ax = plt.subplots(figsize=(max(5, 1.1 * len(rows) + 2), 3.5), dpi=100)
-    ax.bar(labels, [r["images_per_s"] for r in rows],
-           color=["tab:orange" if r["backmix"] else "tab:blue" for r in rows])
+    names = {"off": "plain", "on": "BackMix", "on+clean": "BackMix\n+ clean"}
+    colours = {"off": "tab:blue", "on": "tab:orange", "on+clean": "tab:red"}
+    labels = [f"{r['backend']}\n{names[r['mode']]}" for r in rows]
+    fig, ax = plt.subplots(figsize=(max(5, 0.9 * len(rows) + 2), 3.8), dpi=100)
+    ax.bar(labels, [r["images_per_s"] for r in rows], color=[colours[r["mode"]] for r in rows])
+    ax.tick_params(axis="x", labelsize=7)
     dc = report["decode_ceiling"]
     ax.axhline(dc["images_per_s"], color="k", ls="--", lw=1, label=f"decode ceiling ({dc['decoder']})")
     ax.set_ylabel("images/s")
@@ -269,6 +308,8 @@ def register_bench(sub) -> None:
     p.add_argument("--backend", default=",".join(BACKENDS), help="comma list of backends")
     p.add_argument("--batches", type=int, default=20, help="timed batches per loader")
     p.add_argument("--warmup", type=int, default=3, help="untimed batches first")
+    p.add_argument("--repeat", type=int, default=1,
+                   help="rounds over every loader, interleaved; images/s and ratios are medians over rounds")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--canvas", type=int, default=224)
     p.add_argument("--crop", type=int, default=192)
@@ -284,11 +325,11 @@ def run_bench(args) -> int:
     backends = [b.strip() for b in args.backend.split(",") if b.strip()]
     report = run_benchmark(args.data, backends, batches=args.batches, warmup=args.warmup,
                            batch_size=args.batch_size, canvas=args.canvas, crop=args.crop, workers=args.workers,
-                           device=args.device, n_images=args.images)
+                           device=args.device, n_images=args.images, repeat=args.repeat)
     report["command"] = "backmix " + " ".join(sys.argv[1:]) if sys.argv[0].endswith("backmix") else \
         "backmix bench loader " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()
                                            if k in ("backend", "batches", "warmup", "batch_size", "canvas",
-                                                    "crop", "workers") and v is not None)
+                                                    "crop", "workers", "repeat") and v is not None)
     print(format_table(report))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

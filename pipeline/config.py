@@ -30,6 +30,7 @@ class LoaderConfig:
     crop: int = 32               # side of the random crop the model sees
     grid: int = 8                # g of the g x g foreground maps
     backmix: bool = True
+    clean: bool = True           # with BackMix, also the clean crop; False: the mixed one only (the authors' recipe)
     box_fraction: float = 0.25
     top_k_ratio: float = 0.25
     seed: int = 0
@@ -54,6 +55,8 @@ class LoaderConfig:
             raise BackMixError(f"on_error must be one of {ON_ERROR}, got {self.on_error!r}")
         if self.last_batch not in LAST_BATCH:
             raise BackMixError(f"last_batch must be one of {LAST_BATCH}, got {self.last_batch!r}")
+        if not (self.clean or self.backmix):
+            raise BackMixError("a loader without BackMix must return the clean images (clean=True)")
         if self.device not in DEVICES:
             raise BackMixError(f"device must be one of {DEVICES}, got {self.device!r}")
 

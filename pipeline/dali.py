@@ -242,7 +242,7 @@ class DaliLoader:
         s, c = cfg.canvas, cfg.crop
         bh, bw = self.sampler.box_hw
         gpu = self.gpu
-        names = ["canvas", "images"] + (["mixed"] if cfg.backmix else [])
+        names = ["canvas"] + (["images"] if cfg.clean else []) + (["mixed"] if cfg.backmix else [])
         mean = [255.0 * m for m in cfg.mean]
         std = [255.0 * v for v in cfg.std]
         # Locals only: the pipeline keeps its definition, which must not hold the loader.
@@ -266,7 +266,7 @@ class DaliLoader:
                                                 mirror=flips, mean=mean, std=std, dtype=types.FLOAT,
                                                 output_layout="CHW")
 
-            outs = [fn.transpose(canvas, perm=[2, 0, 1]), crop_norm(canvas)]
+            outs = [fn.transpose(canvas, perm=[2, 0, 1])] + ([crop_norm(canvas)] if cfg.clean else [])
             if cfg.backmix:
                 masks, partners, lend_at, out_anchors = inputs[4:]
                 if gpu:
@@ -373,12 +373,11 @@ class DaliLoader:
         self._rebuild()
 
     def _to_batch(self, outs, fed: _Fed) -> BackMixBatch:
-        tensors = [self._to_torch(tl, torch.uint8 if name == "canvas" else torch.float32)
-                   for name, tl in zip(self._names, outs)]
+        out = {name: self._to_torch(tl, torch.uint8 if name == "canvas" else torch.float32)
+               for name, tl in zip(self._names, outs)}
         ids = torch.from_numpy(fed.ids).to(self.device)
         labels = torch.from_numpy(self.index.labels[fed.ids].astype(np.int64)).to(self.device)
-        mixed = tensors[2] if self.config.backmix else None
-        return BackMixBatch(tensors[0], tensors[1], mixed, labels, ids)
+        return BackMixBatch(out["canvas"], out.get("images"), out.get("mixed"), labels, ids)
 
     def _to_torch(self, tl, dtype: torch.dtype) -> torch.Tensor:
         if not self.gpu:

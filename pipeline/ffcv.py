@@ -67,6 +67,8 @@ def compile_mix_kernel():
       clean[i]: float32 [3, s, s], its crop (``crop_flip``), normalised by table ``lut``;
       mixed[i] when ``two``: the same of the canvas mixed (``mix_backgrounds``' arithmetic) when
       ``mix``, else of the canvas itself (``mixed`` is ignored without ``two``).
+    For the mixed crop alone, pass one array as both clean and mixed with ``two`` off and ``mix`` on:
+    each row is written clean, then its part of the box is overwritten.
     """
     from ffcv.pipeline.compiler import Compiler
 
@@ -121,23 +123,23 @@ def compile_mix_kernel():
     return _KERNELS.setdefault(key, Compiler.compile(kernel))
 
 
-def batch_layout(b: int, canvas: int, crop: int, two: bool) -> tuple[int, int, int, int]:
-    """Byte offsets in one batch's output buffer: canvas ends, floats start (4-aligned), clean ends, mixed ends."""
+def batch_layout(b: int, canvas: int, crop: int, crops: int) -> tuple[int, int, int, int]:
+    """Byte offsets in one batch's output buffer holding the canvases and ``crops`` float crop planes:
+    canvas ends, floats start (4-aligned), first plane ends, buffer ends."""
     end = 3 * b * canvas * canvas
     start = (end + 3) // 4 * 4
     plane = 4 * 3 * b * crop * crop
-    return end, start, start + plane, start + plane * (1 + two)
+    return end, start, start + plane, start + plane * crops
 
 
-def split_batch(buf, b: int, canvas: int, crop: int, two: bool):
-    """(canvas uint8 [B,3,S,S], clean float32 [B,3,s,s], mixed or None): contiguous views of ``buf``
-    (numpy or torch, 1-D uint8)."""
-    end, start, mid, stop = batch_layout(b, canvas, crop, two)
+def split_batch(buf, b: int, canvas: int, crop: int, clean: bool, mixed: bool):
+    """(canvas uint8 [B,3,S,S], clean float32 [B,3,s,s] or None, mixed or None): contiguous views
+    of ``buf`` (numpy or torch, 1-D uint8); the clean plane comes first."""
+    end, start, mid, stop = batch_layout(b, canvas, crop, clean + mixed)
     f32 = np.float32 if isinstance(buf, np.ndarray) else torch.float32
-    canvases = buf[:end].reshape(b, 3, canvas, canvas)
-    clean = buf[start:mid].view(f32).reshape(b, 3, crop, crop)
-    mixed = buf[mid:stop].view(f32).reshape(b, 3, crop, crop) if two else None
-    return canvases, clean, mixed
+    planes = [buf[start:mid], buf[mid:stop]][:clean + mixed]
+    planes = [x.view(f32).reshape(b, 3, crop, crop) for x in planes]
+    return buf[:end].reshape(b, 3, canvas, canvas), planes[0] if clean else None, planes[-1] if mixed else None
 
 
 def whole_image(height, width, scale, ratio):
@@ -204,6 +206,7 @@ def _mix_operation(loader: "FfcvLoader"):
     from ffcv.pipeline.operation import Operation
 
     cfg = loader.config
+    clean = cfg.clean or not cfg.backmix
     lut = normalize_table(cfg.mean, cfg.std)
     bh, bw = loader.sampler.box_hw
     cell = cfg.canvas // cfg.grid
@@ -211,7 +214,8 @@ def _mix_operation(loader: "FfcvLoader"):
     recycler = _Recycler(keep=8)
 
     class BackMixOperation(Operation):
-        """[B, S, S, 3] canvases -> one 1-D uint8 buffer of ours: canvases, clean crops, mixed crops.
+        """[B, S, S, 3] canvases -> one 1-D uint8 buffer of ours: canvases, clean crops, mixed crops
+        (either crop plane left out when not asked for).
 
         The training loop holds views of it, with no copy on its thread (see ``_Recycler``).
         State: the loader's per-epoch tables, found by sample index."""
@@ -223,11 +227,12 @@ def _mix_operation(loader: "FfcvLoader"):
             def op(images, _, indices):
                 b = len(images)
                 p, masks = loader.batch_tables(np.asarray(indices, dtype=np.int64))
-                buf = recycler.take(batch_layout(b, cfg.canvas, cfg.crop, cfg.backmix)[-1])
-                canvas, clean, mixed = split_batch(buf, b, cfg.canvas, cfg.crop, cfg.backmix)
-                kernel(images, canvas, clean, clean if mixed is None else mixed, p["partners"],
+                buf = recycler.take(batch_layout(b, cfg.canvas, cfg.crop, clean + cfg.backmix)[-1])
+                canvas, images_out, mixed_out = split_batch(buf, b, cfg.canvas, cfg.crop, clean, cfg.backmix)
+                first = images_out if clean else mixed_out
+                kernel(images, canvas, first, first if mixed_out is None else mixed_out, p["partners"],
                        p["boxes"], masks, p["crops"], p["flips"], lut, loader.fill,
-                       cfg.backmix, cfg.backmix and b > 1, bh, bw, cell)   # a lone image is not mixed
+                       clean and cfg.backmix, cfg.backmix and b > 1, bh, bw, cell)   # a lone image is not mixed
                 return buf
             op.with_indices = True
             return op
@@ -267,7 +272,7 @@ class FfcvLoader:
         self.mix_in = mix_in
         self.fill = fill_value(config.mean).numpy()
         self.transform = BatchTransform(self.maps, self.sampler, backmix=config.backmix, mean=config.mean,
-                                        std=config.std, train=config.train)
+                                        std=config.std, train=config.train, clean=config.clean)
         self.beton = Path(beton) if beton else default_beton_path(index, config.canvas)
         if not self.beton.exists():
             if beton:
@@ -344,8 +349,9 @@ class FfcvLoader:
                 yield self.transform(canvas, labels, ids, epoch=self.epoch, step=step, rank=cfg.rank)
                 continue
             # Views of the op's buffer: it is not reused while any of them lives.
-            canvas, images, mixed = split_batch(torch.from_numpy(out), len(ids), cfg.canvas, cfg.crop, cfg.backmix)
+            canvas, images, mixed = split_batch(torch.from_numpy(out), len(ids), cfg.canvas, cfg.crop,
+                                                cfg.clean, cfg.backmix)
             if dev.type != "cpu":
-                canvas, images = canvas.to(dev), images.to(dev)
-                mixed = None if mixed is None else mixed.to(dev)
+                canvas = canvas.to(dev)
+                images, mixed = (None if x is None else x.to(dev) for x in (images, mixed))
             yield BackMixBatch(canvas, images, mixed, labels, ids)

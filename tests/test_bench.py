@@ -42,23 +42,29 @@ def test_bench_loader_command_writes_every_field(bench_folder, tmp_path):
     out, png = tmp_path / "bench.json", tmp_path / "bench.png"
     r = backmix("bench", "loader", "--data", str(bench_folder), "--backend", "reference,dali",
                 "--batches", "2", "--warmup", "1", "--batch-size", "8", "--canvas", "64", "--crop", "56",
-                "--workers", "1", "--json", str(out), "--plot", str(png))
+                "--workers", "1", "--repeat", "2", "--json", str(out), "--plot", str(png))
     assert r.returncode == 0, r.stderr
     assert "| reference | on |" in r.stdout and "decode ceiling" in r.stdout
     report = json.loads(out.read_text())
     assert {"machine", "command", "config", "results", "decode_ceiling", "ratios"} <= set(report)
-    rows = {(x["backend"], x["backmix"]): x for x in report["results"]}
-    assert set(rows) == {("reference", False), ("reference", True), ("dali", False), ("dali", True)}
+    rows = {(x["backend"], x["mode"]): x for x in report["results"]}
+    assert set(rows) == {(b, m) for b in ("reference", "dali") for m in ("off", "on", "on+clean")}
     for row in rows.values():
         assert row["images_per_s"] > 0 and row["batch_ms_p95"] >= row["batch_ms_median"] > 0
-        assert row["batches"] == 2
-    assert {"read_decode_ms", "mix_ms", "augment_ms"} <= set(rows[("reference", True)]["breakdown"])
-    assert "mix_overhead_ms" in rows[("dali", True)]["breakdown"]
-    assert rows[("dali", False)]["breakdown"]["decode_ms"] > 0 and "resize_ms" in rows[("dali", False)]["breakdown"]
+        assert row["batches"] == 4 and len(row["images_per_s_rounds"]) == 2     # 2 batches x 2 rounds
+        assert min(row["images_per_s_rounds"]) <= row["images_per_s"] <= max(row["images_per_s_rounds"])
+    assert {"read_decode_ms", "mix_ms", "augment_ms"} <= set(rows[("reference", "on")]["breakdown"])
+    assert "mix_overhead_ms" in rows[("dali", "on")]["breakdown"]
+    assert rows[("dali", "off")]["breakdown"]["decode_ms"] > 0 and "resize_ms" in rows[("dali", "off")]["breakdown"]
     assert "DALI stages alone" in r.stdout
     assert report["decode_ceiling"]["images_per_s"] > 0 and report["decode_ceiling"]["decoder"]
-    assert {"reference_backmix_vs_plain", "dali_backmix_vs_plain",
-            "dali_backmix_vs_reference_backmix"} <= set(report["ratios"])
+    assert {"reference_backmix_vs_plain", "reference_backmix_clean_vs_plain", "dali_backmix_vs_plain",
+            "dali_backmix_clean_vs_plain", "dali_backmix_vs_reference_backmix",
+            "dali_backmix_clean_vs_reference_backmix_clean"} <= set(report["ratios"])
+    assert "| dali | on+clean |" in r.stdout
+    assert report["rounds"] == 2 and set(report["ratio_range"]) == set(report["ratios"])
+    assert all(lo <= report["ratios"][k] <= hi for k, (lo, hi) in report["ratio_range"].items())
+    assert "median of 2 rounds" in r.stdout
     assert Image.open(png).format == "PNG"
 
 

@@ -91,6 +91,18 @@ def test_other_sizes_and_ratios_equal_the_kernel(tiny_root):
             torch.testing.assert_close(b.mixed, mixed, rtol=0, atol=ATOL)
 
 
+def test_mixed_only_equals_the_kernel(tiny_root):
+    index = ImageIndex.load(tiny_root)
+    maps = random_maps(24, seed=2)
+    cfg = config(batch_size=10, clean=False)
+    batches = list(DaliLoader(index, cfg, maps))
+    assert [len(b.indices) for b in batches] == [10, 10, 4]
+    for step, b in enumerate(batches):
+        assert b.images is None
+        _, mixed = expected(b, maps, cfg, 0, step)
+        torch.testing.assert_close(b.mixed, mixed, rtol=0, atol=ATOL)
+
+
 def test_same_order_as_the_reference_loader(tiny_root):
     index = ImageIndex.load(tiny_root)
     cfg = config(batch_size=5, num_workers=0)

@@ -75,6 +75,19 @@ def test_without_backmix_there_is_no_mixed_batch(tiny_root):
     assert b.mixed is None and b.images.shape == (8, 3, 32, 32)
 
 
+def test_mixed_only_is_the_same_mixed_stream_without_the_clean_crops(tiny_root):
+    index = ImageIndex.load(tiny_root)
+    maps = ArrayMaps(np.random.default_rng(1).random((len(index), 8, 8), dtype=np.float32))
+    both = list(ReferenceLoader(index, config(), maps))
+    alone = list(ReferenceLoader(index, config(clean=False), maps))
+    assert len(both) == len(alone) == 3
+    for a, b in zip(alone, both):
+        assert a.images is None and torch.equal(a.mixed, b.mixed) and torch.equal(a.canvas, b.canvas)
+        assert torch.equal(a.indices, b.indices) and torch.equal(a.labels, b.labels)
+    with pytest.raises(BackMixError, match="without BackMix must return the clean images"):
+        config(backmix=False, clean=False)
+
+
 def test_evaluation_mode_is_centre_crop_without_flip(tiny_root):
     index = ImageIndex.load(tiny_root)
     b = next(iter(ReferenceLoader(index, config(train=False, shuffle=False, backmix=False))))

@@ -111,6 +111,31 @@ def test_baseline_trains_without_a_cache(small_root, tmp_path):
     assert metrics == line["eval"]
 
 
+def test_w_raw_0_trains_on_the_mixed_crops_alone(small_root, tmp_path, monkeypatch):
+    """The authors' recipe: the loader skips the clean crops and the model sees the mixed ones only."""
+    import trainers.train as train_mod
+    cfg = tiny(small_root, tmp_path / "mixed-only", epochs=1, w_raw=0.0)
+    assert train_mod.loader_config(cfg, torch.device("cpu"), train=True).clean is False
+    assert train_mod.loader_config(cfg, torch.device("cpu"), train=False).clean      # evaluation: clean
+    seen = []
+    build = train_mod.build_model
+
+    def recording_model(*args, **kw):
+        model = build(*args, **kw)
+        model.register_forward_pre_hook(lambda m, inp: seen.append(inp[0].shape[0]) if m.training else None)
+        return model
+
+    monkeypatch.setattr(train_mod, "build_model", recording_model)
+    main(cfg)
+    assert seen and all(n <= cfg.batch_size for n in seen)     # one crop per image, not clean + mixed
+    seen.clear()
+    main(tiny(small_root, tmp_path / "both", epochs=1))
+    assert max(seen) == 2 * cfg.batch_size
+    for bad in (dict(w_raw=0.0, backmix=False), dict(w_raw=0.0, w_mix=0.0), dict(w_mix=-1.0)):
+        with pytest.raises(BackMixError, match="--w-"):
+            tiny(small_root, tmp_path / "bad", **bad)
+
+
 def test_resume_of_a_finished_run_is_refused(finished_run, capsys):
     assert cli_main(cli_args(finished_run) + ["--epochs", "4", "--resume"]) == 2
     assert "has finished all 4 epochs" in capsys.readouterr().err

@@ -44,6 +44,9 @@ def register(top) -> None:
     p.add_argument("--backend", choices=BACKENDS, default=S, help="loader" + _d("backend"))
     p.add_argument("--no-backmix", dest="backmix", action="store_false", default=S,
                    help="the plain baseline: same loader and schedule, loss on the raw images only")
+    p.add_argument("--w-raw", type=float, default=S,
+                   help="weight of the clean (un-mixed) images' loss; 0 with BackMix: train on the mixed "
+                        "images only, as the authors do (the loader then skips the clean crops)" + _d("w_raw"))
     p.add_argument("--w-mix", type=float, default=S, help="weight of the mixed images' loss" + _d("w_mix"))
     p.add_argument("--regen-every", type=int, default=S,
                    help="rebuild the foreground cache after every k epochs, 0 never" + _d("regen_every"))

@@ -32,8 +32,8 @@ class TrainConfig:
     split: str = "0"                  # split number 0..4, or comma list of known class names
     backend: str = "reference"
     backmix: bool = True              # False: plain baseline (loss on the raw images only)
-    w_raw: float = 1.0
-    w_mix: float = 1.0
+    w_raw: float = 1.0                # weight of CE on the clean crops (0 with BackMix: mixed only)
+    w_mix: float = 1.0                # weight of CE on the mixed crops
     regen_every: int = 2              # rebuild the foreground cache after every k epochs (0: never)
     momentum: float = 0.1             # CAM momentum of the cache update
     canvas: int = 40
@@ -71,6 +71,10 @@ class TrainConfig:
             raise BackMixError(f"--momentum (CAM momentum) must lie in [0, 1], got {self.momentum}")
         if self.workers < 0:
             raise BackMixError(f"--workers must be >= 0, got {self.workers}")
+        if self.w_raw < 0 or self.w_mix < 0:
+            raise BackMixError(f"--w-raw and --w-mix must be >= 0, got {self.w_raw} and {self.w_mix}")
+        if self.w_raw == 0 and not (self.backmix and self.w_mix > 0):
+            raise BackMixError("--w-raw 0 trains on the mixed images only: it needs BackMix and --w-mix > 0")
 
     @property
     def run_dir(self) -> Path:

@@ -96,6 +96,7 @@ def loader_config(cfg: TrainConfig, device: torch.device, *, train: bool, rank: 
     return LoaderConfig(
         batch_size=cfg.batch_size if train else max(cfg.batch_size, 256),
         canvas=cfg.canvas, crop=cfg.crop, grid=cfg.grid, backmix=cfg.backmix and train,
+        clean=not (cfg.backmix and train and cfg.w_raw == 0),   # no clean crops if no loss reads them
         box_fraction=cfg.box_fraction, top_k_ratio=cfg.top_k_ratio, seed=cfg.seed,
         shuffle=train, train=train, rank=rank if train else 0, world_size=world if train else 1,
         last_batch="drop" if train and world > 1 else "keep", num_workers=cfg.workers,
@@ -216,7 +217,8 @@ def epoch_seed(seed: int, epoch: int, rank: int) -> int:
 def train_one_epoch(model: nn.Module, loader, optimizer, scheduler, label_map: torch.Tensor,
                     cfg: TrainConfig, precision: Precision, epoch: int, *, rank: int = 0,
                     world: int = 1) -> dict:
-    """One pass over the loader; loss = w_raw * CE(raw) + w_mix * CE(mixed) (mixed keeps the label)."""
+    """One pass over the loader; loss = w_raw * CE(raw) + w_mix * CE(mixed) (mixed keeps the label);
+    train accuracy is on the first of them the batch has."""
     model.train()
     torch.manual_seed(epoch_seed(cfg.seed, epoch, rank))
     loader.set_epoch(epoch)
@@ -229,17 +231,17 @@ def train_one_epoch(model: nn.Module, loader, optimizer, scheduler, label_map: t
     for batch in loader:
         y = label_map[batch.labels]
         n = y.shape[0]
-        x = batch.images
-        use_mix = cfg.backmix and batch.mixed is not None
-        if use_mix:
-            x = torch.cat([x, batch.mixed])   # one forward: BatchNorm sees raw and mixed together
+        # One forward over the clean and the mixed crops (BatchNorm sees both together); either may be
+        # absent: no mixed ones without BackMix, no clean ones when --w-raw 0 leaves them out.
+        parts = [t for t in (batch.images, batch.mixed if cfg.backmix else None) if t is not None]
+        weights = [w for t, w in ((batch.images, cfg.w_raw), (batch.mixed if cfg.backmix else None, cfg.w_mix))
+                   if t is not None]
+        x = torch.cat(parts) if len(parts) > 1 else parts[0]
         if cfg.channels_last and device.type == "cuda":
             x = x.contiguous(memory_format=torch.channels_last)
         with precision.autocast():
             logits = model(x)
-            loss = cfg.w_raw * criterion(logits[:n], y)
-            if use_mix:
-                loss = loss + cfg.w_mix * criterion(logits[n:], y)
+            loss = sum(w * criterion(logits[k * n:(k + 1) * n], y) for k, w in enumerate(weights))
         optimizer.zero_grad(set_to_none=True)
         precision.step(loss, optimizer)
         scheduler.step()
