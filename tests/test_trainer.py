@@ -252,3 +252,21 @@ def test_resume_redoes_a_cache_rebuild_cut_short_by_a_kill(small_root, tmp_path,
     assert [r["regenerated"] for r in a if "regenerated" in r] == [1]
     assert [r["cache_generation"] for r in a] == [r["cache_generation"] for r in b] == [0, 1]
     assert a[-1]["eval"] == b[-1]["eval"] and a[-1]["loss"] == b[-1]["loss"]
+
+
+def test_experiment_runs_each_method_once_and_tabulates(tmp_path, capsys):
+    from trainers.experiment import run_experiment
+    overrides = {"epochs": 1, "width": 0.25, "device": "cpu", "batch_size": 128}
+    results = run_experiment(tmp_path, ["digits"], 1, overrides, methods=("baseline", "backmix-mixed"))
+    assert [(r["dataset"], r["split"], r["method"]) for r in results] == [("digits", 0, "baseline"),
+                                                                         ("digits", 0, "backmix-mixed")]
+    mixed = results[1]["config"]
+    assert mixed["backmix"] is True and mixed["w_raw"] == 0.0 and results[0]["config"]["backmix"] is False
+    table = (tmp_path / "results.md").read_text()
+    assert "| digits | baseline | 1 |" in table and "| digits | backmix-mixed | 1 |" in table
+    # Run again with one more method: finished runs are skipped, the table keeps all three.
+    again = run_experiment(tmp_path, ["digits"], 1, overrides, methods=("backmix-mixed", "backmix"))
+    assert [r["method"] for r in again] == ["baseline", "backmix-mixed", "backmix"]
+    assert len((tmp_path / "results.jsonl").read_text().splitlines()) == 3
+    with pytest.raises(BackMixError, match="unknown method 'mixup'"):
+        run_experiment(tmp_path, ["digits"], 1, overrides, methods=("mixup",))
