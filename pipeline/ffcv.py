@@ -17,7 +17,7 @@ finds its batch's step from the sample indices FFCV hands it (batches run on
 a background thread, so call order means nothing), draws that step's params
 from the shared ``BackMixSampler``, takes the top-k masks of the current maps
 and writes one buffer per batch: the canvases (uint8 CHW), then the crop/flip/
-normalised clean and mixed images (float32), which the batch's tensors view
+normalised clean and mixed images (float32; each only when asked for), which the batch's tensors view
 with no copy on the training loop's thread (the buffer is reused only once they
 are gone). Normalising is a lookup in a table made by
 ``pipeline.augment.normalize`` itself, so the floats are the torch op's bit for
