@@ -233,10 +233,10 @@ def train_one_epoch(model: nn.Module, loader, optimizer, scheduler, label_map: t
         n = y.shape[0]
         # One forward over the clean and the mixed crops (BatchNorm sees both together); either may be
         # absent: no mixed ones without BackMix, no clean ones when --w-raw 0 leaves them out.
-        parts = [t for t in (batch.images, batch.mixed if cfg.backmix else None) if t is not None]
-        weights = [w for t, w in ((batch.images, cfg.w_raw), (batch.mixed if cfg.backmix else None, cfg.w_mix))
-                   if t is not None]
-        x = torch.cat(parts) if len(parts) > 1 else parts[0]
+        parts = [(t, w) for t, w in ((batch.images, cfg.w_raw), (batch.mixed if cfg.backmix else None, cfg.w_mix))
+                 if t is not None]
+        weights = [w for _, w in parts]
+        x = torch.cat([t for t, _ in parts]) if len(parts) > 1 else parts[0][0]
         if cfg.channels_last and device.type == "cuda":
             x = x.contiguous(memory_format=torch.channels_last)
         with precision.autocast():
