@@ -160,6 +160,8 @@ def run_benchmark(data: Optional[Path], backends: list[str], *, batches: int, wa
     for b in backends:
         if b not in BACKENDS:
             raise BackMixError(f"unknown backend {b!r} (choose from {', '.join(BACKENDS)})")
+    if batches < 1 or repeat < 1 or warmup < 0:
+        raise BackMixError(f"--batches and --repeat must be >= 1 and --warmup >= 0, got {batches}, {repeat}, {warmup}")
     if data is None:
         data = default_bench_folder(n_images)
         index = make_bench_folder(data, n_images)
@@ -175,7 +177,7 @@ def run_benchmark(data: Optional[Path], backends: list[str], *, batches: int, wa
     # alike; a ratio is taken within each round, then the median over rounds. FFCV's rounds come
     # last: a process that has started numba's thread pool should not fork DataLoader workers.
     pairs = [(b, mode) for b in sorted(dict.fromkeys(backends), key=BACKENDS.index) for mode in MODES]
-    rounds = range(max(1, repeat))
+    rounds = range(repeat)
     schedule = [pair for _ in rounds for pair in pairs if pair[0] != "ffcv"] + \
         [pair for _ in rounds for pair in pairs if pair[0] == "ffcv"]
     rates: dict = {pair: [] for pair in pairs}
@@ -240,7 +242,7 @@ def run_benchmark(data: Optional[Path], backends: list[str], *, batches: int, wa
             "config": {"batch_size": batch_size, "canvas": canvas, "crop": crop, "workers": workers,
                        "batches": batches, "warmup": warmup, "device": str(dev)},
             "results": results, "decode_ceiling": decode_ceiling(index, workers), "ratios": ratios,
-            "ratio_range": spread, "rounds": max(1, repeat)}
+            "ratio_range": spread, "rounds": repeat}
 
 
 def format_table(report: dict) -> str:

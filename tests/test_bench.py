@@ -68,9 +68,11 @@ def test_bench_loader_command_writes_every_field(bench_folder, tmp_path):
     assert Image.open(png).format == "PNG"
 
 
-def test_bench_loader_rejects_an_unknown_backend(bench_folder):
+def test_bench_loader_rejects_bad_arguments(bench_folder):
     r = backmix("bench", "loader", "--data", str(bench_folder), "--backend", "tensorflow")
     assert r.returncode == 2 and "unknown backend 'tensorflow'" in r.stderr
+    r = backmix("bench", "loader", "--data", str(bench_folder), "--backend", "reference", "--repeat", "0")
+    assert r.returncode == 2 and "--repeat must be >= 1" in r.stderr and "Traceback" not in r.stderr
 
 
 def test_show_sheet_has_the_expected_size(digits_root, tmp_path):
