@@ -17,6 +17,7 @@ from torch import nn
 from torchvision.models import ResNet, resnet18, resnet50
 
 from osr_data.errors import BackMixError
+from osr_data.index import atomic_file
 
 ARCHS = ("cnn32", "resnet18", "resnet50")
 
@@ -73,15 +74,11 @@ def features_and_head(model: nn.Module) -> tuple[nn.Module, nn.Linear]:
 def save_checkpoint(path: str | os.PathLike, model: nn.Module, *, arch: str, num_classes: int,
                     model_kwargs: dict | None = None, **extra) -> Path:
     """Atomically write {arch, num_classes, model_kwargs, state_dict, **extra}."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     state = getattr(model, "module", model).state_dict()
-    torch.save({"arch": arch, "num_classes": num_classes, "model_kwargs": model_kwargs or {},
-                "state_dict": state, **extra}, tmp)
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    return path
+    with atomic_file(path) as tmp:
+        torch.save({"arch": arch, "num_classes": num_classes, "model_kwargs": model_kwargs or {},
+                    "state_dict": state, **extra}, tmp)
+    return Path(path)
 
 
 def read_checkpoint(path: str | os.PathLike) -> dict:

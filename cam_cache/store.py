@@ -31,7 +31,7 @@ import numpy as np
 import pyarrow as pa
 
 from osr_data.errors import BackMixError
-from osr_data.index import ImageIndex, atomic_write_bytes
+from osr_data.index import ImageIndex, atomic_file, atomic_write_bytes
 
 FORMAT = "backmix-foreground-cache/2"
 READABLE_FORMATS = ("backmix-foreground-cache/1", FORMAT)
@@ -61,15 +61,10 @@ def write_maps(path: Path, rows: np.ndarray, labels: np.ndarray, maps: np.ndarra
     batch = pa.record_batch([pa.array(rows, pa.int64()), pa.array(labels, pa.int64()),
                              pa.FixedSizeListArray.from_arrays(flat, g * g)],
                             schema=schema(g, meta))
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with pa.OSFile(str(tmp), "wb") as sink:
-        with pa.ipc.new_file(sink, batch.schema) as writer:
+    with atomic_file(path) as tmp:
+        with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, batch.schema) as writer:
             writer.write_batch(batch)
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    _fsync_dir(Path(path).parent)
 
 
 def _fsync_dir(folder: Path) -> None:

@@ -15,6 +15,7 @@ from torch import Tensor
 from cam_cache.maps import ForegroundMaps
 
 from .augment import IMAGENET_MEAN, IMAGENET_STD, BackMix, Normalize, RandomCropFlip
+from .backmix import top_k_mask
 from .sampling import BackMixSampler
 
 
@@ -39,12 +40,7 @@ class BatchTransform:
         self.normalize = Normalize(mean, std)
 
     def params(self, batch_size: int, epoch: int, step: int, rank: int, device) -> dict[str, Tensor]:
-        p = self.sampler.draw(batch_size, epoch, step, rank).torch(device)
-        if not self.train:  # evaluation: centre crop, no flip
-            o = (self.sampler.canvas - self.sampler.crop) // 2
-            p["crops"] = torch.full_like(p["crops"], o)
-            p["flips"] = torch.zeros_like(p["flips"])
-        return p
+        return self.sampler.draw(batch_size, epoch, step, rank, train=self.train).torch(device)
 
     def __call__(self, canvas: Tensor, labels: Tensor, indices: Tensor, *, epoch: int, step: int,
                  rank: int = 0) -> BackMixBatch:
@@ -54,7 +50,7 @@ class BatchTransform:
             maps = torch.from_numpy(self.maps.gather(indices.cpu().numpy())).to(canvas.device)
             mixed = self.mix(canvas, maps, p)
             if self.clean:
-                images, mixed = self.normalize(self.crop(torch.cat([canvas, mixed]), _twice(p))).chunk(2)
+                images, mixed = self.normalize(self.crop(torch.cat([canvas, mixed]), same_crop_twice(p))).chunk(2)
             else:
                 mixed = self.normalize(self.crop(mixed, p))
         else:
@@ -62,7 +58,14 @@ class BatchTransform:
         return BackMixBatch(canvas, images, mixed, labels, indices)
 
 
-def _twice(p: dict[str, Tensor]) -> dict[str, Tensor]:
+def host_masks(maps: ForegroundMaps, rows: np.ndarray, top_k_ratio: float, tie_break: np.ndarray) -> np.ndarray:
+    """bool [B, g, g]: the top-k cells of the current maps of dataset ``rows``, on the host
+    (the DALI and FFCV ops take them as inputs)."""
+    soft = torch.from_numpy(np.ascontiguousarray(maps.gather(rows), dtype=np.float32))
+    return top_k_mask(soft, top_k_ratio, torch.from_numpy(tie_break)).numpy()
+
+
+def same_crop_twice(p: dict[str, Tensor]) -> dict[str, Tensor]:
     """The same crop and flip for the clean and the mixed copy of each image."""
     return {"crops": p["crops"].repeat(2, 1), "flips": p["flips"].repeat(2)}
 

@@ -65,11 +65,21 @@ def time_loader(loader, warmup: int, batches: int, sync: Callable[[], None]) -> 
 def stage_breakdown(index, config, batches: int, device: torch.device) -> dict[str, float]:
     """Milliseconds per batch of each torch stage, timed alone on the same files."""
     from cam_cache.maps import UniformMaps
+    from osr_data.decode import decode_rgb, to_canvas
 
     from .augment import BackMix, Normalize, RandomCropFlip
+    from .batch import same_crop_twice
     from .reference import CanvasDataset, collate_canvases
 
     b = config.batch_size
+    # The canvas resize alone (torchvision, this process), to set beside DALI's.
+    decoded = [decode_rgb(index.abspath(i)) for i in range(min(b, len(index)))]
+    resize = []
+    for _ in range(3):
+        t = time.perf_counter()
+        for image in decoded:
+            to_canvas(image, config.canvas)
+        resize.append(time.perf_counter() - t)
     ds = CanvasDataset(index, config.canvas)
     loader = torch.utils.data.DataLoader(ds, batch_size=b, num_workers=config.num_workers,
                                          collate_fn=collate_canvases, shuffle=False)
@@ -93,7 +103,7 @@ def stage_breakdown(index, config, batches: int, device: torch.device) -> dict[s
         mixed = mix(x, maps.to(device), p)
         _sync(device)
         t1 = time.perf_counter()
-        norm(crop(torch.cat([x, mixed]), {"crops": p["crops"].repeat(2, 1), "flips": p["flips"].repeat(2)}))
+        norm(crop(torch.cat([x, mixed]), same_crop_twice(p)))
         _sync(device)
         t2 = time.perf_counter()
         stages["mix"].append(t1 - t0)
@@ -104,7 +114,8 @@ def stage_breakdown(index, config, batches: int, device: torch.device) -> dict[s
             pinned.to(device, non_blocking=True)
             _sync(device)
             stages["host_to_device"].append(time.perf_counter() - t3)
-    out = {"read_decode_ms": 1e3 * statistics.median(decode[1:] or decode)}
+    out = {"read_decode_ms": 1e3 * statistics.median(decode[1:] or decode),
+           "canvas_resize_ms": 1e3 * statistics.median(resize) * b / len(decoded)}
     out.update({f"{k}_ms": 1e3 * statistics.median(v) for k, v in stages.items() if v})
     return out
 

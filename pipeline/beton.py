@@ -23,7 +23,7 @@ import numpy as np
 
 from osr_data.decode import decode_canvas, decode_rgb, to_numpy_hwc
 from osr_data.errors import BackMixError
-from osr_data.index import ImageIndex
+from osr_data.index import ImageIndex, atomic_file
 
 INSTALL_HINT = ("FFCV is not installed: pip install 'backmix[ffcv]' (needs apt libopencv-dev "
                 "libturbojpeg0-dev pkg-config; scripts/install.sh does both)")
@@ -105,24 +105,17 @@ def write_beton(index: ImageIndex, path: str | os.PathLike, *, canvas: Optional[
         raise BackMixError(f"{index.root} holds no images to write")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     fields = {"image": RGBImageField(write_mode=mode, max_resolution=canvas or max_resolution,
                                      jpeg_quality=jpeg_quality),
               "label": IntField(), "index": IntField()}
     show = sys.stderr.isatty() if progress is None else progress
-    try:
-        with _ffcv_progress(show):
-            DatasetWriter(str(tmp), fields, num_workers=max(1, num_workers)).from_indexed_dataset(
-                _Samples(index, canvas))
+    with atomic_file(path) as tmp, _ffcv_progress(show):
+        DatasetWriter(str(tmp), fields, num_workers=max(1, num_workers)).from_indexed_dataset(
+            _Samples(index, canvas))
         failed = np.flatnonzero(Reader(str(tmp)).metadata["f2"] < 0)
         if len(failed):
             raise BackMixError(f"{len(failed)} image(s) do not decode, e.g. {index.abspath(int(failed[0]))}; "
                                "fix or remove them, then index the folder again")
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return path
 
 

@@ -38,8 +38,7 @@ from osr_data.errors import BackMixError
 from osr_data.index import ImageIndex
 
 from .augment import fill_value
-from .backmix import top_k_mask
-from .batch import BackMixBatch
+from .batch import BackMixBatch, host_masks
 from .config import LoaderConfig, loader_inputs
 
 log = logging.getLogger("backmix")
@@ -203,12 +202,8 @@ class DaliLoader:
     def batch_inputs(self, ids: np.ndarray, epoch: int, step: int) -> tuple:
         """The per-sample params of one batch as DALI inputs (lists of numpy arrays)."""
         cfg, b = self.config, len(ids)
-        p = self.sampler.draw(b, epoch, step, cfg.rank)
-        if cfg.train:
-            crops, flips = p.crops, p.flips
-        else:  # evaluation: centre crop, no flip (as BatchTransform.params)
-            crops = np.full_like(p.crops, (cfg.canvas - cfg.crop) // 2)
-            flips = np.zeros_like(p.flips)
+        p = self.sampler.draw(b, epoch, step, cfg.rank, train=cfg.train)
+        crops, flips = p.crops, p.flips
         # crop_mirror_normalize takes the crop corner as a fraction of the free range; it
         # rounds fraction * range back to the integer corner exactly (checked by the tests).
         free = max(cfg.canvas - cfg.crop, 1)
@@ -222,9 +217,7 @@ class DaliLoader:
             masks = np.zeros((b, cfg.grid, cfg.grid, 1), dtype=np.uint8)
             dst = src
         else:
-            maps = torch.from_numpy(np.ascontiguousarray(self.maps.gather(ids), dtype=np.float32))
-            masks = top_k_mask(maps, self.sampler.top_k_ratio, torch.from_numpy(p.tie_break))
-            masks = masks.numpy().astype(np.uint8)[..., None]
+            masks = host_masks(self.maps, ids, self.sampler.top_k_ratio, p.tie_break).astype(np.uint8)[..., None]
         # Image j lends its box to the target i with partners[i] == j, cut at that target's source corner.
         lend_at = np.empty_like(src)
         lend_at[p.partners] = src

@@ -41,8 +41,7 @@ from osr_data.errors import BackMixError
 from osr_data.index import ImageIndex
 
 from .augment import fill_value, normalize
-from .backmix import top_k_mask
-from .batch import BackMixBatch, BatchTransform
+from .batch import BackMixBatch, BatchTransform, host_masks
 from .beton import default_beton_path, require_ffcv, write_beton
 from .config import LoaderConfig, choose_device, loader_inputs
 
@@ -326,15 +325,13 @@ class FfcvLoader:
 
     def batch_tables(self, rows: np.ndarray) -> tuple[dict[str, np.ndarray], np.ndarray]:
         """The shared sampler's params and the top-k masks for the batch holding dataset rows ``rows``."""
-        step = int(self._step_of[rows[0]])
-        p = self.sampler.draw(len(rows), self.epoch, step, self.config.rank)
-        crops, flips = p.crops, p.flips
-        if not self.config.train:   # evaluation: centre crop, no flip (as BatchTransform)
-            crops = np.full_like(crops, (self.config.canvas - self.config.crop) // 2)
-            flips = np.zeros_like(flips)
-        soft = torch.from_numpy(np.ascontiguousarray(self.maps.gather(rows), dtype=np.float32))
-        masks = top_k_mask(soft, self.sampler.top_k_ratio, torch.from_numpy(p.tie_break)).numpy()
-        return {"partners": p.partners, "boxes": p.boxes, "crops": crops, "flips": flips}, masks
+        cfg = self.config
+        p = self.sampler.draw(len(rows), self.epoch, int(self._step_of[rows[0]]), cfg.rank, train=cfg.train)
+        if cfg.backmix:
+            masks = host_masks(self.maps, rows, self.sampler.top_k_ratio, p.tie_break)
+        else:   # the kernel does not read them
+            masks = np.zeros((len(rows), cfg.grid, cfg.grid), dtype=bool)
+        return {"partners": p.partners, "boxes": p.boxes, "crops": p.crops, "flips": p.flips}, masks
 
     def __iter__(self) -> Iterator[BackMixBatch]:
         self.maps.refresh()   # a new cache generation takes effect at an epoch boundary

@@ -91,7 +91,8 @@ class BackMixSampler:
         self.top_k_ratio = check_fraction("top-k ratio", top_k_ratio)
         self.box_hw = box_size((canvas, canvas), self.box_fraction)
 
-    def draw(self, batch_size: int, epoch: int, step: int, rank: int = 0) -> BatchParams:
+    def draw(self, batch_size: int, epoch: int, step: int, rank: int = 0, *, train: bool = True) -> BatchParams:
+        """train=False (evaluation): the same draw, with the centre crop and no flip."""
         b, g, (bh, bw) = batch_size, self.grid, self.box_hw
         rng = np.random.default_rng([self.seed, epoch, rank, step, 0xBAC])
         # A random cycle through the batch: nobody is their own partner and
@@ -105,4 +106,7 @@ class BackMixSampler:
         tie_break = rng.random((b, g * g)).argsort(axis=1).astype(np.int64)
         crops = rng.integers(0, self.canvas - self.crop + 1, (b, 2)).astype(np.int64)
         flips = rng.random(b) < 0.5
+        if not train:
+            crops = np.full_like(crops, (self.canvas - self.crop) // 2)
+            flips = np.zeros_like(flips)
         return BatchParams(partners, boxes, tie_break, crops, flips)

@@ -53,7 +53,7 @@ def test_bench_loader_command_writes_every_field(bench_folder, tmp_path):
         assert row["images_per_s"] > 0 and row["batch_ms_p95"] >= row["batch_ms_median"] > 0
         assert row["batches"] == 4 and len(row["images_per_s_rounds"]) == 2     # 2 batches x 2 rounds
         assert min(row["images_per_s_rounds"]) <= row["images_per_s"] <= max(row["images_per_s_rounds"])
-    assert {"read_decode_ms", "mix_ms", "augment_ms"} <= set(rows[("reference", "on")]["breakdown"])
+    assert {"read_decode_ms", "canvas_resize_ms", "mix_ms", "augment_ms"} <= set(rows[("reference", "on")]["breakdown"])
     assert "mix_overhead_ms" in rows[("dali", "on")]["breakdown"]
     assert rows[("dali", "off")]["breakdown"]["decode_ms"] > 0 and "resize_ms" in rows[("dali", "off")]["breakdown"]
     assert "DALI stages alone" in r.stdout
