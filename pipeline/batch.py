@@ -6,7 +6,7 @@ mixed/cropped/flipped/normalised tensors out, in BackMix's order.
 """
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+from typing import TYPE_CHECKING, NamedTuple, Optional
 
 import numpy as np
 import torch
@@ -17,6 +17,9 @@ from cam_cache.maps import ForegroundMaps
 from .augment import IMAGENET_MEAN, IMAGENET_STD, BackMix, Normalize, RandomCropFlip
 from .backmix import top_k_mask
 from .sampling import BackMixSampler
+
+if TYPE_CHECKING:
+    from .config import LoaderConfig
 
 
 class BackMixBatch(NamedTuple):
@@ -38,6 +41,11 @@ class BatchTransform:
         self.mix = BackMix(sampler.top_k_ratio, sampler.box_fraction, mean)
         self.crop = RandomCropFlip(sampler.crop)
         self.normalize = Normalize(mean, std)
+
+    @classmethod
+    def for_config(cls, maps: ForegroundMaps, config: "LoaderConfig") -> "BatchTransform":
+        return cls(maps, config.sampler(), backmix=config.backmix, mean=config.mean, std=config.std,
+                   train=config.train, clean=config.clean)
 
     def params(self, batch_size: int, epoch: int, step: int, rank: int, device) -> dict[str, Tensor]:
         return self.sampler.draw(batch_size, epoch, step, rank, train=self.train).torch(device)

@@ -270,8 +270,7 @@ class FfcvLoader:
             mix_in = "torch" if self.device.type == "cuda" or not Compiler.is_enabled else "ffcv"
         self.mix_in = mix_in
         self.fill = fill_value(config.mean).numpy()
-        self.transform = BatchTransform(self.maps, self.sampler, backmix=config.backmix, mean=config.mean,
-                                        std=config.std, train=config.train, clean=config.clean)
+        self.transform = BatchTransform.for_config(self.maps, config)
         self.beton = Path(beton) if beton else default_beton_path(index, config.canvas)
         if not self.beton.exists():
             if beton:

@@ -73,8 +73,7 @@ class ReferenceLoader:
         self.index, self.config = index, config
         self.maps, self.dataset_indices, self.epoch_sampler = loader_inputs(index, config, maps, indices)
         self.device = choose_device(config.device)
-        self.transform = BatchTransform(self.maps, config.sampler(), backmix=config.backmix,
-                                        mean=config.mean, std=config.std, train=config.train, clean=config.clean)
+        self.transform = BatchTransform.for_config(self.maps, config)
         self.epoch = 0
         self.skipped = 0
         self._loader = DataLoader(CanvasDataset(index, config.canvas), batch_sampler=_Batches(self),

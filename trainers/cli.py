@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .config import AMP, OPTIMIZERS, field_defaults
+from .config import AMP, OPTIMIZERS, TrainConfig, field_defaults
 
 S = argparse.SUPPRESS   # an option not given stays out of the namespace: we know what was explicit
 
@@ -84,8 +84,7 @@ def register(top) -> None:
     register_experiment(top)
 
 
-def config_from_args(args) -> tuple["TrainConfig", set[str]]:
-    from .config import TrainConfig
+def config_from_args(args) -> tuple[TrainConfig, set[str]]:
     values = {k: v for k, v in vars(args).items() if k in field_defaults()}
     values["data"], values["out"] = str(args.data), str(args.out)
     if "cache" in values and values["cache"] is not None:

@@ -470,7 +470,6 @@ def _run(cfg: TrainConfig, device: torch.device, rank: int, world: int, resume: 
                     history[-1] = logged[start]
         if rank == 0:
             write_jsonl(run / "metrics.jsonl", history)
-        if rank == 0:
             log.info("resuming %s at epoch %d/%d", run, start + 1, cfg.epochs)
     elif rank == 0:
         write_jsonl(run / "metrics.jsonl", [])
@@ -482,8 +481,7 @@ def _run(cfg: TrainConfig, device: torch.device, rank: int, world: int, resume: 
         record = {"epoch": epoch + 1}
         record.update(train_one_epoch(model, train_loader, optimizer, scheduler, label_map, cfg, precision,
                                       epoch, rank=rank, world=world))
-        record["cache_generation"] = getattr(getattr(train_loader, "maps", maps), "generation", None) \
-            if cfg.backmix else None
+        record["cache_generation"] = train_loader.maps.generation if cfg.backmix else None
         last = epoch + 1 == cfg.epochs
         if rank == 0 and (last or (cfg.eval_every and (epoch + 1) % cfg.eval_every == 0)):
             t0 = time.perf_counter()
