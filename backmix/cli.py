@@ -5,14 +5,14 @@ import argparse
 import logging
 import sys
 
-from osr_data.errors import BackMixError
+from backmix.osr_data.errors import BackMixError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from cam_cache import cli as cache_cli
-    from osr_data import cli as data_cli
-    from pipeline import cli as pipeline_cli
-    from trainers import cli as trainer_cli
+    from backmix.cam_cache import cli as cache_cli
+    from backmix.osr_data import cli as data_cli
+    from backmix.pipeline import cli as pipeline_cli
+    from backmix.trainers import cli as trainer_cli
 
     parser = argparse.ArgumentParser(
         prog="backmix",

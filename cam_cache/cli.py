@@ -9,7 +9,7 @@ import json
 import os
 from pathlib import Path
 
-from osr_data.errors import BackMixError
+from backmix.osr_data.errors import BackMixError
 
 class FMT(argparse.ArgumentDefaultsHelpFormatter):
     """Shows defaults, except None (the help says what happens then), flags and required options."""
@@ -87,7 +87,7 @@ def parse_shard(text: str | None) -> tuple[int, int]:
 
 
 def run_init(args) -> int:
-    from osr_data.index import ImageIndex
+    from backmix.osr_data.index import ImageIndex
 
     from .store import init_cache
     cache = init_cache(args.cache, ImageIndex.load(args.data), grid=args.grid, keep=args.keep)
@@ -98,8 +98,8 @@ def run_init(args) -> int:
 def run_build(args) -> int:
     import numpy as np
 
-    from osr_data.decode import IMAGENET_MEAN, IMAGENET_STD
-    from osr_data.index import ImageIndex
+    from backmix.osr_data.decode import IMAGENET_MEAN, IMAGENET_STD
+    from backmix.osr_data.index import ImageIndex
 
     from .models import file_digest, load_model
     from .precompute import build_generation
@@ -141,7 +141,7 @@ def run_build(args) -> int:
 
 def known_classes(from_checkpoint, spec: str | None, classes: tuple[str, ...], checkpoint) -> tuple[str, ...]:
     """The model's classes in head order: the checkpoint's ``known_classes``, else ``--known``, else ()."""
-    from osr_data.splits import resolve_split
+    from backmix.osr_data.splits import resolve_split
     if from_checkpoint:
         known = tuple(from_checkpoint)
         missing = [c for c in known if c not in classes]

@@ -16,8 +16,8 @@ import torch
 from torch import nn
 from torchvision.models import ResNet, resnet18, resnet50
 
-from osr_data.errors import BackMixError
-from osr_data.index import atomic_file
+from backmix.osr_data.errors import BackMixError
+from backmix.osr_data.index import atomic_file
 
 ARCHS = ("cnn32", "resnet18", "resnet50")
 

@@ -30,8 +30,8 @@ from typing import Optional
 import numpy as np
 import pyarrow as pa
 
-from osr_data.errors import BackMixError
-from osr_data.index import ImageIndex, atomic_file, atomic_write_bytes
+from backmix.osr_data.errors import BackMixError
+from backmix.osr_data.index import ImageIndex, atomic_file, atomic_write_bytes
 
 FORMAT = "backmix-foreground-cache/2"
 READABLE_FORMATS = ("backmix-foreground-cache/1", FORMAT)

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from osr_data.decode import IMAGENET_MEAN, IMAGENET_STD
+from backmix.osr_data.decode import IMAGENET_MEAN, IMAGENET_STD
 
 from .backmix import box_size, mix_backgrounds, top_k_mask
 

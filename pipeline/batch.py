@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from cam_cache.maps import ForegroundMaps
+from backmix.cam_cache.maps import ForegroundMaps
 
 from .augment import IMAGENET_MEAN, IMAGENET_STD, BackMix, Normalize, RandomCropFlip
 from .backmix import top_k_mask

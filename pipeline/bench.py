@@ -29,7 +29,7 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
-from osr_data.errors import BackMixError
+from backmix.osr_data.errors import BackMixError
 
 from .loaders import BACKENDS
 
@@ -64,8 +64,8 @@ def time_loader(loader, warmup: int, batches: int, sync: Callable[[], None]) -> 
 
 def stage_breakdown(index, config, batches: int, device: torch.device) -> dict[str, float]:
     """Milliseconds per batch of each torch stage, timed alone on the same files."""
-    from cam_cache.maps import UniformMaps
-    from osr_data.decode import decode_rgb, to_canvas
+    from backmix.cam_cache.maps import UniformMaps
+    from backmix.osr_data.decode import decode_rgb, to_canvas
 
     from .augment import BackMix, Normalize, RandomCropFlip
     from .batch import same_crop_twice
@@ -161,9 +161,9 @@ def machine() -> str:
 
 def run_benchmark(data: Optional[Path], backends: list[str], *, batches: int, warmup: int, batch_size: int,
                   canvas: int, crop: int, workers: int, device: str, n_images: int, repeat: int = 1) -> dict:
-    from cam_cache.maps import UniformMaps
-    from osr_data.benchdata import default_bench_folder, make_bench_folder
-    from osr_data.index import ImageIndex
+    from backmix.cam_cache.maps import UniformMaps
+    from backmix.osr_data.benchdata import default_bench_folder, make_bench_folder
+    from backmix.osr_data.index import ImageIndex
 
     from .config import LoaderConfig, choose_device
     from .loaders import make_loader

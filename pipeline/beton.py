@@ -21,9 +21,9 @@ from typing import Optional
 
 import numpy as np
 
-from osr_data.decode import decode_canvas, decode_rgb, to_numpy_hwc
-from osr_data.errors import BackMixError
-from osr_data.index import ImageIndex, atomic_file
+from backmix.osr_data.decode import decode_canvas, decode_rgb, to_numpy_hwc
+from backmix.osr_data.errors import BackMixError
+from backmix.osr_data.index import ImageIndex, atomic_file
 
 INSTALL_HINT = ("FFCV is not installed: pip install 'backmix[ffcv]' (needs apt libopencv-dev "
                 "libturbojpeg0-dev pkg-config; scripts/install.sh does both)")

@@ -8,11 +8,11 @@ from typing import Optional
 import numpy as np
 import torch
 
-from cam_cache.maps import ForegroundMaps, UniformMaps
-from osr_data.index import ImageIndex
+from backmix.cam_cache.maps import ForegroundMaps, UniformMaps
+from backmix.osr_data.index import ImageIndex
 
-from osr_data.decode import check_canvas
-from osr_data.errors import BackMixError
+from backmix.osr_data.decode import check_canvas
+from backmix.osr_data.errors import BackMixError
 
 from .augment import IMAGENET_MEAN, IMAGENET_STD
 from .sampling import LAST_BATCH, BackMixSampler, EpochSampler, check_fraction

@@ -32,10 +32,10 @@ from typing import Iterator, Optional
 import numpy as np
 import torch
 
-from cam_cache.maps import ForegroundMaps
-from osr_data.decode import DecodeError, decode_rgb
-from osr_data.errors import BackMixError
-from osr_data.index import ImageIndex
+from backmix.cam_cache.maps import ForegroundMaps
+from backmix.osr_data.decode import DecodeError, decode_rgb
+from backmix.osr_data.errors import BackMixError
+from backmix.osr_data.index import ImageIndex
 
 from .augment import fill_value
 from .batch import BackMixBatch, host_masks

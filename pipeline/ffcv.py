@@ -36,9 +36,9 @@ from typing import Iterator, Optional
 import numpy as np
 import torch
 
-from cam_cache.maps import ForegroundMaps
-from osr_data.errors import BackMixError
-from osr_data.index import ImageIndex
+from backmix.cam_cache.maps import ForegroundMaps
+from backmix.osr_data.errors import BackMixError
+from backmix.osr_data.index import ImageIndex
 
 from .augment import fill_value, normalize
 from .batch import BackMixBatch, BatchTransform, host_masks

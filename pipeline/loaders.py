@@ -5,9 +5,9 @@ from typing import Optional
 
 import numpy as np
 
-from cam_cache.maps import ForegroundMaps
-from osr_data.errors import BackMixError
-from osr_data.index import ImageIndex
+from backmix.cam_cache.maps import ForegroundMaps
+from backmix.osr_data.errors import BackMixError
+from backmix.osr_data.index import ImageIndex
 
 from .config import LoaderConfig
 

@@ -12,9 +12,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from cam_cache.maps import ForegroundMaps
-from osr_data.decode import DecodeError, decode_canvas
-from osr_data.index import ImageIndex
+from backmix.cam_cache.maps import ForegroundMaps
+from backmix.osr_data.decode import DecodeError, decode_canvas
+from backmix.osr_data.index import ImageIndex
 
 from .batch import BackMixBatch, BatchTransform
 from .config import LoaderConfig, choose_device, loader_inputs

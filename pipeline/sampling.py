@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from osr_data.errors import BackMixError
+from backmix.osr_data.errors import BackMixError
 
 from .backmix import box_size
 

@@ -14,7 +14,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from osr_data.errors import BackMixError
+from backmix.osr_data.errors import BackMixError
 
 from .backmix import top_k_mask
 from .batch import BackMixBatch
@@ -76,8 +76,8 @@ def render_sheet(batch: BackMixBatch, maps: np.ndarray, masks: np.ndarray, path:
 def sheet_for(data: Path, out: Path, *, backend: str = "reference", cache: Optional[Path] = None, n: int = 8,
               seed: int = 0, canvas: int = 40, crop: int = 32, grid: int = 8, workers: int = 0) -> Path:
     """Load one batch of ``n`` images from ``data`` with ``backend`` and draw it."""
-    from cam_cache import ForegroundCache, UniformMaps
-    from osr_data.index import ImageIndex
+    from backmix.cam_cache import ForegroundCache, UniformMaps
+    from backmix.osr_data.index import ImageIndex
 
     from .config import LoaderConfig
     from .loaders import make_loader

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from osr_data.prepare import prepare, write_split
+from backmix.osr_data.prepare import prepare, write_split
 
 
 @pytest.fixture(scope="session")

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from osr_data.benchdata import make_bench_folder
+from backmix.osr_data.benchdata import make_bench_folder
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +76,7 @@ def test_bench_loader_rejects_bad_arguments(bench_folder):
 
 
 def test_show_sheet_has_the_expected_size(digits_root, tmp_path):
-    from pipeline.show import sheet_size
+    from backmix.pipeline.show import sheet_size
     out = tmp_path / "sheet.png"
     r = backmix("show", "--data", str(digits_root), "--out", str(out), "--n", "6")
     assert r.returncode == 0, r.stderr

@@ -13,10 +13,10 @@ import pytest
 import torch
 from torch import nn
 
-from cam_cache import (ForegroundCache, build_generation, build_model, class_activation_maps, init_cache,
+from backmix.cam_cache import (ForegroundCache, build_generation, build_model, class_activation_maps, init_cache,
                        publish_generation, save_checkpoint)
-from cam_cache.store import generation_path, write_maps, write_pointer
-from osr_data import BackMixError, ImageIndex
+from backmix.cam_cache.store import generation_path, write_maps, write_pointer
+from backmix.osr_data import BackMixError, ImageIndex
 
 MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
 ROWS = np.arange(0, 1257, 7)       # a spread-out subset keeps the builds quick
@@ -90,7 +90,7 @@ def test_model_without_cam_head_is_refused(tmp_path, index):
 # --- generations ----------------------------------------------------------------------------------
 
 def test_generation_zero_is_half_and_momentum_follows_the_formula(tmp_path, index, model):
-    from cam_cache import compute_cams
+    from backmix.cam_cache import compute_cams
     cache = init_cache(tmp_path / "c", index)
     assert cache.generation == 0 and len(cache) == len(index)
     assert np.all(cache.gather(np.arange(len(index))) == 0.5)
@@ -179,9 +179,9 @@ def test_cache_pickles_small_reopens_lazily_and_refreshes(tmp_path, index, model
 PAUSING_BUILD = """
 import os, sys, time
 import numpy as np
-from cam_cache import build_generation
-from cam_cache.models import load_model
-from osr_data import ImageIndex
+from backmix.cam_cache import build_generation
+from backmix.cam_cache.models import load_model
+from backmix.osr_data import ImageIndex
 
 data, cache, ckpt, pause_before = sys.argv[1:5]
 rename = os.replace
@@ -222,7 +222,7 @@ def test_sigkill_between_write_and_rename_keeps_previous_generation(tmp_path, di
         assert fresh.generation == 0 and np.array_equal(fresh.maps, before), f"killed before {prefix}"
     assert generation_path(cache_dir, 1).is_file()     # complete, but CURRENT never named it
     # The rerun finds the finished shard, publishes, and cleans what the kills left.
-    import cam_cache.precompute as pre
+    import backmix.cam_cache.precompute as pre
     real = pre.compute_cams
     pre.compute_cams = lambda *a, **k: pytest.fail("the finished shard was recomputed")
     try:
@@ -258,8 +258,8 @@ def test_two_shards_equal_one_process(tmp_path, index, model):
 def test_two_concurrent_processes_equal_one(tmp_path, tiny_root):
     """Two `backmix cache build --shard k/2` processes at once: both race to publish, one generation results,
     equal row for row to a 1-process build."""
-    from cam_cache.models import file_digest, load_model
-    from osr_data.decode import IMAGENET_MEAN, IMAGENET_STD
+    from backmix.cam_cache.models import file_digest, load_model
+    from backmix.osr_data.decode import IMAGENET_MEAN, IMAGENET_STD
     torch.manual_seed(1)
     ckpt = save_checkpoint(tmp_path / "m.pt", build_model("cnn32", 3, width=0.25), arch="cnn32", num_classes=3,
                            model_kwargs={"width": 0.25})
@@ -284,7 +284,7 @@ def test_two_concurrent_processes_equal_one(tmp_path, tiny_root):
 def test_finished_shard_is_not_recomputed(tmp_path, index, model, monkeypatch):
     init_cache(tmp_path / "c", index)
     build(tmp_path / "c", model, index, shard=(0, 2), checkpoint_digest="a")
-    import cam_cache.precompute as pre
+    import backmix.cam_cache.precompute as pre
     monkeypatch.setattr(pre, "compute_cams", lambda *a, **k: pytest.fail("shard 0 was recomputed"))
     with pytest.raises(pytest.fail.Exception):
         build(tmp_path / "c", model, index, shard=(1, 2), checkpoint_digest="a")
@@ -332,7 +332,7 @@ def test_truncated_and_foreign_files_err(tmp_path, index):
 
 def test_wrong_columns_and_format_one(tmp_path, index):
     import pyarrow as pa
-    from cam_cache.store import schema
+    from backmix.cam_cache.store import schema
     init_cache(tmp_path / "c", index)
     path = generation_path(tmp_path / "c", 0)
     n = len(index)

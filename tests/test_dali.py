@@ -12,12 +12,12 @@ import numpy as np
 import pytest
 import torch
 
-from cam_cache import ArrayMaps
-from cam_cache.maps import UniformMaps
-from osr_data import DecodeError, ImageIndex, decode_canvas
-from pipeline import (EpochSampler, LoaderConfig, ReferenceLoader, crop_flip, fill_value,
+from backmix.cam_cache import ArrayMaps
+from backmix.cam_cache.maps import UniformMaps
+from backmix.osr_data import DecodeError, ImageIndex, decode_canvas
+from backmix.pipeline import (EpochSampler, LoaderConfig, ReferenceLoader, crop_flip, fill_value,
                       make_loader, mix_backgrounds, normalize, top_k_mask)
-from pipeline.dali import DaliLoader
+from backmix.pipeline.dali import DaliLoader
 
 ATOL = 1e-5   # crop_mirror_normalize computes (x - 255 m) / (255 s) in float32; torch (x / 255 - m) / s
 

@@ -7,8 +7,8 @@ import sys
 import numpy as np
 import pytest
 
-from osr_data import BackMixError, ImageIndex, random_splits, resolve_split
-from osr_data.prepare import DATASETS, prepare
+from backmix.osr_data import BackMixError, ImageIndex, random_splits, resolve_split
+from backmix.osr_data.prepare import DATASETS, prepare
 
 
 def test_bundled_digits_are_all_written_in_imagenet_layout(digits_root):
@@ -111,7 +111,7 @@ def test_every_subcommand_has_help():
 
 @pytest.fixture(scope="module")
 def on_photos():
-    from osr_data.composite import digits_on_photos
+    from backmix.osr_data.composite import digits_on_photos
     return digits_on_photos(prior=0.8, seed=0)
 
 
@@ -125,7 +125,7 @@ def test_on_photos_training_backgrounds_follow_the_prior(on_photos):
 
 
 def test_on_photos_test_backgrounds_are_uniform(on_photos):
-    from osr_data.composite import bundled_photos
+    from backmix.osr_data.composite import bundled_photos
     d = on_photos
     n_photos = len(bundled_photos())
     counts = np.bincount(d["test_photos"], minlength=n_photos)
@@ -137,7 +137,7 @@ def test_on_photos_test_backgrounds_are_uniform(on_photos):
 
 
 def test_on_photos_same_digits_split_as_digits(on_photos):
-    from osr_data.prepare import digits_arrays
+    from backmix.osr_data.prepare import digits_arrays
     _, ytr, _, yte, _ = digits_arrays()
     assert np.array_equal(on_photos["train_labels"], ytr) and np.array_equal(on_photos["test_labels"], yte)
     assert on_photos["train_images"].shape == (len(ytr), 32, 32, 3)
@@ -145,6 +145,6 @@ def test_on_photos_same_digits_split_as_digits(on_photos):
 
 
 def test_on_photos_rejects_a_prior_outside_0_1(tmp_path):
-    from osr_data.composite import digits_on_photos
+    from backmix.osr_data.composite import digits_on_photos
     with pytest.raises(BackMixError, match="prior"):
         digits_on_photos(prior=1.5)

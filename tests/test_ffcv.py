@@ -14,10 +14,10 @@ import pytest
 import torch
 
 from backmix.cli import main as backmix_main
-from cam_cache.maps import UniformMaps
-from osr_data import BackMixError, ImageIndex
-from pipeline import LoaderConfig, ReferenceLoader, backmix, crop_flip, fill_value, make_loader, normalize
-from pipeline.beton import write_beton
+from backmix.cam_cache.maps import UniformMaps
+from backmix.osr_data import BackMixError, ImageIndex
+from backmix.pipeline import LoaderConfig, ReferenceLoader, backmix, crop_flip, fill_value, make_loader, normalize
+from backmix.pipeline.beton import write_beton
 
 ROWS = np.arange(0, 1257, 5)          # 252 images: 5 batches of 50 and a short one
 
@@ -56,7 +56,7 @@ def beton(index, tmp_path_factory):
 @pytest.fixture(scope="module")
 def pair(index, beton):
     """(FFCV loader, reference loader) with the same config, each with its own swappable maps."""
-    from pipeline.ffcv import FfcvLoader
+    from backmix.pipeline.ffcv import FfcvLoader
     config = LoaderConfig(batch_size=50, num_workers=2, seed=3)
     ffcv = FfcvLoader(index, config, SwappingMaps(len(index)), ROWS, beton=beton)
     ref = ReferenceLoader(index, config, SwappingMaps(len(index)), ROWS)
@@ -131,7 +131,7 @@ def test_batches_held_by_the_caller_stay_intact(pair):
 
 def test_torch_mix_path_equals_the_ffcv_op(pair, index, beton):
     """What runs on a GPU (the torch kernel after the transfer), here on the CPU."""
-    from pipeline.ffcv import FfcvLoader
+    from backmix.pipeline.ffcv import FfcvLoader
     ffcv, _ = pair
     other = FfcvLoader(index, ffcv.config, ffcv.maps, ROWS, beton=beton, mix_in="torch")
     assert other.mix_in == "torch"
@@ -140,7 +140,7 @@ def test_torch_mix_path_equals_the_ffcv_op(pair, index, beton):
 
 def test_mixed_only_equals_the_reference(index, beton):
     """clean=False: the op writes the mixed crop alone (the authors' recipe)."""
-    from pipeline.ffcv import FfcvLoader
+    from backmix.pipeline.ffcv import FfcvLoader
     config = LoaderConfig(batch_size=50, num_workers=2, seed=4, clean=False)
     maps = UniformMaps(len(index), 8)
     ffcv = FfcvLoader(index, config, maps, ROWS, beton=beton)
@@ -152,7 +152,7 @@ def test_mixed_only_equals_the_reference(index, beton):
 
 def test_evaluation_mode_equals_the_reference(index, beton):
     """Centre crop, no flip, no shuffle; BackMix still there when asked (and the short last batch)."""
-    from pipeline.ffcv import FfcvLoader
+    from backmix.pipeline.ffcv import FfcvLoader
     config = LoaderConfig(batch_size=64, num_workers=2, seed=5, train=False, shuffle=False)
     rows = ROWS[:130]
     ffcv = FfcvLoader(index, config, UniformMaps(len(index), 8), rows, beton=beton)
@@ -161,7 +161,7 @@ def test_evaluation_mode_equals_the_reference(index, beton):
 
 
 def test_two_shards_cover_every_index_once(index, beton):
-    from pipeline.ffcv import FfcvLoader
+    from backmix.pipeline.ffcv import FfcvLoader
     seen = []
     for rank in (0, 1):
         config = LoaderConfig(batch_size=40, num_workers=1, backmix=False, rank=rank, world_size=2)
@@ -187,7 +187,7 @@ def test_write_beton_command_and_a_resized_beton(tiny_root, tmp_path, capsys):
     assert meta["f1"].tolist() == tiny.labels.tolist()     # label
     assert meta["f2"].tolist() == list(range(24))          # dataset index
     # The loader resizes these 40x33 images to its 32x32 canvas, then mixes them.
-    from pipeline.ffcv import FfcvLoader
+    from backmix.pipeline.ffcv import FfcvLoader
     loader = FfcvLoader(tiny, LoaderConfig(batch_size=10, canvas=32, crop=24, num_workers=1, seed=1), beton=out)
     loader.set_epoch(0)
     batches = list(loader)
@@ -207,7 +207,7 @@ def test_write_beton_command_and_a_resized_beton(tiny_root, tmp_path, capsys):
 
 
 def test_a_beton_that_does_not_fit_is_refused(index, tiny_root, tmp_path):
-    from pipeline.ffcv import FfcvLoader
+    from backmix.pipeline.ffcv import FfcvLoader
     with pytest.raises(BackMixError, match="does not exist"):
         FfcvLoader(index, LoaderConfig(), beton=tmp_path / "none.beton")
     tiny = write_beton(ImageIndex.load(tiny_root), tmp_path / "tiny.beton", canvas=40, progress=False)

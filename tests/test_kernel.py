@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline import BackMixSampler, box_size, crop_flip, fill_value, mix_backgrounds, top_k_mask
-from pipeline.backmix import backmix
+from backmix.pipeline import BackMixSampler, box_size, crop_flip, fill_value, mix_backgrounds, top_k_mask
+from backmix.pipeline.backmix import backmix
 
 
 def loop_top_k(maps: np.ndarray, ratio: float, tie_break: np.ndarray) -> np.ndarray:

@@ -6,8 +6,8 @@ import pytest
 import torch
 from sklearn.metrics import roc_auc_score
 
-from osr_data.errors import BackMixError
-from trainers.metrics import auroc, fpr_at_tpr, open_set_metrics, oscr
+from backmix.osr_data.errors import BackMixError
+from backmix.trainers.metrics import auroc, fpr_at_tpr, open_set_metrics, oscr
 
 
 def pairwise_oscr(known, unknown, correct):

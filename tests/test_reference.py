@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 import torch
 
-from cam_cache import ArrayMaps
-from osr_data import BackMixError, DecodeError, ImageIndex, decode_canvas
-from pipeline import (BackMixSampler, EpochSampler, LoaderConfig, ReferenceLoader, crop_flip, fill_value,
+from backmix.cam_cache import ArrayMaps
+from backmix.osr_data import BackMixError, DecodeError, ImageIndex, decode_canvas
+from backmix.pipeline import (BackMixSampler, EpochSampler, LoaderConfig, ReferenceLoader, crop_flip, fill_value,
                       mix_backgrounds, normalize, top_k_mask)
 
 

@@ -19,10 +19,10 @@ import pytest
 import torch
 
 from backmix.cli import main as cli_main
-from osr_data.errors import BackMixError
-from osr_data.prepare import write_split
-from trainers.config import TrainConfig
-from trainers.train import main
+from backmix.osr_data.errors import BackMixError
+from backmix.osr_data.prepare import write_split
+from backmix.trainers.config import TrainConfig
+from backmix.trainers.train import main
 
 REPO = Path(__file__).resolve().parents[1]
 CLASSES = ("ant", "bee", "cat", "dog")
@@ -73,7 +73,7 @@ def finished_run(small_root, tmp_path_factory) -> TrainConfig:
 
 
 def test_regeneration_happens_on_schedule_and_feeds_the_next_epoch(finished_run):
-    from cam_cache import ForegroundCache
+    from backmix.cam_cache import ForegroundCache
 
     run = Path(finished_run.out)
     lines = read_jsonl(run / "metrics.jsonl")
@@ -113,7 +113,7 @@ def test_baseline_trains_without_a_cache(small_root, tmp_path):
 
 def test_w_raw_0_trains_on_the_mixed_crops_alone(small_root, tmp_path, monkeypatch):
     """The authors' recipe: the loader skips the clean crops and the model sees the mixed ones only."""
-    import trainers.train as train_mod
+    import backmix.trainers.train as train_mod
     cfg = tiny(small_root, tmp_path / "mixed-only", epochs=1, w_raw=0.0)
     assert train_mod.loader_config(cfg, torch.device("cpu"), train=True).clean is False
     assert train_mod.loader_config(cfg, torch.device("cpu"), train=False).clean      # evaluation: clean
@@ -148,7 +148,7 @@ def test_checkpoint_of_another_arch_or_class_count_is_refused(finished_run):
     with pytest.raises(BackMixError, match="has 2 classes, the data has 3"):
         main(TrainConfig(**{**finished_run.to_dict(), "split": "ant,bee,cat"}), resume=True, explicit={"split"})
     with pytest.raises(BackMixError, match="has 2 classes, the data has 3"):
-        from trainers.train import evaluate_checkpoint
+        from backmix.trainers.train import evaluate_checkpoint
         evaluate_checkpoint(Path(finished_run.out) / "last.pt", finished_run.data, split="ant,bee,cat",
                             device="cpu", workers=0)
 
@@ -159,10 +159,10 @@ def test_a_second_run_into_the_same_folder_is_refused(finished_run):
 
 
 def test_world_size_not_matching_a_pending_cache_build_is_reported(small_root, tmp_path):
-    from cam_cache import build_generation, init_cache
-    from cam_cache.models import build_model
-    from osr_data.index import ImageIndex
-    from trainers.train import load_data
+    from backmix.cam_cache import build_generation, init_cache
+    from backmix.cam_cache.models import build_model
+    from backmix.osr_data.index import ImageIndex
+    from backmix.trainers.train import load_data
 
     cache = tmp_path / "shared-cache"
     data = load_data(small_root, "ant,cat")
@@ -232,7 +232,7 @@ def test_two_process_gloo_run_keeps_ranks_identical_and_evaluates(small_root, tm
 
 def test_resume_redoes_a_cache_rebuild_cut_short_by_a_kill(small_root, tmp_path, monkeypatch):
     """Killed after epoch 1's checkpoint but before its cache rebuild: --resume rebuilds from those weights."""
-    import trainers.train as train_mod
+    import backmix.trainers.train as train_mod
 
     real = train_mod.regenerate
 
@@ -255,7 +255,7 @@ def test_resume_redoes_a_cache_rebuild_cut_short_by_a_kill(small_root, tmp_path,
 
 
 def test_experiment_runs_each_method_once_and_tabulates(tmp_path, capsys):
-    from trainers.experiment import run_experiment
+    from backmix.trainers.experiment import run_experiment
     overrides = {"epochs": 1, "width": 0.25, "device": "cpu", "batch_size": 128}
     results = run_experiment(tmp_path, ["digits"], 1, overrides, methods=("baseline", "backmix-mixed"))
     assert [(r["dataset"], r["split"], r["method"]) for r in results] == [("digits", 0, "baseline"),

@@ -14,8 +14,8 @@ def _d(name: str) -> str:
 
 
 def register(top) -> None:
-    from cam_cache.models import ARCHS
-    from pipeline.loaders import BACKENDS
+    from backmix.cam_cache.models import ARCHS
+    from backmix.pipeline.loaders import BACKENDS
 
     fmt = argparse.ArgumentDefaultsHelpFormatter
     p = top.add_parser("train", help="train an open-set classifier with BackMix (or the plain baseline)",

@@ -7,9 +7,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from cam_cache.models import ARCHS
-from osr_data.errors import BackMixError
-from pipeline.loaders import BACKENDS
+from backmix.cam_cache.models import ARCHS
+from backmix.osr_data.errors import BackMixError
+from backmix.pipeline.loaders import BACKENDS
 
 OPTIMIZERS = ("sgd", "adamw")
 AMP = ("auto", "bf16", "fp16", "off")

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import numpy as np
 
-from osr_data.errors import BackMixError
-from osr_data.index import atomic_write_bytes
-from osr_data.prepare import DATASETS, prepare
+from backmix.osr_data.errors import BackMixError
+from backmix.osr_data.index import atomic_write_bytes
+from backmix.osr_data.prepare import DATASETS, prepare
 
 from .config import TrainConfig
 from .train import append_jsonl, read_jsonl

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from sklearn.metrics import roc_auc_score, roc_curve
 
-from osr_data.errors import BackMixError
+from backmix.osr_data.errors import BackMixError
 
 
 def _scores(known: np.ndarray, unknown: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -31,13 +31,13 @@ import torch.distributed as dist
 from torch import nn
 from tqdm import tqdm
 
-from cam_cache.models import build_model, load_model, save_checkpoint
-from osr_data.errors import BackMixError
-from osr_data.index import ImageIndex, atomic_write_bytes
-from osr_data.splits import OpenSetSplit, resolve_split
-from pipeline.augment import IMAGENET_MEAN, IMAGENET_STD
-from pipeline.config import LoaderConfig
-from pipeline.loaders import make_loader
+from backmix.cam_cache.models import build_model, load_model, save_checkpoint
+from backmix.osr_data.errors import BackMixError
+from backmix.osr_data.index import ImageIndex, atomic_write_bytes
+from backmix.osr_data.splits import OpenSetSplit, resolve_split
+from backmix.pipeline.augment import IMAGENET_MEAN, IMAGENET_STD
+from backmix.pipeline.config import LoaderConfig
+from backmix.pipeline.loaders import make_loader
 
 from .config import TrainConfig
 from .metrics import open_set_metrics
@@ -289,7 +289,7 @@ def evaluate(model: nn.Module, loader, label_map: np.ndarray, precision: Precisi
 def regenerate(cfg: TrainConfig, model: nn.Module, data: OpenSetData, device: torch.device, *,
                rank: int = 0, world: int = 1, tag: str = "") -> int:
     """Build the next cache generation from the current weights; every rank builds its shard."""
-    from cam_cache import build_generation, publish_generation
+    from backmix.cam_cache import build_generation, publish_generation
 
     net = unwrap(model)
     was_training = net.training
@@ -426,7 +426,7 @@ def _run(cfg: TrainConfig, device: torch.device, rank: int, world: int, resume: 
     # The foreground cache: generation 0 (0.5 everywhere) unless it exists. Baselines need none.
     maps = None
     if cfg.backmix:
-        from cam_cache import ForegroundCache, init_cache
+        from backmix.cam_cache import ForegroundCache, init_cache
         if rank == 0:
             init_cache(cfg.cache_dir, data.train, grid=cfg.grid)
         barrier(world)
@@ -541,7 +541,7 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, data_root: str | os.PathL
                         backend: str = "reference", split: Optional[str] = None, device: str = "auto",
                         workers: int = 2, progress: bool = True) -> dict:
     """Open-set metrics of a checkpoint on ``data_root``/test; the known classes come from the checkpoint."""
-    from cam_cache.models import read_checkpoint
+    from backmix.cam_cache.models import read_checkpoint
     ckpt = read_checkpoint(checkpoint)
     saved = ckpt.get("config") or {}
     if split is not None:
