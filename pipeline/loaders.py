@@ -14,12 +14,22 @@ from .config import LoaderConfig
 BACKENDS = ("reference", "dali", "ffcv")
 
 
+def require_dali() -> None:
+    """One line naming the install command when the optional DALI backend is missing."""
+    try:
+        import nvidia.dali  # noqa: F401
+    except ImportError:
+        raise BackMixError("the dali backend needs NVIDIA DALI, which is not installed: "
+                           "pip install 'backmix[dali]'") from None
+
+
 def make_loader(backend: str, index: ImageIndex, config: LoaderConfig,
                 maps: Optional[ForegroundMaps] = None, indices: Optional[np.ndarray] = None, **kwargs):
     if backend == "reference":
         from .reference import ReferenceLoader
         return ReferenceLoader(index, config, maps, indices)
     if backend == "dali":
+        require_dali()
         from .dali import DaliLoader
         return DaliLoader(index, config, maps, indices, **kwargs)
     if backend == "ffcv":
