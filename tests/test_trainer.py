@@ -315,3 +315,84 @@ def test_experiment_runs_each_method_once_and_tabulates(tmp_path, capsys):
     assert len((tmp_path / "results.jsonl").read_text().splitlines()) == 3
     with pytest.raises(BackMixError, match="unknown method 'mixup'"):
         run_experiment(tmp_path, ["digits"], 1, overrides, methods=("mixup",))
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--known", "ant"], "an open-set split needs at least 2 known classes and 1 unknown one; got 1 known (ant)"),
+    (["--known", "ant,bee,cat,dog"], "must name distinct classes, at least one and not all"),
+    (["--lr", "nan"], "--lr must be a finite number > 0, got nan"),
+    (["--lr", "0"], "--lr must be a finite number > 0, got 0.0"),
+    (["--width", "inf"], "--width must be a finite number > 0, got inf"),
+    (["--warmup-epochs", "-1"], "--warmup-epochs must be a finite number >= 0, got -1.0"),
+    (["--seed", "-1"], "--seed must be a finite number in [0, 2**32), got -1"),
+    (["--weight-decay", "-0.1"], "--weight-decay must be a finite number >= 0, got -0.1"),
+    (["--momentum", "1.5"], "--momentum must be a finite number in [0, 1], got 1.5"),
+    (["--save-every", "-2"], "--save-every must be a finite number >= 0, got -2"),
+    (["--epochs", "0"], "--epochs must be a finite number >= 1, got 0"),
+    (["--canvas", "36"], "multiple of the grid"),
+])
+def test_bad_training_input_is_one_line_before_any_work(small_root, tmp_path, capsys, extra, message):
+    cfg = tiny(small_root, tmp_path / "bad")
+    args = cli_args(cfg)
+    at = args.index("--known")
+    if extra[0] == "--known":
+        del args[at:at + 2]
+    assert cli_main(args + extra) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("backmix: error: ") and err.count("\n") == 1 and message in err
+    assert not (tmp_path / "bad" / "last.pt").exists()
+
+
+def test_an_out_that_is_a_file_or_not_writable_is_refused_first(small_root, tmp_path, capsys, monkeypatch):
+    import backmix.trainers.train as train_mod
+    file = tmp_path / "taken"
+    file.write_text("not a folder")
+    assert cli_main(cli_args(tiny(small_root, file))) == 2
+    assert capsys.readouterr().err == f"backmix: error: --out {file} is a file; a run needs a folder\n"
+
+    def denied(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(train_mod.tempfile, "TemporaryFile", denied)   # what a read-only folder answers
+    assert cli_main(cli_args(tiny(small_root, tmp_path / "ro"))) == 2
+    assert capsys.readouterr().err == f"backmix: error: --out {tmp_path / 'ro'} cannot be written: Permission denied\n"
+
+
+def test_a_run_folder_that_stops_taking_files_is_one_line(small_root, tmp_path, capsys, monkeypatch):
+    import backmix.trainers.train as train_mod
+
+    def read_only(path, *args, **kwargs):
+        raise OSError(30, "Read-only file system", str(path))
+
+    monkeypatch.setattr(train_mod, "save_checkpoint", read_only)
+    cfg = tiny(small_root, tmp_path / "run", epochs=1)
+    assert cli_main(cli_args(cfg)) == 2
+    assert capsys.readouterr().err == f"backmix: error: cannot write {cfg.out}/last.pt: Read-only file system\n"
+
+
+def test_eval_of_a_run_folder_suggests_its_checkpoints(finished_run, capsys):
+    run = finished_run.out
+    assert cli_main(["eval", "--checkpoint", run, "--data", finished_run.data, "--device", "cpu"]) == 2
+    assert capsys.readouterr().err == (f"backmix: error: --checkpoint {run} is a folder; pass a checkpoint file "
+                                       f"in it, {run}/best.pt or {run}/last.pt\n")
+
+
+def test_on_error_skip_trains_and_evaluates_past_a_broken_image(small_root, tmp_path, capsys):
+    import shutil
+    root = tmp_path / "broken"
+    shutil.copytree(small_root, root)
+    for split in ("train", "test"):
+        next(iter(sorted((root / split / "ant").iterdir()))).write_bytes(b"not an image")
+    cfg = tiny(root, tmp_path / "run", epochs=1, regen_every=0)
+    assert cli_main(cli_args(cfg)) == 2
+    assert "does not decode" in capsys.readouterr().err
+    shutil.rmtree(cfg.out)
+    assert cli_main(cli_args(cfg) + ["--on-error", "skip"]) == 0
+    line = read_jsonl(Path(cfg.out) / "metrics.jsonl")[0]
+    assert line["images"] == 23 and line["eval"]["num_known"] == 11      # one training, one test image skipped
+    capsys.readouterr()
+    ev = ["eval", "--checkpoint", f"{cfg.out}/last.pt", "--data", str(root), "--workers", "0", "--device", "cpu",
+          "--json"]
+    assert cli_main(ev) == 2 and "does not decode" in capsys.readouterr().err
+    assert cli_main(ev + ["--on-error", "skip"]) == 0
+    assert json.loads(capsys.readouterr().out)["num_known"] == 11

@@ -8,7 +8,10 @@ foreground cache if e+1 is a multiple of ``regen_every``, append the epoch's lin
 to RUN/metrics.jsonl. The checkpoint is written *before* the rebuild and records
 the generation the rebuild will publish, so a run killed during the rebuild
 redoes it (from the same weights) on ``--resume`` and the stream of masks stays
-what it would have been.
+what it would have been. With ``--save-every N``, last.pt is also written every N
+steps inside an epoch ("partial": each rank's loader position, running sums and
+RNG), and ``--resume`` continues from that step: on the CPU the result equals the
+uninterrupted run's bit for bit.
 """
 from __future__ import annotations
 
