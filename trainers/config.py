@@ -32,7 +32,7 @@ NUMERIC_RANGES = {
     "sgd_momentum": (lambda v: 0 <= v < 1, "in [0, 1)"), "weight_decay": _at_least(0),
     "warmup_epochs": _at_least(0), "w_raw": _at_least(0), "w_mix": _at_least(0), "regen_every": _at_least(0),
     "momentum": (lambda v: 0 <= v <= 1, "in [0, 1]"), "box_fraction": _FRACTION, "top_k_ratio": _FRACTION,
-    "seed": (lambda v: 0 <= v < 2 ** 32, "in [0, 2**32)"), "workers": _at_least(0), "eval_every": _at_least(0),
+    "seed": (lambda v: 0 <= v < 2 ** 63, "in [0, 2**63)"), "workers": _at_least(0), "eval_every": _at_least(0),
     "save_every": _at_least(0),
 }
 
