@@ -72,7 +72,8 @@ class _Fed:
 class _Feeder:
     """The external_source callback: one call = the next batch of the epoch, as DALI inputs.
 
-    It reads file bytes and draws the batch's params on the host; everything
+    It reads the batch's file bytes (on the loader's ``readers`` thread pool, one
+    thread per worker) and draws the batch's params on the host; everything
     per-pixel happens in the pipeline. ``fed`` lists what is inside the pipeline,
     in order, so each output can be matched to its batch.
     """
