@@ -13,6 +13,7 @@ from backmix.pipeline.loaders import BACKENDS
 
 OPTIMIZERS = ("sgd", "adamw")
 AMP = ("auto", "bf16", "fp16", "off")
+REGEN = ("loop", "pass")
 
 
 @dataclass
@@ -35,6 +36,7 @@ class TrainConfig:
     w_raw: float = 1.0                # weight of CE on the clean crops (0 with BackMix: mixed only)
     w_mix: float = 1.0                # weight of CE on the mixed crops
     regen_every: int = 2              # rebuild the foreground cache after every k epochs (0: never)
+    regen: str = "loop"               # CAMs of the rebuild: "loop" from the epoch's batches, "pass" after it
     momentum: float = 0.1             # CAM momentum of the cache update
     canvas: int = 40
     crop: int = 32
@@ -61,6 +63,8 @@ class TrainConfig:
             raise BackMixError(f"unknown --backend {self.backend!r} (choose from {', '.join(BACKENDS)})")
         if self.amp not in AMP:
             raise BackMixError(f"unknown --amp {self.amp!r} (choose from {', '.join(AMP)})")
+        if self.regen not in REGEN:
+            raise BackMixError(f"unknown --regen {self.regen!r} (choose from {', '.join(REGEN)})")
         if self.lr <= 0:
             raise BackMixError(f"--lr must be positive, got {self.lr}")
         if self.width <= 0:
