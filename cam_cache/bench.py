@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import platform
+import resource
 import shutil
 import statistics
 import tempfile
@@ -108,10 +109,10 @@ def in_loop_vs_pass(images: int, folder: Path, repeats: int, workers: int, devic
     model = build_model("cnn32", index.num_classes, width=0.5).to(device)
     # The training loader's batches: canvases already decoded (their decode is the epoch's, not the rebuild's).
     rows = np.arange(len(index))
-    t0 = time.perf_counter()
+    t0 = time.process_time()
     batches = [(torch.stack([decode_canvas(index.abspath(int(i)), canvas) for i in b]).to(device),
                 torch.from_numpy(b).to(device)) for b in np.array_split(rows, -(-len(rows) // batch_size))]
-    decode_s = time.perf_counter() - t0               # one process: what the pass spreads over its workers
+    decode_cpu_s = time.process_time() - t0           # the decoding the in-loop rebuild saves
     common = dict(canvas=canvas, mean=IMAGENET_MEAN, std=IMAGENET_STD)
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
 
@@ -125,20 +126,28 @@ def in_loop_vs_pass(images: int, folder: Path, repeats: int, workers: int, devic
         rebuild_cache(cache, model, index, batch_size=pass_batch_size, num_workers=workers, device=device,
                       progress=False, **common)
 
-    t_loop, t_pass = [], []
+    def cpu_seconds() -> float:
+        # this process's threads and its finished children (the pass's decoding workers, joined per pass)
+        return time.process_time() + resource.getrusage(resource.RUSAGE_CHILDREN).ru_utime \
+            + resource.getrusage(resource.RUSAGE_CHILDREN).ru_stime
+
+    times = {"loop": ([], []), "separate": ([], [])}   # wall, CPU seconds
     model.train()                                     # as in the training loop; the CAMs switch to eval
     for i in range(repeats + 1):                      # the first round warms up (allocator, page cache)
-        for fn, out in ((loop, t_loop), (separate, t_pass)):
+        for fn in (loop, separate):
             cache = folder / f"{fn.__name__}-{i}"
             init_cache(cache, index, grid=8)
+            c = cpu_seconds()
             t = _timed(lambda: fn(cache), sync)
             if i:
-                out.append(t)
-    t_loop, t_pass = statistics.median(t_loop), statistics.median(t_pass)
+                times[fn.__name__][0].append(t)
+                times[fn.__name__][1].append(cpu_seconds() - c)
+    (t_loop, c_loop), (t_pass, c_pass) = ([statistics.median(v) for v in times[k]] for k in ("loop", "separate"))
     return {"images": len(index), "arch": "cnn32", "width": 0.5, "canvas": canvas, "batch_size": batch_size,
             "pass_batch_size": pass_batch_size, "pass_workers": workers, "device": device, "repeats": repeats,
             "in_loop_s": t_loop, "pass_s": t_pass, "in_loop_vs_pass_ratio": t_loop / t_pass,
-            "decode_1_process_s": decode_s}
+            "decode_cpu_s": decode_cpu_s, "in_loop_cpu_s": c_loop, "pass_cpu_s": c_pass,
+            "in_loop_vs_pass_cpu_ratio": c_loop / c_pass}
 
 
 def bench_cache(args) -> dict:
@@ -170,7 +179,9 @@ def bench_cache(args) -> dict:
     if regen:
         rows.append(("in-loop rebuild vs pass", f"{regen['in_loop_vs_pass_ratio']:.3f}", "<= 0.5",
                      f"{regen['in_loop_s']:.2f} s added to the epoch vs {regen['pass_s']:.2f} s pass, "
-                     f"{regen['images']} bench photos (decode alone {regen['decode_1_process_s']:.2f} s in 1 process), "
+                     f"(CPU time {regen['in_loop_vs_pass_cpu_ratio']:.3f}: {regen['in_loop_cpu_s']:.1f} vs "
+                     f"{regen['pass_cpu_s']:.1f} s; decoding {regen['decode_cpu_s']:.1f} s of it), "
+                     f"{regen['images']} bench photos, "
                      f"cnn32 {regen['canvas']}px on {regen['device']}"))
     width = [max(len(r[i]) for r in rows + [("figure", "value", "target", "notes")]) for i in range(4)]
     for r in [("figure", "value", "target", "notes")] + rows:

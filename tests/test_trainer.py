@@ -312,6 +312,8 @@ def test_in_loop_generation_of_a_frozen_model_equals_the_separate_pass(small_roo
     assert not np.all(a[known] == 0.5) and np.all(a[~known] == 0.5)    # the known rows moved, only they
     # CAMs taken in other batch compositions may differ by a float32 ulp: at most one float16 step
     assert np.abs(a - b).max() <= 2.0 ** -11
+    with pytest.raises(BackMixError, match="unknown --regen 'both'"):
+        tiny(small_root, tmp_path / "bad", regen="both")
 
 
 KILLING_RUN = """

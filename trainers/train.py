@@ -510,8 +510,8 @@ def _run(cfg: TrainConfig, device: torch.device, rank: int, world: int, resume: 
                               regen_s=in_loop + time.perf_counter() - t0)
                 save_checkpoints()
 
-            regenerate(cfg, model, data, device, epoch=epoch + 1, rank=rank, writer=writer,
-                       before_publish=note_and_save)
+            record["regenerated"] = regenerate(cfg, model, data, device, epoch=epoch + 1, rank=rank,
+                                               writer=writer, before_publish=note_and_save)
             record["regen_s"] = in_loop + time.perf_counter() - t0          # the publish included
             if writer is not None:
                 record["regen_in_loop_s"] = in_loop
@@ -537,7 +537,8 @@ def epoch_line(r: dict, epochs: int) -> str:
     if r.get("cache_generation") is not None:
         parts.append(f"masks from generation {r['cache_generation']}")
     if "regen_s" in r:
-        parts.append(f"cache rebuilt in {r['regen_s']:.1f}s (generation {r['regenerated']})")
+        how = f", {r['regen_in_loop_s']:.1f}s of it CAMs in the loop" if "regen_in_loop_s" in r else ""
+        parts.append(f"cache rebuilt in {r['regen_s']:.1f}s (generation {r['regenerated']}{how})")
     if "eval" in r:
         e = r["eval"]
         parts.append(f"test acc {e['accuracy']:.3f} AUROC {e['auroc_msp']:.3f} OSCR {e['oscr_msp']:.3f}")
