@@ -13,14 +13,15 @@ from typing import Callable
 
 def lazy_exports(package: str, namespace: dict, exports: dict[str, str]) -> tuple[Callable, Callable]:
     """(``__getattr__``, ``__dir__``) for ``package`` whose public ``name`` lives in ``exports[name]``
-    (a module path relative to the package, e.g. ``".index"``)."""
+    (a module path relative to the package, e.g. ``".index"``; ``".train:main"`` exports that
+    module's ``main`` under ``name``)."""
 
     def __getattr__(name: str):
         try:
-            module = exports[name]
+            module, _, attribute = exports[name].partition(":")
         except KeyError:
             raise AttributeError(f"module {package!r} has no attribute {name!r}") from None
-        value = getattr(importlib.import_module(module, package), name)
+        value = getattr(importlib.import_module(module, package), attribute or name)
         namespace[name] = value
         return value
 

@@ -51,7 +51,8 @@ class RowLabels:
 
     def __init__(self, dataset_labels: np.ndarray, label_map: Optional[np.ndarray] = None) -> None:
         self.dataset = np.asarray(dataset_labels, dtype=np.int64)
-        self.targets = self.dataset if label_map is None else np.asarray(label_map, dtype=np.int64)[self.dataset]
+        self.label_map = None if label_map is None else np.asarray(label_map, dtype=np.int64)
+        self.targets = self.dataset if label_map is None else self.label_map[self.dataset]
 
     def take(self, rows: np.ndarray, device) -> tuple[Tensor, Tensor, Tensor]:
         """(labels on ``device``, dataset labels, indices), the last two on the host: the fields of a batch."""

@@ -1,0 +1,92 @@
+"""The library face: a BackMix stream, its cache and open-set evaluation in a few calls.
+
+Everything here is a thin composition of the stages (``backmix.osr_data`` ->
+``backmix.cam_cache`` -> ``backmix.pipeline`` -> ``backmix.trainers``); the stages stay
+the place to go for finer control (``make_loader``, ``GenerationWriter``, ``TrainConfig``).
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import numpy as np
+import torch
+from torch import nn
+
+from .cam_cache import ForegroundCache, init_cache, rebuild_cache
+from .pipeline import LoaderConfig, make_loader
+from .pipeline.augment import IMAGENET_MEAN, IMAGENET_STD
+from .trainers.train import OpenSetData, Precision, load_data
+from .trainers.train import evaluate as _evaluate
+
+
+def open_set_data(root: str | os.PathLike, split: str | int = "0") -> OpenSetData:
+    """A prepared folder (``root/train``, ``root/test``) and its open-set split: a split number
+    ("0".."4") or a comma list of known class names. ``num_known`` is the classifier's class count."""
+    return load_data(root, str(split))
+
+
+def _dist() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def loader(data: OpenSetData | str | os.PathLike, *, split: str | int = "0", cache: Optional[str | os.PathLike] = None,
+           backend: str = "reference", train: bool = True, **options):
+    """The BackMix stream of ``data``'s known training classes (``train=True``) or its whole test
+    folder for evaluation (``train=False``), from the loader ``backend`` ("reference", "dali",
+    "ffcv", "ray").
+
+    ``cache``: the foreground-cache folder a training loader reads its maps from (created at
+    generation 0 when absent; rebuild it with ``backmix.rebuild``); without one the maps stay at
+    generation 0. ``options`` are ``LoaderConfig`` fields (batch_size, canvas, crop, device, ...).
+    Under torch.distributed (torchrun) a training loader serves this rank's shard. Batches carry
+    closed-set labels 0..K-1 (-1 marks an unknown class in an evaluation loader); ``batch.inputs()``
+    gives (x, y) for one forward pass.
+    """
+    data = data if isinstance(data, OpenSetData) else open_set_data(data, split)
+    rank, world = _dist() if train else (0, 1)
+    options.setdefault("backmix", train)
+    config = LoaderConfig(train=train, shuffle=train, rank=rank, world_size=world,
+                          last_batch="drop" if train and world > 1 else "keep", **options)
+    maps = None
+    if cache is not None and train and config.backmix:
+        if rank == 0:
+            init_cache(cache, data.train, grid=config.grid)
+        if world > 1 and torch.distributed.is_initialized():
+            torch.distributed.barrier()
+        maps = ForegroundCache(cache, index=data.train, grid=config.grid)
+    index, rows = (data.train, data.known_rows) if train else (data.test, None)
+    return make_loader(backend, index, config, maps=maps, indices=rows, label_map=data.label_map)
+
+
+def rebuild(train_loader, model: nn.Module, *, momentum: float = 0.1, progress: bool = True) -> int:
+    """The next cache generation from ``model``'s current weights, for the rows ``train_loader``
+    serves, by a pass over their canvases; the loader uses it from its next epoch. Under
+    torch.distributed call it on every rank: each builds its shard, rank 0 publishes, and an error
+    on any rank is raised on every rank. Returns the published generation."""
+    maps = train_loader.maps
+    if not isinstance(maps, ForegroundCache):
+        raise TypeError("rebuild needs a loader made with a cache folder: backmix.loader(..., cache=DIR)")
+    cfg = train_loader.config
+    net = getattr(model, "module", model)
+    was_training = net.training
+    try:
+        return rebuild_cache(maps.cache_dir, net.eval(), train_loader.index, canvas=cfg.canvas, mean=cfg.mean,
+                             std=cfg.std, momentum=momentum, label_map=train_loader.row_labels.label_map,
+                             rows=train_loader.dataset_indices,   # every rank's loader lists all rows
+                             num_workers=cfg.num_workers, device=next(net.parameters()).device,
+                             progress=progress)
+    finally:
+        net.train(was_training)
+
+
+def evaluate(model: nn.Module, test_loader, data: OpenSetData) -> dict:
+    """Closed-set accuracy on the known test classes; AUROC, FPR at 95 % TPR and OSCR of known vs
+    unknown test images, scored by maximum softmax probability (``*_msp``) and maximum logit (``*_mls``)."""
+    device = next(model.parameters()).device
+    return _evaluate(model, test_loader, data.label_map, Precision(device, "auto"))
+
+
+__all__ = ["evaluate", "loader", "open_set_data", "rebuild", "IMAGENET_MEAN", "IMAGENET_STD"]

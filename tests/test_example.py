@@ -1,0 +1,42 @@
+"""The public API as a user's own loop meets it: examples/own_loop.py and backmix.loader."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import backmix
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "own_loop.py"
+
+
+def test_the_own_loop_example_trains_rebuilds_and_evaluates(digits_root, tmp_path):
+    assert len(EXAMPLE.read_text().splitlines()) <= 60
+    r = subprocess.run([sys.executable, str(EXAMPLE), "--data", str(digits_root), "--epochs", "2",
+                        "--rebuild-every", "1", "--cache", str(tmp_path / "cache")],
+                       capture_output=True, text=True, cwd=tmp_path, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    lines = r.stdout.splitlines()
+    assert lines[0].startswith("epoch 1: loss") and lines[0].endswith("generation 0")
+    assert lines[1].startswith("epoch 2: loss") and lines[1].endswith("generation 1")   # the rebuild took effect
+    assert lines[2].startswith("accuracy ") and "AUROC" in lines[2]
+    assert (tmp_path / "cache" / "gen-000001.arrow").is_file()
+
+
+def test_loader_serves_closed_set_labels_of_the_known_classes(digits_root, tmp_path):
+    data = backmix.open_set_data(digits_root, split=1)
+    train = backmix.loader(data, cache=tmp_path / "c", batch_size=32, num_workers=0)
+    test = backmix.loader(data, train=False, batch_size=256, num_workers=0)
+    seen = torch.cat([b.indices for b in train])
+    assert sorted(seen.tolist()) == sorted(data.known_rows.tolist())          # the known classes, each once
+    batch = next(iter(train))
+    x, y = batch.inputs()
+    assert x.shape[0] == 2 * len(batch.indices) and y.min() >= 0 and y.max() < data.num_known
+    expected = data.label_map[data.train.labels[batch.indices.numpy()]]
+    assert np.array_equal(batch.labels.numpy(), expected)
+    labels = torch.cat([b.labels for b in test])
+    assert (labels == -1).sum() == (data.label_map[data.test.labels] < 0).sum() > 0   # unknowns marked -1
+    assert train.maps.generation == 0 and (tmp_path / "c" / "CURRENT").is_file()
