@@ -40,5 +40,5 @@ def backend_options(backend: str, *, ray_address: Optional[str] = None, prefetch
         return {"address": ray_address, "prefetch": prefetch}
     given = [name for name, value in (("--ray-address", ray_address), ("--prefetch", prefetch)) if value is not None]
     if given:
-        raise BackMixError(f"{' and '.join(given)} apply to --backend ray only, not {backend}")
+        raise BackMixError(f"only --backend ray takes {' and '.join(given)}, not --backend {backend}")
     return {}

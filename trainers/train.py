@@ -45,7 +45,8 @@ from .metrics import open_set_metrics
 log = logging.getLogger("backmix")
 
 # Fields a resumed run may change; every other one must match RUN/config.json.
-RESUME_MAY_CHANGE = ("device", "workers", "progress", "backend", "eval_every", "out", "data", "cache",
+RESUME_MAY_CHANGE = ("device", "workers", "progress", "backend", "ray_address", "prefetch", "eval_every", "out",
+                     "data", "cache",
                      # these three reach load_model, which refuses a checkpoint that does not fit
                      "arch", "width", "split")
 
@@ -433,8 +434,9 @@ def _run(cfg: TrainConfig, device: torch.device, rank: int, world: int, resume: 
         maps = ForegroundCache(cfg.cache_dir, index=data.train, grid=cfg.grid)
 
     train_loader = make_loader(cfg.backend, data.train, loader_config(cfg, device, train=True, rank=rank, world=world),
-                               maps=maps, indices=data.known_rows)
-    eval_loader = make_loader(cfg.backend, data.test, loader_config(cfg, device, train=False)) if rank == 0 else None
+                               maps=maps, indices=data.known_rows, **cfg.loader_options())
+    eval_loader = make_loader(cfg.backend, data.test, loader_config(cfg, device, train=False),
+                              **cfg.loader_options()) if rank == 0 else None
     if len(train_loader) == 0:
         raise BackMixError(f"{len(data.known_rows)} known training images are too few for batch size "
                            f"{cfg.batch_size} on {world} rank(s)")
@@ -556,6 +558,6 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, data_root: str | os.PathL
         TrainConfig(backend=backend, device=device, workers=workers, progress=progress)
     dev, _, _ = init_distributed(device)
     model.to(dev)
-    loader = make_loader(cfg.backend, data.test, loader_config(cfg, dev, train=False))
+    loader = make_loader(cfg.backend, data.test, loader_config(cfg, dev, train=False), **cfg.loader_options())
     return evaluate(model, loader, data.label_map, Precision(dev, cfg.amp),
                     progress and sys.stderr.isatty())
