@@ -38,35 +38,50 @@ RAY_DAEMONS = ("raylet", "gcs_server")
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 
-def ray_daemons() -> set[int]:
-    return {p.pid for p in psutil.process_iter(["name"]) if p.info["name"] in RAY_DAEMONS}
+TAG = "BACKMIX_TEST_RAY"    # set in the environment a test's Ray daemons inherit, to find them (and only them)
+
+
+def ray_daemons(tag: str) -> set[int]:
+    """The Ray daemons alive that were started with ``TAG=tag`` in their environment."""
+    found = set()
+    for p in psutil.process_iter(["name"]):
+        try:
+            if p.info["name"] in RAY_DAEMONS and p.environ().get(TAG) == tag:
+                found.add(p.pid)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            pass
+    return found
 
 
 @pytest.fixture(scope="module")
 def cluster():
     """A head and one more node on 127.0.0.1, 1 CPU each, joined by this process."""
-    before = ray_daemons()
+    tag = f"cluster-{os.getpid()}"
+    os.environ[TAG] = tag
     c = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False,
                                                       "node_ip_address": "127.0.0.1"})
-    c.add_node(num_cpus=1, node_ip_address="127.0.0.1")
-    c.wait_for_nodes()
-    # Ray rewrites a loopback address into this machine's network address, where a cluster that
-    # listens on loopback alone cannot be reached: keep the loopback address while joining.
-    services = ray._private.services
-    rewrite, services.resolve_ip_for_localhost = services.resolve_ip_for_localhost, lambda host: host
     try:
-        ray.init(address=c.address, _node_ip_address="127.0.0.1")
-    finally:
-        services.resolve_ip_for_localhost = rewrite
-    try:
+        c.add_node(num_cpus=1, node_ip_address="127.0.0.1")
+        c.wait_for_nodes()
+        del os.environ[TAG]
+        assert ray_daemons(tag), "the daemons of the cluster cannot be told apart"
+        # Ray rewrites a loopback address into this machine's network address, where a cluster that
+        # listens on loopback alone cannot be reached: keep the loopback address while joining.
+        services = ray._private.services
+        rewrite, services.resolve_ip_for_localhost = services.resolve_ip_for_localhost, lambda host: host
+        try:
+            ray.init(address=c.address, _node_ip_address="127.0.0.1")
+        finally:
+            services.resolve_ip_for_localhost = rewrite
         yield c
     finally:
+        os.environ.pop(TAG, None)
         ray.shutdown()
         c.shutdown()
         deadline = time.monotonic() + 30
-        while ray_daemons() - before and time.monotonic() < deadline:
+        while ray_daemons(tag) and time.monotonic() < deadline:
             time.sleep(0.2)
-        assert not ray_daemons() - before, "the cluster left Ray processes behind"
+        assert not ray_daemons(tag), "the cluster left Ray processes behind"
 
 
 def config(**kw) -> LoaderConfig:
@@ -200,6 +215,17 @@ def test_a_broken_file_is_skipped_and_counted(cluster, folder_with_a_broken_file
     assert_same_stream(got, list(ReferenceLoader(index, config(on_error="skip"))))
 
 
+def test_bench_times_ray_beside_the_reference_loader(cluster, tiny_root):
+    from backmix.pipeline.bench import run_benchmark
+
+    report = run_benchmark(tiny_root, ["reference", "ray"], batches=2, warmup=1, batch_size=8, canvas=40, crop=32,
+                           workers=1, device="cpu", n_images=24, prefetch=2)
+    rows = {(r["backend"], r["mode"]): r for r in report["results"]}
+    assert set(rows) == {(b, m) for b in ("reference", "ray") for m in ("off", "on", "on+clean")}
+    assert all(r["images_per_s"] > 0 and r["batches"] == 2 for r in rows.values())
+    assert {"ray_backmix_vs_reference_backmix", "ray_backmix_clean_vs_reference_backmix_clean"} <= set(report["ratios"])
+
+
 RANK_SCRIPT = """
 import json, sys
 import torch, torch.distributed as dist
@@ -237,17 +263,17 @@ def test_two_torchrun_ranks_each_read_their_own_shard_from_a_local_ray(tiny_root
 
     script, out = tmp_path / "rank.py", tmp_path / "seen.json"
     script.write_text(textwrap.dedent(RANK_SCRIPT))
-    before = ray_daemons()
+    tag = f"torchrun-{os.getpid()}"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
            "--master_port", str(free_port()), str(script), str(tiny_root), str(out)]
-    done = subprocess.run(cmd, cwd=REPO, env=env(), capture_output=True, text=True, timeout=400)
+    done = subprocess.run(cmd, cwd=REPO, env={**env(), TAG: tag}, capture_output=True, text=True, timeout=400)
     assert done.returncode == 0, done.stderr[-3000:]
     seen = json.loads(out.read_text())      # [rank][epoch] -> dataset indices
     for epoch in range(2):
         shards = [set(seen[r][epoch]) for r in range(2)]
         assert not shards[0] & shards[1]
         assert sorted(seen[0][epoch] + seen[1][epoch]) == list(range(24))
-    assert not ray_daemons() - before, "a rank left its Ray behind"
+    assert not ray_daemons(tag), "a rank left its Ray behind"
 
 
 def test_without_ray_the_error_says_how_to_install_it(tiny_root, tmp_path, monkeypatch, capsys):
@@ -264,6 +290,9 @@ def test_without_ray_the_error_says_how_to_install_it(tiny_root, tmp_path, monke
     (["--backend", "reference", "--prefetch", "2"], "only --backend ray takes --prefetch, not --backend reference"),
 ])
 def test_bad_ray_options_are_one_line(tiny_root, tmp_path, capsys, args, message):
+    rc = cli_main(["bench", "loader", "--data", str(tiny_root), *args])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and message in err[0]
     rc = cli_main(["show", "--data", str(tiny_root), "--out", str(tmp_path / "s.png"), *args])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and message in err[0]
