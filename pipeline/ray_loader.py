@@ -119,6 +119,13 @@ class RayLoader(ReferenceLoader):
         self._dataset = [ray.put(CanvasDataset(self.index, self.config.canvas))]
         self._task = ray.remote(num_cpus=1, max_retries=TASK_RETRIES)(canvas_batch)
 
+    def _own_copy(self, canvas: np.ndarray) -> torch.Tensor:
+        """Ray's arrays are read-only views of its object store: the batch gets its own copy, in
+        pinned memory when it goes on to a GPU (as the reference loader's ``pin_memory``)."""
+        out = torch.empty(canvas.shape, dtype=torch.uint8, pin_memory=self.device.type == "cuda")
+        out.numpy()[...] = canvas
+        return out
+
     def _canvas_batches(self) -> Iterator:
         ray = self._ray
         steps = (self.dataset_indices[b] for b in self.epoch_sampler.batches(self.epoch))
@@ -130,8 +137,7 @@ class RayLoader(ReferenceLoader):
                 if canvas is None:
                     yield None, None, None, failed
                     continue
-                # Ray's arrays are read-only views of its object store: the batch gets its own copy.
-                yield torch.tensor(canvas), torch.tensor(labels), torch.tensor(indices), failed
+                yield self._own_copy(canvas), torch.tensor(labels), torch.tensor(indices), failed
         finally:
             for ref in in_flight:   # an epoch left part-way: its remaining batches are not wanted
                 ray.cancel(ref)
