@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import re
+import socket
 from collections import OrderedDict, deque
 from itertools import islice
 from typing import Iterator, Optional
@@ -60,6 +61,8 @@ def join_ray(address: Optional[str], num_cpus: int):
     ray = require_ray()
     if ray.is_initialized():
         return ray
+    if address is not None and address != "auto":
+        check_reachable(address)
     try:
         if address is None:
             ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1",
@@ -71,6 +74,16 @@ def join_ray(address: Optional[str], num_cpus: int):
         raise BackMixError(f"cannot join {where}: {str(e).strip().splitlines()[0] if str(e).strip() else e!r}") \
             from None
     return ray
+
+
+def check_reachable(address: str, timeout_s: float = 10.0) -> None:
+    """Refuse a HOST:PORT nobody listens on at once: ``ray.init`` would retry it for minutes."""
+    host, port = address.rsplit(":", 1)
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+    except OSError as e:
+        raise BackMixError(f"cannot reach the Ray cluster at {address} ({e.strerror or e}): "
+                           "start it with `ray start --head`, or check --ray-address") from None
 
 
 # Per Ray worker process: each loader's dataset, deserialised once rather than once per task.
@@ -117,7 +130,8 @@ class RayLoader(ReferenceLoader):
     def _setup_decoding(self) -> None:
         self._ray = ray = join_ray(self.address, max(1, self.config.num_workers))
         self._dataset = [ray.put(CanvasDataset(self.index, self.config.canvas))]
-        self._task = ray.remote(num_cpus=1, max_retries=TASK_RETRIES)(canvas_batch)
+        # SPREAD: the batches go round the nodes instead of filling the driver's node first.
+        self._task = ray.remote(num_cpus=1, max_retries=TASK_RETRIES, scheduling_strategy="SPREAD")(canvas_batch)
 
     def _own_copy(self, canvas: np.ndarray) -> torch.Tensor:
         """Ray's arrays are read-only views of its object store: the batch gets its own copy, in

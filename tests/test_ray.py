@@ -283,6 +283,18 @@ def test_without_ray_the_error_says_how_to_install_it(tiny_root, tmp_path, monke
     assert rc == 2 and err[-1] == "backmix: error: Ray is not installed: pip install 'backmix[ray]'"
 
 
+def test_an_address_nobody_listens_on_is_one_line(tiny_root, tmp_path, capsys, monkeypatch):
+    from test_trainer import free_port
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)   # as if the module's cluster were not joined
+
+    address = f"127.0.0.1:{free_port()}"
+    rc = cli_main(["show", "--data", str(tiny_root), "--out", str(tmp_path / "s.png"), "--backend", "ray",
+                   "--ray-address", address])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and err[-1].startswith(f"backmix: error: cannot reach the Ray cluster at {address}")
+
+
 @pytest.mark.parametrize("args, message", [
     (["--backend", "ray", "--ray-address", "not an address"], "--ray-address must be 'auto' or HOST:PORT"),
     (["--backend", "ray", "--prefetch", "0"], "--prefetch must be at least 1, got 0"),
