@@ -15,6 +15,7 @@ from torch import nn
 
 from .cam_cache import ForegroundCache, init_cache, rebuild_cache
 from .pipeline import LoaderConfig, make_loader
+from .pipeline.loaders import backend_options
 from .pipeline.augment import IMAGENET_MEAN, IMAGENET_STD
 from .trainers.train import OpenSetData, Precision, load_data
 from .trainers.train import evaluate as _evaluate
@@ -46,6 +47,8 @@ def loader(data: OpenSetData | str | os.PathLike, *, split: str | int = "0", cac
     gives (x, y) for one forward pass.
     """
     data = data if isinstance(data, OpenSetData) else open_set_data(data, split)
+    extra = backend_options(backend, ray_address=options.pop("ray_address", None),
+                            prefetch=options.pop("prefetch", None))
     rank, world = _dist() if train else (0, 1)
     options.setdefault("backmix", train)
     config = LoaderConfig(train=train, shuffle=train, rank=rank, world_size=world,
@@ -58,7 +61,7 @@ def loader(data: OpenSetData | str | os.PathLike, *, split: str | int = "0", cac
             torch.distributed.barrier()
         maps = ForegroundCache(cache, index=data.train, grid=config.grid)
     index, rows = (data.train, data.known_rows) if train else (data.test, None)
-    return make_loader(backend, index, config, maps=maps, indices=rows, label_map=data.label_map)
+    return make_loader(backend, index, config, maps=maps, indices=rows, label_map=data.label_map, **extra)
 
 
 def rebuild(train_loader, model: nn.Module, *, momentum: float = 0.1, progress: bool = True) -> int:

@@ -31,7 +31,7 @@ import torch
 
 from backmix.osr_data.errors import BackMixError
 
-from .loaders import BACKENDS
+from .loaders import BACKENDS, backend_options
 
 # What a loader returns in each mode: (BackMix, clean crop). "on" is the authors' training stream
 # (canvas + mixed crop, one model input per image, like "off"); "on+clean" adds the clean crop.
@@ -160,7 +160,8 @@ def machine() -> str:
 
 
 def run_benchmark(data: Optional[Path], backends: list[str], *, batches: int, warmup: int, batch_size: int,
-                  canvas: int, crop: int, workers: int, device: str, n_images: int, repeat: int = 1) -> dict:
+                  canvas: int, crop: int, workers: int, device: str, n_images: int, repeat: int = 1,
+                  ray_address: Optional[str] = None, prefetch: Optional[int] = None) -> dict:
     from backmix.cam_cache.maps import UniformMaps
     from backmix.osr_data.benchdata import default_bench_folder, make_bench_folder
     from backmix.osr_data.index import ImageIndex
@@ -168,11 +169,16 @@ def run_benchmark(data: Optional[Path], backends: list[str], *, batches: int, wa
     from .config import LoaderConfig, choose_device
     from .loaders import make_loader
 
+    if not backends:
+        raise BackMixError(f"--backend names no backend (choose from {', '.join(BACKENDS)})")
     for b in backends:
         if b not in BACKENDS:
             raise BackMixError(f"unknown backend {b!r} (choose from {', '.join(BACKENDS)})")
     if batches < 1 or repeat < 1 or warmup < 0:
         raise BackMixError(f"--batches and --repeat must be >= 1 and --warmup >= 0, got {batches}, {repeat}, {warmup}")
+    # The Ray options reach the Ray backend alone; without it in the list they are refused.
+    ray_options = backend_options("ray" if "ray" in backends else backends[0], ray_address=ray_address,
+                                  prefetch=prefetch)
     if data is None:
         data = default_bench_folder(n_images)
         index = make_bench_folder(data, n_images)
@@ -201,7 +207,8 @@ def run_benchmark(data: Optional[Path], backends: list[str], *, batches: int, wa
         config = LoaderConfig(batch_size=batch_size, canvas=canvas, crop=crop, backmix=backmix, clean=clean,
                               num_workers=workers, device=device, last_batch="drop")
         try:
-            loader = make_loader(backend, index, config, UniformMaps(len(index), config.grid))
+            loader = make_loader(backend, index, config, UniformMaps(len(index), config.grid),
+                                 **(ray_options if backend == "ray" else {}))
             t = time_loader(loader, warmup, batches, lambda: _sync(dev))
         except (BackMixError, ImportError) as e:
             errors[(backend, mode)] = str(e).splitlines()[0]
@@ -329,6 +336,9 @@ def register_bench(sub) -> None:
     p.add_argument("--crop", type=int, default=192)
     p.add_argument("--workers", type=int, default=2, help="worker processes/threads, the same for every backend")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--ray-address", default=None, metavar="auto|HOST:PORT",
+                   help="ray backend: the cluster to join; None: start Ray here with --workers CPUs, loopback only")
+    p.add_argument("--prefetch", type=int, default=None, help="ray backend: batches in flight at most; None: 4")
     p.add_argument("--json", type=Path, default=None, help="write the report here")
     p.add_argument("--plot", type=Path, default=None, help="write a PNG bar chart here")
     p.set_defaults(func=run_bench)
@@ -339,11 +349,13 @@ def run_bench(args) -> int:
     backends = [b.strip() for b in args.backend.split(",") if b.strip()]
     report = run_benchmark(args.data, backends, batches=args.batches, warmup=args.warmup,
                            batch_size=args.batch_size, canvas=args.canvas, crop=args.crop, workers=args.workers,
-                           device=args.device, n_images=args.images, repeat=args.repeat)
+                           device=args.device, n_images=args.images, repeat=args.repeat,
+                           ray_address=args.ray_address, prefetch=args.prefetch)
     report["command"] = "backmix " + " ".join(sys.argv[1:]) if sys.argv[0].endswith("backmix") else \
         "backmix bench loader " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()
                                            if k in ("backend", "batches", "warmup", "batch_size", "canvas",
-                                                    "crop", "workers", "repeat") and v is not None)
+                                                    "crop", "workers", "repeat", "ray_address", "prefetch")
+                                           and v is not None)
     print(format_table(report))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

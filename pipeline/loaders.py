@@ -1,4 +1,4 @@
-"""``make_loader(backend, ...)``: one entry point for the three backends."""
+"""``make_loader(backend, ...)``: one entry point for the four backends."""
 from __future__ import annotations
 
 from typing import Optional
@@ -11,7 +11,7 @@ from backmix.osr_data.index import ImageIndex
 
 from .config import LoaderConfig
 
-BACKENDS = ("reference", "dali", "ffcv")
+BACKENDS = ("reference", "dali", "ffcv", "ray")
 
 
 def require_dali() -> None:
@@ -38,4 +38,20 @@ def make_loader(backend: str, index: ImageIndex, config: LoaderConfig,
     if backend == "ffcv":
         from .ffcv import FfcvLoader   # says how to install FFCV when it is missing
         return FfcvLoader(index, config, maps, indices, label_map, **kwargs)
+    if backend == "ray":
+        from .ray_loader import RayLoader   # says how to install Ray when it is missing
+        return RayLoader(index, config, maps, indices, label_map, **kwargs)
     raise BackMixError(f"unknown backend {backend!r} (choose from {', '.join(BACKENDS)})")
+
+
+def backend_options(backend: str, *, ray_address: Optional[str] = None, prefetch: Optional[int] = None) -> dict:
+    """``make_loader``'s keyword arguments from the command line's Ray options (None: not given);
+    refuses them for another backend, which would ignore them."""
+    if backend == "ray":
+        from .ray_loader import DEFAULT_PREFETCH, check_options
+        check_options(ray_address, DEFAULT_PREFETCH if prefetch is None else prefetch)
+        return {"address": ray_address, "prefetch": prefetch}
+    given = [name for name, value in (("--ray-address", ray_address), ("--prefetch", prefetch)) if value is not None]
+    if given:
+        raise BackMixError(f"only --backend ray takes {' and '.join(given)}, not --backend {backend}")
+    return {}

@@ -6,7 +6,7 @@ normalises the whole batch at once on the chosen device (``BatchTransform``).
 from __future__ import annotations
 
 import logging
-from typing import Iterator, Optional
+from typing import Iterable, Iterator, Optional
 
 import numpy as np
 import torch
@@ -79,7 +79,13 @@ class ReferenceLoader(LoaderPosition):
         self.transform = BatchTransform.for_config(self.maps, config)
         self._start_position()
         self.plan: list[tuple[int, np.ndarray]] = []
-        self._loader = DataLoader(CanvasDataset(index, config.canvas), batch_sampler=_Batches(self),
+        self._setup_decoding()
+
+    def _setup_decoding(self) -> None:
+        """What turns a batch's rows into canvases: DataLoader workers running ``CanvasDataset`` and
+        ``collate_canvases`` (the Ray backend runs the same two in Ray tasks)."""
+        config = self.config
+        self._loader = DataLoader(CanvasDataset(self.index, config.canvas), batch_sampler=_Batches(self),
                                   num_workers=config.num_workers, collate_fn=collate_canvases,
                                   pin_memory=self.device.type == "cuda",
                                   persistent_workers=False,
@@ -87,10 +93,14 @@ class ReferenceLoader(LoaderPosition):
                                   # which must not move the trainer's (dropout's) global RNG.
                                   generator=torch.Generator().manual_seed(config.seed))
 
+    def _canvas_batches(self) -> Iterable:
+        """This epoch's ``collate_canvases`` results, one per step, in order."""
+        return self._loader
+
     def __iter__(self) -> Iterator[BackMixBatch]:
         self.maps.refresh()   # a new cache generation takes effect at an epoch boundary
         self.plan = self.epoch_plan()
-        for (step, _), (canvas, _, indices, failed) in zip(self.plan, self._loader):
+        for (step, _), (canvas, _, indices, failed) in zip(self.plan, self._canvas_batches()):
             if failed:
                 if self.config.on_error == "raise":
                     raise DecodeError(failed[0])

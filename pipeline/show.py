@@ -74,20 +74,22 @@ def render_sheet(batch: BackMixBatch, maps: np.ndarray, masks: np.ndarray, path:
 
 
 def sheet_for(data: Path, out: Path, *, backend: str = "reference", cache: Optional[Path] = None, n: int = 8,
-              seed: int = 0, canvas: int = 40, crop: int = 32, grid: int = 8, workers: int = 0) -> Path:
+              seed: int = 0, canvas: int = 40, crop: int = 32, grid: int = 8, workers: int = 0,
+              ray_address: Optional[str] = None, prefetch: Optional[int] = None) -> Path:
     """Load one batch of ``n`` images from ``data`` with ``backend`` and draw it."""
     from backmix.cam_cache import ForegroundCache, UniformMaps
     from backmix.osr_data.index import ImageIndex
 
     from .config import LoaderConfig
-    from .loaders import make_loader
+    from .loaders import backend_options, make_loader
 
+    options = backend_options(backend, ray_address=ray_address, prefetch=prefetch)
     if n < 2:
         raise BackMixError("--n must be at least 2: BackMix pairs images of one batch")
     index = ImageIndex.load(_split_folder(data))
     maps = ForegroundCache(cache, index=index, grid=grid) if cache else UniformMaps(len(index), grid)
     config = LoaderConfig(batch_size=n, canvas=canvas, crop=crop, grid=grid, seed=seed, num_workers=workers)
-    loader = make_loader(backend, index, config, maps)
+    loader = make_loader(backend, index, config, maps, **options)
     batch = next(iter(loader))
     params = config.sampler().draw(len(batch.indices), 0, 0, config.rank)
     soft = maps.gather(batch.indices.cpu().numpy())
@@ -116,6 +118,10 @@ def _add_args(p, cache_required: bool) -> None:
     p.add_argument("--canvas", type=int, default=40)
     p.add_argument("--crop", type=int, default=32)
     p.add_argument("--grid", type=int, default=8)
+    p.add_argument("--ray-address", default=None, metavar="auto|HOST:PORT",
+                   help="--backend ray: the cluster to join; None: start Ray on this machine, loopback only")
+    p.add_argument("--prefetch", type=int, default=None,
+                   help="--backend ray: batches in flight at most; None: 4")
     p.set_defaults(func=run_show)
 
 
@@ -134,6 +140,7 @@ def register_cache_show(cache_sub) -> None:
 
 def run_show(args) -> int:
     path = sheet_for(args.data, args.out, backend=args.backend, cache=args.cache, n=args.n, seed=args.seed,
-                     canvas=args.canvas, crop=args.crop, grid=args.grid)
+                     canvas=args.canvas, crop=args.crop, grid=args.grid, ray_address=args.ray_address,
+                     prefetch=args.prefetch)
     print(f"wrote {path}")
     return 0

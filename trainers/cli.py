@@ -5,6 +5,7 @@ import argparse
 from pathlib import Path
 
 from backmix.osr_data.errors import BackMixError
+from backmix.pipeline.loaders import backend_options
 
 from .config import AMP, OPTIMIZERS, REGEN, TrainConfig, field_defaults
 
@@ -45,6 +46,10 @@ def register(top) -> None:
     split.add_argument("--known", dest="split", default=S, metavar="A,B,C",
                        help="comma list of known class names instead of a numbered split")
     p.add_argument("--backend", choices=BACKENDS, default=S, help="loader" + _d("backend"))
+    p.add_argument("--ray-address", default=S, metavar="auto|HOST:PORT",
+                   help="--backend ray: the Ray cluster whose CPUs decode (default: start Ray on this machine, "
+                        "loopback only, --workers CPUs)")
+    p.add_argument("--prefetch", type=int, default=S, help="--backend ray: batches in flight at most (default: 4)")
     p.add_argument("--no-backmix", dest="backmix", action="store_false", default=S,
                    help="the plain baseline: same loader and schedule, loss on the raw images only")
     p.add_argument("--w-raw", type=float, default=S,
@@ -106,6 +111,8 @@ def config_from_args(args) -> tuple[TrainConfig, set[str]]:
     if "cache" in values and values["cache"] is not None:
         values["cache"] = str(values["cache"])
     explicit = set(values) - {"data", "out"}
+    if "backend" in explicit:   # the Ray options with another backend on the same command line
+        backend_options(values["backend"], ray_address=values.get("ray_address"), prefetch=values.get("prefetch"))
     return TrainConfig(**values), explicit | {"data"}
 
 

@@ -12,7 +12,7 @@ from backmix.cam_cache.models import ARCHS
 from backmix.osr_data.decode import check_canvas
 from backmix.osr_data.errors import BackMixError
 from backmix.pipeline.config import DEVICES, ON_ERROR
-from backmix.pipeline.loaders import BACKENDS
+from backmix.pipeline.loaders import BACKENDS, backend_options
 
 OPTIMIZERS = ("sgd", "adamw")
 AMP = ("auto", "bf16", "fp16", "off")
@@ -66,6 +66,8 @@ class TrainConfig:
     warmup_epochs: float = 1.0        # linear warm-up, then cosine to zero, per step
     split: str = "0"                  # split number 0..4, or comma list of known class names
     backend: str = "reference"
+    ray_address: Optional[str] = None  # ray backend: "auto" or HOST:PORT of a cluster; None: Ray on this machine
+    prefetch: Optional[int] = None    # ray backend: batches in flight at most; None: the loader's default
     backmix: bool = True              # False: plain baseline (loss on the raw images only)
     w_raw: float = 1.0                # weight of CE on the clean crops (0 with BackMix: mixed only)
     w_mix: float = 1.0                # weight of CE on the mixed crops
@@ -99,6 +101,7 @@ class TrainConfig:
         check_canvas(self.canvas, self.crop, self.grid)
         if self.w_raw == 0 and not (self.backmix and self.w_mix > 0):
             raise BackMixError("--w-raw 0 trains on the mixed images only: it needs BackMix and --w-mix > 0")
+        self.loader_options()   # checks the Ray options
 
     @property
     def run_dir(self) -> Path:
@@ -111,6 +114,13 @@ class TrainConfig:
     @property
     def model_kwargs(self) -> dict:
         return {"width": self.width} if self.arch == "cnn32" else {}
+
+    def loader_options(self) -> dict:
+        """``make_loader``'s backend keyword arguments. The Ray options of a run resumed or evaluated
+        with another backend are left aside (the command line refuses them with another backend)."""
+        if self.backend != "ray":
+            return {}
+        return backend_options(self.backend, ray_address=self.ray_address, prefetch=self.prefetch)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -57,7 +57,7 @@ log = logging.getLogger("backmix")
 
 # Fields a resumed run may change; every other one must match RUN/config.json. ``data`` may move:
 # the data set itself must be the run's (its fingerprint is compared).
-RESUME_MAY_CHANGE = ("device", "workers", "progress", "backend", "eval_every", "save_every", "on_error", "out",
+RESUME_MAY_CHANGE = ("device", "workers", "progress", "backend", "ray_address", "prefetch", "eval_every", "save_every", "on_error", "out",
                      "data", "cache")
 
 
@@ -482,8 +482,10 @@ def _run(cfg: TrainConfig, device: torch.device, rank: int, world: int, resume: 
         maps = ForegroundCache(cfg.cache_dir, index=data.train, grid=cfg.grid)
 
     train_loader = make_loader(cfg.backend, data.train, loader_config(cfg, device, train=True, rank=rank, world=world),
-                               maps=maps, indices=data.known_rows, label_map=data.label_map)
-    eval_loader = make_loader(cfg.backend, data.test, loader_config(cfg, device, train=False)) if rank == 0 else None
+                               maps=maps, indices=data.known_rows, label_map=data.label_map,
+                               **cfg.loader_options())
+    eval_loader = make_loader(cfg.backend, data.test, loader_config(cfg, device, train=False),
+                              **cfg.loader_options()) if rank == 0 else None
     if len(train_loader) == 0:
         raise BackMixError(f"{len(data.known_rows)} known training images are too few for batch size "
                            f"{cfg.batch_size} on {world} rank(s)")
@@ -647,6 +649,6 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, data_root: str | os.PathL
     cfg = TrainConfig.from_dict({**saved, **given}) if saved else TrainConfig(**given)
     dev, _, _ = init_distributed(device)
     model.to(dev)
-    loader = make_loader(cfg.backend, data.test, loader_config(cfg, dev, train=False))
+    loader = make_loader(cfg.backend, data.test, loader_config(cfg, dev, train=False), **cfg.loader_options())
     return evaluate(model, loader, data.label_map, Precision(dev, cfg.amp),
                     progress and sys.stderr.isatty())
