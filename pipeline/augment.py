@@ -27,8 +27,46 @@ def crop_flip(images: Tensor, offsets: Tensor, flips: Tensor, size: int) -> Tens
     return images.reshape(b, c, h * w).gather(2, pixels).reshape(b, c, size, size)
 
 
+def resize_sources(starts: Tensor, lengths: Tensor, size: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Bilinear resampling of a span of ``lengths`` pixels from ``starts`` to ``size`` pixels, per image
+    (int64 [B] each): (lo, hi) int64 [B, size], the two source pixels of each output pixel, and
+    float32 [B, size], the weight of ``hi``. Pixel centres (align_corners=False), the source clamped
+    to the span: F.interpolate(bilinear, antialias=False) of the cropped span, as one table."""
+    out = torch.arange(size, device=starts.device, dtype=torch.float32) + 0.5
+    scale = lengths.to(torch.float32)[:, None] / size
+    pos = (out * scale - 0.5).clamp_(min=0.0)
+    pos = torch.minimum(pos, (lengths - 1).to(torch.float32)[:, None])
+    lo = pos.floor()
+    weight = pos - lo
+    lo = lo.long()
+    hi = torch.minimum(lo + 1, (lengths - 1)[:, None])
+    return starts[:, None] + lo, starts[:, None] + hi, weight
+
+
+def resized_crop_flip(images: Tensor, corners: Tensor, sizes: Tensor, flips: Tensor, size: int) -> Tensor:
+    """[B, C, H, W] -> float32 [B, C, size, size]: the box (corner, height x width) of each image resized
+    bilinearly to size x size (``resize_sources``; no antialiasing), mirrored where ``flips``.
+    Four gathers for the whole batch: no loop over images."""
+    b, c, h, w = images.shape
+    y0, y1, wy = resize_sources(corners[:, 0], sizes[:, 0], size)
+    x0, x1, wx = resize_sources(corners[:, 1], sizes[:, 1], size)
+    x0, x1, wx = (torch.where(flips[:, None], t.flip(1), t) for t in (x0, x1, wx))
+    flat = images.reshape(b, c, h * w).float()
+
+    def pixels(ys: Tensor, xs: Tensor) -> Tensor:
+        at = (ys[:, :, None] * w + xs[:, None, :]).reshape(b, 1, size * size).expand(b, c, size * size)
+        return flat.gather(2, at).reshape(b, c, size, size)
+
+    wx, wy = wx[:, None, None, :], wy[:, None, :, None]
+    top = pixels(y0, x0)
+    top = top + wx * (pixels(y0, x1) - top)
+    bottom = pixels(y1, x0)
+    bottom = bottom + wx * (pixels(y1, x1) - bottom)
+    return top + wy * (bottom - top)
+
+
 def normalize(images: Tensor, mean: Tensor, std: Tensor) -> Tensor:
-    """uint8 [B, C, H, W] -> float32 ((x / 255) - mean) / std, as x * (1 / 255 std) - mean / std."""
+    """uint8 or float32 [B, C, H, W] (0..255) -> float32 ((x / 255) - mean) / std, as x * (1 / 255 std) - mean / std."""
     scale = (1.0 / (255.0 * std)).view(1, -1, 1, 1)
     shift = (mean / std).view(1, -1, 1, 1)
     # In place on the one float copy: the batch is the largest tensor of the loader's hot path.
@@ -59,6 +97,15 @@ class RandomCropFlip:
 
     def __call__(self, images: Tensor, p: dict[str, Tensor]) -> Tensor:
         return crop_flip(images, p["crops"], p["flips"], self.size)
+
+
+@dataclass(frozen=True)
+class RandomResizedCropFlip:
+    """torchvision's RandomResizedCrop (boxes drawn by ``BackMixSampler``) + flip; float out."""
+    size: int
+
+    def __call__(self, images: Tensor, p: dict[str, Tensor]) -> Tensor:
+        return resized_crop_flip(images, p["crops"], p["crop_sizes"], p["flips"], self.size)
 
 
 @dataclass(frozen=True)
