@@ -72,8 +72,8 @@ def class_activation_maps(features: Tensor, fc_weight: Tensor, labels: Tensor, g
 
 
 class _Canvases(Dataset):
-    def __init__(self, index: ImageIndex, rows: np.ndarray, canvas: int) -> None:
-        self.index, self.rows, self.canvas = index, rows, canvas
+    def __init__(self, index: ImageIndex, rows: np.ndarray, canvas: int, mode: str) -> None:
+        self.index, self.rows, self.canvas, self.mode = index, rows, canvas, mode
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -81,7 +81,7 @@ class _Canvases(Dataset):
     def __getitem__(self, i: int):
         row = int(self.rows[i])
         try:
-            return decode_canvas(self.index.abspath(row), self.canvas)
+            return decode_canvas(self.index.abspath(row), self.canvas, self.mode)
         except DecodeError as e:
             return e.path
 
@@ -94,7 +94,7 @@ def _collate(items):
 
 
 def compute_cams(model: nn.Module, index: ImageIndex, rows: np.ndarray, labels: np.ndarray, *, canvas: int,
-                 grid: int, mean: Sequence[float], std: Sequence[float], batch_size: int = 128,
+                 grid: int, canvas_mode: str = "center", mean: Sequence[float], std: Sequence[float], batch_size: int = 128,
                  num_workers: int = 2, device: str | torch.device = "cpu", progress: bool = True,
                  desc: str = "CAMs") -> np.ndarray:
     """float32 [len(rows), grid, grid]: the CAM of each row for class ``labels[i]`` of ``model``."""
@@ -105,7 +105,7 @@ def compute_cams(model: nn.Module, index: ImageIndex, rows: np.ndarray, labels: 
         device = home                 # "cuda" for a model on cuda:1 means cuda:1
     m = torch.tensor(mean, device=device).view(1, -1, 1, 1) * 255
     s = torch.tensor(std, device=device).view(1, -1, 1, 1) * 255
-    loader = DataLoader(_Canvases(index, rows, canvas), batch_size=batch_size, num_workers=num_workers,
+    loader = DataLoader(_Canvases(index, rows, canvas, canvas_mode), batch_size=batch_size, num_workers=num_workers,
                         collate_fn=_collate, pin_memory=device.type == "cuda")
     out = np.empty((len(rows), grid, grid), dtype=np.float32)
     was_training = model.training
@@ -156,7 +156,7 @@ def _check_pending(folder: Path, world: int, expected: dict[str, str]) -> None:
 
 
 def build_generation(cache_dir: str | os.PathLike, model: nn.Module, index: ImageIndex, *, canvas: int,
-                     mean: Sequence[float], std: Sequence[float], momentum: float = 0.1,
+                     canvas_mode: str = "center", mean: Sequence[float], std: Sequence[float], momentum: float = 0.1,
                      label_map: Optional[np.ndarray] = None, rows: Optional[np.ndarray] = None,
                      batch_size: int = 128, num_workers: int = 2, device: str = "auto",
                      shard: tuple[int, int] = (0, 1), checkpoint_digest: str = "", publish: bool = True,
@@ -166,7 +166,8 @@ def build_generation(cache_dir: str | os.PathLike, model: nn.Module, index: Imag
     ``label_map`` maps dataset labels to the model's classes (-1: not a class of the model);
     ``rows`` (default: all) are the dataset rows to recompute, the others keep their maps.
     Shard k of N computes ``rows[k::N]``. Returns the new generation number when it was
-    published (by this call or, meanwhile, by another shard's), else None.
+    published (by this call or, meanwhile, by another shard's), else None. CAMs are taken on
+    ``canvas_mode`` canvases, the mode the cache records; a cache of another mode is refused.
     """
     cache_dir = Path(cache_dir)
     k, world = shard
@@ -175,7 +176,8 @@ def build_generation(cache_dir: str | os.PathLike, model: nn.Module, index: Imag
     if not 0.0 <= momentum <= 1.0:
         raise BackMixError(f"momentum must lie in [0, 1], got {momentum}")
     _, head = features_and_head(model)            # refuse a model without a CAM head before any work
-    current = ForegroundCache(cache_dir, index=index)
+    # CAMs on the canvases the loaders mix: a cache of another canvas mode is refused.
+    current = ForegroundCache(cache_dir, index=index, canvas_mode=canvas_mode)
     nxt = current.generation + 1
     rows = np.arange(len(index)) if rows is None else np.asarray(rows, dtype=np.int64)
     if rows.size and (rows.min() < 0 or rows.max() >= len(index)):
@@ -189,7 +191,7 @@ def build_generation(cache_dir: str | os.PathLike, model: nn.Module, index: Imag
                            f"labelled up to {labels.max()}; pass a label_map to its classes")
     meta = {"generation": str(nxt), "base": str(current.generation), "momentum": str(float(momentum)),
             "checkpoint": checkpoint_digest, "dataset": index.fingerprint(),
-            "rows": _rows_digest(rows, labels)}
+            "rows": _rows_digest(rows, labels), "canvas_mode": canvas_mode}
     folder = pending_dir(cache_dir, nxt)
     folder.mkdir(exist_ok=True)
     _check_pending(folder, world, meta)
@@ -201,6 +203,7 @@ def build_generation(cache_dir: str | os.PathLike, model: nn.Module, index: Imag
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         cams = compute_cams(model, index, mine, labels[k::world], canvas=canvas, grid=current.grid,
+                            canvas_mode=canvas_mode,
                             mean=mean, std=std, batch_size=batch_size, num_workers=num_workers,
                             device=device, progress=progress,
                             desc=f"CAMs gen {nxt}" + (f" shard {k}/{world}" if world > 1 else ""))
@@ -242,7 +245,7 @@ def publish_generation(cache_dir: str | os.PathLike, generation: Optional[int] =
         if missing:
             raise BackMixError(f"generation {nxt} is not complete: shard(s) {missing} of {world} are missing")
         parts = [MappedMaps(p) for p in shards]
-        keys = ("base", "dataset", "checkpoint", "momentum", "rows")
+        keys = ("base", "dataset", "checkpoint", "momentum", "rows", "canvas_mode")
         for part in parts:
             if (part.meta.get("base") != str(current.generation)
                     or part.meta.get("dataset") != current.meta.get("dataset")):
@@ -251,6 +254,9 @@ def publish_generation(cache_dir: str | os.PathLike, generation: Optional[int] =
             if [part.meta.get(k) for k in keys] != [parts[0].meta.get(k) for k in keys]:
                 raise BackMixError(f"shards {parts[0].path.name} and {part.path.name} come from different "
                                    f"builds; delete {folder} and rebuild")
+            if part.canvas_mode != current.canvas_mode:
+                raise BackMixError(f"shard {part.path} holds maps of {part.canvas_mode!r} canvases, the cache "
+                                   f"{current.canvas_mode!r} ones; delete {folder} and rebuild")
             if part.grid != current.grid or (len(part) and (part.rows.min() < 0 or part.rows.max() >= len(current))):
                 raise BackMixError(f"shard {part.path} does not fit the cache (grid or rows)")
         maps = np.array(current.maps)            # float16 copy of the current generation
@@ -258,7 +264,8 @@ def publish_generation(cache_dir: str | os.PathLike, generation: Optional[int] =
             maps[part.rows] = part.maps
         meta = {k: parts[0].meta.get(k, "") for k in ("momentum", "checkpoint", "base")}
         write_maps(generation_path(cache_dir, nxt), np.arange(len(maps)), current.labels, maps,
-                   {**meta, "generation": nxt, "dataset": current.meta.get("dataset", "")})
+                   {**meta, "generation": nxt, "dataset": current.meta.get("dataset", ""),
+                    "canvas_mode": current.canvas_mode})
         del parts, current                       # unmap before deleting the shards
         keep = int(ptr.get("keep", 3))
         write_pointer(cache_dir, nxt, keep)

@@ -4,6 +4,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from backmix.osr_data.decode import CANVAS_MODES
+from backmix.pipeline.sampling import AUGMENTS
+
 from .config import AMP, OPTIMIZERS, TrainConfig, field_defaults
 
 S = argparse.SUPPRESS   # an option not given stays out of the namespace: we know what was explicit
@@ -54,6 +57,12 @@ def register(top) -> None:
                    help="CAM momentum of a cache rebuild (share of the new map)" + _d("momentum"))
     p.add_argument("--canvas", type=int, default=S, help="canvas side the mix works on" + _d("canvas"))
     p.add_argument("--crop", type=int, default=S, help="crop side the model sees" + _d("crop"))
+    p.add_argument("--canvas-mode", choices=CANVAS_MODES, default=S,
+                   help="canvas of each image: center = shorter side resized to the canvas, centre square "
+                        "(the authors'); stretch = both sides resized" + _d("canvas_mode"))
+    p.add_argument("--augment", choices=AUGMENTS, default=S,
+                   help="after the mix: crop = random crop + flip; rrc = RandomResizedCrop of the mixed "
+                        "canvas to the crop size + flip (evaluation: the centre crop)" + _d("augment"))
     p.add_argument("--cache", default=S, help="foreground cache folder to use or share (default: RUN/cache)")
     p.add_argument("--seed", type=int, default=S, help=_d("seed").strip())
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default=S, help=_d("device").strip())
@@ -75,6 +84,9 @@ def register(top) -> None:
     e.add_argument("--backend", choices=BACKENDS, default="reference", help="loader")
     e.add_argument("--split", default=None,
                    help="known classes (split number or names); default: those the checkpoint was trained on")
+    e.add_argument("--canvas-mode", choices=CANVAS_MODES, default=None,
+                   help="canvas of each test image (default: the checkpoint's; stretch for a checkpoint "
+                        "older than the modes); evaluation is always the centre crop")
     e.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     e.add_argument("--workers", type=int, default=2)
     e.add_argument("--json", action="store_true", help="print the metrics as one JSON object")
@@ -105,7 +117,7 @@ def run_eval(args) -> int:
 
     from .train import evaluate_checkpoint
     m = evaluate_checkpoint(args.checkpoint, args.data, backend=args.backend, split=args.split,
-                            device=args.device, workers=args.workers)
+                            device=args.device, workers=args.workers, canvas_mode=args.canvas_mode)
     if args.json:
         print(json.dumps(m))
         return 0

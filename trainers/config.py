@@ -8,8 +8,10 @@ from pathlib import Path
 from typing import Optional
 
 from backmix.cam_cache.models import ARCHS
+from backmix.osr_data.decode import CANVAS_MODES
 from backmix.osr_data.errors import BackMixError
 from backmix.pipeline.loaders import BACKENDS
+from backmix.pipeline.sampling import AUGMENTS
 
 OPTIMIZERS = ("sgd", "adamw")
 AMP = ("auto", "bf16", "fp16", "off")
@@ -38,6 +40,8 @@ class TrainConfig:
     momentum: float = 0.1             # CAM momentum of the cache update
     canvas: int = 40
     crop: int = 32
+    canvas_mode: str = "center"       # center: shorter side resized + centre crop (the authors'); stretch
+    augment: str = "crop"             # after the mix: crop (random crop + flip) or rrc (RandomResizedCrop + flip)
     grid: int = 8
     box_fraction: float = 0.25
     top_k_ratio: float = 0.25
@@ -59,6 +63,10 @@ class TrainConfig:
             raise BackMixError(f"unknown --opt {self.opt!r} (choose from {', '.join(OPTIMIZERS)})")
         if self.backend not in BACKENDS:
             raise BackMixError(f"unknown --backend {self.backend!r} (choose from {', '.join(BACKENDS)})")
+        if self.canvas_mode not in CANVAS_MODES:
+            raise BackMixError(f"unknown --canvas-mode {self.canvas_mode!r} (choose from {', '.join(CANVAS_MODES)})")
+        if self.augment not in AUGMENTS:
+            raise BackMixError(f"unknown --augment {self.augment!r} (choose from {', '.join(AUGMENTS)})")
         if self.amp not in AMP:
             raise BackMixError(f"unknown --amp {self.amp!r} (choose from {', '.join(AMP)})")
         if self.lr <= 0:
@@ -97,7 +105,8 @@ class TrainConfig:
         unknown = set(d) - names
         if unknown:
             raise BackMixError(f"config has unknown keys: {', '.join(sorted(unknown))}")
-        return cls(**d)
+        # A config written before there were canvas modes was trained on stretched canvases.
+        return cls(**{"canvas_mode": "stretch", **d})
 
     @classmethod
     def load(cls, path: Path) -> "TrainConfig":

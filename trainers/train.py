@@ -96,6 +96,7 @@ def loader_config(cfg: TrainConfig, device: torch.device, *, train: bool, rank: 
     return LoaderConfig(
         batch_size=cfg.batch_size if train else max(cfg.batch_size, 256),
         canvas=cfg.canvas, crop=cfg.crop, grid=cfg.grid, backmix=cfg.backmix and train,
+        canvas_mode=cfg.canvas_mode, augment=cfg.augment,
         clean=not (cfg.backmix and train and cfg.w_raw == 0),   # no clean crops if no loss reads them
         box_fraction=cfg.box_fraction, top_k_ratio=cfg.top_k_ratio, seed=cfg.seed,
         shuffle=train, train=train, rank=rank if train else 0, world_size=world if train else 1,
@@ -297,7 +298,7 @@ def regenerate(cfg: TrainConfig, model: nn.Module, data: OpenSetData, device: to
     error, generation = None, None
     try:
         generation = build_generation(
-            cfg.cache_dir, net, data.train, canvas=cfg.canvas, mean=IMAGENET_MEAN, std=IMAGENET_STD,
+            cfg.cache_dir, net, data.train, canvas=cfg.canvas, canvas_mode=cfg.canvas_mode, mean=IMAGENET_MEAN, std=IMAGENET_STD,
             momentum=cfg.momentum, label_map=data.label_map, rows=data.known_rows,
             batch_size=max(cfg.batch_size, 128), num_workers=cfg.workers, device=device.type,
             shard=(rank, world), checkpoint_digest=tag, publish=world == 1,
@@ -428,9 +429,9 @@ def _run(cfg: TrainConfig, device: torch.device, rank: int, world: int, resume: 
     if cfg.backmix:
         from backmix.cam_cache import ForegroundCache, init_cache
         if rank == 0:
-            init_cache(cfg.cache_dir, data.train, grid=cfg.grid)
+            init_cache(cfg.cache_dir, data.train, grid=cfg.grid, canvas_mode=cfg.canvas_mode)
         barrier(world)
-        maps = ForegroundCache(cfg.cache_dir, index=data.train, grid=cfg.grid)
+        maps = ForegroundCache(cfg.cache_dir, index=data.train, grid=cfg.grid, canvas_mode=cfg.canvas_mode)
 
     train_loader = make_loader(cfg.backend, data.train, loader_config(cfg, device, train=True, rank=rank, world=world),
                                maps=maps, indices=data.known_rows)
@@ -539,7 +540,7 @@ def epoch_line(r: dict, epochs: int) -> str:
 
 def evaluate_checkpoint(checkpoint: str | os.PathLike, data_root: str | os.PathLike, *,
                         backend: str = "reference", split: Optional[str] = None, device: str = "auto",
-                        workers: int = 2, progress: bool = True) -> dict:
+                        workers: int = 2, progress: bool = True, canvas_mode: Optional[str] = None) -> dict:
     """Open-set metrics of a checkpoint on ``data_root``/test; the known classes come from the checkpoint."""
     from backmix.cam_cache.models import read_checkpoint
     ckpt = read_checkpoint(checkpoint)
@@ -551,9 +552,10 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, data_root: str | os.PathL
     else:
         raise BackMixError(f"checkpoint {checkpoint} does not name its known classes; pass --split")
     model, _ = load_model(checkpoint, num_classes=data.num_known)
+    given = {"canvas_mode": canvas_mode} if canvas_mode else {}
     cfg = TrainConfig.from_dict({**saved, "backend": backend, "device": device, "workers": workers,
-                                 "progress": progress}) if saved else \
-        TrainConfig(backend=backend, device=device, workers=workers, progress=progress)
+                                 "progress": progress, **given}) if saved else \
+        TrainConfig(backend=backend, device=device, workers=workers, progress=progress, **given)
     dev, _, _ = init_distributed(device)
     model.to(dev)
     loader = make_loader(cfg.backend, data.test, loader_config(cfg, dev, train=False))
