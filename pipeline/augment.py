@@ -43,14 +43,22 @@ def resize_sources(starts: Tensor, lengths: Tensor, size: int) -> tuple[Tensor, 
     return starts[:, None] + lo, starts[:, None] + hi, weight
 
 
-def resized_crop_flip(images: Tensor, corners: Tensor, sizes: Tensor, flips: Tensor, size: int) -> Tensor:
-    """[B, C, H, W] -> float32 [B, C, size, size]: the box (corner, height x width) of each image resized
-    bilinearly to size x size (``resize_sources``; no antialiasing), mirrored where ``flips``.
-    Four gathers for the whole batch: no loop over images."""
-    b, c, h, w = images.shape
+def resize_tables(corners: Tensor, sizes: Tensor, flips: Tensor, size: int) -> tuple[Tensor, ...]:
+    """(y0, y1, wy, x0, x1, wx), each [B, size]: ``resize_sources`` of each box's rows and columns,
+    the columns mirrored where ``flips``. What the torch op and FFCV's kernel both read."""
     y0, y1, wy = resize_sources(corners[:, 0], sizes[:, 0], size)
     x0, x1, wx = resize_sources(corners[:, 1], sizes[:, 1], size)
     x0, x1, wx = (torch.where(flips[:, None], t.flip(1), t) for t in (x0, x1, wx))
+    return y0, y1, wy, x0, x1, wx
+
+
+def resized_crop_flip(images: Tensor, corners: Tensor, sizes: Tensor, flips: Tensor, size: int) -> Tensor:
+    """[B, C, H, W] -> float32 [B, C, size, size]: the box (corner, height x width) of each image resized
+    bilinearly to size x size (``resize_sources``; no antialiasing), mirrored where ``flips``.
+    Four gathers for the whole batch: no loop over images. Per pixel, in float32:
+    top = p00 + wx (p01 - p00), bottom = p10 + wx (p11 - p10), out = top + wy (bottom - top)."""
+    b, c, h, w = images.shape
+    y0, y1, wy, x0, x1, wx = resize_tables(corners, sizes, flips, size)
     flat = images.reshape(b, c, h * w).float()
 
     def pixels(ys: Tensor, xs: Tensor) -> Tensor:
@@ -65,10 +73,15 @@ def resized_crop_flip(images: Tensor, corners: Tensor, sizes: Tensor, flips: Ten
     return top + wy * (bottom - top)
 
 
+def normalize_constants(mean: Tensor, std: Tensor) -> tuple[Tensor, Tensor]:
+    """(scale, shift) float32 [C]: ``normalize`` computes x * scale - shift."""
+    return 1.0 / (255.0 * std), mean / std
+
+
 def normalize(images: Tensor, mean: Tensor, std: Tensor) -> Tensor:
     """uint8 or float32 [B, C, H, W] (0..255) -> float32 ((x / 255) - mean) / std, as x * (1 / 255 std) - mean / std."""
-    scale = (1.0 / (255.0 * std)).view(1, -1, 1, 1)
-    shift = (mean / std).view(1, -1, 1, 1)
+    scale, shift = normalize_constants(mean, std)
+    scale, shift = scale.view(1, -1, 1, 1), shift.view(1, -1, 1, 1)
     # In place on the one float copy: the batch is the largest tensor of the loader's hot path.
     return images.float().mul_(scale).sub_(shift)
 
