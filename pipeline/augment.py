@@ -55,22 +55,24 @@ def resize_tables(corners: Tensor, sizes: Tensor, flips: Tensor, size: int) -> t
 def resized_crop_flip(images: Tensor, corners: Tensor, sizes: Tensor, flips: Tensor, size: int) -> Tensor:
     """[B, C, H, W] -> float32 [B, C, size, size]: the box (corner, height x width) of each image resized
     bilinearly to size x size (``resize_sources``; no antialiasing), mirrored where ``flips``.
-    Four gathers for the whole batch: no loop over images. Per pixel, in float32:
-    top = p00 + wx (p01 - p00), bottom = p10 + wx (p11 - p10), out = top + wy (bottom - top)."""
+    Separable, for the whole batch at once (no loop over images): gather the two source rows of each
+    output row (uint8, so the float copy is only size rows) and blend them, then the two source
+    columns of each output column. In float32: r = a + wy (b - a) down the rows, then
+    out = r0 + wx (r1 - r0) across."""
     b, c, h, w = images.shape
     y0, y1, wy, x0, x1, wx = resize_tables(corners, sizes, flips, size)
-    flat = images.reshape(b, c, h * w).float()
 
-    def pixels(ys: Tensor, xs: Tensor) -> Tensor:
-        at = (ys[:, :, None] * w + xs[:, None, :]).reshape(b, 1, size * size).expand(b, c, size * size)
-        return flat.gather(2, at).reshape(b, c, size, size)
+    def rows(ys: Tensor) -> Tensor:
+        return images.gather(2, ys[:, None, :, None].expand(b, c, size, w)).float()
 
-    wx, wy = wx[:, None, None, :], wy[:, None, :, None]
-    top = pixels(y0, x0)
-    top = top + wx * (pixels(y0, x1) - top)
-    bottom = pixels(y1, x0)
-    bottom = bottom + wx * (pixels(y1, x1) - bottom)
-    return top + wy * (bottom - top)
+    top = rows(y0)
+    blended = top.add_(wy[:, None, :, None] * (rows(y1) - top))       # [B, C, size, W]
+
+    def columns(xs: Tensor) -> Tensor:
+        return blended.gather(3, xs[:, None, None, :].expand(b, c, size, size))
+
+    left = columns(x0)
+    return left.add_(wx[:, None, None, :] * (columns(x1) - left))
 
 
 def normalize_constants(mean: Tensor, std: Tensor) -> tuple[Tensor, Tensor]:

@@ -165,21 +165,22 @@ def compile_resized_crop_kernel():
                 for xx in range(size):
                     xa, xb, fx = x0[i, xx], x1[i, xx], wx[i, xx]
                     for c in range(3):
+                        # Down the rows, then across, as the torch op: the same float32 operations.
                         if two or not mix:
-                            top = np.float32(images[i, ya, xa, c])
-                            top = top + fx * (np.float32(images[i, ya, xb, c]) - top)
-                            bottom = np.float32(images[i, yb, xa, c])
-                            bottom = bottom + fx * (np.float32(images[i, yb, xb, c]) - bottom)
-                            v = (top + fy * (bottom - top)) * scale[c] - shift[c]
+                            left = np.float32(images[i, ya, xa, c])
+                            left = left + fy * (np.float32(images[i, yb, xa, c]) - left)
+                            right = np.float32(images[i, ya, xb, c])
+                            right = right + fy * (np.float32(images[i, yb, xb, c]) - right)
+                            v = (left + fx * (right - left)) * scale[c] - shift[c]
                             clean[i, c, yy, xx] = v
                             if two and not mix:
                                 mixed[i, c, yy, xx] = v
                         if mix:
-                            top = np.float32(scratch[i, ya, xa, c])
-                            top = top + fx * (np.float32(scratch[i, ya, xb, c]) - top)
-                            bottom = np.float32(scratch[i, yb, xa, c])
-                            bottom = bottom + fx * (np.float32(scratch[i, yb, xb, c]) - bottom)
-                            mixed[i, c, yy, xx] = (top + fy * (bottom - top)) * scale[c] - shift[c]
+                            left = np.float32(scratch[i, ya, xa, c])
+                            left = left + fy * (np.float32(scratch[i, yb, xa, c]) - left)
+                            right = np.float32(scratch[i, ya, xb, c])
+                            right = right + fy * (np.float32(scratch[i, yb, xb, c]) - right)
+                            mixed[i, c, yy, xx] = (left + fx * (right - left)) * scale[c] - shift[c]
         return canvas
 
     kernel.is_parallel = True
