@@ -9,6 +9,12 @@ digits). The mix itself is exact: given the canvases DALI decoded (returned as
 ``normalize``, up to crop_mirror_normalize's float rounding (|diff| < 1e-5;
 it computes (x - 255 m) / (255 s)).
 
+Canvas modes: "stretch" resizes both sides; "center" resizes to torchvision's size
+(shorter side = canvas, from the file header) and slices CenterCrop's square, so
+the canvas is within a grey level of ``to_canvas``'s. With ``--augment rrc`` the
+crop is the sampler's box sliced from the (mixed) canvas and resized alone in
+float (linear, no antialiasing): ``resized_crop_flip``'s arithmetic to 1e-4.
+
 The mix as DALI ops (target i borrows from partner j = partners[i]):
   host     the top-k cells of each image's g x g map (``top_k_mask``; tiny), and for
            each image j the corner of the box it lends: the source corner of its borrower

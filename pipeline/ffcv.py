@@ -21,8 +21,11 @@ normalised clean and mixed images (float32; each only when asked for), which the
 with no copy on the training loop's thread (the buffer is reused only once they
 are gone). Normalising is a lookup in a table made by
 ``pipeline.augment.normalize`` itself, so the floats are the torch op's bit for
-bit. With a GPU (or ``mix_in="torch"``, or numba switched off) the
-operation is left out: FFCV's ``ToTensor`` and ``ToDevice`` move the canvases
+bit. With ``--augment rrc`` a second kernel mixes into a canvas-sized scratch
+buffer, then resamples the clean and mixed canvases through the torch op's own
+tables (``resize_tables``): its float32 arithmetic, to 1e-5. The beton stores
+each sample's canvas mode; a loader of the other mode refuses it. With a GPU
+(or ``mix_in="torch"``, or numba switched off) the operation is left out: FFCV's ``ToTensor`` and ``ToDevice`` move the canvases
 and the torch ``BatchTransform`` mixes and augments them on the device.
 """
 from __future__ import annotations

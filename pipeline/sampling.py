@@ -2,7 +2,7 @@
 
 ``EpochSampler`` decides which dataset indices form each batch (shuffle per epoch,
 shard per rank, last-batch policy). ``BackMixSampler`` draws every random choice
-of one batch (partners, boxes, tie-breaks, crops, flips) as a pure function of
+of one batch (partners, boxes, tie-breaks, crops or RandomResizedCrop boxes, flips) as a pure function of
 (seed, epoch, rank, step), so every loader given the same key makes the same
 batch, and a resumed run makes the batches it would have made.
 """
