@@ -25,8 +25,9 @@ bit. With ``--augment rrc`` a second kernel mixes into a canvas-sized scratch
 buffer, then resamples the clean and mixed canvases through the torch op's own
 tables (``resize_tables``): its float32 arithmetic, to 1e-5. The beton stores
 each sample's canvas mode; a loader of the other mode refuses it. With a GPU
-(or ``mix_in="torch"``, or numba switched off) the operation is left out: FFCV's ``ToTensor`` and ``ToDevice`` move the canvases
-and the torch ``BatchTransform`` mixes and augments them on the device.
+(or ``mix_in="torch"``, or numba switched off) the operation is left out:
+FFCV's ``ToTensor`` and ``ToDevice`` move the canvases and the torch
+``BatchTransform`` mixes and augments them on the device.
 """
 from __future__ import annotations
 
