@@ -21,9 +21,9 @@ normalised clean and mixed images (float32; each only when asked for), which the
 with no copy on the training loop's thread (the buffer is reused only once they
 are gone). Normalising is a lookup in a table made by
 ``pipeline.augment.normalize`` itself, so the floats are the torch op's bit for
-bit. With ``--augment rrc`` a second kernel mixes into a canvas-sized scratch
-buffer, then resamples the clean and mixed canvases through the torch op's own
-tables (``resize_tables``): its float32 arithmetic, to 1e-5. The beton stores
+bit. With ``--augment rrc`` a second kernel resamples the clean and mixed
+canvases through the torch op's own tables (``resize_tables``): its float32
+arithmetic, to 1e-5. The beton stores
 each sample's canvas mode; a loader of the other mode refuses it. With a GPU
 (or ``mix_in="torch"``, or numba switched off) the operation is left out:
 FFCV's ``ToTensor`` and ``ToDevice`` move the canvases and the torch
@@ -130,23 +130,32 @@ def compile_mix_kernel():
 def compile_resized_crop_kernel():
     """The FFCV op's kernel for resized crops (``--augment rrc``), compiled like ``compile_mix_kernel``.
 
-    kernel(images, canvas, clean, mixed, scratch, partners, boxes, masks, y0, y1, wy, x0, x1, wx, scale,
+    kernel(images, canvas, clean, mixed, patch, partners, boxes, masks, y0, y1, wy, x0, x1, wx, scale,
     shift, fill, two, mix, bh, bw, cell), per sample i of images uint8 [B, S, S, 3], writes
       canvas[i]: uint8 [3, S, S], the canvas;
-      scratch[i] when ``mix``: uint8 [S, S, 3], the mixed canvas (``mix_backgrounds``' arithmetic);
+      patch[i] when ``mix``: uint8 [bh, bw, 3], the box the mix pastes (``mix_backgrounds``' arithmetic);
       clean[i]: float32 [3, s, s], the resized crop of the canvas (tables of ``resize_tables``, the torch
       op's arithmetic in float32), normalised as x * scale - shift (``normalize_constants``);
       mixed[i] when ``two``: the same of the mixed canvas (of the canvas itself without ``mix``).
     For the mixed crop alone, pass one array as clean and mixed with ``two`` off and ``mix`` on.
+    The mixed canvas is never built: an output pixel that reads no box pixel is the clean one, and
+    one that does reads the box from ``patch``.
     """
     from ffcv.pipeline.compiler import Compiler
+    from numba import njit
 
     key = ("resized", Compiler.is_enabled, Compiler.num_threads > 1)
     if key in _KERNELS:
         return _KERNELS[key]
     my_range = Compiler.get_iterator()
 
-    def kernel(images, canvas, clean, mixed, scratch, partners, boxes, masks, y0, y1, wy, x0, x1, wx, scale,
+    @njit(inline="always")
+    def mixed_pixel(images, patch, i, y, x, c, dy, dx, bh, bw):
+        if dy <= y < dy + bh and dx <= x < dx + bw:
+            return np.float32(patch[i, y - dy, x - dx, c])
+        return np.float32(images[i, y, x, c])
+
+    def kernel(images, canvas, clean, mixed, patch, partners, boxes, masks, y0, y1, wy, x0, x1, wx, scale,
                shift, fill, two, mix, bh, bw, cell):
         b, s, size = images.shape[0], images.shape[1], clean.shape[2]
         for i in my_range(b):
@@ -154,37 +163,37 @@ def compile_resized_crop_kernel():
                 for y in range(s):
                     for x in range(s):
                         canvas[i, c, y, x] = images[i, y, x, c]
+            j = partners[i]
+            sy, sx, dy, dx = boxes[i, 0], boxes[i, 1], boxes[i, 2], boxes[i, 3]
             if mix:
-                j = partners[i]
-                sy, sx, dy, dx = boxes[i, 0], boxes[i, 1], boxes[i, 2], boxes[i, 3]
-                scratch[i] = images[i]
                 for y in range(bh):
                     for x in range(bw):
                         py, px = sy + y, sx + x
                         for c in range(3):
-                            scratch[i, dy + y, dx + x, c] = (fill[c] if masks[j, py // cell, px // cell]
-                                                             else images[j, py, px, c])
+                            patch[i, y, x, c] = fill[c] if masks[j, py // cell, px // cell] else images[j, py, px, c]
             for yy in range(size):
                 ya, yb, fy = y0[i, yy], y1[i, yy], wy[i, yy]
+                rows_in_box = mix and (dy <= ya < dy + bh or dy <= yb < dy + bh)
                 for xx in range(size):
                     xa, xb, fx = x0[i, xx], x1[i, xx], wx[i, xx]
+                    in_box = rows_in_box and (dx <= xa < dx + bw or dx <= xb < dx + bw)
                     for c in range(3):
                         # Down the rows, then across, as the torch op: the same float32 operations.
+                        left = np.float32(images[i, ya, xa, c])
+                        left = left + fy * (np.float32(images[i, yb, xa, c]) - left)
+                        right = np.float32(images[i, ya, xb, c])
+                        right = right + fy * (np.float32(images[i, yb, xb, c]) - right)
+                        v = (left + fx * (right - left)) * scale[c] - shift[c]
                         if two or not mix:
-                            left = np.float32(images[i, ya, xa, c])
-                            left = left + fy * (np.float32(images[i, yb, xa, c]) - left)
-                            right = np.float32(images[i, ya, xb, c])
-                            right = right + fy * (np.float32(images[i, yb, xb, c]) - right)
-                            v = (left + fx * (right - left)) * scale[c] - shift[c]
                             clean[i, c, yy, xx] = v
-                            if two and not mix:
-                                mixed[i, c, yy, xx] = v
-                        if mix:
-                            left = np.float32(scratch[i, ya, xa, c])
-                            left = left + fy * (np.float32(scratch[i, yb, xa, c]) - left)
-                            right = np.float32(scratch[i, ya, xb, c])
-                            right = right + fy * (np.float32(scratch[i, yb, xb, c]) - right)
-                            mixed[i, c, yy, xx] = (left + fx * (right - left)) * scale[c] - shift[c]
+                        if mix and in_box:
+                            left = mixed_pixel(images, patch, i, ya, xa, c, dy, dx, bh, bw)
+                            left = left + fy * (mixed_pixel(images, patch, i, yb, xa, c, dy, dx, bh, bw) - left)
+                            right = mixed_pixel(images, patch, i, ya, xb, c, dy, dx, bh, bw)
+                            right = right + fy * (mixed_pixel(images, patch, i, yb, xb, c, dy, dx, bh, bw) - right)
+                            v = (left + fx * (right - left)) * scale[c] - shift[c]
+                        if mix or two:
+                            mixed[i, c, yy, xx] = v
         return canvas
 
     kernel.is_parallel = True
@@ -302,7 +311,7 @@ def _mix_operation(loader: "FfcvLoader"):
         def generate_code(self):
             # Compiled here, after FFCV's loader has set its thread count (prange or range).
             kernel = compile_resized_crop_kernel() if cfg.resizes else compile_mix_kernel()
-            scratch = []   # the mixed canvases of resized crops: one buffer, FFCV's one thread uses it
+            patches = []   # the pasted boxes of resized crops: one buffer, FFCV's one thread uses it
 
             def op(images, _, indices):
                 b = len(images)
@@ -316,11 +325,11 @@ def _mix_operation(loader: "FfcvLoader"):
                     kernel(images, canvas, first, second, p["partners"], p["boxes"], masks, p["crops"],
                            p["flips"], lut, loader.fill, two, mix, bh, bw, cell)
                     return buf
-                if not scratch or len(scratch[0]) < b:
-                    scratch[:] = [np.empty((b, cfg.canvas, cfg.canvas, 3), np.uint8)]
+                if not patches or len(patches[0]) < b:
+                    patches[:] = [np.empty((b, bh, bw, 3), np.uint8)]
                 tables = [t.numpy() for t in resize_tables(*(torch.from_numpy(p[k]) for k in
                                                              ("crops", "crop_sizes", "flips")), cfg.crop)]
-                kernel(images, canvas, first, second, scratch[0], p["partners"], p["boxes"], masks, *tables,
+                kernel(images, canvas, first, second, patches[0], p["partners"], p["boxes"], masks, *tables,
                        scale, shift, loader.fill, two, mix, bh, bw, cell)
                 return buf
             op.with_indices = True
