@@ -269,6 +269,20 @@ def test_rrc_equals_the_reference_and_the_torch_op(tiny_root, tiny_center_beton)
             assert not torch.equal(a.mixed, a.images)
 
 
+def test_rrc_mixed_only_equals_the_torch_op(tiny_root, tiny_center_beton):
+    """The mixed crops alone (the authors' recipe; the op reads the pasted box from a patch) to FFCV_RRC_ATOL."""
+    from backmix.cam_cache import ArrayMaps
+    from backmix.pipeline import BatchTransform
+    from backmix.pipeline.ffcv import FfcvLoader
+    tiny = ImageIndex.load(tiny_root)
+    maps = ArrayMaps(np.random.default_rng(2).random((len(tiny), 8, 8), dtype=np.float32))
+    config = LoaderConfig(batch_size=10, canvas=64, crop=40, augment="rrc", clean=False, num_workers=1, seed=4)
+    transform = BatchTransform.for_config(maps, config)
+    for step, a in enumerate(FfcvLoader(tiny, config, maps, beton=tiny_center_beton)):
+        want = transform(a.canvas, a.labels, a.indices, epoch=0, step=step)
+        assert a.images is None and (a.mixed - want.mixed).abs().max() <= FFCV_RRC_ATOL
+
+
 def test_a_beton_of_the_other_canvas_mode_is_refused(tiny_root, tiny_center_beton, tmp_path):
     from backmix.pipeline.beton import default_beton_path
     from backmix.pipeline.ffcv import FfcvLoader
