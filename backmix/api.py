@@ -56,10 +56,10 @@ def loader(data: OpenSetData | str | os.PathLike, *, split: str | int = "0", cac
     maps = None
     if cache is not None and train and config.backmix:
         if rank == 0:
-            init_cache(cache, data.train, grid=config.grid)
+            init_cache(cache, data.train, grid=config.grid, canvas_mode=config.canvas_mode)
         if world > 1 and torch.distributed.is_initialized():
             torch.distributed.barrier()
-        maps = ForegroundCache(cache, index=data.train, grid=config.grid)
+        maps = ForegroundCache(cache, index=data.train, grid=config.grid, canvas_mode=config.canvas_mode)
     index, rows = (data.train, data.known_rows) if train else (data.test, None)
     return make_loader(backend, index, config, maps=maps, indices=rows, label_map=data.label_map, **extra)
 
@@ -76,7 +76,8 @@ def rebuild(train_loader, model: nn.Module, *, momentum: float = 0.1, progress: 
     net = getattr(model, "module", model)
     was_training = net.training
     try:
-        return rebuild_cache(maps.cache_dir, net.eval(), train_loader.index, canvas=cfg.canvas, mean=cfg.mean,
+        return rebuild_cache(maps.cache_dir, net.eval(), train_loader.index, canvas=cfg.canvas,
+                             canvas_mode=cfg.canvas_mode, mean=cfg.mean,
                              std=cfg.std, momentum=momentum, label_map=train_loader.row_labels.label_map,
                              rows=train_loader.dataset_indices,   # every rank's loader lists all rows
                              num_workers=cfg.num_workers, device=next(net.parameters()).device,

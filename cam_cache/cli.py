@@ -9,6 +9,7 @@ import json
 import os
 from pathlib import Path
 
+from backmix.osr_data.decode import CANVAS_MODES
 from backmix.osr_data.errors import BackMixError
 
 class FMT(argparse.ArgumentDefaultsHelpFormatter):
@@ -26,6 +27,9 @@ def register(sub) -> None:
     p.add_argument("--cache", type=Path, required=True, help="cache folder")
     p.add_argument("--grid", type=int, default=8, help="g of the g x g maps")
     p.add_argument("--keep", type=int, default=3, help="generations kept on disk")
+    p.add_argument("--canvas-mode", choices=CANVAS_MODES, default="center",
+                   help="canvases the maps are for: center = shorter side resized + centre crop, "
+                        "stretch = both sides resized (loaders of the other mode are refused)")
     p.set_defaults(func=run_init)
 
     b = sub.add_parser("build", help="compute the next generation from a checkpoint's CAMs", formatter_class=FMT,
@@ -40,6 +44,10 @@ def register(sub) -> None:
                    help="grid of a new cache (default 8); checked against an existing one")
     b.add_argument("--keep", type=int, default=3, help="generations kept on disk (new cache)")
     b.add_argument("--canvas", type=int, default=None, help="canvas side (default: the checkpoint's config, else 40)")
+    b.add_argument("--canvas-mode", choices=CANVAS_MODES, default=None,
+                   help="canvases the CAMs are taken on (default: the checkpoint's config; stretch for a config "
+                        "that names none, which predates the modes; center without a config); a cache of "
+                        "the other mode is refused")
     b.add_argument("--momentum", type=float, default=0.1, help="share of the new CAM")
     b.add_argument("--known", default=None, metavar="SPLIT",
                    help="the model's classes: a split number (0..4) or a comma list of class names; rows of "
@@ -93,8 +101,10 @@ def run_init(args) -> int:
     from backmix.osr_data.index import ImageIndex
 
     from .store import init_cache
-    cache = init_cache(args.cache, ImageIndex.load(args.data), grid=args.grid, keep=args.keep)
-    print(f"cache {args.cache}: generation {cache.generation}, {len(cache)} rows, grid {cache.grid}")
+    cache = init_cache(args.cache, ImageIndex.load(args.data), grid=args.grid, keep=args.keep,
+                       canvas_mode=args.canvas_mode)
+    print(f"cache {args.cache}: generation {cache.generation}, {len(cache)} rows, grid {cache.grid}, "
+          f"{cache.canvas_mode} canvases")
     return 0
 
 
@@ -124,12 +134,14 @@ def run_build(args) -> int:
     elif ckpt["num_classes"] != index.num_classes:
         raise BackMixError(f"checkpoint {args.checkpoint} has {ckpt['num_classes']} classes and names none; "
                            f"{args.data} has {index.num_classes}: say which with --known")
+    canvas_mode = args.canvas_mode or config.get("canvas_mode", "stretch" if config else "center")
     if args.grid is None and (args.cache / "CURRENT").is_file():
         ForegroundCache(args.cache, index=index)           # an existing cache keeps its grid
     else:
-        init_cache(args.cache, index, grid=args.grid or 8, keep=args.keep)
+        init_cache(args.cache, index, grid=args.grid or 8, keep=args.keep, canvas_mode=canvas_mode)
     canvas = args.canvas or int(config.get("canvas", 40))
-    generation = build_generation(args.cache, model, index, canvas=canvas, mean=IMAGENET_MEAN, std=IMAGENET_STD,
+    generation = build_generation(args.cache, model, index, canvas=canvas, canvas_mode=canvas_mode,
+                                  mean=IMAGENET_MEAN, std=IMAGENET_STD,
                                   momentum=args.momentum, label_map=label_map, rows=rows,
                                   batch_size=args.batch_size, num_workers=args.workers, device=args.device,
                                   shard=shard, checkpoint_digest=file_digest(args.checkpoint),

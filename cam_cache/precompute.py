@@ -103,8 +103,8 @@ def class_activation_maps(features: Tensor, fc_weight: Tensor, labels: Tensor, g
 
 
 class _Canvases(Dataset):
-    def __init__(self, index: ImageIndex, rows: np.ndarray, canvas: int) -> None:
-        self.index, self.rows, self.canvas = index, rows, canvas
+    def __init__(self, index: ImageIndex, rows: np.ndarray, canvas: int, mode: str) -> None:
+        self.index, self.rows, self.canvas, self.mode = index, rows, canvas, mode
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -112,7 +112,7 @@ class _Canvases(Dataset):
     def __getitem__(self, i: int):
         row = int(self.rows[i])
         try:
-            return decode_canvas(self.index.abspath(row), self.canvas)
+            return decode_canvas(self.index.abspath(row), self.canvas, self.mode)
         except DecodeError as e:
             return e.path
 
@@ -132,7 +132,7 @@ def _normalised(canvas: Tensor, mean: Sequence[float], std: Sequence[float]) -> 
 
 
 def compute_cams(model: nn.Module, index: ImageIndex, rows: np.ndarray, labels: np.ndarray, *, canvas: int,
-                 grid: int, mean: Sequence[float], std: Sequence[float], batch_size: int = 128,
+                 grid: int, canvas_mode: str = "center", mean: Sequence[float], std: Sequence[float], batch_size: int = 128,
                  num_workers: int = 2, device: str | torch.device = "cpu", progress: bool = True,
                  desc: str = "CAMs") -> np.ndarray:
     """float32 [len(rows), grid, grid]: the CAM of each row for class ``labels[i]`` of ``model``."""
@@ -141,7 +141,7 @@ def compute_cams(model: nn.Module, index: ImageIndex, rows: np.ndarray, labels: 
     home = next(model.parameters()).device
     if home.type == device.type:
         device = home                 # "cuda" for a model on cuda:1 means cuda:1
-    loader = DataLoader(_Canvases(index, rows, canvas), batch_size=batch_size, num_workers=num_workers,
+    loader = DataLoader(_Canvases(index, rows, canvas, canvas_mode), batch_size=batch_size, num_workers=num_workers,
                         collate_fn=_collate, pin_memory=device.type == "cuda")
     out = np.empty((len(rows), grid, grid), dtype=np.float32)
     was_training = model.training
@@ -206,7 +206,8 @@ class GenerationWriter:
     def __init__(self, cache_dir: str | os.PathLike, model: nn.Module, index: ImageIndex, *, canvas: int,
                  mean: Sequence[float], std: Sequence[float], momentum: float = 0.1,
                  label_map: Optional[np.ndarray] = None, rows: Optional[np.ndarray] = None,
-                 shard: tuple[int, int] = (0, 1), checkpoint_digest: str = "") -> None:
+                 shard: tuple[int, int] = (0, 1), checkpoint_digest: str = "",
+                 canvas_mode: str = "center") -> None:
         k, world = shard
         if not 0 <= k < world:
             raise BackMixError(f"shard {k}/{world}: need 0 <= k < N")
@@ -215,7 +216,9 @@ class GenerationWriter:
         _, head = features_and_head(model)            # refuse a model without a CAM head before any work
         self.cache_dir, self.model, self.index, self.shard = Path(cache_dir), model, index, shard
         self.canvas, self.mean, self.std, self.momentum = canvas, tuple(mean), tuple(std), float(momentum)
-        self.base = ForegroundCache(self.cache_dir, index=index)
+        # CAMs on the canvases the loaders mix: a cache of another canvas mode is refused.
+        self.canvas_mode = canvas_mode
+        self.base = ForegroundCache(self.cache_dir, index=index, canvas_mode=canvas_mode)
         self.generation = self.base.generation + 1
         self.rows = np.arange(len(index)) if rows is None else np.asarray(rows, dtype=np.int64)
         if self.rows.size and (self.rows.min() < 0 or self.rows.max() >= len(index)):
@@ -236,7 +239,8 @@ class GenerationWriter:
         self.cam_seconds = 0.0                          # time spent in add_canvases (the in-loop overhead)
         self.meta = {"generation": str(self.generation), "base": str(self.base.generation),
                      "momentum": str(self.momentum), "checkpoint": checkpoint_digest,
-                     "dataset": index.fingerprint(), "rows": _rows_digest(self.rows, labels)}
+                     "dataset": index.fingerprint(), "rows": _rows_digest(self.rows, labels),
+                     "canvas_mode": canvas_mode}
 
     @property
     def path(self) -> Path:
@@ -284,7 +288,7 @@ class GenerationWriter:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         k, world = self.shard
         cams = compute_cams(self.model, self.index, rows, self._class_of[rows], canvas=self.canvas,
-                            grid=self.base.grid, mean=self.mean, std=self.std, batch_size=batch_size,
+                            grid=self.base.grid, canvas_mode=self.canvas_mode, mean=self.mean, std=self.std, batch_size=batch_size,
                             num_workers=num_workers, device=device, progress=progress,
                             desc=f"CAMs gen {self.generation}" + (f" shard {k}/{world}" if world > 1 else ""))
         self.add(rows, cams)
@@ -313,7 +317,7 @@ class GenerationWriter:
 
 
 def build_generation(cache_dir: str | os.PathLike, model: nn.Module, index: ImageIndex, *, canvas: int,
-                     mean: Sequence[float], std: Sequence[float], momentum: float = 0.1,
+                     canvas_mode: str = "center", mean: Sequence[float], std: Sequence[float], momentum: float = 0.1,
                      label_map: Optional[np.ndarray] = None, rows: Optional[np.ndarray] = None,
                      batch_size: int = 128, num_workers: int = 2, device: str = "auto",
                      shard: tuple[int, int] = (0, 1), checkpoint_digest: str = "", publish: bool = True,
@@ -324,18 +328,22 @@ def build_generation(cache_dir: str | os.PathLike, model: nn.Module, index: Imag
     computes ``rows[k::N]``. Returns the new generation number when it was
     published (by this call or, meanwhile, by another shard's), else None. Under
     torch.distributed use ``rebuild_cache``.
+    CAMs are taken on ``canvas_mode`` canvases, the mode the cache records; a cache of another mode
+    is refused.
     """
     with build_lock(cache_dir, shard):
-        return _build_shard(cache_dir, model, index, canvas=canvas, mean=mean, std=std, momentum=momentum,
+        return _build_shard(cache_dir, model, index, canvas=canvas, canvas_mode=canvas_mode, mean=mean, std=std,
+                            momentum=momentum,
                             label_map=label_map, rows=rows, batch_size=batch_size, num_workers=num_workers,
                             device=device, shard=shard, checkpoint_digest=checkpoint_digest, publish=publish,
                             progress=progress)
 
 
-def _build_shard(cache_dir, model, index, *, canvas, mean, std, momentum, label_map, rows, batch_size,
+def _build_shard(cache_dir, model, index, *, canvas, canvas_mode, mean, std, momentum, label_map, rows, batch_size,
                  num_workers, device, shard, checkpoint_digest, publish, progress) -> Optional[int]:
     writer = GenerationWriter(cache_dir, model, index, canvas=canvas, mean=mean, std=std, momentum=momentum,
-                              label_map=label_map, rows=rows, shard=shard, checkpoint_digest=checkpoint_digest)
+                              label_map=label_map, rows=rows, shard=shard, checkpoint_digest=checkpoint_digest,
+                              canvas_mode=canvas_mode)
     k, world = shard
     writer.take_pending()
     if len(writer.done_rows):
@@ -370,7 +378,7 @@ def _raise_first(errors: list[Optional[str]]) -> None:
 
 
 def rebuild_cache(cache_dir: str | os.PathLike, model: nn.Module, index: ImageIndex, *, canvas: int,
-                  mean: Sequence[float], std: Sequence[float], momentum: float = 0.1,
+                  mean: Sequence[float], std: Sequence[float], momentum: float = 0.1, canvas_mode: str = "center",
                   label_map: Optional[np.ndarray] = None, rows: Optional[np.ndarray] = None,
                   writer: Optional[GenerationWriter] = None, before_publish: Optional[Callable[[], None]] = None,
                   batch_size: int = 128, num_workers: int = 2, device: str | torch.device = "auto",
@@ -399,7 +407,7 @@ def rebuild_cache(cache_dir: str | os.PathLike, model: nn.Module, index: ImageIn
         if writer is None:
             writer = GenerationWriter(cache_dir, model, index, canvas=canvas, mean=mean, std=std,
                                       momentum=momentum, label_map=label_map, rows=rows, shard=(rank, world),
-                                      checkpoint_digest=checkpoint_digest)
+                                      checkpoint_digest=checkpoint_digest, canvas_mode=canvas_mode)
         elif writer.shard != (rank, world):
             raise BackMixError(f"the writer is shard {writer.shard}, this process is rank {rank} of {world}")
         writer.take_pending()
@@ -460,7 +468,7 @@ def publish_generation(cache_dir: str | os.PathLike, generation: Optional[int] =
         if missing:
             raise BackMixError(f"generation {nxt} is not complete: shard(s) {missing} of {world} are missing")
         parts = [MappedMaps(p) for p in shards]
-        keys = ("base", "dataset", "checkpoint", "momentum", "rows")
+        keys = ("base", "dataset", "checkpoint", "momentum", "rows", "canvas_mode")
         for part in parts:
             if (part.meta.get("base") != str(current.generation)
                     or part.meta.get("dataset") != current.meta.get("dataset")):
@@ -469,6 +477,9 @@ def publish_generation(cache_dir: str | os.PathLike, generation: Optional[int] =
             if [part.meta.get(k) for k in keys] != [parts[0].meta.get(k) for k in keys]:
                 raise BackMixError(f"shards {parts[0].path.name} and {part.path.name} come from different "
                                    f"builds; delete {folder} and rebuild")
+            if part.canvas_mode != current.canvas_mode:
+                raise BackMixError(f"shard {part.path} holds maps of {part.canvas_mode!r} canvases, the cache "
+                                   f"{current.canvas_mode!r} ones; delete {folder} and rebuild")
             if part.grid != current.grid or (len(part) and (part.rows.min() < 0 or part.rows.max() >= len(current))):
                 raise BackMixError(f"shard {part.path} does not fit the cache (grid or rows)")
         maps = np.array(current.maps)            # float16 copy of the current generation
@@ -476,7 +487,8 @@ def publish_generation(cache_dir: str | os.PathLike, generation: Optional[int] =
             maps[part.rows] = part.maps
         meta = {k: parts[0].meta.get(k, "") for k in ("momentum", "checkpoint", "base")}
         write_maps(generation_path(cache_dir, nxt), np.arange(len(maps)), current.labels, maps,
-                   {**meta, "generation": nxt, "dataset": current.meta.get("dataset", "")})
+                   {**meta, "generation": nxt, "dataset": current.meta.get("dataset", ""),
+                    "canvas_mode": current.canvas_mode})
         del parts, current                       # unmap before deleting the shards
         keep = int(ptr.get("keep", 3))
         write_pointer(cache_dir, nxt, keep)

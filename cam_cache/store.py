@@ -11,7 +11,9 @@ the dataset row), ``label`` (int64) and ``map`` (fixed-size list of g*g
 float16; format 1 stored ``label`` as int32 and is still read). Float16
 keeps ImageNet's 1.28 M maps of 8 x 8 under 200 MB; the momentum arithmetic
 is done in float32 and rounded once per generation. The schema metadata
-names the format, generation, base generation, grid, momentum, the digest of
+names the format, generation, base generation, grid, canvas mode (the canvases
+the CAMs were taken on; a file that names none is of "stretch" canvases, the only
+mode before there were two), momentum, the digest of
 the checkpoint that made it and the fingerprint of the dataset index; a
 shard also names the digest of the build's rows and classes, so a restart
 reuses only shards of the very same build.
@@ -45,6 +47,8 @@ from backmix.osr_data.index import ImageIndex, atomic_file, atomic_write_bytes
 FORMAT = "backmix-foreground-cache/3"
 READABLE_FORMATS = ("backmix-foreground-cache/1", "backmix-foreground-cache/2", FORMAT)
 POINTER = "CURRENT"
+# The canvas mode of a file whose metadata names none: it predates "center".
+LEGACY_CANVAS_MODE = "stretch"
 
 log = logging.getLogger("backmix")
 
@@ -151,6 +155,7 @@ class MappedMaps:
             raise BackMixError(f"cache file {self.path} has columns {', '.join(map(str, types))}, "
                                f"not int64, int64, fixed_size_list<float16>[{g2}]")
         self.meta = meta
+        self.canvas_mode = meta.get("canvas_mode", LEGACY_CANVAS_MODE)
         self.maps = _view(batch.column("map").values, np.float16, len(batch) * g2).reshape(
             len(batch), self.grid, self.grid)
         self.rows = _view(batch.column("index"), np.int64, len(batch))
@@ -209,14 +214,15 @@ def write_pointer(cache_dir: Path, generation: int, keep: int) -> None:
 class ForegroundCache:
     """The current generation of a cache folder, as ``ForegroundMaps`` for the loaders.
 
-    ``index`` and ``grid``, when given, are checked against the file: a cache is
-    never used with another data set or grid. Pickles as its folder and
+    ``index``, ``grid`` and ``canvas_mode``, when given, are checked against the file: a
+    cache is never used with another data set, grid or canvas mode. Pickles as its folder and
     expectations, and reopens its memory map on the other side (loader workers).
     """
 
     def __init__(self, cache_dir: str | os.PathLike, *, index: Optional[ImageIndex] = None,
-                 grid: Optional[int] = None) -> None:
+                 grid: Optional[int] = None, canvas_mode: Optional[str] = None) -> None:
         self.cache_dir = Path(cache_dir)
+        self._canvas_mode = canvas_mode
         self._fingerprint = index.fingerprint() if index is not None else None
         self._rows = len(index) if index is not None else None
         self._grid = grid
@@ -232,6 +238,9 @@ class ForegroundCache:
         if self._grid is not None and mapped.grid != self._grid:
             raise BackMixError(f"cache file {mapped.path} has {mapped.grid}x{mapped.grid} maps, "
                                f"expected {self._grid}x{self._grid}")
+        if self._canvas_mode is not None and mapped.canvas_mode != self._canvas_mode:
+            raise BackMixError(f"cache file {mapped.path} holds maps of {mapped.canvas_mode!r} canvases, "
+                               f"expected {self._canvas_mode!r} (--canvas-mode)")
         if self._fingerprint is not None and mapped.meta.get("dataset") != self._fingerprint:
             raise BackMixError(f"cache file {mapped.path} was built for another data set (index fingerprint "
                                f"{mapped.meta.get('dataset', '?')[:12]}, this one {self._fingerprint[:12]})")
@@ -247,6 +256,11 @@ class ForegroundCache:
     @property
     def meta(self) -> dict:
         return self._file().meta
+
+    @property
+    def canvas_mode(self) -> str:
+        """The canvas mode the maps were made on (``osr_data.decode.CANVAS_MODES``); loaders check it."""
+        return self._file().canvas_mode
 
     @property
     def maps(self) -> np.ndarray:
@@ -299,8 +313,11 @@ def _stat_key(path: Path) -> Optional[tuple]:
 
 
 def init_cache(cache_dir: str | os.PathLike, index: ImageIndex, *, grid: int = 8,
-               keep: int = 3) -> ForegroundCache:
-    """Generation 0 (0.5 everywhere) for ``index``; the existing cache when there is one for it."""
+               keep: int = 3, canvas_mode: str = "center") -> ForegroundCache:
+    """Generation 0 (0.5 everywhere) for ``index`` on ``canvas_mode`` canvases; the existing cache
+    when there is one for it (refused if it is of another grid or canvas mode)."""
+    from backmix.osr_data.decode import check_canvas_mode
+    check_canvas_mode(canvas_mode)
     cache_dir = check_cache_dir(cache_dir)
     check_grid(grid)
     if keep < 1:
@@ -308,7 +325,7 @@ def init_cache(cache_dir: str | os.PathLike, index: ImageIndex, *, grid: int = 8
     if not (cache_dir / POINTER).exists() and generations_on_disk(cache_dir):
         recover_pointer(cache_dir, keep)
     if (cache_dir / POINTER).exists():
-        return ForegroundCache(cache_dir, index=index, grid=grid)
+        return ForegroundCache(cache_dir, index=index, grid=grid, canvas_mode=canvas_mode)
     try:
         cache_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -316,9 +333,10 @@ def init_cache(cache_dir: str | os.PathLike, index: ImageIndex, *, grid: int = 8
     n = len(index)
     write_maps(generation_path(cache_dir, 0), np.arange(n), index.labels,
                np.full((n, grid, grid), 0.5, dtype=np.float16),
-               {"generation": 0, "momentum": 0.0, "checkpoint": "", "dataset": index.fingerprint()})
+               {"generation": 0, "momentum": 0.0, "checkpoint": "", "dataset": index.fingerprint(),
+                "canvas_mode": canvas_mode})
     write_pointer(cache_dir, 0, keep)
-    return ForegroundCache(cache_dir, index=index, grid=grid)
+    return ForegroundCache(cache_dir, index=index, grid=grid, canvas_mode=canvas_mode)
 
 
 def recover_pointer(cache_dir: Path, keep: int) -> int:
@@ -398,7 +416,7 @@ def cache_info(cache_dir: str | os.PathLike) -> dict:
     cache = ForegroundCache(check_cache_dir(cache_dir))
     files = sorted(Path(cache_dir).glob("gen-*.arrow"))
     return {"cache": str(cache_dir), "format": cache.meta.get("format", ""), "generation": cache.generation,
-            "rows": len(cache), "grid": cache.grid,
+            "rows": len(cache), "grid": cache.grid, "canvas_mode": cache.canvas_mode,
             "momentum": float(cache.meta.get("momentum", 0)), "checkpoint": cache.meta.get("checkpoint", ""),
             "dataset": cache.meta.get("dataset", ""), "keep": int(read_pointer(cache_dir).get("keep", 3)),
             "generations_on_disk": [int(p.stem.split("-")[1]) for p in files],

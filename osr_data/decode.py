@@ -34,15 +34,29 @@ def decode_rgb(path: str) -> torch.Tensor:
         raise DecodeError(path, str(e).splitlines()[0] if str(e) else "") from None
 
 
-def to_canvas(image: torch.Tensor, size: int) -> torch.Tensor:
-    """Resize (aspect not kept) to the ``size x size`` canvas the mix works on; uint8 in and out."""
+# How an image becomes the square canvas the mix works on. "center": the shorter side resized
+# to the canvas, then the centre square (torchvision Resize(size) + CenterCrop(size): the authors'
+# loader; shapes keep their aspect ratio). "stretch": both sides resized to the canvas.
+CANVAS_MODES = ("center", "stretch")
+
+
+def check_canvas_mode(mode: str) -> str:
+    if mode not in CANVAS_MODES:
+        raise BackMixError(f"canvas mode must be one of {', '.join(CANVAS_MODES)}, got {mode!r}")
+    return mode
+
+
+def to_canvas(image: torch.Tensor, size: int, mode: str = "center") -> torch.Tensor:
+    """The ``size x size`` canvas of ``image`` in canvas ``mode`` (antialiased); uint8 in and out."""
     if image.shape[-2:] == (size, size):
         return image
-    return TF.resize(image, [size, size], antialias=True)
+    if check_canvas_mode(mode) == "stretch":
+        return TF.resize(image, [size, size], antialias=True)
+    return TF.center_crop(TF.resize(image, [size], antialias=True), [size, size])
 
 
-def decode_canvas(path: str, size: int) -> torch.Tensor:
-    return to_canvas(decode_rgb(path), size)
+def decode_canvas(path: str, size: int, mode: str = "center") -> torch.Tensor:
+    return to_canvas(decode_rgb(path), size, mode)
 
 
 def check_canvas(canvas: int, crop: int, grid: int) -> None:

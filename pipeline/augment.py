@@ -27,10 +27,63 @@ def crop_flip(images: Tensor, offsets: Tensor, flips: Tensor, size: int) -> Tens
     return images.reshape(b, c, h * w).gather(2, pixels).reshape(b, c, size, size)
 
 
+def resize_sources(starts: Tensor, lengths: Tensor, size: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Bilinear resampling of a span of ``lengths`` pixels from ``starts`` to ``size`` pixels, per image
+    (int64 [B] each): (lo, hi) int64 [B, size], the two source pixels of each output pixel, and
+    float32 [B, size], the weight of ``hi``. Pixel centres (align_corners=False), the source clamped
+    to the span: F.interpolate(bilinear, antialias=False) of the cropped span, as one table."""
+    out = torch.arange(size, device=starts.device, dtype=torch.float32) + 0.5
+    scale = lengths.to(torch.float32)[:, None] / size
+    pos = (out * scale - 0.5).clamp_(min=0.0)
+    pos = torch.minimum(pos, (lengths - 1).to(torch.float32)[:, None])
+    lo = pos.floor()
+    weight = pos - lo
+    lo = lo.long()
+    hi = torch.minimum(lo + 1, (lengths - 1)[:, None])
+    return starts[:, None] + lo, starts[:, None] + hi, weight
+
+
+def resize_tables(corners: Tensor, sizes: Tensor, flips: Tensor, size: int) -> tuple[Tensor, ...]:
+    """(y0, y1, wy, x0, x1, wx), each [B, size]: ``resize_sources`` of each box's rows and columns,
+    the columns mirrored where ``flips``. What the torch op and FFCV's kernel both read."""
+    y0, y1, wy = resize_sources(corners[:, 0], sizes[:, 0], size)
+    x0, x1, wx = resize_sources(corners[:, 1], sizes[:, 1], size)
+    x0, x1, wx = (torch.where(flips[:, None], t.flip(1), t) for t in (x0, x1, wx))
+    return y0, y1, wy, x0, x1, wx
+
+
+def resized_crop_flip(images: Tensor, corners: Tensor, sizes: Tensor, flips: Tensor, size: int) -> Tensor:
+    """[B, C, H, W] -> float32 [B, C, size, size]: the box (corner, height x width) of each image resized
+    bilinearly to size x size (``resize_sources``; no antialiasing), mirrored where ``flips``.
+    Separable, for the whole batch at once (no loop over images): gather the two source rows of each
+    output row (uint8, so the float copy is only size rows) and blend them, then the two source
+    columns of each output column. In float32: r = a + wy (b - a) down the rows, then
+    out = r0 + wx (r1 - r0) across."""
+    b, c, h, w = images.shape
+    y0, y1, wy, x0, x1, wx = resize_tables(corners, sizes, flips, size)
+
+    def rows(ys: Tensor) -> Tensor:
+        return images.gather(2, ys[:, None, :, None].expand(b, c, size, w)).float()
+
+    top = rows(y0)
+    blended = top.add_(wy[:, None, :, None] * (rows(y1) - top))       # [B, C, size, W]
+
+    def columns(xs: Tensor) -> Tensor:
+        return blended.gather(3, xs[:, None, None, :].expand(b, c, size, size))
+
+    left = columns(x0)
+    return left.add_(wx[:, None, None, :] * (columns(x1) - left))
+
+
+def normalize_constants(mean: Tensor, std: Tensor) -> tuple[Tensor, Tensor]:
+    """(scale, shift) float32 [C]: ``normalize`` computes x * scale - shift."""
+    return 1.0 / (255.0 * std), mean / std
+
+
 def normalize(images: Tensor, mean: Tensor, std: Tensor) -> Tensor:
-    """uint8 [B, C, H, W] -> float32 ((x / 255) - mean) / std, as x * (1 / 255 std) - mean / std."""
-    scale = (1.0 / (255.0 * std)).view(1, -1, 1, 1)
-    shift = (mean / std).view(1, -1, 1, 1)
+    """uint8 or float32 [B, C, H, W] (0..255) -> float32 ((x / 255) - mean) / std, as x * (1 / 255 std) - mean / std."""
+    scale, shift = normalize_constants(mean, std)
+    scale, shift = scale.view(1, -1, 1, 1), shift.view(1, -1, 1, 1)
     # In place on the one float copy: the batch is the largest tensor of the loader's hot path.
     return images.float().mul_(scale).sub_(shift)
 
@@ -59,6 +112,15 @@ class RandomCropFlip:
 
     def __call__(self, images: Tensor, p: dict[str, Tensor]) -> Tensor:
         return crop_flip(images, p["crops"], p["flips"], self.size)
+
+
+@dataclass(frozen=True)
+class RandomResizedCropFlip:
+    """torchvision's RandomResizedCrop (boxes drawn by ``BackMixSampler``) + flip; float out."""
+    size: int
+
+    def __call__(self, images: Tensor, p: dict[str, Tensor]) -> Tensor:
+        return resized_crop_flip(images, p["crops"], p["crop_sizes"], p["flips"], self.size)
 
 
 @dataclass(frozen=True)

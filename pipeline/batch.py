@@ -14,7 +14,7 @@ from torch import Tensor
 
 from backmix.cam_cache.maps import ForegroundMaps
 
-from .augment import IMAGENET_MEAN, IMAGENET_STD, BackMix, Normalize, RandomCropFlip
+from .augment import IMAGENET_MEAN, IMAGENET_STD, BackMix, Normalize, RandomCropFlip, RandomResizedCropFlip
 from .backmix import top_k_mask
 from .sampling import BackMixSampler
 
@@ -70,7 +70,7 @@ def to_device(t: Tensor, device) -> Tensor:
 
 
 class BatchTransform:
-    """Mix, then crop/flip, then normalise, for one batch of canvases on any device."""
+    """Mix, then crop/flip (or resized crop/flip), then normalise, for one batch of canvases on any device."""
 
     def __init__(self, maps: ForegroundMaps, sampler: BackMixSampler, *, backmix: bool = True,
                  mean: tuple[float, ...] = IMAGENET_MEAN, std: tuple[float, ...] = IMAGENET_STD,
@@ -78,7 +78,9 @@ class BatchTransform:
         self.maps, self.sampler, self.enabled, self.train = maps, sampler, backmix, train
         self.clean = clean or not backmix
         self.mix = BackMix(sampler.top_k_ratio, sampler.box_fraction, mean)
-        self.crop = RandomCropFlip(sampler.crop)
+        # Evaluation draws the centre crop at the crop size: nothing to resize.
+        resize = sampler.augment == "rrc" and train
+        self.crop = (RandomResizedCropFlip if resize else RandomCropFlip)(sampler.crop)
         self.normalize = Normalize(mean, std)
 
     @classmethod
@@ -117,7 +119,7 @@ def host_masks(maps: ForegroundMaps, rows: np.ndarray, top_k_ratio: float, tie_b
 
 def same_crop_twice(p: dict[str, Tensor]) -> dict[str, Tensor]:
     """The same crop and flip for the clean and the mixed copy of each image."""
-    return {"crops": p["crops"].repeat(2, 1), "flips": p["flips"].repeat(2)}
+    return {"crops": p["crops"].repeat(2, 1), "flips": p["flips"].repeat(2), "crop_sizes": p["crop_sizes"].repeat(2, 1)}
 
 
 def as_index_array(x) -> np.ndarray:

@@ -29,9 +29,11 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
+from backmix.osr_data.decode import CANVAS_MODES
 from backmix.osr_data.errors import BackMixError
 
 from .loaders import BACKENDS, backend_options
+from .sampling import AUGMENTS
 
 # What a loader returns in each mode: (BackMix, clean crop). "on" is the authors' training stream
 # (canvas + mixed crop, one model input per image, like "off"); "on+clean" adds the clean crop.
@@ -67,7 +69,7 @@ def stage_breakdown(index, config, batches: int, device: torch.device) -> dict[s
     from backmix.cam_cache.maps import UniformMaps
     from backmix.osr_data.decode import decode_rgb, to_canvas
 
-    from .augment import BackMix, Normalize, RandomCropFlip
+    from .augment import BackMix, Normalize, RandomCropFlip, RandomResizedCropFlip
     from .batch import same_crop_twice
     from .reference import CanvasDataset, collate_canvases
 
@@ -78,9 +80,9 @@ def stage_breakdown(index, config, batches: int, device: torch.device) -> dict[s
     for _ in range(3):
         t = time.perf_counter()
         for image in decoded:
-            to_canvas(image, config.canvas)
+            to_canvas(image, config.canvas, config.canvas_mode)
         resize.append(time.perf_counter() - t)
-    ds = CanvasDataset(index, config.canvas)
+    ds = CanvasDataset(index, config.canvas, config.canvas_mode)
     loader = torch.utils.data.DataLoader(ds, batch_size=b, num_workers=config.num_workers,
                                          collate_fn=collate_canvases, shuffle=False)
     decode, canvases = [], None
@@ -93,8 +95,8 @@ def stage_breakdown(index, config, batches: int, device: torch.device) -> dict[s
         t = time.perf_counter()
     sampler = config.sampler()
     maps = torch.from_numpy(UniformMaps(len(index), config.grid).gather(np.arange(b)))
-    mix, crop, norm = BackMix(config.top_k_ratio, config.box_fraction, config.mean), RandomCropFlip(config.crop), \
-        Normalize(config.mean, config.std)
+    mix, norm = BackMix(config.top_k_ratio, config.box_fraction, config.mean), Normalize(config.mean, config.std)
+    crop = (RandomResizedCropFlip if config.resizes else RandomCropFlip)(config.crop)
     x = canvases.to(device)
     stages = {"mix": [], "augment": [], "host_to_device": []}
     for step in range(max(3, batches)):
@@ -161,7 +163,8 @@ def machine() -> str:
 
 def run_benchmark(data: Optional[Path], backends: list[str], *, batches: int, warmup: int, batch_size: int,
                   canvas: int, crop: int, workers: int, device: str, n_images: int, repeat: int = 1,
-                  ray_address: Optional[str] = None, prefetch: Optional[int] = None) -> dict:
+                  ray_address: Optional[str] = None, prefetch: Optional[int] = None,
+                  canvas_mode: str = "center", augment: str = "crop") -> dict:
     from backmix.cam_cache.maps import UniformMaps
     from backmix.osr_data.benchdata import default_bench_folder, make_bench_folder
     from backmix.osr_data.index import ImageIndex
@@ -186,9 +189,10 @@ def run_benchmark(data: Optional[Path], backends: list[str], *, batches: int, wa
         data = Path(data)
         index = ImageIndex.load(data / "train" if (data / "train").is_dir() else data)
     dev = choose_device(device)
+    shape = {"canvas_mode": canvas_mode, "augment": augment}   # every loader's canvas and augmentation
     # The torch stages first, and the backends in a fixed order (reference, DALI, FFCV): a process
     # that has started numba's (FFCV's) thread pool should not fork DataLoader workers after it.
-    stages = stage_breakdown(index, LoaderConfig(batch_size=batch_size, canvas=canvas, crop=crop,
+    stages = stage_breakdown(index, LoaderConfig(batch_size=batch_size, canvas=canvas, crop=crop, **shape,
                                                  num_workers=workers), max(3, min(batches, 8)), dev)
     # Rounds interleave the (backend, mode) pairs, so slow drift on a shared machine hits them
     # alike; a ratio is taken within each round, then the median over rounds. FFCV's rounds come
@@ -204,8 +208,8 @@ def run_benchmark(data: Optional[Path], backends: list[str], *, batches: int, wa
         if (backend, mode) in errors:
             continue
         backmix, clean = MODES[mode]
-        config = LoaderConfig(batch_size=batch_size, canvas=canvas, crop=crop, backmix=backmix, clean=clean,
-                              num_workers=workers, device=device, last_batch="drop")
+        config = LoaderConfig(batch_size=batch_size, canvas=canvas, crop=crop, **shape, backmix=backmix,
+                              clean=clean, num_workers=workers, device=device, last_batch="drop")
         try:
             loader = make_loader(backend, index, config, UniformMaps(len(index), config.grid),
                                  **(ray_options if backend == "ray" else {}))
@@ -234,7 +238,7 @@ def run_benchmark(data: Optional[Path], backends: list[str], *, batches: int, wa
     if any(r["backend"] == "dali" and r.get("images_per_s") for r in results):
         from .dali import stage_times
         per_backend["dali"] = stage_times(index, LoaderConfig(batch_size=batch_size, canvas=canvas, crop=crop,
-                                                              num_workers=workers, device=device),
+                                                              **shape, num_workers=workers, device=device),
                                           max(3, min(batches, 8)))
     for r in results:
         plain = by.get((r["backend"], "off"))
@@ -257,7 +261,7 @@ def run_benchmark(data: Optional[Path], backends: list[str], *, batches: int, wa
             if values:
                 ratios[name], spread[name] = statistics.median(values), [min(values), max(values)]
     return {"machine": machine(), "data": str(data), "images": len(index),
-            "config": {"batch_size": batch_size, "canvas": canvas, "crop": crop, "workers": workers,
+            "config": {"batch_size": batch_size, "canvas": canvas, "crop": crop, "workers": workers, **shape,
                        "batches": batches, "warmup": warmup, "device": str(dev)},
             "results": results, "decode_ceiling": decode_ceiling(index, workers), "ratios": ratios,
             "ratio_range": spread, "rounds": repeat}
@@ -309,7 +313,8 @@ def plot(report: dict, path: Path) -> None:
     ax.axhline(dc["images_per_s"], color="k", ls="--", lw=1, label=f"decode ceiling of the source files ({dc['decoder']})")
     ax.set_ylabel("images/s")
     c = report["config"]
-    ax.set_title(f"{report['images']} JPEGs, canvas {c['canvas']}, crop {c['crop']}, batch {c['batch_size']}, "
+    ax.set_title(f"{report['images']} JPEGs, canvas {c['canvas']} {c.get('canvas_mode', 'stretch')}, crop {c['crop']} "
+                 f"{c.get('augment', 'crop')}, batch {c['batch_size']}, "
                  f"{c['workers']} workers\n{report['machine']}", fontsize=8)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -334,6 +339,10 @@ def register_bench(sub) -> None:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--canvas", type=int, default=224)
     p.add_argument("--crop", type=int, default=192)
+    p.add_argument("--canvas-mode", choices=CANVAS_MODES, default="center",
+                   help="center = shorter side resized, centre square; stretch = both sides resized")
+    p.add_argument("--augment", choices=AUGMENTS, default="crop",
+                   help="after the mix: crop = random crop + flip; rrc = RandomResizedCrop + flip")
     p.add_argument("--workers", type=int, default=2, help="worker processes/threads, the same for every backend")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--ray-address", default=None, metavar="auto|HOST:PORT",
@@ -350,11 +359,13 @@ def run_bench(args) -> int:
     report = run_benchmark(args.data, backends, batches=args.batches, warmup=args.warmup,
                            batch_size=args.batch_size, canvas=args.canvas, crop=args.crop, workers=args.workers,
                            device=args.device, n_images=args.images, repeat=args.repeat,
-                           ray_address=args.ray_address, prefetch=args.prefetch)
+                           ray_address=args.ray_address, prefetch=args.prefetch,
+                           canvas_mode=args.canvas_mode, augment=args.augment)
     report["command"] = "backmix " + " ".join(sys.argv[1:]) if sys.argv[0].endswith("backmix") else \
         "backmix bench loader " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()
                                            if k in ("backend", "batches", "warmup", "batch_size", "canvas",
-                                                    "crop", "workers", "repeat", "ray_address", "prefetch")
+                                                    "crop", "workers", "repeat", "ray_address", "prefetch",
+                                                    "canvas_mode", "augment")
                                            and v is not None)
     print(format_table(report))
     if args.json:

@@ -1,9 +1,10 @@
 """``backmix data write-beton``: an image folder as an FFCV .beton, once, for many trainings.
 
-Each sample holds the image, its label and its dataset index (the row of the
-index file). With ``--canvas S`` every image is stored resized to the S x S
-canvas (what the FFCV loader with ``--canvas S`` reads as is, and writes
-itself on first use); without it, at its own size with the longer side capped
+Each sample holds the image, its label, its dataset index (the row of the
+index file) and the canvas mode it was stored in. With ``--canvas S`` every image is
+stored as the S x S canvas of ``--canvas-mode`` (what the FFCV loader with ``--canvas S``
+and that mode reads as is, and writes itself on first use; a loader of the other mode
+refuses it); without it, at its own size with the longer side capped
 at ``--max-resolution``, and the loader resizes it to its canvas. "jpg" mode
 stores JPEGs (small; FFCV decodes them), "raw" mode the decoded pixels (large;
 at the canvas size they are the reference loader's canvases exactly). The file
@@ -21,7 +22,7 @@ from typing import Optional
 
 import numpy as np
 
-from backmix.osr_data.decode import decode_canvas, decode_rgb, to_numpy_hwc
+from backmix.osr_data.decode import CANVAS_MODES, check_canvas_mode, decode_canvas, decode_rgb, to_numpy_hwc
 from backmix.osr_data.errors import BackMixError
 from backmix.osr_data.index import ImageIndex, atomic_file
 
@@ -29,6 +30,7 @@ INSTALL_HINT = ("FFCV is not installed: pip install 'backmix[ffcv]' (needs apt l
                 "libturbojpeg0-dev pkg-config; scripts/install.sh does both)")
 MODES = ("jpg", "raw")
 DEFAULT_CANVAS = 40   # LoaderConfig's
+NOT_A_CANVAS = -1     # the canvas_mode field of images stored at their own size (any loader resizes them)
 
 
 def require_ffcv() -> None:
@@ -40,9 +42,9 @@ def require_ffcv() -> None:
 
 
 def default_beton_path(index: ImageIndex, canvas: Optional[int], mode: str = "jpg",
-                       max_resolution: Optional[int] = None) -> Path:
+                       max_resolution: Optional[int] = None, canvas_mode: str = "center") -> Path:
     """Where the loader looks for (canvas given) or a user keeps (no canvas) the beton of ``index``."""
-    size = f"{canvas}" if canvas else (f"max{max_resolution}" if max_resolution else "full")
+    size = f"{canvas}-{canvas_mode}" if canvas else (f"max{max_resolution}" if max_resolution else "full")
     return index.root / ".backmix" / f"ffcv-{index.fingerprint()[:12]}-{size}-{mode}.beton"
 
 
@@ -53,8 +55,9 @@ class _Samples:
     forever for a worker that raised, so the failure is reported after the write instead.
     """
 
-    def __init__(self, index: ImageIndex, canvas: Optional[int]) -> None:
-        self.index, self.canvas = index, canvas
+    def __init__(self, index: ImageIndex, canvas: Optional[int], canvas_mode: str) -> None:
+        self.index, self.canvas, self.canvas_mode = index, canvas, canvas_mode
+        self.mode_code = CANVAS_MODES.index(canvas_mode) if canvas else NOT_A_CANVAS
 
     def __len__(self) -> int:
         return len(self.index)
@@ -62,10 +65,10 @@ class _Samples:
     def __getitem__(self, i: int):
         path = self.index.abspath(i)
         try:
-            image = decode_canvas(path, self.canvas) if self.canvas else decode_rgb(path)
-            return to_numpy_hwc(image), int(self.index.labels[i]), i
+            image = decode_canvas(path, self.canvas, self.canvas_mode) if self.canvas else decode_rgb(path)
+            return to_numpy_hwc(image), int(self.index.labels[i]), i, self.mode_code
         except Exception:  # noqa: BLE001 -- see the class docstring
-            return np.zeros((1, 1, 3), np.uint8), -1, -1 - i
+            return np.zeros((1, 1, 3), np.uint8), -1, -1 - i, self.mode_code
 
 
 @contextlib.contextmanager
@@ -83,15 +86,16 @@ def _ffcv_progress(show: bool):
 
 def write_beton(index: ImageIndex, path: str | os.PathLike, *, canvas: Optional[int] = None,
                 max_resolution: Optional[int] = None, mode: str = "jpg", jpeg_quality: int = 90,
-                num_workers: int = 2, progress: Optional[bool] = None) -> Path:
-    """Write ``index`` to ``path`` (fields image, label, index). canvas: store every image resized
-    to canvas x canvas; else at its own size, the longer side capped at ``max_resolution`` (None:
+                num_workers: int = 2, progress: Optional[bool] = None, canvas_mode: str = "center") -> Path:
+    """Write ``index`` to ``path`` (fields image, label, index, canvas_mode). canvas: store every image
+    as its canvas x canvas canvas in ``canvas_mode``; else at its own size, the longer side capped at ``max_resolution`` (None:
     as is). progress: None = when stderr is a terminal."""
     require_ffcv()
     from ffcv.fields import IntField, RGBImageField
     from ffcv.reader import Reader
     from ffcv.writer import DatasetWriter
 
+    check_canvas_mode(canvas_mode)
     if mode not in MODES:
         raise BackMixError(f"--mode must be one of {MODES}, got {mode!r}")
     if not 1 <= jpeg_quality <= 100:
@@ -107,11 +111,11 @@ def write_beton(index: ImageIndex, path: str | os.PathLike, *, canvas: Optional[
     path.parent.mkdir(parents=True, exist_ok=True)
     fields = {"image": RGBImageField(write_mode=mode, max_resolution=canvas or max_resolution,
                                      jpeg_quality=jpeg_quality),
-              "label": IntField(), "index": IntField()}
+              "label": IntField(), "index": IntField(), "canvas_mode": IntField()}
     show = sys.stderr.isatty() if progress is None else progress
     with atomic_file(path) as tmp, _ffcv_progress(show):
         DatasetWriter(str(tmp), fields, num_workers=max(1, num_workers)).from_indexed_dataset(
-            _Samples(index, canvas))
+            _Samples(index, canvas, canvas_mode))
         failed = np.flatnonzero(Reader(str(tmp)).metadata["f2"] < 0)
         if len(failed):
             raise BackMixError(f"{len(failed)} image(s) do not decode, e.g. {index.abspath(int(failed[0]))}; "
@@ -129,6 +133,9 @@ def register_data(sub) -> None:
     p.add_argument("--canvas", type=int, default=None,
                    help=f"store every image resized to this square canvas (the loader's --canvas); "
                         f"{DEFAULT_CANVAS} when --max-resolution is not given either")
+    p.add_argument("--canvas-mode", choices=CANVAS_MODES, default="center",
+                   help="with --canvas: center = shorter side resized, centre square; stretch = both sides "
+                        "resized (the loader's --canvas-mode)")
     p.add_argument("--max-resolution", type=int, default=None,
                    help="instead of --canvas: store images at their own size, longer side capped at this")
     p.add_argument("--mode", choices=MODES, default="jpg", help="store JPEGs or raw pixels")
@@ -142,10 +149,11 @@ def run_write_beton(args) -> int:
     data = args.data / "train" if (args.data / "train").is_dir() else args.data
     index = ImageIndex.load(data)
     canvas = args.canvas if args.canvas is not None or args.max_resolution is not None else DEFAULT_CANVAS
-    out = args.out or default_beton_path(index, canvas, args.mode, args.max_resolution)
+    out = args.out or default_beton_path(index, canvas, args.mode, args.max_resolution, args.canvas_mode)
     write_beton(index, out, canvas=canvas, max_resolution=args.max_resolution, mode=args.mode,
+                canvas_mode=args.canvas_mode,
                 jpeg_quality=args.jpeg_quality, num_workers=args.workers,
                 progress=False if args.no_progress else None)
-    size = f"{canvas}x{canvas}" if canvas else f"longer side <= {args.max_resolution or 'any'}"
+    size = f"{canvas}x{canvas} {args.canvas_mode}" if canvas else f"longer side <= {args.max_resolution or 'any'}"
     print(f"wrote {out} ({len(index)} images, {size}, {args.mode}, {out.stat().st_size / 1e6:.1f} MB)")
     return 0

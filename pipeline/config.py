@@ -11,12 +11,12 @@ import torch
 from backmix.cam_cache.maps import ForegroundMaps, UniformMaps
 from backmix.osr_data.index import ImageIndex
 
-from backmix.osr_data.decode import check_canvas
+from backmix.osr_data.decode import check_canvas, check_canvas_mode
 from backmix.osr_data.errors import BackMixError
 
 from .augment import IMAGENET_MEAN, IMAGENET_STD
 from .batch import RowLabels
-from .sampling import LAST_BATCH, BackMixSampler, EpochSampler, check_fraction
+from .sampling import LAST_BATCH, BackMixSampler, EpochSampler, check_augment, check_fraction
 
 log = logging.getLogger("backmix")
 
@@ -29,6 +29,8 @@ class LoaderConfig:
     batch_size: int = 64
     canvas: int = 40             # side of the square canvas the mix works on
     crop: int = 32               # side of the random crop the model sees
+    canvas_mode: str = "center"  # "center": resize the shorter side, centre square; "stretch": both sides
+    augment: str = "crop"        # after the mix: "crop" (random crop + flip) or "rrc" (RandomResizedCrop + flip)
     grid: int = 8                # g of the g x g foreground maps
     backmix: bool = True
     clean: bool = True           # with BackMix, also the clean crop; False: the mixed one only (the authors' recipe)
@@ -48,6 +50,8 @@ class LoaderConfig:
 
     def __post_init__(self) -> None:
         check_canvas(self.canvas, self.crop, self.grid)
+        check_canvas_mode(self.canvas_mode)
+        check_augment(self.augment)
         check_fraction("box fraction", self.box_fraction)
         check_fraction("top-k ratio", self.top_k_ratio)
         if self.batch_size < 1:
@@ -64,7 +68,12 @@ class LoaderConfig:
     def sampler(self) -> BackMixSampler:
         return BackMixSampler(canvas=self.canvas, crop=self.crop, grid=self.grid,
                               box_fraction=self.box_fraction, top_k_ratio=self.top_k_ratio,
-                              seed=self.seed)
+                              seed=self.seed, augment=self.augment)
+
+    @property
+    def resizes(self) -> bool:
+        """Whether training crops are resized (rrc); evaluation is always the centre crop."""
+        return self.augment == "rrc" and self.train
 
 
 def choose_device(request: str = "auto") -> torch.device:
@@ -86,6 +95,11 @@ def loader_inputs(index: ImageIndex, config: LoaderConfig, maps: Optional[Foregr
     maps = maps if maps is not None else UniformMaps(len(index), config.grid)
     if maps.grid != config.grid:
         raise BackMixError(f"foreground maps have grid {maps.grid}, the loader expects {config.grid}")
+    # A cache records the canvas its CAMs were taken on; maps of another canvas would misplace the foreground.
+    maps_mode = getattr(maps, "canvas_mode", None)
+    if maps_mode is not None and maps_mode != config.canvas_mode:
+        raise BackMixError(f"foreground maps were made on {maps_mode!r} canvases, the loader makes "
+                           f"{config.canvas_mode!r} ones (--canvas-mode)")
     rows = np.arange(len(index)) if indices is None else np.asarray(indices, dtype=np.int64)
     order = EpochSampler(len(rows), config.batch_size, shuffle=config.shuffle, seed=config.seed,
                          rank=config.rank, world_size=config.world_size, last_batch=config.last_batch)

@@ -9,6 +9,12 @@ digits). The mix itself is exact: given the canvases DALI decoded (returned as
 ``normalize``, up to crop_mirror_normalize's float rounding (|diff| < 1e-5;
 it computes (x - 255 m) / (255 s)).
 
+Canvas modes: "stretch" resizes both sides; "center" resizes to torchvision's size
+(shorter side = canvas, from the file header) and slices CenterCrop's square, so
+the canvas is within a grey level of ``to_canvas``'s. With ``--augment rrc`` the
+crop is the sampler's box sliced from the (mixed) canvas and resized alone in
+float (linear, no antialiasing): ``resized_crop_flip``'s arithmetic to 1e-4.
+
 The mix as DALI ops (target i borrows from partner j = partners[i]):
   host     the top-k cells of each image's g x g map (``top_k_mask``; tiny), and for
            each image j the corner of the box it lends: the source corner of its borrower
@@ -131,15 +137,40 @@ def read_file(path: str) -> Optional[np.ndarray]:
     return raw if raw.size else None
 
 
-def decode_to_canvas(files, size: int, gpu: bool, stages: str = "decode,resize"):
-    """DALI ops: encoded files -> uint8 HWC canvases of size x size (aspect not kept, antialiased,
-    as ``osr_data.decode.to_canvas``). stages="decode" stops after decoding (for the benchmark)."""
+def round_half_even(x):
+    """Python's round() of a DALI float that is a whole or a half number (as torchvision's CenterCrop)."""
+    from nvidia.dali import math as dmath
+
+    whole = dmath.floor(x)
+    half = 2.0 * (x - whole)                      # 1 for a half number, else 0
+    odd = whole - 2.0 * dmath.floor(whole / 2.0)  # 1 when ``whole`` is odd
+    return whole + half * odd
+
+
+def decode_to_canvas(files, size: int, gpu: bool, mode: str = "center", stages: str = "decode,resize"):
+    """DALI ops: encoded files -> uint8 HWC canvases of size x size, antialiased, in canvas ``mode`` as
+    ``osr_data.decode.to_canvas``: "stretch" resizes both sides; "center" resizes the shorter side to
+    ``size`` and the longer to torchvision's int(size * long / short) (from the file's header), then
+    slices the centre square at torchvision CenterCrop's corner. stages="decode" stops after decoding
+    (for the benchmark)."""
     from nvidia.dali import fn, types
+    from nvidia.dali import math as dmath
 
     images = fn.decoders.image(files, device="mixed" if gpu else "cpu", output_type=types.RGB)
     if stages == "decode":
         return images
-    return fn.resize(images, size=[size, size], mode="stretch", antialias=True, interp_type=types.INTERP_LINEAR)
+    if mode == "stretch":
+        return fn.resize(images, size=[size, size], mode="stretch", antialias=True,
+                         interp_type=types.INTERP_LINEAR)
+    shape = fn.peek_image_shape(files)          # H, W, C on the host, from the header
+    h, w = fn.cast(shape[0], dtype=types.FLOAT), fn.cast(shape[1], dtype=types.FLOAT)
+    # The shorter side becomes ``size`` exactly; max() picks it without a branch per sample.
+    new_h = dmath.max(dmath.floor(size * h / w), float(size))
+    new_w = dmath.max(dmath.floor(size * w / h), float(size))
+    resized = fn.resize(images, size=fn.stack(new_h, new_w), antialias=True, interp_type=types.INTERP_LINEAR)
+    corner = fn.stack(round_half_even((new_h - size) / 2.0), round_half_even((new_w - size) / 2.0))
+    return fn.slice(resized, corner, types.Constant(np.array([size, size], dtype=np.float32)),
+                    axis_names="HW", normalized_anchor=False, normalized_shape=False)
 
 
 def stage_times(index: ImageIndex, config: LoaderConfig, batches: int) -> dict[str, float]:
@@ -162,7 +193,7 @@ def stage_times(index: ImageIndex, config: LoaderConfig, batches: int) -> dict[s
                       prefetch_queue_depth=PREFETCH, exec_dynamic=True)
         def timing_pipeline():
             files_in = fn.external_source(source=batches_of_files, batch=True, batch_info=True)
-            return decode_to_canvas(files_in, config.canvas, gpu, stages)
+            return decode_to_canvas(files_in, config.canvas, gpu, config.canvas_mode, stages)
 
         pipe = timing_pipeline()
         pipe.build()
@@ -209,8 +240,13 @@ class DaliLoader(LoaderPosition):
         # crop_mirror_normalize takes the crop corner as a fraction of the free range; it
         # rounds fraction * range back to the integer corner exactly (checked by the tests).
         free = max(cfg.canvas - cfg.crop, 1)
-        pos = (crops / free).astype(np.float32)
-        out = (list(pos[:, 1]), list(pos[:, 0]), list(flips.astype(np.int32)))
+        if cfg.resizes:
+            # The resized crop's box: its corner and its height x width in the canvas.
+            where = (list(crops.astype(np.float32)), list(p.crop_sizes.astype(np.float32)))
+        else:
+            pos = (crops / free).astype(np.float32)
+            where = (list(pos[:, 1]), list(pos[:, 0]))
+        out = (list(flips.astype(np.int32)),) + where
         if not cfg.backmix:
             return out
         src, dst = p.boxes[:, 0:2], p.boxes[:, 2:4]
@@ -236,7 +272,7 @@ class DaliLoader(LoaderPosition):
         cfg = self.config
         s, c = cfg.canvas, cfg.crop
         bh, bw = self.sampler.box_hw
-        gpu = self.gpu
+        gpu, resizes = self.gpu, cfg.resizes
         names = ["canvas"] + (["images"] if cfg.clean else []) + (["mixed"] if cfg.backmix else [])
         mean = [255.0 * m for m in cfg.mean]
         std = [255.0 * v for v in cfg.std]
@@ -253,11 +289,22 @@ class DaliLoader(LoaderPosition):
             n_in = 8 if cfg.backmix else 4
             inputs = fn.external_source(source=feeder, num_outputs=n_in, batch=True,
                                         layout=[""] * 4 + ["HWC", "", "", ""][:n_in - 4])
-            files, pos_x, pos_y, flips = inputs[:4]
-            canvas = decode_to_canvas(files, s, gpu)
+            # where: the crop corner as fractions of the free range (x, y); with resizes the box's
+            # corner and size instead.
+            files, flips, *where = inputs[:4]
+            canvas = decode_to_canvas(files, s, gpu, cfg.canvas_mode)
 
             def crop_norm(x):
-                return fn.crop_mirror_normalize(x, crop=(c, c), crop_pos_x=pos_x, crop_pos_y=pos_y,
+                if resizes:
+                    # The box sliced, then resized alone (so its edge pixels are clamped at the box, as
+                    # in the torch op), in float: resized_crop_flip, then mirror and normalise.
+                    box = fn.slice(x, where[0], where[1], axis_names="HW", normalized_anchor=False,
+                                   normalized_shape=False)
+                    x = fn.resize(box, size=[c, c], interp_type=types.INTERP_LINEAR, antialias=False,
+                                  dtype=types.FLOAT)
+                    return fn.crop_mirror_normalize(x, mirror=flips, mean=mean, std=std, dtype=types.FLOAT,
+                                                    output_layout="CHW")
+                return fn.crop_mirror_normalize(x, crop=(c, c), crop_pos_x=where[0], crop_pos_y=where[1],
                                                 mirror=flips, mean=mean, std=std, dtype=types.FLOAT,
                                                 output_layout="CHW")
 

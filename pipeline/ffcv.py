@@ -21,9 +21,13 @@ normalised clean and mixed images (float32; each only when asked for), which the
 with no copy on the training loop's thread (the buffer is reused only once they
 are gone). Normalising is a lookup in a table made by
 ``pipeline.augment.normalize`` itself, so the floats are the torch op's bit for
-bit. With a GPU (or ``mix_in="torch"``, or numba switched off) the
-operation is left out: FFCV's ``ToTensor`` and ``ToDevice`` move the canvases
-and the torch ``BatchTransform`` mixes and augments them on the device.
+bit. With ``--augment rrc`` a second kernel resamples the clean and mixed
+canvases through the torch op's own tables (``resize_tables``): its float32
+arithmetic, to 1e-5. The beton stores
+each sample's canvas mode; a loader of the other mode refuses it. With a GPU
+(or ``mix_in="torch"``, or numba switched off) the operation is left out:
+FFCV's ``ToTensor`` and ``ToDevice`` move the canvases and the torch
+``BatchTransform`` mixes and augments them on the device.
 """
 from __future__ import annotations
 
@@ -37,12 +41,13 @@ import numpy as np
 import torch
 
 from backmix.cam_cache.maps import ForegroundMaps
+from backmix.osr_data.decode import CANVAS_MODES
 from backmix.osr_data.errors import BackMixError
 from backmix.osr_data.index import ImageIndex
 
-from .augment import fill_value, normalize
+from .augment import fill_value, normalize, normalize_constants, resize_tables
 from .batch import BackMixBatch, BatchTransform, host_masks, to_device
-from .beton import default_beton_path, require_ffcv, write_beton
+from .beton import NOT_A_CANVAS, default_beton_path, require_ffcv, write_beton
 from .config import LoaderConfig, LoaderPosition, choose_device, loader_inputs
 
 log = logging.getLogger("backmix")
@@ -122,6 +127,79 @@ def compile_mix_kernel():
     return _KERNELS.setdefault(key, Compiler.compile(kernel))
 
 
+def compile_resized_crop_kernel():
+    """The FFCV op's kernel for resized crops (``--augment rrc``), compiled like ``compile_mix_kernel``.
+
+    kernel(images, canvas, clean, mixed, patch, partners, boxes, masks, y0, y1, wy, x0, x1, wx, scale,
+    shift, fill, two, mix, bh, bw, cell), per sample i of images uint8 [B, S, S, 3], writes
+      canvas[i]: uint8 [3, S, S], the canvas;
+      patch[i] when ``mix``: uint8 [bh, bw, 3], the box the mix pastes (``mix_backgrounds``' arithmetic);
+      clean[i]: float32 [3, s, s], the resized crop of the canvas (tables of ``resize_tables``, the torch
+      op's arithmetic in float32), normalised as x * scale - shift (``normalize_constants``);
+      mixed[i] when ``two``: the same of the mixed canvas (of the canvas itself without ``mix``).
+    For the mixed crop alone, pass one array as clean and mixed with ``two`` off and ``mix`` on.
+    The mixed canvas is never built: an output pixel that reads no box pixel is the clean one, and
+    one that does reads the box from ``patch``.
+    """
+    from ffcv.pipeline.compiler import Compiler
+    from numba import njit
+
+    key = ("resized", Compiler.is_enabled, Compiler.num_threads > 1)
+    if key in _KERNELS:
+        return _KERNELS[key]
+    my_range = Compiler.get_iterator()
+
+    @njit(inline="always")
+    def mixed_pixel(images, patch, i, y, x, c, dy, dx, bh, bw):
+        if dy <= y < dy + bh and dx <= x < dx + bw:
+            return np.float32(patch[i, y - dy, x - dx, c])
+        return np.float32(images[i, y, x, c])
+
+    def kernel(images, canvas, clean, mixed, patch, partners, boxes, masks, y0, y1, wy, x0, x1, wx, scale,
+               shift, fill, two, mix, bh, bw, cell):
+        b, s, size = images.shape[0], images.shape[1], clean.shape[2]
+        for i in my_range(b):
+            for c in range(3):
+                for y in range(s):
+                    for x in range(s):
+                        canvas[i, c, y, x] = images[i, y, x, c]
+            j = partners[i]
+            sy, sx, dy, dx = boxes[i, 0], boxes[i, 1], boxes[i, 2], boxes[i, 3]
+            if mix:
+                for y in range(bh):
+                    for x in range(bw):
+                        py, px = sy + y, sx + x
+                        for c in range(3):
+                            patch[i, y, x, c] = fill[c] if masks[j, py // cell, px // cell] else images[j, py, px, c]
+            for yy in range(size):
+                ya, yb, fy = y0[i, yy], y1[i, yy], wy[i, yy]
+                rows_in_box = mix and (dy <= ya < dy + bh or dy <= yb < dy + bh)
+                for xx in range(size):
+                    xa, xb, fx = x0[i, xx], x1[i, xx], wx[i, xx]
+                    in_box = rows_in_box and (dx <= xa < dx + bw or dx <= xb < dx + bw)
+                    for c in range(3):
+                        # Down the rows, then across, as the torch op: the same float32 operations.
+                        left = np.float32(images[i, ya, xa, c])
+                        left = left + fy * (np.float32(images[i, yb, xa, c]) - left)
+                        right = np.float32(images[i, ya, xb, c])
+                        right = right + fy * (np.float32(images[i, yb, xb, c]) - right)
+                        v = (left + fx * (right - left)) * scale[c] - shift[c]
+                        if two or not mix:
+                            clean[i, c, yy, xx] = v
+                        if mix and in_box:
+                            left = mixed_pixel(images, patch, i, ya, xa, c, dy, dx, bh, bw)
+                            left = left + fy * (mixed_pixel(images, patch, i, yb, xa, c, dy, dx, bh, bw) - left)
+                            right = mixed_pixel(images, patch, i, ya, xb, c, dy, dx, bh, bw)
+                            right = right + fy * (mixed_pixel(images, patch, i, yb, xb, c, dy, dx, bh, bw) - right)
+                            v = (left + fx * (right - left)) * scale[c] - shift[c]
+                        if mix or two:
+                            mixed[i, c, yy, xx] = v
+        return canvas
+
+    kernel.is_parallel = True
+    return _KERNELS.setdefault(key, Compiler.compile(kernel))
+
+
 def batch_layout(b: int, canvas: int, crop: int, crops: int) -> tuple[int, int, int, int]:
     """Byte offsets in one batch's output buffer holding the canvases and ``crops`` float crop planes:
     canvas ends, floats start (4-aligned), first plane ends, buffer ends."""
@@ -146,11 +224,21 @@ def whole_image(height, width, scale, ratio):
     return 0, 0, height, width
 
 
-def _resize_decoder():
+def centre_square(height, width, scale, ratio):
+    """Crop generator for FFCV's resized-crop decoder: the centre square (it is then resized), i.e.
+    the shorter side resized and the centre cropped, up to where the rounding falls."""
+    side = min(height, width)
+    return (height - side) // 2, (width - side) // 2, side, side
+
+
+def _resize_decoder(canvas_mode: str):
     from ffcv.fields.rgb_image import ResizedCropRGBImageDecoder
 
+    crop = centre_square if canvas_mode == "center" else whole_image
+
     class ResizeRGBImageDecoder(ResizedCropRGBImageDecoder):
-        """Decodes and resizes the whole image to ``output_size`` (aspect not kept), like ``to_canvas``."""
+        """Decodes and resizes the image to the ``output_size`` canvas in the loader's canvas mode,
+        close to ``to_canvas`` (OpenCV's resize, not torchvision's)."""
 
         def __init__(self, output_size) -> None:
             super().__init__(output_size)
@@ -158,7 +246,7 @@ def _resize_decoder():
 
         @property
         def get_crop_generator(self):
-            return whole_image
+            return crop
 
     return ResizeRGBImageDecoder
 
@@ -207,6 +295,7 @@ def _mix_operation(loader: "FfcvLoader"):
     cfg = loader.config
     clean = cfg.clean or not cfg.backmix
     lut = normalize_table(cfg.mean, cfg.std)
+    scale, shift = (t.numpy() for t in normalize_constants(torch.tensor(cfg.mean), torch.tensor(cfg.std)))
     bh, bw = loader.sampler.box_hw
     cell = cfg.canvas // cfg.grid
 
@@ -221,7 +310,8 @@ def _mix_operation(loader: "FfcvLoader"):
 
         def generate_code(self):
             # Compiled here, after FFCV's loader has set its thread count (prange or range).
-            kernel = compile_mix_kernel()
+            kernel = compile_resized_crop_kernel() if cfg.resizes else compile_mix_kernel()
+            patches = []   # the pasted boxes of resized crops: one buffer, FFCV's one thread uses it
 
             def op(images, _, indices):
                 b = len(images)
@@ -229,9 +319,18 @@ def _mix_operation(loader: "FfcvLoader"):
                 buf = recycler.take(batch_layout(b, cfg.canvas, cfg.crop, clean + cfg.backmix)[-1])
                 canvas, images_out, mixed_out = split_batch(buf, b, cfg.canvas, cfg.crop, clean, cfg.backmix)
                 first = images_out if clean else mixed_out
-                kernel(images, canvas, first, first if mixed_out is None else mixed_out, p["partners"],
-                       p["boxes"], masks, p["crops"], p["flips"], lut, loader.fill,
-                       clean and cfg.backmix, cfg.backmix and b > 1, bh, bw, cell)   # a lone image is not mixed
+                second = first if mixed_out is None else mixed_out
+                two, mix = clean and cfg.backmix, cfg.backmix and b > 1   # a lone image is not mixed
+                if not cfg.resizes:
+                    kernel(images, canvas, first, second, p["partners"], p["boxes"], masks, p["crops"],
+                           p["flips"], lut, loader.fill, two, mix, bh, bw, cell)
+                    return buf
+                if not patches or len(patches[0]) < b:
+                    patches[:] = [np.empty((b, bh, bw, 3), np.uint8)]
+                tables = [t.numpy() for t in resize_tables(*(torch.from_numpy(p[k]) for k in
+                                                             ("crops", "crop_sizes", "flips")), cfg.crop)]
+                kernel(images, canvas, first, second, patches[0], p["partners"], p["boxes"], masks, *tables,
+                       scale, shift, loader.fill, two, mix, bh, bw, cell)
                 return buf
             op.with_indices = True
             return op
@@ -272,12 +371,13 @@ class FfcvLoader(LoaderPosition):
         self.mix_in = mix_in
         self.fill = fill_value(config.mean).numpy()
         self.transform = BatchTransform.for_config(self.maps, config)
-        self.beton = Path(beton) if beton else default_beton_path(index, config.canvas)
+        self.beton = Path(beton) if beton else default_beton_path(index, config.canvas,
+                                                                  canvas_mode=config.canvas_mode)
         if not self.beton.exists():
             if beton:
                 raise BackMixError(f"beton {self.beton} does not exist; write it with `backmix data write-beton`")
             log.info("writing %s (once)", self.beton)
-            write_beton(index, self.beton, canvas=config.canvas)
+            write_beton(index, self.beton, canvas=config.canvas, canvas_mode=config.canvas_mode)
         self._start_position()
         self.plan: list[tuple[int, np.ndarray]] = []
         self._step_of = np.full(len(index), -1, dtype=np.int64)   # dataset row -> step, this epoch
@@ -289,6 +389,9 @@ class FfcvLoader(LoaderPosition):
             image_meta = reader.metadata[f"f{names.index('image')}"]
             stored_rows = reader.metadata[f"f{names.index('index')}"]
             stored_labels = reader.metadata[f"f{names.index('label')}"]
+            # A beton older than the canvas modes holds stretched canvases.
+            stored_modes = (reader.metadata[f"f{names.index('canvas_mode')}"] if "canvas_mode" in names
+                            else np.full(reader.num_samples, CANVAS_MODES.index("stretch")))
         except (ValueError, KeyError, AssertionError, OSError) as e:
             raise BackMixError(f"{self.beton} is not a backmix beton ({e})") from None
         if (reader.num_samples != len(index) or not np.array_equal(stored_rows, np.arange(len(index)))
@@ -296,7 +399,13 @@ class FfcvLoader(LoaderPosition):
             raise BackMixError(f"{self.beton} holds {reader.num_samples} images that are not the {len(index)} "
                                f"rows (and labels) of {index.root}: write it with `backmix data write-beton`")
         at_canvas = bool(((image_meta["height"] == config.canvas) & (image_meta["width"] == config.canvas)).all())
-        decoder = SimpleRGBImageDecoder() if at_canvas else _resize_decoder()((config.canvas, config.canvas))
+        stored = {CANVAS_MODES[int(m)] for m in np.unique(stored_modes) if m != NOT_A_CANVAS}
+        if at_canvas and stored - {config.canvas_mode}:
+            raise BackMixError(f"{self.beton} holds {', '.join(sorted(stored))} canvases, the loader makes "
+                               f"{config.canvas_mode} ones: write it with `backmix data write-beton "
+                               f"--canvas {config.canvas} --canvas-mode {config.canvas_mode}`")
+        decoder = (SimpleRGBImageDecoder() if at_canvas
+                   else _resize_decoder(config.canvas_mode)((config.canvas, config.canvas)))
         if self.mix_in == "ffcv":
             image = [decoder, _mix_operation(self)]
         else:
@@ -307,7 +416,8 @@ class FfcvLoader(LoaderPosition):
         self._ffcv = Loader(str(self.beton), batch_size=config.batch_size,
                             num_workers=max(1, config.num_workers), order=OrderOption.SEQUENTIAL,
                             indices=self.dataset_indices, drop_last=False, batches_ahead=2,
-                            pipelines={"image": image, "label": [IntDecoder()], "index": [IntDecoder()]})
+                            pipelines={"image": image, "label": [IntDecoder()], "index": [IntDecoder()],
+                                       "canvas_mode": None})
         self._ffcv.traversal_order = _OurOrder(self)
 
     def epoch_order(self, epoch: int) -> np.ndarray:
@@ -326,7 +436,8 @@ class FfcvLoader(LoaderPosition):
             masks = host_masks(self.maps, rows, self.sampler.top_k_ratio, p.tie_break)
         else:   # the kernel does not read them
             masks = np.zeros((len(rows), cfg.grid, cfg.grid), dtype=bool)
-        return {"partners": p.partners, "boxes": p.boxes, "crops": p.crops, "flips": p.flips}, masks
+        return {"partners": p.partners, "boxes": p.boxes, "crops": p.crops, "flips": p.flips,
+                "crop_sizes": p.crop_sizes}, masks
 
     def __iter__(self) -> Iterator[BackMixBatch]:
         self.maps.refresh()   # a new cache generation takes effect at an epoch boundary

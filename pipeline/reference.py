@@ -25,15 +25,15 @@ log = logging.getLogger("backmix")
 class CanvasDataset(Dataset):
     """dataset index -> (uint8 canvas [3, S, S], label, index), or the path if it does not decode."""
 
-    def __init__(self, index: ImageIndex, canvas: int) -> None:
-        self.index, self.canvas = index, canvas
+    def __init__(self, index: ImageIndex, canvas: int, mode: str) -> None:
+        self.index, self.canvas, self.mode = index, canvas, mode
 
     def __len__(self) -> int:
         return len(self.index)
 
     def __getitem__(self, i: int):
         try:
-            return decode_canvas(self.index.abspath(i), self.canvas), int(self.index.labels[i]), i
+            return decode_canvas(self.index.abspath(i), self.canvas, self.mode), int(self.index.labels[i]), i
         except DecodeError as e:
             # Raised in the main process instead, so the user sees one line, not a worker traceback.
             return e.path
@@ -85,7 +85,7 @@ class ReferenceLoader(LoaderPosition):
         """What turns a batch's rows into canvases: DataLoader workers running ``CanvasDataset`` and
         ``collate_canvases`` (the Ray backend runs the same two in Ray tasks)."""
         config = self.config
-        self._loader = DataLoader(CanvasDataset(self.index, config.canvas), batch_sampler=_Batches(self),
+        self._loader = DataLoader(CanvasDataset(self.index, config.canvas, config.canvas_mode), batch_sampler=_Batches(self),
                                   num_workers=config.num_workers, collate_fn=collate_canvases,
                                   pin_memory=self.device.type == "cuda",
                                   persistent_workers=False,

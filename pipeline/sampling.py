@@ -2,7 +2,7 @@
 
 ``EpochSampler`` decides which dataset indices form each batch (shuffle per epoch,
 shard per rank, last-batch policy). ``BackMixSampler`` draws every random choice
-of one batch (partners, boxes, tie-breaks, crops, flips) as a pure function of
+of one batch (partners, boxes, tie-breaks, crops or RandomResizedCrop boxes, flips) as a pure function of
 (seed, epoch, rank, step), so every loader given the same key makes the same
 batch, and a resumed run makes the batches it would have made.
 """
@@ -18,6 +18,12 @@ from backmix.osr_data.errors import BackMixError
 from .backmix import box_size
 
 LAST_BATCH = ("keep", "drop")
+# What follows the mix: "crop" = random crop + flip; "rrc" = RandomResizedCrop + flip.
+AUGMENTS = ("crop", "rrc")
+# torchvision RandomResizedCrop's defaults, and its number of tries before the fallback.
+RRC_SCALE = (0.08, 1.0)
+RRC_RATIO = (3.0 / 4.0, 4.0 / 3.0)
+RRC_TRIES = 10
 
 
 class EpochSampler:
@@ -69,10 +75,39 @@ class BatchParams:
     tie_break: np.ndarray   # [B, g*g]
     crops: np.ndarray       # [B, 2] top-left corner of the crop in the canvas
     flips: np.ndarray       # bool [B]
+    crop_sizes: np.ndarray  # [B, 2] height, width of the crop in the canvas (the crop size unless rrc)
 
     def torch(self, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
         return {k: torch.from_numpy(getattr(self, k)).to(device, non_blocking=True)
-                for k in ("partners", "boxes", "tie_break", "crops", "flips")}
+                for k in ("partners", "boxes", "tie_break", "crops", "flips", "crop_sizes")}
+
+
+def check_augment(augment: str) -> str:
+    if augment not in AUGMENTS:
+        raise BackMixError(f"augment must be one of {', '.join(AUGMENTS)}, got {augment!r}")
+    return augment
+
+
+def resized_crop_boxes(rng: np.random.Generator, b: int, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """(corners [B, 2], sizes [B, 2]): torchvision ``RandomResizedCrop.get_params`` on a size x size
+    canvas for B images at once. Each image draws ``RRC_TRIES`` candidates together and keeps the
+    first that fits; an image with none takes torchvision's fallback (on a square canvas: all of it)."""
+    area = float(size * size)
+    target = area * rng.uniform(*RRC_SCALE, (b, RRC_TRIES))
+    aspect = np.exp(rng.uniform(np.log(RRC_RATIO[0]), np.log(RRC_RATIO[1]), (b, RRC_TRIES)))
+    # np.round rounds half to even, as Python's round() in torchvision does.
+    w = np.round(np.sqrt(target * aspect)).astype(np.int64)
+    h = np.round(np.sqrt(target / aspect)).astype(np.int64)
+    fits = (w > 0) & (w <= size) & (h > 0) & (h <= size)
+    first = fits.argmax(axis=1)
+    rows = np.arange(b)
+    found = fits[rows, first]
+    h = np.where(found, h[rows, first], size)
+    w = np.where(found, w[rows, first], size)
+    # A fallback image gets the whole canvas: its corner draw is over [0, 1), i.e. 0.
+    top = rng.integers(0, size - h + 1)
+    left = rng.integers(0, size - w + 1)
+    return np.stack([top, left], axis=1).astype(np.int64), np.stack([h, w], axis=1).astype(np.int64)
 
 
 def check_fraction(name: str, value: float) -> float:
@@ -85,14 +120,16 @@ class BackMixSampler:
     """Draws ``BatchParams``; state is (seed, sizes, ratios) and nothing else."""
 
     def __init__(self, *, canvas: int, crop: int, grid: int = 8, box_fraction: float = 0.25,
-                 top_k_ratio: float = 0.25, seed: int = 0) -> None:
+                 top_k_ratio: float = 0.25, seed: int = 0, augment: str = "crop") -> None:
         self.canvas, self.crop, self.grid, self.seed = canvas, crop, grid, seed
+        self.augment = check_augment(augment)
         self.box_fraction = check_fraction("box fraction", box_fraction)
         self.top_k_ratio = check_fraction("top-k ratio", top_k_ratio)
         self.box_hw = box_size((canvas, canvas), self.box_fraction)
 
     def draw(self, batch_size: int, epoch: int, step: int, rank: int = 0, *, train: bool = True) -> BatchParams:
-        """train=False (evaluation): the same draw, with the centre crop and no flip."""
+        """train=False (evaluation): the same draw, with the centre crop (torchvision CenterCrop's
+        corner), no flip and no resize."""
         b, g, (bh, bw) = batch_size, self.grid, self.box_hw
         rng = np.random.default_rng([self.seed, epoch, rank, step, 0xBAC])
         # A random cycle through the batch: nobody is their own partner and
@@ -106,7 +143,11 @@ class BackMixSampler:
         tie_break = rng.random((b, g * g)).argsort(axis=1).astype(np.int64)
         crops = rng.integers(0, self.canvas - self.crop + 1, (b, 2)).astype(np.int64)
         flips = rng.random(b) < 0.5
+        crop_sizes = np.full((b, 2), self.crop, dtype=np.int64)
         if not train:
-            crops = np.full_like(crops, (self.canvas - self.crop) // 2)
+            crops = np.full_like(crops, int(round((self.canvas - self.crop) / 2.0)))
             flips = np.zeros_like(flips)
-        return BatchParams(partners, boxes, tie_break, crops, flips)
+        elif self.augment == "rrc":
+            # Drawn after everything else, so that "crop" keeps its stream.
+            crops, crop_sizes = resized_crop_boxes(rng, b, self.canvas)
+        return BatchParams(partners, boxes, tie_break, crops, flips, crop_sizes)

@@ -14,10 +14,12 @@ from typing import Optional
 import numpy as np
 import torch
 
+from backmix.osr_data.decode import CANVAS_MODES
 from backmix.osr_data.errors import BackMixError
 
 from .backmix import top_k_mask
 from .batch import BackMixBatch
+from .sampling import AUGMENTS
 
 CELL_IN, DPI = 1.5, 100
 ROWS = ("canvas", "foreground map", "top-k mask", "mixed (model input)")
@@ -75,7 +77,8 @@ def render_sheet(batch: BackMixBatch, maps: np.ndarray, masks: np.ndarray, path:
 
 def sheet_for(data: Path, out: Path, *, backend: str = "reference", cache: Optional[Path] = None, n: int = 8,
               seed: int = 0, canvas: int = 40, crop: int = 32, grid: int = 8, workers: int = 0,
-              ray_address: Optional[str] = None, prefetch: Optional[int] = None) -> Path:
+              ray_address: Optional[str] = None, prefetch: Optional[int] = None,
+              canvas_mode: str = "center", augment: str = "crop") -> Path:
     """Load one batch of ``n`` images from ``data`` with ``backend`` and draw it."""
     from backmix.cam_cache import ForegroundCache, UniformMaps
     from backmix.osr_data.index import ImageIndex
@@ -88,7 +91,8 @@ def sheet_for(data: Path, out: Path, *, backend: str = "reference", cache: Optio
         raise BackMixError("--n must be at least 2: BackMix pairs images of one batch")
     index = ImageIndex.load(_split_folder(data))
     maps = ForegroundCache(cache, index=index, grid=grid) if cache else UniformMaps(len(index), grid)
-    config = LoaderConfig(batch_size=n, canvas=canvas, crop=crop, grid=grid, seed=seed, num_workers=workers)
+    config = LoaderConfig(batch_size=n, canvas=canvas, crop=crop, grid=grid, seed=seed, num_workers=workers,
+                          canvas_mode=canvas_mode, augment=augment)
     loader = make_loader(backend, index, config, maps, **options)
     batch = next(iter(loader))
     params = config.sampler().draw(len(batch.indices), 0, 0, config.rank)
@@ -122,6 +126,10 @@ def _add_args(p, cache_required: bool) -> None:
                    help="--backend ray: the cluster to join; None: start Ray on this machine, loopback only")
     p.add_argument("--prefetch", type=int, default=None,
                    help="--backend ray: batches in flight at most; None: 4")
+    p.add_argument("--canvas-mode", choices=CANVAS_MODES, default="center",
+                   help="center = shorter side resized, centre square; stretch = both sides resized")
+    p.add_argument("--augment", choices=AUGMENTS, default="crop",
+                   help="the model input: crop = random crop + flip; rrc = RandomResizedCrop + flip")
     p.set_defaults(func=run_show)
 
 
@@ -141,6 +149,6 @@ def register_cache_show(cache_sub) -> None:
 def run_show(args) -> int:
     path = sheet_for(args.data, args.out, backend=args.backend, cache=args.cache, n=args.n, seed=args.seed,
                      canvas=args.canvas, crop=args.crop, grid=args.grid, ray_address=args.ray_address,
-                     prefetch=args.prefetch)
+                     prefetch=args.prefetch, canvas_mode=args.canvas_mode, augment=args.augment)
     print(f"wrote {path}")
     return 0

@@ -262,3 +262,65 @@ def test_a_forked_child_does_not_hang_on_inherited_pipelines(tiny_root):
         pytest.fail("the forked child hung destroying an inherited DALI pipeline")
     assert os.waitstatus_to_exitcode(status) == 0
     gc.collect()
+
+
+RRC_ATOL = 1e-4   # normalised units (1 grey level ~ 0.017): DALI's float linear resize vs the torch op's table
+
+
+@pytest.fixture(scope="module")
+def odd_root(tmp_path_factory):
+    """Smooth 37x53 images: odd sizes, so the centre crop's corner is a half pixel that rounds to even."""
+    from backmix.osr_data.prepare import write_split
+    yy, xx = np.mgrid[0:37, 0:53]
+    images = np.stack([((np.sin(yy / 5 + k) + np.cos(xx / 7 + k)) * 60 + 128).astype(np.uint8) for k in range(12)])
+    root = tmp_path_factory.mktemp("odd") / "train"
+    write_split(root, np.repeat(images[..., None], 3, axis=-1), np.repeat(np.arange(3), 4), ("a", "b", "c"))
+    return root
+
+
+@pytest.mark.parametrize("canvas", [40, 64])
+@pytest.mark.parametrize("folder", ["tiny_root", "odd_root"])
+def test_centre_canvas_is_torchvisions_within_a_grey_level(folder, canvas, request):
+    """DALI's antialiased resize is not torchvision's (<= 1 grey level apart), but the resized size and the
+    centre crop's corner are the same: a pixel's shift would be off by far more on these images."""
+    index = ImageIndex.load(request.getfixturevalue(folder))
+    cfg = config(canvas=canvas, crop=canvas // 2, backmix=False, shuffle=False)
+    assert cfg.canvas_mode == "center"
+    for b in DaliLoader(index, cfg):
+        ref = torch.stack([decode_canvas(index.abspath(int(i)), canvas, "center") for i in b.indices])
+        assert b.canvas.shape == ref.shape and (ref.int() - b.canvas.int()).abs().max() <= 1
+
+
+def test_stretch_canvas_is_torchvisions_within_the_resize_tolerance(tiny_root):
+    index = ImageIndex.load(tiny_root)
+    cfg = config(canvas=64, crop=32, backmix=False, shuffle=False, canvas_mode="stretch")
+    b = next(iter(DaliLoader(index, cfg)))
+    ref = torch.stack([decode_canvas(index.abspath(int(i)), 64, "stretch") for i in b.indices])
+    assert (ref.int() - b.canvas.int()).abs().max() <= 8
+
+
+@pytest.mark.parametrize("kw", [dict(canvas=64, crop=56), dict(canvas=48, crop=17, clean=False),
+                                dict(canvas=40, crop=32, batch_size=12, grid=4)])
+def test_rrc_equals_the_torch_op_on_dalis_canvases(tiny_root, kw):
+    """Images and mixed images are ``BatchTransform``'s (mix, resized crop, flip, normalise) of the canvases
+    DALI decoded, to RRC_ATOL."""
+    from backmix.pipeline import BatchTransform
+    index = ImageIndex.load(tiny_root)
+    maps = random_maps(len(index), kw.get("grid", 8))
+    cfg = config(augment="rrc", seed=3, **kw)
+    transform = BatchTransform.for_config(maps, cfg)
+    loader = DaliLoader(index, cfg, maps)
+    loader.set_epoch(1)
+    for step, b in enumerate(loader):
+        want = transform(b.canvas, b.labels, b.indices, epoch=1, step=step)
+        assert (b.images is None) == (want.images is None) == (not cfg.clean)
+        for got, ref in ((b.images, want.images), (b.mixed, want.mixed)):
+            assert got is None or (got.shape == ref.shape and (got - ref).abs().max() <= RRC_ATOL)
+
+
+def test_rrc_evaluation_is_the_centre_crop(tiny_root):
+    index = ImageIndex.load(tiny_root)
+    cfg = config(canvas=64, crop=56, augment="rrc", train=False, backmix=False, shuffle=False)
+    b = next(iter(DaliLoader(index, cfg)))
+    want = normalize(b.canvas[:, :, 4:60, 4:60], torch.tensor(cfg.mean), torch.tensor(cfg.std))
+    assert (b.images - want).abs().max() <= ATOL

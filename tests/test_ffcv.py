@@ -186,6 +186,7 @@ def test_write_beton_command_and_a_resized_beton(tiny_root, tmp_path, capsys):
     assert len(meta["f0"]) == 24 and (meta["f0"]["width"] == 40).all() and (meta["f0"]["height"] == 33).all()
     assert meta["f1"].tolist() == tiny.labels.tolist()     # label
     assert meta["f2"].tolist() == list(range(24))          # dataset index
+    assert (meta["f3"] == -1).all()                        # canvas mode: none, images at their own size
     # The loader resizes these 40x33 images to its 32x32 canvas, then mixes them.
     from backmix.pipeline.ffcv import FfcvLoader
     loader = FfcvLoader(tiny, LoaderConfig(batch_size=10, canvas=32, crop=24, num_workers=1, seed=1), beton=out)
@@ -232,3 +233,62 @@ def test_missing_ffcv_says_how_to_install(monkeypatch, index, tmp_path):
     with pytest.raises(BackMixError, match="FFCV is not installed"):
         write_beton(index, tmp_path / "x.beton", canvas=40)
     assert backmix_main(["data", "write-beton", "--data", str(index.root), "--out", str(tmp_path / "x.beton")]) == 2
+
+
+FFCV_RRC_ATOL = 1e-5   # normalised units: the torch op's float32 arithmetic, in numba (which may fuse a multiply-add)
+
+
+@pytest.fixture(scope="module")
+def tiny_center_beton(tiny_root, tmp_path_factory):
+    """The tiny folder's 64 x 64 "center" canvases, raw: the reference loader's canvases exactly."""
+    return write_beton(ImageIndex.load(tiny_root), tmp_path_factory.mktemp("beton") / "tiny-center.beton",
+                       canvas=64, mode="raw", canvas_mode="center", progress=False)
+
+
+def test_rrc_equals_the_reference_and_the_torch_op(tiny_root, tiny_center_beton):
+    """Canvases equal the reference's; clean and mixed resized crops equal ``BatchTransform`` (the torch op)
+    on them to FFCV_RRC_ATOL, every batch, the short last one too; evaluation stays the centre crop."""
+    from backmix.cam_cache import ArrayMaps
+    from backmix.pipeline import BatchTransform
+    from backmix.pipeline.ffcv import FfcvLoader
+    tiny = ImageIndex.load(tiny_root)
+    maps = ArrayMaps(np.random.default_rng(1).random((len(tiny), 8, 8), dtype=np.float32))
+    config = LoaderConfig(batch_size=10, canvas=64, crop=56, augment="rrc", num_workers=1, seed=2)
+    loader = FfcvLoader(tiny, config, maps, beton=tiny_center_beton)
+    assert loader.mix_in == "ffcv"
+    ref = ReferenceLoader(tiny, LoaderConfig(**{**vars(config), "num_workers": 0}), maps)
+    transform = BatchTransform.for_config(maps, config)
+    for epoch in (0, 1):
+        loader.set_epoch(epoch)
+        ref.set_epoch(epoch)
+        for step, (a, b) in enumerate(zip(loader, ref, strict=True)):
+            assert torch.equal(a.canvas, b.canvas) and torch.equal(a.indices, b.indices)
+            want = transform(a.canvas, a.labels, a.indices, epoch=epoch, step=step)
+            for got, exp in ((a.images, want.images), (a.mixed, want.mixed)):
+                assert (got - exp).abs().max() <= FFCV_RRC_ATOL
+            assert not torch.equal(a.mixed, a.images)
+
+
+def test_rrc_mixed_only_equals_the_torch_op(tiny_root, tiny_center_beton):
+    """The mixed crops alone (the authors' recipe; the op reads the pasted box from a patch) to FFCV_RRC_ATOL."""
+    from backmix.cam_cache import ArrayMaps
+    from backmix.pipeline import BatchTransform
+    from backmix.pipeline.ffcv import FfcvLoader
+    tiny = ImageIndex.load(tiny_root)
+    maps = ArrayMaps(np.random.default_rng(2).random((len(tiny), 8, 8), dtype=np.float32))
+    config = LoaderConfig(batch_size=10, canvas=64, crop=40, augment="rrc", clean=False, num_workers=1, seed=4)
+    transform = BatchTransform.for_config(maps, config)
+    for step, a in enumerate(FfcvLoader(tiny, config, maps, beton=tiny_center_beton)):
+        want = transform(a.canvas, a.labels, a.indices, epoch=0, step=step)
+        assert a.images is None and (a.mixed - want.mixed).abs().max() <= FFCV_RRC_ATOL
+
+
+def test_a_beton_of_the_other_canvas_mode_is_refused(tiny_root, tiny_center_beton, tmp_path):
+    from backmix.pipeline.beton import default_beton_path
+    from backmix.pipeline.ffcv import FfcvLoader
+    tiny = ImageIndex.load(tiny_root)
+    with pytest.raises(BackMixError, match="holds center canvases, the loader makes stretch ones: write it with "
+                                           "`backmix data write-beton --canvas 64 --canvas-mode stretch`"):
+        FfcvLoader(tiny, LoaderConfig(canvas=64, crop=56, canvas_mode="stretch"), beton=tiny_center_beton)
+    # Each mode has its own default file, so a loader never finds the other mode's.
+    assert default_beton_path(tiny, 64, canvas_mode="center") != default_beton_path(tiny, 64, canvas_mode="stretch")

@@ -4,8 +4,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from backmix.osr_data.decode import CANVAS_MODES
 from backmix.osr_data.errors import BackMixError
 from backmix.pipeline.loaders import backend_options
+from backmix.pipeline.sampling import AUGMENTS
 
 from .config import AMP, OPTIMIZERS, REGEN, TrainConfig, field_defaults
 
@@ -66,6 +68,12 @@ def register(top) -> None:
                    help="CAM momentum of a cache rebuild (share of the new map)" + _d("momentum"))
     p.add_argument("--canvas", type=int, default=S, help="canvas side the mix works on" + _d("canvas"))
     p.add_argument("--crop", type=int, default=S, help="crop side the model sees" + _d("crop"))
+    p.add_argument("--canvas-mode", choices=CANVAS_MODES, default=S,
+                   help="canvas of each image: center = shorter side resized to the canvas, centre square "
+                        "(the authors'); stretch = both sides resized" + _d("canvas_mode"))
+    p.add_argument("--augment", choices=AUGMENTS, default=S,
+                   help="after the mix: crop = random crop + flip; rrc = RandomResizedCrop of the mixed "
+                        "canvas to the crop size + flip (evaluation: the centre crop)" + _d("augment"))
     p.add_argument("--cache", default=S, help="foreground cache folder to use or share (default: RUN/cache)")
     p.add_argument("--seed", type=int, default=S, help=_d("seed").strip())
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default=S, help=_d("device").strip())
@@ -94,6 +102,9 @@ def register(top) -> None:
     e.add_argument("--backend", choices=BACKENDS, default="reference", help="loader")
     e.add_argument("--split", default=None,
                    help="known classes (split number or names); default: those the checkpoint was trained on")
+    e.add_argument("--canvas-mode", choices=CANVAS_MODES, default=None,
+                   help="canvas of each test image (default: the checkpoint's; stretch for a checkpoint "
+                        "older than the modes); evaluation is always the centre crop")
     e.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     e.add_argument("--workers", type=int, default=2)
     e.add_argument("--on-error", choices=ON_ERROR, default="raise",
@@ -130,7 +141,8 @@ def run_eval(args) -> int:
     if args.workers < 0:
         raise BackMixError(f"--workers must be >= 0, got {args.workers}")
     m = evaluate_checkpoint(args.checkpoint, args.data, backend=args.backend, split=args.split,
-                            device=args.device, workers=args.workers, on_error=args.on_error)
+                            device=args.device, workers=args.workers, on_error=args.on_error,
+                            canvas_mode=args.canvas_mode)
     if args.json:
         print(json.dumps(m))
         return 0

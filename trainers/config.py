@@ -9,16 +9,17 @@ from pathlib import Path
 from typing import Optional
 
 from backmix.cam_cache.models import ARCHS
-from backmix.osr_data.decode import check_canvas
+from backmix.osr_data.decode import CANVAS_MODES, check_canvas
 from backmix.osr_data.errors import BackMixError
 from backmix.pipeline.config import DEVICES, ON_ERROR
 from backmix.pipeline.loaders import BACKENDS, backend_options
+from backmix.pipeline.sampling import AUGMENTS
 
 OPTIMIZERS = ("sgd", "adamw")
 AMP = ("auto", "bf16", "fp16", "off")
 REGEN = ("loop", "pass")
 CHOICES = {"arch": ARCHS, "opt": OPTIMIZERS, "backend": BACKENDS, "amp": AMP, "device": DEVICES,
-           "on_error": ON_ERROR, "regen": REGEN}
+           "on_error": ON_ERROR, "regen": REGEN, "canvas_mode": CANVAS_MODES, "augment": AUGMENTS}
 
 
 # Every numeric field and the values it accepts (besides being a finite number).
@@ -76,6 +77,8 @@ class TrainConfig:
     momentum: float = 0.1             # CAM momentum of the cache update
     canvas: int = 40
     crop: int = 32
+    canvas_mode: str = "center"       # center: shorter side resized + centre crop (the authors'); stretch
+    augment: str = "crop"             # after the mix: crop (random crop + flip) or rrc (RandomResizedCrop + flip)
     grid: int = 8
     box_fraction: float = 0.25
     top_k_ratio: float = 0.25
@@ -92,7 +95,8 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         for name, value in (("arch", self.arch), ("opt", self.opt), ("backend", self.backend), ("amp", self.amp),
-                            ("device", self.device), ("on_error", self.on_error), ("regen", self.regen)):
+                            ("device", self.device), ("on_error", self.on_error), ("regen", self.regen),
+                            ("canvas_mode", self.canvas_mode), ("augment", self.augment)):
             choices = CHOICES[name]
             if value not in choices:
                 raise BackMixError(f"unknown {option(name)} {value!r} (choose from {', '.join(choices)})")
@@ -131,7 +135,8 @@ class TrainConfig:
         unknown = set(d) - names
         if unknown:
             raise BackMixError(f"config has unknown keys: {', '.join(sorted(unknown))}")
-        return cls(**d)
+        # A config written before there were canvas modes was trained on stretched canvases.
+        return cls(**{"canvas_mode": "stretch", **d})
 
     @classmethod
     def load(cls, path: Path) -> "TrainConfig":

@@ -16,9 +16,11 @@ from pathlib import Path
 
 import numpy as np
 
+from backmix.osr_data.decode import CANVAS_MODES
 from backmix.osr_data.errors import BackMixError
 from backmix.osr_data.index import atomic_write_bytes
 from backmix.osr_data.prepare import DATASETS, prepare
+from backmix.pipeline.sampling import AUGMENTS
 
 from .config import TrainConfig
 from .train import append_jsonl, read_jsonl
@@ -110,6 +112,10 @@ def register(top) -> None:
     p.add_argument("--width", type=float, default=EXPERIMENT_DEFAULTS["width"], help="cnn32 channel multiplier")
     p.add_argument("--arch", default=EXPERIMENT_DEFAULTS["arch"], help="model")
     p.add_argument("--backend", default="reference", help="loader")
+    p.add_argument("--canvas-mode", choices=CANVAS_MODES, default="center",
+                   help="canvas of each image: center = shorter side resized, centre square; stretch")
+    p.add_argument("--augment", choices=AUGMENTS, default="crop",
+                   help="after the mix: crop = random crop + flip; rrc = RandomResizedCrop + flip")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="training device")
     p.add_argument("--workers", type=int, default=EXPERIMENT_DEFAULTS["workers"],
                    help="decoding workers (0: decode in the training process; quickest for tiny images)")
@@ -124,7 +130,8 @@ def register(top) -> None:
 def run_cli(args) -> int:
     datasets = [d.strip() for d in args.datasets.split(",") if d.strip()]
     overrides = {"epochs": args.epochs, "width": args.width, "arch": args.arch, "backend": args.backend,
-                 "device": args.device, "workers": args.workers, "seed": args.seed}
+                 "device": args.device, "workers": args.workers, "seed": args.seed,
+                 "canvas_mode": args.canvas_mode, "augment": args.augment}
     methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
     run_experiment(args.out, datasets, args.splits, overrides, keep_runs=args.keep_runs, methods=methods)
     return 0

@@ -110,6 +110,7 @@ def loader_config(cfg: TrainConfig, device: torch.device, *, train: bool, rank: 
     return LoaderConfig(
         batch_size=cfg.batch_size if train else max(cfg.batch_size, 256),
         canvas=cfg.canvas, crop=cfg.crop, grid=cfg.grid, backmix=cfg.backmix and train,
+        canvas_mode=cfg.canvas_mode, augment=cfg.augment,
         clean=not (cfg.backmix and train and cfg.w_raw == 0),   # no clean crops if no loss reads them
         box_fraction=cfg.box_fraction, top_k_ratio=cfg.top_k_ratio, seed=cfg.seed,
         shuffle=train, train=train, rank=rank if train else 0, world_size=world if train else 1,
@@ -310,7 +311,8 @@ def regenerate(cfg: TrainConfig, model: nn.Module, data: OpenSetData, device: to
     """Publish the cache generation rebuilt after ``epoch`` (1-based) on every rank: from ``writer``'s
     in-loop CAMs (``--regen loop``), or a separate pass over the current weights; see ``rebuild_cache``."""
     from backmix.cam_cache import rebuild_cache
-    return rebuild_cache(cfg.cache_dir, unwrap(model), data.train, canvas=cfg.canvas, mean=IMAGENET_MEAN,
+    return rebuild_cache(cfg.cache_dir, unwrap(model), data.train, canvas=cfg.canvas, canvas_mode=cfg.canvas_mode,
+                         mean=IMAGENET_MEAN,
                          std=IMAGENET_STD, momentum=cfg.momentum, label_map=data.label_map, rows=data.known_rows,
                          writer=writer, before_publish=before_publish, batch_size=max(cfg.batch_size, 128),
                          num_workers=cfg.workers, device=device, checkpoint_digest=rebuild_tag(cfg, epoch),
@@ -322,7 +324,8 @@ def loop_writer(cfg: TrainConfig, model: nn.Module, data: OpenSetData, epoch: in
     from backmix.cam_cache import GenerationWriter
     return GenerationWriter(cfg.cache_dir, unwrap(model), data.train, canvas=cfg.canvas, mean=IMAGENET_MEAN,
                             std=IMAGENET_STD, momentum=cfg.momentum, label_map=data.label_map,
-                            rows=data.known_rows, shard=(rank, world), checkpoint_digest=rebuild_tag(cfg, epoch))
+                            rows=data.known_rows, shard=(rank, world), checkpoint_digest=rebuild_tag(cfg, epoch),
+                            canvas_mode=cfg.canvas_mode)
 
 
 def rebuild_tag(cfg: TrainConfig, epoch: int) -> str:
@@ -477,9 +480,9 @@ def _run(cfg: TrainConfig, device: torch.device, rank: int, world: int, resume: 
     if cfg.backmix:
         from backmix.cam_cache import ForegroundCache, init_cache
         if rank == 0:
-            init_cache(cfg.cache_dir, data.train, grid=cfg.grid)
+            init_cache(cfg.cache_dir, data.train, grid=cfg.grid, canvas_mode=cfg.canvas_mode)
         barrier(world)
-        maps = ForegroundCache(cfg.cache_dir, index=data.train, grid=cfg.grid)
+        maps = ForegroundCache(cfg.cache_dir, index=data.train, grid=cfg.grid, canvas_mode=cfg.canvas_mode)
 
     train_loader = make_loader(cfg.backend, data.train, loader_config(cfg, device, train=True, rank=rank, world=world),
                                maps=maps, indices=data.known_rows, label_map=data.label_map,
@@ -630,7 +633,8 @@ def epoch_line(r: dict, epochs: int) -> str:
 
 def evaluate_checkpoint(checkpoint: str | os.PathLike, data_root: str | os.PathLike, *,
                         backend: str = "reference", split: Optional[str] = None, device: str = "auto",
-                        workers: int = 2, progress: bool = True, on_error: str = "raise") -> dict:
+                        workers: int = 2, progress: bool = True, on_error: str = "raise",
+                        canvas_mode: Optional[str] = None) -> dict:
     """Open-set metrics of a checkpoint on ``data_root``/test; the known classes come from the checkpoint."""
     from backmix.cam_cache.models import read_checkpoint
     if Path(checkpoint).is_dir():
@@ -645,7 +649,8 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, data_root: str | os.PathL
     else:
         raise BackMixError(f"checkpoint {checkpoint} does not name its known classes; pass --split")
     model, _ = load_model(checkpoint, num_classes=data.num_known)
-    given = {"backend": backend, "device": device, "workers": workers, "progress": progress, "on_error": on_error}
+    given = {"backend": backend, "device": device, "workers": workers, "progress": progress, "on_error": on_error,
+             **({"canvas_mode": canvas_mode} if canvas_mode else {})}
     cfg = TrainConfig.from_dict({**saved, **given}) if saved else TrainConfig(**given)
     dev, _, _ = init_distributed(device)
     model.to(dev)
