@@ -50,7 +50,7 @@ def index(digits_root) -> ImageIndex:
 @pytest.fixture(scope="module")
 def beton(index, tmp_path_factory):
     return write_beton(index, tmp_path_factory.mktemp("beton") / "digits-raw.beton", canvas=40, mode="raw",
-                       progress=False)
+                       progress=False).path
 
 
 @pytest.fixture(scope="module")
@@ -210,7 +210,7 @@ def test_a_beton_that_does_not_fit_is_refused(index, tiny_root, tmp_path):
     from backmix.pipeline.ffcv import FfcvLoader
     with pytest.raises(BackMixError, match="does not exist"):
         FfcvLoader(index, LoaderConfig(), beton=tmp_path / "none.beton")
-    tiny = write_beton(ImageIndex.load(tiny_root), tmp_path / "tiny.beton", canvas=40, progress=False)
+    tiny = write_beton(ImageIndex.load(tiny_root), tmp_path / "tiny.beton", canvas=40, progress=False).path
     with pytest.raises(BackMixError, match="not the 1257 rows"):
         FfcvLoader(index, LoaderConfig(), beton=tiny)
 
