@@ -18,6 +18,8 @@ from backmix.osr_data.errors import BackMixError
 
 from .backmix import top_k_mask
 from .batch import BackMixBatch
+from .beton import check_output_file
+from .config import ON_ERROR
 
 CELL_IN, DPI = 1.5, 100
 ROWS = ("canvas", "foreground map", "top-k mask", "mixed (model input)")
@@ -74,8 +76,10 @@ def render_sheet(batch: BackMixBatch, maps: np.ndarray, masks: np.ndarray, path:
 
 
 def sheet_for(data: Path, out: Path, *, backend: str = "reference", cache: Optional[Path] = None, n: int = 8,
-              seed: int = 0, canvas: int = 40, crop: int = 32, grid: int = 8, workers: int = 0) -> Path:
-    """Load one batch of ``n`` images from ``data`` with ``backend`` and draw it."""
+              seed: int = 0, canvas: int = 40, crop: int = 32, grid: int = 8, workers: int = 0,
+              on_error: str = "raise") -> Path:
+    """Load one batch of ``n`` images from ``data`` with ``backend`` and draw it (with on_error "skip",
+    images that do not decode are left out of it, each named in a warning)."""
     from backmix.cam_cache import ForegroundCache, UniformMaps
     from backmix.osr_data.index import ImageIndex
 
@@ -86,9 +90,12 @@ def sheet_for(data: Path, out: Path, *, backend: str = "reference", cache: Optio
         raise BackMixError("--n must be at least 2: BackMix pairs images of one batch")
     index = ImageIndex.load(_split_folder(data))
     maps = ForegroundCache(cache, index=index, grid=grid) if cache else UniformMaps(len(index), grid)
-    config = LoaderConfig(batch_size=n, canvas=canvas, crop=crop, grid=grid, seed=seed, num_workers=workers)
+    config = LoaderConfig(batch_size=n, canvas=canvas, crop=crop, grid=grid, seed=seed, num_workers=workers,
+                          on_error=on_error)
     loader = make_loader(backend, index, config, maps)
-    batch = next(iter(loader))
+    batch = next(iter(loader), None)
+    if batch is None:
+        raise BackMixError(f"no image of {index.root} decodes")
     params = config.sampler().draw(len(batch.indices), 0, 0, config.rank)
     soft = maps.gather(batch.indices.cpu().numpy())
     masks = top_k_mask(torch.from_numpy(soft), config.top_k_ratio, torch.from_numpy(params.tie_break)).numpy()
@@ -116,6 +123,8 @@ def _add_args(p, cache_required: bool) -> None:
     p.add_argument("--canvas", type=int, default=40)
     p.add_argument("--crop", type=int, default=32)
     p.add_argument("--grid", type=int, default=8)
+    p.add_argument("--on-error", choices=ON_ERROR, default="raise",
+                   help="an image that does not decode: fail, or leave it out of the sheet (named)")
     p.set_defaults(func=run_show)
 
 
@@ -133,7 +142,8 @@ def register_cache_show(cache_sub) -> None:
 
 
 def run_show(args) -> int:
+    check_output_file(args.out)          # before loading anything
     path = sheet_for(args.data, args.out, backend=args.backend, cache=args.cache, n=args.n, seed=args.seed,
-                     canvas=args.canvas, crop=args.crop, grid=args.grid)
+                     canvas=args.canvas, crop=args.crop, grid=args.grid, on_error=args.on_error)
     print(f"wrote {path}")
     return 0
