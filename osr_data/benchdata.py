@@ -61,8 +61,8 @@ def make_bench_folder(out: str | os.PathLike, n: int = 1024, seed: int = 0, qual
     return ImageIndex.load(out)
 
 
-def default_scale_folder(classes: int, per_class: int) -> Path:
-    return default_bench_folder(0).parent / f"scale-{classes}x{per_class}"
+def default_scale_folder(classes: int, per_class: int, source_images: int = 1024) -> Path:
+    return default_bench_folder(source_images).parent / f"scale-{classes}x{per_class}-of-{source_images}"
 
 
 def make_scale_folder(out: str | os.PathLike, classes: int = 1000, per_class: int = 1281, *,
@@ -75,8 +75,9 @@ def make_scale_folder(out: str | os.PathLike, classes: int = 1000, per_class: in
 
     from .errors import BackMixError
 
-    if classes < 2 or per_class < 1 or test_per_class < 1:
-        raise BackMixError(f"--classes must be >= 2 and --per-class >= 1, got {classes} and {per_class}")
+    if classes < 2 or per_class < 1 or test_per_class < 1 or source_images < 1:
+        raise BackMixError(f"--classes must be >= 2, --per-class and --source-images >= 1, got {classes}, "
+                           f"{per_class} and {source_images}")
     out = Path(out)
     if (out / "complete").exists():
         return out

@@ -161,3 +161,31 @@ def test_on_error_raise_or_skip_an_image_that_does_not_decode(broken_photos, tmp
         assert {r["mode"]: r["skipped"] for r in rows} == {"off": 1, "on": 1, "on+clean": 1}
     else:
         assert Image.open(tmp_path / "sheet.png").format == "PNG"
+
+
+def test_bench_scale_runs_small_and_writes_every_field(tmp_path, monkeypatch, capsys):
+    from backmix.cli import main
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    out = tmp_path / "scale.json"
+    assert main(["bench", "scale", "--classes", "20", "--per-class", "50", "--source-images", "24", "--epochs", "2",
+                 "--batch-size", "32", "--workers", "1", "--write-beton", "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert {"machine", "command", "data", "images", "classes", "per_class", "config", "folder_build_s", "index_s",
+            "index_load_s", "cache_init_s", "cache_open_s", "beton_write_s", "backends", "train"} <= set(report)
+    assert report["images"] == 1000 and report["command"].startswith("backmix bench scale")
+    root = Path(report["data"])
+    assert len(list((root / "train").glob("*/*.jpg"))) == 1000 and len(list((root / "train").iterdir())) >= 20
+    assert (root / "train" / "n00000019" / "000049.jpg").stat().st_nlink > 1          # a hard link
+    assert set(report["backends"]) == {"reference", "dali", "ffcv"}
+    for name, row in report["backends"].items():
+        assert "error" not in row, (name, row)
+        assert row["first_batch_s"] > 0 and len(row["epoch_s"]) == 2 and row["images"] == 2 * 1000
+        assert row["memory"]["main_rss_mib"] >= row["memory"]["main_uss_mib"] > 0
+    assert report["backends"]["reference"]["memory"]["workers"]                          # worker processes
+    assert all(w["rss_mib"] >= w["uss_mib"] > 0 for w in report["backends"]["reference"]["memory"]["workers"])
+    train = report["train"]
+    assert len(train["epoch_s"]) == 2 and len(train["rebuild_s"]) == 1                  # rebuilt after epoch 1
+    assert train["rebuild_fraction_of_epoch"] == pytest.approx(train["rebuild_s"][0] / (sum(train["epoch_s"]) / 2))
+    assert 0 < train["first_batch_s"] < train["wall_s"]
+    table = capsys.readouterr().out
+    assert "| train (cnn32) |" in table and "cache rebuild:" in table and "| ffcv |" in table

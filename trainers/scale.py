@@ -83,7 +83,7 @@ def _timed(fn, *args, **kwargs):
 
 def run_scale(classes: int, per_class: int, *, backends: list[str], epochs: int = 2, batches: Optional[int] = None,
               batch_size: int = 64, workers: int = 2, canvas: int = 40, crop: int = 32, sample_s: float = 0.5,
-              write_beton: bool = False, train: bool = True, folder: Optional[Path] = None) -> dict:
+              write_beton: bool = False, train: bool = True, source_images: int = 1024) -> dict:
     from backmix.cam_cache import ForegroundCache, init_cache
     from backmix.osr_data.benchdata import default_scale_folder, make_scale_folder
     from backmix.osr_data.index import INDEX_NAME, ImageIndex
@@ -102,7 +102,8 @@ def run_scale(classes: int, per_class: int, *, backends: list[str], epochs: int 
                            f"got {epochs}, {batches}, {batch_size}, {sample_s}")
     if batch_size > classes * per_class:
         raise BackMixError(f"{classes} x {per_class} images are fewer than one batch of {batch_size}")
-    root, build_s = _timed(make_scale_folder, folder or default_scale_folder(classes, per_class), classes, per_class)
+    root, build_s = _timed(make_scale_folder, default_scale_folder(classes, per_class, source_images), classes, per_class,
+                           source_images=source_images)
     report: dict = {"machine": machine(), "data": str(root), "images": classes * per_class, "classes": classes,
                     "per_class": per_class, "config": {"epochs": epochs, "batches_per_epoch": batches,
                                                        "batch_size": batch_size, "workers": workers,
@@ -222,6 +223,8 @@ def register_bench(sub) -> None:
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--canvas", type=int, default=40)
     p.add_argument("--crop", type=int, default=32)
+    p.add_argument("--source-images", type=int, default=1024,
+                   help="distinct JPEGs (the bench folder of that size) the folder's files link to")
     p.add_argument("--sample-s", type=float, default=0.5, help="seconds between memory samples")
     p.add_argument("--write-beton", action="store_true", help="write (and time) the FFCV beton first if needed")
     p.add_argument("--no-train", action="store_true", help="leave out the training run")
@@ -236,7 +239,7 @@ def run_bench_scale(args) -> int:
     report = run_scale(args.classes, args.per_class, backends=[b.strip() for b in args.backend.split(",") if b.strip()],
                        epochs=args.epochs, batches=args.batches, batch_size=args.batch_size, workers=args.workers,
                        canvas=args.canvas, crop=args.crop, sample_s=args.sample_s, write_beton=args.write_beton,
-                       train=not args.no_train)
+                       train=not args.no_train, source_images=args.source_images)
     report["command"] = "backmix bench scale " + " ".join(sys.argv[3:]) if sys.argv[1:3] == ["bench", "scale"] \
         else "backmix bench scale"
     print(format_table(report))
