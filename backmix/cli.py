@@ -37,6 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
         dest="bench_command", metavar="SUBCOMMAND", required=True)
     cache_cli.register_bench(bench)
     pipeline_cli.register_bench(bench)
+    trainer_cli.register_bench(bench)
 
     pipeline_cli.register(top)
     return parser

@@ -59,3 +59,40 @@ def make_bench_folder(out: str | os.PathLike, n: int = 1024, seed: int = 0, qual
                 (tmp / name).rmdir()
         ImageIndex.scan(tmp).write()
     return ImageIndex.load(out)
+
+
+def default_scale_folder(classes: int, per_class: int, source_images: int = 1024) -> Path:
+    return default_bench_folder(source_images).parent / f"scale-{classes}x{per_class}-of-{source_images}"
+
+
+def make_scale_folder(out: str | os.PathLike, classes: int = 1000, per_class: int = 1281, *,
+                      test_per_class: int = 2, source_images: int = 1024, progress: bool = True) -> Path:
+    """An ImageNet-shaped prepared root: ``out/train/n<class>/<i>.jpg`` (``classes`` x ``per_class``) and
+    ``out/test/`` (``test_per_class`` a class), every file a hard link to a JPEG of the bench folder of
+    ``source_images`` (so 1.28 M files cost directory entries, not 140 GB). Written once (atomically);
+    the index files are left to the first ``ImageIndex.load``, whose time is what a benchmark measures."""
+    from tqdm import tqdm
+
+    from .errors import BackMixError
+
+    if classes < 2 or per_class < 1 or test_per_class < 1 or source_images < 1:
+        raise BackMixError(f"--classes must be >= 2, --per-class and --source-images >= 1, got {classes}, "
+                           f"{per_class} and {source_images}")
+    out = Path(out)
+    if (out / "complete").exists():
+        return out
+    source = make_bench_folder(default_bench_folder(source_images), source_images)
+    files = [source.abspath(i) for i in range(len(source))]
+    with atomic_folder(out) as tmp, tqdm(total=classes * (per_class + test_per_class), desc=f"linking {out.name}",
+                                         unit="file", disable=not progress, mininterval=2) as bar:
+        k = 0
+        for split, count in (("train", per_class), ("test", test_per_class)):
+            for c in range(classes):
+                folder = tmp / split / f"n{c:08d}"
+                folder.mkdir(parents=True)
+                for i in range(count):
+                    os.link(files[k % len(files)], folder / f"{i:06d}.jpg")
+                    k += 1
+                bar.update(count)
+        (tmp / "complete").write_text(f"{classes} classes x {per_class} train + {test_per_class} test images\n")
+    return out

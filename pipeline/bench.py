@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import platform
 import statistics
@@ -32,8 +33,11 @@ import torch
 from backmix.osr_data.decode import CANVAS_MODES
 from backmix.osr_data.errors import BackMixError
 
+from .config import ON_ERROR
 from .loaders import BACKENDS, backend_options
 from .sampling import AUGMENTS
+
+log = logging.getLogger("backmix")
 
 # What a loader returns in each mode: (BackMix, clean crop). "on" is the authors' training stream
 # (canvas + mixed crop, one model input per image, like "off"); "on+clean" adds the clean crop.
@@ -64,6 +68,23 @@ def time_loader(loader, warmup: int, batches: int, sync: Callable[[], None]) -> 
     return times
 
 
+def decodable_files(index, limit: int, on_error: str = "raise") -> list[str]:
+    """The first ``limit`` files of ``index`` that decode; one that does not raises ``DecodeError``
+    (on_error "raise") or is left out with a warning ("skip")."""
+    from backmix.osr_data.decode import DecodeError, decode_rgb
+    files = []
+    for i in range(min(limit, len(index))):
+        try:
+            decode_rgb(index.abspath(i))
+        except DecodeError:
+            if on_error == "raise":
+                raise
+            log.warning("skipped %s: it does not decode", index.abspath(i))
+            continue
+        files.append(index.abspath(i))
+    return files
+
+
 def stage_breakdown(index, config, batches: int, device: torch.device) -> dict[str, float]:
     """Milliseconds per batch of each torch stage, timed alone on the same files."""
     from backmix.cam_cache.maps import UniformMaps
@@ -75,7 +96,7 @@ def stage_breakdown(index, config, batches: int, device: torch.device) -> dict[s
 
     b = config.batch_size
     # The canvas resize alone (torchvision, this process), to set beside DALI's.
-    decoded = [decode_rgb(index.abspath(i)) for i in range(min(b, len(index)))]
+    decoded = [decode_rgb(f) for f in decodable_files(index, b, config.on_error)]
     resize = []
     for _ in range(3):
         t = time.perf_counter()
@@ -127,9 +148,9 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def decode_ceiling(index, workers: int, limit: int = 256) -> dict:
+def decode_ceiling(index, workers: int, limit: int = 256, on_error: str = "raise") -> dict:
     """images/s of each installed CPU JPEG decoder on the same files (bytes in memory), ``workers`` threads."""
-    files = [index.abspath(i) for i in range(min(limit, len(index)))]
+    files = decodable_files(index, limit, on_error)
     blobs = [open(f, "rb").read() for f in files]
     decoders: dict[str, Callable[[bytes], object]] = {}
     from torchvision.io import ImageReadMode, decode_image
@@ -164,7 +185,7 @@ def machine() -> str:
 def run_benchmark(data: Optional[Path], backends: list[str], *, batches: int, warmup: int, batch_size: int,
                   canvas: int, crop: int, workers: int, device: str, n_images: int, repeat: int = 1,
                   ray_address: Optional[str] = None, prefetch: Optional[int] = None,
-                  canvas_mode: str = "center", augment: str = "crop") -> dict:
+                  canvas_mode: str = "center", augment: str = "crop", on_error: str = "raise") -> dict:
     from backmix.cam_cache.maps import UniformMaps
     from backmix.osr_data.benchdata import default_bench_folder, make_bench_folder
     from backmix.osr_data.index import ImageIndex
@@ -188,12 +209,17 @@ def run_benchmark(data: Optional[Path], backends: list[str], *, batches: int, wa
     else:
         data = Path(data)
         index = ImageIndex.load(data / "train" if (data / "train").is_dir() else data)
+    if len(index) < batch_size:
+        raise BackMixError(f"{index.root} holds {len(index)} images, fewer than one batch of {batch_size}: "
+                           "give a smaller --batch-size or more images")
+    if "ffcv" in backends:
+        _ensure_beton(index, canvas)
     dev = choose_device(device)
     shape = {"canvas_mode": canvas_mode, "augment": augment}   # every loader's canvas and augmentation
     # The torch stages first, and the backends in a fixed order (reference, DALI, FFCV): a process
     # that has started numba's (FFCV's) thread pool should not fork DataLoader workers after it.
     stages = stage_breakdown(index, LoaderConfig(batch_size=batch_size, canvas=canvas, crop=crop, **shape,
-                                                 num_workers=workers), max(3, min(batches, 8)), dev)
+                                                 num_workers=workers, on_error=on_error), max(3, min(batches, 8)), dev)
     # Rounds interleave the (backend, mode) pairs, so slow drift on a shared machine hits them
     # alike; a ratio is taken within each round, then the median over rounds. FFCV's rounds come
     # last: a process that has started numba's thread pool should not fork DataLoader workers.
@@ -204,12 +230,14 @@ def run_benchmark(data: Optional[Path], backends: list[str], *, batches: int, wa
     rates: dict = {pair: [] for pair in pairs}
     times: dict = {pair: [] for pair in pairs}
     errors: dict = {}
+    skipped: dict = {}      # images a loader left out (on_error "skip"), over its rounds
     for backend, mode in schedule:
         if (backend, mode) in errors:
             continue
         backmix, clean = MODES[mode]
         config = LoaderConfig(batch_size=batch_size, canvas=canvas, crop=crop, **shape, backmix=backmix,
-                              clean=clean, num_workers=workers, device=device, last_batch="drop")
+                              clean=clean, num_workers=workers, device=device, last_batch="drop",
+                              on_error=on_error)
         try:
             loader = make_loader(backend, index, config, UniformMaps(len(index), config.grid),
                                  **(ray_options if backend == "ray" else {}))
@@ -217,6 +245,7 @@ def run_benchmark(data: Optional[Path], backends: list[str], *, batches: int, wa
         except (BackMixError, ImportError) as e:
             errors[(backend, mode)] = str(e).splitlines()[0]
             continue
+        skipped[(backend, mode)] = skipped.get((backend, mode), 0) + loader.skipped
         del loader
         rates[(backend, mode)].append(batch_size * len(t) / sum(t))
         times[(backend, mode)] += t
@@ -230,7 +259,7 @@ def run_benchmark(data: Optional[Path], backends: list[str], *, batches: int, wa
             row.update({"images_per_s": statistics.median(rates[(backend, mode)]),
                         "images_per_s_rounds": rates[(backend, mode)],
                         "batch_ms_median": 1e3 * statistics.median(t), "batch_ms_p95": 1e3 * _percentile(t, 95),
-                        "batches": len(t)})
+                        "batches": len(t), "skipped": skipped.get((backend, mode), 0)})
         results.append(row)
     results.sort(key=lambda r: backends.index(r["backend"]))
     by = {(r["backend"], r["mode"]): r for r in results}
@@ -263,8 +292,23 @@ def run_benchmark(data: Optional[Path], backends: list[str], *, batches: int, wa
     return {"machine": machine(), "data": str(data), "images": len(index),
             "config": {"batch_size": batch_size, "canvas": canvas, "crop": crop, "workers": workers, **shape,
                        "batches": batches, "warmup": warmup, "device": str(dev)},
-            "results": results, "decode_ceiling": decode_ceiling(index, workers), "ratios": ratios,
+            "results": results, "decode_ceiling": decode_ceiling(index, workers, on_error=on_error), "ratios": ratios,
             "ratio_range": spread, "rounds": repeat}
+
+
+def _ensure_beton(index, canvas: int) -> None:
+    """FFCV's loader reads a beton it never writes: the benchmark writes it once, explicitly, saying so."""
+    from .beton import beton_locations, require_ffcv, write_beton, writable_folder
+    try:
+        require_ffcv()
+    except BackMixError:
+        return                          # FFCV's rows say how to install it
+    in_data, in_cache = beton_locations(index, canvas)
+    if not (in_data.exists() or in_cache.exists()):
+        out = in_data if writable_folder(index.root) else in_cache
+        log.info("writing the FFCV beton once (`backmix data write-beton --data %s --canvas %d`): %s",
+                 index.root, canvas, out)
+        write_beton(index, out, canvas=canvas)
 
 
 def format_table(report: dict) -> str:
@@ -348,6 +392,8 @@ def register_bench(sub) -> None:
     p.add_argument("--ray-address", default=None, metavar="auto|HOST:PORT",
                    help="ray backend: the cluster to join; None: start Ray here with --workers CPUs, loopback only")
     p.add_argument("--prefetch", type=int, default=None, help="ray backend: batches in flight at most; None: 4")
+    p.add_argument("--on-error", choices=ON_ERROR, default="raise",
+                   help="an image that does not decode: fail, or skip it (each named; counted per row)")
     p.add_argument("--json", type=Path, default=None, help="write the report here")
     p.add_argument("--plot", type=Path, default=None, help="write a PNG bar chart here")
     p.set_defaults(func=run_bench)
@@ -355,12 +401,18 @@ def register_bench(sub) -> None:
 
 def run_bench(args) -> int:
     import sys
+
+    from .beton import check_output_file
+    for flag, path in (("--json", args.json), ("--plot", args.plot)):
+        if path is not None:
+            check_output_file(path, flag)      # before the work
     backends = [b.strip() for b in args.backend.split(",") if b.strip()]
     report = run_benchmark(args.data, backends, batches=args.batches, warmup=args.warmup,
                            batch_size=args.batch_size, canvas=args.canvas, crop=args.crop, workers=args.workers,
                            device=args.device, n_images=args.images, repeat=args.repeat,
                            ray_address=args.ray_address, prefetch=args.prefetch,
-                           canvas_mode=args.canvas_mode, augment=args.augment)
+                           canvas_mode=args.canvas_mode, augment=args.augment,
+                           on_error=args.on_error)
     report["command"] = "backmix " + " ".join(sys.argv[1:]) if sys.argv[0].endswith("backmix") else \
         "backmix bench loader " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()
                                            if k in ("backend", "batches", "warmup", "batch_size", "canvas",

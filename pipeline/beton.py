@@ -1,36 +1,56 @@
-"""``backmix data write-beton``: an image folder as an FFCV .beton, once, for many trainings.
+"""``backmix data write-beton``: an image folder as an FFCV .beton, once, on purpose, for many trainings.
 
 Each sample holds the image, its label, its dataset index (the row of the
 index file) and the canvas mode it was stored in. With ``--canvas S`` every image is
 stored as the S x S canvas of ``--canvas-mode`` (what the FFCV loader with ``--canvas S``
-and that mode reads as is, and writes itself on first use; a loader of the other mode
-refuses it); without it, at its own size with the longer side capped
-at ``--max-resolution``, and the loader resizes it to its canvas. "jpg" mode
-stores JPEGs (small; FFCV decodes them), "raw" mode the decoded pixels (large;
-at the canvas size they are the reference loader's canvases exactly). The file
-is written under a temporary name and renamed when complete.
+and that mode reads as is; a loader of the other mode refuses it); without it, at
+its own size with the longer side capped at ``--max-resolution``, and the
+loader resizes it to its canvas. "jpg" mode stores JPEGs (small; FFCV decodes
+them), "raw" mode the decoded pixels (large; at the canvas size they are the
+reference loader's canvases exactly).
+
+The loader never writes a beton itself (ImageNet's takes ~17 minutes): this
+command does, once. It writes under a temporary name and renames when
+complete; a lock file beside the beton keeps a second writer waiting (it then
+finds the beton written); under torchrun only rank 0 writes and the other
+ranks wait for it. FFCV's writer runs in a child process group, so Ctrl-C or
+SIGTERM stops it and its worker processes within seconds and removes the
+temporary file. Progress is a bar on a terminal and a line every 5 % in a log.
+An image that does not decode fails the write (``--on-error raise``) or is
+kept as a marked blank that the loader leaves out (``--on-error skip``).
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
-import functools
+import fcntl
+import logging
+import multiprocessing
 import os
+import signal
 import sys
+import time
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, NamedTuple, Optional
 
 import numpy as np
+from tqdm import tqdm
 
 from backmix.osr_data.decode import CANVAS_MODES, check_canvas_mode, decode_canvas, decode_rgb, to_numpy_hwc
 from backmix.osr_data.errors import BackMixError
 from backmix.osr_data.index import ImageIndex, atomic_file
+
+from .config import ON_ERROR
+
+log = logging.getLogger("backmix")
 
 INSTALL_HINT = ("FFCV is not installed: pip install 'backmix[ffcv]' (needs apt libopencv-dev "
                 "libturbojpeg0-dev pkg-config; scripts/install.sh does both)")
 MODES = ("jpg", "raw")
 DEFAULT_CANVAS = 40   # LoaderConfig's
 NOT_A_CANVAS = -1     # the canvas_mode field of images stored at their own size (any loader resizes them)
+PROGRESS_EVERY = 5    # percent between progress lines when stderr is not a terminal
+STOP_GRACE_S = 3.0    # after SIGTERM, seconds the writer gets before SIGKILL
 
 
 def require_ffcv() -> None:
@@ -41,18 +61,62 @@ def require_ffcv() -> None:
         raise BackMixError(INSTALL_HINT) from None
 
 
-def default_beton_path(index: ImageIndex, canvas: Optional[int], mode: str = "jpg",
-                       max_resolution: Optional[int] = None, canvas_mode: str = "center") -> Path:
-    """Where the loader looks for (canvas given) or a user keeps (no canvas) the beton of ``index``."""
+def _beton_name(index: ImageIndex, canvas: Optional[int], mode: str, max_resolution: Optional[int],
+                canvas_mode: str) -> str:
     size = f"{canvas}-{canvas_mode}" if canvas else (f"max{max_resolution}" if max_resolution else "full")
-    return index.root / ".backmix" / f"ffcv-{index.fingerprint()[:12]}-{size}-{mode}.beton"
+    return f"ffcv-{index.fingerprint()[:12]}-{size}-{mode}.beton"
+
+
+def beton_locations(index: ImageIndex, canvas: Optional[int], mode: str = "jpg",
+                    max_resolution: Optional[int] = None, canvas_mode: str = "center") -> tuple[Path, Path]:
+    """Where the beton of ``index`` lives by default, in order: in the data folder, or (for a
+    read-only data folder) in the user's cache, named by the data's fingerprint."""
+    name = _beton_name(index, canvas, mode, max_resolution, canvas_mode)
+    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "backmix" / "betons"
+    return index.root / ".backmix" / name, cache / name
+
+
+def find_beton(index: ImageIndex, canvas: int, canvas_mode: str = "center") -> Path:
+    """The default beton the FFCV loader reads for ``index`` at ``canvas``; says the command when none exists."""
+    places = beton_locations(index, canvas, canvas_mode=canvas_mode)
+    for path in places:
+        if path.exists():
+            return path
+    raise BackMixError(f"no FFCV beton of {index.root} at canvas {canvas} ({canvas_mode}) (looked in "
+                       f"{places[0].parent} and {places[1].parent}): write it once with `backmix data write-beton "
+                       f"--data {index.root} --canvas {canvas} --canvas-mode {canvas_mode}`")
+def check_output_file(path: str | os.PathLike, flag: str = "--out") -> Path:
+    """Refuse, before any work, an output file that cannot be written: a folder, a path under a
+    file, or a folder this process may not write in (tried, not guessed: root ignores modes)."""
+    path = Path(path)
+    if path.is_dir():
+        raise BackMixError(f"{flag} {path} is a folder; give a file name")
+    folder = path.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir():
+        raise BackMixError(f"{flag} {path}: {folder} is a file, not a folder")
+    if not writable_folder(folder):
+        raise BackMixError(f"{flag} {path}: cannot write in {folder} (read-only)")
+    return path
+
+
+def writable_folder(folder: Path) -> bool:
+    import tempfile
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            return True
+    except OSError:
+        return False
 
 
 class _Samples:
     """What FFCV's writer processes read: (HWC uint8 image, label, dataset index) per row.
 
-    A row that fails comes back as a 1x1 blank with index -1 - row: FFCV's writer waits
-    forever for a worker that raised, so the failure is reported after the write instead.
+    A row that fails comes back as a blank (canvas-sized: a canvas beton stays uniform) with
+    index -1 - row: FFCV's writer waits
+    forever for a worker that raised, so the failure is reported after the write instead
+    (and, with ``--on-error skip``, the loader leaves the marked rows out).
     """
 
     def __init__(self, index: ImageIndex, canvas: Optional[int], canvas_mode: str) -> None:
@@ -68,36 +132,172 @@ class _Samples:
             image = decode_canvas(path, self.canvas, self.canvas_mode) if self.canvas else decode_rgb(path)
             return to_numpy_hwc(image), int(self.index.labels[i]), i, self.mode_code
         except Exception:  # noqa: BLE001 -- see the class docstring
-            return np.zeros((1, 1, 3), np.uint8), -1, -1 - i, self.mode_code
+            side = self.canvas or 1
+            return np.zeros((side, side, 3), np.uint8), -1, -1 - i, self.mode_code
+
+
+def skipped_rows(stored_index: np.ndarray) -> np.ndarray:
+    """Dataset rows a beton holds as marked blanks (images that did not decode), from its index field."""
+    return (-1 - stored_index[stored_index < 0]).astype(np.int64)
+
+
+class LineProgress(tqdm):
+    """tqdm for a log file or pipe: a whole line every ``PROGRESS_EVERY`` percent, no carriage returns."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        self._shown = -1
+        super().__init__(*args, **{**kwargs, "mininterval": 0, "miniters": 1})
+
+    def display(self, msg=None, pos=None):
+        step = int(100 * self.n / self.total) // PROGRESS_EVERY if self.total else 0
+        if step != self._shown:
+            self._shown = step
+            self.fp.write(self.format_meter(**self.format_dict) + "\n")
+            self.fp.flush()
+        return True
+
+
+def progress_bar(show: Optional[bool], **kwargs) -> tqdm:
+    """A tqdm bar on stderr: animated on a terminal, a line every few percent otherwise; none when
+    ``show`` is False (None: always)."""
+    kwargs.setdefault("file", sys.stderr)
+    if show is False:
+        return tqdm(disable=True, **kwargs)
+    return tqdm(**kwargs) if kwargs["file"].isatty() else LineProgress(**kwargs)
+
+
+def _write_in_child(tmp: Path, samples: "_Samples", fields: dict, num_workers: int,
+                    progress: Optional[bool], desc: str) -> None:
+    """Runs FFCV's writer in a forked child in its own process group (with the writer's worker
+    processes); a KeyboardInterrupt here (Ctrl-C, or SIGTERM, turned into one) stops the group:
+    SIGTERM, then SIGKILL after ``STOP_GRACE_S``."""
+    proc = multiprocessing.get_context("fork").Process(
+        target=_child_write, args=(tmp, samples, fields, num_workers, progress, desc), daemon=False)
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        proc.start()
+        proc.join()
+    except KeyboardInterrupt:
+        _stop_group(proc)
+        raise
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    if proc.exitcode != 0:
+        raise BackMixError(f"FFCV's writer failed (exit status {proc.exitcode}) writing {tmp}")
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def _stop_group(proc) -> None:
+    for sig, wait in ((signal.SIGTERM, STOP_GRACE_S), (signal.SIGKILL, None)):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, sig)
+        proc.join(wait)
+        if proc.exitcode is not None and sig == signal.SIGTERM:
+            # the child is gone; its workers may not be (they share its group)
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            return
+
+
+def _child_write(tmp: Path, samples: "_Samples", fields: dict, num_workers: int,
+                 progress: Optional[bool], desc: str) -> None:
+    import ffcv.writer
+    os.setpgrp()                                    # the parent stops us and our workers as one group
+    signal.signal(signal.SIGINT, signal.SIG_IGN)    # the parent handles Ctrl-C
+    writer = ffcv.writer.DatasetWriter(str(tmp), fields, num_workers=max(1, num_workers))
+
+    def stop(signum, frame):
+        # FFCV's metadata lives in shared memory until the write ends: free it, then end the group.
+        sm = getattr(writer, "metadata_sm", None)
+        with contextlib.suppress(Exception):
+            sm.unlink()
+        os.killpg(os.getpgrp(), signal.SIGKILL)
+
+    signal.signal(signal.SIGTERM, stop)
+    ffcv.writer.tqdm = lambda total: progress_bar(progress, total=total, desc=desc, unit="img")
+    writer.from_indexed_dataset(samples)
 
 
 @contextlib.contextmanager
-def _ffcv_progress(show: bool):
-    """FFCV's writer always draws a tqdm bar; hide it when asked (module-level name, restored after)."""
-    import ffcv.writer as writer
-    original = writer.tqdm
-    if not show:
-        writer.tqdm = functools.partial(original, disable=True)
+def _writer_lock(path: Path) -> Iterator[None]:
+    """An exclusive flock on ``.NAME.lock`` beside ``path``: one writer at a time, the others wait.
+
+    The holder removes the lock file when done (no litter); a waiter that then wakes up holding
+    the removed file's lock sees it is no longer the file at that name and locks the new one.
+    """
+    lock = path.with_name(f".{path.name}.lock")
+    waited = False
+    while True:
+        f = open(lock, "a")
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if not waited:
+                log.info("another process is writing %s: waiting for it", path)
+                waited = True
+            fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            if os.path.samestat(os.fstat(f.fileno()), os.stat(lock)):
+                break
+        except FileNotFoundError:
+            pass
+        f.close()
     try:
         yield
     finally:
-        writer.tqdm = original
+        lock.unlink(missing_ok=True)
+        f.close()
+
+
+def _rank() -> int:
+    try:
+        return int(os.environ.get("RANK", "0"))
+    except ValueError:
+        return 0
+
+
+def _wait_for(path: Path, poll_s: float = 1.0) -> None:
+    """Another rank writes ``path``: wait until it exists and its writer let go of the lock."""
+    log.info("rank %d: waiting for rank 0 to write %s", _rank(), path)
+    while not path.exists():
+        time.sleep(poll_s)
+    with _writer_lock(path):
+        pass
+
+
+class BetonWrite(NamedTuple):
+    """What ``write_beton`` did: the file, whether this process wrote it (not: found it written, by
+    another process or rank), and the files it stored as marked blanks (``on_error="skip"``)."""
+    path: Path
+    written: bool
+    skipped: list[str]
 
 
 def write_beton(index: ImageIndex, path: str | os.PathLike, *, canvas: Optional[int] = None,
                 max_resolution: Optional[int] = None, mode: str = "jpg", jpeg_quality: int = 90,
-                num_workers: int = 2, progress: Optional[bool] = None, canvas_mode: str = "center") -> Path:
-    """Write ``index`` to ``path`` (fields image, label, index, canvas_mode). canvas: store every image
-    as its canvas x canvas canvas in ``canvas_mode``; else at its own size, the longer side capped at ``max_resolution`` (None:
-    as is). progress: None = when stderr is a terminal."""
+                num_workers: int = 2, progress: Optional[bool] = None, canvas_mode: str = "center",
+                on_error: str = "raise", force: bool = False) -> BetonWrite:
+    """Write ``index`` to ``path`` (fields image, label, index, canvas_mode).
+
+    canvas: store every image as its canvas x canvas canvas in ``canvas_mode``; else at its own
+    size, the longer side capped at ``max_resolution`` (None: as is). progress: None = a bar on a
+    terminal, lines otherwise. on_error "skip": images that do not decode are stored as marked
+    blanks (the loader leaves them out) and named in the result. force False: a beton already at
+    ``path`` is kept (a second writer, having waited for the first, finds it there).
+    Under torchrun (RANK > 0) this process only waits for rank 0's beton.
+    """
     require_ffcv()
     from ffcv.fields import IntField, RGBImageField
     from ffcv.reader import Reader
-    from ffcv.writer import DatasetWriter
 
     check_canvas_mode(canvas_mode)
     if mode not in MODES:
         raise BackMixError(f"--mode must be one of {MODES}, got {mode!r}")
+    if on_error not in ON_ERROR:
+        raise BackMixError(f"--on-error must be one of {ON_ERROR}, got {on_error!r}")
     if not 1 <= jpeg_quality <= 100:
         raise BackMixError(f"--jpeg-quality must lie in 1..100, got {jpeg_quality}")
     if canvas is not None and max_resolution is not None:
@@ -107,29 +307,38 @@ def write_beton(index: ImageIndex, path: str | os.PathLike, *, canvas: Optional[
             raise BackMixError(f"{name} must lie in 1..65535, got {value}")
     if len(index) == 0:
         raise BackMixError(f"{index.root} holds no images to write")
-    path = Path(path)
+    path = check_output_file(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    if _rank() > 0:
+        _wait_for(path)
+        return BetonWrite(path, False, [])
     fields = {"image": RGBImageField(write_mode=mode, max_resolution=canvas or max_resolution,
                                      jpeg_quality=jpeg_quality),
               "label": IntField(), "index": IntField(), "canvas_mode": IntField()}
-    show = sys.stderr.isatty() if progress is None else progress
-    with atomic_file(path) as tmp, _ffcv_progress(show):
-        DatasetWriter(str(tmp), fields, num_workers=max(1, num_workers)).from_indexed_dataset(
-            _Samples(index, canvas, canvas_mode))
-        failed = np.flatnonzero(Reader(str(tmp)).metadata["f2"] < 0)
-        if len(failed):
-            raise BackMixError(f"{len(failed)} image(s) do not decode, e.g. {index.abspath(int(failed[0]))}; "
-                               "fix or remove them, then index the folder again")
-    return path
+    with _writer_lock(path):
+        if path.exists() and not force:
+            return BetonWrite(path, False, [])
+        with atomic_file(path) as tmp:
+            _write_in_child(tmp, _Samples(index, canvas, canvas_mode), fields, num_workers, progress,
+                            f"writing {path.name}")
+            failed = skipped_rows(Reader(str(tmp)).metadata["f2"])
+            if len(failed) and on_error == "raise":
+                raise BackMixError(f"{len(failed)} image(s) do not decode, e.g. {index.abspath(int(failed[0]))}; "
+                                   "fix or remove them and index the folder again, or pass --on-error skip")
+    skipped = [index.abspath(int(i)) for i in failed]
+    for name in skipped:
+        log.warning("skipped %s: it does not decode", name)
+    return BetonWrite(path, True, skipped)
 
 
 def register_data(sub) -> None:
-    p = sub.add_parser("write-beton", help="convert an image folder to an FFCV .beton",
+    p = sub.add_parser("write-beton", help="convert an image folder to an FFCV .beton (once, for the FFCV loader)",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter, description=__doc__)
     p.add_argument("--data", type=Path, required=True, help="image folder (root/<class>/<image>) or prepared root")
     p.add_argument("--out", type=Path, default=None,
-                   help="file to write (default: DATA/.backmix/ffcv-<fingerprint>-<size>-<mode>.beton; "
-                        "with --canvas that is where the FFCV loader looks)")
+                   help="file to write (default: DATA/.backmix/ffcv-<fingerprint>-<size>-<mode>.beton, or the "
+                        "same name under ~/.cache/backmix/betons when DATA is read-only; with --canvas both are "
+                        "where the FFCV loader looks)")
     p.add_argument("--canvas", type=int, default=None,
                    help=f"store every image resized to this square canvas (the loader's --canvas); "
                         f"{DEFAULT_CANVAS} when --max-resolution is not given either")
@@ -141,19 +350,38 @@ def register_data(sub) -> None:
     p.add_argument("--mode", choices=MODES, default="jpg", help="store JPEGs or raw pixels")
     p.add_argument("--jpeg-quality", type=int, default=90)
     p.add_argument("--workers", type=int, default=2, help="processes that decode and encode")
+    p.add_argument("--on-error", choices=ON_ERROR, default="raise",
+                   help="an image that does not decode: fail, or store it as a marked blank the loader leaves "
+                        "out (each named, and counted)")
+    p.add_argument("--force", action="store_true", help="rewrite the beton if it exists")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run_write_beton)
 
 
 def run_write_beton(args) -> int:
+    if args.out is not None:
+        check_output_file(args.out)        # before indexing: a bad destination fails at once
     data = args.data / "train" if (args.data / "train").is_dir() else args.data
     index = ImageIndex.load(data)
     canvas = args.canvas if args.canvas is not None or args.max_resolution is not None else DEFAULT_CANVAS
-    out = args.out or default_beton_path(index, canvas, args.mode, args.max_resolution, args.canvas_mode)
-    write_beton(index, out, canvas=canvas, max_resolution=args.max_resolution, mode=args.mode,
-                canvas_mode=args.canvas_mode,
-                jpeg_quality=args.jpeg_quality, num_workers=args.workers,
-                progress=False if args.no_progress else None)
+    out = args.out
+    if out is None:
+        in_data, in_cache = beton_locations(index, canvas, args.mode, args.max_resolution,
+                                            args.canvas_mode)
+        out = in_data if writable_folder(index.root) else in_cache
+        if out == in_cache:
+            log.info("%s is read-only: writing the beton to %s (the FFCV loader looks there too)", index.root, out)
+    done = write_beton(index, out, canvas=canvas, max_resolution=args.max_resolution, mode=args.mode,
+                       canvas_mode=args.canvas_mode,
+                               jpeg_quality=args.jpeg_quality, num_workers=args.workers,
+                               progress=False if args.no_progress else None, on_error=args.on_error,
+                               force=args.force)
+    if not done.written:
+        print(f"already written: {out} (--force rewrites it)")
+        return 0
+    skipped = done.skipped
     size = f"{canvas}x{canvas} {args.canvas_mode}" if canvas else f"longer side <= {args.max_resolution or 'any'}"
-    print(f"wrote {out} ({len(index)} images, {size}, {args.mode}, {out.stat().st_size / 1e6:.1f} MB)")
+    extra = f", {len(skipped)} skipped" if skipped else ""
+    print(f"wrote {out} ({len(index) - len(skipped)} images{extra}, {size}, {args.mode}, "
+          f"{out.stat().st_size / 1e6:.1f} MB)")
     return 0

@@ -1,7 +1,7 @@
 """The FFCV loader: a .beton in, the common ``BackMixBatch`` stream out.
 
 Canvases. A beton written at the canvas size (``write-beton --canvas S``, what
-the loader writes itself on first use) is decoded as is; in "raw" mode those
+the loader looks for by default; it never writes one itself) is decoded as is; in "raw" mode those
 canvases are the reference loader's bit for bit. A beton of other sizes
 (``--max-resolution``) is decoded and resized to S x S by FFCV (OpenCV's
 resize: close to, not equal to, torchvision's).
@@ -47,7 +47,7 @@ from backmix.osr_data.index import ImageIndex
 
 from .augment import fill_value, normalize, normalize_constants, resize_tables
 from .batch import BackMixBatch, BatchTransform, host_masks, to_device
-from .beton import NOT_A_CANVAS, default_beton_path, require_ffcv, write_beton
+from .beton import NOT_A_CANVAS, find_beton, require_ffcv, skipped_rows
 from .config import LoaderConfig, LoaderPosition, choose_device, loader_inputs
 
 log = logging.getLogger("backmix")
@@ -341,11 +341,33 @@ def _mix_operation(loader: "FfcvLoader"):
     return BackMixOperation()
 
 
+def _open_beton(path: Path, index: ImageIndex):
+    """(FFCV Reader, dataset rows stored as marked blanks) of a beton that holds ``index``, in order."""
+    from ffcv.reader import Reader
+    try:
+        reader = Reader(str(path))
+        names = list(reader.handlers)
+        stored_rows = reader.metadata[f"f{names.index('index')}"]
+        stored_labels = reader.metadata[f"f{names.index('label')}"]
+    except (ValueError, KeyError, AssertionError, OSError) as e:
+        raise BackMixError(f"{path} is not a backmix beton ({e})") from None
+    blank = skipped_rows(stored_rows)
+    whole = stored_rows >= 0
+    if (reader.num_samples != len(index)
+            or not np.array_equal(np.where(whole, stored_rows, -1 - stored_rows), np.arange(len(index)))
+            or not np.array_equal(stored_labels[whole], index.labels[whole])):
+        raise BackMixError(f"{path} holds {reader.num_samples} images that are not the {len(index)} "
+                           f"rows (and labels) of {index.root}: write it with `backmix data write-beton`")
+    return reader, blank
+
+
 class FfcvLoader(LoaderPosition):
     """Yields ``BackMixBatch`` for the images ``indices`` (default: all) of ``index``, from an FFCV .beton.
 
-    beton: the file to read (default: the one under ``index.root/.backmix`` for this data and canvas,
-    written on first use). mix_in: "ffcv" (the FFCV op, CPU), "torch" (the torch kernel on the
+    beton: the file to read (default: the one ``backmix data write-beton --canvas S`` writes for this
+    data, in ``index.root/.backmix`` or the user's cache; none there: an error that says the command).
+    Images the beton holds as marked blanks (``write-beton --on-error skip``) are left out under
+    ``config.on_error == "skip"`` (counted in ``skipped``) and refused otherwise. mix_in: "ffcv" (the FFCV op, CPU), "torch" (the torch kernel on the
     device after the transfer), "auto" (torch on a GPU, the FFCV op otherwise).
     """
 
@@ -362,8 +384,21 @@ class FfcvLoader(LoaderPosition):
         if mix_in not in MIX_IN:
             raise BackMixError(f"mix_in must be one of {MIX_IN}, got {mix_in!r}")
         self.index, self.config = index, config
+        self.beton = Path(beton) if beton else find_beton(index, config.canvas, config.canvas_mode)
+        if not self.beton.exists():
+            raise BackMixError(f"beton {self.beton} does not exist; write it with `backmix data write-beton "
+                               f"--data {index.root} --canvas {config.canvas} --canvas-mode {config.canvas_mode} "
+                               f"--out {self.beton}`")
+        reader, blank = _open_beton(self.beton, index)
+        if len(blank) and config.on_error == "raise":
+            raise BackMixError(f"{self.beton} holds {len(blank)} image(s) that did not decode, e.g. "
+                               f"{index.abspath(int(blank[0]))}: pass on_error='skip' to leave them out")
+        rows = np.arange(len(index)) if indices is None else np.asarray(indices, dtype=np.int64)
+        kept = np.isin(rows, blank, invert=True)
+        for row in rows[~kept]:
+            log.warning("skipped %s: it did not decode when the beton was written", index.abspath(int(row)))
         self.maps, self.dataset_indices, self.epoch_sampler, self.row_labels = loader_inputs(
-            index, config, maps, indices, label_map)
+            index, config, maps, rows[kept], label_map)
         self.sampler = config.sampler()
         self.device = choose_device(config.device)
         if mix_in == "auto":
@@ -371,33 +406,15 @@ class FfcvLoader(LoaderPosition):
         self.mix_in = mix_in
         self.fill = fill_value(config.mean).numpy()
         self.transform = BatchTransform.for_config(self.maps, config)
-        self.beton = Path(beton) if beton else default_beton_path(index, config.canvas,
-                                                                  canvas_mode=config.canvas_mode)
-        if not self.beton.exists():
-            if beton:
-                raise BackMixError(f"beton {self.beton} does not exist; write it with `backmix data write-beton`")
-            log.info("writing %s (once)", self.beton)
-            write_beton(index, self.beton, canvas=config.canvas, canvas_mode=config.canvas_mode)
         self._start_position()
+        self.skipped = int((~kept).sum())
         self.plan: list[tuple[int, np.ndarray]] = []
         self._step_of = np.full(len(index), -1, dtype=np.int64)   # dataset row -> step, this epoch
-
-        from ffcv.reader import Reader
-        try:
-            reader = Reader(str(self.beton))
-            names = list(reader.handlers)
-            image_meta = reader.metadata[f"f{names.index('image')}"]
-            stored_rows = reader.metadata[f"f{names.index('index')}"]
-            stored_labels = reader.metadata[f"f{names.index('label')}"]
-            # A beton older than the canvas modes holds stretched canvases.
-            stored_modes = (reader.metadata[f"f{names.index('canvas_mode')}"] if "canvas_mode" in names
-                            else np.full(reader.num_samples, CANVAS_MODES.index("stretch")))
-        except (ValueError, KeyError, AssertionError, OSError) as e:
-            raise BackMixError(f"{self.beton} is not a backmix beton ({e})") from None
-        if (reader.num_samples != len(index) or not np.array_equal(stored_rows, np.arange(len(index)))
-                or not np.array_equal(stored_labels, index.labels)):
-            raise BackMixError(f"{self.beton} holds {reader.num_samples} images that are not the {len(index)} "
-                               f"rows (and labels) of {index.root}: write it with `backmix data write-beton`")
+        names = list(reader.handlers)
+        image_meta = reader.metadata[f"f{names.index('image')}"]
+        # A beton older than the canvas modes holds stretched canvases.
+        stored_modes = (reader.metadata[f"f{names.index('canvas_mode')}"] if "canvas_mode" in names
+                        else np.full(reader.num_samples, CANVAS_MODES.index("stretch")))
         at_canvas = bool(((image_meta["height"] == config.canvas) & (image_meta["width"] == config.canvas)).all())
         stored = {CANVAS_MODES[int(m)] for m in np.unique(stored_modes) if m != NOT_A_CANVAS}
         if at_canvas and stored - {config.canvas_mode}:

@@ -19,6 +19,8 @@ from backmix.osr_data.errors import BackMixError
 
 from .backmix import top_k_mask
 from .batch import BackMixBatch
+from .beton import check_output_file
+from .config import ON_ERROR
 from .sampling import AUGMENTS
 
 CELL_IN, DPI = 1.5, 100
@@ -78,8 +80,9 @@ def render_sheet(batch: BackMixBatch, maps: np.ndarray, masks: np.ndarray, path:
 def sheet_for(data: Path, out: Path, *, backend: str = "reference", cache: Optional[Path] = None, n: int = 8,
               seed: int = 0, canvas: int = 40, crop: int = 32, grid: int = 8, workers: int = 0,
               ray_address: Optional[str] = None, prefetch: Optional[int] = None,
-              canvas_mode: str = "center", augment: str = "crop") -> Path:
-    """Load one batch of ``n`` images from ``data`` with ``backend`` and draw it."""
+              canvas_mode: str = "center", augment: str = "crop", on_error: str = "raise") -> Path:
+    """Load one batch of ``n`` images from ``data`` with ``backend`` and draw it (with on_error "skip",
+    images that do not decode are left out of it, each named in a warning)."""
     from backmix.cam_cache import ForegroundCache, UniformMaps
     from backmix.osr_data.index import ImageIndex
 
@@ -92,9 +95,11 @@ def sheet_for(data: Path, out: Path, *, backend: str = "reference", cache: Optio
     index = ImageIndex.load(_split_folder(data))
     maps = ForegroundCache(cache, index=index, grid=grid) if cache else UniformMaps(len(index), grid)
     config = LoaderConfig(batch_size=n, canvas=canvas, crop=crop, grid=grid, seed=seed, num_workers=workers,
-                          canvas_mode=canvas_mode, augment=augment)
+                          canvas_mode=canvas_mode, augment=augment, on_error=on_error)
     loader = make_loader(backend, index, config, maps, **options)
-    batch = next(iter(loader))
+    batch = next(iter(loader), None)
+    if batch is None:
+        raise BackMixError(f"no image of {index.root} decodes")
     params = config.sampler().draw(len(batch.indices), 0, 0, config.rank)
     soft = maps.gather(batch.indices.cpu().numpy())
     masks = top_k_mask(torch.from_numpy(soft), config.top_k_ratio, torch.from_numpy(params.tie_break)).numpy()
@@ -130,6 +135,8 @@ def _add_args(p, cache_required: bool) -> None:
                    help="center = shorter side resized, centre square; stretch = both sides resized")
     p.add_argument("--augment", choices=AUGMENTS, default="crop",
                    help="the model input: crop = random crop + flip; rrc = RandomResizedCrop + flip")
+    p.add_argument("--on-error", choices=ON_ERROR, default="raise",
+                   help="an image that does not decode: fail, or leave it out of the sheet (named)")
     p.set_defaults(func=run_show)
 
 
@@ -147,8 +154,10 @@ def register_cache_show(cache_sub) -> None:
 
 
 def run_show(args) -> int:
+    check_output_file(args.out)          # before loading anything
     path = sheet_for(args.data, args.out, backend=args.backend, cache=args.cache, n=args.n, seed=args.seed,
                      canvas=args.canvas, crop=args.crop, grid=args.grid, ray_address=args.ray_address,
-                     prefetch=args.prefetch, canvas_mode=args.canvas_mode, augment=args.augment)
+                     prefetch=args.prefetch, canvas_mode=args.canvas_mode, augment=args.augment,
+                     on_error=args.on_error)
     print(f"wrote {path}")
     return 0

@@ -101,3 +101,91 @@ def test_dockerfile_passes_hadolint():
     r = subprocess.run([hadolint, str(Path(__file__).parents[1] / "docker" / "Dockerfile")],
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+# --------------------------------------------------------------------------- bad input: one line, exit 2
+
+def one_line_error(capsys, argv: list[str]) -> str:
+    from backmix.cli import main
+    capsys.readouterr()
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("backmix: error: "), err
+    return err
+
+
+def test_bench_loader_with_fewer_images_than_a_batch(bench_folder, capsys):
+    err = one_line_error(capsys, ["bench", "loader", "--data", str(bench_folder), "--backend", "reference",
+                                  "--batch-size", "64"])
+    assert "holds 24 images, fewer than one batch of 64" in err
+
+
+@pytest.mark.parametrize("command", [["show"], ["bench", "loader", "--backend", "reference", "--json"],
+                                     ["bench", "loader", "--backend", "reference", "--plot"]])
+@pytest.mark.parametrize("where", ["under a file", "a folder", "read-only"])
+def test_an_output_that_cannot_be_written_fails_before_the_work(tmp_path, capsys, command, where):
+    (tmp_path / "file").write_text("")
+    out = {"under a file": tmp_path / "file" / "x", "a folder": tmp_path, "read-only": "/proc/backmix-test/x"}[where]
+    flag = "--out" if command == ["show"] else command[-1]
+    argv = [*command[:-1], flag, str(out)] if command != ["show"] else ["show", "--out", str(out)]
+    # The data folder does not exist: checking it first would say so instead.
+    err = one_line_error(capsys, [*argv, "--data", str(tmp_path / "no-such-folder")])
+    assert err.startswith(f"backmix: error: {flag} {out}")
+
+
+@pytest.fixture()
+def broken_photos(bench_folder, tmp_path) -> Path:
+    folder = tmp_path / "photos"
+    shutil.copytree(bench_folder, folder)
+    broken = sorted(folder.glob("*/*.jpg"))[2]
+    broken.write_bytes(b"not a jpeg")
+    return folder
+
+
+@pytest.mark.parametrize("command", [
+    ["show", "--n", "24", "--canvas", "64", "--crop", "56"],        # one batch: every image
+    ["bench", "loader", "--backend", "reference", "--batches", "1", "--warmup", "0", "--batch-size", "24",
+     "--canvas", "64", "--crop", "56", "--workers", "0"]])
+def test_on_error_raise_or_skip_an_image_that_does_not_decode(broken_photos, tmp_path, capsys, caplog, command):
+    from backmix.cli import main
+    broken = sorted(broken_photos.glob("*/*.jpg"))[2]
+    out = ["--out", str(tmp_path / "sheet.png")] if command[0] == "show" else ["--json", str(tmp_path / "b.json")]
+    argv = [*command, "--data", str(broken_photos), *out]
+    err = one_line_error(capsys, argv)
+    assert str(broken) in err and "does not decode" in err
+    caplog.set_level("WARNING", logger="backmix")
+    assert main([*argv, "--on-error", "skip"]) == 0
+    assert f"skipped {broken}: it does not decode" in caplog.text
+    if command[0] == "bench":
+        rows = json.loads((tmp_path / "b.json").read_text())["results"]
+        assert {r["mode"]: r["skipped"] for r in rows} == {"off": 1, "on": 1, "on+clean": 1}
+    else:
+        assert Image.open(tmp_path / "sheet.png").format == "PNG"
+
+
+def test_bench_scale_runs_small_and_writes_every_field(tmp_path, monkeypatch, capsys):
+    from backmix.cli import main
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    out = tmp_path / "scale.json"
+    assert main(["bench", "scale", "--classes", "20", "--per-class", "50", "--source-images", "24", "--epochs", "2",
+                 "--batch-size", "32", "--workers", "1", "--write-beton", "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert {"machine", "command", "data", "images", "classes", "per_class", "config", "folder_build_s", "index_s",
+            "index_load_s", "cache_init_s", "cache_open_s", "beton_write_s", "backends", "train"} <= set(report)
+    assert report["images"] == 1000 and report["command"].startswith("backmix bench scale")
+    root = Path(report["data"])
+    assert len(list((root / "train").glob("*/*.jpg"))) == 1000 and len(list((root / "train").iterdir())) >= 20
+    assert (root / "train" / "n00000019" / "000049.jpg").stat().st_nlink > 1          # a hard link
+    assert set(report["backends"]) == {"reference", "dali", "ffcv"}
+    for name, row in report["backends"].items():
+        assert "error" not in row, (name, row)
+        assert row["first_batch_s"] > 0 and len(row["epoch_s"]) == 2 and row["images"] == 2 * 1000
+        assert row["memory"]["main_rss_mib"] >= row["memory"]["main_uss_mib"] > 0
+    assert report["backends"]["reference"]["memory"]["workers"]                          # worker processes
+    assert all(w["rss_mib"] >= w["uss_mib"] > 0 for w in report["backends"]["reference"]["memory"]["workers"])
+    train = report["train"]
+    assert len(train["epoch_s"]) == 2 and len(train["rebuild_s"]) == 1                  # rebuilt after epoch 1
+    assert train["rebuild_fraction_of_epoch"] == pytest.approx(train["rebuild_s"][0] / (sum(train["epoch_s"]) / 2))
+    assert 0 < train["first_batch_s"] < train["wall_s"]
+    table = capsys.readouterr().out
+    assert "| train (cnn32) |" in table and "cache rebuild:" in table and "| ffcv |" in table

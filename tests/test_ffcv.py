@@ -50,7 +50,7 @@ def index(digits_root) -> ImageIndex:
 @pytest.fixture(scope="module")
 def beton(index, tmp_path_factory):
     return write_beton(index, tmp_path_factory.mktemp("beton") / "digits-raw.beton", canvas=40, mode="raw",
-                       progress=False)
+                       progress=False).path
 
 
 @pytest.fixture(scope="module")
@@ -211,7 +211,7 @@ def test_a_beton_that_does_not_fit_is_refused(index, tiny_root, tmp_path):
     from backmix.pipeline.ffcv import FfcvLoader
     with pytest.raises(BackMixError, match="does not exist"):
         FfcvLoader(index, LoaderConfig(), beton=tmp_path / "none.beton")
-    tiny = write_beton(ImageIndex.load(tiny_root), tmp_path / "tiny.beton", canvas=40, progress=False)
+    tiny = write_beton(ImageIndex.load(tiny_root), tmp_path / "tiny.beton", canvas=40, progress=False).path
     with pytest.raises(BackMixError, match="not the 1257 rows"):
         FfcvLoader(index, LoaderConfig(), beton=tiny)
 
@@ -263,8 +263,8 @@ def test_rrc_equals_the_reference_and_the_torch_op(tiny_root, tiny_center_beton)
         ref.set_epoch(epoch)
         for step, (a, b) in enumerate(zip(loader, ref, strict=True)):
             assert torch.equal(a.canvas, b.canvas) and torch.equal(a.indices, b.indices)
-            want = transform(a.canvas, a.labels, a.indices, epoch=epoch, step=step)
-            for got, exp in ((a.images, want.images), (a.mixed, want.mixed)):
+            want = transform(a.canvas, a.indices.numpy(), epoch=epoch, step=step)   # (images, mixed)
+            for got, exp in zip((a.images, a.mixed), want):
                 assert (got - exp).abs().max() <= FFCV_RRC_ATOL
             assert not torch.equal(a.mixed, a.images)
 
@@ -279,16 +279,173 @@ def test_rrc_mixed_only_equals_the_torch_op(tiny_root, tiny_center_beton):
     config = LoaderConfig(batch_size=10, canvas=64, crop=40, augment="rrc", clean=False, num_workers=1, seed=4)
     transform = BatchTransform.for_config(maps, config)
     for step, a in enumerate(FfcvLoader(tiny, config, maps, beton=tiny_center_beton)):
-        want = transform(a.canvas, a.labels, a.indices, epoch=0, step=step)
-        assert a.images is None and (a.mixed - want.mixed).abs().max() <= FFCV_RRC_ATOL
+        _, mixed = transform(a.canvas, a.indices.numpy(), epoch=0, step=step)
+        assert a.images is None and (a.mixed - mixed).abs().max() <= FFCV_RRC_ATOL
 
 
 def test_a_beton_of_the_other_canvas_mode_is_refused(tiny_root, tiny_center_beton, tmp_path):
-    from backmix.pipeline.beton import default_beton_path
+    from backmix.pipeline.beton import beton_locations
     from backmix.pipeline.ffcv import FfcvLoader
     tiny = ImageIndex.load(tiny_root)
     with pytest.raises(BackMixError, match="holds center canvases, the loader makes stretch ones: write it with "
                                            "`backmix data write-beton --canvas 64 --canvas-mode stretch`"):
         FfcvLoader(tiny, LoaderConfig(canvas=64, crop=56, canvas_mode="stretch"), beton=tiny_center_beton)
     # Each mode has its own default file, so a loader never finds the other mode's.
-    assert default_beton_path(tiny, 64, canvas_mode="center") != default_beton_path(tiny, 64, canvas_mode="stretch")
+    assert beton_locations(tiny, 64, canvas_mode="center") != beton_locations(tiny, 64, canvas_mode="stretch")
+
+
+# --------------------------------------------------------------------------- writing a beton, on purpose
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory):
+    """ImageNet-sized JPEGs: re-encoding them at full size keeps a writer busy for seconds."""
+    from backmix.osr_data.benchdata import make_bench_folder
+    out = tmp_path_factory.mktemp("photos") / "photos"
+    make_bench_folder(out, n=300)
+    return out
+
+
+def start_write(data, out, *extra, env=None, stderr=None):
+    """A ``write-beton`` process; its stderr goes to ``stderr`` (default OUT.stderr)."""
+    import os
+    import subprocess
+    err = open(stderr or str(out) + ".stderr", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "backmix", "data", "write-beton", "--data", str(data), "--out",
+                             str(out), "--max-resolution", "500", "--workers", "1", *extra],
+                            stdout=subprocess.PIPE, stderr=err, text=True, env={**os.environ, **(env or {})})
+    return proc
+
+
+def wait_until(condition, timeout=180.0):   # a busy shared machine starts Python slowly
+    import time
+    end = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < end, "timed out"
+        time.sleep(0.05)
+
+
+def processes_naming(path) -> list:
+    """Live processes whose command line names ``path`` (a writer's forked children share it)."""
+    import psutil
+    found = []
+    for p in psutil.process_iter(["cmdline", "status"]):
+        if str(path) in " ".join(p.info["cmdline"] or []) and p.info["status"] != psutil.STATUS_ZOMBIE:
+            found.append(p)
+    return found
+
+
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+def test_a_signal_stops_a_beton_write_within_seconds_and_leaves_no_file(photos, tmp_path, sig):
+    import signal
+    import time
+    out = tmp_path / "photos.beton"
+    proc = start_write(photos, out)
+    wait_until(lambda: list(tmp_path.glob(".photos.beton.tmp-*")))      # FFCV's writer has started
+    time.sleep(0.5)
+    sent = time.monotonic()
+    proc.send_signal(getattr(signal, sig))
+    rc = proc.wait(timeout=10)
+    assert time.monotonic() - sent < 10
+    assert rc != 0 and "interrupted" in (tmp_path / "photos.beton.stderr").read_text()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["photos.beton.stderr"]   # no beton, temp or lock
+    wait_until(lambda: not processes_naming(out), timeout=5)                        # no writer left behind
+
+
+def test_two_writers_never_write_at_once(photos, tmp_path):
+    """A second writer waits on the lock, then finds the beton written by the first."""
+    import fcntl
+    out = tmp_path / "photos.beton"
+    with open(tmp_path / ".photos.beton.lock", "a") as held:       # a writer that is still busy
+        fcntl.flock(held, fcntl.LOCK_EX)
+        logs = [tmp_path / f"{i}.stderr" for i in (0, 1)]
+        procs = [start_write(photos, out, "--no-progress", stderr=log) for log in logs]
+        for log in logs:
+            wait_until(lambda: "waiting for it" in log.read_text())
+        assert not list(tmp_path.glob(".photos.beton.tmp-*"))          # neither started writing
+        fcntl.flock(held, fcntl.LOCK_UN)
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0]
+    assert sorted(o.split()[0] for o in outs) == ["already", "wrote"], outs
+    from ffcv.reader import Reader
+    assert Reader(str(out)).num_samples == 300
+
+
+def test_other_ranks_wait_for_rank_0(tiny_root, tmp_path):
+    out = tmp_path / "tiny.beton"
+    waiter = start_write(tiny_root, out, "--no-progress", env={"RANK": "1"})
+    wait_until(lambda: "rank 1: waiting for rank 0" in open(str(out) + ".stderr").read())
+    assert waiter.poll() is None and not out.exists()
+    assert backmix_main(["data", "write-beton", "--data", str(tiny_root), "--out", str(out), "--no-progress"]) == 0
+    assert waiter.communicate(timeout=120)[0].startswith("already written") and waiter.returncode == 0
+
+
+def test_progress_is_a_line_every_few_percent_in_a_log(tiny_root, tmp_path):
+    out = tmp_path / "tiny.beton"
+    r = subprocess_write(tiny_root, out)
+    lines = [x for x in r.stderr.split("\n") if x.startswith("writing tiny.beton")]
+    assert "\r" not in r.stderr and lines[-1].startswith("writing tiny.beton: 100%") and "24/24" in lines[-1]
+    assert len(lines) <= 100 // 5 + 1
+
+
+def subprocess_write(data, out, *extra):
+    import subprocess
+    return subprocess.run([sys.executable, "-m", "backmix", "data", "write-beton", "--data", str(data), "--out",
+                           str(out), *extra], capture_output=True, text=True, timeout=300)
+
+
+def test_the_loader_never_writes_a_beton_and_says_the_command(tiny_root, tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    folder = tmp_path / "tiny"
+    shutil.copytree(tiny_root, folder)
+    tiny = ImageIndex.load(folder)
+    with pytest.raises(BackMixError, match=f"write it once with `backmix data write-beton --data {folder} "
+                                           "--canvas 32 --canvas-mode center`") as e:
+        make_loader("ffcv", tiny, LoaderConfig(canvas=32, crop=24))
+    assert "\n" not in str(e.value)
+    assert not (folder / ".backmix").exists() and not (tmp_path / "cache").exists()
+    # The command it names writes where the loader looks: the data folder ...
+    assert backmix_main(["data", "write-beton", "--data", str(folder), "--canvas", "32", "--no-progress"]) == 0
+    assert make_loader("ffcv", tiny, LoaderConfig(canvas=32, crop=24)).beton.parent == folder / ".backmix"
+
+
+def test_a_read_only_data_folder_gets_its_beton_in_the_user_cache(tiny_root, tmp_path, monkeypatch, caplog):
+    from backmix.pipeline import beton
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setattr(beton, "writable_folder", lambda folder: folder != tiny_root)   # root ignores chmod
+    caplog.set_level("INFO", logger="backmix")
+    assert backmix_main(["data", "write-beton", "--data", str(tiny_root), "--canvas", "32", "--no-progress"]) == 0
+    assert "is read-only: writing the beton to " + str(tmp_path / "cache" / "backmix" / "betons") in caplog.text
+    loader = make_loader("ffcv", ImageIndex.load(tiny_root), LoaderConfig(canvas=32, crop=24))
+    assert loader.beton.parent == tmp_path / "cache" / "backmix" / "betons"
+
+
+@pytest.mark.parametrize("where", ["under a file", "a folder", "read-only"])
+def test_a_bad_destination_fails_before_any_work(tiny_root, tmp_path, capsys, where):
+    (tmp_path / "file").write_text("")
+    out = {"under a file": tmp_path / "file" / "x.beton", "a folder": tmp_path,
+           "read-only": "/proc/backmix-test/x.beton"}[where]
+    assert backmix_main(["data", "write-beton", "--data", str(tmp_path / "no-such-folder"), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"backmix: error: --out {out}")   # not "does not exist"
+
+
+def test_on_error_skip_names_the_file_and_the_loader_leaves_it_out(folder_with_a_broken_file, tmp_path, capsys,
+                                                                  caplog):
+    out = tmp_path / "broken.beton"
+    args = ["data", "write-beton", "--data", str(folder_with_a_broken_file), "--out", str(out), "--canvas", "32",
+            "--no-progress"]
+    assert backmix_main(args) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "dog/000009.png" in err and "--on-error skip" in err and not out.exists()
+    assert backmix_main(args + ["--on-error", "skip"]) == 0
+    assert "23 images, 1 skipped" in capsys.readouterr().out
+    assert "skipped " + str(folder_with_a_broken_file / "dog" / "000009.png") in caplog.text
+    index = ImageIndex.load(folder_with_a_broken_file)
+    broken = index.paths.index("dog/000009.png")
+    with pytest.raises(BackMixError, match="1 image\\(s\\) that did not decode, e.g. .*dog/000009.png"):
+        make_loader("ffcv", index, LoaderConfig(canvas=32, crop=24), beton=out)
+    loader = make_loader("ffcv", index, LoaderConfig(canvas=32, crop=24, batch_size=8, num_workers=1,
+                                                     on_error="skip"), beton=out)
+    assert loader.skipped == 1
+    seen = torch.cat([b.indices for b in loader]).tolist()
+    assert sorted(seen) == sorted(set(range(24)) - {broken})

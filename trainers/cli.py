@@ -18,6 +18,12 @@ def _d(name: str) -> str:
     return f" (default: {field_defaults()[name]})"
 
 
+def register_bench(sub) -> None:
+    """``backmix bench scale``: here, as it runs the trainer too."""
+    from .scale import register_bench as reg
+    reg(sub)
+
+
 def register(top) -> None:
     from backmix.cam_cache.models import ARCHS
     from backmix.pipeline.config import ON_ERROR

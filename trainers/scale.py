@@ -1,0 +1,249 @@
+"""``backmix bench scale``: what an ImageNet-sized folder costs before and around training.
+
+On a folder of ``--classes`` x ``--per-class`` JPEGs (default 1000 x 1281, ImageNet's
+shape; hard links to the bench photographs, built once under ~/.cache/backmix), it
+times, with the stages' public functions only: indexing the folder (the first
+``ImageIndex.load``, which scans it and writes index.csv, then a second one that reads
+it), writing generation 0 of the foreground cache and opening it (``init_cache``,
+``ForegroundCache`` and a first gather), and the seconds to the first batch of each
+backend (``make_loader`` and one batch). It then runs each backend for ``--epochs``
+epochs (``--batches`` caps an epoch) and samples the resident set (RSS) and private
+memory (USS, psutil) of the main process and of each worker process every
+``--sample-s`` seconds, keeping each one's peak. Last it trains the small CNN on the
+folder with the trainer (``backmix train``: ``--epochs`` epochs, the cache rebuilt
+after each but the last) and reports its seconds to the first batch (its wall time
+less its epochs, evaluations and rebuilds), its memory, and the cache rebuild's time
+as a fraction of an epoch. FFCV needs its beton: a backend without one reports the
+command that writes it, or ``--write-beton`` writes (and times) it first.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import tempfile
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator, Optional
+
+import psutil
+
+from backmix.osr_data.errors import BackMixError
+
+log = logging.getLogger("backmix")
+
+
+class MemoryPeaks:
+    """Peak RSS and USS (bytes) of this process and of each of its descendants, sampled on a thread."""
+
+    def __init__(self, every_s: float) -> None:
+        self.every_s, self.main, self.workers = every_s, {"rss": 0, "uss": 0}, {}
+        self._stop = threading.Event()
+
+    def _sample(self) -> None:
+        me = psutil.Process()
+        for proc in [me, *me.children(recursive=True)]:
+            try:
+                info = proc.memory_full_info()
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                continue
+            peak = self.main if proc.pid == me.pid else self.workers.setdefault(proc.pid, {"rss": 0, "uss": 0})
+            peak["rss"], peak["uss"] = max(peak["rss"], info.rss), max(peak["uss"], info.uss)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self._sample()
+            self._stop.wait(self.every_s)
+
+    @contextmanager
+    def sampling(self) -> Iterator["MemoryPeaks"]:
+        thread = threading.Thread(target=self._run, daemon=True)
+        thread.start()
+        try:
+            yield self
+        finally:
+            self._stop.set()
+            thread.join()
+            self._sample()
+
+    def report(self) -> dict:
+        mib = 2 ** 20
+        return {"main_rss_mib": self.main["rss"] / mib, "main_uss_mib": self.main["uss"] / mib,
+                "workers": [{"rss_mib": w["rss"] / mib, "uss_mib": w["uss"] / mib} for w in self.workers.values()]}
+
+
+def _timed(fn, *args, **kwargs):
+    t = time.perf_counter()
+    out = fn(*args, **kwargs)
+    return out, time.perf_counter() - t
+
+
+def run_scale(classes: int, per_class: int, *, backends: list[str], epochs: int = 2, batches: Optional[int] = None,
+              batch_size: int = 64, workers: int = 2, canvas: int = 40, crop: int = 32, sample_s: float = 0.5,
+              write_beton: bool = False, train: bool = True, source_images: int = 1024) -> dict:
+    from backmix.cam_cache import ForegroundCache, init_cache
+    from backmix.osr_data.benchdata import default_scale_folder, make_scale_folder
+    from backmix.osr_data.index import INDEX_NAME, ImageIndex
+    from backmix.pipeline.bench import machine
+    from backmix.pipeline.config import LoaderConfig
+    from backmix.pipeline.loaders import BACKENDS, make_loader
+
+    from .config import TrainConfig
+    from .train import main as train_main
+
+    for b in backends:
+        if b not in BACKENDS:
+            raise BackMixError(f"unknown backend {b!r} (choose from {', '.join(BACKENDS)})")
+    if epochs < 1 or (batches is not None and batches < 1) or batch_size < 1 or sample_s <= 0:
+        raise BackMixError(f"--epochs, --batches and --batch-size must be >= 1 and --sample-s > 0, "
+                           f"got {epochs}, {batches}, {batch_size}, {sample_s}")
+    if batch_size > classes * per_class:
+        raise BackMixError(f"{classes} x {per_class} images are fewer than one batch of {batch_size}")
+    root, build_s = _timed(make_scale_folder, default_scale_folder(classes, per_class, source_images), classes, per_class,
+                           source_images=source_images)
+    report: dict = {"machine": machine(), "data": str(root), "images": classes * per_class, "classes": classes,
+                    "per_class": per_class, "config": {"epochs": epochs, "batches_per_epoch": batches,
+                                                       "batch_size": batch_size, "workers": workers,
+                                                       "canvas": canvas, "crop": crop, "sample_s": sample_s},
+                    "folder_build_s": build_s}
+    for split in ("train", "test"):          # the index files are what the next lines time
+        (root / split / INDEX_NAME).unlink(missing_ok=True)
+    index, report["index_s"] = _timed(ImageIndex.load, root / "train")
+    _, report["index_load_s"] = _timed(ImageIndex.load, root / "train")
+    ImageIndex.load(root / "test")
+    with tempfile.TemporaryDirectory(prefix="backmix-scale-") as scratch:
+        cache_dir = Path(scratch) / "cache"
+        _, report["cache_init_s"] = _timed(init_cache, cache_dir, index)
+        t = time.perf_counter()
+        maps = ForegroundCache(cache_dir, index=index)
+        maps.gather(list(range(min(batch_size, len(index)))))
+        report["cache_open_s"] = time.perf_counter() - t
+        if write_beton and "ffcv" in backends:
+            from backmix.pipeline.beton import beton_locations, write_beton as write
+            _, report["beton_write_s"] = _timed(write, index, beton_locations(index, canvas)[0], canvas=canvas,
+                                                num_workers=workers)
+        report["backends"] = {}
+        for backend in backends:
+            report["backends"][backend] = _backend_run(make_loader, backend, index, maps, LoaderConfig(
+                batch_size=batch_size, canvas=canvas, crop=crop, num_workers=workers), epochs, batches, sample_s)
+        if train:
+            report["train"] = _train_run(train_main, TrainConfig(
+                data=str(root), out=str(Path(scratch) / "run"), epochs=epochs, batch_size=batch_size,
+                canvas=canvas, crop=crop, workers=workers, regen_every=1, eval_every=epochs, progress=False,
+                cache=str(Path(scratch) / "train-cache")), sample_s)
+    return report
+
+
+def _backend_run(make_loader, backend, index, maps, config, epochs: int, batches: Optional[int],
+                 sample_s: float) -> dict:
+    memory = MemoryPeaks(sample_s)
+    try:
+        with memory.sampling():
+            t = time.perf_counter()
+            loader = make_loader(backend, index, config, maps)
+            row = {"build_s": time.perf_counter() - t}
+            n, epoch_s = 0, []
+            for epoch in range(epochs):
+                loader.set_epoch(epoch)
+                t0 = time.perf_counter()
+                for step, batch in enumerate(loader):
+                    if epoch == 0 and step == 0:
+                        row["first_batch_s"] = time.perf_counter() - t
+                    n += len(batch.indices)
+                    if batches is not None and step + 1 >= batches:
+                        break
+                epoch_s.append(time.perf_counter() - t0)
+            del loader
+    except (BackMixError, ImportError) as e:
+        return {"error": str(e).splitlines()[0]}
+    row.update({"epoch_s": epoch_s, "images": n, "images_per_s": n / sum(epoch_s), "memory": memory.report()})
+    return row
+
+
+def _train_run(train_main, cfg, sample_s: float) -> dict:
+    memory = MemoryPeaks(sample_s)
+    with memory.sampling():
+        t = time.perf_counter()
+        train_main(cfg)
+        wall = time.perf_counter() - t
+    records = [json.loads(line) for line in (Path(cfg.out) / "metrics.jsonl").read_text().splitlines() if line]
+    epoch_s = [r["train_s"] for r in records]
+    rebuild_s = [r["regen_s"] for r in records if "regen_s" in r]
+    other = sum(epoch_s) + sum(rebuild_s) + sum(r.get("eval_s", 0.0) for r in records)
+    return {"first_batch_s": wall - other, "wall_s": wall, "epoch_s": epoch_s, "rebuild_s": rebuild_s,
+            "rebuild_fraction_of_epoch": (sum(rebuild_s) / len(rebuild_s)) / (sum(epoch_s) / len(epoch_s))
+            if rebuild_s else None, "memory": memory.report()}
+
+
+def format_table(report: dict) -> str:
+    lines = [f"{report['images']} images ({report['classes']} classes x {report['per_class']}), {report['machine']}",
+             "", "| step | seconds |", "|---|---|"]
+    for key, name in (("folder_build_s", "build the folder (hard links; once)"),
+                      ("index_s", "index (scan + write index.csv)"), ("index_load_s", "index (read index.csv)"),
+                      ("cache_init_s", "write cache generation 0"), ("cache_open_s", "open the cache + first gather"),
+                      ("beton_write_s", "write the FFCV beton")):
+        if key in report:
+            lines.append(f"| {name} | {report[key]:.2f} |")
+    lines += ["", "| loader | first batch s | epoch s | images/s | main RSS / USS MiB | workers | "
+                  "worker RSS / USS MiB (max) |", "|---|---|---|---|---|---|---|"]
+    rows = dict(report["backends"])
+    if "train" in report:
+        rows["train (cnn32)"] = report["train"]
+    for name, r in rows.items():
+        if "error" in r:
+            lines.append(f"| {name} | {r['error']} | | | | | |")
+            continue
+        m = r["memory"]
+        w = m["workers"]
+        worst = (f"{max(x['rss_mib'] for x in w):.0f} / {max(x['uss_mib'] for x in w):.0f}") if w else "-"
+        images_s = f"{r['images_per_s']:.0f}" if "images_per_s" in r else ""
+        lines.append(f"| {name} | {r['first_batch_s']:.2f} | {' '.join(f'{s:.1f}' for s in r['epoch_s'])} | "
+                     f"{images_s} | {m['main_rss_mib']:.0f} / {m['main_uss_mib']:.0f} | {len(w)} | {worst} |")
+    fraction = report.get("train", {}).get("rebuild_fraction_of_epoch")
+    if fraction is not None:
+        lines += ["", f"cache rebuild: {fraction:.2f} of a training epoch "
+                      f"({report['train']['rebuild_s'][0]:.1f} s vs {report['train']['epoch_s'][0]:.1f} s)"]
+    return "\n".join(lines)
+
+
+def register_bench(sub) -> None:
+    from backmix.pipeline.loaders import BACKENDS
+
+    p = sub.add_parser("scale", help="index, cache, first-batch, memory and rebuild costs on an ImageNet-sized folder",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter, description=__doc__)
+    p.add_argument("--classes", type=int, default=1000)
+    p.add_argument("--per-class", type=int, default=1281, help="training images a class")
+    p.add_argument("--backend", default=",".join(BACKENDS), help="comma list of backends")
+    p.add_argument("--epochs", type=int, default=2, help="epochs of each loader and of training")
+    p.add_argument("--batches", type=int, default=None, help="cap on a loader's batches an epoch (not training's)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--canvas", type=int, default=40)
+    p.add_argument("--crop", type=int, default=32)
+    p.add_argument("--source-images", type=int, default=1024,
+                   help="distinct JPEGs (the bench folder of that size) the folder's files link to")
+    p.add_argument("--sample-s", type=float, default=0.5, help="seconds between memory samples")
+    p.add_argument("--write-beton", action="store_true", help="write (and time) the FFCV beton first if needed")
+    p.add_argument("--no-train", action="store_true", help="leave out the training run")
+    p.add_argument("--json", type=Path, default=None, help="write the report here")
+    p.set_defaults(func=run_bench_scale)
+
+
+def run_bench_scale(args) -> int:
+    from backmix.pipeline.beton import check_output_file
+    if args.json is not None:
+        check_output_file(args.json, "--json")
+    report = run_scale(args.classes, args.per_class, backends=[b.strip() for b in args.backend.split(",") if b.strip()],
+                       epochs=args.epochs, batches=args.batches, batch_size=args.batch_size, workers=args.workers,
+                       canvas=args.canvas, crop=args.crop, sample_s=args.sample_s, write_beton=args.write_beton,
+                       train=not args.no_train, source_images=args.source_images)
+    report["command"] = "backmix bench scale " + " ".join(sys.argv[3:]) if sys.argv[1:3] == ["bench", "scale"] \
+        else "backmix bench scale"
+    print(format_table(report))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+    return 0
