@@ -1,9 +1,7 @@
 """The precompute stage: foreground maps (CAMs with momentum) in a versioned Arrow cache."""
 from .maps import ArrayMaps, ForegroundMaps, UniformMaps
-from .models import ARCHS, build_model, features_and_head, load_model, save_checkpoint
 from .precompute import build_generation, class_activation_maps, compute_cams, publish_generation
 from .store import ForegroundCache, cache_info, init_cache
 
-__all__ = ["ARCHS", "ArrayMaps", "ForegroundCache", "ForegroundMaps", "UniformMaps", "build_generation",
-           "build_model", "cache_info", "class_activation_maps", "compute_cams", "features_and_head",
-           "init_cache", "load_model", "publish_generation", "save_checkpoint"]
+__all__ = ["ArrayMaps", "ForegroundCache", "ForegroundMaps", "UniformMaps", "build_generation", "cache_info",
+           "class_activation_maps", "compute_cams", "init_cache", "publish_generation"]

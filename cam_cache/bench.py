@@ -24,7 +24,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .models import build_model, features_and_head
+from backmix.models import build_model, features_and_head
+
 from .precompute import class_activation_maps, publish_generation
 from .store import ForegroundCache, generation_path, pending_dir, write_maps, write_pointer
 

@@ -101,7 +101,7 @@ def run_build(args) -> int:
     from backmix.osr_data.decode import IMAGENET_MEAN, IMAGENET_STD
     from backmix.osr_data.index import ImageIndex
 
-    from .models import file_digest, load_model
+    from backmix.models import file_digest, load_model
     from .precompute import build_generation
     from .store import ForegroundCache, init_cache
 

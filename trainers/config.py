@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from backmix.cam_cache.models import ARCHS
+from backmix.models import check_arch
 from backmix.osr_data.errors import BackMixError
 from backmix.pipeline.loaders import BACKENDS
 
@@ -53,8 +53,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.epochs < 1:
             raise BackMixError(f"--epochs must be at least 1, got {self.epochs}")
-        if self.arch not in ARCHS:
-            raise BackMixError(f"unknown --arch {self.arch!r} (choose from {', '.join(ARCHS)})")
+        check_arch(self.arch)
         if self.opt not in OPTIMIZERS:
             raise BackMixError(f"unknown --opt {self.opt!r} (choose from {', '.join(OPTIMIZERS)})")
         if self.backend not in BACKENDS:

@@ -31,7 +31,7 @@ import torch.distributed as dist
 from torch import nn
 from tqdm import tqdm
 
-from backmix.cam_cache.models import build_model, load_model, save_checkpoint
+from backmix.models import build_model, load_model, read_checkpoint, save_checkpoint
 from backmix.osr_data.errors import BackMixError
 from backmix.osr_data.index import ImageIndex, atomic_write_bytes
 from backmix.osr_data.splits import OpenSetSplit, resolve_split
@@ -541,7 +541,6 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, data_root: str | os.PathL
                         backend: str = "reference", split: Optional[str] = None, device: str = "auto",
                         workers: int = 2, progress: bool = True) -> dict:
     """Open-set metrics of a checkpoint on ``data_root``/test; the known classes come from the checkpoint."""
-    from backmix.cam_cache.models import read_checkpoint
     ckpt = read_checkpoint(checkpoint)
     saved = ckpt.get("config") or {}
     if split is not None:
