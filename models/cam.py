@@ -5,11 +5,11 @@ CAM_c = sum_k w_ck F_k (Zhou et al. 2016) holds for a classifier whose logits ar
 
 * backmix's own ``Classifier32`` and ``WideResNet``: ``.features``, ``.fc``;
 * torchvision ResNet (ResNeXt, wide_resnet), RegNet, EfficientNet (v1, v2), MobileNetV2, DenseNet;
-* torchvision ConvNeXt, whose head is LayerNorm2d over the pooled vector before the linear
-  layer: folded into an equivalent linear head (formula in ``_convnext``);
+* ConvNeXt (torchvision and timm), whose head is a LayerNorm over the pooled vector before
+  the linear layer: folded into an equivalent linear head (formula in ``_fold_layer_norm``);
 * timm models through ``forward_features`` and ``get_classifier()``, accepted when
-  ``forward_head`` is exactly global average pooling then that linear layer (checked on a
-  random feature map, so no family list goes stale).
+  ``forward_head`` is exactly global average pooling (+ that LayerNorm) then that linear
+  layer (checked on a random feature map, so no family list goes stale).
 
 Anything else (a class-token head as in ViT, an MLP head as in VGG or MobileNetV3, a
 norm or attention pool inside a timm head) is refused with one line naming the model.
@@ -17,6 +17,7 @@ norm or attention pool inside a timm head) is refused with one line naming the m
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision import models as tv
 
@@ -48,7 +49,7 @@ def features_and_head(model: nn.Module) -> tuple[nn.Module, nn.Linear]:
         return _ForwardFeatures(model), _timm_head(model)
     _refuse(model, "its head is not global average pooling + one linear layer (supported: backmix cnn32 and "
                    "wrn, torchvision ResNet/RegNet/EfficientNet/MobileNetV2/DenseNet/ConvNeXt, timm models "
-                   "with a plain pooling head)")
+                   "with a pooling head)")
 
 
 def _name(model: nn.Module) -> str:
@@ -69,7 +70,15 @@ def _last_linear(model: nn.Module, classifier: nn.Sequential) -> nn.Linear:
 
 
 def _convnext(model: nn.Module) -> nn.Linear:
-    """The linear head equivalent, for CAMs, to ConvNeXt's LayerNorm2d + Linear over the pooled map.
+    norm, linear = model.classifier[0], model.classifier[-1]                 # LayerNorm2d, Flatten, Linear
+    if not isinstance(norm, nn.LayerNorm) or not isinstance(linear, nn.Linear):
+        _refuse(model, "its classifier is not LayerNorm2d + one linear layer")
+    return _fold_layer_norm(norm, linear)
+
+
+def _fold_layer_norm(norm: nn.LayerNorm, linear: nn.Linear) -> nn.Linear:
+    """The linear head equivalent, for CAMs, to a LayerNorm over the pooled map followed by ``linear``
+    (ConvNeXt's head, in torchvision and timm).
 
     With p = mean_hw F (the pooled features), mu and sigma = sqrt(var + eps) the mean and
     standard deviation of p over its C channels (one scalar each per image), gamma, beta the
@@ -83,36 +92,45 @@ def _convnext(model: nn.Module) -> nn.Linear:
     per-image shift, both of which the per-image min-max scaling of the CAM removes: the CAM
     of the folded head (weights W * gamma, bias W beta + b) is exact.
     """
-    norm, linear = model.classifier[0], model.classifier[-1]
-    if not isinstance(linear, nn.Linear) or norm.weight is None:
-        _refuse(model, "its classifier is not LayerNorm2d + one linear layer")
+    gamma = norm.weight if norm.weight is not None else torch.ones_like(linear.weight[0])
+    beta = norm.bias if norm.bias is not None else torch.zeros_like(linear.weight[0])
     with torch.no_grad():
         folded = nn.Linear(linear.in_features, linear.out_features).to(linear.weight)
-        folded.weight.copy_(linear.weight * norm.weight)
-        folded.bias.copy_(linear.weight @ norm.bias + linear.bias)
+        folded.weight.copy_(linear.weight * gamma)
+        folded.bias.copy_(linear.weight @ beta + (linear.bias if linear.bias is not None else 0))
     return folded.requires_grad_(False)
 
 
 def _timm_head(model: nn.Module) -> nn.Linear:
+    """``get_classifier()`` when ``forward_head`` is average pooling + it, or its LayerNorm fold when a
+    LayerNorm sits between (timm ConvNeXt); both checked on a random feature map."""
     head = model.get_classifier()
     if not isinstance(head, nn.Linear):
         _refuse(model, f"its classifier is a {type(head).__name__}, not one linear layer")
     probe = torch.randn(2, head.in_features, 3, 2, generator=torch.Generator().manual_seed(0))
     probe = probe.to(head.weight)
+    pooled = probe.mean((2, 3))
+    norm = getattr(getattr(model, "head", None), "norm", None)
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
-            got, want = model.forward_head(probe), head(probe.mean((2, 3)))
-        plain = got.shape == want.shape and torch.allclose(got, want, rtol=1e-4, atol=1e-5)
+            got = model.forward_head(probe)
+            if isinstance(norm, nn.LayerNorm) and _same(got, head(F.layer_norm(pooled, norm.normalized_shape,
+                                                                                norm.weight, norm.bias, norm.eps))):
+                return _fold_layer_norm(norm, head)
+            if _same(got, head(pooled)):
+                return head
     except Exception:   # a token or channels-last head fails on a [B, C, h, w] map in many ways
-        plain = False
+        pass
     finally:
         model.train(was_training)
-    if not plain:
-        _refuse(model, "its forward_head is not global average pooling + the linear classifier on a "
-                       "[B, C, h, w] map (a token pool, a norm or an MLP sits in between)")
-    return head
+    _refuse(model, "its forward_head is not global average pooling (+ LayerNorm) + the linear classifier on "
+                   "a [B, C, h, w] map (a token pool or an MLP sits in between)")
+
+
+def _same(got: Tensor, want: Tensor) -> bool:
+    return got.shape == want.shape and torch.allclose(got, want, rtol=1e-4, atol=1e-5)
 
 
 class _ForwardFeatures(nn.Module):

@@ -89,12 +89,14 @@ def test_each_supported_family_is_its_linear_head_over_the_pooled_map(arch):
         torch.testing.assert_close(head(f.mean((2, 3))), model(x), atol=1e-5, rtol=1e-4)
 
 
-def test_convnext_cam_is_the_folded_layernorm_head():
+@pytest.mark.parametrize("arch,norm_and_linear", [("convnext_tiny", lambda m: (m.classifier[0], m.classifier[2])),
+                                                   ("timm:convnext_atto", lambda m: (m.head.norm, m.head.fc))])
+def test_convnext_cam_is_the_folded_layernorm_head(arch, norm_and_linear):
     """logit_c = mean_hw[sum_k W_ck gamma_k F_k] / sigma + const_c (see models/cam.py): the folded head's map
     is the model's own per-position logit contribution up to a positive scale and a shift per image."""
     torch.manual_seed(0)
-    model = build_model("convnext_tiny", 4).eval()
-    norm, linear = model.classifier[0], model.classifier[2]
+    model = build_model(arch, 4).eval()
+    norm, linear = norm_and_linear(model)
     with torch.no_grad():
         norm.weight.uniform_(0.5, 1.5)
         norm.bias.normal_()                       # a non-trivial affine norm
@@ -189,10 +191,10 @@ def test_train_cli_refuses_an_unknown_arch_in_one_line(three_class_root, tmp_pat
 
 # --- training any arch ----------------------------------------------------------------------------
 
-def train_one_epoch(root: Path, out: Path, arch: str, canvas: int, crop: int) -> dict:
+def train_one_epoch(root: Path, out: Path, arch: str, canvas: int, crop: int, *options: str) -> dict:
     assert cli_main(["train", "--data", str(root), "--out", str(out), "--arch", arch, "--canvas", str(canvas),
                      "--crop", str(crop), "--epochs", "1", "--known", "a,b", "--batch-size", "6", "--workers", "0",
-                     "--device", "cpu", "--no-progress"]) == 0
+                     "--device", "cpu", "--no-progress", *options]) == 0
     ckpt = torch.load(out / "last.pt", weights_only=False)
     assert ckpt["arch"] == arch and ckpt["epoch"] == 1 and np.isfinite(ckpt["metrics"][-1]["loss"])
     return ckpt
@@ -200,7 +202,7 @@ def train_one_epoch(root: Path, out: Path, arch: str, canvas: int, crop: int) ->
 
 @pytest.mark.parametrize("arch", ["wrn40_4", "regnet_y_400mf"])
 def test_wrn_and_regnet_train_an_epoch(three_class_root, tmp_path, arch):
-    train_one_epoch(three_class_root, tmp_path / "run", arch, 40, 32)
+    train_one_epoch(three_class_root, tmp_path / "run", arch, 40, 32, "--no-backmix")   # BackMix: the timm test
 
 
 def test_timm_model_trains_evaluates_and_builds_the_cache(three_class_root, tmp_path, capsys):
