@@ -48,18 +48,30 @@ def check_arch(arch: str) -> str:
     raise BackMixError(f"unknown model {arch!r} (give {ARCH_HELP})")
 
 
-def build_model(arch: str, num_classes: int, **kwargs) -> nn.Module:
+def build_model(arch: str, num_classes: int, *, image_size: int | None = None, **kwargs) -> nn.Module:
     """A freshly initialised ``arch`` with a ``num_classes``-way head; ``kwargs`` go to its constructor
-    (``width`` for cnn32)."""
+    (``width`` for cnn32). ``image_size``: the input side, for the models built for one size (torchvision
+    ViT and MaxViT, timm models with a fixed input size); the others take any size and ignore it."""
     check_arch(arch)
     if arch == "cnn32":
         return Classifier32(num_classes, **kwargs)
     wrn = _WRN.fullmatch(arch)
     if wrn:
         return WideResNet(num_classes, depth=int(wrn[1]), widen=int(wrn[2]), **kwargs)
-    if arch.startswith("timm:"):
-        import timm
-        return timm.create_model(arch[5:], pretrained=False, num_classes=num_classes, **kwargs)
-    import torchvision.models
-    return torchvision.models.get_model(arch, weights=None, num_classes=num_classes,
-                                        **{**_TORCHVISION_KWARGS.get(arch, {}), **kwargs})
+    try:
+        if arch.startswith("timm:"):
+            import timm
+            from timm.models import get_pretrained_cfg_value
+            if image_size and get_pretrained_cfg_value(arch[5:], "fixed_input_size"):
+                kwargs = {"img_size": image_size, **kwargs}
+            return timm.create_model(arch[5:], pretrained=False, num_classes=num_classes, **kwargs)
+        import torchvision.models
+        if image_size and arch.startswith("vit_"):
+            kwargs = {"image_size": image_size, **kwargs}
+        elif image_size and arch.startswith("maxvit_"):
+            kwargs = {"input_size": (image_size, image_size), **kwargs}
+        return torchvision.models.get_model(arch, weights=None, num_classes=num_classes,
+                                            **{**_TORCHVISION_KWARGS.get(arch, {}), **kwargs})
+    except (AssertionError, TypeError, ValueError) as e:   # a size or option the model's constructor refuses
+        raise BackMixError(f"cannot build {arch}" + (f" for {image_size} px inputs" if image_size else "")
+                           + f": {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None

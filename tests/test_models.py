@@ -170,6 +170,19 @@ def test_wrn40_4_is_the_cssr_backbone():
     assert features(torch.randn(1, 3, 32, 32)).shape == (1, 256, 8, 8) and head.out_features == 6
 
 
+@pytest.mark.parametrize("arch", ["vit_b_16", "timm:vit_tiny_patch16_224"])
+def test_fixed_size_models_are_built_for_the_crop(arch):
+    assert TrainConfig(arch=arch, crop=48).model_kwargs == {"image_size": 48}
+    model = build_model(arch, 3, image_size=48).eval()
+    with torch.no_grad():
+        assert model(torch.randn(1, 3, 48, 48)).shape == (1, 3)
+
+
+def test_a_size_the_model_cannot_take_is_one_error_line():
+    with pytest.raises(BackMixError, match="^cannot build maxvit_t for 32 px inputs: Input size .* not divisible"):
+        build_model("maxvit_t", 3, image_size=32)
+
+
 def test_checkpoint_rebuilds_its_arch(tmp_path):
     torch.manual_seed(0)
     model = build_model("timm:resnet18", 3)

@@ -85,7 +85,8 @@ class TrainConfig:
 
     @property
     def model_kwargs(self) -> dict:
-        return {"width": self.width} if self.arch == "cnn32" else {}
+        # image_size: ViTs and the like are built for the crop side they will see (others ignore it)
+        return {"width": self.width} if self.arch == "cnn32" else {"image_size": self.crop}
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
