@@ -16,6 +16,8 @@ norm or attention pool inside a timm head) is refused with one line naming the m
 """
 from __future__ import annotations
 
+from typing import NoReturn
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -59,7 +61,7 @@ def _name(model: nn.Module) -> str:
     return type(model).__name__
 
 
-def _refuse(model: nn.Module, why: str):
+def _refuse(model: nn.Module, why: str) -> NoReturn:
     raise BackMixError(f"cannot take CAMs of {_name(model)}: {why}")
 
 
