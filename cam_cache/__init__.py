@@ -4,9 +4,20 @@ Of a model the cache needs only its last feature map [B, C, h, w] and the linear
 that map's average; ``backmix.models.features_and_head`` gives both for every supported
 family (or refuses in one line). The cache never builds models, nor imports the trainer.
 """
-from .maps import ArrayMaps, ForegroundMaps, UniformMaps
-from .precompute import build_generation, class_activation_maps, compute_cams, publish_generation
-from .store import ForegroundCache, cache_info, init_cache
+from typing import TYPE_CHECKING
 
-__all__ = ["ArrayMaps", "ForegroundCache", "ForegroundMaps", "UniformMaps", "build_generation", "cache_info",
-           "class_activation_maps", "compute_cams", "init_cache", "publish_generation"]
+from backmix._lazy import lazy_exports
+
+_EXPORTS = {
+    "ArrayMaps": ".maps", "ForegroundMaps": ".maps", "UniformMaps": ".maps",
+    "build_generation": ".precompute", "class_activation_maps": ".precompute", "compute_cams": ".precompute",
+    "publish_generation": ".precompute",
+    "ForegroundCache": ".store", "cache_info": ".store", "init_cache": ".store",
+}
+__all__ = sorted(_EXPORTS)
+__getattr__, __dir__ = lazy_exports(__name__, globals(), _EXPORTS)
+
+if TYPE_CHECKING:
+    from .maps import ArrayMaps, ForegroundMaps, UniformMaps
+    from .precompute import build_generation, class_activation_maps, compute_cams, publish_generation
+    from .store import ForegroundCache, cache_info, init_cache

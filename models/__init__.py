@@ -16,10 +16,22 @@ import it, never the other way round.
   shift, which the CAM's min-max scaling removes; see ``cam.py``). One adapter per
   family; a model whose head is not of that form is refused with one line.
 """
-from .cam import features_and_head
-from .checkpoint import file_digest, load_model, read_checkpoint, save_checkpoint
-from .nets import Classifier32, WideResNet
-from .zoo import ARCH_HELP, build_model, check_arch
+from typing import TYPE_CHECKING
 
-__all__ = ["ARCH_HELP", "Classifier32", "WideResNet", "build_model", "check_arch", "features_and_head",
-           "file_digest", "load_model", "read_checkpoint", "save_checkpoint"]
+from backmix._lazy import lazy_exports
+
+_EXPORTS = {
+    "features_and_head": ".cam",
+    "file_digest": ".checkpoint", "load_model": ".checkpoint", "read_checkpoint": ".checkpoint",
+    "save_checkpoint": ".checkpoint",
+    "Classifier32": ".nets", "WideResNet": ".nets",
+    "ARCH_HELP": ".zoo", "build_model": ".zoo", "check_arch": ".zoo",
+}
+__all__ = sorted(_EXPORTS)
+__getattr__, __dir__ = lazy_exports(__name__, globals(), _EXPORTS)
+
+if TYPE_CHECKING:
+    from .cam import features_and_head
+    from .checkpoint import file_digest, load_model, read_checkpoint, save_checkpoint
+    from .nets import Classifier32, WideResNet
+    from .zoo import ARCH_HELP, build_model, check_arch

@@ -7,12 +7,14 @@ model name, or ``timm:NAME``. Weights are always random (``weights=None``, timm
 from __future__ import annotations
 
 import re
-
-from torch import nn
+from typing import TYPE_CHECKING
 
 from backmix.osr_data.errors import BackMixError
 
-from .nets import Classifier32, WideResNet
+if TYPE_CHECKING:
+    from torch import nn
+# torch, torchvision and timm are imported inside the functions: `backmix --help` (which reads
+# ARCH_HELP) and config validation of a name import none of them.
 
 ARCH_HELP = ("cnn32, wrnDEPTH_WIDTH (wrn40_4: WRN-40-4), a torchvision classification model "
              "(resnet18, resnet50, wide_resnet50_2, regnet_y_800mf, efficientnet_b0, convnext_tiny, "
@@ -48,10 +50,11 @@ def check_arch(arch: str) -> str:
     raise BackMixError(f"unknown model {arch!r} (give {ARCH_HELP})")
 
 
-def build_model(arch: str, num_classes: int, *, image_size: int | None = None, **kwargs) -> nn.Module:
+def build_model(arch: str, num_classes: int, *, image_size: int | None = None, **kwargs) -> "nn.Module":
     """A freshly initialised ``arch`` with a ``num_classes``-way head; ``kwargs`` go to its constructor
     (``width`` for cnn32). ``image_size``: the input side, for the models built for one size (torchvision
     ViT and MaxViT, timm models with a fixed input size); the others take any size and ignore it."""
+    from .nets import Classifier32, WideResNet
     check_arch(arch)
     if arch == "cnn32":
         return Classifier32(num_classes, **kwargs)

@@ -172,7 +172,7 @@ def test_wrn40_4_is_the_cssr_backbone():
 
 @pytest.mark.parametrize("arch", ["vit_b_16", "timm:vit_tiny_patch16_224"])
 def test_fixed_size_models_are_built_for_the_crop(arch):
-    assert TrainConfig(arch=arch, crop=48).model_kwargs == {"image_size": 48}
+    assert TrainConfig(arch=arch, canvas=56, crop=48).model_kwargs == {"image_size": 48}
     model = build_model(arch, 3, image_size=48).eval()
     with torch.no_grad():
         assert model(torch.randn(1, 3, 48, 48)).shape == (1, 3)
