@@ -10,8 +10,8 @@ from backmix._lazy import lazy_exports
 
 _EXPORTS = {
     "ArrayMaps": ".maps", "ForegroundMaps": ".maps", "UniformMaps": ".maps",
-    "build_generation": ".precompute", "class_activation_maps": ".precompute", "compute_cams": ".precompute",
-    "publish_generation": ".precompute",
+    "GenerationWriter": ".precompute", "build_generation": ".precompute", "class_activation_maps": ".precompute",
+    "compute_cams": ".precompute", "publish_generation": ".precompute", "rebuild_cache": ".precompute",
     "ForegroundCache": ".store", "cache_info": ".store", "init_cache": ".store",
 }
 __all__ = sorted(_EXPORTS)
@@ -19,5 +19,6 @@ __getattr__, __dir__ = lazy_exports(__name__, globals(), _EXPORTS)
 
 if TYPE_CHECKING:
     from .maps import ArrayMaps, ForegroundMaps, UniformMaps
-    from .precompute import build_generation, class_activation_maps, compute_cams, publish_generation
+    from .precompute import (GenerationWriter, build_generation, class_activation_maps, compute_cams,
+                             publish_generation, rebuild_cache)
     from .store import ForegroundCache, cache_info, init_cache

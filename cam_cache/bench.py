@@ -10,11 +10,17 @@
    ``publish_generation`` (merge the shard, write, fsync, rename, move the
    pointer) and the size of the file on disk.
 3. Gather latency: ``ForegroundCache.gather`` of 256 random dataset indices.
+4. In-loop rebuild vs separate pass, on the benchmark photo folder with the
+   trainer's small CNN (cnn32 width 0.5, canvas 40): what ``--regen loop`` adds
+   to an epoch (the CAMs of each batch's canvases, already decoded by the
+   training loader, then write + publish) against ``--regen pass`` (decode,
+   CAMs, write + publish), same images, same weights, timed alternately.
 """
 from __future__ import annotations
 
 import json
 import platform
+import resource
 import shutil
 import statistics
 import tempfile
@@ -25,9 +31,11 @@ import numpy as np
 import torch
 
 from backmix.models import build_model, features_and_head
+from backmix.osr_data.benchdata import default_bench_folder, make_bench_folder
+from backmix.osr_data.decode import IMAGENET_MEAN, IMAGENET_STD, decode_canvas
 
-from .precompute import class_activation_maps, publish_generation
-from .store import ForegroundCache, generation_path, pending_dir, write_maps, write_pointer
+from .precompute import GenerationWriter, class_activation_maps, publish_generation, rebuild_cache
+from .store import ForegroundCache, generation_path, init_cache, pending_dir, write_maps, write_pointer
 
 
 def _timed(fn, sync) -> float:
@@ -91,20 +99,74 @@ def publish_and_gather(rows: int, grid: int, folder: Path, gathers: int = 2000) 
             "gather_256_ms_p95": 1e3 * float(np.percentile(lat, 95))}
 
 
+def in_loop_vs_pass(images: int, folder: Path, repeats: int, workers: int, device: str = "auto",
+                    canvas: int = 40, batch_size: int = 64, pass_batch_size: int = 128) -> dict:
+    """Seconds per rebuild of ``images`` bench photos: in-loop overhead vs separate pass (medians)."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    index = make_bench_folder(default_bench_folder(images), images)
+    torch.manual_seed(0)
+    model = build_model("cnn32", index.num_classes, width=0.5).to(device)
+    # The training loader's batches: canvases already decoded (their decode is the epoch's, not the rebuild's).
+    rows = np.arange(len(index))
+    t0 = time.process_time()
+    batches = [(torch.stack([decode_canvas(index.abspath(int(i)), canvas) for i in b]).to(device),
+                torch.from_numpy(b).to(device)) for b in np.array_split(rows, -(-len(rows) // batch_size))]
+    decode_cpu_s = time.process_time() - t0           # the decoding the in-loop rebuild saves
+    common = dict(canvas=canvas, mean=IMAGENET_MEAN, std=IMAGENET_STD)
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+
+    def loop(cache: Path) -> None:
+        writer = GenerationWriter(cache, model, index, **common)
+        for x, r in batches:
+            writer.add_canvases(x, r)
+        rebuild_cache(cache, model, index, writer=writer, **common)
+
+    def separate(cache: Path) -> None:
+        rebuild_cache(cache, model, index, batch_size=pass_batch_size, num_workers=workers, device=device,
+                      progress=False, **common)
+
+    def cpu_seconds() -> float:
+        # this process's threads and its finished children (the pass's decoding workers, joined per pass)
+        return time.process_time() + resource.getrusage(resource.RUSAGE_CHILDREN).ru_utime \
+            + resource.getrusage(resource.RUSAGE_CHILDREN).ru_stime
+
+    times = {"loop": ([], []), "separate": ([], [])}   # wall, CPU seconds
+    model.train()                                     # as in the training loop; the CAMs switch to eval
+    for i in range(repeats + 1):                      # the first round warms up (allocator, page cache)
+        for fn in (loop, separate):
+            cache = folder / f"{fn.__name__}-{i}"
+            init_cache(cache, index, grid=8)
+            c = cpu_seconds()
+            t = _timed(lambda: fn(cache), sync)
+            if i:
+                times[fn.__name__][0].append(t)
+                times[fn.__name__][1].append(cpu_seconds() - c)
+    (t_loop, c_loop), (t_pass, c_pass) = ([statistics.median(v) for v in times[k]] for k in ("loop", "separate"))
+    return {"images": len(index), "arch": "cnn32", "width": 0.5, "canvas": canvas, "batch_size": batch_size,
+            "pass_batch_size": pass_batch_size, "pass_workers": workers, "device": device, "repeats": repeats,
+            "in_loop_s": t_loop, "pass_s": t_pass, "in_loop_vs_pass_ratio": t_loop / t_pass,
+            "decode_cpu_s": decode_cpu_s, "in_loop_cpu_s": c_loop, "pass_cpu_s": c_pass,
+            "in_loop_vs_pass_cpu_ratio": c_loop / c_pass}
+
+
 def bench_cache(args) -> dict:
     pre = precompute_vs_inference(args.arch, args.canvas, args.batch_size, args.grid, args.repeats,
                                   device=args.device)
     tmp = Path(tempfile.mkdtemp(prefix="backmix-bench-cache-", dir=args.dir))
     try:
         pub = publish_and_gather(args.rows, args.grid, tmp / "cache")
+        regen = (in_loop_vs_pass(args.loop_images, tmp / "regen", args.repeats, args.workers, device=args.device)
+                 if args.loop_images else None)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     result = {"precompute_vs_inference_ratio": pre["precompute_vs_inference_ratio"], "precompute": pre,
-              "publish": pub, "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, "
+              "publish": pub, "in_loop_vs_pass": regen, "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, "
                                          f"{'CUDA' if torch.cuda.is_available() else 'no GPU'}",
               "command": "backmix bench cache " + " ".join(
                   f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()
-                  if k in ("rows", "grid", "arch", "canvas", "batch_size", "repeats", "device"))}
+                  if k in ("rows", "grid", "arch", "canvas", "batch_size", "repeats", "device", "loop_images",
+                           "workers"))}
     rows = [
         ("precompute vs inference", f"{pre['precompute_vs_inference_ratio']:.3f}", ">= 0.9",
          f"{pre['precompute_images_per_s']:.0f} vs {pre['inference_images_per_s']:.0f} img/s, "
@@ -114,6 +176,13 @@ def bench_cache(args) -> dict:
         ("gather 256 indices", f"{pub['gather_256_ms_median']:.3f} ms", "< 1 ms",
          f"p95 {pub['gather_256_ms_p95']:.3f} ms"),
     ]
+    if regen:
+        rows.append(("in-loop rebuild vs pass", f"{regen['in_loop_vs_pass_ratio']:.3f}", "<= 0.5",
+                     f"{regen['in_loop_s']:.2f} s added to the epoch vs {regen['pass_s']:.2f} s pass, "
+                     f"(CPU time {regen['in_loop_vs_pass_cpu_ratio']:.3f}: {regen['in_loop_cpu_s']:.1f} vs "
+                     f"{regen['pass_cpu_s']:.1f} s; decoding {regen['decode_cpu_s']:.1f} s of it), "
+                     f"{regen['images']} bench photos, "
+                     f"cnn32 {regen['canvas']}px on {regen['device']}"))
     width = [max(len(r[i]) for r in rows + [("figure", "value", "target", "notes")]) for i in range(4)]
     for r in [("figure", "value", "target", "notes")] + rows:
         print("  ".join(c.ljust(w) for c, w in zip(r, width)))

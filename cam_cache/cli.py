@@ -70,6 +70,9 @@ def register_bench(sub) -> None:
     p.add_argument("--batch-size", type=int, default=256, help="images per timed forward pass")
     p.add_argument("--repeats", type=int, default=7, help="timed batches of each path (median)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto: the GPU when there is one")
+    p.add_argument("--loop-images", type=int, default=1024,
+                   help="bench photos of the in-loop rebuild vs separate pass figure (0: skip it)")
+    p.add_argument("--workers", type=int, default=2, help="decoding worker processes of the separate pass")
     p.add_argument("--dir", type=Path, default=None, help="where to write the synthetic cache (default: a temp dir)")
     p.add_argument("--json", type=Path, default=None, help="write the figures here")
     p.set_defaults(func=run_bench)
@@ -168,5 +171,7 @@ def run_info(args) -> int:
 
 def run_bench(args) -> int:
     from .bench import bench_cache
+    if args.loop_images < 0 or args.workers < 0 or args.repeats < 1:
+        raise BackMixError("--loop-images and --workers must be >= 0 and --repeats >= 1")
     bench_cache(args)
     return 0

@@ -12,11 +12,41 @@ combinations, so the pooled map stays in [0, 1]. A flat CAM (max - min <=
 1e-12) carries no information and scales to 0.5 everywhere, the value of
 generation 0.
 
-Generation n+1 = (1 - m) * generation n + m * CAM. A build may be split into
-shards (``shard=(k, N)``: rows r with position % N == k); each shard is written
-on its own, a finished shard is not recomputed after a restart, and the
-generation is published once all N shards are there. The published file lists
-rows in dataset order whatever N was, so 1 and N processes give the same file.
+Generation n+1 = (1 - m) * generation n + m * CAM, blended in float32 and
+rounded to float16 once. A ``GenerationWriter`` holds one shard of it: rows come
+in as CAMs of canvases already in memory (the training loop's batches) or from
+a decoding pass, and the shard is written atomically at the end. Shards are
+disjoint sets of rows, ``next-<n+1>/shard-k-of-N.arrow``; the generation is
+published once all N are there, merged in dataset order whatever N was, so 1
+and N processes give the same file. A shard of another build (weights, base,
+data set, momentum, rows) is dropped, never mixed in.
+
+Two ways to fill the shards:
+
+- separate pass (``build_generation``, ``backmix cache build``, ``--regen pass``):
+  shard k of N decodes and computes ``rows[k::N]`` with one set of weights; a
+  finished shard is not recomputed after a restart.
+- in-loop (``--regen loop``): the trainer feeds each training batch's
+  un-augmented canvases to ``GenerationWriter.add_canvases`` before the step,
+  so image i's CAM uses the weights of the step i is trained at (no_grad,
+  BatchNorm in eval mode, the pass's normalisation; no RNG is drawn, so training
+  is unchanged). Rank k holds the rows it trained on.
+
+``rebuild_cache`` is the one call that finishes a build, on every rank under
+torch.distributed: the rows no rank holds (a DDP epoch drops a remainder) are
+computed by a pass, each rank writes its shard, ``before_publish`` runs, rank 0
+publishes; an error on any rank is raised on every rank (each step ends in a
+collective that every rank reaches, so none waits on a failed one).
+
+Resume, bitwise on the CPU: the trainer saves its epoch checkpoint in
+``before_publish``, i.e. after every shard is on disk and before CURRENT moves.
+A kill before that point (mid-epoch included) leaves generation n current and
+the last checkpoint at the previous epoch: the resumed run repeats the epoch
+from the same weights, RNG state and masks, so the in-loop CAMs, taken at the
+same steps, are the same numbers (the repeat's writer overwrites any shard the
+killed attempt left). A kill after it finds every shard on disk: ``rebuild_cache``
+takes the shard files over and only publishes. The in-loop CAMs are never
+recomputed from end-of-epoch weights, which would give other maps.
 """
 from __future__ import annotations
 
@@ -26,11 +56,13 @@ import logging
 import os
 import shutil
 import sys
+import time
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
@@ -92,6 +124,13 @@ def _collate(items):
     return torch.stack(items)
 
 
+def _normalised(canvas: Tensor, mean: Sequence[float], std: Sequence[float]) -> Tensor:
+    """float32 model input from uint8 canvases [B, 3, S, S]: the one normalisation of every CAM path."""
+    m = torch.tensor(mean, device=canvas.device).view(1, -1, 1, 1) * 255
+    s = torch.tensor(std, device=canvas.device).view(1, -1, 1, 1) * 255
+    return (canvas.float() - m) / s
+
+
 def compute_cams(model: nn.Module, index: ImageIndex, rows: np.ndarray, labels: np.ndarray, *, canvas: int,
                  grid: int, mean: Sequence[float], std: Sequence[float], batch_size: int = 128,
                  num_workers: int = 2, device: str | torch.device = "cpu", progress: bool = True,
@@ -102,8 +141,6 @@ def compute_cams(model: nn.Module, index: ImageIndex, rows: np.ndarray, labels: 
     home = next(model.parameters()).device
     if home.type == device.type:
         device = home                 # "cuda" for a model on cuda:1 means cuda:1
-    m = torch.tensor(mean, device=device).view(1, -1, 1, 1) * 255
-    s = torch.tensor(std, device=device).view(1, -1, 1, 1) * 255
     loader = DataLoader(_Canvases(index, rows, canvas), batch_size=batch_size, num_workers=num_workers,
                         collate_fn=_collate, pin_memory=device.type == "cuda")
     out = np.empty((len(rows), grid, grid), dtype=np.float32)
@@ -114,7 +151,7 @@ def compute_cams(model: nn.Module, index: ImageIndex, rows: np.ndarray, labels: 
                                           disable=not progress or not sys.stderr.isatty()) as bar:
             done = 0
             for x in loader:
-                x = (x.to(device, non_blocking=True).float() - m) / s
+                x = _normalised(x.to(device, non_blocking=True), mean, std)
                 y = torch.as_tensor(labels[done:done + len(x)], device=device)
                 cams = class_activation_maps(body(x), head.weight, y, grid, canvas)
                 out[done:done + len(x)] = cams.cpu().numpy()
@@ -154,76 +191,249 @@ def _check_pending(folder: Path, world: int, expected: dict[str, str]) -> None:
             path.unlink(missing_ok=True)
 
 
+class GenerationWriter:
+    """Shard k of N of generation n+1, filled row by row, written at once (see module doc).
+
+    Rows come in as CAMs of canvases already in memory (``add_canvases``: the
+    training loop's batches, taken with the weights of that step) or from a
+    decoding pass (``compute``: the separate pass). Each row is blended with
+    generation n as it arrives, so only this shard's float16 maps are held.
+    ``label_map`` maps dataset labels to the model's classes (-1: not a class of
+    the model); ``rows`` (default: all) are the build's rows, the others keep
+    their maps.
+    """
+
+    def __init__(self, cache_dir: str | os.PathLike, model: nn.Module, index: ImageIndex, *, canvas: int,
+                 mean: Sequence[float], std: Sequence[float], momentum: float = 0.1,
+                 label_map: Optional[np.ndarray] = None, rows: Optional[np.ndarray] = None,
+                 shard: tuple[int, int] = (0, 1), checkpoint_digest: str = "") -> None:
+        k, world = shard
+        if not 0 <= k < world:
+            raise BackMixError(f"shard {k}/{world}: need 0 <= k < N")
+        if not 0.0 <= momentum <= 1.0:
+            raise BackMixError(f"momentum must lie in [0, 1], got {momentum}")
+        _, head = features_and_head(model)            # refuse a model without a CAM head before any work
+        self.cache_dir, self.model, self.index, self.shard = Path(cache_dir), model, index, shard
+        self.canvas, self.mean, self.std, self.momentum = canvas, tuple(mean), tuple(std), float(momentum)
+        self.base = ForegroundCache(self.cache_dir, index=index)
+        self.generation = self.base.generation + 1
+        self.rows = np.arange(len(index)) if rows is None else np.asarray(rows, dtype=np.int64)
+        if self.rows.size and (self.rows.min() < 0 or self.rows.max() >= len(index)):
+            raise BackMixError(f"cache rebuild: rows must lie in 0..{len(index) - 1}")
+        lut = np.arange(index.num_classes) if label_map is None else np.asarray(label_map, dtype=np.int64)
+        labels = lut[index.labels[self.rows]]
+        if (labels < 0).any():
+            raise BackMixError("cache rebuild: some rows have a label the model does not know; "
+                               "pass only rows of its classes")
+        if labels.size and labels.max() >= head.out_features:
+            raise BackMixError(f"cache rebuild: the model has {head.out_features} classes but rows are "
+                               f"labelled up to {labels.max()}; pass a label_map to its classes")
+        self._class_of = np.full(len(index), -1, dtype=np.int64)   # dataset row -> model class, -1 outside
+        self._class_of[self.rows] = labels
+        self._done = np.zeros(len(index), dtype=bool)
+        self._chunks: list[tuple[np.ndarray, np.ndarray]] = []
+        self._unwritten = False                         # rows added since the shard file was written
+        self.cam_seconds = 0.0                          # time spent in add_canvases (the in-loop overhead)
+        self.meta = {"generation": str(self.generation), "base": str(self.base.generation),
+                     "momentum": str(self.momentum), "checkpoint": checkpoint_digest,
+                     "dataset": index.fingerprint(), "rows": _rows_digest(self.rows, labels)}
+
+    @property
+    def path(self) -> Path:
+        return _shard_path(self.cache_dir, self.generation, self.shard)
+
+    @property
+    def done_rows(self) -> np.ndarray:
+        """The dataset rows this shard holds so far, ascending."""
+        return np.flatnonzero(self._done)
+
+    def add(self, rows: np.ndarray, cams: np.ndarray) -> None:
+        """Blend float32 CAMs [B, g, g] of dataset ``rows`` into this shard: (1 - m) S_n + m CAM."""
+        rows = np.asarray(rows, dtype=np.int64)
+        if (self._class_of[rows] < 0).any() or self._done[rows].any() or len(np.unique(rows)) != len(rows):
+            raise BackMixError("cache rebuild: a row outside the build, or a row twice "
+                               f"(rows {rows[:8].tolist()}...)")
+        # float32 arithmetic, one rounding to float16 per generation
+        new = (1.0 - self.momentum) * self.base.gather(rows) + self.momentum * cams
+        self._chunks.append((rows, new.astype(np.float16)))
+        self._done[rows] = True
+        self._unwritten = True
+
+    def add_canvases(self, canvas: Tensor, rows: Tensor) -> None:
+        """CAMs of a batch of un-augmented uint8 canvases with the model's current weights, BatchNorm in
+        eval mode (the input and mode of the separate pass), without touching its training state."""
+        t0 = time.perf_counter()
+        rows_np = rows.cpu().numpy()
+        body, head = features_and_head(self.model)
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with torch.no_grad():
+                y = torch.as_tensor(self._class_of[rows_np], device=canvas.device)
+                cams = class_activation_maps(body(_normalised(canvas, self.mean, self.std)), head.weight, y,
+                                             self.base.grid, self.canvas)
+        finally:
+            self.model.train(was_training)
+        self.add(rows_np, cams.cpu().numpy())
+        self.cam_seconds += time.perf_counter() - t0
+
+    def compute(self, rows: np.ndarray, *, batch_size: int = 128, num_workers: int = 2,
+                device: str | torch.device = "auto", progress: bool = True) -> None:
+        """The separate pass for ``rows``: decode, CAMs with the model's current weights, blend."""
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        k, world = self.shard
+        cams = compute_cams(self.model, self.index, rows, self._class_of[rows], canvas=self.canvas,
+                            grid=self.base.grid, mean=self.mean, std=self.std, batch_size=batch_size,
+                            num_workers=num_workers, device=device, progress=progress,
+                            desc=f"CAMs gen {self.generation}" + (f" shard {k}/{world}" if world > 1 else ""))
+        self.add(rows, cams)
+
+    def take_pending(self) -> None:
+        """Check the pending build folder; a writer fed no rows takes over its own shard file of the same
+        build, if one is there (a finished shard is not recomputed)."""
+        folder = pending_dir(self.cache_dir, self.generation)
+        folder.mkdir(exist_ok=True)
+        _check_pending(folder, self.shard[1], self.meta)
+        if not self._chunks and self.path.exists():
+            part = MappedMaps(self.path)
+            self._chunks.append((np.array(part.rows), np.array(part.maps)))
+            self._done[part.rows] = True
+
+    def write(self) -> None:
+        """Atomically write this shard (its rows ascending); nothing to do for a shard taken over whole."""
+        if not self._unwritten and self.path.exists():
+            return
+        rows = np.concatenate([r for r, _ in self._chunks]) if self._chunks else np.empty(0, np.int64)
+        maps = (np.concatenate([m for _, m in self._chunks]) if self._chunks
+                else np.empty((0, self.base.grid, self.base.grid), np.float16))
+        order = np.argsort(rows, kind="stable")
+        write_maps(self.path, rows[order], self.index.labels[rows[order]], maps[order], self.meta)
+        self._unwritten = False
+
+
 def build_generation(cache_dir: str | os.PathLike, model: nn.Module, index: ImageIndex, *, canvas: int,
                      mean: Sequence[float], std: Sequence[float], momentum: float = 0.1,
                      label_map: Optional[np.ndarray] = None, rows: Optional[np.ndarray] = None,
                      batch_size: int = 128, num_workers: int = 2, device: str = "auto",
                      shard: tuple[int, int] = (0, 1), checkpoint_digest: str = "", publish: bool = True,
                      progress: bool = True) -> Optional[int]:
-    """Compute this shard of generation n+1; publish it when every shard is there (see module doc).
+    """Compute this shard of generation n+1 by a separate pass; publish it when every shard is there.
 
-    ``label_map`` maps dataset labels to the model's classes (-1: not a class of the model);
-    ``rows`` (default: all) are the dataset rows to recompute, the others keep their maps.
-    Shard k of N computes ``rows[k::N]``. Returns the new generation number when it was
-    published (by this call or, meanwhile, by another shard's), else None.
+    For independent processes (``backmix cache build --shard k/N``): shard k of N
+    computes ``rows[k::N]``. Returns the new generation number when it was
+    published (by this call or, meanwhile, by another shard's), else None. Under
+    torch.distributed use ``rebuild_cache``.
     """
-    cache_dir = Path(cache_dir)
-    k, world = shard
-    if not 0 <= k < world:
-        raise BackMixError(f"shard {k}/{world}: need 0 <= k < N")
-    if not 0.0 <= momentum <= 1.0:
-        raise BackMixError(f"momentum must lie in [0, 1], got {momentum}")
-    _, head = features_and_head(model)            # refuse a model without a CAM head before any work
     with build_lock(cache_dir, shard):
-        return _build_shard(cache_dir, model, index, head, canvas=canvas, mean=mean, std=std,
-                            momentum=momentum, label_map=label_map, rows=rows, batch_size=batch_size,
-                            num_workers=num_workers, device=device, shard=shard,
-                            checkpoint_digest=checkpoint_digest, publish=publish, progress=progress)
+        return _build_shard(cache_dir, model, index, canvas=canvas, mean=mean, std=std, momentum=momentum,
+                            label_map=label_map, rows=rows, batch_size=batch_size, num_workers=num_workers,
+                            device=device, shard=shard, checkpoint_digest=checkpoint_digest, publish=publish,
+                            progress=progress)
 
 
-def _build_shard(cache_dir: Path, model: nn.Module, index: ImageIndex, head: nn.Linear, *, canvas, mean, std,
-                 momentum, label_map, rows, batch_size, num_workers, device, shard, checkpoint_digest,
-                 publish, progress) -> Optional[int]:
+def _build_shard(cache_dir, model, index, *, canvas, mean, std, momentum, label_map, rows, batch_size,
+                 num_workers, device, shard, checkpoint_digest, publish, progress) -> Optional[int]:
+    writer = GenerationWriter(cache_dir, model, index, canvas=canvas, mean=mean, std=std, momentum=momentum,
+                              label_map=label_map, rows=rows, shard=shard, checkpoint_digest=checkpoint_digest)
     k, world = shard
-    current = ForegroundCache(cache_dir, index=index)
-    nxt = current.generation + 1
-    rows = np.arange(len(index)) if rows is None else np.asarray(rows, dtype=np.int64)
-    if rows.size and (rows.min() < 0 or rows.max() >= len(index)):
-        raise BackMixError(f"build_generation: rows must lie in 0..{len(index) - 1}")
-    labels = index.labels[rows] if label_map is None else np.asarray(label_map)[index.labels[rows]]
-    if (labels < 0).any():
-        raise BackMixError("build_generation: some rows have a label the model does not know; "
-                           "pass only rows of its classes")
-    if labels.size and labels.max() >= head.out_features:
-        raise BackMixError(f"build_generation: the model has {head.out_features} classes but rows are "
-                           f"labelled up to {labels.max()}; pass a label_map to its classes")
-    meta = {"generation": str(nxt), "base": str(current.generation), "momentum": str(float(momentum)),
-            "checkpoint": checkpoint_digest, "dataset": index.fingerprint(),
-            "rows": _rows_digest(rows, labels)}
-    folder = pending_dir(cache_dir, nxt)
-    folder.mkdir(exist_ok=True)
-    _check_pending(folder, world, meta)
-    path = _shard_path(cache_dir, nxt, shard)
-    if path.exists():
-        log.info("shard %d/%d of generation %d is already built", k, world, nxt)
+    writer.take_pending()
+    if len(writer.done_rows):
+        log.info("shard %d/%d of generation %d is already built", k, world, writer.generation)
     else:
-        mine = rows[k::world]
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        cams = compute_cams(model, index, mine, labels[k::world], canvas=canvas, grid=current.grid,
-                            mean=mean, std=std, batch_size=batch_size, num_workers=num_workers,
-                            device=device, progress=progress,
-                            desc=f"CAMs gen {nxt}" + (f" shard {k}/{world}" if world > 1 else ""))
-        # float32 arithmetic, one rounding to float16 per generation
-        new = (1.0 - momentum) * current.gather(mine) + momentum * cams
-        write_maps(path, mine, index.labels[mine], new.astype(np.float16), meta)
+        writer.compute(writer.rows[k::world], batch_size=batch_size, num_workers=num_workers, device=device,
+                       progress=progress)
+        writer.write()
     if not publish:
         return None
-    shards = sorted(folder.glob(f"shard-*-of-{world}.arrow"))
+    shards = sorted(pending_dir(writer.cache_dir, writer.generation).glob(f"shard-*-of-{world}.arrow"))
     if len(shards) < world:
-        log.info("generation %d: %d of %d shards built; it is published when all are", nxt, len(shards), world)
+        log.info("generation %d: %d of %d shards built; it is published when all are", writer.generation,
+                 len(shards), world)
         return None
-    return publish_generation(cache_dir, nxt)
+    return publish_generation(cache_dir, writer.generation)
+
+
+def _exchange(value, world: int) -> list:
+    """Every rank's ``value``, on every rank (one all_gather; just [value] alone)."""
+    if world == 1:
+        return [value]
+    everyone = [None] * world
+    dist.all_gather_object(everyone, value)
+    return everyone
+
+
+def _raise_first(errors: list[Optional[str]]) -> None:
+    first = next((e for e in errors if e), None)
+    if first:
+        raise BackMixError(first)
+
+
+def rebuild_cache(cache_dir: str | os.PathLike, model: nn.Module, index: ImageIndex, *, canvas: int,
+                  mean: Sequence[float], std: Sequence[float], momentum: float = 0.1,
+                  label_map: Optional[np.ndarray] = None, rows: Optional[np.ndarray] = None,
+                  writer: Optional[GenerationWriter] = None, before_publish: Optional[Callable[[], None]] = None,
+                  batch_size: int = 128, num_workers: int = 2, device: str | torch.device = "auto",
+                  checkpoint_digest: str = "", progress: bool = True) -> int:
+    """Publish generation n+1: the one call, on every rank under torch.distributed (or alone).
+
+    1. Every rank says which rows it holds: those fed to ``writer`` (in-loop CAMs),
+       else those of its shard file of the same build left by an interrupted run.
+    2. The build's rows no rank holds are split k::N and computed by a pass over
+       ``model``'s current weights; every rank writes its shard.
+    3. ``before_publish`` runs on every rank (the trainer saves its checkpoint there),
+       then rank 0 publishes.
+    An error on any rank in any step is raised, as one BackMixError naming that rank,
+    on every rank: each step ends in a collective that every rank reaches, so no rank
+    is left waiting on a failed one. Returns the published generation.
+    """
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() \
+        else (0, 1)
+
+    def failed(e: Exception) -> str:
+        why = str(e) if isinstance(e, BackMixError) else f"{type(e).__name__}: {e}"
+        return f"cache rebuild in {cache_dir} failed on rank {rank}: {why.splitlines()[0] if why else ''}"
+
+    error, held = None, np.empty(0, np.int64)
+    try:
+        if writer is None:
+            writer = GenerationWriter(cache_dir, model, index, canvas=canvas, mean=mean, std=std,
+                                      momentum=momentum, label_map=label_map, rows=rows, shard=(rank, world),
+                                      checkpoint_digest=checkpoint_digest)
+        elif writer.shard != (rank, world):
+            raise BackMixError(f"the writer is shard {writer.shard}, this process is rank {rank} of {world}")
+        writer.take_pending()
+        held = writer.done_rows
+    except Exception as e:   # noqa: BLE001 -- every failure must reach the other ranks
+        error = failed(e)
+    everyone = _exchange((error, held), world)
+    _raise_first([e for e, _ in everyone])
+    try:
+        covered = np.concatenate([h for _, h in everyone])
+        todo = writer.rows[~np.isin(writer.rows, covered)][rank::world]
+        if len(todo):
+            writer.compute(todo, batch_size=batch_size, num_workers=num_workers, device=device, progress=progress)
+        writer.write()
+    except Exception as e:   # noqa: BLE001
+        error = failed(e)
+    _raise_first(_exchange(error, world))
+    try:
+        if before_publish is not None:
+            before_publish()        # every shard is on disk: a checkpoint saved here may count on them
+    except Exception as e:   # noqa: BLE001
+        error = failed(e)
+    _raise_first(_exchange(error, world))
+    outcome = [None]
+    if rank == 0:
+        try:
+            outcome = [publish_generation(cache_dir, writer.generation)]
+        except Exception as e:   # noqa: BLE001
+            outcome = [failed(e)]
+    if world > 1:
+        dist.broadcast_object_list(outcome, src=0)
+    if isinstance(outcome[0], str):
+        raise BackMixError(outcome[0])
+    return int(outcome[0])
 
 
 def publish_generation(cache_dir: str | os.PathLike, generation: Optional[int] = None) -> int:

@@ -422,3 +422,31 @@ def test_cli_build_info_and_known_classes(tmp_path, tiny_root, capsys):
     assert capsys.readouterr().err.startswith("backmix: error: --shard 2/1")
     assert cli("cache", "info", "--cache", tmp_path / "none") == 2
     assert "not a foreground cache" in capsys.readouterr().err
+
+
+def test_in_loop_rows_plus_a_pass_for_the_rest_equal_one_pass(tmp_path, index, model):
+    """rebuild_cache: rows fed to the writer as canvases (the training loop's way) are kept, the build's
+    other rows are computed by a pass; the generation equals one separate pass over all rows."""
+    from backmix.cam_cache import GenerationWriter, rebuild_cache
+    from backmix.osr_data.decode import decode_canvas
+
+    init_cache(tmp_path / "pass", index)
+    init_cache(tmp_path / "loop", index)
+    assert build(tmp_path / "pass", model, index) == 1
+    writer = GenerationWriter(tmp_path / "loop", model, index, canvas=40, mean=MEAN, std=STD, rows=ROWS)
+    fed = ROWS[::2]
+    model.train()
+    try:
+        for chunk in np.array_split(fed, 5):
+            canvases = torch.stack([decode_canvas(index.abspath(int(r)), 40) for r in chunk])
+            writer.add_canvases(canvases, torch.from_numpy(chunk))
+            assert model.training                      # the training loop's mode is left as it was
+        with pytest.raises(BackMixError, match="a row twice"):
+            writer.add(fed[:1], np.zeros((1, 8, 8), np.float32))
+        assert np.array_equal(writer.done_rows, fed)
+        assert rebuild_cache(tmp_path / "loop", model, index, canvas=40, mean=MEAN, std=STD, rows=ROWS,
+                             writer=writer, num_workers=0, progress=False) == 1
+    finally:
+        model.eval()
+    assert_same_maps(ForegroundCache(tmp_path / "pass"), ForegroundCache(tmp_path / "loop", index=index))
+    assert not (tmp_path / "loop" / "next-000001").exists()

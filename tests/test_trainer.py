@@ -275,28 +275,184 @@ def test_two_process_gloo_run_keeps_ranks_identical_and_evaluates(small_root, tm
     assert "accuracy" in lines[-1]["eval"] and "AUROC (MSP)" in done.stdout
 
 
-def test_resume_redoes_a_cache_rebuild_cut_short_by_a_kill(small_root, tmp_path, monkeypatch):
-    """Killed after epoch 1's checkpoint but before its cache rebuild: --resume rebuilds from those weights."""
-    import backmix.trainers.train as train_mod
-
-    real = train_mod.regenerate
+@pytest.mark.parametrize("regen", ["loop", "pass"])
+def test_resume_publishes_a_rebuild_cut_short_by_a_kill(small_root, tmp_path, monkeypatch, regen):
+    """Killed after epoch 1's shards and checkpoint but before the publish: --resume publishes those shards
+    (loop: the in-loop CAMs are not recomputed from end-of-epoch weights) and goes on as an unbroken run."""
+    import backmix.cam_cache.precompute as pre
 
     def killed(*args, **kwargs):
-        raise KeyboardInterrupt   # stands in for SIGKILL at the start of the rebuild
+        raise KeyboardInterrupt   # stands in for SIGKILL right before the publish
 
-    cfg = tiny(small_root, tmp_path / "cut", epochs=2, regen_every=1)
-    monkeypatch.setattr(train_mod, "regenerate", killed)
+    cfg = tiny(small_root, tmp_path / "cut", epochs=2, regen_every=1, regen=regen)
+    monkeypatch.setattr(pre, "publish_generation", killed)
     with pytest.raises(KeyboardInterrupt):
         main(cfg)
     assert torch.load(Path(cfg.out) / "last.pt", weights_only=False)["regen_pending"]
-    monkeypatch.setattr(train_mod, "regenerate", real)
+    assert (Path(cfg.out) / "cache" / "next-000001" / "shard-0-of-1.arrow").is_file()
+    monkeypatch.undo()
+    monkeypatch.setattr(pre, "compute_cams", lambda *a, **k: pytest.fail("the finished shard was recomputed"))
+    if regen == "loop":
+        monkeypatch.setattr(pre.GenerationWriter, "add_canvases", lambda *a: pytest.fail("rows were re-added"))
     main(cfg, resume=True)
-    straight = tiny(small_root, tmp_path / "whole", epochs=2, regen_every=1)
+    monkeypatch.undo()
+    straight = tiny(small_root, tmp_path / "whole", epochs=2, regen_every=1, regen=regen)
     main(straight)
     a, b = read_jsonl(Path(cfg.out) / "metrics.jsonl"), read_jsonl(Path(straight.out) / "metrics.jsonl")
     assert [r["regenerated"] for r in a if "regenerated" in r] == [1]
     assert [r["cache_generation"] for r in a] == [r["cache_generation"] for r in b] == [0, 1]
     assert a[-1]["eval"] == b[-1]["eval"] and a[-1]["loss"] == b[-1]["loss"]
+    assert_same_cache_files(Path(cfg.out) / "cache", Path(straight.out) / "cache")
+
+
+def assert_same_cache_files(one: Path, two: Path) -> None:
+    """The same generation files, byte for byte, and no pending build left in either."""
+    names = sorted(p.name for p in one.iterdir() if p.name != ".publish.lock")
+    assert names == sorted(p.name for p in two.iterdir() if p.name != ".publish.lock")
+    assert not [n for n in names if n.startswith("next-")], names
+    for name in names:
+        assert (one / name).read_bytes() == (two / name).read_bytes(), name
+
+
+def frozen(monkeypatch) -> None:
+    """Models the trainer builds keep their weights (SGD at lr 0) and BatchNorm statistics (momentum 0)."""
+    import backmix.trainers.train as train_mod
+    build = train_mod.build_model
+
+    def frozen_model(*args, **kw):
+        model = build(*args, **kw)
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.momentum = 0.0
+        return model
+
+    monkeypatch.setattr(train_mod, "build_model", frozen_model)
+    monkeypatch.setattr(train_mod, "build_optimizer", lambda cfg, model: torch.optim.SGD(model.parameters(), lr=0.0))
+
+
+def test_in_loop_generation_of_a_frozen_model_equals_the_separate_pass(small_root, tmp_path, monkeypatch):
+    from backmix.cam_cache import ForegroundCache, build_generation, init_cache
+    from backmix.models import build_model, load_model
+    from backmix.pipeline.augment import IMAGENET_MEAN, IMAGENET_STD
+    from backmix.trainers.train import load_data
+
+    frozen(monkeypatch)
+    cfg = tiny(small_root, tmp_path / "loop", epochs=2, regen_every=1, regen="loop")
+    main(cfg)
+    line = read_jsonl(Path(cfg.out) / "metrics.jsonl")[0]
+    assert line["regenerated"] == 1 and 0 < line["regen_in_loop_s"] <= line["regen_s"]
+    model, _ = load_model(Path(cfg.out) / "last.pt")
+    torch.manual_seed(cfg.seed)
+    initial = build_model("cnn32", 2, width=cfg.width).state_dict()
+    assert all(torch.equal(model.state_dict()[k], initial[k]) for k in initial if "num_batches" not in k)
+    data = load_data(small_root, cfg.split)
+    init_cache(tmp_path / "pass", data.train, grid=cfg.grid)
+    assert build_generation(tmp_path / "pass", model, data.train, canvas=cfg.canvas, mean=IMAGENET_MEAN,
+                            std=IMAGENET_STD, momentum=cfg.momentum, label_map=data.label_map,
+                            rows=data.known_rows, num_workers=0, device="cpu", progress=False) == 1
+    loop = ForegroundCache(cfg.cache_dir, index=data.train)
+    sep = ForegroundCache(tmp_path / "pass")
+    a, b = np.asarray(loop.maps, np.float32), np.asarray(sep.maps, np.float32)
+    known = data.label_map[data.train.labels] >= 0
+    assert not np.all(a[known] == 0.5) and np.all(a[~known] == 0.5)    # the known rows moved, only they
+    # CAMs taken in other batch compositions may differ by a float32 ulp: at most one float16 step
+    assert np.abs(a - b).max() <= 2.0 ** -11
+    with pytest.raises(BackMixError, match="unknown --regen 'both'"):
+        tiny(small_root, tmp_path / "bad", regen="both")
+
+
+KILLING_RUN = """
+import os, signal, sys
+import backmix.cam_cache.precompute as pre
+where, nth = sys.argv[1], int(sys.argv[2])
+owner = pre.GenerationWriter if where == "add_canvases" else pre
+real, calls = getattr(owner, where), []
+
+def killing(*args, **kwargs):
+    calls.append(1)
+    if len(calls) == nth:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real(*args, **kwargs)
+
+setattr(owner, where, killing)
+from backmix.cli import main
+sys.exit(main(sys.argv[3:]))
+"""
+
+
+@pytest.mark.parametrize("where, nth, saved_epoch", [("add_canvases", 2, 1), ("publish_generation", 1, 2)],
+                         ids=["mid-epoch", "before-publish"])
+def test_sigkill_in_a_rebuild_epoch_and_resume_equal_an_unbroken_run(small_root, tmp_path, where, nth,
+                                                                      saved_epoch):
+    """--regen loop, rebuild after epoch 2 of 3. SIGKILL at the 2nd batch of epoch 2 (its in-loop CAMs half
+    taken), or once its shards and checkpoint are on disk but before the publish; then --resume."""
+    cfg = tiny(small_root, tmp_path / "killed", epochs=3, regen_every=2)
+    args = [*cli_args(cfg), "--regen", "loop"]
+    killed = subprocess.run([sys.executable, "-c", KILLING_RUN, where, str(nth), "-q", *args], cwd=REPO,
+                            env=env(), capture_output=True, text=True, timeout=300)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    ckpt = torch.load(Path(cfg.out) / "last.pt", weights_only=False)
+    assert ckpt["epoch"] == saved_epoch and ckpt["regen_pending"] == (saved_epoch == 2)
+    assert json.loads((Path(cfg.out) / "cache" / "CURRENT").read_text())["generation"] == 0   # intact
+    done = subprocess.run([sys.executable, "-m", "backmix", "-q", *args, "--resume"], cwd=REPO, env=env(),
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+    straight = tiny(small_root, tmp_path / "straight", epochs=3, regen_every=2)
+    subprocess.run([sys.executable, "-m", "backmix", "-q", *cli_args(straight), "--regen", "loop"], cwd=REPO,
+                   env=env(), check=True, capture_output=True, timeout=300)
+    a, b = read_jsonl(Path(cfg.out) / "metrics.jsonl"), read_jsonl(Path(straight.out) / "metrics.jsonl")
+    assert [r["epoch"] for r in a] == [1, 2, 3] and [r.get("regenerated") for r in b] == [None, 1, None]
+    for ra, rb in zip(a, b):
+        for key in ("loss", "train_acc", "cache_generation", "eval"):
+            assert ra[key] == rb[key], (ra["epoch"], key)
+    assert a[1]["regenerated"] == 1
+    assert_same_cache_files(Path(cfg.out) / "cache", Path(straight.out) / "cache")
+    wa = torch.load(Path(cfg.out) / "last.pt", weights_only=False)["state_dict"]
+    wb = torch.load(Path(straight.out) / "last.pt", weights_only=False)["state_dict"]
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+FAILING_PUBLISH = """
+import os, sys
+import backmix.cam_cache.precompute as pre
+from backmix.osr_data.errors import BackMixError
+
+def failing(*args, **kwargs):
+    raise BackMixError("injected publish failure")
+
+if os.environ["RANK"] == "0":
+    pre.publish_generation = failing
+from backmix.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_failed_publish_on_rank_0_ends_every_rank_with_the_error(small_root, tmp_path):
+    """2 gloo ranks (started as torchrun would, so each one's exit and output are its own); rank 0's publish
+    fails: both exit with status 2 and the same one-line error, none waits in a collective."""
+    cfg = tiny(small_root, tmp_path / "ddp", epochs=2, regen_every=1)
+    port = str(free_port())
+    procs = []
+    start = time.monotonic()
+    for rank in (0, 1):
+        e = {**env(), "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2",
+             "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}
+        procs.append(subprocess.Popen([sys.executable, "-c", FAILING_PUBLISH, "-q", *cli_args(cfg)], cwd=REPO,
+                                      env=e, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
+    try:
+        errs = [p.communicate(timeout=max(1.0, start + 60 - time.monotonic()))[1] for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    assert [p.returncode for p in procs] == [2, 2], errs
+    for err in errs:
+        assert "Traceback" not in err, err
+        lines = [line for line in err.splitlines() if line.startswith("backmix: error:")]
+        assert lines == [f"backmix: error: cache rebuild in {cfg.cache_dir} failed on rank 0: "
+                         "injected publish failure"], err
+    assert json.loads((cfg.cache_dir / "CURRENT").read_text())["generation"] == 0
 
 
 def test_experiment_runs_each_method_once_and_tabulates(tmp_path, capsys):

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from backmix.osr_data.errors import BackMixError
 
-from .config import AMP, OPTIMIZERS, TrainConfig, field_defaults
+from .config import AMP, OPTIMIZERS, REGEN, TrainConfig, field_defaults
 
 S = argparse.SUPPRESS   # an option not given stays out of the namespace: we know what was explicit
 
@@ -53,6 +53,10 @@ def register(top) -> None:
     p.add_argument("--w-mix", type=float, default=S, help="weight of the mixed images' loss" + _d("w_mix"))
     p.add_argument("--regen-every", type=int, default=S,
                    help="rebuild the foreground cache after every k epochs, 0 never" + _d("regen_every"))
+    p.add_argument("--regen", choices=REGEN, default=S,
+                   help="where a rebuild's CAMs come from: loop = the rebuild epoch's own batches, each with "
+                        "the weights of its step (no second decode); pass = a separate pass over the data "
+                        "after the epoch" + _d("regen"))
     p.add_argument("--momentum", type=float, default=S,
                    help="CAM momentum of a cache rebuild (share of the new map)" + _d("momentum"))
     p.add_argument("--canvas", type=int, default=S, help="canvas side the mix works on" + _d("canvas"))

@@ -16,8 +16,9 @@ from backmix.pipeline.loaders import BACKENDS
 
 OPTIMIZERS = ("sgd", "adamw")
 AMP = ("auto", "bf16", "fp16", "off")
+REGEN = ("loop", "pass")
 CHOICES = {"opt": OPTIMIZERS, "backend": BACKENDS, "amp": AMP, "device": DEVICES,
-           "on_error": ON_ERROR}
+           "on_error": ON_ERROR, "regen": REGEN}
 
 
 # Every numeric field and the values it accepts (besides being a finite number).
@@ -69,6 +70,7 @@ class TrainConfig:
     w_raw: float = 1.0                # weight of CE on the clean crops (0 with BackMix: mixed only)
     w_mix: float = 1.0                # weight of CE on the mixed crops
     regen_every: int = 2              # rebuild the foreground cache after every k epochs (0: never)
+    regen: str = "loop"               # CAMs of the rebuild: "loop" from the epoch's batches, "pass" after it
     momentum: float = 0.1             # CAM momentum of the cache update
     canvas: int = 40
     crop: int = 32
@@ -89,7 +91,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         check_arch(self.arch)
         for name, value in (("opt", self.opt), ("backend", self.backend), ("amp", self.amp),
-                            ("device", self.device), ("on_error", self.on_error)):
+                            ("device", self.device), ("on_error", self.on_error), ("regen", self.regen)):
             choices = CHOICES[name]
             if value not in choices:
                 raise BackMixError(f"unknown {option(name)} {value!r} (choose from {', '.join(choices)})")

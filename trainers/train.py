@@ -3,15 +3,22 @@
 Plain functions over ``TrainConfig``, in the style of torchvision's reference
 ``train.py``: ``train_one_epoch``, ``evaluate``, ``regenerate`` and ``main``.
 
-Order of one epoch e (0-based): train, evaluate, save RUN/last.pt, rebuild the
-foreground cache if e+1 is a multiple of ``regen_every``, append the epoch's line
-to RUN/metrics.jsonl. The checkpoint is written *before* the rebuild and records
-the generation the rebuild will publish, so a run killed during the rebuild
-redoes it (from the same weights) on ``--resume`` and the stream of masks stays
-what it would have been. With ``--save-every N``, last.pt is also written every N
-steps inside an epoch ("partial": each rank's loader position, running sums and
-RNG), and ``--resume`` continues from that step: on the CPU the result equals the
-uninterrupted run's bit for bit.
+Order of one epoch e (0-based): train, evaluate, save RUN/last.pt, append the
+epoch's line to RUN/metrics.jsonl. When e+1 is a multiple of ``regen_every``
+(and not the last epoch) the epoch also rebuilds the foreground cache:
+``--regen loop`` (default) takes each batch's CAMs as it trains, ``--regen pass``
+decodes the data again after the epoch; either way ``rebuild_cache`` writes every
+rank's shard, then the checkpoint is saved (recording the generation the rebuild
+publishes), then rank 0 publishes. A run killed before the checkpoint repeats the
+epoch on ``--resume`` (same weights, same masks, so the same in-loop CAMs); one
+killed after it publishes the shards on disk. The stream of masks stays what it
+would have been (see ``backmix.cam_cache.precompute``).
+With ``--save-every N``, last.pt is also written every N steps inside an epoch
+("partial": each rank's loader position, running sums and RNG), and ``--resume``
+continues from that step: on the CPU the result equals the uninterrupted run's bit
+for bit. A ``--regen loop`` rebuild epoch is the exception: its in-loop CAMs live in
+memory until its shard is written, so it saves no partial checkpoint and a resume
+repeats it (the same numbers again).
 """
 from __future__ import annotations
 
@@ -137,16 +144,6 @@ def barrier(world: int) -> None:
         dist.barrier()
 
 
-def raise_on_any_rank(error: Optional[str], world: int) -> None:
-    """Every rank raises the first rank's error, so no rank waits forever at the next barrier."""
-    if world > 1:
-        errors = [None] * world
-        dist.all_gather_object(errors, error)
-        error = next((e for e in errors if e), None)
-    if error:
-        raise BackMixError(error)
-
-
 def gather_weight_digests(model: nn.Module, world: int) -> list[str]:
     """sha256 of every rank's parameters (not buffers: BatchNorm running stats are per rank)."""
     h = hashlib.sha256()
@@ -223,13 +220,15 @@ def epoch_seed(seed: int, epoch: int, rank: int) -> int:
 
 def train_one_epoch(model: nn.Module, loader, optimizer, scheduler, cfg: TrainConfig, precision: Precision,
                     epoch: int, *, rank: int = 0, world: int = 1, partial: Optional[dict] = None,
-                    save=None) -> dict:
+                    save=None, cams=None) -> dict:
     """One pass over the loader; loss = w_raw * CE(clean) + w_mix * CE(mixed) (``BackMixBatch.loss``);
     train accuracy is on the first part the batch has.
 
     partial: this rank's part of a mid-epoch checkpoint (loader position, running sums, seconds, RNG):
     the epoch continues where it was cut. save(partial) is called every ``cfg.save_every`` steps
-    (not at an epoch's last step: the epoch's own checkpoint follows)."""
+    (not at an epoch's last step: the epoch's own checkpoint follows). ``cams`` (a GenerationWriter):
+    the rebuild epoch's in-loop CAMs, of each batch's canvases with the weights of the step that
+    trains on it."""
     model.train()
     loader.set_epoch(epoch)
     device = precision.device
@@ -247,6 +246,8 @@ def train_one_epoch(model: nn.Module, loader, optimizer, scheduler, cfg: TrainCo
     bar = tqdm(total=len(loader), initial=loader.state_dict()["step"], desc=f"epoch {epoch + 1}/{cfg.epochs}",
                unit="batch", leave=False, disable=not show_progress(cfg, rank))
     for batch in loader:
+        if cams is not None:
+            cams.add_canvases(batch.canvas, batch.indices)
         # One forward over the clean and the mixed crops (BatchNorm sees both together).
         x, _ = batch.inputs()
         n = batch.labels.shape[0]
@@ -304,33 +305,29 @@ def evaluate(model: nn.Module, loader, label_map: np.ndarray, precision: Precisi
     return open_set_metrics(logits[known], mapped[known], logits[~known])
 
 
-def regenerate(cfg: TrainConfig, model: nn.Module, data: OpenSetData, device: torch.device, *,
-               rank: int = 0, world: int = 1, tag: str = "") -> int:
-    """Build the next cache generation from the current weights; every rank builds its shard."""
-    from backmix.cam_cache import build_generation, publish_generation
+def regenerate(cfg: TrainConfig, model: nn.Module, data: OpenSetData, device: torch.device, *, epoch: int,
+               rank: int = 0, writer=None, before_publish=None) -> int:
+    """Publish the cache generation rebuilt after ``epoch`` (1-based) on every rank: from ``writer``'s
+    in-loop CAMs (``--regen loop``), or a separate pass over the current weights; see ``rebuild_cache``."""
+    from backmix.cam_cache import rebuild_cache
+    return rebuild_cache(cfg.cache_dir, unwrap(model), data.train, canvas=cfg.canvas, mean=IMAGENET_MEAN,
+                         std=IMAGENET_STD, momentum=cfg.momentum, label_map=data.label_map, rows=data.known_rows,
+                         writer=writer, before_publish=before_publish, batch_size=max(cfg.batch_size, 128),
+                         num_workers=cfg.workers, device=device, checkpoint_digest=rebuild_tag(cfg, epoch),
+                         progress=show_progress(cfg, rank))
 
-    net = unwrap(model)
-    was_training = net.training
-    net.eval()
-    error, generation = None, None
-    try:
-        generation = build_generation(
-            cfg.cache_dir, net, data.train, canvas=cfg.canvas, mean=IMAGENET_MEAN, std=IMAGENET_STD,
-            momentum=cfg.momentum, label_map=data.label_map, rows=data.known_rows,
-            batch_size=max(cfg.batch_size, 128), num_workers=cfg.workers, device=device.type,
-            shard=(rank, world), checkpoint_digest=tag, publish=world == 1,
-            progress=show_progress(cfg, rank))
-    except BackMixError as e:
-        error = f"cache rebuild in {cfg.cache_dir} failed on rank {rank}: {e}"
-    finally:
-        net.train(was_training)
-    raise_on_any_rank(error, world)
-    if world > 1:
-        barrier(world)
-        box = [publish_generation(cfg.cache_dir) if rank == 0 else None]
-        dist.broadcast_object_list(box, src=0)
-        generation = box[0]
-    return int(generation)
+
+def loop_writer(cfg: TrainConfig, model: nn.Module, data: OpenSetData, epoch: int, rank: int, world: int):
+    """The GenerationWriter that takes the in-loop CAMs of rebuild epoch ``epoch`` (1-based)."""
+    from backmix.cam_cache import GenerationWriter
+    return GenerationWriter(cfg.cache_dir, unwrap(model), data.train, canvas=cfg.canvas, mean=IMAGENET_MEAN,
+                            std=IMAGENET_STD, momentum=cfg.momentum, label_map=data.label_map,
+                            rows=data.known_rows, shard=(rank, world), checkpoint_digest=rebuild_tag(cfg, epoch))
+
+
+def rebuild_tag(cfg: TrainConfig, epoch: int) -> str:
+    """Names the weights of a rebuild in its shards: a resume reuses only shards of the very same one."""
+    return f"epoch-{epoch} {cfg.regen}"
 
 
 # --------------------------------------------------------------------------- run files
@@ -518,7 +515,9 @@ def _run(cfg: TrainConfig, device: torch.device, rank: int, world: int, resume: 
             # Every rank decides from the shared cache, so all of them take the same branch.
             if maps.generation < ckpt["cache_generation"]:
                 t0 = time.perf_counter()
-                gen = regenerate(cfg, model, data, device, rank=rank, world=world, tag=f"epoch-{start}")
+                # --regen loop: the shards are all on disk (the checkpoint was saved after them); pass: any
+                # missing rows are computed from these weights, the ones the pass used
+                gen = regenerate(cfg, model, data, device, epoch=start, rank=rank)
                 history[-1].update(regen_s=time.perf_counter() - t0, regenerated=gen)
                 log.info("redid the cache rebuild after epoch %d that the interrupted run left undone", start)
             else:   # rebuilt before the kill: keep its logged time if the line made it to disk
@@ -553,35 +552,51 @@ def _run(cfg: TrainConfig, device: torch.device, rank: int, world: int, resume: 
                                     partial=parts)
 
         record = {"epoch": epoch + 1}
+        last = epoch + 1 == cfg.epochs
+        regen_due = cfg.backmix and cfg.regen_every > 0 and (epoch + 1) % cfg.regen_every == 0 and not last
+        writer = loop_writer(cfg, model, data, epoch + 1, rank, world) if regen_due and cfg.regen == "loop" else None
         record.update(train_one_epoch(model, train_loader, optimizer, scheduler, cfg, precision, epoch,
-                                      rank=rank, world=world, partial=partial, save=save_mid_epoch))
+                                      rank=rank, world=world, partial=partial, cams=writer,
+                                      save=save_mid_epoch if writer is None else None))
         partial = None
         record["cache_generation"] = train_loader.maps.generation if cfg.backmix else None
-        last = epoch + 1 == cfg.epochs
         if rank == 0 and (last or (cfg.eval_every and (epoch + 1) % cfg.eval_every == 0)):
             t0 = time.perf_counter()
             record["eval"] = final = evaluate(unwrap(model), eval_loader, data.label_map, precision,
                                               show_progress(cfg, rank))
             record["eval_s"] = time.perf_counter() - t0
-        regen_due = cfg.backmix and cfg.regen_every > 0 and (epoch + 1) % cfg.regen_every == 0 and not last
-        if rank == 0:
-            improved = "eval" in record and record["eval"]["accuracy"] > best
-            if improved:
-                best = record["eval"]["accuracy"]
-            state = dict(extra_common, epoch=epoch + 1, optimizer=optimizer.state_dict(),
-                         scheduler=scheduler.state_dict(), rng=rng_state(), metrics=history + [record],
-                         best=best, regen_pending=regen_due,
-                         scaler=precision.scaler.state_dict() if precision.scaler else None,
-                         cache_generation=(record["cache_generation"] or 0) + int(regen_due))
-            save_run_checkpoint(run / "last.pt", model, cfg, K, **state)
-            if improved:
-                save_run_checkpoint(run / "best.pt", model, cfg, K, **state)
-        barrier(world)
+        improved = rank == 0 and "eval" in record and record["eval"]["accuracy"] > best
+        best = record["eval"]["accuracy"] if improved else best
+
+        def save_checkpoints() -> None:
+            if rank == 0:
+                state = dict(extra_common, epoch=epoch + 1, optimizer=optimizer.state_dict(),
+                             scheduler=scheduler.state_dict(), rng=rng_state(), metrics=history + [record],
+                             best=best, regen_pending=regen_due,
+                             scaler=precision.scaler.state_dict() if precision.scaler else None,
+                             cache_generation=(record["cache_generation"] or 0) + int(regen_due))
+                for name in ("last.pt",) + (("best.pt",) if improved else ()):
+                    save_run_checkpoint(run / name, model, cfg, K, **state)
+
         if regen_due:
             t0 = time.perf_counter()
-            record["regenerated"] = regenerate(cfg, model, data, device, rank=rank, world=world,
-                                               tag=f"epoch-{epoch + 1}")
-            record["regen_s"] = time.perf_counter() - t0
+            in_loop = writer.cam_seconds if writer is not None else 0.0
+
+            def note_and_save() -> None:
+                # every shard is on disk, nothing published yet: a resume from here never needs the
+                # in-loop CAMs again, and one that repeats this epoch still sees its masks
+                record.update(regenerated=record["cache_generation"] + 1,
+                              regen_s=in_loop + time.perf_counter() - t0)
+                save_checkpoints()
+
+            record["regenerated"] = regenerate(cfg, model, data, device, epoch=epoch + 1, rank=rank,
+                                               writer=writer, before_publish=note_and_save)
+            record["regen_s"] = in_loop + time.perf_counter() - t0          # the publish included
+            if writer is not None:
+                record["regen_in_loop_s"] = in_loop
+        else:
+            save_checkpoints()
+        barrier(world)
         if last and world > 1:
             # DDP keeps the ranks' parameters equal; record each rank's digest so that is checkable.
             record["weight_digests"] = gather_weight_digests(model, world)
@@ -601,7 +616,8 @@ def epoch_line(r: dict, epochs: int) -> str:
     if r.get("cache_generation") is not None:
         parts.append(f"masks from generation {r['cache_generation']}")
     if "regen_s" in r:
-        parts.append(f"cache rebuilt in {r['regen_s']:.1f}s (generation {r['regenerated']})")
+        how = f", {r['regen_in_loop_s']:.1f}s of it CAMs in the loop" if "regen_in_loop_s" in r else ""
+        parts.append(f"cache rebuilt in {r['regen_s']:.1f}s (generation {r['regenerated']}{how})")
     if "eval" in r:
         e = r["eval"]
         parts.append(f"test acc {e['accuracy']:.3f} AUROC {e['auroc_msp']:.3f} OSCR {e['oscr_msp']:.3f}")
