@@ -11,8 +11,9 @@ In a training script::
     backmix.evaluate(model, backmix.loader(data, train=False), data)   # accuracy, AUROC, OSCR
 
 The stages are subpackages, data flowing one way: ``backmix.osr_data`` (image
-folders, splits) -> ``backmix.cam_cache`` (foreground maps) -> ``backmix.pipeline``
-(loaders) -> ``backmix.trainers``. In the repository they are top-level folders,
+folders, splits) -> ``backmix.models`` (build, checkpoint, CAM heads) ->
+``backmix.cam_cache`` (foreground maps) -> ``backmix.pipeline`` (loaders) ->
+``backmix.trainers``. In the repository they are top-level folders,
 mapped under the ``backmix`` name by pyproject's package-dir, so installing backmix
 adds no generic top-level packages. Every name is imported on first use:
 ``import backmix`` (and ``backmix --help``) does not import torch.

@@ -1,12 +1,15 @@
-"""The precompute stage: foreground maps (CAMs with momentum) in a versioned Arrow cache."""
+"""The precompute stage: foreground maps (CAMs with momentum) in a versioned Arrow cache.
+
+Of a model the cache needs only its last feature map [B, C, h, w] and the linear head over
+that map's average; ``backmix.models.features_and_head`` gives both for every supported
+family (or refuses in one line). The cache never builds models, nor imports the trainer.
+"""
 from typing import TYPE_CHECKING
 
 from backmix._lazy import lazy_exports
 
 _EXPORTS = {
     "ArrayMaps": ".maps", "ForegroundMaps": ".maps", "UniformMaps": ".maps",
-    "ARCHS": ".models", "build_model": ".models", "features_and_head": ".models", "load_model": ".models",
-    "save_checkpoint": ".models",
     "GenerationWriter": ".precompute", "build_generation": ".precompute", "class_activation_maps": ".precompute",
     "compute_cams": ".precompute", "publish_generation": ".precompute", "rebuild_cache": ".precompute",
     "ForegroundCache": ".store", "cache_info": ".store", "init_cache": ".store",
@@ -16,7 +19,6 @@ __getattr__, __dir__ = lazy_exports(__name__, globals(), _EXPORTS)
 
 if TYPE_CHECKING:
     from .maps import ArrayMaps, ForegroundMaps, UniformMaps
-    from .models import ARCHS, build_model, features_and_head, load_model, save_checkpoint
     from .precompute import (GenerationWriter, build_generation, class_activation_maps, compute_cams,
                              publish_generation, rebuild_cache)
     from .store import ForegroundCache, cache_info, init_cache

@@ -71,7 +71,8 @@ def register_bench(sub) -> None:
                        formatter_class=FMT)
     p.add_argument("--rows", type=int, default=1_281_167, help="rows of the synthetic cache (ImageNet-1k train)")
     p.add_argument("--grid", type=int, default=8, help="g of the g x g maps")
-    p.add_argument("--arch", default="resnet18", help="model timed for precompute vs plain inference")
+    p.add_argument("--arch", default="resnet18",
+                   help="model timed for precompute vs plain inference (any --arch of backmix train)")
     p.add_argument("--canvas", "--image-size", dest="canvas", type=int, default=112,
                    help="canvas side of the timed batches")
     p.add_argument("--batch-size", type=int, default=256, help="images per timed forward pass")
@@ -114,7 +115,7 @@ def run_build(args) -> int:
     from backmix.osr_data.decode import IMAGENET_MEAN, IMAGENET_STD
     from backmix.osr_data.index import ImageIndex
 
-    from .models import file_digest, load_model
+    from backmix.models import file_digest, load_model
     from .precompute import build_generation
     from .store import ForegroundCache, init_cache
 

@@ -68,11 +68,11 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from backmix.models import features_and_head
 from backmix.osr_data.decode import DecodeError, decode_canvas
 from backmix.osr_data.errors import BackMixError
 from backmix.osr_data.index import ImageIndex
 
-from .models import features_and_head
 from .store import (ForegroundCache, MappedMaps, build_lock, generation_path, pending_dir, prune,
                     publish_lock, read_pointer, write_maps, write_pointer)
 

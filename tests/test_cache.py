@@ -13,9 +13,9 @@ import pytest
 import torch
 from torch import nn
 
-from backmix.cam_cache import (ForegroundCache, build_generation, build_model, class_activation_maps, init_cache,
-                       publish_generation, save_checkpoint)
+from backmix.cam_cache import ForegroundCache, build_generation, class_activation_maps, init_cache, publish_generation
 from backmix.cam_cache.store import generation_path, write_maps, write_pointer
+from backmix.models import build_model, save_checkpoint
 from backmix.osr_data import BackMixError, ImageIndex
 
 MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
@@ -184,7 +184,7 @@ PAUSING_BUILD = """
 import os, sys, time
 import numpy as np
 from backmix.cam_cache import build_generation
-from backmix.cam_cache.models import load_model
+from backmix.models import load_model
 from backmix.osr_data import ImageIndex
 
 data, cache, ckpt, pause_before = sys.argv[1:5]
@@ -262,7 +262,7 @@ def test_two_shards_equal_one_process(tmp_path, index, model):
 def test_two_concurrent_processes_equal_one(tmp_path, tiny_root):
     """Two `backmix cache build --shard k/2` processes at once: both race to publish, one generation results,
     equal row for row to a 1-process build."""
-    from backmix.cam_cache.models import file_digest, load_model
+    from backmix.models import file_digest, load_model
     from backmix.osr_data.decode import IMAGENET_MEAN, IMAGENET_STD
     torch.manual_seed(1)
     ckpt = save_checkpoint(tmp_path / "m.pt", build_model("cnn32", 3, width=0.25), arch="cnn32", num_classes=3,

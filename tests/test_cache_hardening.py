@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from backmix.cam_cache import ForegroundCache, build_generation, init_cache
-from backmix.cam_cache.models import Classifier32
+from backmix.models import Classifier32
 from backmix.cam_cache.store import build_lock, generation_path, write_maps
 from backmix.osr_data import BackMixError, ImageIndex
 

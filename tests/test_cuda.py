@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from backmix.cam_cache import compute_cams
-from backmix.cam_cache.models import Classifier32
+from backmix.models import Classifier32
 from backmix.osr_data import ImageIndex
 from backmix.pipeline import BackMix, BackMixSampler, LoaderConfig, make_loader
 from backmix.pipeline.batch import to_device

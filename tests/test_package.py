@@ -20,19 +20,20 @@ def test_the_wheel_installs_only_the_backmix_package(tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     top = {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")}
     assert top == {"backmix"}, top
-    for stage in ("osr_data", "cam_cache", "pipeline", "trainers"):
+    for stage in ("osr_data", "models", "cam_cache", "pipeline", "trainers"):
         assert f"backmix/{stage}/__init__.py" in names
 
 
 def test_stage_packages_are_not_importable_by_their_folder_names_outside_the_repo(tmp_path):
-    for name in ("pipeline", "trainers", "cam_cache", "osr_data"):
+    for name in ("pipeline", "trainers", "cam_cache", "osr_data", "models"):
         r = subprocess.run([sys.executable, "-c", f"import {name}"], capture_output=True, text=True, cwd=tmp_path)
         assert r.returncode == 1 and "ModuleNotFoundError" in r.stderr, (name, r.stderr)
 
 
 def test_importing_backmix_and_its_stages_imports_no_torch(tmp_path):
-    code = ("import sys, backmix, backmix.osr_data, backmix.cam_cache, backmix.pipeline, backmix.trainers; "
-            "print(sorted(m for m in ('torch', 'torchvision', 'sklearn', 'nvidia.dali', 'ffcv') if m in sys.modules))")
+    code = ("import sys, backmix, backmix.osr_data, backmix.models, backmix.cam_cache, backmix.pipeline, "
+            "backmix.trainers; print(sorted(m for m in ('torch', 'torchvision', 'timm', 'sklearn', 'nvidia.dali', "
+            "'ffcv') if m in sys.modules))")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, check=True)
     assert r.stdout.strip() == "[]"
 

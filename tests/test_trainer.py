@@ -187,7 +187,7 @@ def test_a_second_run_into_the_same_folder_is_refused(finished_run):
 
 def test_world_size_not_matching_a_pending_cache_build_is_reported(small_root, tmp_path):
     from backmix.cam_cache import build_generation, init_cache
-    from backmix.cam_cache.models import build_model
+    from backmix.models import build_model
     from backmix.osr_data.index import ImageIndex
     from backmix.trainers.train import load_data
 
@@ -332,7 +332,7 @@ def frozen(monkeypatch) -> None:
 
 def test_in_loop_generation_of_a_frozen_model_equals_the_separate_pass(small_root, tmp_path, monkeypatch):
     from backmix.cam_cache import ForegroundCache, build_generation, init_cache
-    from backmix.cam_cache.models import build_model, load_model
+    from backmix.models import build_model, load_model
     from backmix.pipeline.augment import IMAGENET_MEAN, IMAGENET_STD
     from backmix.trainers.train import load_data
 

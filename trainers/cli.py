@@ -25,7 +25,7 @@ def register_bench(sub) -> None:
 
 
 def register(top) -> None:
-    from backmix.cam_cache.models import ARCHS
+    from backmix.models import ARCH_HELP
     from backmix.pipeline.config import ON_ERROR
     from backmix.pipeline.loaders import BACKENDS
 
@@ -39,7 +39,7 @@ def register(top) -> None:
     p.add_argument("--data", type=Path, required=True, help="prepared data set root holding train/ and test/")
     p.add_argument("--out", type=Path, default=Path("runs/quick"), help="run folder")
     p.add_argument("--epochs", type=int, default=S, help="epochs" + _d("epochs"))
-    p.add_argument("--arch", choices=ARCHS, default=S, help="model" + _d("arch"))
+    p.add_argument("--arch", default=S, metavar="NAME", help=f"model: {ARCH_HELP}" + _d("arch"))
     p.add_argument("--width", type=float, default=S, help="cnn32 channel multiplier" + _d("width"))
     p.add_argument("--batch-size", type=int, default=S, help="per rank" + _d("batch_size"))
     p.add_argument("--lr", type=float, default=S, help="peak learning rate" + _d("lr"))

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from backmix.cam_cache.models import ARCHS
+from backmix.models import check_arch
 from backmix.osr_data.decode import CANVAS_MODES, check_canvas
 from backmix.osr_data.errors import BackMixError
 from backmix.pipeline.config import DEVICES, ON_ERROR
@@ -18,7 +18,7 @@ from backmix.pipeline.sampling import AUGMENTS
 OPTIMIZERS = ("sgd", "adamw")
 AMP = ("auto", "bf16", "fp16", "off")
 REGEN = ("loop", "pass")
-CHOICES = {"arch": ARCHS, "opt": OPTIMIZERS, "backend": BACKENDS, "amp": AMP, "device": DEVICES,
+CHOICES = {"opt": OPTIMIZERS, "backend": BACKENDS, "amp": AMP, "device": DEVICES,
            "on_error": ON_ERROR, "regen": REGEN, "canvas_mode": CANVAS_MODES, "augment": AUGMENTS}
 
 
@@ -94,7 +94,8 @@ class TrainConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
-        for name, value in (("arch", self.arch), ("opt", self.opt), ("backend", self.backend), ("amp", self.amp),
+        check_arch(self.arch)
+        for name, value in (("opt", self.opt), ("backend", self.backend), ("amp", self.amp),
                             ("device", self.device), ("on_error", self.on_error), ("regen", self.regen),
                             ("canvas_mode", self.canvas_mode), ("augment", self.augment)):
             choices = CHOICES[name]
@@ -117,7 +118,8 @@ class TrainConfig:
 
     @property
     def model_kwargs(self) -> dict:
-        return {"width": self.width} if self.arch == "cnn32" else {}
+        # image_size: ViTs and the like are built for the crop side they will see (others ignore it)
+        return {"width": self.width} if self.arch == "cnn32" else {"image_size": self.crop}
 
     def loader_options(self) -> dict:
         """``make_loader``'s backend keyword arguments. The Ray options of a run resumed or evaluated

@@ -42,7 +42,7 @@ import torch.distributed as dist
 from torch import nn
 from tqdm import tqdm
 
-from backmix.cam_cache.models import build_model, load_model, save_checkpoint
+from backmix.models import build_model, features_and_head, load_model, read_checkpoint, save_checkpoint
 from backmix.osr_data.errors import BackMixError
 from backmix.osr_data.index import ImageIndex, atomic_write_bytes
 from backmix.osr_data.splits import OpenSetSplit, resolve_split
@@ -468,6 +468,8 @@ def _run(cfg: TrainConfig, device: torch.device, rank: int, world: int, resume: 
     else:
         torch.manual_seed(cfg.seed)
         model = build_model(cfg.arch, K, **cfg.model_kwargs)
+    if cfg.backmix and cfg.regen_every:
+        features_and_head(model)   # a model whose CAMs cannot be taken is refused now, not after an epoch
     if rank == 0:   # only now: a resume refused above leaves the run's config as it was
         with writing(run / "config.json"):
             atomic_write_bytes(run / "config.json", (json.dumps(cfg.to_dict(), indent=2) + "\n").encode())
@@ -636,7 +638,6 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, data_root: str | os.PathL
                         workers: int = 2, progress: bool = True, on_error: str = "raise",
                         canvas_mode: Optional[str] = None) -> dict:
     """Open-set metrics of a checkpoint on ``data_root``/test; the known classes come from the checkpoint."""
-    from backmix.cam_cache.models import read_checkpoint
     if Path(checkpoint).is_dir():
         raise BackMixError(f"--checkpoint {checkpoint} is a folder; pass a checkpoint file in it, "
                            f"{Path(checkpoint) / 'best.pt'} or {Path(checkpoint) / 'last.pt'}")
