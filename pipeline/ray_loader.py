@@ -129,7 +129,7 @@ class RayLoader(ReferenceLoader):
 
     def _setup_decoding(self) -> None:
         self._ray = ray = join_ray(self.address, max(1, self.config.num_workers))
-        self._dataset = [ray.put(CanvasDataset(self.index, self.config.canvas))]
+        self._dataset = [ray.put(CanvasDataset(self.index, self.config.canvas, self.config.canvas_mode))]
         # SPREAD: the batches go round the nodes instead of filling the driver's node first.
         self._task = ray.remote(num_cpus=1, max_retries=TASK_RETRIES, scheduling_strategy="SPREAD")(canvas_batch)
 
