@@ -1,50 +1,83 @@
-"""The ``backmix`` command: one subcommand group per stage, each registered by its package."""
+"""The ``backmix`` command: commands of every stage, each registered by its package when it is run."""
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import sys
+from typing import Optional
 
 from backmix.osr_data.errors import BackMixError
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from backmix.cam_cache import cli as cache_cli
-    from backmix.osr_data import cli as data_cli
-    from backmix.pipeline import cli as pipeline_cli
-    from backmix.trainers import cli as trainer_cli
+# Every command: (group or None, name) -> (one-line summary, "module:function" that registers it).
+# Only the registrar of the command being run is imported, so `backmix --help` and light
+# commands such as `backmix cache info` never import torch. A registrar may add several
+# commands (e.g. train, eval and experiment); they are listed under it.
+GROUPS = {
+    "data": "prepare bundled data sets, convert folders",
+    "cache": "build and inspect foreground-map caches",
+    "bench": "benchmarks that print a table and write JSON",
+}
+COMMANDS = {
+    ("data", "prepare"): ("write a bundled real data set as an image folder", "backmix.osr_data.cli:register"),
+    ("data", "write-beton"): ("convert an image folder to an FFCV .beton (once, for the FFCV loader)",
+                              "backmix.pipeline.cli:register_data"),
+    ("cache", "init"): ("create generation 0 (0.5 everywhere) for a data folder", "backmix.cam_cache.cli:register"),
+    ("cache", "build"): ("compute the next generation from a checkpoint's CAMs", "backmix.cam_cache.cli:register"),
+    ("cache", "info"): ("generation, rows, grid, digests and size of a cache", "backmix.cam_cache.cli:register"),
+    ("cache", "show"): ("draw a cache's maps, masks and a mixed batch as a PNG sheet",
+                        "backmix.pipeline.cli:register_cache_show"),
+    (None, "train"): ("train an open-set classifier with BackMix (or the plain baseline)",
+                      "backmix.trainers.cli:register"),
+    (None, "eval"): ("open-set metrics of a checkpoint on a data set's test folder", "backmix.trainers.cli:register"),
+    (None, "experiment"): ("baseline vs BackMix over data sets and splits, as one table",
+                           "backmix.trainers.cli:register"),
+    ("bench", "cache"): ("precompute vs inference throughput, publish time/size, gather latency",
+                         "backmix.cam_cache.cli:register_bench"),
+    ("bench", "loader"): ("images/s of each loader with and without BackMix", "backmix.pipeline.cli:register_bench"),
+    ("bench", "scale"): ("index, cache, first-batch, memory and rebuild costs on an ImageNet-sized folder",
+                         "backmix.trainers.cli:register_bench"),
+    (None, "show"): ("draw one mixed batch as a PNG sheet", "backmix.pipeline.cli:register"),
+}
 
+
+def chosen_command(argv: list[str]) -> tuple[Optional[str], Optional[str]]:
+    """(group, name) of the command in ``argv`` as far as it names one ((None, None): none yet)."""
+    words = [a for a in argv if not a.startswith("-")]
+    if not words:
+        return None, None
+    if words[0] in GROUPS:
+        return words[0], words[1] if len(words) > 1 else None
+    return None, words[0]
+
+
+def build_parser(argv: Optional[list[str]] = None) -> argparse.ArgumentParser:
+    """The parser, with the real options of the command ``argv`` names and a summary of every other."""
     parser = argparse.ArgumentParser(
         prog="backmix",
         description="Train open-set recognition models with BackMix: prepare data, precompute "
                     "foreground caches, load and mix batches fast, train and evaluate.")
     parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
     top = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-
-    data = top.add_parser("data", help="prepare bundled data sets, convert folders").add_subparsers(
-        dest="data_command", metavar="SUBCOMMAND", required=True)
-    data_cli.register(data)
-    pipeline_cli.register_data(data)
-
-    cache = top.add_parser("cache", help="build and inspect foreground-map caches").add_subparsers(
-        dest="cache_command", metavar="SUBCOMMAND", required=True)
-    cache_cli.register(cache)
-    pipeline_cli.register_cache_show(cache)
-
-    trainer_cli.register(top)
-
-    bench = top.add_parser("bench", help="benchmarks that print a table and write JSON").add_subparsers(
-        dest="bench_command", metavar="SUBCOMMAND", required=True)
-    cache_cli.register_bench(bench)
-    pipeline_cli.register_bench(bench)
-    trainer_cli.register_bench(bench)
-
-    pipeline_cli.register(top)
+    chosen = chosen_command(sys.argv[1:] if argv is None else argv)
+    registrar = COMMANDS.get(chosen, (None, None))[1]
+    groups = {None: top}
+    for key, (summary, where) in COMMANDS.items():   # in table order, so --help lists them so
+        group, name = key
+        if group not in groups:
+            groups[group] = top.add_parser(group, help=GROUPS[group]).add_subparsers(
+                dest=f"{group}_command", metavar="SUBCOMMAND", required=True)
+        if where != registrar:
+            groups[group].add_parser(name, help=summary)
+        elif key == chosen:
+            module, function = where.split(":")
+            getattr(importlib.import_module(module), function)(groups[group])
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser(argv).parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
                         format="backmix: %(message)s", stream=sys.stderr)
     try:

@@ -9,7 +9,7 @@ import json
 import os
 from pathlib import Path
 
-from backmix.osr_data.decode import CANVAS_MODES
+from backmix.osr_data.options import CANVAS_MODES
 from backmix.osr_data.errors import BackMixError
 
 class FMT(argparse.ArgumentDefaultsHelpFormatter):

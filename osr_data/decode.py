@@ -34,10 +34,7 @@ def decode_rgb(path: str) -> torch.Tensor:
         raise DecodeError(path, str(e).splitlines()[0] if str(e) else "") from None
 
 
-# How an image becomes the square canvas the mix works on. "center": the shorter side resized
-# to the canvas, then the centre square (torchvision Resize(size) + CenterCrop(size): the authors'
-# loader; shapes keep their aspect ratio). "stretch": both sides resized to the canvas.
-CANVAS_MODES = ("center", "stretch")
+from .options import CANVAS_MODES  # noqa: E402  (defined where the command line reads it without torch)
 
 
 def check_canvas_mode(mode: str) -> str:

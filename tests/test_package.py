@@ -44,3 +44,20 @@ def test_a_missing_dali_is_one_line_naming_the_install_command(monkeypatch, tiny
     monkeypatch.setitem(sys.modules, "nvidia.dali", None)     # what an install without the extra looks like
     with pytest.raises(BackMixError, match=r"pip install 'backmix\[dali\]'"):
         make_loader("dali", ImageIndex.load(tiny_root), LoaderConfig(batch_size=4))
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["cache", "--help"], ["cache", "info", "--help"]])
+def test_help_and_cache_info_import_no_torch(tmp_path, argv):
+    code = (f"import sys; from backmix.cli import main\ntry: main({argv!r})\nexcept SystemExit: pass\n"
+            "print(sorted(m for m in ('torch', 'torchvision', 'sklearn') if m in sys.modules), file=sys.stderr)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
+    assert r.stderr.strip().splitlines()[-1] == "[]" and "usage: backmix" in r.stdout
+
+
+def test_every_command_has_help():
+    from backmix.cli import COMMANDS, main
+    for group, name in COMMANDS:
+        argv = [group, name, "--help"] if group else [name, "--help"]
+        with pytest.raises(SystemExit) as done:
+            main(argv)
+        assert done.value.code == 0, argv
