@@ -199,9 +199,11 @@ def register(top) -> None:
     p.add_argument("--budget", choices=tuple(BUDGETS), default="converged",
                    help="epochs, width and lr of every run: " + "; ".join(
                        f"{name}: {b['epochs']} epochs, width {b['width']}, lr {b['lr']}" for name, b in BUDGETS.items()))
-    p.add_argument("--epochs", type=int, default=None, help="epochs a run (default: the budget's)")
-    p.add_argument("--width", type=float, default=None, help="cnn32 channel multiplier (default: the budget's)")
-    p.add_argument("--lr", type=float, default=None, help="peak learning rate (default: the budget's)")
+    # Not given: the --budget's value (SUPPRESS keeps argparse from printing "default: None").
+    p.add_argument("--epochs", type=int, default=argparse.SUPPRESS, help="epochs a run (default: the budget's)")
+    p.add_argument("--width", type=float, default=argparse.SUPPRESS,
+                   help="cnn32 channel multiplier (default: the budget's)")
+    p.add_argument("--lr", type=float, default=argparse.SUPPRESS, help="peak learning rate (default: the budget's)")
     p.add_argument("--arch", default=EXPERIMENT_DEFAULTS["arch"], help="model")
     p.add_argument("--backend", default="reference", help="loader")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="training device")
@@ -217,9 +219,8 @@ def register(top) -> None:
 
 def run_cli(args) -> int:
     datasets = [d.strip() for d in args.datasets.split(",") if d.strip()]
-    budget = BUDGETS[args.budget]
-    overrides = {"epochs": args.epochs or budget["epochs"], "width": args.width or budget["width"],
-                 "lr": args.lr or budget["lr"], "arch": args.arch, "backend": args.backend,
+    given = {name: getattr(args, name) for name in BUDGETS[args.budget] if hasattr(args, name)}
+    overrides = {**BUDGETS[args.budget], **given, "arch": args.arch, "backend": args.backend,
                  "device": args.device, "workers": args.workers, "seed": args.seed}
     methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
     run_experiment(args.out, datasets, args.splits, overrides, seeds=args.seeds, keep_runs=args.keep_runs,
