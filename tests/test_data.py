@@ -66,9 +66,71 @@ def test_random_splits_follow_the_protocol_and_are_seeded():
     assert len(splits) == 5
     for s in splits:
         assert len(s.known) == 6 and len(s.unknown) == 4 and set(s.known) | set(s.unknown) == set(classes)
-    assert len({s.known for s in splits}) > 1
+        assert list(s.known) == sorted(s.known, key=classes.index)     # label order of the closed-set head
     assert [s.known for s in random_splits(classes, seed=0)] == [s.known for s in splits]
+    assert [s.known for s in random_splits(classes, seed=1)] != [s.known for s in splits]
     assert resolve_split(classes, "2") == splits[2]
+
+
+@pytest.mark.parametrize("n_classes", [10, 20, 1000])
+def test_random_splits_are_distinct_and_deterministic(n_classes):
+    classes = tuple(f"c{i}" for i in range(n_classes))
+    for seed in range(20 if n_classes == 10 else 3):   # seed 0 drew split 3 == split 0 before the fix
+        splits = random_splits(classes, seed=seed)
+        assert len({s.known for s in splits}) == 5
+        assert splits == random_splits(classes, seed=seed)
+        for s in splits:
+            assert len(s.known) == round(0.6 * n_classes) and not set(s.known) & set(s.unknown)
+            assert len(s.known) + len(s.unknown) == n_classes
+
+
+def test_random_splits_can_use_every_possible_known_set():
+    classes = ("a", "b", "c", "d")                      # 4 choose 2 = 6 known sets, all of them asked for
+    splits = random_splits(classes, n_splits=6, n_known=2, seed=3)
+    assert sorted(s.known for s in splits) == [("a", "b"), ("a", "c"), ("a", "d"), ("b", "c"), ("b", "d"),
+                                               ("c", "d")]
+
+
+def test_impossible_distinct_splits_are_refused():
+    with pytest.raises(BackMixError, match="5 distinct splits of 3 classes with 2 known do not exist"):
+        random_splits(("a", "b", "c"), n_splits=5)
+    with pytest.raises(BackMixError, match="at least 1"):
+        random_splits(("a", "b", "c"), n_splits=0)
+
+
+def python_lines_run(fn, *args, **kw) -> int:
+    """Lines of Python executed inside osr_data/splits.py while ``fn`` runs."""
+    import sys
+    from backmix.osr_data import splits as module
+    count = 0
+
+    def tracer(frame, event, arg):
+        nonlocal count
+        if frame.f_code.co_filename != module.__file__:
+            return None
+        if event == "line":
+            count += 1
+        return tracer
+
+    sys.settrace(tracer)
+    try:
+        fn(*args, **kw)
+    finally:
+        sys.settrace(None)
+    return count
+
+
+def test_random_splits_do_no_per_class_python_work():
+    """O(classes): the Python steps do not grow with the classes (numpy does the O(classes) work).
+
+    The old draw rebuilt a set of the known classes for every class, O(classes^2); here
+    1,000 and 10,000 classes must run the very same number of Python lines.
+    """
+    small = python_lines_run(random_splits, tuple(f"c{i}" for i in range(1000)))
+    large = python_lines_run(random_splits, tuple(f"c{i}" for i in range(10_000)))
+    assert small == large
+    splits = random_splits(tuple(f"c{i}" for i in range(10_000)))
+    assert len({s.known for s in splits}) == 5 and all(len(s.known) == 6000 for s in splits)
 
 
 def test_explicit_split_and_label_map():

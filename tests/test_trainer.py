@@ -455,22 +455,44 @@ def test_a_failed_publish_on_rank_0_ends_every_rank_with_the_error(small_root, t
     assert json.loads((cfg.cache_dir / "CURRENT").read_text())["generation"] == 0
 
 
-def test_experiment_runs_each_method_once_and_tabulates(tmp_path, capsys):
+def test_experiment_pairs_methods_per_split_and_seed(tmp_path, capsys):
     from backmix.trainers.experiment import run_experiment
     overrides = {"epochs": 1, "width": 0.25, "device": "cpu", "batch_size": 128}
-    results = run_experiment(tmp_path, ["digits"], 1, overrides, methods=("baseline", "backmix-mixed"))
-    assert [(r["dataset"], r["split"], r["method"]) for r in results] == [("digits", 0, "baseline"),
-                                                                         ("digits", 0, "backmix-mixed")]
+    results = run_experiment(tmp_path, ["digits"], 1, overrides, seeds=2, methods=("baseline", "backmix-mixed"))
+    assert [(r["dataset"], r["split"], r["seed"], r["method"]) for r in results] == [
+        ("digits", 0, 0, "baseline"), ("digits", 0, 0, "backmix-mixed"),
+        ("digits", 0, 1, "baseline"), ("digits", 0, 1, "backmix-mixed")]
+    assert [r["config"]["seed"] for r in results] == [0, 0, 1, 1]
     mixed = results[1]["config"]
     assert mixed["backmix"] is True and mixed["w_raw"] == 0.0 and results[0]["config"]["backmix"] is False
-    table = (tmp_path / "results.md").read_text()
-    assert "| digits | baseline | 1 |" in table and "| digits | backmix-mixed | 1 |" in table
-    # Run again with one more method: finished runs are skipped, the table keeps all three.
-    again = run_experiment(tmp_path, ["digits"], 1, overrides, methods=("backmix-mixed", "backmix"))
-    assert [r["method"] for r in again] == ["baseline", "backmix-mixed", "backmix"]
-    assert len((tmp_path / "results.jsonl").read_text().splitlines()) == 3
+    assert results[0]["metrics"] != results[2]["metrics"]          # the seeds really train differently
+
+    # The paired table leads results.md: mean ± std over the 2 pairs of (backmix-mixed - baseline).
+    text = (tmp_path / "results.md").read_text()
+    assert text.index("| dataset | variant − baseline |") < text.index("| dataset | method | runs |")
+    cells = []
+    for key in ("accuracy", "auroc_msp", "auroc_mls", "oscr_msp", "oscr_mls"):
+        d = np.array([results[i + 1]["metrics"][key] - results[i]["metrics"][key] for i in (0, 2)]) * 100
+        cells.append(f"{d.mean():+.1f} ± {d.std(ddof=1):.1f} ({int((d > 0).sum())}/2)")
+    assert "| digits | backmix-mixed | 2 | " + " | ".join(cells) + " |" in text
+    pair0 = [(results[1]["metrics"][k] - results[0]["metrics"][k]) * 100 for k in ("accuracy", "auroc_msp")]
+    assert f"| digits | backmix-mixed | 0 | 0 | {pair0[0]:+.1f} | {pair0[1]:+.1f} |" in text
+    assert "| digits | baseline | 2 |" in text and "| digits | backmix-mixed | 2 |" in text
+
+    # The command again, through the CLI: finished runs are skipped, the table is printed again.
+    capsys.readouterr()
+    args = ["-q", "experiment", "--out", str(tmp_path), "--datasets", "digits", "--splits", "1", "--seeds", "2",
+            "--budget", "quick", "--epochs", "1", "--width", "0.25", "--device", "cpu",
+            "--methods", "backmix-mixed"]
+    assert cli_main(args) == 2            # the CLI's batch size (64) differs from the runs' (128)
+    assert "holds runs of another budget (batch_size 128 there, 64 asked)" in capsys.readouterr().err
+    again = run_experiment(tmp_path, ["digits"], 1, overrides, seeds=2, methods=("backmix-mixed",))
+    assert again == results and len((tmp_path / "results.jsonl").read_text().splitlines()) == 4
+    assert capsys.readouterr().out == text
     with pytest.raises(BackMixError, match="unknown method 'mixup'"):
         run_experiment(tmp_path, ["digits"], 1, overrides, methods=("mixup",))
+    with pytest.raises(BackMixError, match="--seeds must be at least 1"):
+        run_experiment(tmp_path, ["digits"], 1, overrides, seeds=0)
 
 
 @pytest.mark.parametrize("extra, message", [
