@@ -40,3 +40,16 @@ def test_loader_serves_closed_set_labels_of_the_known_classes(digits_root, tmp_p
     labels = torch.cat([b.labels for b in test])
     assert (labels == -1).sum() == (data.label_map[data.test.labels] < 0).sum() > 0   # unknowns marked -1
     assert train.maps.generation == 0 and (tmp_path / "c" / "CURRENT").is_file()
+
+
+def test_the_readme_quick_start_runs_as_written(digits_root, tmp_path, capsys):
+    readme = (EXAMPLE.parents[1] / "README.md").read_text()
+    section = readme.split("## Use it in your own training loop", 1)[1]
+    code = section.split("```python\n", 1)[1].split("```", 1)[0]
+    assert len(code.strip().splitlines()) < 15
+    code = (code.replace('"data/digits"', repr(str(digits_root))).replace('"runs/cache"', repr(str(tmp_path / "c")))
+            .replace("range(10)", "range(1)"))
+    exec(compile(code, "README.md", "exec"), {})
+    metrics = capsys.readouterr().out
+    assert "'auroc_msp'" in metrics and "'accuracy'" in metrics
+    assert (tmp_path / "c" / "gen-000001.arrow").is_file()          # the rebuild published generation 1
