@@ -10,7 +10,9 @@ from backmix._lazy import lazy_exports
 _EXPORTS = {
     "IMAGENET_MEAN": ".augment", "IMAGENET_STD": ".augment", "BackMix": ".augment", "Normalize": ".augment",
     "RandomCropFlip": ".augment", "crop_flip": ".augment", "fill_value": ".augment", "normalize": ".augment",
-    "backmix": ".backmix", "box_size": ".backmix", "mix_backgrounds": ".backmix", "top_k_mask": ".backmix",
+    # (the function ``backmix.backmix`` is not exported here: importing the submodule of the same
+    # name would shadow it; ``mix_backgrounds`` and ``top_k_mask`` are the kernel)
+    "box_size": ".backmix", "mix_backgrounds": ".backmix", "top_k_mask": ".backmix",
     "BackMixBatch": ".batch", "BatchTransform": ".batch", "LoaderConfig": ".config", "choose_device": ".config",
     "BACKENDS": ".loaders", "make_loader": ".loaders", "ReferenceLoader": ".reference",
     "BackMixSampler": ".sampling", "BatchParams": ".sampling", "EpochSampler": ".sampling",
@@ -21,7 +23,7 @@ __getattr__, __dir__ = lazy_exports(__name__, globals(), _EXPORTS)
 if TYPE_CHECKING:
     from .augment import (IMAGENET_MEAN, IMAGENET_STD, BackMix, Normalize, RandomCropFlip, crop_flip,
                           fill_value, normalize)
-    from .backmix import backmix, box_size, mix_backgrounds, top_k_mask
+    from .backmix import box_size, mix_backgrounds, top_k_mask
     from .batch import BackMixBatch, BatchTransform
     from .config import LoaderConfig, choose_device
     from .loaders import BACKENDS, make_loader

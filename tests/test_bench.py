@@ -168,7 +168,8 @@ def test_bench_scale_runs_small_and_writes_every_field(tmp_path, monkeypatch, ca
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     out = tmp_path / "scale.json"
     assert main(["bench", "scale", "--classes", "20", "--per-class", "50", "--source-images", "24", "--epochs", "2",
-                 "--batch-size", "32", "--workers", "1", "--write-beton", "--json", str(out)]) == 0
+                 "--batch-size", "32", "--workers", "1", "--write-beton", "--json", str(out),
+                 "--backend", "reference,dali,ffcv"]) == 0      # ray: tests/test_ray.py (its own Ray per module)
     report = json.loads(out.read_text())
     assert {"machine", "command", "data", "images", "classes", "per_class", "config", "folder_build_s", "index_s",
             "index_load_s", "cache_init_s", "cache_open_s", "beton_write_s", "backends", "train"} <= set(report)

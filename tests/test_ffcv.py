@@ -16,7 +16,8 @@ import torch
 from backmix.cli import main as backmix_main
 from backmix.cam_cache.maps import UniformMaps
 from backmix.osr_data import BackMixError, ImageIndex
-from backmix.pipeline import LoaderConfig, ReferenceLoader, backmix, crop_flip, fill_value, make_loader, normalize
+from backmix.pipeline import LoaderConfig, ReferenceLoader, crop_flip, fill_value, make_loader, normalize
+from backmix.pipeline.backmix import backmix
 from backmix.pipeline.beton import write_beton
 
 ROWS = np.arange(0, 1257, 5)          # 252 images: 5 batches of 50 and a short one
@@ -242,7 +243,7 @@ FFCV_RRC_ATOL = 1e-5   # normalised units: the torch op's float32 arithmetic, in
 def tiny_center_beton(tiny_root, tmp_path_factory):
     """The tiny folder's 64 x 64 "center" canvases, raw: the reference loader's canvases exactly."""
     return write_beton(ImageIndex.load(tiny_root), tmp_path_factory.mktemp("beton") / "tiny-center.beton",
-                       canvas=64, mode="raw", canvas_mode="center", progress=False)
+                       canvas=64, mode="raw", canvas_mode="center", progress=False).path
 
 
 def test_rrc_equals_the_reference_and_the_torch_op(tiny_root, tiny_center_beton):
