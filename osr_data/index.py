@@ -145,8 +145,7 @@ class ImageIndex:
         try:
             st = os.stat(path)
         except FileNotFoundError:
-            raise BackMixError(f"image {path} is listed in {self.root / INDEX_NAME} but no longer exists; "
-                               "delete the index file to re-index") from None
+            raise _listed_but_missing(path, self.root / INDEX_NAME) from None
         if st.st_size != self.sizes[i] or st.st_mtime_ns != self.mtimes[i]:
             raise BackMixError(f"image {path} changed after {self.root / INDEX_NAME} was written (size or mtime "
                                "differ), so caches and betons made for this data set no longer match it; "
@@ -187,8 +186,7 @@ class ImageIndex:
         Loading checks, with one directory listing per class (no stat), that every listed file
         exists and that no class folder or image appeared after the index was written."""
         root = Path(root)
-        if not root.is_dir():
-            raise BackMixError(f"data folder {root} does not exist")
+        _check_is_split_folder(root)
         index_file = root / INDEX_NAME
         if not index_file.exists():
             index = cls.scan(root)
@@ -238,8 +236,7 @@ class ImageIndex:
             try:
                 st = os.stat(self.abspath(i))
             except FileNotFoundError:
-                raise BackMixError(f"image {self.abspath(i)} is listed in {index_file} but does not exist; "
-                                   "delete the index file to re-index") from None
+                raise _listed_but_missing(self.abspath(i), index_file) from None
             self.sizes[i], self.mtimes[i] = st.st_size, st.st_mtime_ns
 
     def _check_folders(self, index_file: Path) -> None:
@@ -253,7 +250,7 @@ class ImageIndex:
             if name not in known:
                 if not _image_names(self.root, name):
                     raise _no_images(self.root / name)
-                raise BackMixError(f"{index_file} was written before {name}/ appeared; delete it to re-index")
+                raise _written_before(index_file, f"{name}/")
         listings = []   # arrow arrays: the Python strings of one folder at a time are freed at once
         for name in self.classes:
             try:
@@ -275,11 +272,10 @@ class ImageIndex:
             return
         missing = pc.invert(pc.is_in(listed, value_set=on_disk))
         if pc.any(missing).as_py():
-            raise BackMixError(f"image {self.abspath(pc.index(missing, True).as_py())} is listed in {index_file} "
-                               "but does not exist; delete the index file to re-index")
+            raise _listed_but_missing(self.abspath(pc.index(missing, True).as_py()), index_file)
         for path in on_disk.filter(pc.invert(pc.is_in(on_disk, value_set=listed))).to_pylist():
             if (self.root / path).is_file():          # not a folder named like an image
-                raise BackMixError(f"{index_file} was written before {path} appeared; delete it to re-index")
+                raise _written_before(index_file, path)
 
     # --- writing and identity ----------------------------------------------------------------------
 
@@ -336,6 +332,15 @@ def _image_names(root: Path, name: str) -> list[str]:
     import pyarrow as pa
     names = pa.array(os.listdir(root / name), pa.large_string())
     return sorted(names.filter(_image_mask(names)).to_pylist())
+
+
+def _listed_but_missing(path: str, index_file: Path) -> BackMixError:
+    return BackMixError(f"image {path} is listed in {index_file} but does not exist; "
+                        "delete the index file to re-index")
+
+
+def _written_before(index_file: Path, what: str) -> BackMixError:
+    return BackMixError(f"{index_file} was written before {what} appeared; delete it to re-index")
 
 
 def _no_images(folder: Path) -> BackMixError:
