@@ -165,15 +165,18 @@ class ImageIndex:
         paths: list[str] = []
         labels, sizes, mtimes = [], [], []
         for label, name in enumerate(classes):
-            for file in _image_names(root, name):
-                path = f"{name}/{file}"
-                st = os.stat(root / path)
-                if not stat.S_ISREG(st.st_mode):
-                    continue
-                paths.append(path)
-                sizes.append(st.st_size)
-                mtimes.append(st.st_mtime_ns)
-                labels.append(label)
+            folder = os.open(root / name, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                for file in _image_names(root, name):
+                    st = os.stat(file, dir_fd=folder)     # relative to the open folder: no path walk
+                    if not stat.S_ISREG(st.st_mode):
+                        continue
+                    paths.append(f"{name}/{file}")
+                    sizes.append(st.st_size)
+                    mtimes.append(st.st_mtime_ns)
+                    labels.append(label)
+            finally:
+                os.close(folder)
             if not labels or labels[-1] != label:
                 raise _no_images(root / name)
         return cls(root, IndexPaths.from_strings(paths), np.asarray(labels, dtype=np.int64), tuple(classes),
@@ -283,7 +286,8 @@ class ImageIndex:
         buf = io.StringIO()
         w = csv.writer(buf, lineterminator="\n")
         w.writerow(COLUMNS)
-        w.writerows(zip(self.paths, self.labels.tolist(), self.sizes.tolist(), self.mtimes.tolist()))
+        w.writerows(zip(self.paths.to_arrow().to_pylist(), self.labels.tolist(), self.sizes.tolist(),
+                        self.mtimes.tolist()))
         return buf.getvalue().encode()
 
     def write(self) -> Path:
