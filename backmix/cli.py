@@ -54,3 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("backmix: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # The reader went away (`backmix cache info | head`): stop quietly, as coreutils do.
+        sys.stdout = None
+        return 141

@@ -1,9 +1,21 @@
 """The precompute stage: foreground maps (CAMs with momentum) in a versioned Arrow cache."""
-from .maps import ArrayMaps, ForegroundMaps, UniformMaps
-from .models import ARCHS, build_model, features_and_head, load_model, save_checkpoint
-from .precompute import build_generation, class_activation_maps, compute_cams, publish_generation
-from .store import ForegroundCache, cache_info, init_cache
+from typing import TYPE_CHECKING
 
-__all__ = ["ARCHS", "ArrayMaps", "ForegroundCache", "ForegroundMaps", "UniformMaps", "build_generation",
-           "build_model", "cache_info", "class_activation_maps", "compute_cams", "features_and_head",
-           "init_cache", "load_model", "publish_generation", "save_checkpoint"]
+from backmix._lazy import lazy_exports
+
+_EXPORTS = {
+    "ArrayMaps": ".maps", "ForegroundMaps": ".maps", "UniformMaps": ".maps",
+    "ARCHS": ".models", "build_model": ".models", "features_and_head": ".models", "load_model": ".models",
+    "save_checkpoint": ".models",
+    "build_generation": ".precompute", "class_activation_maps": ".precompute", "compute_cams": ".precompute",
+    "publish_generation": ".precompute",
+    "ForegroundCache": ".store", "cache_info": ".store", "init_cache": ".store",
+}
+__all__ = sorted(_EXPORTS)
+__getattr__, __dir__ = lazy_exports(__name__, globals(), _EXPORTS)
+
+if TYPE_CHECKING:
+    from .maps import ArrayMaps, ForegroundMaps, UniformMaps
+    from .models import ARCHS, build_model, features_and_head, load_model, save_checkpoint
+    from .precompute import build_generation, class_activation_maps, compute_cams, publish_generation
+    from .store import ForegroundCache, cache_info, init_cache

@@ -20,7 +20,6 @@ rows in dataset order whatever N was, so 1 and N processes give the same file.
 """
 from __future__ import annotations
 
-import fcntl
 import functools
 import hashlib
 import logging
@@ -42,8 +41,8 @@ from backmix.osr_data.errors import BackMixError
 from backmix.osr_data.index import ImageIndex
 
 from .models import features_and_head
-from .store import (ForegroundCache, MappedMaps, generation_path, pending_dir, prune, read_pointer,
-                    write_maps, write_pointer)
+from .store import (ForegroundCache, MappedMaps, build_lock, generation_path, pending_dir, prune,
+                    publish_lock, read_pointer, write_maps, write_pointer)
 
 log = logging.getLogger("backmix")
 
@@ -175,6 +174,17 @@ def build_generation(cache_dir: str | os.PathLike, model: nn.Module, index: Imag
     if not 0.0 <= momentum <= 1.0:
         raise BackMixError(f"momentum must lie in [0, 1], got {momentum}")
     _, head = features_and_head(model)            # refuse a model without a CAM head before any work
+    with build_lock(cache_dir, shard):
+        return _build_shard(cache_dir, model, index, head, canvas=canvas, mean=mean, std=std,
+                            momentum=momentum, label_map=label_map, rows=rows, batch_size=batch_size,
+                            num_workers=num_workers, device=device, shard=shard,
+                            checkpoint_digest=checkpoint_digest, publish=publish, progress=progress)
+
+
+def _build_shard(cache_dir: Path, model: nn.Module, index: ImageIndex, head: nn.Linear, *, canvas, mean, std,
+                 momentum, label_map, rows, batch_size, num_workers, device, shard, checkpoint_digest,
+                 publish, progress) -> Optional[int]:
+    k, world = shard
     current = ForegroundCache(cache_dir, index=index)
     nxt = current.generation + 1
     rows = np.arange(len(index)) if rows is None else np.asarray(rows, dtype=np.int64)
@@ -223,9 +233,7 @@ def publish_generation(cache_dir: str | os.PathLike, generation: Optional[int] =
     counts as done (the shards of a build race to publish; one wins).
     """
     cache_dir = Path(cache_dir)
-    # One publisher at a time; flock is released by the kernel if the process dies.
-    with open(cache_dir / ".publish.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with publish_lock(cache_dir):
         ptr = read_pointer(cache_dir)
         if generation is not None and int(ptr["generation"]) >= generation:
             return generation

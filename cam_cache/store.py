@@ -18,12 +18,21 @@ reuses only shards of the very same build.
 
 Every file is written to a temporary name, fsync'd and renamed, and CURRENT
 moves only after the generation file is in place, so a crash at any moment
-leaves the previous generation current and readable.
+leaves the previous generation current and readable. Format 3 adds a CRC-32
+of the three columns' bytes to the metadata, checked when a process first opens
+the file, and every written map must be finite and in [0, 1]: a file damaged
+in place is refused instead of carried into the next generation. A folder
+whose CURRENT was deleted is recovered from its newest intact generation by
+the writers (``init_cache``), with a log line; readers refuse it.
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
+import logging
 import os
+import zlib
 from pathlib import Path
 from typing import Optional
 
@@ -33,9 +42,36 @@ import pyarrow as pa
 from backmix.osr_data.errors import BackMixError
 from backmix.osr_data.index import ImageIndex, atomic_file, atomic_write_bytes
 
-FORMAT = "backmix-foreground-cache/2"
-READABLE_FORMATS = ("backmix-foreground-cache/1", FORMAT)
+FORMAT = "backmix-foreground-cache/3"
+READABLE_FORMATS = ("backmix-foreground-cache/1", "backmix-foreground-cache/2", FORMAT)
 POINTER = "CURRENT"
+
+log = logging.getLogger("backmix")
+
+
+def check_grid(grid: int) -> int:
+    if not isinstance(grid, int) or grid < 1:
+        raise BackMixError(f"grid must be a positive whole number of cells, got {grid}")
+    return grid
+
+
+def check_cache_dir(cache_dir: Path) -> Path:
+    """A cache path names a folder: refuse a file in one line (before any work)."""
+    cache_dir = Path(cache_dir)
+    for parent in (cache_dir, *cache_dir.parents):
+        if parent.exists():
+            if not parent.is_dir():
+                raise BackMixError(f"cache path {cache_dir}: {parent} is a file, not a folder")
+            break
+    return cache_dir
+
+
+def columns_crc(rows: np.ndarray, labels: np.ndarray, maps: np.ndarray) -> str:
+    """CRC-32 of the index, label and map bytes: detects a file damaged in place (not an attacker)."""
+    crc = 0
+    for a in (rows, labels, maps):
+        crc = zlib.crc32(memoryview(np.ascontiguousarray(a)).cast("B"), crc)
+    return f"{crc:08x}"
 
 
 def generation_path(cache_dir: Path, generation: int) -> Path:
@@ -57,10 +93,15 @@ def write_maps(path: Path, rows: np.ndarray, labels: np.ndarray, maps: np.ndarra
                meta: dict[str, object]) -> None:
     """Atomically write one Arrow IPC file of ``maps`` (float16 [N, g, g]) for dataset ``rows``."""
     n, g, _ = maps.shape
-    flat = pa.array(np.ascontiguousarray(maps, dtype=np.float16).reshape(-1), type=pa.float16())
+    maps = np.ascontiguousarray(maps, dtype=np.float16)
+    rows, labels = np.ascontiguousarray(rows, np.int64), np.ascontiguousarray(labels, np.int64)
+    bad = ~((maps >= 0) & (maps <= 1))          # NaN compares false: caught here too
+    if bad.any():
+        raise BackMixError(f"refusing to write {path}: {int(bad.sum())} map values are NaN or outside [0, 1]")
+    flat = pa.array(maps.reshape(-1), type=pa.float16())
     batch = pa.record_batch([pa.array(rows, pa.int64()), pa.array(labels, pa.int64()),
                              pa.FixedSizeListArray.from_arrays(flat, g * g)],
-                            schema=schema(g, meta))
+                            schema=schema(g, {**meta, "crc32": columns_crc(rows, labels, maps)}))
     with atomic_file(path) as tmp:
         with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, batch.schema) as writer:
             writer.write_batch(batch)
@@ -76,9 +117,12 @@ def _fsync_dir(folder: Path) -> None:
 
 
 class MappedMaps:
-    """One generation (or shard) file, memory-mapped: ``maps`` is a zero-copy float16 [N, g, g] view."""
+    """One generation (or shard) file, memory-mapped: ``maps`` is a zero-copy float16 [N, g, g] view.
 
-    def __init__(self, path: Path) -> None:
+    ``verify`` checks the stored CRC-32 (one pass over the file); a process re-opening a file
+    its parent already verified (an unpickled cache in a loader worker) skips it."""
+
+    def __init__(self, path: Path, verify: bool = True) -> None:
         self.path = Path(path)
         if not self.path.is_file():
             raise BackMixError(f"cache file {self.path} does not exist")
@@ -111,6 +155,11 @@ class MappedMaps:
             len(batch), self.grid, self.grid)
         self.rows = _view(batch.column("index"), np.int64, len(batch))
         self.labels = batch.column("label")
+        if verify and "crc32" in meta:
+            labels = np.asarray(self.labels, dtype=np.int64)
+            if columns_crc(self.rows, labels, self.maps) != meta["crc32"]:
+                raise BackMixError(f"cache file {self.path} is damaged: its checksum does not match its "
+                                   "contents; delete it (or the cache folder) and rebuild")
 
     def __len__(self) -> int:
         return len(self.maps)
@@ -124,9 +173,23 @@ def _view(array: pa.Array, dtype: type, count: int) -> np.ndarray:
                          offset=array.offset * np.dtype(dtype).itemsize)
 
 
+def generations_on_disk(cache_dir: Path) -> list[int]:
+    out = []
+    for path in Path(cache_dir).glob("gen-*.arrow"):
+        try:
+            out.append(int(path.stem.split("-")[1]))
+        except (IndexError, ValueError):
+            continue
+    return sorted(out)
+
+
 def read_pointer(cache_dir: Path) -> dict:
-    path = Path(cache_dir) / POINTER
+    path = check_cache_dir(cache_dir) / POINTER
     if not path.is_file():
+        if generations_on_disk(cache_dir):
+            raise BackMixError(f"{cache_dir} holds generations {generations_on_disk(cache_dir)} but no {POINTER} "
+                               "file; `backmix cache init` with the same --data and --cache recovers it "
+                               "from the newest intact generation")
         raise BackMixError(f"{cache_dir} is not a foreground cache (no {POINTER} file); "
                            "create one with `backmix cache init` or `backmix cache build`")
     try:
@@ -164,8 +227,8 @@ class ForegroundCache:
         self._pointer_stat = _stat_key(self.cache_dir / POINTER)
         return int(read_pointer(self.cache_dir)["generation"])
 
-    def _open(self, generation: int) -> None:
-        mapped = MappedMaps(generation_path(self.cache_dir, generation))
+    def _open(self, generation: int, verify: bool = True) -> None:
+        mapped = MappedMaps(generation_path(self.cache_dir, generation), verify=verify)
         if self._grid is not None and mapped.grid != self._grid:
             raise BackMixError(f"cache file {mapped.path} has {mapped.grid}x{mapped.grid} maps, "
                                f"expected {self._grid}x{self._grid}")
@@ -177,8 +240,8 @@ class ForegroundCache:
         self._mapped, self.generation, self.grid, self._length = mapped, generation, mapped.grid, len(mapped)
 
     def _file(self) -> MappedMaps:
-        if self._mapped is None:      # unpickled: reopen the same generation on first use
-            self._open(self.generation)
+        if self._mapped is None:      # unpickled: reopen the generation the parent verified
+            self._open(self.generation, verify=False)
         return self._mapped
 
     @property
@@ -238,20 +301,67 @@ def _stat_key(path: Path) -> Optional[tuple]:
 def init_cache(cache_dir: str | os.PathLike, index: ImageIndex, *, grid: int = 8,
                keep: int = 3) -> ForegroundCache:
     """Generation 0 (0.5 everywhere) for ``index``; the existing cache when there is one for it."""
-    cache_dir = Path(cache_dir)
+    cache_dir = check_cache_dir(cache_dir)
+    check_grid(grid)
     if keep < 1:
         raise BackMixError(f"keep must be at least 1, got {keep}")
+    if not (cache_dir / POINTER).exists() and generations_on_disk(cache_dir):
+        recover_pointer(cache_dir, keep)
     if (cache_dir / POINTER).exists():
         return ForegroundCache(cache_dir, index=index, grid=grid)
-    if cache_dir.exists() and not cache_dir.is_dir():
-        raise BackMixError(f"cache path {cache_dir} is a file, not a folder")
-    cache_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise BackMixError(f"cannot create cache folder {cache_dir}: {e.strerror}") from None
     n = len(index)
     write_maps(generation_path(cache_dir, 0), np.arange(n), index.labels,
                np.full((n, grid, grid), 0.5, dtype=np.float16),
                {"generation": 0, "momentum": 0.0, "checkpoint": "", "dataset": index.fingerprint()})
     write_pointer(cache_dir, 0, keep)
     return ForegroundCache(cache_dir, index=index, grid=grid)
+
+
+def recover_pointer(cache_dir: Path, keep: int) -> int:
+    """Write CURRENT for the newest generation file that opens and checks out; a build would
+    otherwise restart at generation 0 and overwrite the newer files."""
+    with publish_lock(cache_dir):
+        if (cache_dir / POINTER).exists():
+            return int(read_pointer(cache_dir)["generation"])
+        for generation in reversed(generations_on_disk(cache_dir)):
+            try:
+                MappedMaps(generation_path(cache_dir, generation))
+            except BackMixError as e:
+                log.warning("%s", e)
+                continue
+            write_pointer(cache_dir, generation, keep)
+            log.warning("%s had no %s file: recovered generation %d, the newest intact one",
+                        cache_dir, POINTER, generation)
+            return generation
+    raise BackMixError(f"{cache_dir} has no {POINTER} file and none of its generation files is intact; "
+                       "delete the folder and start again")
+
+
+@contextlib.contextmanager
+def publish_lock(cache_dir: Path):
+    """One publisher at a time; flock is released by the kernel if the process dies."""
+    with open(Path(cache_dir) / ".publish.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
+@contextlib.contextmanager
+def build_lock(cache_dir: Path, shard: tuple[int, int]):
+    """Held while one process builds shard k/N: a second build of the same shard is refused in one
+    line instead of racing the first to the publish and losing its files."""
+    k, n = shard
+    path = Path(cache_dir) / f".build-{k}-of-{n}.lock"
+    with open(path, "w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise BackMixError(f"another build of shard {k}/{n} of {cache_dir} is running (it holds {path}); "
+                               "wait for it to finish, then run again if you need one more generation") from None
+        yield
 
 
 def prune(cache_dir: Path, current: int, keep: int) -> list[Path]:
@@ -285,7 +395,7 @@ def prune(cache_dir: Path, current: int, keep: int) -> list[Path]:
 
 
 def cache_info(cache_dir: str | os.PathLike) -> dict:
-    cache = ForegroundCache(cache_dir)
+    cache = ForegroundCache(check_cache_dir(cache_dir))
     files = sorted(Path(cache_dir).glob("gen-*.arrow"))
     return {"cache": str(cache_dir), "format": cache.meta.get("format", ""), "generation": cache.generation,
             "rows": len(cache), "grid": cache.grid,

@@ -1,12 +1,20 @@
 """The data stage: image folders, their index, open-set splits, decoding and bundled data."""
-from .decode import DecodeError, check_canvas, decode_canvas, decode_rgb, to_canvas
-from .errors import BackMixError
-from .index import ImageIndex, atomic_write_bytes
-from .prepare import DATASETS, prepare
-from .splits import OpenSetSplit, random_splits, resolve_split
+from typing import TYPE_CHECKING
 
-__all__ = [
-    "BackMixError", "DecodeError", "ImageIndex", "OpenSetSplit", "DATASETS",
-    "atomic_write_bytes", "check_canvas", "decode_canvas", "decode_rgb", "prepare",
-    "random_splits", "resolve_split", "to_canvas",
-]
+from backmix._lazy import lazy_exports
+
+_EXPORTS = {
+    "BackMixError": ".errors", "DecodeError": ".decode", "check_canvas": ".decode", "decode_canvas": ".decode",
+    "decode_rgb": ".decode", "to_canvas": ".decode", "ImageIndex": ".index", "atomic_write_bytes": ".index",
+    "DATASETS": ".prepare", "prepare": ".prepare", "OpenSetSplit": ".splits", "random_splits": ".splits",
+    "resolve_split": ".splits",
+}
+__all__ = sorted(_EXPORTS)
+__getattr__, __dir__ = lazy_exports(__name__, globals(), _EXPORTS)
+
+if TYPE_CHECKING:
+    from .decode import DecodeError, check_canvas, decode_canvas, decode_rgb, to_canvas
+    from .errors import BackMixError
+    from .index import ImageIndex, atomic_write_bytes
+    from .prepare import DATASETS, prepare
+    from .splits import OpenSetSplit, random_splits, resolve_split

@@ -3,17 +3,27 @@
 All yield ``BackMixBatch`` and draw their randomness from ``BackMixSampler``; the
 mix itself is ``mix_backgrounds`` (``top_k_mask`` picks the foreground cells).
 """
-from .augment import IMAGENET_MEAN, IMAGENET_STD, BackMix, Normalize, RandomCropFlip, crop_flip, fill_value, normalize
-from .backmix import backmix, box_size, mix_backgrounds, top_k_mask
-from .batch import BackMixBatch, BatchTransform
-from .config import LoaderConfig, choose_device
-from .loaders import BACKENDS, make_loader
-from .reference import ReferenceLoader
-from .sampling import BackMixSampler, BatchParams, EpochSampler
+from typing import TYPE_CHECKING
 
-__all__ = [
-    "BACKENDS", "IMAGENET_MEAN", "IMAGENET_STD", "BackMix", "BackMixBatch", "BackMixSampler",
-    "BatchParams", "BatchTransform", "EpochSampler", "LoaderConfig", "Normalize", "RandomCropFlip",
-    "ReferenceLoader", "backmix", "box_size", "choose_device", "crop_flip", "fill_value",
-    "make_loader", "mix_backgrounds", "normalize", "top_k_mask",
-]
+from backmix._lazy import lazy_exports
+
+_EXPORTS = {
+    "IMAGENET_MEAN": ".augment", "IMAGENET_STD": ".augment", "BackMix": ".augment", "Normalize": ".augment",
+    "RandomCropFlip": ".augment", "crop_flip": ".augment", "fill_value": ".augment", "normalize": ".augment",
+    "backmix": ".backmix", "box_size": ".backmix", "mix_backgrounds": ".backmix", "top_k_mask": ".backmix",
+    "BackMixBatch": ".batch", "BatchTransform": ".batch", "LoaderConfig": ".config", "choose_device": ".config",
+    "BACKENDS": ".loaders", "make_loader": ".loaders", "ReferenceLoader": ".reference",
+    "BackMixSampler": ".sampling", "BatchParams": ".sampling", "EpochSampler": ".sampling",
+}
+__all__ = sorted(_EXPORTS)
+__getattr__, __dir__ = lazy_exports(__name__, globals(), _EXPORTS)
+
+if TYPE_CHECKING:
+    from .augment import (IMAGENET_MEAN, IMAGENET_STD, BackMix, Normalize, RandomCropFlip, crop_flip,
+                          fill_value, normalize)
+    from .backmix import backmix, box_size, mix_backgrounds, top_k_mask
+    from .batch import BackMixBatch, BatchTransform
+    from .config import LoaderConfig, choose_device
+    from .loaders import BACKENDS, make_loader
+    from .reference import ReferenceLoader
+    from .sampling import BackMixSampler, BatchParams, EpochSampler

@@ -26,8 +26,46 @@ class BackMixBatch(NamedTuple):
     canvas: Tensor            # uint8 [B, 3, S, S]: decoded, un-augmented ("raw"); CAMs use it
     images: Optional[Tensor]  # float [B, 3, s, s]: cropped, flipped, normalised, not mixed; None if not asked for
     mixed: Optional[Tensor]   # float [B, 3, s, s]: same crop and flip, mixed; None without BackMix
-    labels: Tensor            # int64 [B]: dataset labels (the index file's)
-    indices: Tensor           # int64 [B]: dataset indices (row numbers of the index file)
+    labels: Tensor            # int64 [B], on the device: the targets of a loss (closed-set 0..K-1 under a
+                              # label map; -1 marks an unknown class, which only an evaluation loader serves)
+    dataset_labels: Tensor    # int64 [B], host: the index file's labels (to score unknown classes)
+    indices: Tensor           # int64 [B], host: dataset indices (row numbers of the index file)
+
+    def inputs(self) -> tuple[Tensor, Tensor]:
+        """(x, y) for one forward pass: the clean crops, then the mixed ones (either may be absent),
+        and their targets (``labels`` once per part). The mixed copy keeps its image's label."""
+        parts = [t for t in (self.images, self.mixed) if t is not None]
+        x = torch.cat(parts) if len(parts) > 1 else parts[0]
+        return x, self.labels.repeat(len(parts))
+
+    def loss(self, criterion, logits: Tensor, *, clean: float = 1.0, mixed: float = 1.0) -> Tensor:
+        """``clean`` * criterion(clean part) + ``mixed`` * criterion(mixed part) of the logits of ``inputs()``."""
+        weights = [w for t, w in ((self.images, clean), (self.mixed, mixed)) if t is not None]
+        n = self.labels.shape[0]
+        return sum(w * criterion(logits[k * n:(k + 1) * n], self.labels) for k, w in enumerate(weights))
+
+
+class RowLabels:
+    """Per dataset row, the label a loss reads (through ``label_map``: dataset label -> 0..K-1, -1 for
+    an unknown class; none: the dataset label itself) and the dataset label; batched by ``take``."""
+
+    def __init__(self, dataset_labels: np.ndarray, label_map: Optional[np.ndarray] = None) -> None:
+        self.dataset = np.asarray(dataset_labels, dtype=np.int64)
+        self.targets = self.dataset if label_map is None else np.asarray(label_map, dtype=np.int64)[self.dataset]
+
+    def take(self, rows: np.ndarray, device) -> tuple[Tensor, Tensor, Tensor]:
+        """(labels on ``device``, dataset labels, indices), the last two on the host: the fields of a batch."""
+        return (to_device(torch.from_numpy(self.targets[rows]), device),
+                torch.from_numpy(self.dataset[rows]), torch.from_numpy(np.asarray(rows, dtype=np.int64)))
+
+
+def to_device(t: Tensor, device) -> Tensor:
+    """A host tensor on ``device``: from pinned memory and asynchronous for CUDA (the host does not
+    wait for the copy), the tensor itself for the CPU."""
+    device = torch.device(device)
+    if device.type == "cpu" or t.device.type != "cpu":
+        return t.to(device)
+    return (t if t.is_pinned() else t.pin_memory()).to(device, non_blocking=True)
 
 
 class BatchTransform:
@@ -48,14 +86,17 @@ class BatchTransform:
                    train=config.train, clean=config.clean)
 
     def params(self, batch_size: int, epoch: int, step: int, rank: int, device) -> dict[str, Tensor]:
-        return self.sampler.draw(batch_size, epoch, step, rank, train=self.train).torch(device)
+        p = self.sampler.draw(batch_size, epoch, step, rank, train=self.train)
+        return {k: to_device(v, device) for k, v in p.torch().items()}
 
-    def __call__(self, canvas: Tensor, labels: Tensor, indices: Tensor, *, epoch: int, step: int,
-                 rank: int = 0) -> BackMixBatch:
+    def __call__(self, canvas: Tensor, rows: np.ndarray, *, epoch: int, step: int,
+                 rank: int = 0) -> tuple[Optional[Tensor], Optional[Tensor]]:
+        """(images, mixed) of a batch's canvases (on any device); ``rows``: its dataset indices, on the
+        host, where the maps are gathered (no device-to-host read per batch)."""
         p = self.params(canvas.shape[0], epoch, step, rank, canvas.device)
         images = mixed = None
         if self.enabled:
-            maps = torch.from_numpy(self.maps.gather(indices.cpu().numpy())).to(canvas.device)
+            maps = to_device(torch.from_numpy(self.maps.gather(as_index_array(rows))), canvas.device)
             mixed = self.mix(canvas, maps, p)
             if self.clean:
                 images, mixed = self.normalize(self.crop(torch.cat([canvas, mixed]), same_crop_twice(p))).chunk(2)
@@ -63,7 +104,7 @@ class BatchTransform:
                 mixed = self.normalize(self.crop(mixed, p))
         else:
             images = self.normalize(self.crop(canvas, p))
-        return BackMixBatch(canvas, images, mixed, labels, indices)
+        return images, mixed
 
 
 def host_masks(maps: ForegroundMaps, rows: np.ndarray, top_k_ratio: float, tie_break: np.ndarray) -> np.ndarray:

@@ -15,6 +15,7 @@ from backmix.osr_data.decode import check_canvas
 from backmix.osr_data.errors import BackMixError
 
 from .augment import IMAGENET_MEAN, IMAGENET_STD
+from .batch import RowLabels
 from .sampling import LAST_BATCH, BackMixSampler, EpochSampler, check_fraction
 
 log = logging.getLogger("backmix")
@@ -77,13 +78,63 @@ def choose_device(request: str = "auto") -> torch.device:
 
 
 def loader_inputs(index: ImageIndex, config: LoaderConfig, maps: Optional[ForegroundMaps],
-                  indices: Optional[np.ndarray]) -> tuple[ForegroundMaps, np.ndarray, EpochSampler]:
+                  indices: Optional[np.ndarray],
+                  label_map: Optional[np.ndarray] = None) -> tuple[ForegroundMaps, np.ndarray, EpochSampler, RowLabels]:
     """What every backend derives from its arguments: the maps (generation 0 when none are
-    given), the dataset rows it serves (default: all), and their order per epoch."""
+    given), the dataset rows it serves (default: all), their order per epoch, and their labels
+    (closed-set through ``label_map``; a training loader refuses rows of unknown classes)."""
     maps = maps if maps is not None else UniformMaps(len(index), config.grid)
     if maps.grid != config.grid:
         raise BackMixError(f"foreground maps have grid {maps.grid}, the loader expects {config.grid}")
     rows = np.arange(len(index)) if indices is None else np.asarray(indices, dtype=np.int64)
     order = EpochSampler(len(rows), config.batch_size, shuffle=config.shuffle, seed=config.seed,
                          rank=config.rank, world_size=config.world_size, last_batch=config.last_batch)
-    return maps, rows, order
+    labels = RowLabels(index.labels, label_map)
+    if label_map is not None and config.train:
+        unknown = int((labels.targets[rows] < 0).sum())
+        if unknown:
+            raise BackMixError(f"{unknown} of the {len(rows)} training images belong to classes outside the "
+                               f"label map (unknown classes): a loss cannot take them; pass the known rows")
+    return maps, rows, order, labels
+
+
+class LoaderPosition:
+    """The epoch and the step within it, shared by every backend, in torchdata's ``StatefulDataLoader``
+    convention: ``state_dict()`` taken after k batches of an epoch, loaded into a fresh loader, makes
+    its next iteration continue with batch k. Every batch is a pure function of (seed, epoch, rank,
+    step), so the continued stream is the uninterrupted one."""
+
+    epoch_sampler: EpochSampler
+    dataset_indices: np.ndarray
+
+    def _start_position(self) -> None:
+        self.epoch, self.skipped = 0, 0   # skipped: files that did not decode, so far
+        self.next_step = 0                # the step the running epoch yields next
+        self._resume_at = 0               # the step the next iteration starts at
+
+    def set_epoch(self, epoch: int) -> None:
+        if epoch != self.epoch:           # the epoch a loaded state is in keeps its position
+            self._resume_at = 0
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.epoch_sampler)
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "step": self.next_step, "skipped": self.skipped}
+
+    def load_state_dict(self, state: dict) -> None:
+        try:
+            epoch, step, skipped = int(state["epoch"]), int(state["step"]), int(state["skipped"])
+        except (KeyError, TypeError, ValueError):
+            raise BackMixError(f"not a loader state (want epoch, step, skipped): {state!r}") from None
+        if epoch < 0 or not 0 <= step <= len(self) or skipped < 0:
+            raise BackMixError(f"loader state {state!r} is outside this loader's {len(self)} steps per epoch")
+        self.epoch, self._resume_at, self.next_step, self.skipped = epoch, step, step, skipped
+
+    def epoch_plan(self) -> list[tuple[int, np.ndarray]]:
+        """(step, dataset rows) of each batch this iteration makes: the epoch's, from the resume step on."""
+        start, self._resume_at = self._resume_at, 0
+        self.next_step = start
+        ids = self.dataset_indices
+        return [(step, ids[b]) for step, b in enumerate(self.epoch_sampler.batches(self.epoch)) if step >= start]

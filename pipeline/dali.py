@@ -26,6 +26,7 @@ import os
 import time
 import weakref
 from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Iterator, Optional
 
@@ -39,7 +40,7 @@ from backmix.osr_data.index import ImageIndex
 
 from .augment import fill_value
 from .batch import BackMixBatch, host_masks
-from .config import LoaderConfig, loader_inputs
+from .config import LoaderConfig, LoaderPosition, loader_inputs
 
 log = logging.getLogger("backmix")
 
@@ -71,7 +72,8 @@ class _Fed:
 class _Feeder:
     """The external_source callback: one call = the next batch of the epoch, as DALI inputs.
 
-    It reads file bytes and draws the batch's params on the host; everything
+    It reads the batch's file bytes (on the loader's ``readers`` thread pool, one
+    thread per worker) and draws the batch's params on the host; everything
     per-pixel happens in the pipeline. ``fed`` lists what is inside the pipeline,
     in order, so each output can be matched to its batch.
     """
@@ -101,17 +103,13 @@ class _Feeder:
             step, ids = self.plan.popleft()
             consumed.append((step, ids))
             data, good = [], []
-            for i in ids.tolist():
-                path = ld.index.abspath(i)
-                raw = None
-                if i not in ld.bad_rows:
-                    try:
-                        raw = np.fromfile(path, dtype=np.uint8)
-                    except OSError:
-                        raw = None
-                if raw is None or raw.size == 0:
+            rows = ids.tolist()
+            # The batch's files are read in parallel (file reads release the GIL), in the batch's order.
+            raws = ld.readers.map(lambda i: None if i in ld.bad_rows else read_file(ld.index.abspath(i)), rows)
+            for i, raw in zip(rows, raws):
+                if raw is None:
                     ld.bad_rows.add(i)
-                    failed.append(path)
+                    failed.append(ld.index.abspath(i))
                     continue
                 data.append(raw)
                 good.append(i)
@@ -122,6 +120,15 @@ class _Feeder:
             return (data,) + ld.batch_inputs(ids, self.epoch, step)
         self.trailing = failed
         raise StopIteration
+
+
+def read_file(path: str) -> Optional[np.ndarray]:
+    """The bytes of one file, or None when it cannot be read or is empty."""
+    try:
+        raw = np.fromfile(path, dtype=np.uint8)
+    except OSError:
+        return None
+    return raw if raw.size else None
 
 
 def decode_to_canvas(files, size: int, gpu: bool, stages: str = "decode,resize"):
@@ -168,15 +175,16 @@ def stage_times(index: ImageIndex, config: LoaderConfig, batches: int) -> dict[s
     return {"decode_ms": out["decode"], "resize_ms": out["decode,resize"] - out["decode"]}
 
 
-class DaliLoader:
+class DaliLoader(LoaderPosition):
     """Yields ``BackMixBatch`` for the images ``indices`` (default: all) of ``index``, from a DALI pipeline."""
 
     backend = "dali"
 
     def __init__(self, index: ImageIndex, config: LoaderConfig, maps: Optional[ForegroundMaps] = None,
-                 indices: Optional[np.ndarray] = None) -> None:
+                 indices: Optional[np.ndarray] = None, label_map: Optional[np.ndarray] = None) -> None:
         self.index, self.config = index, config
-        self.maps, self.dataset_indices, self.epoch_sampler = loader_inputs(index, config, maps, indices)
+        self.maps, self.dataset_indices, self.epoch_sampler, self.row_labels = loader_inputs(
+            index, config, maps, indices, label_map)
         self.sampler = config.sampler()
         self.fill = fill_value(config.mean).numpy()
         self.gpu = torch.cuda.is_available() and config.device != "cpu"
@@ -184,20 +192,14 @@ class DaliLoader:
             log.warning("CUDA was asked for but is not available; DALI runs on the CPU")
         self.device = torch.device("cuda", torch.cuda.current_device()) if self.gpu else torch.device("cpu")
         log.info("DALI pipeline on %s", "gpu" if self.gpu else "cpu")
-        self.epoch = 0
-        self.skipped = 0
+        self._start_position()
         self.bad_rows: set[int] = set()    # rows known not to decode: dropped at feed time from then on
+        self.readers = ThreadPoolExecutor(max(1, config.num_workers), thread_name_prefix="backmix-read")
         self._feeder = _Feeder(self)
         self._pipe = self._build()
         self._dirty = False                # an epoch was left part-way: the pipeline holds stale batches
 
     # ----------------------------------------------------------------- host side
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return len(self.epoch_sampler)
 
     def batch_inputs(self, ids: np.ndarray, epoch: int, step: int) -> tuple:
         """The per-sample params of one batch as DALI inputs (lists of numpy arrays)."""
@@ -311,9 +313,7 @@ class DaliLoader:
     def __iter__(self) -> Iterator[BackMixBatch]:
         self._settle()
         self.maps.refresh()   # a new cache generation takes effect at an epoch boundary
-        ids = self.dataset_indices
-        plan = [(step, ids[b]) for step, b in enumerate(self.epoch_sampler.batches(self.epoch))]
-        self._feeder.start(self.epoch, plan)
+        self._feeder.start(self.epoch, self.epoch_plan())
         self._dirty = True
         while True:
             try:
@@ -322,12 +322,14 @@ class DaliLoader:
                 self._report(self._feeder.trailing)
                 self._pipe.reset()
                 self._dirty = False
+                self.next_step = len(self)
                 return
             except RuntimeError as e:
                 self._recover(e)
                 continue
             fed = self._feeder.fed.popleft()
             self._report(fed.failed)
+            self.next_step = fed.step + 1
             yield self._to_batch(outs, fed)
 
     def _report(self, failed: list[str]) -> None:
@@ -368,9 +370,8 @@ class DaliLoader:
     def _to_batch(self, outs, fed: _Fed) -> BackMixBatch:
         out = {name: self._to_torch(tl, torch.uint8 if name == "canvas" else torch.float32)
                for name, tl in zip(self._names, outs)}
-        ids = torch.from_numpy(fed.ids).to(self.device)
-        labels = torch.from_numpy(self.index.labels[fed.ids].astype(np.int64)).to(self.device)
-        return BackMixBatch(out["canvas"], out.get("images"), out.get("mixed"), labels, ids)
+        return BackMixBatch(out["canvas"], out.get("images"), out.get("mixed"),
+                            *self.row_labels.take(fed.ids, self.device))
 
     def _to_torch(self, tl, dtype: torch.dtype) -> torch.Tensor:
         if not self.gpu:

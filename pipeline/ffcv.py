@@ -41,9 +41,9 @@ from backmix.osr_data.errors import BackMixError
 from backmix.osr_data.index import ImageIndex
 
 from .augment import fill_value, normalize
-from .batch import BackMixBatch, BatchTransform, host_masks
+from .batch import BackMixBatch, BatchTransform, host_masks, to_device
 from .beton import default_beton_path, require_ffcv, write_beton
-from .config import LoaderConfig, choose_device, loader_inputs
+from .config import LoaderConfig, LoaderPosition, choose_device, loader_inputs
 
 log = logging.getLogger("backmix")
 
@@ -242,7 +242,7 @@ def _mix_operation(loader: "FfcvLoader"):
     return BackMixOperation()
 
 
-class FfcvLoader:
+class FfcvLoader(LoaderPosition):
     """Yields ``BackMixBatch`` for the images ``indices`` (default: all) of ``index``, from an FFCV .beton.
 
     beton: the file to read (default: the one under ``index.root/.backmix`` for this data and canvas,
@@ -253,8 +253,8 @@ class FfcvLoader:
     backend = "ffcv"
 
     def __init__(self, index: ImageIndex, config: LoaderConfig, maps: Optional[ForegroundMaps] = None,
-                 indices: Optional[np.ndarray] = None, *, beton: Optional[str | Path] = None,
-                 mix_in: str = "auto") -> None:
+                 indices: Optional[np.ndarray] = None, label_map: Optional[np.ndarray] = None, *,
+                 beton: Optional[str | Path] = None, mix_in: str = "auto") -> None:
         require_ffcv()
         from ffcv.fields.decoders import IntDecoder, SimpleRGBImageDecoder
         from ffcv.loader import Loader, OrderOption
@@ -263,7 +263,8 @@ class FfcvLoader:
         if mix_in not in MIX_IN:
             raise BackMixError(f"mix_in must be one of {MIX_IN}, got {mix_in!r}")
         self.index, self.config = index, config
-        self.maps, self.dataset_indices, self.epoch_sampler = loader_inputs(index, config, maps, indices)
+        self.maps, self.dataset_indices, self.epoch_sampler, self.row_labels = loader_inputs(
+            index, config, maps, indices, label_map)
         self.sampler = config.sampler()
         self.device = choose_device(config.device)
         if mix_in == "auto":
@@ -277,7 +278,8 @@ class FfcvLoader:
                 raise BackMixError(f"beton {self.beton} does not exist; write it with `backmix data write-beton`")
             log.info("writing %s (once)", self.beton)
             write_beton(index, self.beton, canvas=config.canvas)
-        self.epoch, self.skipped = 0, 0
+        self._start_position()
+        self.plan: list[tuple[int, np.ndarray]] = []
         self._step_of = np.full(len(index), -1, dtype=np.int64)   # dataset row -> step, this epoch
 
         from ffcv.reader import Reader
@@ -308,18 +310,12 @@ class FfcvLoader:
                             pipelines={"image": image, "label": [IntDecoder()], "index": [IntDecoder()]})
         self._ffcv.traversal_order = _OurOrder(self)
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return len(self.epoch_sampler)
-
     def epoch_order(self, epoch: int) -> np.ndarray:
-        """Our batches of ``epoch`` flattened to dataset rows; remembers each row's step."""
-        batches = self.epoch_sampler.batches(epoch)
-        sizes = np.array([len(b) for b in batches], dtype=np.int64)
-        order = self.dataset_indices[np.concatenate(batches)] if batches else np.zeros(0, np.int64)
-        self._step_of[order] = np.repeat(np.arange(len(batches)), sizes)
+        """The batches of the iteration being started (``plan``: the epoch's, from the resume step on)
+        flattened to dataset rows; remembers each row's step."""
+        rows = [r for _, r in self.plan]
+        order = np.concatenate(rows) if rows else np.zeros(0, np.int64)
+        self._step_of[order] = np.repeat([step for step, _ in self.plan], [len(r) for r in rows])
         return order.astype(np.uint64)
 
     def batch_tables(self, rows: np.ndarray) -> tuple[dict[str, np.ndarray], np.ndarray]:
@@ -335,19 +331,19 @@ class FfcvLoader:
     def __iter__(self) -> Iterator[BackMixBatch]:
         self.maps.refresh()   # a new cache generation takes effect at an epoch boundary
         self._ffcv.next_epoch = self.epoch
+        self.plan = self.epoch_plan()
         cfg, dev = self.config, self.device
-        for step, (out, labels, ids) in enumerate(self._ffcv):
-            # FFCV reuses its own buffers a few batches later: what we yield must not point there.
-            ids = torch.from_numpy(np.asarray(ids).reshape(-1).astype(np.int64)).to(dev)
-            labels = torch.from_numpy(np.asarray(labels).reshape(-1).astype(np.int64)).to(dev)
+        for (step, _), (out, _, ids) in zip(self.plan, self._ffcv):
+            # FFCV reuses its own buffers a few batches later: what we yield must not point there
+            # (``take`` copies the rows; the labels come from our own table, on the host).
+            rows = np.asarray(ids).reshape(-1).astype(np.int64)
             if self.mix_in == "torch":
                 canvas = out.clone(memory_format=torch.contiguous_format)   # out is on the device already
-                yield self.transform(canvas, labels, ids, epoch=self.epoch, step=step, rank=cfg.rank)
-                continue
-            # Views of the op's buffer: it is not reused while any of them lives.
-            canvas, images, mixed = split_batch(torch.from_numpy(out), len(ids), cfg.canvas, cfg.crop,
-                                                cfg.clean, cfg.backmix)
-            if dev.type != "cpu":
-                canvas = canvas.to(dev)
-                images, mixed = (None if x is None else x.to(dev) for x in (images, mixed))
-            yield BackMixBatch(canvas, images, mixed, labels, ids)
+                images, mixed = self.transform(canvas, rows, epoch=self.epoch, step=step, rank=cfg.rank)
+            else:
+                # Views of the op's buffer: it is not reused while any of them lives.
+                canvas, images, mixed = (None if x is None else to_device(x, dev) for x in split_batch(
+                    torch.from_numpy(out), len(rows), cfg.canvas, cfg.crop, cfg.clean, cfg.backmix))
+            self.next_step = step + 1
+            yield BackMixBatch(canvas, images, mixed, *self.row_labels.take(rows, dev))
+        self.next_step = len(self)

@@ -17,8 +17,8 @@ from backmix.osr_data.decode import DecodeError, decode_canvas
 from backmix.osr_data.errors import BackMixError
 from backmix.osr_data.index import ImageIndex
 
-from .batch import BackMixBatch, BatchTransform
-from .config import LoaderConfig, choose_device, loader_inputs
+from .batch import BackMixBatch, BatchTransform, to_device
+from .config import LoaderConfig, LoaderPosition, choose_device, loader_inputs
 
 log = logging.getLogger("backmix")
 
@@ -60,48 +60,48 @@ def collate_canvases(items):
 
 
 class _Batches(torch.utils.data.Sampler):
-    """The epoch's batches, drawn in the main process each time the DataLoader starts an epoch, so that
-    ``loader.epoch`` reaches persistent workers too (they only receive indices)."""
+    """The batches of the iteration being started (the epoch's, from the resume step on). Drawn in the
+    main process each time the DataLoader starts an iteration, so persistent workers get them too
+    (they only receive indices)."""
 
     def __init__(self, loader: "ReferenceLoader") -> None:
         self.loader = loader
 
     def __iter__(self):
-        ids = self.loader.dataset_indices
-        return iter([ids[b].tolist() for b in self.loader.epoch_sampler.batches(self.loader.epoch)])
+        return iter([rows.tolist() for _, rows in self.loader.plan])
 
     def __len__(self) -> int:
-        return len(self.loader.epoch_sampler)
+        return len(self.loader.plan)
 
 
-class ReferenceLoader:
-    """Yields ``BackMixBatch`` for the images ``indices`` (default: all) of ``index``."""
+class ReferenceLoader(LoaderPosition):
+    """Yields ``BackMixBatch`` for the images ``indices`` (default: all) of ``index``; ``label_map``
+    (dataset label -> 0..K-1) gives the batches closed-set labels."""
 
     backend = "reference"
 
     def __init__(self, index: ImageIndex, config: LoaderConfig, maps: Optional[ForegroundMaps] = None,
-                 indices: Optional[np.ndarray] = None) -> None:
+                 indices: Optional[np.ndarray] = None, label_map: Optional[np.ndarray] = None) -> None:
         self.index, self.config = index, config
-        self.maps, self.dataset_indices, self.epoch_sampler = loader_inputs(index, config, maps, indices)
+        self.maps, self.dataset_indices, self.epoch_sampler, self.row_labels = loader_inputs(
+            index, config, maps, indices, label_map)
         self.device = choose_device(config.device)
         self.transform = BatchTransform.for_config(self.maps, config)
-        self.epoch = 0
-        self.skipped = 0
+        self._start_position()
+        self.plan: list[tuple[int, np.ndarray]] = []
         self._loader = DataLoader(CanvasDataset(index, config.canvas), batch_sampler=_Batches(self),
                                   num_workers=config.num_workers, collate_fn=collate_canvases,
                                   pin_memory=self.device.type == "cuda",
                                   # Forked once, not every epoch: no re-fork cost, no fresh copies.
-                                  persistent_workers=config.num_workers > 0)
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return len(self.epoch_sampler)
+                                  persistent_workers=config.num_workers > 0,
+                                  # Its own generator: starting an epoch draws a worker seed from it,
+                                  # which must not move the trainer's (dropout's) global RNG.
+                                  generator=torch.Generator().manual_seed(config.seed))
 
     def __iter__(self) -> Iterator[BackMixBatch]:
         self.maps.refresh()   # a new cache generation takes effect at an epoch boundary
-        for step, (canvas, labels, indices, failed) in enumerate(self._loader):
+        self.plan = self.epoch_plan()
+        for (step, _), (canvas, _, indices, failed) in zip(self.plan, self._loader):
             for error in failed:
                 if isinstance(error, BackMixError):   # a changed data set is never skipped
                     raise error
@@ -113,6 +113,9 @@ class ReferenceLoader:
                     log.warning("skipped %s: it does not decode (%d skipped so far)", path, self.skipped)
             if canvas is None:
                 continue
-            canvas = canvas.to(self.device, non_blocking=True)
-            yield self.transform(canvas, labels.to(self.device), indices.to(self.device),
-                                 epoch=self.epoch, step=step, rank=self.config.rank)
+            rows = indices.numpy()
+            canvas = to_device(canvas, self.device)
+            images, mixed = self.transform(canvas, rows, epoch=self.epoch, step=step, rank=self.config.rank)
+            self.next_step = step + 1
+            yield BackMixBatch(canvas, images, mixed, *self.row_labels.take(rows, self.device))
+        self.next_step = len(self)

@@ -20,6 +20,6 @@ fi
 
 echo "install: torch and torchvision"
 $PY -m pip install -q --disable-pip-version-check torch==2.14.1 torchvision==0.29.1
-echo "install: backmix with its DALI, FFCV and test extras"
-$PY -m pip install -q --disable-pip-version-check -e '.[ffcv,test]'
+echo "install: backmix with every optional backend (DALI, FFCV, Ray) and the test tools"
+$PY -m pip install -q --disable-pip-version-check -e '.[all,test]'
 echo "install: done ($($PY -c 'import torch, nvidia.dali as d; print("torch", torch.__version__, "dali", d.__version__)'))"

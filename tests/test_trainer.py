@@ -141,12 +141,39 @@ def test_resume_of_a_finished_run_is_refused(finished_run, capsys):
     assert "has finished all 4 epochs" in capsys.readouterr().err
 
 
-def test_checkpoint_of_another_arch_or_class_count_is_refused(finished_run):
-    with pytest.raises(BackMixError, match="holds a cnn32 model, not resnet18"):
-        main(TrainConfig(**{**finished_run.to_dict(), "epochs": 4, "arch": "resnet18"}), resume=True,
-             explicit={"arch"})
-    with pytest.raises(BackMixError, match="has 2 classes, the data has 3"):
-        main(TrainConfig(**{**finished_run.to_dict(), "split": "ant,bee,cat"}), resume=True, explicit={"split"})
+@pytest.mark.parametrize("field, value, old", [("arch", "resnet18", "'cnn32'"), ("width", 1.0, "0.25"),
+                                               ("split", "ant,bee,cat", "'ant,cat'")])
+def test_resume_refuses_a_field_that_shapes_the_model(finished_run, field, value, old, capsys):
+    run = Path(finished_run.out)
+    before = {name: (run / name).read_bytes() for name in ("config.json", "last.pt", "best.pt")}
+    with pytest.raises(BackMixError, match=rf"--resume cannot change --{field} of the run in .*: "
+                                           rf"it was {old}, not {value!r}"):
+        main(TrainConfig(**{**finished_run.to_dict(), "epochs": 5, field: value}), resume=True, explicit={field})
+    assert {name: (run / name).read_bytes() for name in before} == before    # nothing rewritten
+
+
+def test_resume_refuses_another_data_set(finished_run, small_root, tmp_path, capsys):
+    """The same class folders, other images: a moved copy is accepted, a different data set is not."""
+    import shutil
+    moved, other = tmp_path / "moved", tmp_path / "other"
+    shutil.copytree(small_root, moved)
+    shutil.copytree(small_root, other)
+    victim = next((other / "train" / "ant").iterdir())
+    victim.unlink()
+    from backmix.osr_data.index import ImageIndex
+    ImageIndex.scan(other / "train").write()
+    args = [a for a in cli_args(finished_run) if a != finished_run.data]
+    at = args.index("--data") + 1
+    assert cli_main(args[:at] + [str(other)] + args[at:] + ["--resume"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"--resume cannot change --data of the run in {finished_run.out}" in err
+    assert str(other) in err and finished_run.data in err
+    # the moved copy passes that check (and then finds the run finished)
+    assert cli_main(args[:at] + [str(moved)] + args[at:] + ["--resume"]) == 2
+    assert "has finished all 4 epochs" in capsys.readouterr().err
+
+
+def test_a_checkpoint_of_another_class_count_is_refused(finished_run):
     with pytest.raises(BackMixError, match="has 2 classes, the data has 3"):
         from backmix.trainers.train import evaluate_checkpoint
         evaluate_checkpoint(Path(finished_run.out) / "last.pt", finished_run.data, split="ant,bee,cat",
@@ -177,31 +204,49 @@ def test_world_size_not_matching_a_pending_cache_build_is_reported(small_root, t
         main(cfg)
 
 
-def test_killed_run_resumes_to_the_same_result(small_root, tmp_path):
-    """SIGKILL once the first epoch's checkpoint is on disk, resume: same weights and metrics as unbroken."""
-    cfg = tiny(small_root, tmp_path / "killed", epochs=3, regen_every=1)
-    proc = subprocess.Popen([sys.executable, "-m", "backmix", "-q", *cli_args(cfg)], cwd=REPO, env=env(),
+def stop_when(proc: subprocess.Popen, last: Path, ready) -> dict:
+    """Poll ``last`` until ``ready(checkpoint)``; the process is stopped (SIGSTOP) while each look is
+    taken, so the checkpoint found is the one it holds when it is killed. Returns that checkpoint."""
+    deadline = time.monotonic() + 120
+    while proc.poll() is None and time.monotonic() < deadline:
+        proc.send_signal(signal.SIGSTOP)
+        ckpt = torch.load(last, weights_only=False) if last.exists() else None
+        if ckpt is not None and ready(ckpt):
+            return ckpt
+        proc.send_signal(signal.SIGCONT)
+        time.sleep(0.01)
+    pytest.fail(proc.stderr.read().decode() if proc.poll() is not None else "no such checkpoint in time")
+
+
+@pytest.mark.parametrize("save_every", [0, 1], ids=["epoch-end", "mid-epoch"])
+def test_killed_run_resumes_to_the_same_result(small_root, tmp_path, save_every):
+    """SIGKILL once a checkpoint is on disk (after epoch 1, or part-way through an epoch with --save-every),
+    resume: the same weights and metrics as the unbroken run, bit for bit."""
+    cfg = tiny(small_root, tmp_path / "killed", epochs=3, regen_every=1, batch_size=4)   # 6 steps an epoch
+    extra = ["--save-every", str(save_every)]
+    proc = subprocess.Popen([sys.executable, "-m", "backmix", "-q", *cli_args(cfg), *extra], cwd=REPO, env=env(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     last = Path(cfg.out) / "last.pt"
-    deadline = time.monotonic() + 120
-    while not last.exists() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert last.exists(), proc.stderr.read().decode() if proc.poll() is not None else "no checkpoint in time"
+    if save_every:   # killed in epoch 2 or 3, past its second step
+        ckpt = stop_when(proc, last, lambda c: c.get("partial") and c["epoch"] >= 1
+                         and c["partial"][0]["loader"]["step"] >= 2)
+    else:
+        ckpt = stop_when(proc, last, lambda c: True)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL
-    assert torch.load(last, weights_only=False)["epoch"] < 3   # it really was cut short
-    done = subprocess.run([sys.executable, "-m", "backmix", "-q", *cli_args(cfg), "--resume"], cwd=REPO,
+    assert ckpt["epoch"] < 3 and torch.load(last, weights_only=False)["epoch"] == ckpt["epoch"]
+    done = subprocess.run([sys.executable, "-m", "backmix", "-q", *cli_args(cfg), *extra, "--resume"], cwd=REPO,
                           env=env(), capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
 
-    straight = tiny(small_root, tmp_path / "straight", epochs=3, regen_every=1)
+    straight = tiny(small_root, tmp_path / "straight", epochs=3, regen_every=1, batch_size=4)
     subprocess.run([sys.executable, "-m", "backmix", "-q", *cli_args(straight)], cwd=REPO, env=env(),
                    check=True, capture_output=True, timeout=300)
     a, b = read_jsonl(Path(cfg.out) / "metrics.jsonl"), read_jsonl(Path(straight.out) / "metrics.jsonl")
     assert [r["epoch"] for r in a] == [1, 2, 3]
     for ra, rb in zip(a, b):
-        for key in ("loss", "train_acc", "cache_generation", "eval"):
+        for key in ("loss", "train_acc", "images", "cache_generation", "eval"):
             assert ra[key] == rb[key], (ra["epoch"], key)
     wa = torch.load(Path(cfg.out) / "last.pt", weights_only=False)["state_dict"]
     wb = torch.load(Path(straight.out) / "last.pt", weights_only=False)["state_dict"]
@@ -270,3 +315,84 @@ def test_experiment_runs_each_method_once_and_tabulates(tmp_path, capsys):
     assert len((tmp_path / "results.jsonl").read_text().splitlines()) == 3
     with pytest.raises(BackMixError, match="unknown method 'mixup'"):
         run_experiment(tmp_path, ["digits"], 1, overrides, methods=("mixup",))
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--known", "ant"], "an open-set split needs at least 2 known classes and 1 unknown one; got 1 known (ant)"),
+    (["--known", "ant,bee,cat,dog"], "must name distinct classes, at least one and not all"),
+    (["--lr", "nan"], "--lr must be a finite number > 0, got nan"),
+    (["--lr", "0"], "--lr must be a finite number > 0, got 0.0"),
+    (["--width", "inf"], "--width must be a finite number > 0, got inf"),
+    (["--warmup-epochs", "-1"], "--warmup-epochs must be a finite number >= 0, got -1.0"),
+    (["--seed", "-1"], "--seed must be a finite number in [0, 2**63), got -1"),
+    (["--weight-decay", "-0.1"], "--weight-decay must be a finite number >= 0, got -0.1"),
+    (["--momentum", "1.5"], "--momentum must be a finite number in [0, 1], got 1.5"),
+    (["--save-every", "-2"], "--save-every must be a finite number >= 0, got -2"),
+    (["--epochs", "0"], "--epochs must be a finite number >= 1, got 0"),
+    (["--canvas", "36"], "multiple of the grid"),
+])
+def test_bad_training_input_is_one_line_before_any_work(small_root, tmp_path, capsys, extra, message):
+    cfg = tiny(small_root, tmp_path / "bad")
+    args = cli_args(cfg)
+    at = args.index("--known")
+    if extra[0] == "--known":
+        del args[at:at + 2]
+    assert cli_main(args + extra) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("backmix: error: ") and err.count("\n") == 1 and message in err
+    assert not (tmp_path / "bad" / "last.pt").exists()
+
+
+def test_an_out_that_is_a_file_or_not_writable_is_refused_first(small_root, tmp_path, capsys, monkeypatch):
+    import backmix.trainers.train as train_mod
+    file = tmp_path / "taken"
+    file.write_text("not a folder")
+    assert cli_main(cli_args(tiny(small_root, file))) == 2
+    assert capsys.readouterr().err == f"backmix: error: --out {file} is a file; a run needs a folder\n"
+
+    def denied(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(train_mod.tempfile, "TemporaryFile", denied)   # what a read-only folder answers
+    assert cli_main(cli_args(tiny(small_root, tmp_path / "ro"))) == 2
+    assert capsys.readouterr().err == f"backmix: error: --out {tmp_path / 'ro'} cannot be written: Permission denied\n"
+
+
+def test_a_run_folder_that_stops_taking_files_is_one_line(small_root, tmp_path, capsys, monkeypatch):
+    import backmix.trainers.train as train_mod
+
+    def read_only(path, *args, **kwargs):
+        raise OSError(30, "Read-only file system", str(path))
+
+    monkeypatch.setattr(train_mod, "save_checkpoint", read_only)
+    cfg = tiny(small_root, tmp_path / "run", epochs=1)
+    assert cli_main(cli_args(cfg)) == 2
+    assert capsys.readouterr().err == f"backmix: error: cannot write {cfg.out}/last.pt: Read-only file system\n"
+
+
+def test_eval_of_a_run_folder_suggests_its_checkpoints(finished_run, capsys):
+    run = finished_run.out
+    assert cli_main(["eval", "--checkpoint", run, "--data", finished_run.data, "--device", "cpu"]) == 2
+    assert capsys.readouterr().err == (f"backmix: error: --checkpoint {run} is a folder; pass a checkpoint file "
+                                       f"in it, {run}/best.pt or {run}/last.pt\n")
+
+
+def test_on_error_skip_trains_and_evaluates_past_a_broken_image(small_root, tmp_path, capsys):
+    import shutil
+    root = tmp_path / "broken"
+    shutil.copytree(small_root, root)
+    for split in ("train", "test"):
+        next(iter(sorted((root / split / "ant").iterdir()))).write_bytes(b"not an image")
+    cfg = tiny(root, tmp_path / "run", epochs=1, regen_every=0)
+    assert cli_main(cli_args(cfg)) == 2
+    assert "does not decode" in capsys.readouterr().err
+    shutil.rmtree(cfg.out)
+    assert cli_main(cli_args(cfg) + ["--on-error", "skip"]) == 0
+    line = read_jsonl(Path(cfg.out) / "metrics.jsonl")[0]
+    assert line["images"] == 23 and line["eval"]["num_known"] == 11      # one training, one test image skipped
+    capsys.readouterr()
+    ev = ["eval", "--checkpoint", f"{cfg.out}/last.pt", "--data", str(root), "--workers", "0", "--device", "cpu",
+          "--json"]
+    assert cli_main(ev) == 2 and "does not decode" in capsys.readouterr().err
+    assert cli_main(ev + ["--on-error", "skip"]) == 0
+    assert json.loads(capsys.readouterr().out)["num_known"] == 11

@@ -4,6 +4,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from backmix.osr_data.errors import BackMixError
+
 from .config import AMP, OPTIMIZERS, TrainConfig, field_defaults
 
 S = argparse.SUPPRESS   # an option not given stays out of the namespace: we know what was explicit
@@ -15,6 +17,7 @@ def _d(name: str) -> str:
 
 def register(top) -> None:
     from backmix.cam_cache.models import ARCHS
+    from backmix.pipeline.config import ON_ERROR
     from backmix.pipeline.loaders import BACKENDS
 
     fmt = argparse.ArgumentDefaultsHelpFormatter
@@ -61,7 +64,14 @@ def register(top) -> None:
     p.add_argument("--workers", type=int, default=S, help="decoding worker processes" + _d("workers"))
     p.add_argument("--eval-every", type=int, default=S,
                    help="evaluate every k epochs (always after the last)" + _d("eval_every"))
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last.pt")
+    p.add_argument("--save-every", type=int, default=S,
+                   help="also save RUN/last.pt every N optimizer steps, mid-epoch, with the loader's position, "
+                        "so --resume continues from that step (0: at epoch ends only)" + _d("save_every"))
+    p.add_argument("--on-error", choices=ON_ERROR, default=S,
+                   help="an image that does not decode: stop, or skip it and count" + _d("on_error"))
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --out from its last.pt (mid-epoch if it was saved there); "
+                        "refused if a field that shapes the model or the data differs")
     p.add_argument("--no-progress", dest="progress", action="store_false", default=S, help="no progress bars")
     p.set_defaults(func=run_train)
 
@@ -77,6 +87,8 @@ def register(top) -> None:
                    help="known classes (split number or names); default: those the checkpoint was trained on")
     e.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     e.add_argument("--workers", type=int, default=2)
+    e.add_argument("--on-error", choices=ON_ERROR, default="raise",
+                   help="an image that does not decode: stop, or skip it and count")
     e.add_argument("--json", action="store_true", help="print the metrics as one JSON object")
     e.set_defaults(func=run_eval)
 
@@ -104,8 +116,10 @@ def run_eval(args) -> int:
     import json
 
     from .train import evaluate_checkpoint
+    if args.workers < 0:
+        raise BackMixError(f"--workers must be >= 0, got {args.workers}")
     m = evaluate_checkpoint(args.checkpoint, args.data, backend=args.backend, split=args.split,
-                            device=args.device, workers=args.workers)
+                            device=args.device, workers=args.workers, on_error=args.on_error)
     if args.json:
         print(json.dumps(m))
         return 0

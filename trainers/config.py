@@ -3,16 +3,50 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
 from backmix.cam_cache.models import ARCHS
+from backmix.osr_data.decode import check_canvas
 from backmix.osr_data.errors import BackMixError
+from backmix.pipeline.config import DEVICES, ON_ERROR
 from backmix.pipeline.loaders import BACKENDS
 
 OPTIMIZERS = ("sgd", "adamw")
 AMP = ("auto", "bf16", "fp16", "off")
+CHOICES = {"arch": ARCHS, "opt": OPTIMIZERS, "backend": BACKENDS, "amp": AMP, "device": DEVICES,
+           "on_error": ON_ERROR}
+
+
+# Every numeric field and the values it accepts (besides being a finite number).
+def _at_least(low):
+    return lambda v: v >= low, f">= {low}"
+
+
+_POSITIVE = (lambda v: v > 0, "> 0")
+_FRACTION = (lambda v: 0 < v < 1, "in (0, 1)")
+NUMERIC_RANGES = {
+    "epochs": _at_least(1), "width": _POSITIVE, "batch_size": _at_least(1), "lr": _POSITIVE,
+    "sgd_momentum": (lambda v: 0 <= v < 1, "in [0, 1)"), "weight_decay": _at_least(0),
+    "warmup_epochs": _at_least(0), "w_raw": _at_least(0), "w_mix": _at_least(0), "regen_every": _at_least(0),
+    "momentum": (lambda v: 0 <= v <= 1, "in [0, 1]"), "box_fraction": _FRACTION, "top_k_ratio": _FRACTION,
+    "seed": (lambda v: 0 <= v < 2 ** 63, "in [0, 2**63)"), "workers": _at_least(0), "eval_every": _at_least(0),
+    "save_every": _at_least(0),
+}
+
+
+def option(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def check_number(name: str, value) -> None:
+    """One line naming the option when ``value`` is not a finite number in its field's range."""
+    accepts, want = NUMERIC_RANGES[name]
+    number = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if not (number and accepts(value)):
+        raise BackMixError(f"{option(name)} must be a finite number {want}, got {value}")
 
 
 @dataclass
@@ -47,32 +81,20 @@ class TrainConfig:
     channels_last: bool = True        # CUDA only
     workers: int = 2
     eval_every: int = 1               # evaluate every k epochs (and always after the last)
+    save_every: int = 0               # also save RUN/last.pt every k steps, mid-epoch (0: at epoch ends only)
+    on_error: str = "raise"           # an image that does not decode: "raise" or "skip" (and count)
     cache: Optional[str] = None       # cache folder; default RUN/cache
     progress: bool = True
 
     def __post_init__(self) -> None:
-        if self.epochs < 1:
-            raise BackMixError(f"--epochs must be at least 1, got {self.epochs}")
-        if self.arch not in ARCHS:
-            raise BackMixError(f"unknown --arch {self.arch!r} (choose from {', '.join(ARCHS)})")
-        if self.opt not in OPTIMIZERS:
-            raise BackMixError(f"unknown --opt {self.opt!r} (choose from {', '.join(OPTIMIZERS)})")
-        if self.backend not in BACKENDS:
-            raise BackMixError(f"unknown --backend {self.backend!r} (choose from {', '.join(BACKENDS)})")
-        if self.amp not in AMP:
-            raise BackMixError(f"unknown --amp {self.amp!r} (choose from {', '.join(AMP)})")
-        if self.lr <= 0:
-            raise BackMixError(f"--lr must be positive, got {self.lr}")
-        if self.width <= 0:
-            raise BackMixError(f"--width must be positive, got {self.width}")
-        if self.regen_every < 0 or self.eval_every < 0:
-            raise BackMixError("--regen-every and --eval-every must be >= 0")
-        if not 0.0 <= self.momentum <= 1.0:
-            raise BackMixError(f"--momentum (CAM momentum) must lie in [0, 1], got {self.momentum}")
-        if self.workers < 0:
-            raise BackMixError(f"--workers must be >= 0, got {self.workers}")
-        if self.w_raw < 0 or self.w_mix < 0:
-            raise BackMixError(f"--w-raw and --w-mix must be >= 0, got {self.w_raw} and {self.w_mix}")
+        for name, value in (("arch", self.arch), ("opt", self.opt), ("backend", self.backend), ("amp", self.amp),
+                            ("device", self.device), ("on_error", self.on_error)):
+            choices = CHOICES[name]
+            if value not in choices:
+                raise BackMixError(f"unknown {option(name)} {value!r} (choose from {', '.join(choices)})")
+        for name in NUMERIC_RANGES:
+            check_number(name, getattr(self, name))
+        check_canvas(self.canvas, self.crop, self.grid)
         if self.w_raw == 0 and not (self.backmix and self.w_mix > 0):
             raise BackMixError("--w-raw 0 trains on the mixed images only: it needs BackMix and --w-mix > 0")
 

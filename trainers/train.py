@@ -8,7 +8,10 @@ foreground cache if e+1 is a multiple of ``regen_every``, append the epoch's lin
 to RUN/metrics.jsonl. The checkpoint is written *before* the rebuild and records
 the generation the rebuild will publish, so a run killed during the rebuild
 redoes it (from the same weights) on ``--resume`` and the stream of masks stays
-what it would have been.
+what it would have been. With ``--save-every N``, last.pt is also written every N
+steps inside an epoch ("partial": each rank's loader position, running sums and
+RNG), and ``--resume`` continues from that step: on the CPU the result equals the
+uninterrupted run's bit for bit.
 """
 from __future__ import annotations
 
@@ -20,6 +23,7 @@ import math
 import os
 import random
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,15 +43,15 @@ from backmix.pipeline.augment import IMAGENET_MEAN, IMAGENET_STD
 from backmix.pipeline.config import LoaderConfig
 from backmix.pipeline.loaders import make_loader
 
-from .config import TrainConfig
+from .config import TrainConfig, option
 from .metrics import open_set_metrics
 
 log = logging.getLogger("backmix")
 
-# Fields a resumed run may change; every other one must match RUN/config.json.
-RESUME_MAY_CHANGE = ("device", "workers", "progress", "backend", "eval_every", "out", "data", "cache",
-                     # these three reach load_model, which refuses a checkpoint that does not fit
-                     "arch", "width", "split")
+# Fields a resumed run may change; every other one must match RUN/config.json. ``data`` may move:
+# the data set itself must be the run's (its fingerprint is compared).
+RESUME_MAY_CHANGE = ("device", "workers", "progress", "backend", "eval_every", "save_every", "on_error", "out",
+                     "data", "cache")
 
 
 # --------------------------------------------------------------------------- data
@@ -86,6 +90,9 @@ def load_data(root: str | os.PathLike, split: str | OpenSetSplit) -> OpenSetData
         split = OpenSetSplit(split.known, tuple(c for c in train.classes if c not in split.known))
     else:
         split = resolve_split(train.classes, split)
+    if len(split.known) < 2 or not split.unknown:
+        raise BackMixError(f"an open-set split needs at least 2 known classes and 1 unknown one; got "
+                           f"{len(split.known)} known ({', '.join(split.known)}) of {len(train.classes)} classes")
     lut = split.label_map(train.classes)
     known_rows = np.flatnonzero(lut[train.labels] >= 0)
     return OpenSetData(train, test, split, lut, known_rows)
@@ -100,7 +107,7 @@ def loader_config(cfg: TrainConfig, device: torch.device, *, train: bool, rank: 
         box_fraction=cfg.box_fraction, top_k_ratio=cfg.top_k_ratio, seed=cfg.seed,
         shuffle=train, train=train, rank=rank if train else 0, world_size=world if train else 1,
         last_batch="drop" if train and world > 1 else "keep", num_workers=cfg.workers,
-        device=device.type)
+        on_error=cfg.on_error, device=device.type)
 
 
 # --------------------------------------------------------------------------- devices, DDP
@@ -214,47 +221,58 @@ def epoch_seed(seed: int, epoch: int, rank: int) -> int:
 
 # --------------------------------------------------------------------------- the three steps
 
-def train_one_epoch(model: nn.Module, loader, optimizer, scheduler, label_map: torch.Tensor,
-                    cfg: TrainConfig, precision: Precision, epoch: int, *, rank: int = 0,
-                    world: int = 1) -> dict:
-    """One pass over the loader; loss = w_raw * CE(raw) + w_mix * CE(mixed) (mixed keeps the label);
-    train accuracy is on the first of them the batch has."""
+def train_one_epoch(model: nn.Module, loader, optimizer, scheduler, cfg: TrainConfig, precision: Precision,
+                    epoch: int, *, rank: int = 0, world: int = 1, partial: Optional[dict] = None,
+                    save=None) -> dict:
+    """One pass over the loader; loss = w_raw * CE(clean) + w_mix * CE(mixed) (``BackMixBatch.loss``);
+    train accuracy is on the first part the batch has.
+
+    partial: this rank's part of a mid-epoch checkpoint (loader position, running sums, seconds, RNG):
+    the epoch continues where it was cut. save(partial) is called every ``cfg.save_every`` steps
+    (not at an epoch's last step: the epoch's own checkpoint follows)."""
     model.train()
-    torch.manual_seed(epoch_seed(cfg.seed, epoch, rank))
     loader.set_epoch(epoch)
     device = precision.device
     criterion = nn.CrossEntropyLoss()
     sums = torch.zeros(3, dtype=torch.float64, device=device)   # loss * n, correct, n
+    before = 0.0                                                 # seconds of the epoch before a resume
+    if partial:
+        loader.load_state_dict(partial["loader"])
+        sums = torch.tensor(partial["sums"], dtype=torch.float64, device=device)
+        before = partial["train_s"]
+        torch.set_rng_state(partial["torch_rng"])
+    else:
+        torch.manual_seed(epoch_seed(cfg.seed, epoch, rank))
     start = time.perf_counter()
-    bar = tqdm(total=len(loader), desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch", leave=False,
-               disable=not show_progress(cfg, rank))
+    bar = tqdm(total=len(loader), initial=loader.state_dict()["step"], desc=f"epoch {epoch + 1}/{cfg.epochs}",
+               unit="batch", leave=False, disable=not show_progress(cfg, rank))
     for batch in loader:
-        y = label_map[batch.labels]
-        n = y.shape[0]
-        # One forward over the clean and the mixed crops (BatchNorm sees both together); either may be
-        # absent: no mixed ones without BackMix, no clean ones when --w-raw 0 leaves them out.
-        parts = [(t, w) for t, w in ((batch.images, cfg.w_raw), (batch.mixed if cfg.backmix else None, cfg.w_mix))
-                 if t is not None]
-        weights = [w for _, w in parts]
-        x = torch.cat([t for t, _ in parts]) if len(parts) > 1 else parts[0][0]
+        # One forward over the clean and the mixed crops (BatchNorm sees both together).
+        x, _ = batch.inputs()
+        n = batch.labels.shape[0]
         if cfg.channels_last and device.type == "cuda":
             x = x.contiguous(memory_format=torch.channels_last)
         with precision.autocast():
             logits = model(x)
-            loss = sum(w * criterion(logits[k * n:(k + 1) * n], y) for k, w in enumerate(weights))
+            loss = batch.loss(criterion, logits, clean=cfg.w_raw, mixed=cfg.w_mix)
         optimizer.zero_grad(set_to_none=True)
         precision.step(loss, optimizer)
         scheduler.step()
         with torch.no_grad():
             sums += torch.stack([loss.detach().double() * n,
-                                 (logits[:n].argmax(1) == y).sum().double(),
+                                 (logits[:n].argmax(1) == batch.labels).sum().double(),
                                  torch.tensor(float(n), dtype=torch.float64, device=device)])
         bar.update(1)
         if bar.n % 10 == 0:
             bar.set_postfix(loss=f"{sums[0].item() / max(1.0, sums[2].item()):.3f}",
                             img_s=f"{sums[2].item() * world / (time.perf_counter() - start):.0f}")
+        position = loader.state_dict()
+        if save is not None and cfg.save_every and scheduler.last_epoch % cfg.save_every == 0 \
+                and position["step"] < len(loader):
+            save({"loader": position, "sums": sums.tolist(), "torch_rng": torch.get_rng_state(),
+                  "train_s": before + time.perf_counter() - start})
     bar.close()
-    seconds = time.perf_counter() - start
+    seconds = before + time.perf_counter() - start
     if world > 1:
         dist.all_reduce(sums)
     loss_sum, correct, count = sums.tolist()
@@ -272,7 +290,7 @@ def predict(model: nn.Module, loader, precision: Precision, progress: bool = Fal
     for batch in tqdm(loader, desc="evaluate", unit="batch", leave=False, disable=not progress):
         with precision.autocast():
             logits.append(model(batch.images).float().cpu())
-        labels.append(batch.labels.cpu())
+        labels.append(batch.dataset_labels)
     model.train(was_training)
     return torch.cat(logits), torch.cat(labels)
 
@@ -317,8 +335,36 @@ def regenerate(cfg: TrainConfig, model: nn.Module, data: OpenSetData, device: to
 
 # --------------------------------------------------------------------------- run files
 
+@contextlib.contextmanager
+def writing(path: Path):
+    """A write into the run folder: an OSError (read-only, disk full, gone) is one line naming the file."""
+    try:
+        yield
+    except OSError as e:
+        raise BackMixError(f"cannot write {path}: {e.strerror or e}") from None
+
+
+def save_run_checkpoint(path: Path, model: nn.Module, cfg: TrainConfig, num_classes: int, **state) -> None:
+    with writing(path):
+        save_checkpoint(path, model, arch=cfg.arch, num_classes=num_classes, model_kwargs=cfg.model_kwargs,
+                        **state)
+
+
+def check_run_folder(run: Path) -> None:
+    """--out: a folder (made here) that takes files, checked before any work."""
+    if run.exists() and not run.is_dir():
+        raise BackMixError(f"--out {run} is a file; a run needs a folder")
+    try:
+        run.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=run):
+            pass
+    except OSError as e:
+        raise BackMixError(f"--out {run} cannot be written: {e.strerror or e}") from None
+
+
 def write_jsonl(path: Path, records: list[dict]) -> None:
-    atomic_write_bytes(path, "".join(json.dumps(r) + "\n" for r in records).encode())
+    with writing(path):
+        atomic_write_bytes(path, "".join(json.dumps(r) + "\n" for r in records).encode())
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -335,7 +381,7 @@ def read_jsonl(path: Path) -> list[dict]:
 
 
 def append_jsonl(path: Path, record: dict) -> None:
-    with open(path, "a") as f:
+    with writing(path), open(path, "a") as f:
         f.write(json.dumps(record) + "\n")
         f.flush()
         os.fsync(f.fileno())
@@ -360,8 +406,9 @@ def resume_config(cfg: TrainConfig, explicit: set[str]) -> TrainConfig:
     new = cfg.to_dict()
     changed = sorted(k for k in explicit if k in saved and new[k] != saved[k] and k not in RESUME_MAY_CHANGE)
     if changed:
-        raise BackMixError(f"--resume cannot change {', '.join('--' + k.replace('_', '-') for k in changed)} "
-                           f"of the run in {cfg.run_dir} (it was {saved[changed[0]]!r})")
+        k = changed[0]
+        raise BackMixError(f"--resume cannot change {option(k)} of the run in {cfg.run_dir}: it was "
+                           f"{saved[k]!r}, not {new[k]!r}")
     for k in explicit:
         if k in RESUME_MAY_CHANGE:
             saved[k] = new[k]
@@ -399,10 +446,11 @@ def _run(cfg: TrainConfig, device: torch.device, rank: int, world: int, resume: 
     run = cfg.run_dir
     data = load_data(cfg.data, cfg.split)
     K = data.num_known
+    fingerprint = hashlib.sha256((data.train.fingerprint() + data.test.fingerprint()).encode()).hexdigest()
     if rank == 0:
         if not resume and (run / "last.pt").exists():
             raise BackMixError(f"{run} already holds a run; pass --resume to continue it or choose another --out")
-        run.mkdir(parents=True, exist_ok=True)
+        check_run_folder(run)
     barrier(world)
 
     # The model: fresh, or the last checkpoint (load_model refuses another arch or class count).
@@ -412,13 +460,17 @@ def _run(cfg: TrainConfig, device: torch.device, rank: int, world: int, resume: 
         if tuple(ckpt.get("known_classes", ())) != data.split.known:
             raise BackMixError(f"{run / 'last.pt'} was trained on known classes "
                                f"{', '.join(ckpt.get('known_classes', ()))}, not {', '.join(data.split.known)}")
+        if ckpt.get("data_fingerprint", fingerprint) != fingerprint:
+            raise BackMixError(f"--resume cannot change --data of the run in {run}: it was trained on "
+                               f"{ckpt['config']['data']}, and {cfg.data} holds another data set")
         if ckpt["epoch"] >= cfg.epochs:
             raise BackMixError(f"the run in {run} has finished all {cfg.epochs} epochs; nothing to resume")
     else:
         torch.manual_seed(cfg.seed)
         model = build_model(cfg.arch, K, **cfg.model_kwargs)
     if rank == 0:   # only now: a resume refused above leaves the run's config as it was
-        atomic_write_bytes(run / "config.json", (json.dumps(cfg.to_dict(), indent=2) + "\n").encode())
+        with writing(run / "config.json"):
+            atomic_write_bytes(run / "config.json", (json.dumps(cfg.to_dict(), indent=2) + "\n").encode())
     model.to(device)
     if cfg.channels_last and device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
@@ -433,7 +485,7 @@ def _run(cfg: TrainConfig, device: torch.device, rank: int, world: int, resume: 
         maps = ForegroundCache(cfg.cache_dir, index=data.train, grid=cfg.grid)
 
     train_loader = make_loader(cfg.backend, data.train, loader_config(cfg, device, train=True, rank=rank, world=world),
-                               maps=maps, indices=data.known_rows)
+                               maps=maps, indices=data.known_rows, label_map=data.label_map)
     eval_loader = make_loader(cfg.backend, data.test, loader_config(cfg, device, train=False)) if rank == 0 else None
     if len(train_loader) == 0:
         raise BackMixError(f"{len(data.known_rows)} known training images are too few for batch size "
@@ -444,11 +496,11 @@ def _run(cfg: TrainConfig, device: torch.device, rank: int, world: int, resume: 
     optimizer = build_optimizer(cfg, unwrap(model))
     scheduler = build_scheduler(cfg, optimizer, len(train_loader))
     precision = Precision(device, cfg.amp)
-    label_map = torch.from_numpy(data.label_map).to(device)
 
     history: list[dict] = []
     best = -1.0
     start = 0
+    partial = None   # this rank's part of a mid-epoch checkpoint
     if resume:
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
@@ -456,6 +508,11 @@ def _run(cfg: TrainConfig, device: torch.device, rank: int, world: int, resume: 
             precision.scaler.load_state_dict(ckpt["scaler"])
         set_rng_state(ckpt["rng"])
         history, best, start = list(ckpt.get("metrics", [])), ckpt.get("best", -1.0), ckpt["epoch"]
+        if ckpt.get("partial"):
+            if len(ckpt["partial"]) != world:
+                raise BackMixError(f"{run / 'last.pt'} was saved mid-epoch by {len(ckpt['partial'])} rank(s); "
+                                   f"resume it on as many, not {world}")
+            partial = ckpt["partial"][rank]
         if cfg.backmix and ckpt.get("regen_pending"):
             maps.refresh()
             # Every rank decides from the shared cache, so all of them take the same branch.
@@ -470,17 +527,35 @@ def _run(cfg: TrainConfig, device: torch.device, rank: int, world: int, resume: 
                     history[-1] = logged[start]
         if rank == 0:
             write_jsonl(run / "metrics.jsonl", history)
-            log.info("resuming %s at epoch %d/%d", run, start + 1, cfg.epochs)
+            log.info("resuming %s at epoch %d/%d%s", run, start + 1, cfg.epochs,
+                     f", step {partial['loader']['step'] + 1}" if partial else "")
     elif rank == 0:
         write_jsonl(run / "metrics.jsonl", [])
 
-    extra_common = {"config": cfg.to_dict(), "known_classes": list(data.split.known)}
+    extra_common = {"config": cfg.to_dict(), "known_classes": list(data.split.known),
+                    "data_fingerprint": fingerprint}
     final: dict = history[-1].get("eval", {}) if history else {}
     t_run = time.perf_counter()
     for epoch in range(start, cfg.epochs):
+        def save_mid_epoch(mine: dict, epoch: int = epoch) -> None:
+            """last.pt part-way through ``epoch``: every rank's loader position, sums and RNG with the rest."""
+            parts = [None] * world
+            if world > 1:
+                dist.all_gather_object(parts, mine)
+            else:
+                parts = [mine]
+            if rank == 0:
+                save_run_checkpoint(run / "last.pt", model, cfg, K, **extra_common, epoch=epoch,
+                                    optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
+                                    rng=rng_state(), metrics=history, best=best, regen_pending=False,
+                                    scaler=precision.scaler.state_dict() if precision.scaler else None,
+                                    cache_generation=train_loader.maps.generation if cfg.backmix else 0,
+                                    partial=parts)
+
         record = {"epoch": epoch + 1}
-        record.update(train_one_epoch(model, train_loader, optimizer, scheduler, label_map, cfg, precision,
-                                      epoch, rank=rank, world=world))
+        record.update(train_one_epoch(model, train_loader, optimizer, scheduler, cfg, precision, epoch,
+                                      rank=rank, world=world, partial=partial, save=save_mid_epoch))
+        partial = None
         record["cache_generation"] = train_loader.maps.generation if cfg.backmix else None
         last = epoch + 1 == cfg.epochs
         if rank == 0 and (last or (cfg.eval_every and (epoch + 1) % cfg.eval_every == 0)):
@@ -498,11 +573,9 @@ def _run(cfg: TrainConfig, device: torch.device, rank: int, world: int, resume: 
                          best=best, regen_pending=regen_due,
                          scaler=precision.scaler.state_dict() if precision.scaler else None,
                          cache_generation=(record["cache_generation"] or 0) + int(regen_due))
-            save_checkpoint(run / "last.pt", model, arch=cfg.arch, num_classes=K,
-                            model_kwargs=cfg.model_kwargs, **state)
+            save_run_checkpoint(run / "last.pt", model, cfg, K, **state)
             if improved:
-                save_checkpoint(run / "best.pt", model, arch=cfg.arch, num_classes=K,
-                                model_kwargs=cfg.model_kwargs, **state)
+                save_run_checkpoint(run / "best.pt", model, cfg, K, **state)
         barrier(world)
         if regen_due:
             t0 = time.perf_counter()
@@ -539,9 +612,12 @@ def epoch_line(r: dict, epochs: int) -> str:
 
 def evaluate_checkpoint(checkpoint: str | os.PathLike, data_root: str | os.PathLike, *,
                         backend: str = "reference", split: Optional[str] = None, device: str = "auto",
-                        workers: int = 2, progress: bool = True) -> dict:
+                        workers: int = 2, progress: bool = True, on_error: str = "raise") -> dict:
     """Open-set metrics of a checkpoint on ``data_root``/test; the known classes come from the checkpoint."""
     from backmix.cam_cache.models import read_checkpoint
+    if Path(checkpoint).is_dir():
+        raise BackMixError(f"--checkpoint {checkpoint} is a folder; pass a checkpoint file in it, "
+                           f"{Path(checkpoint) / 'best.pt'} or {Path(checkpoint) / 'last.pt'}")
     ckpt = read_checkpoint(checkpoint)
     saved = ckpt.get("config") or {}
     if split is not None:
@@ -551,9 +627,8 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, data_root: str | os.PathL
     else:
         raise BackMixError(f"checkpoint {checkpoint} does not name its known classes; pass --split")
     model, _ = load_model(checkpoint, num_classes=data.num_known)
-    cfg = TrainConfig.from_dict({**saved, "backend": backend, "device": device, "workers": workers,
-                                 "progress": progress}) if saved else \
-        TrainConfig(backend=backend, device=device, workers=workers, progress=progress)
+    given = {"backend": backend, "device": device, "workers": workers, "progress": progress, "on_error": on_error}
+    cfg = TrainConfig.from_dict({**saved, **given}) if saved else TrainConfig(**given)
     dev, _, _ = init_distributed(device)
     model.to(dev)
     loader = make_loader(cfg.backend, data.test, loader_config(cfg, dev, train=False))

@@ -1,0 +1,45 @@
+"""The distribution: one top-level package, light imports, optional backends that say how to install them."""
+from __future__ import annotations
+
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from backmix.osr_data import BackMixError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_the_wheel_installs_only_the_backmix_package(tmp_path):
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
+                    "-w", str(tmp_path), str(REPO)], check=True, capture_output=True, cwd=tmp_path)
+    (wheel,) = tmp_path.glob("backmix-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    top = {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")}
+    assert top == {"backmix"}, top
+    for stage in ("osr_data", "cam_cache", "pipeline", "trainers"):
+        assert f"backmix/{stage}/__init__.py" in names
+
+
+def test_stage_packages_are_not_importable_by_their_folder_names_outside_the_repo(tmp_path):
+    for name in ("pipeline", "trainers", "cam_cache", "osr_data"):
+        r = subprocess.run([sys.executable, "-c", f"import {name}"], capture_output=True, text=True, cwd=tmp_path)
+        assert r.returncode == 1 and "ModuleNotFoundError" in r.stderr, (name, r.stderr)
+
+
+def test_importing_backmix_and_its_stages_imports_no_torch(tmp_path):
+    code = ("import sys, backmix, backmix.osr_data, backmix.cam_cache, backmix.pipeline, backmix.trainers; "
+            "print(sorted(m for m in ('torch', 'torchvision', 'sklearn', 'nvidia.dali', 'ffcv') if m in sys.modules))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, check=True)
+    assert r.stdout.strip() == "[]"
+
+
+def test_a_missing_dali_is_one_line_naming_the_install_command(monkeypatch, tiny_root):
+    from backmix.osr_data import ImageIndex
+    from backmix.pipeline import LoaderConfig, make_loader
+    monkeypatch.setitem(sys.modules, "nvidia.dali", None)     # what an install without the extra looks like
+    with pytest.raises(BackMixError, match=r"pip install 'backmix\[dali\]'"):
+        make_loader("dali", ImageIndex.load(tiny_root), LoaderConfig(batch_size=4))
