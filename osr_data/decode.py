@@ -27,11 +27,15 @@ class DecodeError(BackMixError):
 
 
 def decode_rgb(path: str) -> torch.Tensor:
-    """uint8 [3, H, W]; grey and palette images become RGB."""
+    """uint8 [3, H, W]; grey and palette images become RGB, 16-bit PNGs 8-bit."""
     try:
-        return decode_image(read_file(path), mode=ImageReadMode.RGB)
+        image = decode_image(read_file(path), mode=ImageReadMode.RGB)
     except (RuntimeError, ValueError) as e:
         raise DecodeError(path, str(e).splitlines()[0] if str(e) else "") from None
+    if image.dtype == torch.uint16:
+        # round(v * 255 / 65535) = round(v / 257), in integers: (v + 128) // 257.
+        image = ((image.to(torch.int32) + 128) // 257).to(torch.uint8)
+    return image
 
 
 from .options import CANVAS_MODES  # noqa: E402  (defined where the command line reads it without torch)

@@ -1,10 +1,22 @@
 """Image folders in the ImageNet layout and their index file.
 
 A split folder looks like ``root/<class>/<image>.jpg``. Its index file
-``root/index.csv`` lists ``path,label`` (path relative to ``root``) in a fixed
-order: the row number is the image's *dataset index*, the key every other stage
-(cache rows, sampler, loaders) uses. Labels are the positions of the class
-folder names in sorted order.
+``root/index.csv`` lists ``path,label,size,mtime_ns`` (path relative to
+``root``; size and modification time as the file had them when it was indexed)
+in a fixed order: the row number is the image's *dataset index*, the key every
+other stage (cache rows, sampler, loaders) uses. Labels are the positions of
+the class folder names in sorted order.
+
+At ImageNet scale (1.28 M rows) the index is held as columns, not Python
+objects: one UTF-8 buffer of all paths with int64 offsets, and int64 labels,
+sizes and times. It loads with pyarrow's CSV reader without building a string
+per row, and forked DataLoader workers read it without writing to its pages
+(no per-object reference counts), so the pages stay shared.
+
+Size and mtime make the fingerprint tell apart two data sets with the same file
+names (as ``make`` does, no content hashing); ``checked_path`` compares them to
+the file when a loader reads it, so a file overwritten after indexing stops the
+run instead of silently feeding data the cache and betons were not made for.
 """
 from __future__ import annotations
 
@@ -13,9 +25,11 @@ import csv
 import hashlib
 import io
 import os
-from dataclasses import dataclass
+import re
+import stat
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Optional
 
 import numpy as np
 
@@ -23,6 +37,9 @@ from .errors import BackMixError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 INDEX_NAME = "index.csv"
+COLUMNS = ("path", "label", "size", "mtime_ns")
+# Index files written before size and mtime were recorded: read, then stat once and rewritten.
+OLD_COLUMNS = ("path", "label")
 
 
 @contextlib.contextmanager
@@ -45,14 +62,72 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         tmp.write_bytes(data)
 
 
-@dataclass(frozen=True)
-class ImageIndex:
-    """The ordered list of (path, label) of one split folder."""
+class IndexPaths(Sequence):
+    """The relative paths of an index, read-only: one UTF-8 buffer and N+1 offsets; items are ``str``."""
 
-    root: Path
-    paths: tuple[str, ...]
-    labels: np.ndarray  # int64 [N]
-    classes: tuple[str, ...]
+    __slots__ = ("data", "offsets")
+
+    def __init__(self, data: np.ndarray, offsets: np.ndarray) -> None:
+        self.data, self.offsets = data, offsets      # uint8 [bytes], int64 [N + 1]
+
+    @classmethod
+    def from_strings(cls, paths: Sequence[str]) -> "IndexPaths":
+        encoded = [p.encode() for p in paths]
+        offsets = np.zeros(len(encoded) + 1, dtype=np.int64)
+        np.cumsum(np.fromiter(map(len, encoded), dtype=np.int64, count=len(encoded)), out=offsets[1:])
+        return cls(np.frombuffer(b"".join(encoded), dtype=np.uint8), offsets)
+
+    @classmethod
+    def from_arrow(cls, array) -> "IndexPaths":
+        """Zero-copy view of a pyarrow large_string array's buffers."""
+        _, offsets, data = array.buffers()
+        offsets = np.frombuffer(offsets, dtype=np.int64)[array.offset:array.offset + len(array) + 1]
+        data = np.frombuffer(data, dtype=np.uint8) if data is not None else np.zeros(0, np.uint8)
+        return cls(data, offsets)
+
+    def to_arrow(self):
+        import pyarrow as pa
+        return pa.LargeStringArray.from_buffers(len(self), pa.py_buffer(self.offsets), pa.py_buffer(self.data))
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        n = len(self)
+        if not -n <= i < n:
+            raise IndexError(f"path {i} out of range ({n} paths)")
+        i = int(i) % n
+        return self.data[self.offsets[i]:self.offsets[i + 1]].tobytes().decode()
+
+    def __eq__(self, other) -> bool:
+        if isinstance(other, IndexPaths):
+            return bool(np.array_equal(self.offsets - self.offsets[0], other.offsets - other.offsets[0])
+                        and np.array_equal(self.data[self.offsets[0]:self.offsets[-1]],
+                                           other.data[other.offsets[0]:other.offsets[-1]]))
+        if isinstance(other, Sequence) and not isinstance(other, str):
+            return len(self) == len(other) and all(a == b for a, b in zip(self, other))
+        return NotImplemented
+
+    __hash__ = None
+
+    def __repr__(self) -> str:
+        return f"IndexPaths({len(self)} paths)"
+
+
+class ImageIndex:
+    """The ordered (path, label, size, mtime) rows of one split folder, held as columns."""
+
+    def __init__(self, root: str | os.PathLike, paths: IndexPaths, labels: np.ndarray, classes: tuple[str, ...],
+                 sizes: np.ndarray, mtimes: np.ndarray) -> None:
+        self.root = Path(root)
+        self.paths = paths
+        self.labels = labels      # int64 [N]
+        self.classes = classes
+        self.sizes = sizes        # int64 [N], bytes when indexed
+        self.mtimes = mtimes      # int64 [N], st_mtime_ns when indexed
+        self._fingerprint: Optional[str] = None
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -62,69 +137,157 @@ class ImageIndex:
         return len(self.classes)
 
     def abspath(self, i: int) -> str:
-        return str(self.root / self.paths[i])
+        return os.path.join(self.root, self.paths[i])
+
+    def checked_path(self, i: int) -> str:
+        """``abspath(i)`` after checking the file is still the one indexed (same size and mtime)."""
+        path = self.abspath(i)
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:
+            raise _listed_but_missing(path, self.root / INDEX_NAME) from None
+        if st.st_size != self.sizes[i] or st.st_mtime_ns != self.mtimes[i]:
+            raise BackMixError(f"image {path} changed after {self.root / INDEX_NAME} was written (size or mtime "
+                               "differ), so caches and betons made for this data set no longer match it; "
+                               "delete the index file to re-index")
+        return path
+
+    # --- building ----------------------------------------------------------------------------------
 
     @classmethod
     def scan(cls, root: str | os.PathLike) -> "ImageIndex":
-        """Index ``root/<class>/<image>`` in sorted order (classes, then file names)."""
+        """Index ``root/<class>/<image>`` in sorted order (classes, then file names); one stat per file."""
         root = Path(root)
-        if not root.is_dir():
-            raise BackMixError(f"data folder {root} does not exist")
-        classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+        _check_is_split_folder(root)
+        classes = _class_folders(root)
+        if not classes:
+            raise BackMixError(f"data folder {root} is empty: expected images in {root}/<class>/<image>.jpg")
         paths: list[str] = []
-        labels: list[int] = []
+        labels, sizes, mtimes = [], [], []
         for label, name in enumerate(classes):
-            files = sorted(
-                f.name for f in (root / name).iterdir()
-                if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES
-            )
-            paths += [f"{name}/{f}" for f in files]
-            labels += [label] * len(files)
-        if not paths:
-            raise BackMixError(
-                f"data folder {root} is empty: expected images in {root}/<class>/<image>.jpg"
-            )
-        return cls(root, tuple(paths), np.asarray(labels, dtype=np.int64), tuple(classes))
+            folder = os.open(root / name, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                for file in _image_names(root, name):
+                    st = os.stat(file, dir_fd=folder)     # relative to the open folder: no path walk
+                    if not stat.S_ISREG(st.st_mode):
+                        continue
+                    paths.append(f"{name}/{file}")
+                    sizes.append(st.st_size)
+                    mtimes.append(st.st_mtime_ns)
+                    labels.append(label)
+            finally:
+                os.close(folder)
+            if not labels or labels[-1] != label:
+                raise _no_images(root / name)
+        return cls(root, IndexPaths.from_strings(paths), np.asarray(labels, dtype=np.int64), tuple(classes),
+                   np.asarray(sizes, dtype=np.int64), np.asarray(mtimes, dtype=np.int64))
 
     @classmethod
     def load(cls, root: str | os.PathLike) -> "ImageIndex":
-        """Read ``root/index.csv``; scan the folder (and write the index) when there is none."""
+        """Read ``root/index.csv``; scan the folder (and write the index) when there is none.
+
+        Loading checks, with one directory listing per class (no stat), that every listed file
+        exists and that no class folder or image appeared after the index was written."""
         root = Path(root)
-        if not root.is_dir():
-            raise BackMixError(f"data folder {root} does not exist")
+        _check_is_split_folder(root)
         index_file = root / INDEX_NAME
         if not index_file.exists():
             index = cls.scan(root)
-            try:
+            with contextlib.suppress(OSError):   # a read-only data set is fine: the scan is deterministic
                 index.write()
-            except OSError:  # a read-only data set is fine: the scan is deterministic
-                pass
             return index
+        index = cls._read(root, index_file)
+        index._check_folders(index_file)
+        import pyarrow as pa
+        pa.default_memory_pool().release_unused()    # the parser's and the check's buffers, not the index's
+        return index
+
+    @classmethod
+    def _read(cls, root: Path, index_file: Path) -> "ImageIndex":
+        import pyarrow as pa
+        from pyarrow import csv as pacsv
+
         with open(index_file, newline="") as f:
-            rows = list(csv.reader(f))
-        if not rows or rows[0] != ["path", "label"]:
-            raise BackMixError(f"{index_file} is not an index file (expected header 'path,label')")
-        rows = rows[1:]
-        if not rows:
-            raise BackMixError(f"{index_file} lists no images")
+            header = next(csv.reader([f.readline()]), [])
+        if tuple(header) not in (COLUMNS, OLD_COLUMNS):
+            raise BackMixError(f"{index_file} is not an index file (expected header '{','.join(COLUMNS)}')")
+        types = {"path": pa.large_string(), "label": pa.int64(), "size": pa.int64(), "mtime_ns": pa.int64()}
         try:
-            paths = tuple(r[0] for r in rows)
-            labels = np.asarray([int(r[1]) for r in rows], dtype=np.int64)
-        except (IndexError, ValueError):
-            raise BackMixError(f"{index_file} has a malformed row") from None
-        classes_by_label: dict[int, str] = {}
-        for p, lab in zip(paths, labels.tolist()):
-            classes_by_label.setdefault(lab, p.split("/", 1)[0])
-        if sorted(classes_by_label) != list(range(len(classes_by_label))):
-            raise BackMixError(f"{index_file}: labels must be 0..C-1 without gaps")
-        classes = tuple(classes_by_label[i] for i in range(len(classes_by_label)))
-        return cls(root, paths, labels, classes)
+            table = pacsv.read_csv(index_file, convert_options=pacsv.ConvertOptions(
+                column_types={c: types[c] for c in header}, include_columns=header))
+        except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
+            raise BackMixError(f"{index_file} has a malformed row: {str(e).splitlines()[0]}") from None
+        if table.num_rows == 0:
+            raise BackMixError(f"{index_file} lists no images")
+        columns = {c: table.column(c).combine_chunks() for c in header}
+        if any(a.null_count for a in columns.values()):
+            raise BackMixError(f"{index_file} has a malformed row: an empty field")
+        path_array = columns["path"]
+        paths = IndexPaths.from_arrow(path_array)
+        labels = columns["label"].to_numpy()
+        classes = _classes_of_rows(path_array, labels, index_file)
+        if tuple(header) == OLD_COLUMNS:
+            index = cls(root, paths, labels, classes, np.zeros(len(labels), np.int64), np.zeros(len(labels), np.int64))
+            index._stat_all(index_file)
+            with contextlib.suppress(OSError):
+                index.write()
+            return index
+        return cls(root, paths, labels, classes, columns["size"].to_numpy(), columns["mtime_ns"].to_numpy())
+
+    def _stat_all(self, index_file: Path) -> None:
+        for i in range(len(self)):
+            try:
+                st = os.stat(self.abspath(i))
+            except FileNotFoundError:
+                raise _listed_but_missing(self.abspath(i), index_file) from None
+            self.sizes[i], self.mtimes[i] = st.st_size, st.st_mtime_ns
+
+    def _check_folders(self, index_file: Path) -> None:
+        """Every listed file exists; no class folder or image is newer than the index. One listing per
+        folder and no stat: at 1.28 M files a stat each would cost seconds on every load."""
+        import pyarrow as pa
+        import pyarrow.compute as pc
+
+        known = set(self.classes)
+        for name in _class_folders(self.root):
+            if name not in known:
+                if not _image_names(self.root, name):
+                    raise _no_images(self.root / name)
+                raise _written_before(index_file, f"{name}/")
+        listings = []   # arrow arrays: the Python strings of one folder at a time are freed at once
+        for name in self.classes:
+            try:
+                listings.append(pa.array(os.listdir(self.root / name), pa.large_string()))
+            except (FileNotFoundError, NotADirectoryError):
+                raise BackMixError(f"class folder {self.root / name} listed in {index_file} does not exist; "
+                                   "delete the index file to re-index") from None
+        # The folders' image paths in index order (class, then name) as one arrow array: equal to the
+        # index's paths in one comparison. Only when they differ are the rows looked up one by one.
+        names = pa.concat_arrays(listings)
+        labels = pa.array(np.repeat(np.arange(self.num_classes), [len(x) for x in listings]))
+        del listings
+        on_disk = pa.table({"label": labels, "name": names}).filter(_image_mask(names))
+        on_disk = on_disk.take(pc.sort_indices(on_disk, sort_keys=[("label", "ascending"), ("name", "ascending")]))
+        prefixes = pa.array([f"{name}/" for name in self.classes], pa.large_string()).take(on_disk["label"])
+        on_disk = pc.binary_join_element_wise(prefixes, on_disk["name"], pa.scalar("", pa.large_string()))
+        listed = self.paths.to_arrow()
+        if listed.equals(on_disk.combine_chunks()):
+            return
+        missing = pc.invert(pc.is_in(listed, value_set=on_disk))
+        if pc.any(missing).as_py():
+            raise _listed_but_missing(self.abspath(pc.index(missing, True).as_py()), index_file)
+        for path in on_disk.filter(pc.invert(pc.is_in(on_disk, value_set=listed))).to_pylist():
+            if (self.root / path).is_file():          # not a folder named like an image
+                raise _written_before(index_file, path)
+
+    # --- writing and identity ----------------------------------------------------------------------
 
     def to_csv_bytes(self) -> bytes:
         buf = io.StringIO()
         w = csv.writer(buf, lineterminator="\n")
-        w.writerow(["path", "label"])
-        w.writerows(zip(self.paths, self.labels.tolist()))
+        w.writerow(COLUMNS)
+        w.writerows(zip(self.paths.to_arrow().to_pylist(), self.labels.tolist(), self.sizes.tolist(),
+                        self.mtimes.tolist()))
         return buf.getvalue().encode()
 
     def write(self) -> Path:
@@ -133,8 +296,79 @@ class ImageIndex:
         return path
 
     def fingerprint(self) -> str:
-        """sha256 of the index contents: names the data set a cache was built for."""
-        return hashlib.sha256(self.to_csv_bytes()).hexdigest()
+        """sha256 of the rows (paths, labels, sizes, mtimes): names the data set a cache or beton was made
+        for. Computed once per index."""
+        if self._fingerprint is None:
+            h = hashlib.sha256()
+            for column in (self.paths.offsets - self.paths.offsets[0],
+                           self.paths.data[self.paths.offsets[0]:self.paths.offsets[-1]],
+                           self.labels, self.sizes, self.mtimes):
+                h.update(np.ascontiguousarray(column).astype(column.dtype.newbyteorder("<"), copy=False).data)
+            self._fingerprint = h.hexdigest()
+        return self._fingerprint
 
     def subset_mask(self, known_labels: np.ndarray) -> np.ndarray:
         return np.isin(self.labels, known_labels)
+
+
+def _check_is_split_folder(root: Path) -> None:
+    if not root.is_dir():
+        raise BackMixError(f"data folder {root} does not exist")
+    if (root / "train").is_dir() and (root / "test").is_dir() and not (root / INDEX_NAME).exists():
+        raise BackMixError(f"{root} holds train/ and test/: pass {root / 'train'}")
+
+
+def _class_folders(root: Path) -> list[str]:
+    """Sorted names of the class folders (hidden ones, such as .backmix, are not classes)."""
+    with os.scandir(root) as it:
+        return sorted(e.name for e in it if e.is_dir() and not e.name.startswith("."))
+
+
+def _image_mask(names):
+    """Which of the pyarrow strings ``names`` end in an image suffix (any case)."""
+    import pyarrow.compute as pc
+    suffix = "(" + "|".join(re.escape(s) for s in IMAGE_SUFFIXES) + ")$"
+    return pc.match_substring_regex(names, suffix, ignore_case=True)
+
+
+def _image_names(root: Path, name: str) -> list[str]:
+    """Sorted names in class folder ``name`` with an image suffix: one listing, no stat."""
+    import pyarrow as pa
+    names = pa.array(os.listdir(root / name), pa.large_string())
+    return sorted(names.filter(_image_mask(names)).to_pylist())
+
+
+def _listed_but_missing(path: str, index_file: Path) -> BackMixError:
+    return BackMixError(f"image {path} is listed in {index_file} but does not exist; "
+                        "delete the index file to re-index")
+
+
+def _written_before(index_file: Path, what: str) -> BackMixError:
+    return BackMixError(f"{index_file} was written before {what} appeared; delete it to re-index")
+
+
+def _no_images(folder: Path) -> BackMixError:
+    """A class folder without images is refused: it would be a class nothing can be learnt of."""
+    return BackMixError(f"class folder {folder} holds no images ({', '.join(IMAGE_SUFFIXES)}): "
+                        "add some or remove the folder")
+
+
+def _classes_of_rows(paths, labels: np.ndarray, index_file: Path) -> tuple[str, ...]:
+    """The class folder names, checking every row's label is its folder's position in sorted order."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    no_folder = pc.invert(pc.match_substring(paths, "/"))
+    if pc.any(no_folder).as_py():
+        row = int(np.flatnonzero(no_folder.to_numpy(zero_copy_only=False))[0])
+        raise BackMixError(f"{index_file} line {row + 2}: path {paths[row].as_py()!r} names no class folder")
+    folders = pc.list_element(pc.split_pattern(paths, "/", max_splits=1), 0)
+    classes = tuple(sorted(pc.unique(folders).to_pylist()))
+    position = pc.index_in(folders, value_set=pa.array(classes, pa.large_string())).to_numpy()
+    wrong = np.flatnonzero(position != labels)
+    if len(wrong):
+        row = int(wrong[0])
+        raise BackMixError(f"{index_file} line {row + 2}: {paths[row].as_py()} has label {labels[row]}, but its "
+                           f"folder {classes[position[row]]}/ is class {position[row]} (the class folders in "
+                           "sorted order); the file was edited or is damaged: delete it to re-index")
+    return classes

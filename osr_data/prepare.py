@@ -8,9 +8,10 @@ its ``index.csv``, exactly what a user's own ImageNet-style folder looks like.
 """
 from __future__ import annotations
 
+import glob
 import os
+import secrets
 import shutil
-import tempfile
 from pathlib import Path
 from contextlib import contextmanager
 from typing import Callable, Iterator
@@ -77,11 +78,14 @@ def prepare(name: str, out: str | os.PathLike, force: bool = False, **kwargs) ->
     """Write data set ``name`` to ``out``; False if it was there already.
 
     The data set is built in a temporary folder beside ``out`` and renamed into
-    place, so an interrupted prepare leaves nothing half written.
+    place, so an interrupted prepare leaves nothing half written. The
+    destination is checked before any image is made.
     """
     if name not in DATASETS:
         raise BackMixError(f"unknown data set {name!r} (choose from {', '.join(DATASETS)})")
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise BackMixError(f"--out {out} is a file, not a folder")
     if out.exists():
         if is_prepared(out) and not force:
             return False
@@ -94,9 +98,11 @@ def prepare(name: str, out: str | os.PathLike, force: bool = False, **kwargs) ->
 
 @contextmanager
 def atomic_folder(out: Path) -> Iterator[Path]:
-    """Yield a temporary folder beside ``out``; on success it replaces ``out``, on failure it goes."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    """Yield a temporary folder beside ``out``; on success it replaces ``out``, on failure it goes.
+
+    The folder is named ``.<out>.tmp-<pid>-<random>``: one left by a process that no longer runs
+    (killed with -9) is removed here. It is made with ``os.mkdir``, so the umask sets its mode."""
+    tmp = _make_temp_folder(out)
     try:
         yield tmp
         if out.exists():
@@ -105,3 +111,41 @@ def atomic_folder(out: Path) -> Iterator[Path]:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _make_temp_folder(out: Path) -> Path:
+    ancestor = out.parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise BackMixError(f"cannot write {out}: {ancestor} is a file, not a folder")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        _remove_abandoned_temp_folders(out)
+        while True:
+            tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
+            try:
+                os.mkdir(tmp)
+                return tmp
+            except FileExistsError:
+                continue
+    except OSError as e:
+        raise BackMixError(f"cannot write {out}: {e.strerror or e}"
+                           + (f" ({e.filename})" if e.filename and Path(e.filename) != out else "")) from None
+
+
+def _remove_abandoned_temp_folders(out: Path) -> None:
+    for tmp in out.parent.glob(f".{glob.escape(out.name)}.tmp-*"):
+        pid = tmp.name[len(out.name) + 6:].split("-", 1)[0]
+        if pid.isdigit() and not _process_exists(int(pid)):
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:   # it exists, under another user
+        return True
+    return True

@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from backmix.cam_cache.maps import ForegroundMaps
 from backmix.osr_data.decode import DecodeError, decode_canvas
+from backmix.osr_data.errors import BackMixError
 from backmix.osr_data.index import ImageIndex
 
 from .batch import BackMixBatch, BatchTransform, to_device
@@ -23,7 +24,11 @@ log = logging.getLogger("backmix")
 
 
 class CanvasDataset(Dataset):
-    """dataset index -> (uint8 canvas [3, S, S], label, index), or the path if it does not decode."""
+    """dataset index -> (uint8 canvas [3, S, S], label, index); the path if it does not decode; the error
+    if the file changed or went after it was indexed.
+
+    Workers only read the index's column buffers (no per-row Python objects), so its pages stay
+    shared with the main process instead of being copied into each worker."""
 
     def __init__(self, index: ImageIndex, canvas: int, mode: str) -> None:
         self.index, self.canvas, self.mode = index, canvas, mode
@@ -33,15 +38,18 @@ class CanvasDataset(Dataset):
 
     def __getitem__(self, i: int):
         try:
-            return decode_canvas(self.index.abspath(i), self.canvas, self.mode), int(self.index.labels[i]), i
+            return decode_canvas(self.index.checked_path(i), self.canvas, self.mode), int(self.index.labels[i]), i
         except DecodeError as e:
             # Raised in the main process instead, so the user sees one line, not a worker traceback.
             return e.path
+        except BackMixError as e:
+            return e
 
 
 def collate_canvases(items):
-    good = [it for it in items if not isinstance(it, str)]
-    failed = [it for it in items if isinstance(it, str)]
+    """(canvas, labels, indices, failed): ``failed`` holds the paths that do not decode and the errors."""
+    good = [it for it in items if isinstance(it, tuple)]
+    failed = [it for it in items if not isinstance(it, tuple)]
     if good:
         canvas = torch.stack([g[0] for g in good])
         labels = torch.tensor([g[1] for g in good], dtype=torch.int64)
@@ -52,7 +60,9 @@ def collate_canvases(items):
 
 
 class _Batches(torch.utils.data.Sampler):
-    """The batches of the iteration being started (the epoch's, from the resume step on)."""
+    """The batches of the iteration being started (the epoch's, from the resume step on). Drawn in the
+    main process each time the DataLoader starts an iteration, so persistent workers get them too
+    (they only receive indices)."""
 
     def __init__(self, loader: "ReferenceLoader") -> None:
         self.loader = loader
@@ -88,7 +98,8 @@ class ReferenceLoader(LoaderPosition):
         self._loader = DataLoader(CanvasDataset(self.index, config.canvas, config.canvas_mode), batch_sampler=_Batches(self),
                                   num_workers=config.num_workers, collate_fn=collate_canvases,
                                   pin_memory=self.device.type == "cuda",
-                                  persistent_workers=False,
+                                  # Forked once, not every epoch: no re-fork cost, no fresh copies.
+                                  persistent_workers=config.num_workers > 0,
                                   # Its own generator: starting an epoch draws a worker seed from it,
                                   # which must not move the trainer's (dropout's) global RNG.
                                   generator=torch.Generator().manual_seed(config.seed))
@@ -101,6 +112,9 @@ class ReferenceLoader(LoaderPosition):
         self.maps.refresh()   # a new cache generation takes effect at an epoch boundary
         self.plan = self.epoch_plan()
         for (step, _), (canvas, _, indices, failed) in zip(self.plan, self._canvas_batches()):
+            for error in failed:
+                if isinstance(error, BackMixError):   # a changed data set is never skipped
+                    raise error
             if failed:
                 if self.config.on_error == "raise":
                     raise DecodeError(failed[0])

@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from backmix.osr_data.index import ImageIndex
 from backmix.osr_data.prepare import prepare, write_split
 
 
@@ -31,8 +32,10 @@ def tiny_root(tmp_path_factory) -> Path:
 
 @pytest.fixture()
 def folder_with_a_broken_file(tiny_root, tmp_path) -> Path:
-    """A copy of the tiny folder in which one PNG does not decode (broken/dog/000009.png)."""
+    """A copy of the tiny folder in which one PNG does not decode (broken/dog/000009.png), indexed as it is
+    (a file changed after indexing is a different failure: the index no longer matches)."""
     root = tmp_path / "broken"
-    shutil.copytree(tiny_root, root)
+    shutil.copytree(tiny_root, root, ignore=shutil.ignore_patterns("index.csv"))
     (root / "dog" / "000009.png").write_bytes(b"this is not a png")
+    ImageIndex.scan(root).write()
     return root

@@ -6,6 +6,7 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 
 from backmix.osr_data import BackMixError, ImageIndex, random_splits, resolve_split
 from backmix.osr_data.prepare import DATASETS, prepare
@@ -43,7 +44,7 @@ def test_prepare_again_is_a_no_op(digits_root):
 def test_missing_and_empty_folders_are_named(tmp_path):
     with pytest.raises(BackMixError, match=f"{tmp_path / 'nope'} does not exist"):
         ImageIndex.load(tmp_path / "nope")
-    (tmp_path / "empty" / "some_class").mkdir(parents=True)
+    (tmp_path / "empty").mkdir()
     with pytest.raises(BackMixError, match="is empty"):
         ImageIndex.load(tmp_path / "empty")
 
@@ -210,3 +211,255 @@ def test_on_photos_rejects_a_prior_outside_0_1(tmp_path):
     from backmix.osr_data.composite import digits_on_photos
     with pytest.raises(BackMixError, match="prior"):
         digits_on_photos(prior=1.5)
+
+
+# --- the index as columns: identity, staleness, hand edits ----------------------------------------
+
+def copy_of(tiny_root, tmp_path, with_index=True):
+    import shutil
+    root = tmp_path / "copy"
+    shutil.copytree(tiny_root, root, ignore=shutil.ignore_patterns(".backmix", *(() if with_index else ("index.csv",))))
+    return root
+
+
+def test_paths_are_a_sequence_of_str(tiny_root):
+    index = ImageIndex.load(tiny_root)
+    listed = [f"{('cat', 'dog', 'fox')[i // 8]}/{i:06d}.png" for i in range(24)]
+    assert list(index.paths) == listed and index.paths == tuple(listed)
+    assert index.paths[-1] == listed[-1] and index.paths[3:6] == listed[3:6]
+    assert index.abspath(9) == str(tiny_root / "dog" / "000009.png")
+    assert index.labels.dtype == np.int64 and index.labels.tolist() == [0] * 8 + [1] * 8 + [2] * 8
+    with pytest.raises(IndexError):
+        index.paths[24]
+
+
+def test_index_file_records_size_and_mtime(tiny_root):
+    index = ImageIndex.load(tiny_root)
+    header, first = (tiny_root / "index.csv").read_text().splitlines()[:2]
+    st = (tiny_root / "cat" / "000000.png").stat()
+    assert header == "path,label,size,mtime_ns"
+    assert first == f"cat/000000.png,0,{st.st_size},{st.st_mtime_ns}"
+    assert index.sizes[0] == st.st_size and index.mtimes[0] == st.st_mtime_ns
+
+
+@pytest.mark.parametrize("change", ["content", "mtime"])
+def test_same_names_other_files_is_another_fingerprint(tiny_root, tmp_path, change):
+    import os
+    root = copy_of(tiny_root, tmp_path, with_index=False)
+    before = ImageIndex.scan(root)
+    assert before.fingerprint() == ImageIndex.load(tiny_root).fingerprint()   # copytree keeps size and mtime
+    path = root / "dog" / "000010.png"
+    st = path.stat()
+    if change == "content":
+        path.write_bytes(path.read_bytes() + b"\0")
+        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    else:
+        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 1))
+    after = ImageIndex.scan(root)
+    assert after.paths == before.paths and np.array_equal(after.labels, before.labels)
+    assert after.fingerprint() != before.fingerprint()
+
+
+def test_a_cache_for_one_data_set_is_refused_for_another_with_the_same_names(tiny_root, tmp_path):
+    from backmix.cam_cache.store import ForegroundCache, init_cache
+    root = copy_of(tiny_root, tmp_path, with_index=False)
+    (root / "fox" / "000020.png").write_bytes((root / "fox" / "000021.png").read_bytes())
+    init_cache(tmp_path / "cache", ImageIndex.load(tiny_root))
+    with pytest.raises(BackMixError, match="built for another data set"):
+        ForegroundCache(tmp_path / "cache", index=ImageIndex.load(root))
+
+
+@pytest.mark.parametrize("num_workers", [0, 1])
+def test_a_file_overwritten_after_indexing_stops_the_loader(tiny_root, tmp_path, num_workers):
+    from backmix.pipeline import LoaderConfig, ReferenceLoader
+    root = copy_of(tiny_root, tmp_path)
+    index = ImageIndex.load(root)
+    (root / "fox" / "000017.png").write_bytes((root / "fox" / "000018.png").read_bytes())
+    loader = ReferenceLoader(index, LoaderConfig(batch_size=8, canvas=40, crop=32, num_workers=num_workers,
+                                                 device="cpu", on_error="skip"))
+    with pytest.raises(BackMixError, match=r"fox/000017.png changed after .*index.csv was written") as e:
+        list(loader)
+    assert "\n" not in str(e.value)
+
+
+def test_an_old_index_file_is_upgraded_once(tiny_root, tmp_path):
+    root = copy_of(tiny_root, tmp_path)
+    rows = (root / "index.csv").read_text().splitlines()
+    (root / "index.csv").write_text("\n".join(",".join(r.split(",")[:2]) for r in rows) + "\n")
+    assert (root / "index.csv").read_text().startswith("path,label\ncat/000000.png,0\n")
+    index = ImageIndex.load(root)
+    assert index.fingerprint() == ImageIndex.load(tiny_root).fingerprint()
+    assert (root / "index.csv").read_text().splitlines() == rows
+
+
+def _add_class(root, name="zebra"):
+    (root / name).mkdir()
+    (root / name / "a.png").write_bytes((root / "cat" / "000000.png").read_bytes())
+
+
+def _relabel(root):
+    lines = (root / "index.csv").read_text().splitlines()
+    path, _, size, mtime = lines[12].split(",")
+    lines[12] = ",".join([path, "2", size, mtime])
+    (root / "index.csv").write_text("\n".join(lines) + "\n")
+
+
+STALE = {
+    "missing file": (lambda r: (r / "dog" / "000011.png").unlink(),
+                     r"image .*dog/000011.png is listed in .*index.csv but does not exist; delete"),
+    "new image": (lambda r: (r / "cat" / "new.png").write_bytes(b"x"),
+                  r"index.csv was written before cat/new.png appeared; delete it to re-index"),
+    "new class": (_add_class, r"index.csv was written before zebra/ appeared; delete it to re-index"),
+    "class folder gone": (lambda r: __import__("shutil").rmtree(r / "fox"),
+                          r"class folder .*fox listed in .*index.csv does not exist"),
+    "relabelled row": (_relabel, r"index.csv line 13: dog/000011.png has label 2, but its folder dog/ is class 1"),
+    "row without folder": (lambda r: (r / "index.csv").write_text("path,label,size,mtime_ns\nx.png,0,1,1\n"),
+                           r"index.csv line 2: path 'x.png' names no class folder"),
+    "malformed row": (lambda r: (r / "index.csv").write_text("path,label,size,mtime_ns\ncat/a.png,zero,1,1\n"),
+                      r"index.csv has a malformed row"),
+    "not an index": (lambda r: (r / "index.csv").write_text("file,class\n"), r"is not an index file"),
+    "no rows": (lambda r: (r / "index.csv").write_text("path,label,size,mtime_ns\n"), r"lists no images"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(STALE))
+def test_a_stale_or_edited_index_is_named_when_loaded(tiny_root, tmp_path, case):
+    change, message = STALE[case]
+    root = copy_of(tiny_root, tmp_path)
+    change(root)
+    with pytest.raises(BackMixError, match=message) as e:
+        ImageIndex.load(root)
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("content", [(), ("scan.tif", "notes.txt")])
+def test_a_class_folder_without_images_is_refused_by_name(tiny_root, tmp_path, content):
+    root = copy_of(tiny_root, tmp_path, with_index=False)
+    (root / "empty_class").mkdir()
+    for name in content:
+        (root / "empty_class" / name).write_bytes(b"x")
+    with pytest.raises(BackMixError, match=f"class folder {root / 'empty_class'} holds no images"):
+        ImageIndex.load(root)
+    assert not (root / "index.csv").exists()
+    # An index written before the empty folder appeared refuses it too.
+    root2 = copy_of(tiny_root, tmp_path / "2")
+    (root2 / "empty_class").mkdir()
+    with pytest.raises(BackMixError, match="empty_class holds no images"):
+        ImageIndex.load(root2)
+
+
+def test_a_prepared_root_says_which_folder_to_pass(digits_root, tmp_path):
+    with pytest.raises(BackMixError, match=f"{digits_root} holds train/ and test/: pass {digits_root / 'train'}"):
+        ImageIndex.load(digits_root)
+    r = run_cli("cache", "init", "--data", str(digits_root), "--cache", str(tmp_path / "c"))
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines() == [
+        f"backmix: error: {digits_root} holds train/ and test/: pass {digits_root / 'train'}"]
+
+
+# --- decoding --------------------------------------------------------------------------------------
+
+def write_png16(path, pixels: np.ndarray) -> None:
+    """A 16-bit PNG written by hand (PIL writes only grey ones): grey, grey+alpha, RGB or RGBA."""
+    import struct
+    import zlib
+    h, w = pixels.shape[:2]
+    channels = 1 if pixels.ndim == 2 else pixels.shape[2]
+    colour_type = {1: 0, 2: 4, 3: 2, 4: 6}[channels]
+    raw = b"".join(b"\0" + pixels[y].astype(">u2").tobytes() for y in range(h))
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 16, colour_type, 0, 0, 0))
+                     + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))
+
+
+@pytest.mark.parametrize("channels", [1, 2, 3, 4])
+def test_16_bit_png_decodes_scaled_to_8_bit(tmp_path, channels):
+    from backmix.osr_data import decode_rgb
+    rng = np.random.default_rng(channels)
+    pixels = rng.integers(0, 65536, (5, 7, channels), dtype=np.uint16)
+    pixels[0, 0] = 65535
+    pixels[0, 1] = 128                                   # round(128 / 257) = 0, round(129 / 257) = 1
+    pixels[0, 2] = 129
+    write_png16(tmp_path / "deep.png", pixels[..., 0] if channels == 1 else pixels)
+    image = decode_rgb(str(tmp_path / "deep.png"))
+    colour = pixels[..., :3] if channels >= 3 else np.repeat(pixels[..., :1], 3, axis=-1)
+    want = np.floor(colour / 257.0 + 0.5).astype(np.uint8)
+    assert image.dtype == torch.uint8 and np.array_equal(image.permute(1, 2, 0).numpy(), want)
+
+
+# --- prepare: the destination, the mode, leftovers ------------------------------------------------
+
+@pytest.mark.parametrize("where, message", [
+    ("file", "--out {out} is a file, not a folder"),
+    ("under a file", "cannot write {out}: {parent} is a file, not a folder"),
+    ("not writable", "cannot write {out}: Permission denied"),
+])
+def test_prepare_checks_the_destination_first(tmp_path, monkeypatch, where, message):
+    import os
+    built = []
+    monkeypatch.setitem(DATASETS, "counting", lambda out, **_: built.append(out))
+    (tmp_path / "f").write_text("a file")
+    out = {"file": tmp_path / "f", "under a file": tmp_path / "f" / "out",
+           "not writable": tmp_path / "ro" / "out"}[where]
+    if where == "not writable":
+        real_mkdir = os.mkdir
+
+        def refuse(path, *a, **kw):                  # EACCES: root ignores a chmod'ed parent
+            if str(path).startswith(str(tmp_path / "ro")):
+                raise PermissionError(13, "Permission denied", str(path))
+            return real_mkdir(path, *a, **kw)
+        monkeypatch.setattr(os, "mkdir", refuse)
+    with pytest.raises(BackMixError, match=message.format(out=out, parent=tmp_path / "f")) as e:
+        prepare("counting", out)
+    assert built == [] and "\n" not in str(e.value)
+
+
+def test_prepared_folder_follows_the_umask(tmp_path):
+    import os
+    old = os.umask(0o027)
+    try:
+        prepare("digits", tmp_path / "d")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "d").stat().st_mode & 0o777 == 0o750
+    assert (tmp_path / "d" / "train" / "digit_3").stat().st_mode & 0o777 == 0o750
+    assert (tmp_path / "d" / "train" / "index.csv").stat().st_mode & 0o777 == 0o640
+
+
+def test_a_killed_prepare_leaves_a_temp_folder_the_next_run_removes(tmp_path, monkeypatch):
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    abandoned = tmp_path / f".out.tmp-{dead.pid}-0badc0de"
+    (abandoned / "train").mkdir(parents=True)
+    running = tmp_path / ".out.tmp-1-12345678"          # pid 1 exists: another prepare may be writing it
+    running.mkdir()
+    unrelated = tmp_path / ".out.backup"
+    unrelated.mkdir()
+    monkeypatch.setitem(DATASETS, "one-file", lambda out, **_: (out / "x").write_text("x"))
+    prepare("one-file", tmp_path / "out")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".out.backup", running.name, "out"]
+
+
+# --- the reference loader's workers ----------------------------------------------------------------
+
+def test_persistent_workers_receive_each_epochs_order(tiny_root):
+    from backmix.pipeline import LoaderConfig, ReferenceLoader
+    index = ImageIndex.load(tiny_root)
+
+    def loader(workers):
+        return ReferenceLoader(index, LoaderConfig(batch_size=8, canvas=40, crop=32, num_workers=workers,
+                                                   device="cpu", seed=0))
+    pooled, inline = loader(1), loader(0)
+    orders, workers = [], []
+    for epoch in (0, 1):
+        pooled.set_epoch(epoch)
+        inline.set_epoch(epoch)
+        a, b = list(pooled), list(inline)
+        assert len(a) == len(b) == 3
+        assert all(torch.equal(x.indices, y.indices) and torch.equal(x.mixed, y.mixed) for x, y in zip(a, b))
+        orders.append(torch.cat([x.indices for x in a]).tolist())
+        workers.append([w.pid for w in pooled._loader._iterator._workers])
+    assert orders[0] != orders[1]                # the second epoch's order reached the same worker
+    assert workers[0] == workers[1]
