@@ -139,6 +139,7 @@ def broken_photos(bench_folder, tmp_path) -> Path:
     shutil.copytree(bench_folder, folder)
     broken = sorted(folder.glob("*/*.jpg"))[2]
     broken.write_bytes(b"not a jpeg")
+    (folder / "index.csv").unlink(missing_ok=True)   # index the broken folder (a file changed later is refused)
     return folder
 
 

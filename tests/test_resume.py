@@ -19,6 +19,14 @@ def config(**kw):
     return LoaderConfig(**{**base, **kw})
 
 
+@pytest.fixture(scope="module", autouse=True)
+def tiny_beton(tiny_root):
+    """The FFCV loader reads a beton written once, on purpose: the tiny folder's, at the config's canvas."""
+    from backmix.pipeline.beton import beton_locations, write_beton
+    index = ImageIndex.load(tiny_root)
+    write_beton(index, beton_locations(index, config().canvas)[0], canvas=config().canvas, progress=False)
+
+
 def maps_for(index):
     return ArrayMaps(np.random.default_rng(2).random((len(index), 8, 8), dtype=np.float32))
 
