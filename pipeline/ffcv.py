@@ -56,6 +56,23 @@ MIX_IN = ("auto", "ffcv", "torch")
 _KERNELS: dict = {}
 
 
+def _canvas_copier():
+    """The step both kernels start with: image i of the decoded HWC batch into the CHW canvas
+    buffer (numba, inlined; built on first use since numba is an optional dependency)."""
+    if "to_chw" not in _KERNELS:
+        from numba import njit
+
+        @njit(inline="always")
+        def to_chw(images, canvas, i):
+            for c in range(3):
+                for y in range(images.shape[1]):
+                    for x in range(images.shape[2]):
+                        canvas[i, c, y, x] = images[i, y, x, c]
+
+        _KERNELS["to_chw"] = to_chw
+    return _KERNELS["to_chw"]
+
+
 def normalize_table(mean, std) -> np.ndarray:
     """float32 [3, 256]: what ``normalize`` makes of each uint8 value, per channel."""
     levels = torch.arange(256, dtype=torch.uint8).view(1, 1, 1, 256).expand(1, 3, 1, 256)
@@ -82,15 +99,13 @@ def compile_mix_kernel():
     if key in _KERNELS:
         return _KERNELS[key]
     my_range = Compiler.get_iterator()
+    to_chw = _canvas_copier()
 
     def kernel(images, canvas, clean, mixed, partners, boxes, masks, crops, flips, lut, fill, two, mix,
                bh, bw, cell):
         b, s, size = images.shape[0], images.shape[1], clean.shape[2]
         for i in my_range(b):
-            for c in range(3):
-                for y in range(s):
-                    for x in range(s):
-                        canvas[i, c, y, x] = images[i, y, x, c]
+            to_chw(images, canvas, i)
             # Output column xx reads canvas column x0 + step * xx (step -1: mirrored).
             step = -1 if flips[i] else 1
             x0 = crops[i, 1] + (size - 1 if flips[i] else 0)
@@ -148,6 +163,7 @@ def compile_resized_crop_kernel():
     if key in _KERNELS:
         return _KERNELS[key]
     my_range = Compiler.get_iterator()
+    to_chw = _canvas_copier()
 
     @njit(inline="always")
     def mixed_pixel(images, patch, i, y, x, c, dy, dx, bh, bw):
@@ -159,10 +175,7 @@ def compile_resized_crop_kernel():
                shift, fill, two, mix, bh, bw, cell):
         b, s, size = images.shape[0], images.shape[1], clean.shape[2]
         for i in my_range(b):
-            for c in range(3):
-                for y in range(s):
-                    for x in range(s):
-                        canvas[i, c, y, x] = images[i, y, x, c]
+            to_chw(images, canvas, i)
             j = partners[i]
             sy, sx, dy, dx = boxes[i, 0], boxes[i, 1], boxes[i, 2], boxes[i, 3]
             if mix:
