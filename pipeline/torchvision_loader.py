@@ -18,7 +18,7 @@ may differ by a few levels per pixel (``tests/test_cuda.py`` holds the bound).
 """
 from __future__ import annotations
 
-from typing import Iterator
+from typing import Iterator, NamedTuple, Optional
 
 import torch
 
@@ -41,9 +41,25 @@ class EncodedDataset(CanvasDataset):
         return to_canvas(decode_rgb_bytes(data, path), self.canvas, self.mode)
 
 
-def keep_items(items: list) -> list:
-    """The collate function: the batch's items as they are (file bytes differ in length)."""
-    return items
+class EncodedBatch(NamedTuple):
+    """A batch as workers hand it on: every JPEG's bytes in one buffer and the other formats' canvases in
+    one tensor (a tensor per file would cost the worker a shared-memory file descriptor each).
+    ``items``: per image in batch order, (label, index, is_jpeg), or what ``CanvasDataset`` reports
+    for a failure (a path, or the error of a changed file)."""
+    items: list
+    jpeg_bytes: torch.Tensor         # uint8 [sum of sizes]
+    jpeg_sizes: list[int]
+    canvases: Optional[torch.Tensor]  # uint8 [n, 3, S, S] of the images that are not JPEGs
+
+
+def pack_items(items: list) -> EncodedBatch:
+    """The collate function (runs in the workers)."""
+    good = [it for it in items if isinstance(it, tuple)]
+    jpegs = [it[0] for it in good if it[0].dim() == 1]
+    others = [it[0] for it in good if it[0].dim() != 1]
+    return EncodedBatch([(it[1], it[2], it[0].dim() == 1) if isinstance(it, tuple) else it for it in items],
+                        torch.cat(jpegs) if jpegs else torch.empty(0, dtype=torch.uint8),
+                        [len(b) for b in jpegs], torch.stack(others) if others else None)
 
 
 class TorchvisionLoader(ReferenceLoader):
@@ -55,33 +71,35 @@ class TorchvisionLoader(ReferenceLoader):
     def _setup_decoding(self) -> None:
         config = self.config
         # Bytes are not pinned: nvjpeg reads them from ordinary host memory, a pin would be a copy more.
-        self._loader = self._data_loader(EncodedDataset(self.index, config.canvas, config.canvas_mode), keep_items,
+        self._loader = self._data_loader(EncodedDataset(self.index, config.canvas, config.canvas_mode), pack_items,
                                          pin_memory=False)
 
     def _canvas_batches(self) -> Iterator:
         """``collate_canvases``'s (canvas, labels, indices, failed) of each batch, the canvas on the device
         and ``failed`` in batch order, as the reference loader's workers report it."""
-        for items in self._loader:
-            yield self.assemble(items)
+        for batch in self._loader:
+            yield self.assemble(batch)
 
-    def assemble(self, items: list):
-        jpegs = [k for k, it in enumerate(items) if isinstance(it, tuple) and it[0].dim() == 1]
-        paths = {k: self.index.abspath(items[k][2]) for k in jpegs}
-        decoded = dict(zip(jpegs, jpeg_canvases([items[k][0] for k in jpegs], list(paths.values()),
-                                                self.config.canvas, self.config.canvas_mode, self.device)))
-        host = [k for k, it in enumerate(items) if isinstance(it, tuple) and k not in decoded]
-        if host:   # canvases the workers decoded (other formats): one transfer for all of them
-            decoded.update(zip(host, to_device(torch.stack([items[k][0] for k in host]), self.device)))
+    def assemble(self, batch: EncodedBatch):
+        good = [k for k, it in enumerate(batch.items) if isinstance(it, tuple)]
+        jpegs = [k for k in good if batch.items[k][2]]
+        others = [k for k in good if not batch.items[k][2]]
+        paths = [self.index.abspath(batch.items[k][1]) for k in jpegs]
+        blobs = list(torch.split(batch.jpeg_bytes, batch.jpeg_sizes))      # views of the one buffer
+        decoded = dict(zip(jpegs, jpeg_canvases(blobs, paths, self.config.canvas, self.config.canvas_mode,
+                                                self.device)))
+        if others:   # canvases the workers decoded: one transfer for all of them
+            decoded.update(zip(others, to_device(batch.canvases, self.device)))
         canvases, labels, indices, failed = [], [], [], []
-        for k, item in enumerate(items):
+        for k, item in enumerate(batch.items):
             if not isinstance(item, tuple):
                 failed.append(item)            # a path that did not decode, or the error of a changed file
             elif decoded[k] is None:
-                failed.append(paths[k])
+                failed.append(self.index.abspath(item[1]))
             else:
                 canvases.append(decoded[k])
-                labels.append(item[1])
-                indices.append(item[2])
+                labels.append(item[0])
+                indices.append(item[1])
         if not canvases:
             return None, None, None, failed
         return (torch.stack(canvases), torch.tensor(labels, dtype=torch.int64),
