@@ -65,25 +65,25 @@ else
   wheels=()
   for d in "$REPO/wheels" "$REPO/../wheels"; do [ -d "$d" ] && wheels+=("$d"/*.whl); done
   if [ ${#wheels[@]} -gt 0 ]; then
-    step wheels 120 "$PY" -m pip install -q --no-index --no-deps "${wheels[@]}"
+    step wheels 60 "$PY" -m pip install -q --no-index --no-deps "${wheels[@]}"
   fi
-  step install 120 "$PY" -m pip install -q --no-index --no-deps --no-build-isolation -e .
+  step install 60 "$PY" -m pip install -q --no-index --no-deps --no-build-isolation -e .
   LOADER=(--images 2048 --batch-size 256 --batches 24 --warmup 4 --repeat 2 --canvas 256 --crop 224
           --workers "$WORKERS")
   CACHE=(--arch resnet50 --canvas 224 --batch-size 256 --repeats 5 --loop-images 2048 --workers "$WORKERS")
   DECODE_IMAGES=2048
 fi
 
-step cuda-tests 240 "$PY" -m pytest -q -p no:cacheprovider tests/test_cuda.py > "$OUT/test-cuda.log" 2>&1
+step cuda-tests 200 "$PY" -m pytest -q -p no:cacheprovider tests/test_cuda.py > "$OUT/test-cuda.log" 2>&1
 tail -n 3 "$OUT/test-cuda.log"
 
 BACKENDS=reference,torchvision
 # DALI where it is installed, on the GPU only (the dry run keeps to the loaders this check is about).
 [ $DRY = 0 ] && "$PY" -c "import nvidia.dali" 2>/dev/null && BACKENDS=$BACKENDS,dali
-step bench-loader 200 "$PY" -m backmix bench loader --device "$DEVICE" --backend "$BACKENDS" --augment rrc \
+step bench-loader 150 "$PY" -m backmix bench loader --device "$DEVICE" --backend "$BACKENDS" --augment rrc \
   "${LOADER[@]}" --json "$OUT/loader-gpu.json"
 
-step decode-difference 60 "$PY" - "$DECODE_IMAGES" "$DEVICE" "$OUT/decode-gpu.json" <<'PYEOF'
+step decode-difference 45 "$PY" - "$DECODE_IMAGES" "$DEVICE" "$OUT/decode-gpu.json" <<'PYEOF'
 import json, sys
 import numpy as np
 from backmix.osr_data.benchdata import default_bench_folder, make_bench_folder
@@ -91,12 +91,13 @@ from backmix.pipeline.device_decode import decode_difference
 n, device, out = int(sys.argv[1]), sys.argv[2], sys.argv[3]
 index = make_bench_folder(default_bench_folder(n), n)
 report = {"what": "|canvas of the torchvision backend's decode on DEVICE - reference CPU canvas|, levels 0-255",
-          "results": [decode_difference(index, np.arange(len(index)), 224, mode, device) for mode in ("center", "stretch")]}
+          "results": [decode_difference(index, np.arange(len(index)), 224, mode, device)
+                      for mode in ("center", "stretch")]}
 open(out, "w").write(json.dumps(report, indent=2) + "\n")
 print(report["results"])
 PYEOF
 
-step bench-cache 150 "$PY" -m backmix bench cache --device "$DEVICE" "${CACHE[@]}" --json "$OUT/cache-gpu.json"
+step bench-cache 120 "$PY" -m backmix bench cache --device "$DEVICE" "${CACHE[@]}" --json "$OUT/cache-gpu.json"
 
 # Every report names the GPU it ran on and whether this was the --cpu dry run.
 "$PY" - "$OUT" "$DRY" <<'PYEOF'

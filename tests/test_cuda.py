@@ -175,7 +175,11 @@ def test_the_torchvision_backend_reads_no_pixel_back_to_the_host(photos, monkeyp
     import backmix.pipeline.device_decode as device_decode
     devices = []
     real = device_decode.decode_jpeg
-    monkeypatch.setattr(device_decode, "decode_jpeg", lambda blobs, **kw: devices.append(kw["device"]) or real(blobs, **kw))
+
+    def spy(blobs, **kw):
+        devices.append(kw["device"])
+        return real(blobs, **kw)
+    monkeypatch.setattr(device_decode, "decode_jpeg", spy)
     loader = make_loader("torchvision", photos, LoaderConfig(batch_size=16, canvas=128, crop=112, device="cuda",
                                                              num_workers=0))
     with pixels_stay_on_the_device:
