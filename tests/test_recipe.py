@@ -90,6 +90,24 @@ def test_step_and_epoch_csv_and_tensorboard_read_back(recipe_run):
     assert [(e.step, e.value) for e in auroc] == [(1, pytest.approx(record["eval"]["auroc_msp"], rel=1e-6))]
 
 
+def test_a_resumed_run_drops_the_csv_rows_logged_after_its_checkpoint(recipe_run, tmp_path):
+    from backmix.trainers.run_log import RunLog
+    for name in ("steps", "epochs"):
+        (tmp_path / f"{name}.csv").write_text((recipe_run / f"{name}.csv").read_text())
+    with open(tmp_path / "steps.csv", "a") as f:
+        f.write("1,3,3,0.5,10")   # a row cut short by a kill
+    cfg = TrainConfig.load(recipe_run / "config.json")
+    with RunLog(cfg, enabled=True) as run_log:
+        run_log.open(tmp_path, first_step=2, first_epoch=0)
+        run_log.steps({"epoch": 1, "step": 3, "global_step": 3, "loss": 0.25, "images_per_s": 1.0, "lr": 0.1,
+                       "data_wait": 0.5})
+    steps = read_csv(tmp_path / "steps.csv")
+    assert steps[:2] == read_csv(recipe_run / "steps.csv")[:2]
+    assert [(r["global_step"], r["loss"]) for r in steps] == [("1", steps[0]["loss"]), ("2", steps[1]["loss"]),
+                                                              ("3", "0.25")]
+    assert read_csv(tmp_path / "epochs.csv") == []
+
+
 def test_step_lines_and_progress_lines_reach_the_run_log(recipe_run):
     text = (recipe_run / "train.log").read_text()
     # --log-every 1 on 3 steps, each also a tenth of the epoch (stderr is not a terminal under pytest)

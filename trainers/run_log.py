@@ -7,13 +7,13 @@ RUN/tensorboard (``torch.utils.tensorboard``; the ``tensorboard`` extra).
 from __future__ import annotations
 
 import csv
+import importlib.util
 import logging
 import math
 import sys
 import time
 from contextlib import ExitStack
 from pathlib import Path
-from typing import Optional
 
 import torch
 from tqdm import tqdm
@@ -38,17 +38,17 @@ class RunLog:
         self.bar_on_terminal = enabled and cfg.progress and sys.stderr.isatty()
         self._stack = ExitStack()
         self._csv: dict[str, csv.DictWriter] = {}
+        self._files: dict = {}
         self.tensorboard = None
         if enabled and "tensorboard" in cfg.log_sinks:
-            try:
-                from torch.utils.tensorboard import SummaryWriter   # noqa: F401 (needs the tensorboard package)
-            except ImportError:
+            if importlib.util.find_spec("tensorboard") is None:   # torch.utils.tensorboard writes through it
                 raise BackMixError("--log tensorboard needs the tensorboard package: "
-                                   "pip install 'backmix[tensorboard]'") from None
+                                   "pip install 'backmix[tensorboard]'")
 
-    def open(self, run: Path, first_step: int = 0) -> None:
-        """Start writing into the run folder (checked writable); ``first_step``: the global step a
-        resumed run continues at (TensorBoard drops the events the interrupted run logged after it)."""
+    def open(self, run: Path, first_step: int = 0, first_epoch: int = 0) -> None:
+        """Start writing into the run folder (checked writable). A resumed run continues at global
+        step ``first_step`` after ``first_epoch`` whole epochs: the CSV rows and TensorBoard events the
+        interrupted run logged after that point are dropped (they are logged again), as in metrics.jsonl."""
         if not self.enabled:
             return
         handler = logging.FileHandler(run / "train.log")
@@ -59,11 +59,13 @@ class RunLog:
         if "csv" in self.cfg.log_sinks:
             for name, fields in (("steps", STEP_FIELDS), ("epochs", EPOCH_FIELDS + EVAL_FIELDS)):
                 path = run / f"{name}.csv"
-                new = not path.is_file() or path.stat().st_size == 0
-                f = self._stack.enter_context(open(path, "a", newline=""))
+                key, upto = ("global_step", first_step) if name == "steps" else ("epoch", first_epoch)
+                kept = [r for r in read_rows(path) if r[key].isdigit() and int(r[key]) <= upto] if first_step else []
+                f = self._stack.enter_context(open(path, "w", newline=""))
                 self._csv[name] = csv.DictWriter(f, fields, restval="", extrasaction="ignore")
-                if new:
-                    self._csv[name].writeheader()
+                self._csv[name].writeheader()
+                self._csv[name].writerows(kept)
+                self._files[name] = f
         if "tensorboard" in self.cfg.log_sinks:
             from torch.utils.tensorboard import SummaryWriter
             self.tensorboard = SummaryWriter(str(run / "tensorboard"), purge_step=first_step or None)
@@ -78,9 +80,13 @@ class RunLog:
     def __exit__(self, *exc) -> None:
         self.close()
 
+    def _write(self, name: str, row: dict) -> None:
+        if name in self._csv:
+            self._csv[name].writerow(row)
+            self._files[name].flush()   # readable while the run goes on
+
     def steps(self, row: dict) -> None:
-        if name_writer := self._csv.get("steps"):
-            name_writer.writerow(row)
+        self._write("steps", row)
         if self.tensorboard is not None:
             for key in ("loss", "images_per_s", "lr", "data_wait"):
                 self.tensorboard.add_scalar(f"train/{key}", row[key], row["global_step"])
@@ -91,8 +97,7 @@ class RunLog:
             return
         row = {k: record[k] for k in EPOCH_FIELDS if k in record}
         row.update({k: record["eval"][k] for k in EVAL_FIELDS if k in record.get("eval", {})})
-        if writer := self._csv.get("epochs"):
-            writer.writerow(row)
+        self._write("epochs", row)
         if self.tensorboard is not None:
             for key, value in row.items():
                 if key != "epoch":
@@ -102,6 +107,15 @@ class RunLog:
 
     def epoch(self, epoch: int, steps: int, first_step: int, world: int) -> "EpochProgress":
         return EpochProgress(self, epoch, steps, first_step, world)
+
+
+def read_rows(path: Path) -> list[dict]:
+    """The complete rows of a CSV sink (a row cut short by a kill is left out)."""
+    if not path.is_file():
+        return []
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    return [r for r in rows if None not in r.values() and None not in r]
 
 
 class EpochProgress:
@@ -114,6 +128,11 @@ class EpochProgress:
         self._reset()
         self.bar = tqdm(total=steps, initial=first_step, desc=f"epoch {epoch + 1}/{self.cfg.epochs}", unit="batch",
                         leave=False, disable=not run_log.bar_on_terminal)
+        # Log lines printed while the bar is drawn go through tqdm.write, above the bar.
+        self._redirect = ExitStack()
+        if not self.bar.disable:
+            from tqdm.contrib.logging import logging_redirect_tqdm
+            self._redirect.enter_context(logging_redirect_tqdm([logging.root]))
         self.progress_lines = run_log.enabled and self.cfg.progress and not run_log.bar_on_terminal
         self.next_line = self._next_tenth(first_step)
 
@@ -155,4 +174,5 @@ class EpochProgress:
             self._reset()
 
     def close(self) -> None:
+        self._redirect.close()
         self.bar.close()

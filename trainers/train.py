@@ -487,7 +487,7 @@ def _run(cfg: TrainConfig, device: torch.device, rank: int, world: int, resume: 
         with writing(run / "config.yaml"):
             write_config_yaml(run / "config.yaml", cfg)
         with writing(run / "train.log"):
-            run_log.open(run, ckpt["scheduler"]["last_epoch"] if resume else 0)
+            run_log.open(run, *((ckpt["scheduler"]["last_epoch"], ckpt["epoch"]) if resume else ()))
     if cfg.pretrained and not resume:
         load_pretrained(model, cfg.pretrained)
     model.to(device)
