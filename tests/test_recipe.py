@@ -304,3 +304,23 @@ def test_train_starts_from_pretrained_weights(small_root, tmp_path):
     weights = read_checkpoint(out / "last.pt")["state_dict"]
     conv = "features.1.weight"
     assert torch.equal(weights[conv], source.state_dict()[conv])
+
+
+def test_the_loader_applies_auto_augment_to_training_batches_only(tiny_root):
+    from backmix.osr_data.index import ImageIndex
+    from backmix.pipeline import LoaderConfig, make_loader
+    index = ImageIndex.load(tiny_root)
+
+    def first_batch(**kw):
+        config = LoaderConfig(batch_size=6, canvas=40, crop=32, num_workers=0, seed=3, device="cpu", **kw)
+        return next(iter(make_loader("reference", index, config)))
+
+    plain, augmented = first_batch(), first_batch(auto_augment="trivialaugment")
+    assert torch.equal(plain.canvas, augmented.canvas)
+    assert not torch.equal(plain.images, augmented.images) and not torch.equal(plain.mixed, augmented.mixed)
+    again = first_batch(auto_augment="trivialaugment")
+    assert torch.equal(again.images, augmented.images) and torch.equal(again.mixed, augmented.mixed)
+    evaluation = first_batch(auto_augment="trivialaugment", train=False, shuffle=False, backmix=False)
+    assert torch.equal(evaluation.images, first_batch(train=False, shuffle=False, backmix=False).images)
+    with pytest.raises(BackMixError, match="auto_augment must be none or one of trivialaugment, randaugment"):
+        LoaderConfig(auto_augment="autoaugment")
