@@ -479,6 +479,8 @@ def _run(cfg: TrainConfig, device: torch.device, rank: int, world: int, resume: 
     else:
         torch.manual_seed(cfg.seed)
         model = build_model(cfg.arch, K, **cfg.model_kwargs)
+        if cfg.pretrained:
+            load_pretrained(model, cfg.pretrained)
     if cfg.backmix and cfg.regen_every:
         features_and_head(model)   # a model whose CAMs cannot be taken is refused now, not after an epoch
     if rank == 0:   # only now: a resume refused above leaves the run's config as it was
@@ -488,8 +490,6 @@ def _run(cfg: TrainConfig, device: torch.device, rank: int, world: int, resume: 
             write_config_yaml(run / "config.yaml", cfg)
         with writing(run / "train.log"):
             run_log.open(run, *((ckpt["scheduler"]["last_epoch"], ckpt["epoch"]) if resume else ()))
-    if cfg.pretrained and not resume:
-        load_pretrained(model, cfg.pretrained)
     model.to(device)
     if cfg.channels_last and device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
