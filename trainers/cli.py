@@ -34,7 +34,8 @@ def register(top) -> None:
                        formatter_class=fmt,
                        description="Train on the known classes of DATA/train, rebuild the foreground cache "
                                    "every few epochs, evaluate on DATA/test (known vs unknown classes). "
-                                   "Writes RUN/config.json, RUN/metrics.jsonl, RUN/last.pt, RUN/best.pt. "
+                                   "Writes RUN/config.json (and config.yaml, which --config takes back), RUN/metrics.jsonl, "
+                                   "RUN/train.log, RUN/last.pt, RUN/best.pt. "
                                    "Under torchrun every rank trains its share (DistributedDataParallel).")
     p.add_argument("--config", type=Path, metavar="RUN.yaml",
                    help="a YAML file of options (keys: these options' names, e.g. batch_size: 256); the command "
