@@ -182,6 +182,10 @@ def test_best_holds_the_ema_weights_that_were_evaluated(recipe_run, small_root):
     record = json.loads((recipe_run / "metrics.jsonl").read_text().splitlines()[-1])
     again = evaluate_checkpoint(recipe_run / "best.pt", small_root, device="cpu", workers=0, progress=False)
     assert again == record["eval"]
+    # trained with --auto-augment, which DALI does not run: evaluation does not augment, so DALI takes it
+    dali = evaluate_checkpoint(recipe_run / "best.pt", small_root, backend="dali", device="cpu", workers=0,
+                               progress=False)
+    assert dali["accuracy"] == record["eval"]["accuracy"]
 
 
 def test_soft_target_loss_is_the_weighted_sum_of_both_parts():

@@ -676,6 +676,7 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, data_root: str | os.PathL
         raise BackMixError(f"checkpoint {checkpoint} does not name its known classes; pass --split")
     model, _ = load_model(checkpoint, num_classes=data.num_known)
     given = {"backend": backend, "device": device, "workers": workers, "progress": progress, "on_error": on_error,
+             "auto_augment": "none",   # evaluation never augments: any backend takes the checkpoint
              **({"canvas_mode": canvas_mode} if canvas_mode else {})}
     cfg = TrainConfig.from_dict({**saved, **given}) if saved else TrainConfig(**given)
     dev, _, _ = init_distributed(device)
