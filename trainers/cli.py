@@ -33,9 +33,11 @@ def register(top) -> None:
     fmt = argparse.ArgumentDefaultsHelpFormatter
     p = top.add_parser("train", help="train an open-set classifier with BackMix (or the plain baseline)",
                        formatter_class=fmt,
-                       description="Train on the known classes of DATA/train, rebuild the foreground cache "
-                                   "every few epochs, evaluate on DATA/test (known vs unknown classes). "
-                                   "Writes RUN/config.json, RUN/metrics.jsonl, RUN/last.pt, RUN/best.pt. "
+                       description="Train on the known classes of DATA/train (less a validation split that "
+                                   "selects RUN/best.pt), rebuild the foreground cache every few epochs, "
+                                   "evaluate on DATA/test (known vs unknown classes; reporting only). "
+                                   "Writes RUN/config.json, RUN/metrics.jsonl, RUN/last.pt, RUN/best.pt, "
+                                   "RUN/summary.json (test metrics of last.pt and best.pt). "
                                    "Under torchrun every rank trains its share (DistributedDataParallel).")
     p.add_argument("--data", type=Path, required=True, help="prepared data set root holding train/ and test/")
     p.add_argument("--out", type=Path, default=Path("runs/quick"), help="run folder")

@@ -121,6 +121,7 @@ def run_experiment(out: Path, datasets: Optional[list[str]] = None, splits: int 
     if not 1 <= splits <= 5:
         raise BackMixError(f"--splits must lie in 1..5, got {splits}")
     base = {**EXPERIMENT_DEFAULTS, **BUDGETS["quick"], **(overrides or {})}
+    TrainConfig(**base)   # a bad value is one line now, not after the data sets are prepared
     runs = plan_runs(plan, splits, base.get("seed", 0))
     plan_desc = plan_text(plan, splits) + "; budget " + ", ".join(f"{f} {base[f]}" for f in BUDGET_FIELDS)
     out.mkdir(parents=True, exist_ok=True)

@@ -591,7 +591,8 @@ def _run(cfg: TrainConfig, device: torch.device, rank: int, world: int, resume: 
                              best=best, regen_pending=regen_due,
                              scaler=precision.scaler.state_dict() if precision.scaler else None,
                              cache_generation=(record["cache_generation"] or 0) + int(regen_due))
-                for name in ("last.pt",) + (("best.pt",) if improved else ()):
+                # best.pt first: a last.pt on disk means every best.pt up to its epoch is there too
+                for name in (("best.pt",) if improved else ()) + ("last.pt",):
                     save_run_checkpoint(run / name, model, cfg, K, **state)
 
         if regen_due:
