@@ -10,6 +10,7 @@ from backmix.pipeline.loaders import backend_options
 from backmix.pipeline.sampling import AUGMENTS
 
 from .config import AMP, AUTO_AUGMENTS, LOG_SINKS, OPTIMIZERS, REGEN, TrainConfig, field_defaults
+from .metrics import SCORES
 
 S = argparse.SUPPRESS   # an option not given stays out of the namespace: we know what was explicit
 
@@ -32,10 +33,12 @@ def register(top) -> None:
     fmt = argparse.ArgumentDefaultsHelpFormatter
     p = top.add_parser("train", help="train an open-set classifier with BackMix (or the plain baseline)",
                        formatter_class=fmt,
-                       description="Train on the known classes of DATA/train, rebuild the foreground cache "
-                                   "every few epochs, evaluate on DATA/test (known vs unknown classes). "
+                       description="Train on the known classes of DATA/train (less a validation split that "
+                                   "selects RUN/best.pt), rebuild the foreground cache every few epochs, "
+                                   "evaluate on DATA/test (known vs unknown classes; reporting only). "
                                    "Writes RUN/config.json (and config.yaml, which --config takes back), RUN/metrics.jsonl, "
-                                   "RUN/train.log, RUN/last.pt, RUN/best.pt. "
+                                   "RUN/train.log, RUN/last.pt, RUN/best.pt, "
+                                   "RUN/summary.json (test metrics of last.pt and best.pt). "
                                    "Under torchrun every rank trains its share (DistributedDataParallel).")
     p.add_argument("--config", type=Path, metavar="RUN.yaml",
                    help="a YAML file of options (keys: these options' names, e.g. batch_size: 256); the command "
@@ -58,6 +61,11 @@ def register(top) -> None:
     split.add_argument("--split", default=S, help="open-set split number 0..4" + _d("split"))
     split.add_argument("--known", dest="split", default=S, metavar="A,B,C",
                        help="comma list of known class names instead of a numbered split")
+    p.add_argument("--val-fraction", type=float, default=S,
+                   help="share of each known class's training images held out as the validation split (chosen "
+                        "by --seed; never trained on, not in the cache): validated every epoch, it alone "
+                        "selects RUN/best.pt; the test folder is for reporting only; 0: no validation, "
+                        "best.pt is the last epoch" + _d("val_fraction"))
     p.add_argument("--backend", choices=BACKENDS, default=S, help="loader" + _d("backend"))
     p.add_argument("--ray-address", default=S, metavar="auto|HOST:PORT",
                    help="--backend ray: the Ray cluster whose CPUs decode (default: start Ray on this machine, "
@@ -135,7 +143,7 @@ def register(top) -> None:
                        formatter_class=fmt,
                        description="Closed-set accuracy on the known classes; AUROC, FPR at 95%% TPR and "
                                    "OSCR of known vs unknown test images, scored by maximum softmax "
-                                   "probability (MSP) and by maximum logit (MLS).")
+                                   "probability (MSP), maximum logit (MLS) and energy (logsumexp of the logits).")
     e.add_argument("--checkpoint", type=Path, required=True, help="a last.pt or best.pt of `backmix train`")
     e.add_argument("--data", type=Path, required=True, help="prepared data set root holding train/ and test/")
     e.add_argument("--backend", choices=BACKENDS, default="reference", help="loader")
@@ -194,7 +202,7 @@ def run_eval(args) -> int:
         return 0
     print(f"{args.checkpoint} on {args.data}/test: {m['num_known']} known, {m['num_unknown']} unknown images")
     print(f"  closed-set accuracy  {m['accuracy']:.4f}")
-    for score, name in (("msp", "max softmax probability"), ("mls", "max logit")):
+    for score, name in SCORES:
         print(f"  {name:24s} AUROC {m['auroc_' + score]:.4f}  FPR@95%TPR {m['fpr95_' + score]:.4f}  "
               f"OSCR {m['oscr_' + score]:.4f}")
     return 0

@@ -38,7 +38,7 @@ NUMERIC_RANGES = {
     "warmup_epochs": _at_least(0), "w_raw": _at_least(0), "w_mix": _at_least(0), "regen_every": _at_least(0),
     "momentum": (lambda v: 0 <= v <= 1, "in [0, 1]"), "box_fraction": _FRACTION, "top_k_ratio": _FRACTION,
     "seed": (lambda v: 0 <= v < 2 ** 63, "in [0, 2**63)"), "workers": _at_least(0), "eval_every": _at_least(0),
-    "save_every": _at_least(0), "log_every": _at_least(0), "label_smoothing": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "save_every": _at_least(0), "val_fraction": (lambda v: 0 <= v < 1, "in [0, 1)"), "log_every": _at_least(0), "label_smoothing": (lambda v: 0 <= v < 1, "in [0, 1)"),
     "ema": (lambda v: v == 0 or 0 < v < 1, "in (0, 1), or 0 for none"), "clip_grad": _at_least(0),
     "mixup": _at_least(0), "cutmix": _at_least(0),
 }
@@ -71,6 +71,7 @@ class TrainConfig:
     weight_decay: float = 5e-4
     warmup_epochs: float = 1.0        # linear warm-up, then cosine to zero, per step
     split: str = "0"                  # split number 0..4, or comma list of known class names
+    val_fraction: float = 0.1         # per-class share of the known training images held out to select best.pt
     backend: str = "reference"
     ray_address: Optional[str] = None  # ray backend: "auto" or HOST:PORT of a cluster; None: Ray on this machine
     prefetch: Optional[int] = None    # ray backend: batches in flight at most; None: the loader's default
@@ -163,8 +164,9 @@ class TrainConfig:
         unknown = set(d) - names
         if unknown:
             raise BackMixError(f"config has unknown keys: {', '.join(sorted(unknown))}")
-        # A config written before there were canvas modes was trained on stretched canvases.
-        return cls(**{"canvas_mode": "stretch", **d})
+        # A config written before there were canvas modes was trained on stretched canvases, and one
+        # written before the validation split trained on every known training image.
+        return cls(**{"canvas_mode": "stretch", "val_fraction": 0.0, **d})
 
     @classmethod
     def load(cls, path: Path) -> "TrainConfig":

@@ -23,6 +23,7 @@ repeats it (the same numbers again).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import logging
@@ -44,6 +45,7 @@ from tqdm import tqdm
 
 from backmix.models import build_model, features_and_head, load_model, read_checkpoint, save_checkpoint
 from backmix.osr_data.errors import BackMixError
+from backmix.osr_data.holdout import split_validation
 from backmix.osr_data.index import ImageIndex, atomic_write_bytes
 from backmix.osr_data.splits import OpenSetSplit, resolve_split
 from backmix.pipeline.augment import IMAGENET_MEAN, IMAGENET_STD
@@ -55,6 +57,7 @@ from .config_file import write_config_yaml
 from .metrics import open_set_metrics
 from .recipe import Recipe, load_pretrained, sync_batchnorm
 from .run_log import RunLog
+from .selection import best_epoch, run_summary, summary_line, validation_metrics
 
 log = logging.getLogger("backmix")
 
@@ -72,7 +75,8 @@ class OpenSetData:
     test: ImageIndex
     split: OpenSetSplit
     label_map: np.ndarray        # dataset label -> 0..K-1, -1 for unknown classes
-    known_rows: np.ndarray       # train rows of known classes (the training set)
+    known_rows: np.ndarray       # train rows of known classes trained on (the validation rows left out)
+    val_rows: np.ndarray = dataclasses.field(default_factory=lambda: np.empty(0, np.int64))  # held out
 
     @property
     def num_known(self) -> int:
@@ -87,7 +91,10 @@ def data_folders(root: str | os.PathLike) -> tuple[Path, Path]:
                        f"(write one with `backmix data prepare --out {root}`)")
 
 
-def load_data(root: str | os.PathLike, split: str | OpenSetSplit) -> OpenSetData:
+def load_data(root: str | os.PathLike, split: str | OpenSetSplit, val_fraction: float = 0.0,
+              val_seed: int = 0) -> OpenSetData:
+    """The train/test folders of ``root`` and ``split``; ``val_fraction`` of each known class's training
+    images (chosen by ``val_seed``) become the validation rows (``backmix.osr_data.holdout``)."""
     train_dir, test_dir = data_folders(root)
     train, test = ImageIndex.load(train_dir), ImageIndex.load(test_dir)
     if train.classes != test.classes:
@@ -104,8 +111,9 @@ def load_data(root: str | os.PathLike, split: str | OpenSetSplit) -> OpenSetData
         raise BackMixError(f"an open-set split needs at least 2 known classes and 1 unknown one; got "
                            f"{len(split.known)} known ({', '.join(split.known)}) of {len(train.classes)} classes")
     lut = split.label_map(train.classes)
-    known_rows = np.flatnonzero(lut[train.labels] >= 0)
-    return OpenSetData(train, test, split, lut, known_rows)
+    known_rows, val_rows = split_validation(train.labels, np.flatnonzero(lut[train.labels] >= 0),
+                                            val_fraction, val_seed)
+    return OpenSetData(train, test, split, lut, known_rows, val_rows)
 
 
 def loader_config(cfg: TrainConfig, device: torch.device, *, train: bool, rank: int = 0,
@@ -426,12 +434,6 @@ def resume_config(cfg: TrainConfig, explicit: set[str]) -> TrainConfig:
     return TrainConfig.from_dict(saved)
 
 
-def summary_line(cfg: TrainConfig, m: dict) -> str:
-    method = "BackMix" if cfg.backmix else "baseline"
-    return (f"{cfg.out}: {method} {cfg.arch}, {cfg.epochs} epochs: accuracy {m['accuracy']:.4f}  "
-            f"AUROC (MSP) {m['auroc_msp']:.4f}  OSCR {m['oscr_msp']:.4f}")
-
-
 # --------------------------------------------------------------------------- main
 
 def main(cfg: TrainConfig, *, resume: bool = False, explicit: Optional[set[str]] = None) -> dict:
@@ -455,7 +457,8 @@ def main(cfg: TrainConfig, *, resume: bool = False, explicit: Optional[set[str]]
 
 def _run(cfg: TrainConfig, device: torch.device, rank: int, world: int, resume: bool, run_log: RunLog) -> dict:
     run = cfg.run_dir
-    data = load_data(cfg.data, cfg.split)
+    # The validation rows follow the training seed: the methods of one (split, seed) pair share them.
+    data = load_data(cfg.data, cfg.split, cfg.val_fraction, cfg.seed)
     K = data.num_known
     fingerprint = hashlib.sha256((data.train.fingerprint() + data.test.fingerprint()).encode()).hexdigest()
     if rank == 0:
@@ -508,6 +511,9 @@ def _run(cfg: TrainConfig, device: torch.device, rank: int, world: int, resume: 
                                **cfg.loader_options())
     eval_loader = make_loader(cfg.backend, data.test, loader_config(cfg, device, train=False),
                               **cfg.loader_options()) if rank == 0 else None
+    val_loader = make_loader(cfg.backend, data.train, loader_config(cfg, device, train=False), indices=data.val_rows,
+                             label_map=data.label_map, **cfg.loader_options()) \
+        if rank == 0 and len(data.val_rows) else None
     if len(train_loader) == 0:
         raise BackMixError(f"{len(data.known_rows)} known training images are too few for batch size "
                            f"{cfg.batch_size} on {world} rank(s)")
@@ -590,13 +596,17 @@ def _run(cfg: TrainConfig, device: torch.device, rank: int, world: int, resume: 
                                       run_log=run_log))
         partial = None
         record["cache_generation"] = train_loader.maps.generation if cfg.backmix else None
+        if val_loader is not None:   # every epoch: it is what selects best.pt
+            record["val"] = validation_metrics(*predict(unwrap(recipe.eval_model(model)), val_loader, precision),
+                                           data.label_map)   # the weights best.pt would hold
         if rank == 0 and (last or (cfg.eval_every and (epoch + 1) % cfg.eval_every == 0)):
             t0 = time.perf_counter()
             record["eval"] = final = evaluate(recipe.eval_model(model), eval_loader, data.label_map, precision,
                                               show_progress(cfg, rank))
             record["eval_s"] = time.perf_counter() - t0
-        improved = rank == 0 and "eval" in record and record["eval"]["accuracy"] > best
-        best = record["eval"]["accuracy"] if improved else best
+        # best.pt: on the validation rows only (every epoch is "best" when there are none)
+        improved = rank == 0 and (val_loader is None or record["val"]["accuracy"] > best)
+        best = record["val"]["accuracy"] if improved and val_loader is not None else best
 
         def save_checkpoints() -> None:
             if rank == 0:
@@ -605,9 +615,10 @@ def _run(cfg: TrainConfig, device: torch.device, rank: int, world: int, resume: 
                              best=best, regen_pending=regen_due,
                              scaler=precision.scaler.state_dict() if precision.scaler else None,
                              cache_generation=(record["cache_generation"] or 0) + int(regen_due), **ema_state())
-                save_run_checkpoint(run / "last.pt", model, cfg, K, **state)
+                # best.pt first: a last.pt on disk means every best.pt up to its epoch is there too
                 if improved:   # the weights evaluated: the EMA's with --ema
                     save_run_checkpoint(run / "best.pt", recipe.eval_model(model), cfg, K, **state)
+                save_run_checkpoint(run / "last.pt", model, cfg, K, **state)
 
         if regen_due:
             t0 = time.perf_counter()
@@ -638,7 +649,16 @@ def _run(cfg: TrainConfig, device: torch.device, rank: int, world: int, resume: 
             run_log.epoch_done(record)
     if rank == 0:
         log.info("trained %d epochs in %.1fs", cfg.epochs - start, time.perf_counter() - t_run)
-        print(summary_line(cfg, final), flush=True)
+        chosen = best_epoch(history)
+        best_test = final
+        if chosen is not None and chosen != history[-1]["epoch"]:   # the test folder, for the report only
+            best_model, _ = load_model(run / "best.pt", arch=cfg.arch, num_classes=K)
+            best_test = evaluate(best_model.to(device), eval_loader, data.label_map, precision)
+        summary = run_summary(history, best_test)
+        with writing(run / "summary.json"):
+            atomic_write_bytes(run / "summary.json", (json.dumps(summary, indent=2) + "\n").encode())
+        print(summary_line(cfg.out, "BackMix" if cfg.backmix else "baseline", cfg.arch, cfg.epochs, summary),
+              flush=True)
     return final if rank == 0 else {}
 
 
@@ -650,6 +670,8 @@ def epoch_line(r: dict, epochs: int) -> str:
     if "regen_s" in r:
         how = f", {r['regen_in_loop_s']:.1f}s of it CAMs in the loop" if "regen_in_loop_s" in r else ""
         parts.append(f"cache rebuilt in {r['regen_s']:.1f}s (generation {r['regenerated']}{how})")
+    if "val" in r:
+        parts.append(f"val acc {r['val']['accuracy']:.3f}")
     if "eval" in r:
         e = r["eval"]
         parts.append(f"test acc {e['accuracy']:.3f} AUROC {e['auroc_msp']:.3f} OSCR {e['oscr_msp']:.3f}")
