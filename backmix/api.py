@@ -21,10 +21,14 @@ from .trainers.train import OpenSetData, Precision, load_data
 from .trainers.train import evaluate as _evaluate
 
 
-def open_set_data(root: str | os.PathLike, split: str | int = "0") -> OpenSetData:
+def open_set_data(root: str | os.PathLike, split: str | int = "0", *, val_fraction: float = 0.0,
+                  seed: int = 0) -> OpenSetData:
     """A prepared folder (``root/train``, ``root/test``) and its open-set split: a split number
-    ("0".."4") or a comma list of known class names. ``num_known`` is the classifier's class count."""
-    return load_data(root, str(split))
+    ("0".."4") or a comma list of known class names. ``num_known`` is the classifier's class count.
+    ``val_fraction``: that share of each known class's training images (chosen by ``seed``, as
+    ``backmix train --val-fraction`` does with its ``--seed``) becomes ``val_rows``, left out of
+    ``known_rows`` (what a training loader serves); select checkpoints on it, never on the test folder."""
+    return load_data(root, str(split), val_fraction, seed)
 
 
 def _dist() -> tuple[int, int]:

@@ -64,9 +64,16 @@ def _composite(out: Path, **kwargs) -> None:
     prepare_digits_on_photos(out, **kwargs)
 
 
+def _composite_p80(out: Path, **kwargs) -> None:
+    """digits-on-photos with the stronger prior 0.8: a data set name of its own, so an experiment
+    can hold both priors side by side."""
+    _composite(out, **{**kwargs, "prior": 0.8})
+
+
 DATASETS: dict[str, Callable[..., None]] = {
     "digits": prepare_digits,
     "digits-on-photos": _composite,
+    "digits-on-photos-p80": _composite_p80,
 }
 
 
@@ -137,11 +144,11 @@ def _make_temp_folder(out: Path) -> Path:
 def _remove_abandoned_temp_folders(out: Path) -> None:
     for tmp in out.parent.glob(f".{glob.escape(out.name)}.tmp-*"):
         pid = tmp.name[len(out.name) + 6:].split("-", 1)[0]
-        if pid.isdigit() and not _process_exists(int(pid)):
+        if pid.isdigit() and not process_exists(int(pid)):
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _process_exists(pid: int) -> bool:
+def process_exists(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

@@ -20,7 +20,9 @@ class OpenSetSplit:
     unknown: tuple[str, ...]
 
     def known_labels(self, classes: tuple[str, ...]) -> np.ndarray:
-        return np.asarray([classes.index(c) for c in self.known], dtype=np.int64)
+        # One dict of positions: O(classes), where classes.index per known class was O(classes x known).
+        position = {c: i for i, c in enumerate(classes)}
+        return np.asarray([position[c] for c in self.known], dtype=np.int64)
 
     def label_map(self, classes: tuple[str, ...]) -> np.ndarray:
         """Dataset label -> closed-set label (0..K-1), -1 for unknown classes."""

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -131,6 +132,39 @@ class Normalize:
     def __call__(self, images: Tensor) -> Tensor:
         dev = images.device
         return normalize(images, torch.tensor(self.mean, device=dev), torch.tensor(self.std, device=dev))
+
+
+AUTO_AUGMENT_POLICIES = ("trivialaugment", "randaugment")
+
+
+@dataclass(frozen=True)
+class AutoAugment:
+    """torchvision's TrivialAugmentWide or RandAugment (v2 ops, on the batch's device) on uint8 crops:
+    after the mix and the crop, before normalising, as torchvision's references place it. One draw per
+    image, shared by its ``copies`` (the clean and the mixed crop stay a pair that differs only by
+    the mix). Geometric ops fill with the normalisation mean (~0 after ``normalize``, as the mix's blank)."""
+    policy: str
+    mean: tuple[float, ...] = IMAGENET_MEAN
+
+    def __call__(self, crops: Tensor, seed: int, copies: int = 1) -> Tensor:
+        from torchvision.transforms import v2
+        if self.policy not in AUTO_AUGMENT_POLICIES:
+            raise ValueError(f"auto augment policy must be one of {AUTO_AUGMENT_POLICIES}, got {self.policy!r}")
+        fill = fill_value(self.mean).tolist()
+        op = v2.TrivialAugmentWide(fill=fill) if self.policy == "trivialaugment" else v2.RandAugment(fill=fill)
+        if crops.is_floating_point():   # RandomResizedCrop's bilinear output: to uint8, as a PIL crop is
+            crops = crops.round().clamp_(0, 255).to(torch.uint8)
+        pairs = crops.reshape(copies, -1, *crops.shape[1:])
+        # The v2 ops draw from torch's global generator: a private one, seeded by the batch's key, keeps
+        # the batch a pure function of (seed, epoch, rank, step) and the trainer's stream untouched.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            out = torch.stack([op(pairs[:, i]) for i in range(pairs.shape[1])], 1)
+        return out.reshape(crops.shape)
+
+
+def auto_augment_seed(seed: int, epoch: int, rank: int, step: int) -> int:
+    return int(np.random.SeedSequence([seed, epoch, rank, step, 0xA4]).generate_state(1)[0])
 
 
 def center_offsets(batch: int, canvas: int, crop: int, device=None) -> Tensor:

@@ -14,7 +14,8 @@ from torch import Tensor
 
 from backmix.cam_cache.maps import ForegroundMaps
 
-from .augment import IMAGENET_MEAN, IMAGENET_STD, BackMix, Normalize, RandomCropFlip, RandomResizedCropFlip
+from .augment import (IMAGENET_MEAN, IMAGENET_STD, AutoAugment, BackMix, Normalize, RandomCropFlip,
+                      RandomResizedCropFlip, auto_augment_seed)
 from .backmix import top_k_mask
 from .sampling import BackMixSampler
 
@@ -38,11 +39,17 @@ class BackMixBatch(NamedTuple):
         x = torch.cat(parts) if len(parts) > 1 else parts[0]
         return x, self.labels.repeat(len(parts))
 
-    def loss(self, criterion, logits: Tensor, *, clean: float = 1.0, mixed: float = 1.0) -> Tensor:
-        """``clean`` * criterion(clean part) + ``mixed`` * criterion(mixed part) of the logits of ``inputs()``."""
+    def loss(self, criterion, logits: Tensor, *, clean: float = 1.0, mixed: float = 1.0,
+             targets: Optional[Tensor] = None) -> Tensor:
+        """``clean`` * criterion(clean part) + ``mixed`` * criterion(mixed part) of the logits of ``inputs()``.
+        ``targets``: instead of ``labels``, one row per row of ``inputs()`` (clean part, then mixed part),
+        e.g. the soft targets [P * B, K] of Mixup/CutMix (``nn.CrossEntropyLoss`` takes probabilities)."""
         weights = [w for t, w in ((self.images, clean), (self.mixed, mixed)) if t is not None]
         n = self.labels.shape[0]
-        return sum(w * criterion(logits[k * n:(k + 1) * n], self.labels) for k, w in enumerate(weights))
+        if targets is not None and targets.shape[0] != n * len(weights):
+            raise ValueError(f"targets has {targets.shape[0]} rows, the batch's inputs {n * len(weights)}")
+        parts = [self.labels] * len(weights) if targets is None else targets.split(n)
+        return sum(w * criterion(logits[k * n:(k + 1) * n], parts[k]) for k, w in enumerate(weights))
 
 
 class RowLabels:
@@ -76,7 +83,7 @@ class BatchTransform:
 
     def __init__(self, maps: ForegroundMaps, sampler: BackMixSampler, *, backmix: bool = True,
                  mean: tuple[float, ...] = IMAGENET_MEAN, std: tuple[float, ...] = IMAGENET_STD,
-                 train: bool = True, clean: bool = True) -> None:
+                 train: bool = True, clean: bool = True, auto_augment: str = "none") -> None:
         self.maps, self.sampler, self.enabled, self.train = maps, sampler, backmix, train
         self.clean = clean or not backmix
         self.mix = BackMix(sampler.top_k_ratio, sampler.box_fraction, mean)
@@ -84,11 +91,12 @@ class BatchTransform:
         resize = sampler.augment == "rrc" and train
         self.crop = (RandomResizedCropFlip if resize else RandomCropFlip)(sampler.crop)
         self.normalize = Normalize(mean, std)
+        self.auto_augment = AutoAugment(auto_augment, mean) if train and auto_augment != "none" else None
 
     @classmethod
     def for_config(cls, maps: ForegroundMaps, config: "LoaderConfig") -> "BatchTransform":
         return cls(maps, config.sampler(), backmix=config.backmix, mean=config.mean, std=config.std,
-                   train=config.train, clean=config.clean)
+                   train=config.train, clean=config.clean, auto_augment=config.auto_augment)
 
     def params(self, batch_size: int, epoch: int, step: int, rank: int, device) -> dict[str, Tensor]:
         p = self.sampler.draw(batch_size, epoch, step, rank, train=self.train)
@@ -99,16 +107,22 @@ class BatchTransform:
         """(images, mixed) of a batch's canvases (on any device); ``rows``: its dataset indices, on the
         host, where the maps are gathered (no device-to-host read per batch)."""
         p = self.params(canvas.shape[0], epoch, step, rank, canvas.device)
+
+        def finish(crops: Tensor, copies: int = 1) -> Tensor:
+            if self.auto_augment is not None:
+                crops = self.auto_augment(crops, auto_augment_seed(self.sampler.seed, epoch, rank, step), copies)
+            return self.normalize(crops)
+
         images = mixed = None
         if self.enabled:
             maps = to_device(torch.from_numpy(self.maps.gather(as_index_array(rows))), canvas.device)
             mixed = self.mix(canvas, maps, p)
             if self.clean:
-                images, mixed = self.normalize(self.crop(torch.cat([canvas, mixed]), same_crop_twice(p))).chunk(2)
+                images, mixed = finish(self.crop(torch.cat([canvas, mixed]), same_crop_twice(p)), 2).chunk(2)
             else:
-                mixed = self.normalize(self.crop(mixed, p))
+                mixed = finish(self.crop(mixed, p))
         else:
-            images = self.normalize(self.crop(canvas, p))
+            images = finish(self.crop(canvas, p))
         return images, mixed
 
 

@@ -10,7 +10,7 @@ files (read and decode a batch to canvases with the loader's workers, the mix
 kernel, crop/flip/normalise, host-to-device on a GPU), DALI's decode and
 canvas resize alone (its own ops, threads and device) and, for every backend,
 the marginal cost of its mix (BackMix batch time minus plain batch time).
-The decode ceiling is the fastest installed CPU JPEG decoder on the same files,
+The decode ceiling is the fastest installed CPU image decoder on the same files,
 already in memory, on all workers: no CPU loader that decodes these files can
 beat it (FFCV can: it decodes the canvas-sized copies it stored once).
 """
@@ -149,9 +149,11 @@ def _sync(device: torch.device) -> None:
 
 
 def decode_ceiling(index, workers: int, limit: int = 256, on_error: str = "raise") -> dict:
-    """images/s of each installed CPU JPEG decoder on the same files (bytes in memory), ``workers`` threads."""
+    """images/s of each installed CPU image decoder on the same files (bytes in memory), ``workers``
+    threads, and the files' formats as their headers say (a folder's suffixes may lie)."""
     files = decodable_files(index, limit, on_error)
     blobs = [open(f, "rb").read() for f in files]
+    formats = file_formats(blobs)
     decoders: dict[str, Callable[[bytes], object]] = {}
     from torchvision.io import ImageReadMode, decode_image
     decoders["torchvision.io (libjpeg-turbo)"] = lambda b: decode_image(
@@ -174,7 +176,30 @@ def decode_ceiling(index, workers: int, limit: int = 256, on_error: str = "raise
             list(pool.map(fn, blobs))
             rates[name] = len(blobs) / (time.perf_counter() - t)
     best = max(rates, key=rates.get)
-    return {"decoder": best, "images_per_s": rates[best], "threads": max(1, workers), "all": rates}
+    return {"decoder": best, "images_per_s": rates[best], "threads": max(1, workers), "all": rates,
+            "formats": formats}
+
+
+def file_formats(blobs: list[bytes]) -> dict[str, int]:
+    """{format name as PIL reads it from the header: count}, most common first."""
+    import io
+
+    from PIL import Image
+    counts: dict[str, int] = {}
+    for b in blobs:
+        with Image.open(io.BytesIO(b)) as im:   # reads the header only
+            counts[im.format or "unknown"] = counts.get(im.format or "unknown", 0) + 1
+    return dict(sorted(counts.items(), key=lambda kv: -kv[1]))
+
+
+def describe_input(report: dict) -> str:
+    """'1024 images (JPEG)' or '300 images (PNG 200, JPEG 100 of 300 sampled)'."""
+    formats = report["decode_ceiling"].get("formats") or {}
+    sampled = sum(formats.values())
+    if len(formats) == 1:
+        return f"{report['images']} images ({next(iter(formats))})"
+    kinds = ", ".join(f"{k} {v}" for k, v in formats.items())
+    return f"{report['images']} images ({kinds} of {sampled} sampled)"
 
 
 def machine() -> str:
@@ -246,6 +271,7 @@ def run_benchmark(data: Optional[Path], backends: list[str], *, batches: int, wa
             errors[(backend, mode)] = str(e).splitlines()[0]
             continue
         skipped[(backend, mode)] = skipped.get((backend, mode), 0) + loader.skipped
+        getattr(loader, "close", lambda: None)()   # its workers end before the next loader forks
         del loader
         rates[(backend, mode)].append(batch_size * len(t) / sum(t))
         times[(backend, mode)] += t
@@ -324,7 +350,8 @@ def format_table(report: dict) -> str:
                      "" if mix is None else f"{mix:+.1f}"))
     dc = report["decode_ceiling"]
     rows.append((f"decode ceiling: {dc['decoder']}", "", f"{dc['images_per_s']:.0f}", "", "", ""))
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines = [f"input: {describe_input(report)}, {report['data']}", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
     lines.append("")
     for backend, what in (("reference", "torch"), ("dali", "DALI")):
@@ -338,6 +365,8 @@ def format_table(report: dict) -> str:
         lines.append(f"ratios (median of {rounds} rounds, min-max): " if rounds > 1 else "ratios: ")
         lines[-1] += ", ".join(f"{k} {v:.2f}" + (" ({:.2f}-{:.2f})".format(*report["ratio_range"][k]) if rounds > 1
                                                   else "") for k, v in report["ratios"].items())
+    if report.get("rounds", 1) == 1:
+        lines.append("one round only: these figures are noisy; take the median of --repeat 5 or more")
     return "\n".join(lines)
 
 
@@ -357,7 +386,7 @@ def plot(report: dict, path: Path) -> None:
     ax.axhline(dc["images_per_s"], color="k", ls="--", lw=1, label=f"decode ceiling of the source files ({dc['decoder']})")
     ax.set_ylabel("images/s")
     c = report["config"]
-    ax.set_title(f"{report['images']} JPEGs, canvas {c['canvas']} {c.get('canvas_mode', 'stretch')}, crop {c['crop']} "
+    ax.set_title(f"{describe_input(report)}, canvas {c['canvas']} {c.get('canvas_mode', 'stretch')}, crop {c['crop']} "
                  f"{c.get('augment', 'crop')}, batch {c['batch_size']}, "
                  f"{c['workers']} workers\n{report['machine']}", fontsize=8)
     ax.legend(fontsize=8)

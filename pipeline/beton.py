@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import fcntl
 import logging
 import multiprocessing
 import os
@@ -38,6 +37,7 @@ from tqdm import tqdm
 
 from backmix.osr_data.decode import CANVAS_MODES, check_canvas_mode, decode_canvas, decode_rgb, to_numpy_hwc
 from backmix.osr_data.errors import BackMixError
+from backmix.osr_data.filelock import exclusive_lock
 from backmix.osr_data.index import ImageIndex, atomic_file
 
 from .config import ON_ERROR
@@ -221,37 +221,6 @@ def _child_write(tmp: Path, samples: "_Samples", fields: dict, num_workers: int,
     writer.from_indexed_dataset(samples)
 
 
-@contextlib.contextmanager
-def _writer_lock(path: Path) -> Iterator[None]:
-    """An exclusive flock on ``.NAME.lock`` beside ``path``: one writer at a time, the others wait.
-
-    The holder removes the lock file when done (no litter); a waiter that then wakes up holding
-    the removed file's lock sees it is no longer the file at that name and locks the new one.
-    """
-    lock = path.with_name(f".{path.name}.lock")
-    waited = False
-    while True:
-        f = open(lock, "a")
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            if not waited:
-                log.info("another process is writing %s: waiting for it", path)
-                waited = True
-            fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            if os.path.samestat(os.fstat(f.fileno()), os.stat(lock)):
-                break
-        except FileNotFoundError:
-            pass
-        f.close()
-    try:
-        yield
-    finally:
-        lock.unlink(missing_ok=True)
-        f.close()
-
-
 def _rank() -> int:
     try:
         return int(os.environ.get("RANK", "0"))
@@ -264,7 +233,7 @@ def _wait_for(path: Path, poll_s: float = 1.0) -> None:
     log.info("rank %d: waiting for rank 0 to write %s", _rank(), path)
     while not path.exists():
         time.sleep(poll_s)
-    with _writer_lock(path):
+    with exclusive_lock(path):
         pass
 
 
@@ -315,7 +284,7 @@ def write_beton(index: ImageIndex, path: str | os.PathLike, *, canvas: Optional[
     fields = {"image": RGBImageField(write_mode=mode, max_resolution=canvas or max_resolution,
                                      jpeg_quality=jpeg_quality),
               "label": IntField(), "index": IntField(), "canvas_mode": IntField()}
-    with _writer_lock(path):
+    with exclusive_lock(path):
         if path.exists() and not force:
             return BetonWrite(path, False, [])
         with atomic_file(path) as tmp:

@@ -14,7 +14,7 @@ from backmix.osr_data.index import ImageIndex
 from backmix.osr_data.decode import check_canvas, check_canvas_mode
 from backmix.osr_data.errors import BackMixError
 
-from .augment import IMAGENET_MEAN, IMAGENET_STD
+from .augment import AUTO_AUGMENT_POLICIES, IMAGENET_MEAN, IMAGENET_STD
 from .batch import RowLabels
 from .sampling import LAST_BATCH, BackMixSampler, EpochSampler, check_augment, check_fraction
 
@@ -31,6 +31,7 @@ class LoaderConfig:
     crop: int = 32               # side of the random crop the model sees
     canvas_mode: str = "center"  # "center": resize the shorter side, centre square; "stretch": both sides
     augment: str = "crop"        # after the mix: "crop" (random crop + flip) or "rrc" (RandomResizedCrop + flip)
+    auto_augment: str = "none"   # training, after the crop: "trivialaugment" or "randaugment" (torchvision v2)
     grid: int = 8                # g of the g x g foreground maps
     backmix: bool = True
     clean: bool = True           # with BackMix, also the clean crop; False: the mixed one only (the authors' recipe)
@@ -52,6 +53,9 @@ class LoaderConfig:
         check_canvas(self.canvas, self.crop, self.grid)
         check_canvas_mode(self.canvas_mode)
         check_augment(self.augment)
+        if self.auto_augment not in ("none",) + AUTO_AUGMENT_POLICIES:
+            raise BackMixError(f"auto_augment must be none or one of {', '.join(AUTO_AUGMENT_POLICIES)}, "
+                               f"got {self.auto_augment!r}")
         check_fraction("box fraction", self.box_fraction)
         check_fraction("top-k ratio", self.top_k_ratio)
         if self.batch_size < 1:

@@ -414,8 +414,11 @@ class FfcvLoader(LoaderPosition):
             index, config, maps, rows[kept], label_map)
         self.sampler = config.sampler()
         self.device = choose_device(config.device)
-        if mix_in == "auto":
-            mix_in = "torch" if self.device.type == "cuda" or not Compiler.is_enabled else "ffcv"
+        if mix_in == "auto":   # auto augment is torchvision's ops: the torch transform
+            mix_in = ("torch" if self.device.type == "cuda" or not Compiler.is_enabled
+                      or config.auto_augment != "none" else "ffcv")
+        if mix_in == "ffcv" and config.auto_augment != "none" and config.train:
+            raise BackMixError("auto_augment runs in the torch batch transform: use mix_in='torch' or 'auto'")
         self.mix_in = mix_in
         self.fill = fill_value(config.mean).numpy()
         self.transform = BatchTransform.for_config(self.maps, config)

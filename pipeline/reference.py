@@ -113,6 +113,17 @@ class ReferenceLoader(LoaderPosition):
                           # which must not move the trainer's (dropout's) global RNG.
                           generator=torch.Generator().manual_seed(config.seed))
 
+    def close(self) -> None:
+        """Stop the persistent workers now. A loader left to the garbage collector may still be
+        uncollected when the next loader forks its workers; a forked child that then collects the
+        inherited iterator asserts "can only test a child process". Shut down here, the copy a child
+        inherits is marked shut down and its finaliser does nothing."""
+        loader = getattr(self, "_loader", None)   # the Ray backend decodes in Ray tasks instead
+        iterator = getattr(loader, "_iterator", None)
+        if iterator is not None:
+            iterator._shutdown_workers()
+            loader._iterator = None
+
     def _canvas_batches(self) -> Iterable:
         """This epoch's ``collate_canvases`` results, one per step, in order."""
         return self._loader

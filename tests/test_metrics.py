@@ -77,6 +77,18 @@ def test_open_set_metrics_from_logits():
     msp_u = lu.double().softmax(1).amax(1).numpy()
     assert m["auroc_msp"] == auroc(msp_k, msp_u)
     assert m["num_known"] == 3 and m["num_unknown"] == 2
+    energy_k = np.log(np.exp(lk.double().numpy()).sum(1))
+    energy_u = np.log(np.exp(lu.double().numpy()).sum(1))
+    assert m["auroc_energy"] == auroc(energy_k, energy_u)
+    assert m["oscr_energy"] == pytest.approx(pairwise_oscr(energy_k, energy_u, [True, True, False]))
+    assert m["fpr95_energy"] == fpr_at_tpr(energy_k, energy_u)
+
+
+def test_energy_ranks_by_logsumexp_where_the_max_logit_does_not():
+    # MLS: 3.5 > 3.0 (known ahead); energy: 3.5 + log(1 + e^-3.5) = 3.53 < 3 + log 2 = 3.69 (unknown ahead)
+    m = open_set_metrics(torch.tensor([[3.5, 0.0]]), torch.tensor([0]), torch.tensor([[3.0, 3.0]]))
+    assert (m["auroc_mls"], m["oscr_mls"]) == (1.0, 1.0)
+    assert (m["auroc_energy"], m["oscr_energy"], m["fpr95_energy"]) == (0.0, 0.0, 1.0)
 
 
 def test_metrics_refuse_empty_sets():

@@ -65,8 +65,9 @@ def assert_same_stream(got, want):
 
 
 @pytest.mark.parametrize("kw", [dict(), dict(canvas_mode="stretch", augment="rrc", num_workers=1),
-                                dict(clean=False), dict(train=False, shuffle=False, backmix=False)],
-                         ids=["center-crop", "stretch-rrc-worker", "mixed-only", "evaluation"])
+                                dict(clean=False), dict(auto_augment="trivialaugment"),
+                                dict(train=False, shuffle=False, backmix=False)],
+                         ids=["center-crop", "stretch-rrc-worker", "mixed-only", "auto-augment", "evaluation"])
 def test_its_stream_is_the_reference_loaders_bit_for_bit(photo_root, kw):
     index = ImageIndex.load(photo_root)
     cfg = config(**kw)

@@ -54,7 +54,8 @@ def read_jsonl(path: Path) -> list[dict]:
 def cli_args(cfg: TrainConfig) -> list[str]:
     return ["train", "--data", cfg.data, "--out", cfg.out, "--epochs", str(cfg.epochs), "--width", str(cfg.width),
             "--batch-size", str(cfg.batch_size), "--lr", str(cfg.lr), "--known", cfg.split, "--workers", "0",
-            "--device", "cpu", "--regen-every", str(cfg.regen_every), "--no-progress"]
+            "--device", "cpu", "--regen-every", str(cfg.regen_every), "--val-fraction", str(cfg.val_fraction),
+            "--no-progress"]
 
 
 def env() -> dict:
@@ -91,6 +92,82 @@ def test_regeneration_happens_on_schedule_and_feeds_the_next_epoch(finished_run)
     assert 0.0 <= final["oscr_msp"] <= final["accuracy"] <= 1.0
     ckpt = torch.load(run / "last.pt", weights_only=False)
     assert ckpt["epoch"] == 4 and ckpt["known_classes"] == ["ant", "cat"] and ckpt["arch"] == "cnn32"
+
+
+def test_validation_rows_are_never_trained_on_and_select_best_pt(finished_run, capsys):
+    from backmix.cam_cache import ForegroundCache
+    from backmix.trainers.train import load_data
+
+    run = Path(finished_run.out)
+    lines = read_jsonl(run / "metrics.jsonl")
+    data = load_data(finished_run.data, finished_run.split, 0.1, finished_run.seed)
+    assert len(data.val_rows) == 2 and len(data.known_rows) == 22       # 1 of each known class's 12
+    assert all(r["images"] == 22 and r["val"]["images"] == 2 for r in lines)
+    # the rebuilt cache generation holds maps for the training rows only, not the validation rows
+    maps = ForegroundCache(run / "cache").gather(np.arange(48))
+    assert (maps[data.val_rows] == 0.5).all()                    # generation 0's value, never rebuilt
+    assert all((maps[i] != 0.5).any() for i in data.known_rows)
+    best = max(lines, key=lambda r: (r["val"]["accuracy"], -r["epoch"]))
+    assert torch.load(run / "best.pt", weights_only=False)["epoch"] == best["epoch"]
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["last"]["epoch"] == 4 and summary["last"]["test"] == lines[-1]["eval"]
+    assert summary["best"]["epoch"] == best["epoch"] and summary["best"]["val"] == best["val"]
+    assert summary["best"]["selected_by"] == "validation closed-set accuracy"
+
+
+def test_selection_reads_the_validation_rows_never_the_test_folder(small_root, tmp_path, monkeypatch, capsys):
+    """The test folder is gone until the first test evaluation, after the last epoch; and a test accuracy
+    that would pick another epoch does not move best.pt."""
+    import shutil
+
+    import backmix.trainers.train as train_mod
+    root = tmp_path / "data"
+    shutil.copytree(small_root, root)
+    hidden = tmp_path / "hidden-test"
+    val_acc = iter([0.25, 0.75, 0.5])          # validation picks epoch 2
+    test_acc = iter([1.0, 0.0])                # what selection on the test folder would have picked: epoch 3 / 1
+    validate, evaluate = train_mod.validation_metrics, train_mod.evaluate
+    calls = []
+
+    def fake_validation(*args):
+        return {**validate(*args), "accuracy": next(val_acc)}
+
+    def test_evaluation(*args, **kw):
+        calls.append("test")
+        if hidden.exists():
+            shutil.move(hidden, root / "test")
+        return {**evaluate(*args, **kw), "accuracy": next(test_acc)}
+
+    real_epoch = train_mod.train_one_epoch
+
+    def train_without_test_folder(*args, **kw):
+        if (root / "test").exists():
+            shutil.move(root / "test", hidden)
+        return real_epoch(*args, **kw)
+
+    monkeypatch.setattr(train_mod, "validation_metrics", fake_validation)
+    monkeypatch.setattr(train_mod, "evaluate", test_evaluation)
+    monkeypatch.setattr(train_mod, "train_one_epoch", train_without_test_folder)
+    cfg = tiny(root, tmp_path / "run", epochs=3, eval_every=0, backmix=False)
+    metrics = main(cfg)
+    assert calls == ["test", "test"]            # after training: last.pt (epoch 3), then best.pt (epoch 2)
+    assert torch.load(Path(cfg.out) / "best.pt", weights_only=False)["epoch"] == 2
+    summary = json.loads((Path(cfg.out) / "summary.json").read_text())
+    assert (summary["last"]["epoch"], summary["best"]["epoch"]) == (3, 2)
+    assert summary["last"]["test"]["accuracy"] == metrics["accuracy"] == 1.0
+    assert summary["best"]["test"]["accuracy"] == 0.0 and summary["best"]["val"]["accuracy"] == 0.75
+    out = capsys.readouterr().out
+    assert "last.pt (epoch 3, val acc 0.5000): test accuracy 1.0000" in out
+    assert "best.pt (epoch 2, val acc 0.7500): test accuracy 0.0000" in out
+
+
+def test_without_validation_rows_best_pt_is_the_last_epoch(small_root, tmp_path):
+    cfg = tiny(small_root, tmp_path / "noval", epochs=2, backmix=False, val_fraction=0.0)
+    main(cfg)
+    lines = read_jsonl(Path(cfg.out) / "metrics.jsonl")
+    assert all("val" not in r and r["images"] == 24 for r in lines)
+    assert torch.load(Path(cfg.out) / "best.pt", weights_only=False)["epoch"] == 2
+    assert json.loads((Path(cfg.out) / "summary.json").read_text())["best"]["selected_by"].startswith("none")
 
 
 def test_eval_command_prints_the_run_metrics(finished_run, capsys):
@@ -345,7 +422,7 @@ def test_in_loop_generation_of_a_frozen_model_equals_the_separate_pass(small_roo
     torch.manual_seed(cfg.seed)
     initial = build_model("cnn32", 2, width=cfg.width).state_dict()
     assert all(torch.equal(model.state_dict()[k], initial[k]) for k in initial if "num_batches" not in k)
-    data = load_data(small_root, cfg.split)
+    data = load_data(small_root, cfg.split, cfg.val_fraction, cfg.seed)
     init_cache(tmp_path / "pass", data.train, grid=cfg.grid)
     assert build_generation(tmp_path / "pass", model, data.train, canvas=cfg.canvas, mean=IMAGENET_MEAN,
                             std=IMAGENET_STD, momentum=cfg.momentum, label_map=data.label_map,
@@ -354,7 +431,9 @@ def test_in_loop_generation_of_a_frozen_model_equals_the_separate_pass(small_roo
     sep = ForegroundCache(tmp_path / "pass")
     a, b = np.asarray(loop.maps, np.float32), np.asarray(sep.maps, np.float32)
     known = data.label_map[data.train.labels] >= 0
-    assert not np.all(a[known] == 0.5) and np.all(a[~known] == 0.5)    # the known rows moved, only they
+    trained = np.zeros_like(known)
+    trained[data.known_rows] = True                                    # the validation rows stay out
+    assert not np.all(a[trained] == 0.5) and np.all(a[~trained] == 0.5) and known[~trained].any()
     # CAMs taken in other batch compositions may differ by a float32 ulp: at most one float16 step
     assert np.abs(a - b).max() <= 2.0 ** -11
     with pytest.raises(BackMixError, match="unknown --regen 'both'"):
@@ -457,6 +536,7 @@ def test_a_failed_publish_on_rank_0_ends_every_rank_with_the_error(small_root, t
 
 def test_experiment_pairs_methods_per_split_and_seed(tmp_path, capsys):
     from backmix.trainers.experiment import run_experiment
+    from backmix.trainers.experiment_report import COLUMNS
     overrides = {"epochs": 1, "width": 0.25, "device": "cpu", "batch_size": 128}
     results = run_experiment(tmp_path, ["digits"], 1, overrides, seeds=2, methods=("baseline", "backmix-mixed"))
     assert [(r["dataset"], r["split"], r["seed"], r["method"]) for r in results] == [
@@ -471,7 +551,7 @@ def test_experiment_pairs_methods_per_split_and_seed(tmp_path, capsys):
     text = (tmp_path / "results.md").read_text()
     assert text.index("| dataset | variant − baseline |") < text.index("| dataset | method | runs |")
     cells = []
-    for key in ("accuracy", "auroc_msp", "auroc_mls", "oscr_msp", "oscr_mls"):
+    for key, _ in COLUMNS:
         d = np.array([results[i + 1]["metrics"][key] - results[i]["metrics"][key] for i in (0, 2)]) * 100
         cells.append(f"{d.mean():+.1f} ± {d.std(ddof=1):.1f} ({int((d > 0).sum())}/2)")
     assert "| digits | backmix-mixed | 2 | " + " | ".join(cells) + " |" in text
@@ -488,11 +568,78 @@ def test_experiment_pairs_methods_per_split_and_seed(tmp_path, capsys):
     assert "holds runs of another budget (batch_size 128 there, 64 asked)" in capsys.readouterr().err
     again = run_experiment(tmp_path, ["digits"], 1, overrides, seeds=2, methods=("backmix-mixed",))
     assert again == results and len((tmp_path / "results.jsonl").read_text().splitlines()) == 4
-    assert capsys.readouterr().out == text
+    # the same tables; the status line counts this call's plan (the 2 backmix-mixed runs)
+    assert capsys.readouterr().out == text.replace("all 4 runs", "all 2 runs").replace("baseline, backmix-mixed;",
+                                                                                       "backmix-mixed;")
     with pytest.raises(BackMixError, match="unknown method 'mixup'"):
         run_experiment(tmp_path, ["digits"], 1, overrides, methods=("mixup",))
     with pytest.raises(BackMixError, match="--seeds must be at least 1"):
         run_experiment(tmp_path, ["digits"], 1, overrides, seeds=0)
+    assert text.startswith("Complete: all 4 runs of the plan (digits: 1 split x seeds +0,1 x baseline, "
+                           "backmix-mixed; budget epochs 1, width 0.25, lr 0.05, arch cnn32, batch_size 128, "
+                           "val_fraction 0.1)")
+    assert "| Δ AUROC (energy) |" in text and "| Δ OSCR (energy) |" in text
+    assert all(r["best"]["selected_by"] == "validation closed-set accuracy" for r in results)
+    log_lines = (tmp_path / "experiment.log").read_text().splitlines()
+    assert sum(" done digits split 0 seed " in line for line in log_lines) == 4
+    assert any("epoch 1/1" in line for line in log_lines)            # the trainer's progress, too
+
+
+def test_the_default_plan_orders_complete_pairs_of_every_data_set_first():
+    from backmix.trainers.experiment_plan import make_plan, plan_runs
+    runs = plan_runs(make_plan(None, None, None), 5)
+    assert len(runs) == len(set(runs)) == 5 * (2 * 2 + 1) + 5 * 2 + 5 * 2
+    assert [tuple(r) for r in runs[:7]] == [
+        ("digits-on-photos", 0, 0, "baseline"), ("digits-on-photos", 0, 0, "backmix"),
+        ("digits-on-photos", 0, 0, "backmix-mixed"), ("digits", 0, 0, "baseline"), ("digits", 0, 0, "backmix"),
+        ("digits-on-photos-p80", 0, 0, "baseline"), ("digits-on-photos-p80", 0, 0, "backmix")]
+    assert all(r.seed == 0 for r in runs[:35]) and {(r.dataset, r.method) for r in runs[35:]} == {
+        ("digits-on-photos", "baseline"), ("digits-on-photos", "backmix")}
+    only = plan_runs(make_plan(["digits-on-photos-p80"], None, None), 2)
+    assert [(r.split, r.method) for r in only] == [(0, "baseline"), (0, "backmix"), (1, "baseline"), (1, "backmix")]
+    with pytest.raises(BackMixError, match="unknown data set 'mnist'"):
+        make_plan(["mnist"], None, None)
+
+
+def test_experiment_refuses_a_folder_of_runs_without_validation(tmp_path):
+    from backmix.trainers.experiment import run_experiment
+    old = {"dataset": "digits", "split": 0, "seed": 0, "method": "baseline", "metrics": {},
+           "config": {"epochs": 1, "width": 0.25, "lr": 0.05, "arch": "cnn32", "batch_size": 128}}
+    (tmp_path / "results.jsonl").write_text(json.dumps(old) + "\n")
+    with pytest.raises(BackMixError, match="holds runs of another budget \\(val_fraction None there, 0.1 asked\\)"):
+        run_experiment(tmp_path, ["digits"], 1, {"epochs": 1, "width": 0.25, "batch_size": 128})
+
+
+def test_a_run_claimed_by_a_live_process_is_left_to_it_and_a_dead_claim_is_redone(tmp_path):
+    from backmix.trainers.experiment import run_experiment
+    from backmix.trainers.experiment_plan import Run, run_dir
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    for method, pid in (("baseline", os.getppid()), ("backmix", int(dead.stdout))):
+        folder = run_dir(tmp_path, Run("digits", 0, 0, method))
+        folder.mkdir(parents=True)
+        (folder / ".claim").write_text(json.dumps({"pid": pid, "host": socket.gethostname()}))
+        (folder / "last.pt").write_bytes(b"left by a killed run")
+    overrides = {"epochs": 1, "width": 0.25, "device": "cpu", "batch_size": 128}
+    results = run_experiment(tmp_path, ["digits"], 1, overrides)
+    assert [(r["method"], r["seed"]) for r in results] == [("backmix", 0)]
+    assert (tmp_path / "results.md").read_text().startswith("**Partial**: 1 of 2 runs of the plan")
+    assert not (run_dir(tmp_path, Run("digits", 0, 0, "backmix")) / ".claim").exists()
+    assert (run_dir(tmp_path, Run("digits", 0, 0, "baseline")) / "last.pt").is_file()   # left to its owner
+
+
+def test_two_experiment_processes_share_one_folder_without_repeating_a_run(tmp_path):
+    cmd = [sys.executable, "-m", "backmix", "-q", "experiment", "--out", str(tmp_path), "--datasets", "digits",
+           "--splits", "1", "--seeds", "2", "--methods", "baseline,backmix", "--budget", "quick", "--epochs", "1",
+           "--width", "0.25", "--device", "cpu"]
+    procs = [subprocess.Popen(cmd, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    assert all(p.wait(timeout=600) == 0 for p in procs), [p.stderr.read() for p in procs]
+    lines = read_jsonl(tmp_path / "results.jsonl")
+    assert sorted((r["seed"], r["method"]) for r in lines) == [(0, "backmix"), (0, "baseline"), (1, "backmix"),
+                                                               (1, "baseline")]
+    assert (tmp_path / "results.md").read_text().startswith("Complete: all 4 runs of the plan")
+    log_text = (tmp_path / "experiment.log").read_text()
+    assert log_text.count(" done digits split 0 seed ") == 4
 
 
 @pytest.mark.parametrize("extra, message", [
@@ -545,7 +692,8 @@ def test_a_run_folder_that_stops_taking_files_is_one_line(small_root, tmp_path, 
     monkeypatch.setattr(train_mod, "save_checkpoint", read_only)
     cfg = tiny(small_root, tmp_path / "run", epochs=1)
     assert cli_main(cli_args(cfg)) == 2
-    assert capsys.readouterr().err == f"backmix: error: cannot write {cfg.out}/last.pt: Read-only file system\n"
+    # best.pt is written before last.pt (a last.pt on disk implies its best.pt)
+    assert capsys.readouterr().err == f"backmix: error: cannot write {cfg.out}/best.pt: Read-only file system\n"
 
 
 def test_eval_of_a_run_folder_suggests_its_checkpoints(finished_run, capsys):
@@ -562,7 +710,7 @@ def test_on_error_skip_trains_and_evaluates_past_a_broken_image(small_root, tmp_
     shutil.copytree(small_root, root, ignore=shutil.ignore_patterns("index.csv"))
     for split in ("train", "test"):
         next(iter(sorted((root / split / "ant").iterdir()))).write_bytes(b"not an image")
-    cfg = tiny(root, tmp_path / "run", epochs=1, regen_every=0)
+    cfg = tiny(root, tmp_path / "run", epochs=1, regen_every=0, val_fraction=0.0)
     assert cli_main(cli_args(cfg)) == 2
     assert "does not decode" in capsys.readouterr().err
     shutil.rmtree(cfg.out)

@@ -9,7 +9,8 @@ from backmix.osr_data.errors import BackMixError
 from backmix.pipeline.loaders import backend_options
 from backmix.pipeline.sampling import AUGMENTS
 
-from .config import AMP, OPTIMIZERS, REGEN, TrainConfig, field_defaults
+from .config import AMP, AUTO_AUGMENTS, LOG_SINKS, OPTIMIZERS, REGEN, TrainConfig, field_defaults
+from .metrics import SCORES
 
 S = argparse.SUPPRESS   # an option not given stays out of the namespace: we know what was explicit
 
@@ -32,12 +33,19 @@ def register(top) -> None:
     fmt = argparse.ArgumentDefaultsHelpFormatter
     p = top.add_parser("train", help="train an open-set classifier with BackMix (or the plain baseline)",
                        formatter_class=fmt,
-                       description="Train on the known classes of DATA/train, rebuild the foreground cache "
-                                   "every few epochs, evaluate on DATA/test (known vs unknown classes). "
-                                   "Writes RUN/config.json, RUN/metrics.jsonl, RUN/last.pt, RUN/best.pt. "
+                       description="Train on the known classes of DATA/train (less a validation split that "
+                                   "selects RUN/best.pt), rebuild the foreground cache every few epochs, "
+                                   "evaluate on DATA/test (known vs unknown classes; reporting only). "
+                                   "Writes RUN/config.json (and config.yaml, which --config takes back), RUN/metrics.jsonl, "
+                                   "RUN/train.log, RUN/last.pt, RUN/best.pt, "
+                                   "RUN/summary.json (test metrics of last.pt and best.pt). "
                                    "Under torchrun every rank trains its share (DistributedDataParallel).")
-    p.add_argument("--data", type=Path, required=True, help="prepared data set root holding train/ and test/")
-    p.add_argument("--out", type=Path, default=Path("runs/quick"), help="run folder")
+    p.add_argument("--config", type=Path, metavar="RUN.yaml",
+                   help="a YAML file of options (keys: these options' names, e.g. batch_size: 256); the command "
+                        "line overrides it. Every run writes its own as RUN/config.yaml")
+    p.add_argument("--data", type=Path, default=S,
+                   help="prepared data set root holding train/ and test/ (required, here or in --config)")
+    p.add_argument("--out", type=Path, default=S, help="run folder (default: runs/quick)")
     p.add_argument("--epochs", type=int, default=S, help="epochs" + _d("epochs"))
     p.add_argument("--arch", default=S, metavar="NAME", help=f"model: {ARCH_HELP}" + _d("arch"))
     p.add_argument("--width", type=float, default=S, help="cnn32 channel multiplier" + _d("width"))
@@ -53,6 +61,11 @@ def register(top) -> None:
     split.add_argument("--split", default=S, help="open-set split number 0..4" + _d("split"))
     split.add_argument("--known", dest="split", default=S, metavar="A,B,C",
                        help="comma list of known class names instead of a numbered split")
+    p.add_argument("--val-fraction", type=float, default=S,
+                   help="share of each known class's training images held out as the validation split (chosen "
+                        "by --seed; never trained on, not in the cache): validated every epoch, it alone "
+                        "selects RUN/best.pt; the test folder is for reporting only; 0: no validation, "
+                        "best.pt is the last epoch" + _d("val_fraction"))
     p.add_argument("--backend", choices=BACKENDS, default=S, help="loader" + _d("backend"))
     p.add_argument("--ray-address", default=S, metavar="auto|HOST:PORT",
                    help="--backend ray: the Ray cluster whose CPUs decode (default: start Ray on this machine, "
@@ -95,14 +108,42 @@ def register(top) -> None:
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --out from its last.pt (mid-epoch if it was saved there); "
                         "refused if a field that shapes the model or the data differs")
-    p.add_argument("--no-progress", dest="progress", action="store_false", default=S, help="no progress bars")
+    p.add_argument("--no-progress", dest="progress", action="store_false", default=S,
+                   help="no progress bar (on a terminal) and no progress lines (every 10%% of an epoch, otherwise)")
+    p.add_argument("--log-every", type=int, default=S,
+                   help="a line every N steps: loss, img/s, lr and the share of time spent waiting for data "
+                        "(0: none); also into RUN/train.log" + _d("log_every"))
+    p.add_argument("--log", default=S, metavar="csv,tensorboard",
+                   help=f"extra sinks, a comma list of {', '.join(LOG_SINKS)}: csv = RUN/steps.csv (the --log-every "
+                        "lines) and RUN/epochs.csv; tensorboard = event files in RUN/tensorboard (needs the "
+                        "tensorboard package: backmix[tensorboard])")
+    r = p.add_argument_group("recipe", "the usual ImageNet training recipe around the BackMix step")
+    r.add_argument("--label-smoothing", type=float, default=S, help="of the cross-entropy targets" + _d("label_smoothing"))
+    r.add_argument("--ema", type=float, default=S, metavar="DECAY",
+                   help="keep an EMA of the weights (timm ModelEmaV3, e.g. 0.9998); evaluation and best.pt use "
+                        "it (0: none)" + _d("ema"))
+    r.add_argument("--clip-grad", type=float, default=S, metavar="NORM",
+                   help="clip the gradients' global L2 norm (0: no clipping)" + _d("clip_grad"))
+    r.add_argument("--sync-bn", action=argparse.BooleanOptionalAction, default=S,
+                   help="under torchrun on CUDA: BatchNorm statistics over all ranks (SyncBatchNorm)" + _d("sync_bn"))
+    r.add_argument("--auto-augment", choices=AUTO_AUGMENTS, default=S,
+                   help="torchvision's TrivialAugmentWide or RandAugment on each training crop, after the mix "
+                        "and the crop, on the device (not with --backend dali)" + _d("auto_augment"))
+    r.add_argument("--pretrained", default=S, metavar="FILE",
+                   help="start from the weights in FILE: a torchvision/timm state dict (.pt/.pth, read with "
+                        "weights_only) or .safetensors of the same --arch; its head is replaced by a new one "
+                        "for the known classes")
+    r.add_argument("--mixup", type=float, default=S, metavar="ALPHA",
+                   help="Mixup (timm) of each part of the batch with Beta(ALPHA, ALPHA) (0: none)" + _d("mixup"))
+    r.add_argument("--cutmix", type=float, default=S, metavar="ALPHA",
+                   help="CutMix (timm), ALPHA as --mixup; with both, each batch takes one of the two" + _d("cutmix"))
     p.set_defaults(func=run_train)
 
     e = top.add_parser("eval", help="open-set metrics of a checkpoint on a data set's test folder",
                        formatter_class=fmt,
                        description="Closed-set accuracy on the known classes; AUROC, FPR at 95%% TPR and "
                                    "OSCR of known vs unknown test images, scored by maximum softmax "
-                                   "probability (MSP) and by maximum logit (MLS).")
+                                   "probability (MSP), maximum logit (MLS) and energy (logsumexp of the logits).")
     e.add_argument("--checkpoint", type=Path, required=True, help="a last.pt or best.pt of `backmix train`")
     e.add_argument("--data", type=Path, required=True, help="prepared data set root holding train/ and test/")
     e.add_argument("--backend", choices=BACKENDS, default="reference", help="loader")
@@ -123,10 +164,17 @@ def register(top) -> None:
 
 
 def config_from_args(args) -> tuple[TrainConfig, set[str]]:
-    values = {k: v for k, v in vars(args).items() if k in field_defaults()}
-    values["data"], values["out"] = str(args.data), str(args.out)
-    if "cache" in values and values["cache"] is not None:
-        values["cache"] = str(values["cache"])
+    """The run's config (defaults < --config file < command line) and the fields given explicitly."""
+    from .config_file import read_config_file
+    values = read_config_file(args.config) if getattr(args, "config", None) else {}
+    given = {k: v for k, v in vars(args).items() if k in field_defaults()}
+    for key in ("data", "out", "cache"):
+        if given.get(key) is not None:
+            given[key] = str(given[key])
+    values.update(given)
+    if not values.get("data"):
+        raise BackMixError("--data is required (on the command line or in --config)")
+    values.setdefault("out", "runs/quick")
     explicit = set(values) - {"data", "out"}
     if "backend" in explicit:   # the Ray options with another backend on the same command line
         backend_options(values["backend"], ray_address=values.get("ray_address"), prefetch=values.get("prefetch"))
@@ -154,7 +202,7 @@ def run_eval(args) -> int:
         return 0
     print(f"{args.checkpoint} on {args.data}/test: {m['num_known']} known, {m['num_unknown']} unknown images")
     print(f"  closed-set accuracy  {m['accuracy']:.4f}")
-    for score, name in (("msp", "max softmax probability"), ("mls", "max logit")):
+    for score, name in SCORES:
         print(f"  {name:24s} AUROC {m['auroc_' + score]:.4f}  FPR@95%TPR {m['fpr95_' + score]:.4f}  "
               f"OSCR {m['oscr_' + score]:.4f}")
     return 0

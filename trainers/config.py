@@ -14,11 +14,14 @@ from backmix.osr_data.errors import BackMixError
 from backmix.pipeline.config import DEVICES, ON_ERROR
 from backmix.pipeline.loaders import BACKENDS, backend_options
 from backmix.pipeline.sampling import AUGMENTS
+from backmix.pipeline.augment import AUTO_AUGMENT_POLICIES
 
 OPTIMIZERS = ("sgd", "adamw")
 AMP = ("auto", "bf16", "fp16", "off")
 REGEN = ("loop", "pass")
-CHOICES = {"opt": OPTIMIZERS, "backend": BACKENDS, "amp": AMP, "device": DEVICES,
+AUTO_AUGMENTS = ("none",) + AUTO_AUGMENT_POLICIES
+LOG_SINKS = ("csv", "tensorboard")
+CHOICES = {"auto_augment": AUTO_AUGMENTS, "opt": OPTIMIZERS, "backend": BACKENDS, "amp": AMP, "device": DEVICES,
            "on_error": ON_ERROR, "regen": REGEN, "canvas_mode": CANVAS_MODES, "augment": AUGMENTS}
 
 
@@ -35,7 +38,9 @@ NUMERIC_RANGES = {
     "warmup_epochs": _at_least(0), "w_raw": _at_least(0), "w_mix": _at_least(0), "regen_every": _at_least(0),
     "momentum": (lambda v: 0 <= v <= 1, "in [0, 1]"), "box_fraction": _FRACTION, "top_k_ratio": _FRACTION,
     "seed": (lambda v: 0 <= v < 2 ** 63, "in [0, 2**63)"), "workers": _at_least(0), "eval_every": _at_least(0),
-    "save_every": _at_least(0),
+    "save_every": _at_least(0), "val_fraction": (lambda v: 0 <= v < 1, "in [0, 1)"), "log_every": _at_least(0), "label_smoothing": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "ema": (lambda v: v == 0 or 0 < v < 1, "in (0, 1), or 0 for none"), "clip_grad": _at_least(0),
+    "mixup": _at_least(0), "cutmix": _at_least(0),
 }
 
 
@@ -66,6 +71,7 @@ class TrainConfig:
     weight_decay: float = 5e-4
     warmup_epochs: float = 1.0        # linear warm-up, then cosine to zero, per step
     split: str = "0"                  # split number 0..4, or comma list of known class names
+    val_fraction: float = 0.1         # per-class share of the known training images held out to select best.pt
     backend: str = "reference"
     ray_address: Optional[str] = None  # ray backend: "auto" or HOST:PORT of a cluster; None: Ray on this machine
     prefetch: Optional[int] = None    # ray backend: batches in flight at most; None: the loader's default
@@ -92,12 +98,23 @@ class TrainConfig:
     on_error: str = "raise"           # an image that does not decode: "raise" or "skip" (and count)
     cache: Optional[str] = None       # cache folder; default RUN/cache
     progress: bool = True
+    log_every: int = 50               # a log line (loss, img/s, lr, data-wait share) every N steps (0: none)
+    log: str = ""                     # comma list of extra sinks: csv (RUN/steps.csv, RUN/epochs.csv), tensorboard
+    label_smoothing: float = 0.0
+    ema: float = 0.0                  # decay of an EMA of the weights (timm ModelEmaV3); evaluated and best.pt
+    clip_grad: float = 0.0            # clip the gradients' global L2 norm to this (0: no clipping)
+    sync_bn: bool = False             # under torchrun on CUDA: BatchNorm statistics over all ranks
+    auto_augment: str = "none"        # after the mix, on the uint8 crops: trivialaugment or randaugment
+    pretrained: Optional[str] = None  # state dict (torch or .safetensors) to start from; the head is new
+    mixup: float = 0.0                # timm Mixup alpha (0: no Mixup)
+    cutmix: float = 0.0               # timm CutMix alpha (0: no CutMix); with both, half the batches each
 
     def __post_init__(self) -> None:
         check_arch(self.arch)
         for name, value in (("opt", self.opt), ("backend", self.backend), ("amp", self.amp),
                             ("device", self.device), ("on_error", self.on_error), ("regen", self.regen),
-                            ("canvas_mode", self.canvas_mode), ("augment", self.augment)):
+                            ("canvas_mode", self.canvas_mode), ("augment", self.augment),
+                            ("auto_augment", self.auto_augment)):
             choices = CHOICES[name]
             if value not in choices:
                 raise BackMixError(f"unknown {option(name)} {value!r} (choose from {', '.join(choices)})")
@@ -106,7 +123,17 @@ class TrainConfig:
         check_canvas(self.canvas, self.crop, self.grid)
         if self.w_raw == 0 and not (self.backmix and self.w_mix > 0):
             raise BackMixError("--w-raw 0 trains on the mixed images only: it needs BackMix and --w-mix > 0")
+        for sink in self.log_sinks:
+            if sink not in LOG_SINKS:
+                raise BackMixError(f"unknown --log sink {sink!r} (give a comma list of {', '.join(LOG_SINKS)})")
+        if self.auto_augment != "none" and self.backend == "dali":
+            raise BackMixError("--auto-augment runs in the torch batch transform: use --backend reference, "
+                               "ffcv or ray, not dali")
         self.loader_options()   # checks the Ray options
+
+    @property
+    def log_sinks(self) -> list[str]:
+        return [s.strip() for s in self.log.split(",") if s.strip()]
 
     @property
     def run_dir(self) -> Path:
@@ -137,8 +164,9 @@ class TrainConfig:
         unknown = set(d) - names
         if unknown:
             raise BackMixError(f"config has unknown keys: {', '.join(sorted(unknown))}")
-        # A config written before there were canvas modes was trained on stretched canvases.
-        return cls(**{"canvas_mode": "stretch", **d})
+        # A config written before there were canvas modes was trained on stretched canvases, and one
+        # written before the validation split trained on every known training image.
+        return cls(**{"canvas_mode": "stretch", "val_fraction": 0.0, **d})
 
     @classmethod
     def load(cls, path: Path) -> "TrainConfig":

@@ -59,27 +59,32 @@ def oscr(known: np.ndarray, unknown: np.ndarray, correct: np.ndarray) -> float:
     return float(np.sum(np.diff(fpr) * (ccr[1:] + ccr[:-1]) / 2))
 
 
+# (key suffix, name) of every open-set score; higher means "more likely known".
+SCORES = (("msp", "max softmax probability"), ("mls", "max logit"), ("energy", "energy (logsumexp)"))
+
+
+def open_set_scores(logits: torch.Tensor) -> dict[str, np.ndarray]:
+    """Each score of ``SCORES`` per image: MSP, MLS and the negative free energy logsumexp(logits)
+    (Liu et al. 2020; with temperature 1)."""
+    return {"msp": logits.softmax(1).amax(1).numpy(), "mls": logits.amax(1).numpy(),
+            "energy": torch.logsumexp(logits, 1).numpy()}
+
+
 def open_set_metrics(logits_known: torch.Tensor | np.ndarray, labels_known: torch.Tensor | np.ndarray,
                      logits_unknown: torch.Tensor | np.ndarray) -> dict[str, float]:
     """Everything the trainer reports, from closed-set logits of known and unknown test images.
 
-    ``labels_known`` are closed-set labels (0..K-1). Scores: maximum softmax
-    probability (MSP) and maximum logit (MLS), each giving AUROC, FPR95 and OSCR.
+    ``labels_known`` are closed-set labels (0..K-1). Scores (``SCORES``): maximum softmax
+    probability (MSP), maximum logit (MLS) and energy, each giving AUROC, FPR95 and OSCR.
     """
     lk = torch.as_tensor(logits_known).double()
     lu = torch.as_tensor(logits_unknown).double()
     yk = torch.as_tensor(labels_known).long()
     correct = (lk.argmax(1) == yk).numpy()
-    msp_k, msp_u = lk.softmax(1).amax(1).numpy(), lu.softmax(1).amax(1).numpy()
-    mls_k, mls_u = lk.amax(1).numpy(), lu.amax(1).numpy()
-    return {
-        "accuracy": float(correct.mean()),
-        "auroc_msp": auroc(msp_k, msp_u),
-        "auroc_mls": auroc(mls_k, mls_u),
-        "fpr95_msp": fpr_at_tpr(msp_k, msp_u),
-        "fpr95_mls": fpr_at_tpr(mls_k, mls_u),
-        "oscr_msp": oscr(msp_k, msp_u, correct),
-        "oscr_mls": oscr(mls_k, mls_u, correct),
-        "num_known": int(lk.shape[0]),
-        "num_unknown": int(lu.shape[0]),
-    }
+    known, unknown = open_set_scores(lk), open_set_scores(lu)
+    out = {"accuracy": float(correct.mean())}
+    for measure, fn in (("auroc", auroc), ("fpr95", fpr_at_tpr), ("oscr", oscr)):
+        for score, _ in SCORES:
+            args = (known[score], unknown[score]) + ((correct,) if measure == "oscr" else ())
+            out[f"{measure}_{score}"] = fn(*args)
+    return {**out, "num_known": int(lk.shape[0]), "num_unknown": int(lu.shape[0])}

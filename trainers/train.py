@@ -23,6 +23,7 @@ repeats it (the same numbers again).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import logging
@@ -44,6 +45,7 @@ from tqdm import tqdm
 
 from backmix.models import build_model, features_and_head, load_model, read_checkpoint, save_checkpoint
 from backmix.osr_data.errors import BackMixError
+from backmix.osr_data.holdout import split_validation
 from backmix.osr_data.index import ImageIndex, atomic_write_bytes
 from backmix.osr_data.splits import OpenSetSplit, resolve_split
 from backmix.pipeline.augment import IMAGENET_MEAN, IMAGENET_STD
@@ -51,14 +53,18 @@ from backmix.pipeline.config import LoaderConfig
 from backmix.pipeline.loaders import make_loader
 
 from .config import TrainConfig, option
+from .config_file import write_config_yaml
 from .metrics import open_set_metrics
+from .recipe import Recipe, load_pretrained, sync_batchnorm
+from .run_log import RunLog
+from .selection import best_epoch, run_summary, summary_line, validation_metrics
 
 log = logging.getLogger("backmix")
 
 # Fields a resumed run may change; every other one must match RUN/config.json. ``data`` may move:
 # the data set itself must be the run's (its fingerprint is compared).
 RESUME_MAY_CHANGE = ("device", "workers", "progress", "backend", "ray_address", "prefetch", "eval_every", "save_every", "on_error", "out",
-                     "data", "cache")
+                     "data", "cache", "log_every", "log")
 
 
 # --------------------------------------------------------------------------- data
@@ -69,7 +75,8 @@ class OpenSetData:
     test: ImageIndex
     split: OpenSetSplit
     label_map: np.ndarray        # dataset label -> 0..K-1, -1 for unknown classes
-    known_rows: np.ndarray       # train rows of known classes (the training set)
+    known_rows: np.ndarray       # train rows of known classes trained on (the validation rows left out)
+    val_rows: np.ndarray = dataclasses.field(default_factory=lambda: np.empty(0, np.int64))  # held out
 
     @property
     def num_known(self) -> int:
@@ -84,7 +91,10 @@ def data_folders(root: str | os.PathLike) -> tuple[Path, Path]:
                        f"(write one with `backmix data prepare --out {root}`)")
 
 
-def load_data(root: str | os.PathLike, split: str | OpenSetSplit) -> OpenSetData:
+def load_data(root: str | os.PathLike, split: str | OpenSetSplit, val_fraction: float = 0.0,
+              val_seed: int = 0) -> OpenSetData:
+    """The train/test folders of ``root`` and ``split``; ``val_fraction`` of each known class's training
+    images (chosen by ``val_seed``) become the validation rows (``backmix.osr_data.holdout``)."""
     train_dir, test_dir = data_folders(root)
     train, test = ImageIndex.load(train_dir), ImageIndex.load(test_dir)
     if train.classes != test.classes:
@@ -101,8 +111,9 @@ def load_data(root: str | os.PathLike, split: str | OpenSetSplit) -> OpenSetData
         raise BackMixError(f"an open-set split needs at least 2 known classes and 1 unknown one; got "
                            f"{len(split.known)} known ({', '.join(split.known)}) of {len(train.classes)} classes")
     lut = split.label_map(train.classes)
-    known_rows = np.flatnonzero(lut[train.labels] >= 0)
-    return OpenSetData(train, test, split, lut, known_rows)
+    known_rows, val_rows = split_validation(train.labels, np.flatnonzero(lut[train.labels] >= 0),
+                                            val_fraction, val_seed)
+    return OpenSetData(train, test, split, lut, known_rows, val_rows)
 
 
 def loader_config(cfg: TrainConfig, device: torch.device, *, train: bool, rank: int = 0,
@@ -110,7 +121,7 @@ def loader_config(cfg: TrainConfig, device: torch.device, *, train: bool, rank: 
     return LoaderConfig(
         batch_size=cfg.batch_size if train else max(cfg.batch_size, 256),
         canvas=cfg.canvas, crop=cfg.crop, grid=cfg.grid, backmix=cfg.backmix and train,
-        canvas_mode=cfg.canvas_mode, augment=cfg.augment,
+        canvas_mode=cfg.canvas_mode, augment=cfg.augment, auto_augment=cfg.auto_augment if train else "none",
         clean=not (cfg.backmix and train and cfg.w_raw == 0),   # no clean crops if no loss reads them
         box_fraction=cfg.box_fraction, top_k_ratio=cfg.top_k_ratio, seed=cfg.seed,
         shuffle=train, train=train, rank=rank if train else 0, world_size=world if train else 1,
@@ -171,12 +182,16 @@ class Precision:
             return contextlib.nullcontext()
         return torch.autocast(device_type="cuda", dtype=self.dtype)
 
-    def step(self, loss: torch.Tensor, optimizer: torch.optim.Optimizer) -> None:
+    def step(self, loss: torch.Tensor, optimizer: torch.optim.Optimizer, clip: float = 0.0) -> None:
+        """Backward and step; ``clip`` > 0: first clip the gradients' global L2 norm to it (unscaled)."""
+        (loss if self.scaler is None else self.scaler.scale(loss)).backward()
+        if clip:
+            if self.scaler is not None:
+                self.scaler.unscale_(optimizer)
+            nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], clip)
         if self.scaler is None:
-            loss.backward()
             optimizer.step()
         else:
-            self.scaler.scale(loss).backward()
             self.scaler.step(optimizer)
             self.scaler.update()
 
@@ -221,7 +236,8 @@ def epoch_seed(seed: int, epoch: int, rank: int) -> int:
 
 def train_one_epoch(model: nn.Module, loader, optimizer, scheduler, cfg: TrainConfig, precision: Precision,
                     epoch: int, *, rank: int = 0, world: int = 1, partial: Optional[dict] = None,
-                    save=None, cams=None) -> dict:
+                    save=None, cams=None, recipe: Optional[Recipe] = None,
+                    run_log: Optional[RunLog] = None) -> dict:
     """One pass over the loader; loss = w_raw * CE(clean) + w_mix * CE(mixed) (``BackMixBatch.loss``);
     train accuracy is on the first part the batch has.
 
@@ -229,11 +245,13 @@ def train_one_epoch(model: nn.Module, loader, optimizer, scheduler, cfg: TrainCo
     the epoch continues where it was cut. save(partial) is called every ``cfg.save_every`` steps
     (not at an epoch's last step: the epoch's own checkpoint follows). ``cams`` (a GenerationWriter):
     the rebuild epoch's in-loop CAMs, of each batch's canvases with the weights of the step that
-    trains on it."""
+    trains on it. ``recipe``: label smoothing, Mixup/CutMix and the EMA (default: plain cross-entropy);
+    ``run_log``: the step lines and progress (default: a progress bar on a terminal)."""
     model.train()
     loader.set_epoch(epoch)
     device = precision.device
-    criterion = nn.CrossEntropyLoss()
+    recipe = recipe or Recipe(cfg, 0)
+    run_log = run_log or RunLog(cfg, enabled=rank == 0)
     sums = torch.zeros(3, dtype=torch.float64, device=device)   # loss * n, correct, n
     before = 0.0                                                 # seconds of the epoch before a resume
     if partial:
@@ -244,36 +262,36 @@ def train_one_epoch(model: nn.Module, loader, optimizer, scheduler, cfg: TrainCo
     else:
         torch.manual_seed(epoch_seed(cfg.seed, epoch, rank))
     start = time.perf_counter()
-    bar = tqdm(total=len(loader), initial=loader.state_dict()["step"], desc=f"epoch {epoch + 1}/{cfg.epochs}",
-               unit="batch", leave=False, disable=not show_progress(cfg, rank))
+    progress = run_log.epoch(epoch, len(loader), partial["loader"]["step"] if partial else 0, world)
+    ready = time.perf_counter()
     for batch in loader:
+        waited = time.perf_counter() - ready   # the share of the step spent waiting for data
         if cams is not None:
             cams.add_canvases(batch.canvas, batch.indices)
         # One forward over the clean and the mixed crops (BatchNorm sees both together).
-        x, _ = batch.inputs()
+        x, targets = recipe.inputs(batch, epoch, scheduler.last_epoch)
         n = batch.labels.shape[0]
         if cfg.channels_last and device.type == "cuda":
             x = x.contiguous(memory_format=torch.channels_last)
         with precision.autocast():
             logits = model(x)
-            loss = batch.loss(criterion, logits, clean=cfg.w_raw, mixed=cfg.w_mix)
+            loss = batch.loss(recipe.criterion, logits, clean=cfg.w_raw, mixed=cfg.w_mix, targets=targets)
         optimizer.zero_grad(set_to_none=True)
-        precision.step(loss, optimizer)
+        precision.step(loss, optimizer, cfg.clip_grad)
         scheduler.step()
+        recipe.after_step(model, scheduler.last_epoch)
         with torch.no_grad():
             sums += torch.stack([loss.detach().double() * n,
                                  (logits[:n].argmax(1) == batch.labels).sum().double(),
                                  torch.tensor(float(n), dtype=torch.float64, device=device)])
-        bar.update(1)
-        if bar.n % 10 == 0:
-            bar.set_postfix(loss=f"{sums[0].item() / max(1.0, sums[2].item()):.3f}",
-                            img_s=f"{sums[2].item() * world / (time.perf_counter() - start):.0f}")
+        progress.step(scheduler.last_epoch, loss, n, waited, optimizer.param_groups[0]["lr"])
         position = loader.state_dict()
         if save is not None and cfg.save_every and scheduler.last_epoch % cfg.save_every == 0 \
                 and position["step"] < len(loader):
             save({"loader": position, "sums": sums.tolist(), "torch_rng": torch.get_rng_state(),
                   "train_s": before + time.perf_counter() - start})
-    bar.close()
+        ready = time.perf_counter()
+    progress.close()
     seconds = before + time.perf_counter() - start
     if world > 1:
         dist.all_reduce(sums)
@@ -416,12 +434,6 @@ def resume_config(cfg: TrainConfig, explicit: set[str]) -> TrainConfig:
     return TrainConfig.from_dict(saved)
 
 
-def summary_line(cfg: TrainConfig, m: dict) -> str:
-    method = "BackMix" if cfg.backmix else "baseline"
-    return (f"{cfg.out}: {method} {cfg.arch}, {cfg.epochs} epochs: accuracy {m['accuracy']:.4f}  "
-            f"AUROC (MSP) {m['auroc_msp']:.4f}  OSCR {m['oscr_msp']:.4f}")
-
-
 # --------------------------------------------------------------------------- main
 
 def main(cfg: TrainConfig, *, resume: bool = False, explicit: Optional[set[str]] = None) -> dict:
@@ -435,16 +447,18 @@ def main(cfg: TrainConfig, *, resume: bool = False, explicit: Optional[set[str]]
     else:
         torch.backends.cudnn.benchmark = True
     try:
-        return _run(cfg, device, rank, world, resume)
+        with RunLog(cfg, enabled=rank == 0) as run_log:
+            return _run(cfg, device, rank, world, resume, run_log)
     finally:
         torch.use_deterministic_algorithms(deterministic)
         if world > 1 and dist.is_initialized():
             dist.destroy_process_group()
 
 
-def _run(cfg: TrainConfig, device: torch.device, rank: int, world: int, resume: bool) -> dict:
+def _run(cfg: TrainConfig, device: torch.device, rank: int, world: int, resume: bool, run_log: RunLog) -> dict:
     run = cfg.run_dir
-    data = load_data(cfg.data, cfg.split)
+    # The validation rows follow the training seed: the methods of one (split, seed) pair share them.
+    data = load_data(cfg.data, cfg.split, cfg.val_fraction, cfg.seed)
     K = data.num_known
     fingerprint = hashlib.sha256((data.train.fingerprint() + data.test.fingerprint()).encode()).hexdigest()
     if rank == 0:
@@ -468,11 +482,17 @@ def _run(cfg: TrainConfig, device: torch.device, rank: int, world: int, resume: 
     else:
         torch.manual_seed(cfg.seed)
         model = build_model(cfg.arch, K, **cfg.model_kwargs)
+        if cfg.pretrained:
+            load_pretrained(model, cfg.pretrained)
     if cfg.backmix and cfg.regen_every:
         features_and_head(model)   # a model whose CAMs cannot be taken is refused now, not after an epoch
     if rank == 0:   # only now: a resume refused above leaves the run's config as it was
         with writing(run / "config.json"):
             atomic_write_bytes(run / "config.json", (json.dumps(cfg.to_dict(), indent=2) + "\n").encode())
+        with writing(run / "config.yaml"):
+            write_config_yaml(run / "config.yaml", cfg)
+        with writing(run / "train.log"):
+            run_log.open(run, *((ckpt["scheduler"]["last_epoch"], ckpt["epoch"]) if resume else ()))
     model.to(device)
     if cfg.channels_last and device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
@@ -491,10 +511,15 @@ def _run(cfg: TrainConfig, device: torch.device, rank: int, world: int, resume: 
                                **cfg.loader_options())
     eval_loader = make_loader(cfg.backend, data.test, loader_config(cfg, device, train=False),
                               **cfg.loader_options()) if rank == 0 else None
+    val_loader = make_loader(cfg.backend, data.train, loader_config(cfg, device, train=False), indices=data.val_rows,
+                             label_map=data.label_map, **cfg.loader_options()) \
+        if rank == 0 and len(data.val_rows) else None
     if len(train_loader) == 0:
         raise BackMixError(f"{len(data.known_rows)} known training images are too few for batch size "
                            f"{cfg.batch_size} on {world} rank(s)")
 
+    model = sync_batchnorm(cfg, model, device, world)
+    recipe = Recipe(cfg, K, model)
     if world > 1:
         model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     optimizer = build_optimizer(cfg, unwrap(model))
@@ -511,6 +536,8 @@ def _run(cfg: TrainConfig, device: torch.device, rank: int, world: int, resume: 
         if precision.scaler is not None and ckpt.get("scaler"):
             precision.scaler.load_state_dict(ckpt["scaler"])
         set_rng_state(ckpt["rng"])
+        if recipe.ema is not None:
+            recipe.ema.module.load_state_dict(ckpt["ema_state_dict"])
         history, best, start = list(ckpt.get("metrics", [])), ckpt.get("best", -1.0), ckpt["epoch"]
         if ckpt.get("partial"):
             if len(ckpt["partial"]) != world:
@@ -540,6 +567,7 @@ def _run(cfg: TrainConfig, device: torch.device, rank: int, world: int, resume: 
 
     extra_common = {"config": cfg.to_dict(), "known_classes": list(data.split.known),
                     "data_fingerprint": fingerprint}
+    ema_state = (lambda: {"ema_state_dict": recipe.ema.module.state_dict()}) if recipe.ema is not None else dict
     final: dict = history[-1].get("eval", {}) if history else {}
     t_run = time.perf_counter()
     for epoch in range(start, cfg.epochs):
@@ -556,7 +584,7 @@ def _run(cfg: TrainConfig, device: torch.device, rank: int, world: int, resume: 
                                     rng=rng_state(), metrics=history, best=best, regen_pending=False,
                                     scaler=precision.scaler.state_dict() if precision.scaler else None,
                                     cache_generation=train_loader.maps.generation if cfg.backmix else 0,
-                                    partial=parts)
+                                    partial=parts, **ema_state())
 
         record = {"epoch": epoch + 1}
         last = epoch + 1 == cfg.epochs
@@ -564,16 +592,21 @@ def _run(cfg: TrainConfig, device: torch.device, rank: int, world: int, resume: 
         writer = loop_writer(cfg, model, data, epoch + 1, rank, world) if regen_due and cfg.regen == "loop" else None
         record.update(train_one_epoch(model, train_loader, optimizer, scheduler, cfg, precision, epoch,
                                       rank=rank, world=world, partial=partial, cams=writer,
-                                      save=save_mid_epoch if writer is None else None))
+                                      save=save_mid_epoch if writer is None else None, recipe=recipe,
+                                      run_log=run_log))
         partial = None
         record["cache_generation"] = train_loader.maps.generation if cfg.backmix else None
+        if val_loader is not None:   # every epoch: it is what selects best.pt
+            record["val"] = validation_metrics(*predict(unwrap(recipe.eval_model(model)), val_loader, precision),
+                                           data.label_map)   # the weights best.pt would hold
         if rank == 0 and (last or (cfg.eval_every and (epoch + 1) % cfg.eval_every == 0)):
             t0 = time.perf_counter()
-            record["eval"] = final = evaluate(unwrap(model), eval_loader, data.label_map, precision,
+            record["eval"] = final = evaluate(recipe.eval_model(model), eval_loader, data.label_map, precision,
                                               show_progress(cfg, rank))
             record["eval_s"] = time.perf_counter() - t0
-        improved = rank == 0 and "eval" in record and record["eval"]["accuracy"] > best
-        best = record["eval"]["accuracy"] if improved else best
+        # best.pt: on the validation rows only (every epoch is "best" when there are none)
+        improved = rank == 0 and (val_loader is None or record["val"]["accuracy"] > best)
+        best = record["val"]["accuracy"] if improved and val_loader is not None else best
 
         def save_checkpoints() -> None:
             if rank == 0:
@@ -581,9 +614,11 @@ def _run(cfg: TrainConfig, device: torch.device, rank: int, world: int, resume: 
                              scheduler=scheduler.state_dict(), rng=rng_state(), metrics=history + [record],
                              best=best, regen_pending=regen_due,
                              scaler=precision.scaler.state_dict() if precision.scaler else None,
-                             cache_generation=(record["cache_generation"] or 0) + int(regen_due))
-                for name in ("last.pt",) + (("best.pt",) if improved else ()):
-                    save_run_checkpoint(run / name, model, cfg, K, **state)
+                             cache_generation=(record["cache_generation"] or 0) + int(regen_due), **ema_state())
+                # best.pt first: a last.pt on disk means every best.pt up to its epoch is there too
+                if improved:   # the weights evaluated: the EMA's with --ema
+                    save_run_checkpoint(run / "best.pt", recipe.eval_model(model), cfg, K, **state)
+                save_run_checkpoint(run / "last.pt", model, cfg, K, **state)
 
         if regen_due:
             t0 = time.perf_counter()
@@ -611,9 +646,19 @@ def _run(cfg: TrainConfig, device: torch.device, rank: int, world: int, resume: 
         if rank == 0:
             append_jsonl(run / "metrics.jsonl", record)
             log.info("%s", epoch_line(record, cfg.epochs))
+            run_log.epoch_done(record)
     if rank == 0:
         log.info("trained %d epochs in %.1fs", cfg.epochs - start, time.perf_counter() - t_run)
-        print(summary_line(cfg, final), flush=True)
+        chosen = best_epoch(history)
+        best_test = final
+        if chosen is not None and chosen != history[-1]["epoch"]:   # the test folder, for the report only
+            best_model, _ = load_model(run / "best.pt", arch=cfg.arch, num_classes=K)
+            best_test = evaluate(best_model.to(device), eval_loader, data.label_map, precision)
+        summary = run_summary(history, best_test)
+        with writing(run / "summary.json"):
+            atomic_write_bytes(run / "summary.json", (json.dumps(summary, indent=2) + "\n").encode())
+        print(summary_line(cfg.out, "BackMix" if cfg.backmix else "baseline", cfg.arch, cfg.epochs, summary),
+              flush=True)
     return final if rank == 0 else {}
 
 
@@ -625,6 +670,8 @@ def epoch_line(r: dict, epochs: int) -> str:
     if "regen_s" in r:
         how = f", {r['regen_in_loop_s']:.1f}s of it CAMs in the loop" if "regen_in_loop_s" in r else ""
         parts.append(f"cache rebuilt in {r['regen_s']:.1f}s (generation {r['regenerated']}{how})")
+    if "val" in r:
+        parts.append(f"val acc {r['val']['accuracy']:.3f}")
     if "eval" in r:
         e = r["eval"]
         parts.append(f"test acc {e['accuracy']:.3f} AUROC {e['auroc_msp']:.3f} OSCR {e['oscr_msp']:.3f}")
@@ -651,6 +698,7 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, data_root: str | os.PathL
         raise BackMixError(f"checkpoint {checkpoint} does not name its known classes; pass --split")
     model, _ = load_model(checkpoint, num_classes=data.num_known)
     given = {"backend": backend, "device": device, "workers": workers, "progress": progress, "on_error": on_error,
+             "auto_augment": "none",   # evaluation never augments: any backend takes the checkpoint
              **({"canvas_mode": canvas_mode} if canvas_mode else {})}
     cfg = TrainConfig.from_dict({**saved, **given}) if saved else TrainConfig(**given)
     dev, _, _ = init_distributed(device)

@@ -1,0 +1,110 @@
+"""Which runs ``backmix experiment`` trains, in which order, and how processes share them.
+
+The default plan is the finished experiment of issue 24 (item 5): digits-on-photos
+with 5 splits x 2 seeds x (baseline, backmix) plus the authors' mixed-only loss on
+the first seed, and 5 splits x 1 seed x (baseline, backmix) on digits and on
+digits-on-photos written with a stronger class-background prior (0.8). Runs are
+ordered seed first, then split, data set and method, so a cut-short experiment holds
+complete pairs of every data set rather than all of one.
+
+Several processes may work on one experiment folder (the same command twice, or each
+with its own ``--datasets``): a process claims a run before training it by writing
+RUN/.claim (its pid and host) under the folder's lock, and skips runs that are
+finished (in results.jsonl) or claimed by a live process. A claim whose process is
+gone (killed) is taken over and its run started again.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+from pathlib import Path
+from typing import NamedTuple, Optional
+
+from backmix.osr_data.errors import BackMixError
+from backmix.osr_data.prepare import DATASETS, process_exists
+
+from .experiment_report import METHODS, method_order
+
+
+class PlanEntry(NamedTuple):
+    dataset: str
+    seeds: tuple[int, ...]        # offsets from the experiment's first seed (--seed)
+    methods: tuple[str, ...]
+
+
+class Run(NamedTuple):
+    dataset: str
+    split: int
+    seed: int
+    method: str
+
+
+DEFAULT_PLAN = (PlanEntry("digits-on-photos", (0, 1), ("baseline", "backmix")),
+                PlanEntry("digits-on-photos", (0,), ("backmix-mixed",)),
+                PlanEntry("digits", (0,), ("baseline", "backmix")),
+                PlanEntry("digits-on-photos-p80", (0,), ("baseline", "backmix")))
+
+
+def plan_text(plan: tuple[PlanEntry, ...], splits: int) -> str:
+    return "; ".join(f"{e.dataset}: {splits} split{'s' if splits > 1 else ''} x seed{'s' if len(e.seeds) > 1 else ''} "
+                     f"+{','.join(map(str, e.seeds))} x {', '.join(e.methods)}" for e in plan)
+
+
+def make_plan(datasets: Optional[list[str]], seeds: Optional[int],
+              methods: Optional[tuple[str, ...]]) -> tuple[PlanEntry, ...]:
+    """The default plan, restricted to ``datasets``; ``seeds`` or ``methods`` (when given) replace every
+    entry's by the same ones for every data set asked (default data sets: those of the plan)."""
+    for method in methods or ():
+        if method not in METHODS:
+            raise BackMixError(f"unknown method {method!r} (choose from {', '.join(METHODS)})")
+    for ds in datasets or ():
+        if ds not in DATASETS:
+            raise BackMixError(f"unknown data set {ds!r} (choose from {', '.join(DATASETS)})")
+    if seeds is not None and seeds < 1:
+        raise BackMixError(f"--seeds must be at least 1, got {seeds}")
+    names = list(dict.fromkeys(datasets or [e.dataset for e in DEFAULT_PLAN]))
+    if seeds is None and methods is None:
+        plan = tuple(e for e in DEFAULT_PLAN if e.dataset in names)
+        missing = [ds for ds in names if ds not in {e.dataset for e in plan}]
+        return plan + tuple(PlanEntry(ds, (0,), ("baseline", "backmix")) for ds in missing)
+    return tuple(PlanEntry(ds, tuple(range(seeds or 1)), methods or ("baseline", "backmix")) for ds in names)
+
+
+def plan_runs(plan: tuple[PlanEntry, ...], splits: int, first_seed: int = 0) -> list[Run]:
+    """Every run of the plan, seed first, then split, data set (in plan order) and method."""
+    order = list(dict.fromkeys(e.dataset for e in plan))
+    runs = {Run(e.dataset, split, first_seed + s, m) for e in plan for s in e.seeds for m in e.methods
+            for split in range(splits)}
+    return sorted(runs, key=lambda r: (r.seed, r.split, order.index(r.dataset), method_order(r.method)))
+
+
+def run_dir(out: Path, run: Run) -> Path:
+    return out / "runs" / run.dataset / f"split{run.split}" / f"seed{run.seed}" / run.method
+
+
+def _claim_holder(path: Path) -> Optional[dict]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def claimed_by_another(out: Path, run: Run) -> bool:
+    """True when a live process (not this one) holds the run's claim."""
+    holder = _claim_holder(run_dir(out, run) / ".claim")
+    if not holder or holder.get("host") != socket.gethostname():
+        return bool(holder)   # a claim from another host is respected: its pid cannot be checked here
+    return holder.get("pid") != os.getpid() and process_exists(int(holder.get("pid", -1)))
+
+
+def claim(out: Path, run: Run) -> Path:
+    """Claim ``run`` (call under the experiment's lock, after ``claimed_by_another`` said no): what an
+    earlier, interrupted attempt left in its folder is removed, then RUN/.claim is written."""
+    folder = run_dir(out, run)
+    if folder.exists():
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True)
+    (folder / ".claim").write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname()}))
+    return folder

@@ -1,0 +1,178 @@
+"""What a run reports while it trains (rank 0): a line every ``--log-every`` steps (loss, img/s, lr,
+share of the time spent waiting for data), progress (a tqdm bar on a terminal, else a line every
+10 % of an epoch), all of it also in RUN/train.log; with ``--log csv`` the step lines in RUN/steps.csv
+and the epochs in RUN/epochs.csv, with ``--log tensorboard`` the same as TensorBoard scalars in
+RUN/tensorboard (``torch.utils.tensorboard``; the ``tensorboard`` extra).
+"""
+from __future__ import annotations
+
+import csv
+import importlib.util
+import logging
+import math
+import sys
+import time
+from contextlib import ExitStack
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from backmix.osr_data.errors import BackMixError
+
+from .config import TrainConfig
+
+log = logging.getLogger("backmix")
+
+STEP_FIELDS = ("epoch", "step", "global_step", "loss", "images_per_s", "lr", "data_wait")
+EPOCH_FIELDS = ("epoch", "loss", "train_acc", "images_per_s", "lr", "train_s")
+EVAL_FIELDS = ("accuracy", "auroc_msp", "auroc_mls", "fpr95_msp", "fpr95_mls", "oscr_msp", "oscr_mls")
+PROGRESS_LINES = 10   # without a terminal: a progress line every tenth of an epoch
+
+
+class RunLog:
+    """Rank 0's log sinks of one run; on other ranks (``enabled`` False) every call does nothing."""
+
+    def __init__(self, cfg: TrainConfig, *, enabled: bool) -> None:
+        self.cfg, self.enabled = cfg, enabled
+        self.bar_on_terminal = enabled and cfg.progress and sys.stderr.isatty()
+        self._stack = ExitStack()
+        self._csv: dict[str, csv.DictWriter] = {}
+        self._files: dict = {}
+        self.tensorboard = None
+        if enabled and "tensorboard" in cfg.log_sinks:
+            if importlib.util.find_spec("tensorboard") is None:   # torch.utils.tensorboard writes through it
+                raise BackMixError("--log tensorboard needs the tensorboard package: "
+                                   "pip install 'backmix[tensorboard]'")
+
+    def open(self, run: Path, first_step: int = 0, first_epoch: int = 0) -> None:
+        """Start writing into the run folder (checked writable). A resumed run continues at global
+        step ``first_step`` after ``first_epoch`` whole epochs: the CSV rows and TensorBoard events the
+        interrupted run logged after that point are dropped (they are logged again), as in metrics.jsonl."""
+        if not self.enabled:
+            return
+        handler = logging.FileHandler(run / "train.log")
+        handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+        log.addHandler(handler)
+        self._stack.callback(log.removeHandler, handler)
+        self._stack.callback(handler.close)
+        if "csv" in self.cfg.log_sinks:
+            for name, fields in (("steps", STEP_FIELDS), ("epochs", EPOCH_FIELDS + EVAL_FIELDS)):
+                path = run / f"{name}.csv"
+                key, upto = ("global_step", first_step) if name == "steps" else ("epoch", first_epoch)
+                kept = [r for r in read_rows(path) if r[key].isdigit() and int(r[key]) <= upto] if first_step else []
+                f = self._stack.enter_context(open(path, "w", newline=""))
+                self._csv[name] = csv.DictWriter(f, fields, restval="", extrasaction="ignore")
+                self._csv[name].writeheader()
+                self._csv[name].writerows(kept)
+                self._files[name] = f
+        if "tensorboard" in self.cfg.log_sinks:
+            from torch.utils.tensorboard import SummaryWriter
+            self.tensorboard = SummaryWriter(str(run / "tensorboard"), purge_step=first_step or None)
+            self._stack.callback(self.tensorboard.close)
+
+    def close(self) -> None:
+        self._stack.close()
+
+    def __enter__(self) -> "RunLog":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _write(self, name: str, row: dict) -> None:
+        if name in self._csv:
+            self._csv[name].writerow(row)
+            self._files[name].flush()   # readable while the run goes on
+
+    def steps(self, row: dict) -> None:
+        self._write("steps", row)
+        if self.tensorboard is not None:
+            for key in ("loss", "images_per_s", "lr", "data_wait"):
+                self.tensorboard.add_scalar(f"train/{key}", row[key], row["global_step"])
+
+    def epoch_done(self, record: dict) -> None:
+        """After RUN/metrics.jsonl took the epoch's line: its numbers in the CSV and TensorBoard sinks."""
+        if not self.enabled:
+            return
+        row = {k: record[k] for k in EPOCH_FIELDS if k in record}
+        row.update({k: record["eval"][k] for k in EVAL_FIELDS if k in record.get("eval", {})})
+        self._write("epochs", row)
+        if self.tensorboard is not None:
+            for key, value in row.items():
+                if key != "epoch":
+                    group = "eval" if key in EVAL_FIELDS else "epoch"
+                    self.tensorboard.add_scalar(f"{group}/{key}", value, record["epoch"])
+            self.tensorboard.flush()
+
+    def epoch(self, epoch: int, steps: int, first_step: int, world: int) -> "EpochProgress":
+        return EpochProgress(self, epoch, steps, first_step, world)
+
+
+def read_rows(path: Path) -> list[dict]:
+    """The complete rows of a CSV sink (a row cut short by a kill is left out)."""
+    if not path.is_file():
+        return []
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    return [r for r in rows if None not in r.values() and None not in r]
+
+
+class EpochProgress:
+    """One epoch's step reports. ``step`` is called after every optimizer step; it reads the loss off
+    the device only on the steps that report (a CUDA sync otherwise avoided)."""
+
+    def __init__(self, run_log: RunLog, epoch: int, steps: int, first_step: int, world: int) -> None:
+        self.run_log, self.cfg, self.epoch, self.steps, self.world = run_log, run_log.cfg, epoch, steps, world
+        self.done = first_step
+        self._reset()
+        self.bar = tqdm(total=steps, initial=first_step, desc=f"epoch {epoch + 1}/{self.cfg.epochs}", unit="batch",
+                        leave=False, disable=not run_log.bar_on_terminal)
+        # Log lines printed while the bar is drawn go through tqdm.write, above the bar.
+        self._redirect = ExitStack()
+        if not self.bar.disable:
+            from tqdm.contrib.logging import logging_redirect_tqdm
+            self._redirect.enter_context(logging_redirect_tqdm([logging.root]))
+        self.progress_lines = run_log.enabled and self.cfg.progress and not run_log.bar_on_terminal
+        self.next_line = self._next_tenth(first_step)
+
+    def _reset(self) -> None:
+        self.loss_sum, self.images, self.waited, self.since = None, 0, 0.0, time.perf_counter()
+
+    def _next_tenth(self, done: int) -> int:
+        return next((math.ceil(self.steps * k / PROGRESS_LINES) for k in range(1, PROGRESS_LINES + 1)
+                     if math.ceil(self.steps * k / PROGRESS_LINES) > done), self.steps + 1)
+
+    def step(self, global_step: int, loss: torch.Tensor, images: int, waited: float, lr: float) -> None:
+        if not self.run_log.enabled:
+            return
+        self.done += 1
+        loss = loss.detach().double() * images
+        self.loss_sum = loss if self.loss_sum is None else self.loss_sum + loss
+        self.images += images
+        self.waited += waited
+        every = self.cfg.log_every
+        report = bool(every) and global_step % every == 0
+        line = self.progress_lines and self.done >= self.next_line
+        postfix = not self.bar.disable and (self.bar.n + 1) % 10 == 0
+        if not (report or line or postfix):
+            self.bar.update(1)
+            return
+        seconds = max(time.perf_counter() - self.since, 1e-9)
+        row = {"epoch": self.epoch + 1, "step": self.done, "global_step": global_step,
+               "loss": self.loss_sum.item() / max(1, self.images), "images_per_s": self.images * self.world / seconds,
+               "lr": lr, "data_wait": min(1.0, self.waited / seconds)}
+        self.bar.update(1)
+        self.bar.set_postfix(loss=f"{row['loss']:.3f}", img_s=f"{row['images_per_s']:.0f}")
+        if report or line:
+            where = f"{self.done}/{self.steps}" + (f" ({100 * self.done // self.steps}%)" if line else "")
+            log.info("epoch %d/%d step %s: loss %.4f  %.0f img/s  lr %.4g  data wait %.0f%%", self.epoch + 1,
+                     self.cfg.epochs, where, row["loss"], row["images_per_s"], lr, 100 * row["data_wait"])
+            self.next_line = self._next_tenth(self.done)
+        if report:
+            self.run_log.steps(row)
+            self._reset()
+
+    def close(self) -> None:
+        self._redirect.close()
+        self.bar.close()
