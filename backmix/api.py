@@ -40,8 +40,8 @@ def _dist() -> tuple[int, int]:
 def loader(data: OpenSetData | str | os.PathLike, *, split: str | int = "0", cache: Optional[str | os.PathLike] = None,
            backend: str = "reference", train: bool = True, **options):
     """The BackMix stream of ``data``'s known training classes (``train=True``) or its whole test
-    folder for evaluation (``train=False``), from the loader ``backend`` ("reference", "dali",
-    "ffcv", "ray").
+    folder for evaluation (``train=False``), from the loader ``backend`` ("reference",
+    "torchvision", "dali", "ffcv", "ray").
 
     ``cache``: the foreground-cache folder a training loader reads its maps from (created at
     generation 0 when absent; rebuild it with ``backmix.rebuild``); without one the maps stay at

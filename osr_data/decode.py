@@ -26,12 +26,29 @@ class DecodeError(BackMixError):
         self.path = path
 
 
+def _why(e: Exception) -> str:
+    return str(e).splitlines()[0] if str(e) else ""
+
+
+def read_bytes(path: str) -> torch.Tensor:
+    """The file's bytes, uint8 [N]; ``DecodeError`` if it cannot be read."""
+    try:
+        return read_file(path)
+    except (RuntimeError, ValueError) as e:
+        raise DecodeError(path, _why(e)) from None
+
+
 def decode_rgb(path: str) -> torch.Tensor:
     """uint8 [3, H, W]; grey and palette images become RGB, 16-bit PNGs 8-bit."""
+    return decode_rgb_bytes(read_bytes(path), path)
+
+
+def decode_rgb_bytes(data: torch.Tensor, path: str) -> torch.Tensor:
+    """``decode_rgb`` of a file's bytes already read (uint8 [N]); ``path`` names it in an error."""
     try:
-        image = decode_image(read_file(path), mode=ImageReadMode.RGB)
+        image = decode_image(data, mode=ImageReadMode.RGB)
     except (RuntimeError, ValueError) as e:
-        raise DecodeError(path, str(e).splitlines()[0] if str(e) else "") from None
+        raise DecodeError(path, _why(e)) from None
     if image.dtype == torch.uint16:
         # round(v * 255 / 65535) = round(v / 257), in integers: (v + 128) // 257.
         image = ((image.to(torch.int32) + 128) // 257).to(torch.uint8)
@@ -54,6 +71,11 @@ def to_canvas(image: torch.Tensor, size: int, mode: str = "center") -> torch.Ten
     if check_canvas_mode(mode) == "stretch":
         return TF.resize(image, [size, size], antialias=True)
     return TF.center_crop(TF.resize(image, [size], antialias=True), [size, size])
+
+
+def is_jpeg(data: torch.Tensor) -> bool:
+    """Whether file bytes (uint8 [N]) start with a JPEG's SOI marker and a segment marker."""
+    return data.numel() >= 3 and data[:3].tolist() == [0xFF, 0xD8, 0xFF]
 
 
 def decode_canvas(path: str, size: int, mode: str = "center") -> torch.Tensor:

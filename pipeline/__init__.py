@@ -1,4 +1,5 @@
-"""Loaders that decode, mix and augment: the reference (torch), DALI and FFCV backends.
+"""Loaders that decode, mix and augment: the reference (torch), torchvision (decoding on the
+device), DALI, FFCV and Ray backends.
 
 All yield ``BackMixBatch`` and draw their randomness from ``BackMixSampler``; the
 mix itself is ``mix_backgrounds`` (``top_k_mask`` picks the foreground cells).

@@ -71,6 +71,8 @@ def to_device(t: Tensor, device) -> Tensor:
     """A host tensor on ``device``: from pinned memory and asynchronous for CUDA (the host does not
     wait for the copy), the tensor itself for the CPU."""
     device = torch.device(device)
+    if t.device.type == device.type and device.type == "cpu":
+        return t                      # already on the host: the tensor itself, nothing copied
     if device.type == "cpu" or t.device.type != "cpu":
         return t.to(device)
     return (t if t.is_pinned() else t.pin_memory()).to(device, non_blocking=True)

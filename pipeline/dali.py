@@ -214,7 +214,7 @@ class DaliLoader(LoaderPosition):
     def __init__(self, index: ImageIndex, config: LoaderConfig, maps: Optional[ForegroundMaps] = None,
                  indices: Optional[np.ndarray] = None, label_map: Optional[np.ndarray] = None) -> None:
         if config.auto_augment != "none" and config.train:
-            raise BackMixError("auto_augment runs in the torch batch transform: use the reference, ffcv or ray loader")
+            raise BackMixError("auto_augment runs in the torch batch transform: use the reference, torchvision, ffcv or ray loader")
         self.index, self.config = index, config
         self.maps, self.dataset_indices, self.epoch_sampler, self.row_labels = loader_inputs(
             index, config, maps, indices, label_map)

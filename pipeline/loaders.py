@@ -1,4 +1,4 @@
-"""``make_loader(backend, ...)``: one entry point for the four backends."""
+"""``make_loader(backend, ...)``: one entry point for the five backends."""
 from __future__ import annotations
 
 from typing import Optional
@@ -11,7 +11,7 @@ from backmix.osr_data.index import ImageIndex
 
 from .config import LoaderConfig
 
-BACKENDS = ("reference", "dali", "ffcv", "ray")
+BACKENDS = ("reference", "torchvision", "dali", "ffcv", "ray")
 
 
 def require_dali() -> None:
@@ -31,6 +31,9 @@ def make_loader(backend: str, index: ImageIndex, config: LoaderConfig,
     if backend == "reference":
         from .reference import ReferenceLoader
         return ReferenceLoader(index, config, maps, indices, label_map)
+    if backend == "torchvision":
+        from .torchvision_loader import TorchvisionLoader
+        return TorchvisionLoader(index, config, maps, indices, label_map)
     if backend == "dali":
         require_dali()
         from .dali import DaliLoader

@@ -38,12 +38,16 @@ class CanvasDataset(Dataset):
 
     def __getitem__(self, i: int):
         try:
-            return decode_canvas(self.index.checked_path(i), self.canvas, self.mode), int(self.index.labels[i]), i
+            return self.pixels(self.index.checked_path(i)), int(self.index.labels[i]), i
         except DecodeError as e:
             # Raised in the main process instead, so the user sees one line, not a worker traceback.
             return e.path
         except BackMixError as e:
             return e
+
+    def pixels(self, path: str):
+        """What a worker hands on for one file: here its canvas."""
+        return decode_canvas(path, self.canvas, self.mode)
 
 
 def collate_canvases(items):
@@ -95,14 +99,19 @@ class ReferenceLoader(LoaderPosition):
         """What turns a batch's rows into canvases: DataLoader workers running ``CanvasDataset`` and
         ``collate_canvases`` (the Ray backend runs the same two in Ray tasks)."""
         config = self.config
-        self._loader = DataLoader(CanvasDataset(self.index, config.canvas, config.canvas_mode), batch_sampler=_Batches(self),
-                                  num_workers=config.num_workers, collate_fn=collate_canvases,
-                                  pin_memory=self.device.type == "cuda",
-                                  # Forked once, not every epoch: no re-fork cost, no fresh copies.
-                                  persistent_workers=config.num_workers > 0,
-                                  # Its own generator: starting an epoch draws a worker seed from it,
-                                  # which must not move the trainer's (dropout's) global RNG.
-                                  generator=torch.Generator().manual_seed(config.seed))
+        self._loader = self._data_loader(CanvasDataset(self.index, config.canvas, config.canvas_mode), collate_canvases,
+                                         pin_memory=self.device.type == "cuda")
+
+    def _data_loader(self, dataset: Dataset, collate, pin_memory: bool) -> DataLoader:
+        """The DataLoader whose workers run ``dataset`` over this iteration's batches."""
+        config = self.config
+        return DataLoader(dataset, batch_sampler=_Batches(self), num_workers=config.num_workers, collate_fn=collate,
+                          pin_memory=pin_memory,
+                          # Forked once, not every epoch: no re-fork cost, no fresh copies.
+                          persistent_workers=config.num_workers > 0,
+                          # Its own generator: starting an epoch draws a worker seed from it,
+                          # which must not move the trainer's (dropout's) global RNG.
+                          generator=torch.Generator().manual_seed(config.seed))
 
     def close(self) -> None:
         """Stop the persistent workers now. A loader left to the garbage collector may still be

@@ -39,3 +39,46 @@ def folder_with_a_broken_file(tiny_root, tmp_path) -> Path:
     (root / "dog" / "000009.png").write_bytes(b"this is not a png")
     ImageIndex.scan(root).write()
     return root
+
+
+class PixelsToHostGuard:
+    """While active (``with guard:``), reading pixels to the host fails the test: ``.cpu()``, ``.numpy()``,
+    ``.tolist()``, ``.item()``, ``np.asarray`` or ``.to(cpu)`` of a tensor of 3 or more dimensions whose last
+    two both exceed ``grid`` (an image; the g x g foreground maps are not pixels). Built on torch's
+    ``TorchFunctionMode``, which sees every tensor method call."""
+
+    READS = {"cpu", "numpy", "tolist", "item", "__array__"}
+
+    def __init__(self, grid: int = 8) -> None:
+        import torch
+        from torch.overrides import TorchFunctionMode
+
+        guard = self
+
+        class Mode(TorchFunctionMode):
+            def __torch_function__(self, func, types, args=(), kwargs=None):
+                kwargs = kwargs or {}
+                name = getattr(func, "__name__", "")
+                t = args[0] if args else None
+                if isinstance(t, torch.Tensor) and t.dim() >= 3 and min(t.shape[-2:]) > guard.grid:
+                    targets = [*args[1:], kwargs.get("device")]
+                    to_host = name == "to" and any(isinstance(a, (str, torch.device)) and torch.device(a).type == "cpu"
+                                                   for a in targets)
+                    if name in guard.READS or to_host:
+                        raise AssertionError(f"pixels read to the host: Tensor.{name} of {tuple(t.shape)} {t.device}")
+                return func(*args, **kwargs)
+
+        self.grid, self.mode = grid, Mode()
+
+    def __enter__(self):
+        self.mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self.mode.__exit__(*exc)
+
+
+@pytest.fixture()
+def pixels_stay_on_the_device() -> PixelsToHostGuard:
+    """``with pixels_stay_on_the_device:`` fails on any read of pixels to the host (``PixelsToHostGuard``)."""
+    return PixelsToHostGuard()

@@ -11,7 +11,7 @@ from backmix.cam_cache import ArrayMaps
 from backmix.osr_data import BackMixError, ImageIndex
 from backmix.pipeline import LoaderConfig, make_loader
 
-BACKENDS = ("reference", "dali", "ffcv")
+BACKENDS = ("reference", "torchvision", "dali", "ffcv")
 
 
 def config(**kw):
