@@ -51,8 +51,8 @@ def loader(data: OpenSetData | str | os.PathLike, *, split: str | int = "0", cac
                             prefetch=options.pop("prefetch", None))
     rank, world = _dist() if train else (0, 1)
     options.setdefault("backmix", train)
-    config = LoaderConfig(train=train, shuffle=train, rank=rank, world_size=world,
-                          last_batch="drop" if train and world > 1 else "keep", **options)
+    # last_batch "keep" under DDP too: every image once an epoch, the same number of steps on every rank
+    config = LoaderConfig(train=train, shuffle=train, rank=rank, world_size=world, last_batch="keep", **options)
     maps = None
     if cache is not None and train and config.backmix:
         if rank == 0:

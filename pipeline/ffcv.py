@@ -486,5 +486,5 @@ class FfcvLoader(LoaderPosition):
                 canvas, images, mixed = (None if x is None else to_device(x, dev) for x in split_batch(
                     torch.from_numpy(out), len(rows), cfg.canvas, cfg.crop, cfg.clean, cfg.backmix))
             self.next_step = step + 1
-            yield BackMixBatch(canvas, images, mixed, *self.row_labels.take(rows, dev))
+            yield self.deliver(BackMixBatch(canvas, images, mixed, *self.row_labels.take(rows, dev)))
         self.next_step = len(self)
