@@ -442,6 +442,10 @@ def main(cfg: TrainConfig, *, resume: bool = False, explicit: Optional[set[str]]
 def _run(cfg: TrainConfig, device: torch.device, rank: int, world: int, resume: bool) -> dict:
     run = cfg.run_dir
     data = load_data(cfg.data, cfg.split)
+    if cfg.backend == "ffcv":   # both betons found, or both named in one line, before any work
+        from backmix.pipeline.beton_location import require_betons
+        require_betons(cfg.data, [data.train, data.test], cfg.canvas, cfg.canvas_mode, cfg.beton_mode,
+                       int(cfg.jpeg_quality))
     K = data.num_known
     fingerprint = hashlib.sha256((data.train.fingerprint() + data.test.fingerprint()).encode()).hexdigest()
     if rank == 0:
