@@ -6,7 +6,9 @@ canvases with the model's weights of that moment, i.e. those of the step that
 trains on the batch (the loop gets the batch, then steps). No image is decoded a
 second time, no RNG is drawn, and the model's train/eval mode is kept. When the
 block ends without an error, every rank stages its shard and rank 0 publishes
-(``cam_cache/rebuild.py``); the loader uses the new maps from its next epoch.
+(``cam_cache/rebuild.py``); the loader uses the new maps from its next epoch. Rows
+no rank saw in the block (a loop resumed mid-epoch) are computed there by a pass
+over the current weights, so the generation always covers every row once.
 
 ``backmix train --regen loop`` uses this same recorder, splitting the end in two:
 ``stage()``, its checkpoint, ``publish()``. Under DDP a loader that repeats a
