@@ -5,9 +5,9 @@ In a training script::
     import backmix
     data = backmix.open_set_data("data/digits", split=0)
     train = backmix.loader(data, cache="runs/cache")        # the BackMix stream of the known classes
-    for batch in train:                                      # (set_epoch(e) before each epoch)
-        x, y = batch.inputs()                                # clean + mixed crops, closed-set labels
-    backmix.rebuild(train, model)                            # next foreground maps, used from the next epoch
+    with backmix.rebuilding(train, model):                   # next foreground maps from this epoch's CAMs
+        for batch in train:                                  # (set_epoch(e) before each epoch)
+            x, y = batch.inputs()                            # clean + mixed crops, closed-set labels
     backmix.evaluate(model, backmix.loader(data, train=False), data)   # accuracy, AUROC, OSCR
 
 The stages are subpackages, data flowing one way: ``backmix.osr_data`` (image
@@ -32,7 +32,7 @@ _EXPORTS = {
     "resolve_split": ".osr_data.splits", "prepare": ".osr_data.prepare",
     # the foreground cache
     "ForegroundCache": ".cam_cache.store", "init_cache": ".cam_cache.store",
-    "rebuild_cache": ".cam_cache.precompute", "GenerationWriter": ".cam_cache.precompute",
+    "rebuild_cache": ".cam_cache.rebuild", "rebuilding": ".cam_cache.recorder", "GenerationWriter": ".cam_cache.precompute",
     # loaders and the mix
     "BACKENDS": ".pipeline.loaders", "make_loader": ".pipeline.loaders", "LoaderConfig": ".pipeline.config",
     "BackMixBatch": ".pipeline.batch", "mix_backgrounds": ".pipeline.backmix", "top_k_mask": ".pipeline.backmix",
@@ -46,7 +46,9 @@ __getattr__, __dir__ = lazy_exports(__name__, globals(), _EXPORTS)
 
 if TYPE_CHECKING:
     from .api import evaluate, loader, open_set_data, rebuild
-    from .cam_cache.precompute import GenerationWriter, rebuild_cache
+    from .cam_cache.precompute import GenerationWriter
+    from .cam_cache.rebuild import rebuild_cache
+    from .cam_cache.recorder import rebuilding
     from .cam_cache.store import ForegroundCache, init_cache
     from .osr_data.errors import BackMixError
     from .osr_data.index import ImageIndex

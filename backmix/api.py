@@ -43,6 +43,8 @@ def loader(data: OpenSetData | str | os.PathLike, *, split: str | int = "0", cac
     folder for evaluation (``train=False``), from the loader ``backend`` ("reference",
     "torchvision", "dali", "ffcv", "ray").
 
+    ``beton_mode`` ("raw", the default: the reference stream bit for bit; or "jpg" with ``jpeg_quality``)
+    picks the ffcv backend's beton; ``beton=FILE`` names one.
     ``cache``: the foreground-cache folder a training loader reads its maps from (created at
     generation 0 when absent; rebuild it with ``backmix.rebuild``); without one the maps stay at
     generation 0. ``options`` are ``LoaderConfig`` fields (batch_size, canvas, crop, device, ...).
@@ -51,12 +53,15 @@ def loader(data: OpenSetData | str | os.PathLike, *, split: str | int = "0", cac
     gives (x, y) for one forward pass.
     """
     data = data if isinstance(data, OpenSetData) else open_set_data(data, split)
-    extra = backend_options(backend, ray_address=options.pop("ray_address", None),
-                            prefetch=options.pop("prefetch", None))
+    extra = backend_options(backend, **{k: options.pop(k, None) for k in
+                                        ("ray_address", "prefetch", "beton_mode", "jpeg_quality")})
+    beton = options.pop("beton", None)      # ffcv: a beton file of the split's folder
+    if beton is not None:
+        extra["beton"] = beton
     rank, world = _dist() if train else (0, 1)
     options.setdefault("backmix", train)
-    config = LoaderConfig(train=train, shuffle=train, rank=rank, world_size=world,
-                          last_batch="drop" if train and world > 1 else "keep", **options)
+    # last_batch "keep" under DDP too: every image once an epoch, the same number of steps on every rank
+    config = LoaderConfig(train=train, shuffle=train, rank=rank, world_size=world, last_batch="keep", **options)
     maps = None
     if cache is not None and train and config.backmix:
         if rank == 0:

@@ -34,7 +34,8 @@ from backmix.models import build_model, features_and_head
 from backmix.osr_data.benchdata import default_bench_folder, make_bench_folder
 from backmix.osr_data.decode import IMAGENET_MEAN, IMAGENET_STD, decode_canvas
 
-from .precompute import GenerationWriter, class_activation_maps, publish_generation, rebuild_cache
+from .precompute import GenerationWriter, class_activation_maps, publish_generation
+from .rebuild import rebuild_cache
 from .store import ForegroundCache, generation_path, init_cache, pending_dir, write_maps, write_pointer
 
 

@@ -26,27 +26,15 @@ Two ways to fill the shards:
 - separate pass (``build_generation``, ``backmix cache build``, ``--regen pass``):
   shard k of N decodes and computes ``rows[k::N]`` with one set of weights; a
   finished shard is not recomputed after a restart.
-- in-loop (``--regen loop``): the trainer feeds each training batch's
-  un-augmented canvases to ``GenerationWriter.add_canvases`` before the step,
-  so image i's CAM uses the weights of the step i is trained at (no_grad,
-  BatchNorm in eval mode, the pass's normalisation; no RNG is drawn, so training
-  is unchanged). Rank k holds the rows it trained on.
+- in-loop (``backmix.rebuilding``, ``--regen loop``; ``cam_cache/recorder.py``):
+  each training batch's un-augmented canvases reach ``GenerationWriter.add_canvases``
+  as the loader hands the batch out, before the step that trains on it, so image
+  i's CAM uses the weights of the step i is trained at (no_grad, BatchNorm in eval
+  mode, the pass's normalisation; no RNG is drawn, so training is unchanged). Rank k
+  holds the rows it trained on.
 
-``rebuild_cache`` is the one call that finishes a build, on every rank under
-torch.distributed: the rows no rank holds (a DDP epoch drops a remainder) are
-computed by a pass, each rank writes its shard, ``before_publish`` runs, rank 0
-publishes; an error on any rank is raised on every rank (each step ends in a
-collective that every rank reaches, so none waits on a failed one).
-
-Resume, bitwise on the CPU: the trainer saves its epoch checkpoint in
-``before_publish``, i.e. after every shard is on disk and before CURRENT moves.
-A kill before that point (mid-epoch included) leaves generation n current and
-the last checkpoint at the previous epoch: the resumed run repeats the epoch
-from the same weights, RNG state and masks, so the in-loop CAMs, taken at the
-same steps, are the same numbers (the repeat's writer overwrites any shard the
-killed attempt left). A kill after it finds every shard on disk: ``rebuild_cache``
-takes the shard files over and only publishes. The in-loop CAMs are never
-recomputed from end-of-epoch weights, which would give other maps.
+Finishing a build under torch.distributed (stage every rank's shard, then publish;
+resume) is ``cam_cache/rebuild.py``.
 """
 from __future__ import annotations
 
@@ -58,11 +46,10 @@ import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
@@ -251,6 +238,10 @@ class GenerationWriter:
         """The dataset rows this shard holds so far, ascending."""
         return np.flatnonzero(self._done)
 
+    def holds(self, rows: np.ndarray) -> np.ndarray:
+        """bool per dataset row of ``rows``: whether this shard has it already."""
+        return self._done[np.asarray(rows, dtype=np.int64)]
+
     def add(self, rows: np.ndarray, cams: np.ndarray) -> None:
         """Blend float32 CAMs [B, g, g] of dataset ``rows`` into this shard: (1 - m) S_n + m CAM."""
         rows = np.asarray(rows, dtype=np.int64)
@@ -327,7 +318,7 @@ def build_generation(cache_dir: str | os.PathLike, model: nn.Module, index: Imag
     For independent processes (``backmix cache build --shard k/N``): shard k of N
     computes ``rows[k::N]``. Returns the new generation number when it was
     published (by this call or, meanwhile, by another shard's), else None. Under
-    torch.distributed use ``rebuild_cache``.
+    torch.distributed use ``rebuild_cache`` (``cam_cache/rebuild.py``).
     CAMs are taken on ``canvas_mode`` canvases, the mode the cache records; a cache of another mode
     is refused.
     """
@@ -360,88 +351,6 @@ def _build_shard(cache_dir, model, index, *, canvas, canvas_mode, mean, std, mom
                  len(shards), world)
         return None
     return publish_generation(cache_dir, writer.generation)
-
-
-def _exchange(value, world: int) -> list:
-    """Every rank's ``value``, on every rank (one all_gather; just [value] alone)."""
-    if world == 1:
-        return [value]
-    everyone = [None] * world
-    dist.all_gather_object(everyone, value)
-    return everyone
-
-
-def _raise_first(errors: list[Optional[str]]) -> None:
-    first = next((e for e in errors if e), None)
-    if first:
-        raise BackMixError(first)
-
-
-def rebuild_cache(cache_dir: str | os.PathLike, model: nn.Module, index: ImageIndex, *, canvas: int,
-                  mean: Sequence[float], std: Sequence[float], momentum: float = 0.1, canvas_mode: str = "center",
-                  label_map: Optional[np.ndarray] = None, rows: Optional[np.ndarray] = None,
-                  writer: Optional[GenerationWriter] = None, before_publish: Optional[Callable[[], None]] = None,
-                  batch_size: int = 128, num_workers: int = 2, device: str | torch.device = "auto",
-                  checkpoint_digest: str = "", progress: bool = True) -> int:
-    """Publish generation n+1: the one call, on every rank under torch.distributed (or alone).
-
-    1. Every rank says which rows it holds: those fed to ``writer`` (in-loop CAMs),
-       else those of its shard file of the same build left by an interrupted run.
-    2. The build's rows no rank holds are split k::N and computed by a pass over
-       ``model``'s current weights; every rank writes its shard.
-    3. ``before_publish`` runs on every rank (the trainer saves its checkpoint there),
-       then rank 0 publishes.
-    An error on any rank in any step is raised, as one BackMixError naming that rank,
-    on every rank: each step ends in a collective that every rank reaches, so no rank
-    is left waiting on a failed one. Returns the published generation.
-    """
-    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() \
-        else (0, 1)
-
-    def failed(e: Exception) -> str:
-        why = str(e) if isinstance(e, BackMixError) else f"{type(e).__name__}: {e}"
-        return f"cache rebuild in {cache_dir} failed on rank {rank}: {why.splitlines()[0] if why else ''}"
-
-    error, held = None, np.empty(0, np.int64)
-    try:
-        if writer is None:
-            writer = GenerationWriter(cache_dir, model, index, canvas=canvas, mean=mean, std=std,
-                                      momentum=momentum, label_map=label_map, rows=rows, shard=(rank, world),
-                                      checkpoint_digest=checkpoint_digest, canvas_mode=canvas_mode)
-        elif writer.shard != (rank, world):
-            raise BackMixError(f"the writer is shard {writer.shard}, this process is rank {rank} of {world}")
-        writer.take_pending()
-        held = writer.done_rows
-    except Exception as e:   # noqa: BLE001 -- every failure must reach the other ranks
-        error = failed(e)
-    everyone = _exchange((error, held), world)
-    _raise_first([e for e, _ in everyone])
-    try:
-        covered = np.concatenate([h for _, h in everyone])
-        todo = writer.rows[~np.isin(writer.rows, covered)][rank::world]
-        if len(todo):
-            writer.compute(todo, batch_size=batch_size, num_workers=num_workers, device=device, progress=progress)
-        writer.write()
-    except Exception as e:   # noqa: BLE001
-        error = failed(e)
-    _raise_first(_exchange(error, world))
-    try:
-        if before_publish is not None:
-            before_publish()        # every shard is on disk: a checkpoint saved here may count on them
-    except Exception as e:   # noqa: BLE001
-        error = failed(e)
-    _raise_first(_exchange(error, world))
-    outcome = [None]
-    if rank == 0:
-        try:
-            outcome = [publish_generation(cache_dir, writer.generation)]
-        except Exception as e:   # noqa: BLE001
-            outcome = [failed(e)]
-    if world > 1:
-        dist.broadcast_object_list(outcome, src=0)
-    if isinstance(outcome[0], str):
-        raise BackMixError(outcome[0])
-    return int(outcome[0])
 
 
 def publish_generation(cache_dir: str | os.PathLike, generation: Optional[int] = None) -> int:

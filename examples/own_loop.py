@@ -2,6 +2,7 @@
 
     python examples/own_loop.py --data data/digits --epochs 10
     torchrun --nproc_per_node 2 examples/own_loop.py --data data/digits     # one shard per rank
+backmix.rebuilding: the CAMs of each batch as it trains (no second pass over the data) are the next maps.
 """
 import argparse
 import os
@@ -35,18 +36,17 @@ def main() -> None:
     net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
     opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, 0.05, total_steps=args.epochs * len(train))
-
     for epoch in range(args.epochs):
         train.set_epoch(epoch)
-        for batch in train:
-            x, y = batch.inputs()                     # clean + mixed crops, closed-set labels
-            loss = torch.nn.functional.cross_entropy(net(x), y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-        if (epoch + 1) % args.rebuild_every == 0 and epoch + 1 < args.epochs:
-            backmix.rebuild(train, model)             # every rank its shard; used from the next epoch
+        rebuild = (epoch + 1) % args.rebuild_every == 0 and epoch + 1 < args.epochs   # none after the last
+        with backmix.rebuilding(train, model, enabled=rebuild):
+            for batch in train:
+                x, y = batch.inputs()                 # clean + mixed crops, closed-set labels
+                loss = torch.nn.functional.cross_entropy(net(x), y)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
         if rank == 0:
             print(f"epoch {epoch + 1}: loss {loss.item():.3f}, masks from generation {train.maps.generation}")
     if rank == 0:

@@ -324,14 +324,13 @@ def run_benchmark(data: Optional[Path], backends: list[str], *, batches: int, wa
 
 def _ensure_beton(index, canvas: int) -> None:
     """FFCV's loader reads a beton it never writes: the benchmark writes it once, explicitly, saying so."""
-    from .beton import beton_locations, require_ffcv, write_beton, writable_folder
+    from .beton import beton_locations, default_destination, require_ffcv, write_beton
     try:
         require_ffcv()
     except BackMixError:
         return                          # FFCV's rows say how to install it
-    in_data, in_cache = beton_locations(index, canvas)
-    if not (in_data.exists() or in_cache.exists()):
-        out = in_data if writable_folder(index.root) else in_cache
+    if not any(path.exists() for path in beton_locations(index, canvas)):
+        out = default_destination(index, canvas)
         log.info("writing the FFCV beton once (`backmix data write-beton --data %s --canvas %d`): %s",
                  index.root, canvas, out)
         write_beton(index, out, canvas=canvas)

@@ -5,9 +5,12 @@ index file) and the canvas mode it was stored in. With ``--canvas S`` every imag
 stored as the S x S canvas of ``--canvas-mode`` (what the FFCV loader with ``--canvas S``
 and that mode reads as is; a loader of the other mode refuses it); without it, at
 its own size with the longer side capped at ``--max-resolution``, and the
-loader resizes it to its canvas. "jpg" mode stores JPEGs (small; FFCV decodes
-them), "raw" mode the decoded pixels (large; at the canvas size they are the
-reference loader's canvases exactly).
+loader resizes it to its canvas. "raw" mode (the default) stores the decoded pixels
+(large; at the canvas size they are the reference loader's canvases exactly, so the
+FFCV stream is the reference one), "jpg" mode JPEGs at ``--jpeg-quality`` (small;
+FFCV decodes them, and the stream differs by the JPEG loss). Where betons go by
+default (beside the image folder, never inside it) is ``pipeline/beton_location.py``;
+``--data`` a prepared root writes the betons of its train/ and test/ both.
 
 The loader never writes a beton itself (ImageNet's takes ~17 minutes): this
 command does, once. It writes under a temporary name and renames when
@@ -40,13 +43,14 @@ from backmix.osr_data.errors import BackMixError
 from backmix.osr_data.filelock import exclusive_lock
 from backmix.osr_data.index import ImageIndex, atomic_file
 
+from .beton_location import (DEFAULT_MODE, DEFAULT_QUALITY, MODES, beton_locations, check_storage,  # noqa: F401
+                             default_destination, find_beton, writable_folder)
 from .config import ON_ERROR
 
 log = logging.getLogger("backmix")
 
 INSTALL_HINT = ("FFCV is not installed: pip install 'backmix[ffcv]' (needs apt libopencv-dev "
                 "libturbojpeg0-dev pkg-config; scripts/install.sh does both)")
-MODES = ("jpg", "raw")
 DEFAULT_CANVAS = 40   # LoaderConfig's
 NOT_A_CANVAS = -1     # the canvas_mode field of images stored at their own size (any loader resizes them)
 PROGRESS_EVERY = 5    # percent between progress lines when stderr is not a terminal
@@ -61,30 +65,6 @@ def require_ffcv() -> None:
         raise BackMixError(INSTALL_HINT) from None
 
 
-def _beton_name(index: ImageIndex, canvas: Optional[int], mode: str, max_resolution: Optional[int],
-                canvas_mode: str) -> str:
-    size = f"{canvas}-{canvas_mode}" if canvas else (f"max{max_resolution}" if max_resolution else "full")
-    return f"ffcv-{index.fingerprint()[:12]}-{size}-{mode}.beton"
-
-
-def beton_locations(index: ImageIndex, canvas: Optional[int], mode: str = "jpg",
-                    max_resolution: Optional[int] = None, canvas_mode: str = "center") -> tuple[Path, Path]:
-    """Where the beton of ``index`` lives by default, in order: in the data folder, or (for a
-    read-only data folder) in the user's cache, named by the data's fingerprint."""
-    name = _beton_name(index, canvas, mode, max_resolution, canvas_mode)
-    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "backmix" / "betons"
-    return index.root / ".backmix" / name, cache / name
-
-
-def find_beton(index: ImageIndex, canvas: int, canvas_mode: str = "center") -> Path:
-    """The default beton the FFCV loader reads for ``index`` at ``canvas``; says the command when none exists."""
-    places = beton_locations(index, canvas, canvas_mode=canvas_mode)
-    for path in places:
-        if path.exists():
-            return path
-    raise BackMixError(f"no FFCV beton of {index.root} at canvas {canvas} ({canvas_mode}) (looked in "
-                       f"{places[0].parent} and {places[1].parent}): write it once with `backmix data write-beton "
-                       f"--data {index.root} --canvas {canvas} --canvas-mode {canvas_mode}`")
 def check_output_file(path: str | os.PathLike, flag: str = "--out") -> Path:
     """Refuse, before any work, an output file that cannot be written: a folder, a path under a
     file, or a folder this process may not write in (tried, not guessed: root ignores modes)."""
@@ -99,15 +79,6 @@ def check_output_file(path: str | os.PathLike, flag: str = "--out") -> Path:
     if not writable_folder(folder):
         raise BackMixError(f"{flag} {path}: cannot write in {folder} (read-only)")
     return path
-
-
-def writable_folder(folder: Path) -> bool:
-    import tempfile
-    try:
-        with tempfile.TemporaryFile(dir=folder):
-            return True
-    except OSError:
-        return False
 
 
 class _Samples:
@@ -246,7 +217,7 @@ class BetonWrite(NamedTuple):
 
 
 def write_beton(index: ImageIndex, path: str | os.PathLike, *, canvas: Optional[int] = None,
-                max_resolution: Optional[int] = None, mode: str = "jpg", jpeg_quality: int = 90,
+                max_resolution: Optional[int] = None, mode: str = DEFAULT_MODE, jpeg_quality: int = DEFAULT_QUALITY,
                 num_workers: int = 2, progress: Optional[bool] = None, canvas_mode: str = "center",
                 on_error: str = "raise", force: bool = False) -> BetonWrite:
     """Write ``index`` to ``path`` (fields image, label, index, canvas_mode).
@@ -263,12 +234,9 @@ def write_beton(index: ImageIndex, path: str | os.PathLike, *, canvas: Optional[
     from ffcv.reader import Reader
 
     check_canvas_mode(canvas_mode)
-    if mode not in MODES:
-        raise BackMixError(f"--mode must be one of {MODES}, got {mode!r}")
+    check_storage(mode, jpeg_quality)
     if on_error not in ON_ERROR:
         raise BackMixError(f"--on-error must be one of {ON_ERROR}, got {on_error!r}")
-    if not 1 <= jpeg_quality <= 100:
-        raise BackMixError(f"--jpeg-quality must lie in 1..100, got {jpeg_quality}")
     if canvas is not None and max_resolution is not None:
         raise BackMixError("give --canvas (store canvases) or --max-resolution (store images), not both")
     for name, value in (("--canvas", canvas), ("--max-resolution", max_resolution)):
@@ -303,11 +271,12 @@ def write_beton(index: ImageIndex, path: str | os.PathLike, *, canvas: Optional[
 def register_data(sub) -> None:
     p = sub.add_parser("write-beton", help="convert an image folder to an FFCV .beton (once, for the FFCV loader)",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter, description=__doc__)
-    p.add_argument("--data", type=Path, required=True, help="image folder (root/<class>/<image>) or prepared root")
+    p.add_argument("--data", type=Path, required=True,
+                   help="image folder (root/<class>/<image>), or a prepared root: its train/ and test/ both")
     p.add_argument("--out", type=Path, default=None,
-                   help="file to write (default: DATA/.backmix/ffcv-<fingerprint>-<size>-<mode>.beton, or the "
-                        "same name under ~/.cache/backmix/betons when DATA is read-only; with --canvas both are "
-                        "where the FFCV loader looks)")
+                   help="file to write, for one image folder (default: PARENT/.backmix-betons/ffcv-<fingerprint>-"
+                        "<size>-<mode>.beton beside the image folder, or the same name under ~/.cache/backmix/betons "
+                        "when PARENT is read-only; with --canvas both are where the FFCV loader looks)")
     p.add_argument("--canvas", type=int, default=None,
                    help=f"store every image resized to this square canvas (the loader's --canvas); "
                         f"{DEFAULT_CANVAS} when --max-resolution is not given either")
@@ -316,8 +285,10 @@ def register_data(sub) -> None:
                         "resized (the loader's --canvas-mode)")
     p.add_argument("--max-resolution", type=int, default=None,
                    help="instead of --canvas: store images at their own size, longer side capped at this")
-    p.add_argument("--mode", choices=MODES, default="jpg", help="store JPEGs or raw pixels")
-    p.add_argument("--jpeg-quality", type=int, default=90)
+    p.add_argument("--mode", choices=MODES, default=DEFAULT_MODE,
+                   help="raw = decoded pixels (the FFCV stream equals the reference loader's); jpg = JPEGs at "
+                        "--jpeg-quality (smaller; the stream differs by the JPEG loss; train with --beton-mode jpg)")
+    p.add_argument("--jpeg-quality", type=int, default=DEFAULT_QUALITY, help="--mode jpg: JPEG quality, 1..100")
     p.add_argument("--workers", type=int, default=2, help="processes that decode and encode")
     p.add_argument("--on-error", choices=ON_ERROR, default="raise",
                    help="an image that does not decode: fail, or store it as a marked blank the loader leaves "
@@ -327,30 +298,44 @@ def register_data(sub) -> None:
     p.set_defaults(func=run_write_beton)
 
 
+def image_folders(data: Path) -> list[Path]:
+    """The image folders ``--data`` names: a prepared root's train/ and test/ (those it has), or itself."""
+    folders = [data / split for split in ("train", "test") if (data / split).is_dir()]
+    return folders if (data / "train").is_dir() else [data]
+
+
 def run_write_beton(args) -> int:
+    folders = image_folders(args.data)
     if args.out is not None:
+        if len(folders) > 1:
+            raise BackMixError(f"--out names one beton, and {args.data} holds {len(folders)} image folders: "
+                               f"leave --out out, or pass --data {folders[0]}")
         check_output_file(args.out)        # before indexing: a bad destination fails at once
-    data = args.data / "train" if (args.data / "train").is_dir() else args.data
-    index = ImageIndex.load(data)
     canvas = args.canvas if args.canvas is not None or args.max_resolution is not None else DEFAULT_CANVAS
+    check_storage(args.mode, args.jpeg_quality)
+    for folder in folders:
+        _write_one(args, ImageIndex.load(folder), canvas)
+    return 0
+
+
+def _write_one(args, index: ImageIndex, canvas: Optional[int]) -> None:
     out = args.out
     if out is None:
-        in_data, in_cache = beton_locations(index, canvas, args.mode, args.max_resolution,
-                                            args.canvas_mode)
-        out = in_data if writable_folder(index.root) else in_cache
-        if out == in_cache:
-            log.info("%s is read-only: writing the beton to %s (the FFCV loader looks there too)", index.root, out)
+        storage = dict(mode=args.mode, max_resolution=args.max_resolution, canvas_mode=args.canvas_mode,
+                       jpeg_quality=args.jpeg_quality)
+        out = default_destination(index, canvas, **storage)
+        if out == beton_locations(index, canvas, **storage)[1]:
+            log.info("%s is read-only: writing the beton to %s (the FFCV loader looks there too)",
+                     index.root.parent, out)
     done = write_beton(index, out, canvas=canvas, max_resolution=args.max_resolution, mode=args.mode,
-                       canvas_mode=args.canvas_mode,
-                               jpeg_quality=args.jpeg_quality, num_workers=args.workers,
-                               progress=False if args.no_progress else None, on_error=args.on_error,
-                               force=args.force)
+                       canvas_mode=args.canvas_mode, jpeg_quality=args.jpeg_quality, num_workers=args.workers,
+                       progress=False if args.no_progress else None, on_error=args.on_error, force=args.force)
     if not done.written:
         print(f"already written: {out} (--force rewrites it)")
-        return 0
+        return
     skipped = done.skipped
     size = f"{canvas}x{canvas} {args.canvas_mode}" if canvas else f"longer side <= {args.max_resolution or 'any'}"
     extra = f", {len(skipped)} skipped" if skipped else ""
-    print(f"wrote {out} ({len(index) - len(skipped)} images{extra}, {size}, {args.mode}, "
+    storage = f"jpg {args.jpeg_quality}" if args.mode == "jpg" else args.mode
+    print(f"wrote {out} ({len(index) - len(skipped)} images{extra}, {size}, {storage}, "
           f"{out.stat().st_size / 1e6:.1f} MB)")
-    return 0

@@ -42,7 +42,7 @@ class LoaderConfig:
     train: bool = True           # False: centre crop, no flip (evaluation)
     rank: int = 0
     world_size: int = 1
-    last_batch: str = "keep"     # "keep" or "drop"
+    last_batch: str = "keep"     # "keep" (every sample once; equal steps per rank) or "drop" (full batches only)
     num_workers: int = 2
     on_error: str = "raise"      # a file that does not decode: "raise" or "skip" (and count)
     device: str = "auto"         # "auto" picks CUDA when there is one
@@ -124,6 +124,14 @@ class LoaderPosition:
 
     epoch_sampler: EpochSampler
     dataset_indices: np.ndarray
+    recorder = None   # an in-loop rebuild (``backmix.rebuilding``) that sees each batch before it is yielded
+
+    def deliver(self, batch):
+        """Every batch a loader yields passes here: an attached in-loop rebuild takes its CAMs first, with
+        the weights of the step that will train on it."""
+        if self.recorder is not None:
+            self.recorder.record(batch)
+        return batch
 
     def _start_position(self) -> None:
         self.epoch, self.skipped = 0, 0   # skipped: files that did not decode, so far

@@ -379,7 +379,7 @@ class DaliLoader(LoaderPosition):
             fed = self._feeder.fed.popleft()
             self._report(fed.failed)
             self.next_step = fed.step + 1
-            yield self._to_batch(outs, fed)
+            yield self.deliver(self._to_batch(outs, fed))
 
     def _report(self, failed: list[str]) -> None:
         if not failed:

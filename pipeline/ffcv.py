@@ -47,7 +47,8 @@ from backmix.osr_data.index import ImageIndex
 
 from .augment import fill_value, normalize, normalize_constants, resize_tables
 from .batch import BackMixBatch, BatchTransform, host_masks, to_device
-from .beton import NOT_A_CANVAS, find_beton, require_ffcv, skipped_rows
+from .beton import NOT_A_CANVAS, require_ffcv, skipped_rows
+from .beton_location import DEFAULT_MODE, DEFAULT_QUALITY, find_beton
 from .config import LoaderConfig, LoaderPosition, choose_device, loader_inputs
 
 log = logging.getLogger("backmix")
@@ -378,7 +379,8 @@ class FfcvLoader(LoaderPosition):
     """Yields ``BackMixBatch`` for the images ``indices`` (default: all) of ``index``, from an FFCV .beton.
 
     beton: the file to read (default: the one ``backmix data write-beton --canvas S`` writes for this
-    data, in ``index.root/.backmix`` or the user's cache; none there: an error that says the command).
+    data, beside the image folder or in the user's cache; none there: an error that says the command);
+    beton_mode, jpeg_quality: which default beton, "raw" canvases (the reference stream) or "jpg" ones.
     Images the beton holds as marked blanks (``write-beton --on-error skip``) are left out under
     ``config.on_error == "skip"`` (counted in ``skipped``) and refused otherwise. mix_in: "ffcv" (the FFCV op, CPU), "torch" (the torch kernel on the
     device after the transfer), "auto" (torch on a GPU, the FFCV op otherwise).
@@ -388,7 +390,8 @@ class FfcvLoader(LoaderPosition):
 
     def __init__(self, index: ImageIndex, config: LoaderConfig, maps: Optional[ForegroundMaps] = None,
                  indices: Optional[np.ndarray] = None, label_map: Optional[np.ndarray] = None, *,
-                 beton: Optional[str | Path] = None, mix_in: str = "auto") -> None:
+                 beton: Optional[str | Path] = None, mix_in: str = "auto", beton_mode: str = DEFAULT_MODE,
+                 jpeg_quality: int = DEFAULT_QUALITY) -> None:
         require_ffcv()
         from ffcv.fields.decoders import IntDecoder, SimpleRGBImageDecoder
         from ffcv.loader import Loader, OrderOption
@@ -397,7 +400,8 @@ class FfcvLoader(LoaderPosition):
         if mix_in not in MIX_IN:
             raise BackMixError(f"mix_in must be one of {MIX_IN}, got {mix_in!r}")
         self.index, self.config = index, config
-        self.beton = Path(beton) if beton else find_beton(index, config.canvas, config.canvas_mode)
+        self.beton = Path(beton) if beton else find_beton(index, config.canvas, config.canvas_mode, beton_mode,
+                                                          jpeg_quality)
         if not self.beton.exists():
             raise BackMixError(f"beton {self.beton} does not exist; write it with `backmix data write-beton "
                                f"--data {index.root} --canvas {config.canvas} --canvas-mode {config.canvas_mode} "
@@ -489,5 +493,5 @@ class FfcvLoader(LoaderPosition):
                 canvas, images, mixed = (None if x is None else to_device(x, dev) for x in split_batch(
                     torch.from_numpy(out), len(rows), cfg.canvas, cfg.crop, cfg.clean, cfg.backmix))
             self.next_step = step + 1
-            yield BackMixBatch(canvas, images, mixed, *self.row_labels.take(rows, dev))
+            yield self.deliver(BackMixBatch(canvas, images, mixed, *self.row_labels.take(rows, dev)))
         self.next_step = len(self)

@@ -47,14 +47,26 @@ def make_loader(backend: str, index: ImageIndex, config: LoaderConfig,
     raise BackMixError(f"unknown backend {backend!r} (choose from {', '.join(BACKENDS)})")
 
 
-def backend_options(backend: str, *, ray_address: Optional[str] = None, prefetch: Optional[int] = None) -> dict:
-    """``make_loader``'s keyword arguments from the command line's Ray options (None: not given);
-    refuses them for another backend, which would ignore them."""
+def backend_options(backend: str, *, ray_address: Optional[str] = None, prefetch: Optional[int] = None,
+                    beton_mode: Optional[str] = None, jpeg_quality: Optional[int] = None) -> dict:
+    """``make_loader``'s keyword arguments from the command line's Ray and FFCV options (None: not
+    given); refuses them for another backend, which would ignore them."""
+    given = {"--ray-address": ray_address, "--prefetch": prefetch, "--beton-mode": beton_mode,
+             "--jpeg-quality": jpeg_quality}
+    own = {"ray": ("--ray-address", "--prefetch"), "ffcv": ("--beton-mode", "--jpeg-quality")}.get(backend, ())
+    foreign = [name for name, value in given.items() if value is not None and name not in own]
+    if foreign:
+        takes = "ray" if foreign[0] in ("--ray-address", "--prefetch") else "ffcv"
+        names = [name for name in foreign if name.startswith(("--ray", "--pre")) == (takes == "ray")]
+        raise BackMixError(f"only --backend {takes} takes {' and '.join(names)}, not --backend {backend}")
     if backend == "ray":
         from .ray_loader import DEFAULT_PREFETCH, check_options
         check_options(ray_address, DEFAULT_PREFETCH if prefetch is None else prefetch)
         return {"address": ray_address, "prefetch": prefetch}
-    given = [name for name, value in (("--ray-address", ray_address), ("--prefetch", prefetch)) if value is not None]
-    if given:
-        raise BackMixError(f"only --backend ray takes {' and '.join(given)}, not --backend {backend}")
+    if backend == "ffcv":
+        from .beton_location import DEFAULT_MODE, DEFAULT_QUALITY, check_storage
+        options = {"beton_mode": beton_mode or DEFAULT_MODE,
+                   "jpeg_quality": DEFAULT_QUALITY if jpeg_quality is None else jpeg_quality}
+        check_storage(options["beton_mode"], options["jpeg_quality"])
+        return options
     return {}

@@ -147,5 +147,5 @@ class ReferenceLoader(LoaderPosition):
             canvas = to_device(canvas, self.device)
             images, mixed = self.transform(canvas, rows, epoch=self.epoch, step=step, rank=self.config.rank)
             self.next_step = step + 1
-            yield BackMixBatch(canvas, images, mixed, *self.row_labels.take(rows, self.device))
+            yield self.deliver(BackMixBatch(canvas, images, mixed, *self.row_labels.take(rows, self.device)))
         self.next_step = len(self)

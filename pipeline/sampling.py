@@ -30,10 +30,14 @@ class EpochSampler:
     """The order of one rank's samples in one epoch, cut into batches.
 
     ``positions`` are positions into the loader's list of dataset indices.
-    last_batch="keep": rank r takes every world_size-th sample; across ranks each
-    sample appears exactly once; the last batch may be short.
-    last_batch="drop": every rank gets the same number of full batches (what
-    DistributedDataParallel needs); the remainder is dropped, a different one each epoch.
+    last_batch="keep": rank r takes every world_size-th sample, so across ranks each
+    sample appears once and the last batch may be short. Every rank makes the same
+    number of steps (what DistributedDataParallel needs): in the one case where the
+    ranks' counts would give a rank one batch more (n = W*q*B + t, 0 < t < W), each
+    rank short of it repeats its own first sample at the end, as ``DistributedSampler``
+    pads (``repeats``); the in-loop rebuild takes that sample's CAM once.
+    last_batch="drop": every rank gets the same number of full batches; the remainder
+    is dropped, a different one each epoch.
     """
 
     def __init__(self, num_samples: int, batch_size: int, *, shuffle: bool = True, seed: int = 0,
@@ -57,7 +61,18 @@ class EpochSampler:
         if self.last_batch == "drop":
             per_rank = (n // self.world_size) // self.batch_size * self.batch_size
             return order[self.rank * per_rank:(self.rank + 1) * per_rank]
-        return order[self.rank::self.world_size]
+        own = order[self.rank::self.world_size]
+        if self.repeats:
+            own = np.append(own, order[self.rank % n])   # this rank's first sample (any, if it has none)
+        return own
+
+    @property
+    def repeats(self) -> bool:
+        """Whether this rank repeats one sample under last_batch="keep" to make as many steps as the others."""
+        most = -(-self.num_samples // self.world_size)                        # the largest rank's count
+        mine = len(range(self.rank, self.num_samples, self.world_size))
+        steps = lambda count: -(-count // self.batch_size)                    # noqa: E731
+        return self.last_batch == "keep" and steps(mine) < steps(most)
 
     def batches(self, epoch: int) -> list[np.ndarray]:
         pos = self.positions(epoch)

@@ -12,6 +12,7 @@ import pytest
 from PIL import Image
 
 from backmix.osr_data.benchdata import make_bench_folder
+from backmix.osr_data.index import ImageIndex
 
 
 @pytest.fixture(scope="module")
@@ -98,7 +99,36 @@ def test_show_sheet_has_the_expected_size(digits_root, tmp_path):
     out = tmp_path / "sheet.png"
     r = backmix("show", "--data", str(digits_root), "--out", str(out), "--n", "6")
     assert r.returncode == 0, r.stderr
-    assert Image.open(out).size == sheet_size(6) == (900, 640)
+    assert Image.open(out).size == sheet_size(6) == (960, 640)
+
+
+def test_show_with_a_split_draws_the_known_classes_partners_and_a_colour_bar(digits_root, tmp_path, monkeypatch):
+    from backmix.osr_data.splits import resolve_split
+    from backmix.pipeline import show
+    drawn = {}
+    real = show.render_sheet
+
+    def spy(batch, maps, masks, path, **kw):
+        drawn.update(batch=batch, **kw)
+        return real(batch, maps, masks, path, **kw)
+
+    monkeypatch.setattr(show, "render_sheet", spy)
+    out = show.sheet_for(digits_root, tmp_path / "s.png", n=6, split="0")
+    classes = ImageIndex.load(digits_root / "train").classes
+    split = resolve_split(classes, "0")
+    b, partners = drawn["batch"], drawn["partners"]
+    assert {classes[y] for y in b.dataset_labels.tolist()} <= set(split.known)     # the trainer's images only
+    assert b.labels.tolist() == split.label_map(classes)[b.dataset_labels.numpy()].tolist()   # its labels
+    titles = show.column_titles(b, partners, 6)
+    assert titles == [(f"#{b.indices[j]} y={b.labels[j]}", f"box from #{b.indices[partners[j]]}") for j in range(6)]
+    assert sorted(partners.tolist()) == list(range(6)) and all(partners != np.arange(6))
+    sheet = np.asarray(Image.open(out).convert("RGB")).astype(int)
+    assert sheet.shape[:2] == show.sheet_size(6)[::-1]
+    strip = sheet[:, -round(show.COLORBAR_IN * show.DPI):]          # the colour bar: jet's dark blue to dark red
+    r, g, bl = strip[..., 0], strip[..., 1], strip[..., 2]
+    assert ((bl > 120) & (r < 40) & (g < 40)).any() and ((r > 120) & (bl < 40) & (g < 40)).any()
+    rc = backmix("show", "--data", str(digits_root), "--out", str(tmp_path / "bad.png"), "--split", "7")
+    assert rc.returncode == 2 and "split 7 does not exist" in rc.stderr
 
 
 def test_cache_show_draws_a_cache(digits_root, tmp_path):
@@ -108,7 +138,7 @@ def test_cache_show_draws_a_cache(digits_root, tmp_path):
     r = backmix("cache", "show", "--data", str(digits_root), "--cache", str(tmp_path / "c"), "--out", str(out),
                 "--n", "4")
     assert r.returncode == 0, r.stderr
-    assert Image.open(out).size == (600, 640)
+    assert Image.open(out).size == (660, 640)
     r = backmix("cache", "show", "--data", str(digits_root), "--cache", str(tmp_path / "none"), "--out", str(out))
     assert r.returncode == 2 and "not a foreground cache" in r.stderr
 

@@ -48,8 +48,11 @@ def test_the_readme_quick_start_runs_as_written(digits_root, tmp_path, capsys):
     code = section.split("```python\n", 1)[1].split("```", 1)[0]
     assert len(code.strip().splitlines()) < 15
     code = (code.replace('"data/digits"', repr(str(digits_root))).replace('"runs/cache"', repr(str(tmp_path / "c")))
-            .replace("range(10)", "range(1)"))
+            .replace("momentum=0.9), 10", "momentum=0.9), 2"))
     exec(compile(code, "README.md", "exec"), {})
-    metrics = capsys.readouterr().out
-    assert "'auroc_msp'" in metrics and "'accuracy'" in metrics
-    assert (tmp_path / "c" / "gen-000001.arrow").is_file()          # the rebuild published generation 1
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("epoch 1: loss") and out[0].endswith("generation 0")
+    assert out[1].startswith("epoch 2: loss") and out[1].endswith("generation 1")   # the in-loop rebuild took effect
+    assert "'auroc_msp'" in out[2] and "'accuracy'" in out[2]
+    assert (tmp_path / "c" / "gen-000001.arrow").is_file()
+    assert not (tmp_path / "c" / "gen-000002.arrow").exists()     # none after the last epoch

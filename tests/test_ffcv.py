@@ -19,6 +19,7 @@ from backmix.osr_data import BackMixError, ImageIndex
 from backmix.pipeline import LoaderConfig, ReferenceLoader, crop_flip, fill_value, make_loader, normalize
 from backmix.pipeline.backmix import backmix
 from backmix.pipeline.beton import write_beton
+from backmix.pipeline.beton_location import find_beton
 
 ROWS = np.arange(0, 1257, 5)          # 252 images: 5 batches of 50 and a short one
 
@@ -49,17 +50,23 @@ def index(digits_root) -> ImageIndex:
 
 
 @pytest.fixture(scope="module")
-def beton(index, tmp_path_factory):
-    return write_beton(index, tmp_path_factory.mktemp("beton") / "digits-raw.beton", canvas=40, mode="raw",
-                       progress=False).path
+def beton(index):
+    """The train folder's beton as ``backmix data write-beton`` writes it by default: raw canvases, in a
+    folder beside the image folder."""
+    assert backmix_main(["data", "write-beton", "--data", str(index.root), "--canvas", "40", "--no-progress"]) == 0
+    path = find_beton(index, 40)
+    assert path.parent == index.root.parent / ".backmix-betons" and path.name.endswith("-40-center-raw.beton")
+    return path
 
 
 @pytest.fixture(scope="module")
 def pair(index, beton):
-    """(FFCV loader, reference loader) with the same config, each with its own swappable maps."""
+    """(FFCV loader, reference loader) with the same config, each with its own swappable maps; the FFCV
+    loader finds its beton by default (the one loader the tests share: numba compiles it once)."""
     from backmix.pipeline.ffcv import FfcvLoader
     config = LoaderConfig(batch_size=50, num_workers=2, seed=3)
-    ffcv = FfcvLoader(index, config, SwappingMaps(len(index)), ROWS, beton=beton)
+    ffcv = FfcvLoader(index, config, SwappingMaps(len(index)), ROWS)
+    assert ffcv.beton == beton
     ref = ReferenceLoader(index, config, SwappingMaps(len(index)), ROWS)
     return ffcv, ref
 
@@ -90,6 +97,7 @@ def kernel_on_own_canvas(loader, batch, epoch: int, step: int):
 
 
 def test_ffcv_stream_equals_the_reference_and_the_kernel(pair):
+    """By default (the beton write-beton writes by default, found by default) the stream is the reference's."""
     ffcv, ref = pair
     assert ffcv.mix_in == "ffcv" and ffcv.backend == "ffcv"
     assert assert_same_epoch(ffcv, ref, 0) == len(ref) == len(ffcv) == 6
@@ -180,7 +188,7 @@ def test_two_shards_cover_every_index_once(index, beton):
 def test_write_beton_command_and_a_resized_beton(tiny_root, tmp_path, capsys):
     out = tmp_path / "tiny.beton"
     assert backmix_main(["data", "write-beton", "--data", str(tiny_root), "--out", str(out),
-                         "--max-resolution", "40", "--jpeg-quality", "80", "--no-progress"]) == 0
+                         "--max-resolution", "40", "--mode", "jpg", "--jpeg-quality", "80", "--no-progress"]) == 0
     from ffcv.reader import Reader
     meta = Reader(str(out)).metadata
     tiny = ImageIndex.load(tiny_root)
@@ -403,21 +411,51 @@ def test_the_loader_never_writes_a_beton_and_says_the_command(tiny_root, tmp_pat
                                            "--canvas 32 --canvas-mode center`") as e:
         make_loader("ffcv", tiny, LoaderConfig(canvas=32, crop=24))
     assert "\n" not in str(e.value)
-    assert not (folder / ".backmix").exists() and not (tmp_path / "cache").exists()
-    # The command it names writes where the loader looks: the data folder ...
+    assert not (tmp_path / ".backmix-betons").exists() and not (tmp_path / "cache").exists()
+    # The command it names writes where the loader looks: beside the image folder, never inside it ...
     assert backmix_main(["data", "write-beton", "--data", str(folder), "--canvas", "32", "--no-progress"]) == 0
-    assert make_loader("ffcv", tiny, LoaderConfig(canvas=32, crop=24)).beton.parent == folder / ".backmix"
+    assert make_loader("ffcv", tiny, LoaderConfig(canvas=32, crop=24)).beton.parent == tmp_path / ".backmix-betons"
+    assert sorted(p.name for p in folder.iterdir()) == ["cat", "dog", "fox", "index.csv"]
+    import torchvision
+    assert torchvision.datasets.ImageFolder(str(folder)).classes == list(tiny.classes)   # stock ImageFolder loads it
 
 
 def test_a_read_only_data_folder_gets_its_beton_in_the_user_cache(tiny_root, tmp_path, monkeypatch, caplog):
-    from backmix.pipeline import beton
+    from backmix.pipeline import beton_location
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    monkeypatch.setattr(beton, "writable_folder", lambda folder: folder != tiny_root)   # root ignores chmod
+    # the folder beside the image folder cannot be written (tried, not chmod: root ignores modes)
+    monkeypatch.setattr(beton_location, "writable_folder", lambda folder: tiny_root.parent not in (folder, folder.parent))
     caplog.set_level("INFO", logger="backmix")
     assert backmix_main(["data", "write-beton", "--data", str(tiny_root), "--canvas", "32", "--no-progress"]) == 0
     assert "is read-only: writing the beton to " + str(tmp_path / "cache" / "backmix" / "betons") in caplog.text
     loader = make_loader("ffcv", ImageIndex.load(tiny_root), LoaderConfig(canvas=32, crop=24))
     assert loader.beton.parent == tmp_path / "cache" / "backmix" / "betons"
+
+
+def test_train_names_the_missing_betons_of_train_and_test_up_front(small_root, tmp_path, capsys):
+    """Before any work, in one line, with the one command that writes both; that command does."""
+    from backmix.pipeline.beton_location import require_betons
+    root = tmp_path / "data"
+    shutil.copytree(small_root, root)
+    train = ["train", "--data", str(root), "--out", str(tmp_path / "run"), "--backend", "ffcv", "--device", "cpu",
+             "--no-progress"]
+    capsys.readouterr()
+    assert backmix_main(train) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"backmix: error: --backend ffcv reads betons written once, and "
+                                               f"{root / 'train'} and {root / 'test'} have none at canvas 40 "
+                                               f"(center, raw) (looked in {root / '.backmix-betons'} and ")
+    assert err[0].endswith(f"write them with `backmix data write-beton --data {root} --canvas 40 --canvas-mode center`")
+    assert not (tmp_path / "run").exists()
+    assert backmix_main(["train", *train[1:], "--beton-mode", "jpg", "--jpeg-quality", "75"]) == 2
+    assert "(center, jpg 75)" in capsys.readouterr().err
+    assert backmix_main(["train", *train[1:5], "--beton-mode", "jpg"]) == 2
+    assert "only --backend ffcv takes --beton-mode, not --backend reference" in capsys.readouterr().err
+    assert backmix_main(["data", "write-beton", "--data", str(root), "--canvas", "40", "--no-progress"]) == 0
+    indexes = [ImageIndex.load(root / "train"), ImageIndex.load(root / "test")]
+    found = require_betons(root, indexes, 40, "center")
+    assert [p.parent for p in found] == [root / ".backmix-betons"] * 2 and found[0] != found[1]
+    assert sorted(p.name for p in root.iterdir()) == [".backmix-betons", "test", "train"]
 
 
 @pytest.mark.parametrize("where", ["under a file", "a folder", "read-only"])

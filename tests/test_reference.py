@@ -70,6 +70,23 @@ def test_two_shards_split_an_epoch(tiny_root, last_batch):
         assert len(seen[0]) == len(seen[1]) == 10 and len(set(every.tolist())) == 20
 
 
+@pytest.mark.parametrize("n, batch, world", [(33, 8, 4), (21, 5, 2), (61, 8, 4), (24, 5, 2), (3, 1, 4)])
+def test_every_rank_makes_the_same_steps_and_every_sample_is_kept(n, batch, world):
+    """What DDP needs: as many steps on every rank; every sample once, except that a rank short of a step
+    repeats its own first sample (only when n = world * steps * batch + t, 0 < t < world)."""
+    shards = [EpochSampler(n, batch, seed=4, rank=r, world_size=world) for r in range(world)]
+    steps = {len(s.batches(7)) for s in shards}
+    assert len(steps) == 1 and steps == {len(s) for s in shards}
+    seen = [np.concatenate(s.batches(7)) for s in shards]
+    for s, rows in zip(shards, seen):
+        assert len(rows) == len(range(s.rank, n, world)) + s.repeats     # its every world-th sample (+ one)
+        if s.repeats:
+            assert rows[-1] == rows[0]
+    once = np.concatenate([rows[:-1] if s.repeats else rows for s, rows in zip(shards, seen)])
+    assert sorted(once.tolist()) == list(range(n))
+    assert sum(s.repeats for s in shards) == {(33, 8, 4): 3, (21, 5, 2): 1, (3, 1, 4): 1}.get((n, batch, world), 0)
+
+
 def test_without_backmix_there_is_no_mixed_batch(tiny_root):
     b = next(iter(ReferenceLoader(ImageIndex.load(tiny_root), config(backmix=False))))
     assert b.mixed is None and b.images.shape == (8, 3, 32, 32)

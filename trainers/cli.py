@@ -9,7 +9,7 @@ from backmix.osr_data.errors import BackMixError
 from backmix.pipeline.loaders import backend_options
 from backmix.pipeline.sampling import AUGMENTS
 
-from .config import AMP, AUTO_AUGMENTS, LOG_SINKS, OPTIMIZERS, REGEN, TrainConfig, field_defaults
+from .config import AMP, AUTO_AUGMENTS, BETON_MODES, LOG_SINKS, OPTIMIZERS, REGEN, TrainConfig, field_defaults
 from .metrics import SCORES
 
 S = argparse.SUPPRESS   # an option not given stays out of the namespace: we know what was explicit
@@ -71,6 +71,12 @@ def register(top) -> None:
                    help="--backend ray: the Ray cluster whose CPUs decode (default: start Ray on this machine, "
                         "loopback only, --workers CPUs)")
     p.add_argument("--prefetch", type=int, default=S, help="--backend ray: batches in flight at most (default: 4)")
+    p.add_argument("--beton-mode", choices=BETON_MODES, default=S,
+                   help="--backend ffcv: the betons to read, raw canvases (the reference loader's stream, bit for "
+                        "bit) or jpg ones (smaller; the stream differs by the JPEG loss)" + _d("beton_mode"))
+    p.add_argument("--jpeg-quality", type=int, default=S,
+                   help="--backend ffcv --beton-mode jpg: the JPEG quality the betons were written at"
+                        + _d("jpeg_quality"))
     p.add_argument("--no-backmix", dest="backmix", action="store_false", default=S,
                    help="the plain baseline: same loader and schedule, loss on the raw images only")
     p.add_argument("--w-raw", type=float, default=S,
@@ -176,8 +182,11 @@ def config_from_args(args) -> tuple[TrainConfig, set[str]]:
         raise BackMixError("--data is required (on the command line or in --config)")
     values.setdefault("out", "runs/quick")
     explicit = set(values) - {"data", "out"}
-    if "backend" in explicit:   # the Ray options with another backend on the same command line
-        backend_options(values["backend"], ray_address=values.get("ray_address"), prefetch=values.get("prefetch"))
+    if explicit & {"backend", "ray_address", "prefetch", "beton_mode", "jpeg_quality"}:
+        # a backend's options with another backend on the same command line
+        backend_options(values.get("backend", field_defaults()["backend"]), ray_address=values.get("ray_address"),
+                        prefetch=values.get("prefetch"), beton_mode=values.get("beton_mode"),
+                        jpeg_quality=values.get("jpeg_quality"))
     return TrainConfig(**values), explicit | {"data"}
 
 

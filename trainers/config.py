@@ -12,6 +12,7 @@ from backmix.models import check_arch
 from backmix.osr_data.decode import CANVAS_MODES, check_canvas
 from backmix.osr_data.errors import BackMixError
 from backmix.pipeline.config import DEVICES, ON_ERROR
+from backmix.pipeline.beton_location import MODES as BETON_MODES
 from backmix.pipeline.loaders import BACKENDS, backend_options
 from backmix.pipeline.sampling import AUGMENTS
 from backmix.pipeline.augment import AUTO_AUGMENT_POLICIES
@@ -22,7 +23,8 @@ REGEN = ("loop", "pass")
 AUTO_AUGMENTS = ("none",) + AUTO_AUGMENT_POLICIES
 LOG_SINKS = ("csv", "tensorboard")
 CHOICES = {"auto_augment": AUTO_AUGMENTS, "opt": OPTIMIZERS, "backend": BACKENDS, "amp": AMP, "device": DEVICES,
-           "on_error": ON_ERROR, "regen": REGEN, "canvas_mode": CANVAS_MODES, "augment": AUGMENTS}
+           "on_error": ON_ERROR, "regen": REGEN, "canvas_mode": CANVAS_MODES, "augment": AUGMENTS,
+           "beton_mode": BETON_MODES}
 
 
 # Every numeric field and the values it accepts (besides being a finite number).
@@ -38,7 +40,7 @@ NUMERIC_RANGES = {
     "warmup_epochs": _at_least(0), "w_raw": _at_least(0), "w_mix": _at_least(0), "regen_every": _at_least(0),
     "momentum": (lambda v: 0 <= v <= 1, "in [0, 1]"), "box_fraction": _FRACTION, "top_k_ratio": _FRACTION,
     "seed": (lambda v: 0 <= v < 2 ** 63, "in [0, 2**63)"), "workers": _at_least(0), "eval_every": _at_least(0),
-    "save_every": _at_least(0), "val_fraction": (lambda v: 0 <= v < 1, "in [0, 1)"), "log_every": _at_least(0), "label_smoothing": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "save_every": _at_least(0), "jpeg_quality": (lambda v: v == int(v) and 1 <= v <= 100, "in 1..100"), "val_fraction": (lambda v: 0 <= v < 1, "in [0, 1)"), "log_every": _at_least(0), "label_smoothing": (lambda v: 0 <= v < 1, "in [0, 1)"),
     "ema": (lambda v: v == 0 or 0 < v < 1, "in (0, 1), or 0 for none"), "clip_grad": _at_least(0),
     "mixup": _at_least(0), "cutmix": _at_least(0),
 }
@@ -75,6 +77,8 @@ class TrainConfig:
     backend: str = "reference"
     ray_address: Optional[str] = None  # ray backend: "auto" or HOST:PORT of a cluster; None: Ray on this machine
     prefetch: Optional[int] = None    # ray backend: batches in flight at most; None: the loader's default
+    beton_mode: str = "raw"           # ffcv backend: the betons' canvases, raw (the reference stream) or jpg
+    jpeg_quality: int = 90            # ffcv backend, beton_mode jpg: the betons' JPEG quality
     backmix: bool = True              # False: plain baseline (loss on the raw images only)
     w_raw: float = 1.0                # weight of CE on the clean crops (0 with BackMix: mixed only)
     w_mix: float = 1.0                # weight of CE on the mixed crops
@@ -114,7 +118,8 @@ class TrainConfig:
         for name, value in (("opt", self.opt), ("backend", self.backend), ("amp", self.amp),
                             ("device", self.device), ("on_error", self.on_error), ("regen", self.regen),
                             ("canvas_mode", self.canvas_mode), ("augment", self.augment),
-                            ("auto_augment", self.auto_augment)):
+                            ("auto_augment", self.auto_augment),
+                            ("beton_mode", self.beton_mode)):
             choices = CHOICES[name]
             if value not in choices:
                 raise BackMixError(f"unknown {option(name)} {value!r} (choose from {', '.join(choices)})")
@@ -149,11 +154,13 @@ class TrainConfig:
         return {"width": self.width} if self.arch == "cnn32" else {"image_size": self.crop}
 
     def loader_options(self) -> dict:
-        """``make_loader``'s backend keyword arguments. The Ray options of a run resumed or evaluated
-        with another backend are left aside (the command line refuses them with another backend)."""
-        if self.backend != "ray":
-            return {}
-        return backend_options(self.backend, ray_address=self.ray_address, prefetch=self.prefetch)
+        """``make_loader``'s backend keyword arguments. The Ray and FFCV options of a run resumed or
+        evaluated with another backend are left aside (the command line refuses them with another backend)."""
+        if self.backend == "ray":
+            return backend_options(self.backend, ray_address=self.ray_address, prefetch=self.prefetch)
+        if self.backend == "ffcv":
+            return backend_options(self.backend, beton_mode=self.beton_mode, jpeg_quality=int(self.jpeg_quality))
+        return {}
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -7,8 +7,8 @@ Order of one epoch e (0-based): train, evaluate, save RUN/last.pt, append the
 epoch's line to RUN/metrics.jsonl. When e+1 is a multiple of ``regen_every``
 (and not the last epoch) the epoch also rebuilds the foreground cache:
 ``--regen loop`` (default) takes each batch's CAMs as it trains, ``--regen pass``
-decodes the data again after the epoch; either way ``rebuild_cache`` writes every
-rank's shard, then the checkpoint is saved (recording the generation the rebuild
+decodes the data again after the epoch; either way every rank stages its shard
+(``backmix.cam_cache.rebuild``), then the checkpoint is saved (recording the generation the rebuild
 publishes), then rank 0 publishes. A run killed before the checkpoint repeats the
 epoch on ``--resume`` (same weights, same masks, so the same in-loop CAMs); one
 killed after it publishes the shards on disk. The stream of masks stays what it
@@ -125,7 +125,7 @@ def loader_config(cfg: TrainConfig, device: torch.device, *, train: bool, rank: 
         clean=not (cfg.backmix and train and cfg.w_raw == 0),   # no clean crops if no loss reads them
         box_fraction=cfg.box_fraction, top_k_ratio=cfg.top_k_ratio, seed=cfg.seed,
         shuffle=train, train=train, rank=rank if train else 0, world_size=world if train else 1,
-        last_batch="drop" if train and world > 1 else "keep", num_workers=cfg.workers,
+        last_batch="keep", num_workers=cfg.workers,   # under DDP too: every image once, equal steps per rank
         on_error=cfg.on_error, device=device.type)
 
 
@@ -236,16 +236,16 @@ def epoch_seed(seed: int, epoch: int, rank: int) -> int:
 
 def train_one_epoch(model: nn.Module, loader, optimizer, scheduler, cfg: TrainConfig, precision: Precision,
                     epoch: int, *, rank: int = 0, world: int = 1, partial: Optional[dict] = None,
-                    save=None, cams=None, recipe: Optional[Recipe] = None,
+                    save=None, recipe: Optional[Recipe] = None,
                     run_log: Optional[RunLog] = None) -> dict:
     """One pass over the loader; loss = w_raw * CE(clean) + w_mix * CE(mixed) (``BackMixBatch.loss``);
     train accuracy is on the first part the batch has.
 
     partial: this rank's part of a mid-epoch checkpoint (loader position, running sums, seconds, RNG):
     the epoch continues where it was cut. save(partial) is called every ``cfg.save_every`` steps
-    (not at an epoch's last step: the epoch's own checkpoint follows). ``cams`` (a GenerationWriter):
-    the rebuild epoch's in-loop CAMs, of each batch's canvases with the weights of the step that
-    trains on it. ``recipe``: label smoothing, Mixup/CutMix and the EMA (default: plain cross-entropy);
+    (not at an epoch's last step: the epoch's own checkpoint follows). A rebuild epoch's in-loop
+    CAMs are taken by the recorder attached to the loader (``backmix.cam_cache.recorder``).
+    ``recipe``: label smoothing, Mixup/CutMix and the EMA (default: plain cross-entropy);
     ``run_log``: the step lines and progress (default: a progress bar on a terminal)."""
     model.train()
     loader.set_epoch(epoch)
@@ -266,8 +266,6 @@ def train_one_epoch(model: nn.Module, loader, optimizer, scheduler, cfg: TrainCo
     ready = time.perf_counter()
     for batch in loader:
         waited = time.perf_counter() - ready   # the share of the step spent waiting for data
-        if cams is not None:
-            cams.add_canvases(batch.canvas, batch.indices)
         # One forward over the clean and the mixed crops (BatchNorm sees both together).
         x, targets = recipe.inputs(batch, epoch, scheduler.last_epoch)
         n = batch.labels.shape[0]
@@ -325,25 +323,25 @@ def evaluate(model: nn.Module, loader, label_map: np.ndarray, precision: Precisi
 
 
 def regenerate(cfg: TrainConfig, model: nn.Module, data: OpenSetData, device: torch.device, *, epoch: int,
-               rank: int = 0, writer=None, before_publish=None) -> int:
-    """Publish the cache generation rebuilt after ``epoch`` (1-based) on every rank: from ``writer``'s
-    in-loop CAMs (``--regen loop``), or a separate pass over the current weights; see ``rebuild_cache``."""
-    from backmix.cam_cache import rebuild_cache
-    return rebuild_cache(cfg.cache_dir, unwrap(model), data.train, canvas=cfg.canvas, canvas_mode=cfg.canvas_mode,
-                         mean=IMAGENET_MEAN,
-                         std=IMAGENET_STD, momentum=cfg.momentum, label_map=data.label_map, rows=data.known_rows,
-                         writer=writer, before_publish=before_publish, batch_size=max(cfg.batch_size, 128),
-                         num_workers=cfg.workers, device=device, checkpoint_digest=rebuild_tag(cfg, epoch),
-                         progress=show_progress(cfg, rank))
+               rank: int = 0, publish: bool = True) -> int:
+    """The cache generation rebuilt after ``epoch`` (1-based) by a separate pass over the current weights
+    (rows whose shards are on disk are taken over), staged on every rank, then published unless
+    ``publish`` is False; see ``backmix.cam_cache.rebuild``."""
+    from backmix.cam_cache.rebuild import publish_staged, stage_generation
+    staged = stage_generation(cfg.cache_dir, unwrap(model), data.train, canvas=cfg.canvas,
+                              canvas_mode=cfg.canvas_mode, mean=IMAGENET_MEAN, std=IMAGENET_STD,
+                              momentum=cfg.momentum, label_map=data.label_map, rows=data.known_rows,
+                              batch_size=max(cfg.batch_size, 128), num_workers=cfg.workers, device=device,
+                              checkpoint_digest=rebuild_tag(cfg, epoch), progress=show_progress(cfg, rank))
+    return publish_staged(cfg.cache_dir, staged) if publish else staged
 
 
-def loop_writer(cfg: TrainConfig, model: nn.Module, data: OpenSetData, epoch: int, rank: int, world: int):
-    """The GenerationWriter that takes the in-loop CAMs of rebuild epoch ``epoch`` (1-based)."""
-    from backmix.cam_cache import GenerationWriter
-    return GenerationWriter(cfg.cache_dir, unwrap(model), data.train, canvas=cfg.canvas, mean=IMAGENET_MEAN,
-                            std=IMAGENET_STD, momentum=cfg.momentum, label_map=data.label_map,
-                            rows=data.known_rows, shard=(rank, world), checkpoint_digest=rebuild_tag(cfg, epoch),
-                            canvas_mode=cfg.canvas_mode)
+def loop_recorder(cfg: TrainConfig, model: nn.Module, loader, epoch: int, rank: int):
+    """The in-loop rebuild of rebuild epoch ``epoch`` (1-based), started: it takes the CAMs of every batch
+    ``loader`` yields (the library's ``backmix.rebuilding``, split into stage and publish here)."""
+    from backmix.cam_cache.recorder import InLoopRebuild
+    return InLoopRebuild(loader, model, momentum=cfg.momentum, checkpoint_digest=rebuild_tag(cfg, epoch),
+                         batch_size=max(cfg.batch_size, 128), progress=show_progress(cfg, rank)).start()
 
 
 def rebuild_tag(cfg: TrainConfig, epoch: int) -> str:
@@ -459,6 +457,10 @@ def _run(cfg: TrainConfig, device: torch.device, rank: int, world: int, resume: 
     run = cfg.run_dir
     # The validation rows follow the training seed: the methods of one (split, seed) pair share them.
     data = load_data(cfg.data, cfg.split, cfg.val_fraction, cfg.seed)
+    if cfg.backend == "ffcv":   # both betons found, or both named in one line, before any work
+        from backmix.pipeline.beton_location import require_betons
+        require_betons(cfg.data, [data.train, data.test], cfg.canvas, cfg.canvas_mode, cfg.beton_mode,
+                       int(cfg.jpeg_quality))
     K = data.num_known
     fingerprint = hashlib.sha256((data.train.fingerprint() + data.test.fingerprint()).encode()).hexdigest()
     if rank == 0:
@@ -589,10 +591,11 @@ def _run(cfg: TrainConfig, device: torch.device, rank: int, world: int, resume: 
         record = {"epoch": epoch + 1}
         last = epoch + 1 == cfg.epochs
         regen_due = cfg.backmix and cfg.regen_every > 0 and (epoch + 1) % cfg.regen_every == 0 and not last
-        writer = loop_writer(cfg, model, data, epoch + 1, rank, world) if regen_due and cfg.regen == "loop" else None
+        recorder = loop_recorder(cfg, model, train_loader, epoch + 1, rank) if regen_due and cfg.regen == "loop" \
+            else None
         record.update(train_one_epoch(model, train_loader, optimizer, scheduler, cfg, precision, epoch,
-                                      rank=rank, world=world, partial=partial, cams=writer,
-                                      save=save_mid_epoch if writer is None else None, recipe=recipe,
+                                      rank=rank, world=world, partial=partial,
+                                      save=save_mid_epoch if recorder is None else None, recipe=recipe,
                                       run_log=run_log))
         partial = None
         record["cache_generation"] = train_loader.maps.generation if cfg.backmix else None
@@ -621,20 +624,19 @@ def _run(cfg: TrainConfig, device: torch.device, rank: int, world: int, resume: 
                 save_run_checkpoint(run / "last.pt", model, cfg, K, **state)
 
         if regen_due:
+            from backmix.cam_cache.rebuild import on_every_rank, publish_staged
             t0 = time.perf_counter()
-            in_loop = writer.cam_seconds if writer is not None else 0.0
-
-            def note_and_save() -> None:
-                # every shard is on disk, nothing published yet: a resume from here never needs the
-                # in-loop CAMs again, and one that repeats this epoch still sees its masks
-                record.update(regenerated=record["cache_generation"] + 1,
-                              regen_s=in_loop + time.perf_counter() - t0)
+            in_loop = recorder.cam_seconds if recorder is not None else 0.0
+            staged = recorder.stage() if recorder is not None else \
+                regenerate(cfg, model, data, device, epoch=epoch + 1, rank=rank, publish=False)
+            # every shard is on disk, nothing published yet: a resume from here never needs the
+            # in-loop CAMs again, and one that repeats this epoch still sees its masks
+            record.update(regenerated=staged, regen_s=in_loop + time.perf_counter() - t0)
+            with on_every_rank(cfg.cache_dir):
                 save_checkpoints()
-
-            record["regenerated"] = regenerate(cfg, model, data, device, epoch=epoch + 1, rank=rank,
-                                               writer=writer, before_publish=note_and_save)
+            publish_staged(cfg.cache_dir, staged)
             record["regen_s"] = in_loop + time.perf_counter() - t0          # the publish included
-            if writer is not None:
+            if recorder is not None:
                 record["regen_in_loop_s"] = in_loop
         else:
             save_checkpoints()

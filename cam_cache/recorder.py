@@ -1,0 +1,122 @@
+"""The in-loop rebuild for any training loop: ``with backmix.rebuilding(train_loader, model):``.
+
+While the block runs, the loader hands every batch it yields to the recorder first
+(``LoaderPosition.deliver``), which takes the CAMs of the batch's un-augmented
+canvases with the model's weights of that moment, i.e. those of the step that
+trains on the batch (the loop gets the batch, then steps). No image is decoded a
+second time, no RNG is drawn, and the model's train/eval mode is kept. When the
+block ends without an error, every rank stages its shard and rank 0 publishes
+(``cam_cache/rebuild.py``); the loader uses the new maps from its next epoch. Rows
+no rank saw in the block (a loop resumed mid-epoch) are computed there by a pass
+over the current weights, so the generation always covers every row once.
+
+``backmix train --regen loop`` uses this same recorder, splitting the end in two:
+``stage()``, its checkpoint, ``publish()``. Under DDP a loader that repeats a
+sample to give every rank the same number of steps (``EpochSampler``) gets that
+sample's CAM once, from its first step.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import numpy as np
+from torch import nn
+
+from backmix.osr_data.errors import BackMixError
+
+from .precompute import GenerationWriter
+from .rebuild import publish_staged, rank_and_world, stage_generation
+from .store import ForegroundCache
+
+
+class InLoopRebuild:
+    """Records the CAMs of the batches ``loader`` yields while started; ``stage`` + ``publish`` (or the
+    end of a ``with`` block) make them the cache's next generation.
+
+    enabled False: a no-op (a loop can write ``with rebuilding(..., enabled=epoch + 1 < epochs)``).
+    checkpoint_digest names the weights in the shard files (a resume reuses only shards of the same
+    build); default: the loader's epoch. The rows are the loader's (every rank lists all of them).
+    """
+
+    def __init__(self, loader, model: nn.Module, *, momentum: float = 0.1, enabled: bool = True,
+                 checkpoint_digest: Optional[str] = None, batch_size: int = 128, progress: bool = False) -> None:
+        maps = getattr(loader, "maps", None)
+        if enabled and not isinstance(maps, ForegroundCache):
+            raise BackMixError("an in-loop rebuild needs a loader made with a cache folder: "
+                               "backmix.loader(..., cache=DIR)")
+        self.loader, self.model, self.enabled = loader, getattr(model, "module", model), enabled
+        self.momentum, self.batch_size, self.progress = momentum, batch_size, progress
+        self.checkpoint_digest = checkpoint_digest
+        self.writer: Optional[GenerationWriter] = None
+        self.staged: Optional[int] = None
+        self.generation: Optional[int] = None     # what ``publish`` made current
+
+    @property
+    def cam_seconds(self) -> float:
+        """Seconds spent taking CAMs inside the loop (the in-loop rebuild's cost to the epoch)."""
+        return self.writer.cam_seconds if self.writer is not None else 0.0
+
+    def start(self) -> "InLoopRebuild":
+        if not self.enabled:
+            return self
+        if getattr(self.loader, "recorder", None) is not None:
+            raise BackMixError("the loader already records an in-loop rebuild")
+        cfg, maps = self.loader.config, self.loader.maps
+        digest = self.checkpoint_digest if self.checkpoint_digest is not None else f"in-loop epoch {self.loader.epoch}"
+        self.writer = GenerationWriter(maps.cache_dir, self.model, self.loader.index, canvas=cfg.canvas,
+                                       mean=cfg.mean, std=cfg.std, momentum=self.momentum,
+                                       label_map=self.loader.row_labels.label_map, rows=self.loader.dataset_indices,
+                                       shard=rank_and_world(), checkpoint_digest=digest,
+                                       canvas_mode=cfg.canvas_mode)
+        self.loader.recorder = self
+        return self
+
+    def record(self, batch) -> None:
+        """The CAMs of ``batch``'s canvases with the current weights (rows already recorded are skipped:
+        a sample a DDP loader repeats to even out the ranks' steps)."""
+        rows = batch.indices.cpu().numpy()
+        new = ~self.writer.holds(rows)
+        if new.all():
+            self.writer.add_canvases(batch.canvas, batch.indices)
+        elif new.any():
+            keep = np.flatnonzero(new)
+            self.writer.add_canvases(batch.canvas[keep], batch.indices[keep])
+
+    def stop(self) -> None:
+        if getattr(self.loader, "recorder", None) is self:
+            self.loader.recorder = None
+
+    def stage(self) -> int:
+        """Every rank writes its shard (rows no rank saw are computed by a pass); returns the generation."""
+        self.stop()
+        cfg = self.loader.config
+        self.staged = stage_generation(self.writer.cache_dir, self.model, self.loader.index, canvas=cfg.canvas,
+                                       mean=cfg.mean, std=cfg.std, writer=self.writer, batch_size=self.batch_size,
+                                       num_workers=cfg.num_workers, device=next(self.model.parameters()).device,
+                                       progress=self.progress)
+        return self.staged
+
+    def publish(self) -> int:
+        """Rank 0 makes the staged generation current (on every rank: call after ``stage``)."""
+        self.generation = publish_staged(self.writer.cache_dir, self.staged)
+        return self.generation
+
+    def __enter__(self) -> "InLoopRebuild":
+        return self.start()
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.stop()
+        if exc_type is None and self.enabled:
+            if self.staged is None:
+                self.stage()
+            if self.generation is None:
+                self.publish()
+
+
+def rebuilding(loader, model: nn.Module, *, momentum: float = 0.1, enabled: bool = True,
+               progress: bool = False) -> InLoopRebuild:
+    """``with rebuilding(train_loader, model):`` around an epoch's loop: the CAMs of each batch as it is
+    trained on, published as the cache's next generation when the block ends (on every rank under
+    torch.distributed: each stages its shard, rank 0 publishes, an error on any rank is raised on
+    all). ``enabled=False`` does nothing (e.g. no rebuild after the last epoch)."""
+    return InLoopRebuild(loader, model, momentum=momentum, enabled=enabled, progress=progress)
