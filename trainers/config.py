@@ -92,6 +92,7 @@ class TrainConfig:
     save_every: int = 0               # also save RUN/last.pt every k steps, mid-epoch (0: at epoch ends only)
     on_error: str = "raise"           # an image that does not decode: "raise" or "skip" (and count)
     cache: Optional[str] = None       # cache folder; default RUN/cache
+    open_test: list = dataclasses.field(default_factory=list)   # folders of unknowns evaluated beside the test folder
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -105,6 +106,7 @@ class TrainConfig:
         for name in NUMERIC_RANGES:
             check_number(name, getattr(self, name))
         check_canvas(self.canvas, self.crop, self.grid)
+        self.open_test = [str(folder) for folder in self.open_test]
         if self.w_raw == 0 and not (self.backmix and self.w_mix > 0):
             raise BackMixError("--w-raw 0 trains on the mixed images only: it needs BackMix and --w-mix > 0")
         self.loader_options()   # checks the Ray options

@@ -54,6 +54,7 @@ from backmix.pipeline.loaders import make_loader
 
 from .config import TrainConfig, option
 from .metrics import open_set_metrics
+from .open_test import open_test_indexes
 from .selection import best_epoch, run_summary, summary_line, validation_metrics
 
 log = logging.getLogger("backmix")
@@ -61,7 +62,7 @@ log = logging.getLogger("backmix")
 # Fields a resumed run may change; every other one must match RUN/config.json. ``data`` may move:
 # the data set itself must be the run's (its fingerprint is compared).
 RESUME_MAY_CHANGE = ("device", "workers", "progress", "backend", "ray_address", "prefetch", "eval_every", "save_every", "on_error", "out",
-                     "data", "cache")
+                     "data", "cache", "open_test")
 
 
 # --------------------------------------------------------------------------- data
@@ -306,12 +307,24 @@ def predict(model: nn.Module, loader, precision: Precision, progress: bool = Fal
 
 
 def evaluate(model: nn.Module, loader, label_map: np.ndarray, precision: Precision,
-             progress: bool = False) -> dict:
-    """Closed-set accuracy on known-class test images and open-set metrics vs unknown-class ones."""
+             progress: bool = False, open_sets: Optional[dict] = None) -> dict:
+    """Closed-set accuracy on known-class test images and open-set metrics vs unknown-class ones;
+    ``open_sets`` ({name: loader} of ``--open-test`` folders): the same metrics against each, under
+    ``"open_test"``."""
     logits, labels = predict(model, loader, precision, progress)
     mapped = torch.from_numpy(label_map)[labels]
     known = mapped >= 0
-    return open_set_metrics(logits[known], mapped[known], logits[~known])
+    metrics = open_set_metrics(logits[known], mapped[known], logits[~known])
+    if open_sets:
+        metrics["open_test"] = {name: open_set_metrics(logits[known], mapped[known],
+                                                       predict(model, other, precision, progress)[0])
+                                for name, other in open_sets.items()}
+    return metrics
+
+
+def open_test_loaders(cfg: TrainConfig, device: torch.device, folders: list[str]) -> dict:
+    return {name: make_loader(cfg.backend, index, loader_config(cfg, device, train=False), **cfg.loader_options())
+            for name, index in open_test_indexes(folders).items()}
 
 
 def regenerate(cfg: TrainConfig, model: nn.Module, data: OpenSetData, device: torch.device, *, epoch: int,
@@ -494,6 +507,7 @@ def _run(cfg: TrainConfig, device: torch.device, rank: int, world: int, resume: 
                                **cfg.loader_options())
     eval_loader = make_loader(cfg.backend, data.test, loader_config(cfg, device, train=False),
                               **cfg.loader_options()) if rank == 0 else None
+    open_sets = open_test_loaders(cfg, device, cfg.open_test) if rank == 0 else {}
     val_loader = make_loader(cfg.backend, data.train, loader_config(cfg, device, train=False), indices=data.val_rows,
                              label_map=data.label_map, **cfg.loader_options()) \
         if rank == 0 and len(data.val_rows) else None
@@ -578,7 +592,7 @@ def _run(cfg: TrainConfig, device: torch.device, rank: int, world: int, resume: 
         if rank == 0 and (last or (cfg.eval_every and (epoch + 1) % cfg.eval_every == 0)):
             t0 = time.perf_counter()
             record["eval"] = final = evaluate(unwrap(model), eval_loader, data.label_map, precision,
-                                              show_progress(cfg, rank))
+                                              show_progress(cfg, rank), open_sets)
             record["eval_s"] = time.perf_counter() - t0
         # best.pt: on the validation rows only (every epoch is "best" when there are none)
         improved = rank == 0 and (val_loader is None or record["val"]["accuracy"] > best)
@@ -627,7 +641,7 @@ def _run(cfg: TrainConfig, device: torch.device, rank: int, world: int, resume: 
         best_test = final
         if chosen is not None and chosen != history[-1]["epoch"]:   # the test folder, for the report only
             best_model, _ = load_model(run / "best.pt", arch=cfg.arch, num_classes=K)
-            best_test = evaluate(best_model.to(device), eval_loader, data.label_map, precision)
+            best_test = evaluate(best_model.to(device), eval_loader, data.label_map, precision, open_sets=open_sets)
         summary = run_summary(history, best_test)
         with writing(run / "summary.json"):
             atomic_write_bytes(run / "summary.json", (json.dumps(summary, indent=2) + "\n").encode())
@@ -657,7 +671,7 @@ def epoch_line(r: dict, epochs: int) -> str:
 def evaluate_checkpoint(checkpoint: str | os.PathLike, data_root: str | os.PathLike, *,
                         backend: str = "reference", split: Optional[str] = None, device: str = "auto",
                         workers: int = 2, progress: bool = True, on_error: str = "raise",
-                        canvas_mode: Optional[str] = None) -> dict:
+                        canvas_mode: Optional[str] = None, open_test: tuple[str, ...] = ()) -> dict:
     """Open-set metrics of a checkpoint on ``data_root``/test; the known classes come from the checkpoint."""
     if Path(checkpoint).is_dir():
         raise BackMixError(f"--checkpoint {checkpoint} is a folder; pass a checkpoint file in it, "
@@ -678,4 +692,4 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, data_root: str | os.PathL
     model.to(dev)
     loader = make_loader(cfg.backend, data.test, loader_config(cfg, dev, train=False), **cfg.loader_options())
     return evaluate(model, loader, data.label_map, Precision(dev, cfg.amp),
-                    progress and sys.stderr.isatty())
+                    progress and sys.stderr.isatty(), open_test_loaders(cfg, dev, list(open_test)))
