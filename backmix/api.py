@@ -17,18 +17,21 @@ from .cam_cache import ForegroundCache, init_cache, rebuild_cache
 from .pipeline import LoaderConfig, make_loader
 from .pipeline.loaders import backend_options
 from .pipeline.augment import IMAGENET_MEAN, IMAGENET_STD
+from .osr_data.protocols import split_list
 from .trainers.train import OpenSetData, Precision, load_data
 from .trainers.train import evaluate as _evaluate
 
 
 def open_set_data(root: str | os.PathLike, split: str | int = "0", *, val_fraction: float = 0.0,
-                  seed: int = 0) -> OpenSetData:
+                  seed: int = 0, protocol: Optional[str] = None, splits_file: Optional[str] = None) -> OpenSetData:
     """A prepared folder (``root/train``, ``root/test``) and its open-set split: a split number
     ("0".."4") or a comma list of known class names. ``num_known`` is the classifier's class count.
     ``val_fraction``: that share of each known class's training images (chosen by ``seed``, as
     ``backmix train --val-fraction`` does with its ``--seed``) becomes ``val_rows``, left out of
-    ``known_rows`` (what a training loader serves); select checkpoints on it, never on the test folder."""
-    return load_data(root, str(split), val_fraction, seed)
+    ``known_rows`` (what a training loader serves); select checkpoints on it, never on the test folder.
+    ``protocol`` ("cifar10", "cifar+10", "tinyimagenet") or ``splits_file`` (JSON): ``split`` is a
+    number into that list of published splits (``backmix.osr_data.protocols``)."""
+    return load_data(root, str(split), val_fraction, seed, split_list(protocol, splits_file))
 
 
 def _dist() -> tuple[int, int]:

@@ -7,6 +7,7 @@ from pathlib import Path
 from backmix.osr_data.decode import CANVAS_MODES
 from backmix.osr_data.errors import BackMixError
 from backmix.pipeline.loaders import backend_options
+from backmix.osr_data.protocols import PROTOCOLS
 from backmix.pipeline.sampling import AUGMENTS
 
 from .config import AMP, OPTIMIZERS, REGEN, TrainConfig, field_defaults
@@ -56,6 +57,13 @@ def register(top) -> None:
     split.add_argument("--split", default=S, help="open-set split number 0..4" + _d("split"))
     split.add_argument("--known", dest="split", default=S, metavar="A,B,C",
                        help="comma list of known class names instead of a numbered split")
+    p.add_argument("--protocol", choices=PROTOCOLS, default=S,
+                   help="the published splits of Neal et al. 2018 / ARPL for a folder with those classes (CIFAR10 "
+                        "names; CIFAR10 + CIFAR100 names; TinyImageNet wnids): --split N picks split N; a folder "
+                        "whose classes do not match is refused")
+    p.add_argument("--splits", dest="splits_file", default=S, metavar="FILE",
+                   help="JSON list of splits, each a list of known class names (or {\"known\": [...], "
+                        "\"unknown\": [...]}): --split N picks split N")
     p.add_argument("--val-fraction", type=float, default=S,
                    help="share of each known class's training images held out as the validation split (chosen "
                         "by --seed; never trained on, not in the cache): validated every epoch, it alone "
@@ -140,6 +148,8 @@ def register(top) -> None:
 def config_from_args(args) -> tuple[TrainConfig, set[str]]:
     values = {k: v for k, v in vars(args).items() if k in field_defaults()}
     values["data"], values["out"] = str(args.data), str(args.out)
+    if values.get("splits_file") is not None:
+        values["splits_file"] = str(values["splits_file"])
     if "cache" in values and values["cache"] is not None:
         values["cache"] = str(values["cache"])
     explicit = set(values) - {"data", "out"}

@@ -11,6 +11,7 @@ from typing import Optional
 from backmix.models import check_arch
 from backmix.osr_data.decode import CANVAS_MODES, check_canvas
 from backmix.osr_data.errors import BackMixError
+from backmix.osr_data.protocols import PROTOCOLS
 from backmix.pipeline.config import DEVICES, ON_ERROR
 from backmix.pipeline.loaders import BACKENDS, backend_options
 from backmix.pipeline.sampling import AUGMENTS
@@ -66,6 +67,8 @@ class TrainConfig:
     weight_decay: float = 5e-4
     warmup_epochs: float = 1.0        # linear warm-up, then cosine to zero, per step
     split: str = "0"                  # split number 0..4, or comma list of known class names
+    protocol: Optional[str] = None    # published split list (osr_data/protocols.json): --split indexes it
+    splits_file: Optional[str] = None  # a JSON list of known-class name lists: --split indexes it
     val_fraction: float = 0.1         # per-class share of the known training images held out to select best.pt
     backend: str = "reference"
     ray_address: Optional[str] = None  # ray backend: "auto" or HOST:PORT of a cluster; None: Ray on this machine
@@ -106,6 +109,10 @@ class TrainConfig:
         for name in NUMERIC_RANGES:
             check_number(name, getattr(self, name))
         check_canvas(self.canvas, self.crop, self.grid)
+        if self.protocol is not None and self.protocol not in PROTOCOLS:
+            raise BackMixError(f"unknown --protocol {self.protocol!r} (choose from {', '.join(PROTOCOLS)})")
+        if self.protocol and self.splits_file:
+            raise BackMixError("--protocol and --splits both name the split list; give one of them")
         self.open_test = [str(folder) for folder in self.open_test]
         if self.w_raw == 0 and not (self.backmix and self.w_mix > 0):
             raise BackMixError("--w-raw 0 trains on the mixed images only: it needs BackMix and --w-mix > 0")

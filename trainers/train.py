@@ -47,6 +47,7 @@ from backmix.models import build_model, features_and_head, load_model, read_chec
 from backmix.osr_data.errors import BackMixError
 from backmix.osr_data.holdout import split_validation
 from backmix.osr_data.index import ImageIndex, atomic_write_bytes
+from backmix.osr_data.protocols import SplitList, split_list
 from backmix.osr_data.splits import OpenSetSplit, resolve_split
 from backmix.pipeline.augment import IMAGENET_MEAN, IMAGENET_STD
 from backmix.pipeline.config import LoaderConfig
@@ -90,9 +91,10 @@ def data_folders(root: str | os.PathLike) -> tuple[Path, Path]:
 
 
 def load_data(root: str | os.PathLike, split: str | OpenSetSplit, val_fraction: float = 0.0,
-              val_seed: int = 0) -> OpenSetData:
+              val_seed: int = 0, splits: Optional[SplitList] = None) -> OpenSetData:
     """The train/test folders of ``root`` and ``split``; ``val_fraction`` of each known class's training
-    images (chosen by ``val_seed``) become the validation rows (``backmix.osr_data.holdout``)."""
+    images (chosen by ``val_seed``) become the validation rows (``backmix.osr_data.holdout``). With
+    ``splits`` (``--protocol``/``--splits``) ``split`` is a number into that list."""
     train_dir, test_dir = data_folders(root)
     train, test = ImageIndex.load(train_dir), ImageIndex.load(test_dir)
     if train.classes != test.classes:
@@ -103,6 +105,8 @@ def load_data(root: str | os.PathLike, split: str | OpenSetSplit, val_fraction: 
             raise BackMixError(f"known class {missing[0]!r} is not in {train_dir} "
                                f"(classes: {', '.join(train.classes)})")
         split = OpenSetSplit(split.known, tuple(c for c in train.classes if c not in split.known))
+    elif splits is not None:
+        split = splits.resolve(train.classes, split)
     else:
         split = resolve_split(train.classes, split)
     if len(split.known) < 2 or not split.unknown:
@@ -460,7 +464,7 @@ def main(cfg: TrainConfig, *, resume: bool = False, explicit: Optional[set[str]]
 def _run(cfg: TrainConfig, device: torch.device, rank: int, world: int, resume: bool) -> dict:
     run = cfg.run_dir
     # The validation rows follow the training seed: the methods of one (split, seed) pair share them.
-    data = load_data(cfg.data, cfg.split, cfg.val_fraction, cfg.seed)
+    data = load_data(cfg.data, cfg.split, cfg.val_fraction, cfg.seed, split_list(cfg.protocol, cfg.splits_file))
     K = data.num_known
     fingerprint = hashlib.sha256((data.train.fingerprint() + data.test.fingerprint()).encode()).hexdigest()
     if rank == 0:
