@@ -41,9 +41,10 @@ def _dist() -> tuple[int, int]:
 
 
 def loader(data: OpenSetData | str | os.PathLike, *, split: str | int = "0", cache: Optional[str | os.PathLike] = None,
-           backend: str = "reference", train: bool = True, **options):
+           backend: str = "reference", train: bool = True, validation: bool = False, **options):
     """The BackMix stream of ``data``'s known training classes (``train=True``) or its whole test
-    folder for evaluation (``train=False``), from the loader ``backend`` ("reference", "dali",
+    folder for evaluation (``train=False``; with ``validation=True`` the validation rows of the training
+    folder instead, as evaluated: select checkpoints on these), from the loader ``backend`` ("reference", "dali",
     "ffcv", "ray").
 
     ``cache``: the foreground-cache folder a training loader reads its maps from (created at
@@ -67,7 +68,10 @@ def loader(data: OpenSetData | str | os.PathLike, *, split: str | int = "0", cac
         if world > 1 and torch.distributed.is_initialized():
             torch.distributed.barrier()
         maps = ForegroundCache(cache, index=data.train, grid=config.grid, canvas_mode=config.canvas_mode)
-    index, rows = (data.train, data.known_rows) if train else (data.test, None)
+    if train and validation:
+        raise ValueError("validation=True is an evaluation loader: pass train=False")
+    index, rows = (data.train, data.known_rows) if train else (data.train, data.val_rows) if validation \
+        else (data.test, None)
     return make_loader(backend, index, config, maps=maps, indices=rows, label_map=data.label_map, **extra)
 
 
