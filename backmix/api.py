@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 from typing import Optional
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -17,18 +16,21 @@ from .cam_cache import ForegroundCache, init_cache, rebuild_cache
 from .pipeline import LoaderConfig, make_loader
 from .pipeline.loaders import backend_options
 from .pipeline.augment import IMAGENET_MEAN, IMAGENET_STD
+from .osr_data.protocols import split_list
 from .trainers.train import OpenSetData, Precision, load_data
 from .trainers.train import evaluate as _evaluate
 
 
 def open_set_data(root: str | os.PathLike, split: str | int = "0", *, val_fraction: float = 0.0,
-                  seed: int = 0) -> OpenSetData:
+                  seed: int = 0, protocol: Optional[str] = None, splits_file: Optional[str] = None) -> OpenSetData:
     """A prepared folder (``root/train``, ``root/test``) and its open-set split: a split number
     ("0".."4") or a comma list of known class names. ``num_known`` is the classifier's class count.
     ``val_fraction``: that share of each known class's training images (chosen by ``seed``, as
     ``backmix train --val-fraction`` does with its ``--seed``) becomes ``val_rows``, left out of
-    ``known_rows`` (what a training loader serves); select checkpoints on it, never on the test folder."""
-    return load_data(root, str(split), val_fraction, seed)
+    ``known_rows`` (what a training loader serves); select checkpoints on it, never on the test folder.
+    ``protocol`` ("cifar10", "cifar+10", "tinyimagenet") or ``splits_file`` (JSON): ``split`` is a
+    number into that list of published splits (``backmix.osr_data.protocols``)."""
+    return load_data(root, str(split), val_fraction, seed, split_list(protocol, splits_file))
 
 
 def _dist() -> tuple[int, int]:
@@ -38,9 +40,10 @@ def _dist() -> tuple[int, int]:
 
 
 def loader(data: OpenSetData | str | os.PathLike, *, split: str | int = "0", cache: Optional[str | os.PathLike] = None,
-           backend: str = "reference", train: bool = True, **options):
+           backend: str = "reference", train: bool = True, validation: bool = False, **options):
     """The BackMix stream of ``data``'s known training classes (``train=True``) or its whole test
-    folder for evaluation (``train=False``), from the loader ``backend`` ("reference",
+    folder for evaluation (``train=False``; with ``validation=True`` the validation rows of the training
+    folder instead, as evaluated: select checkpoints on these), from the loader ``backend`` ("reference",
     "torchvision", "dali", "ffcv", "ray").
 
     ``beton_mode`` ("raw", the default: the reference stream bit for bit; or "jpg" with ``jpeg_quality``)
@@ -69,7 +72,10 @@ def loader(data: OpenSetData | str | os.PathLike, *, split: str | int = "0", cac
         if world > 1 and torch.distributed.is_initialized():
             torch.distributed.barrier()
         maps = ForegroundCache(cache, index=data.train, grid=config.grid, canvas_mode=config.canvas_mode)
-    index, rows = (data.train, data.known_rows) if train else (data.test, None)
+    if train and validation:
+        raise ValueError("validation=True is an evaluation loader: pass train=False")
+    index, rows = (data.train, data.known_rows) if train else (data.train, data.val_rows) if validation \
+        else (data.test, None)
     return make_loader(backend, index, config, maps=maps, indices=rows, label_map=data.label_map, **extra)
 
 

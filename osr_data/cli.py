@@ -16,7 +16,8 @@ def register(sub) -> None:
     p.add_argument("--dataset", choices=sorted(DATASETS), default="digits",
                    help="digits: scikit-learn's handwritten digits; digits-on-photos: the digits "
                         "composited on crops of bundled photographs with a class-background prior; "
-                        "digits-on-photos-p80: the same with the prior fixed at 0.8")
+                        "digits-on-photos-p80: the same with the prior fixed at 0.8; photo-crops: the "
+                        "photographs alone, no digit (a set of unknowns for `backmix train --open-test OUT/test`)")
     p.add_argument("--prior", type=float, default=0.5,
                    help="digits-on-photos: share of a known class's training images on its own photograph")
     p.add_argument("--seed", type=int, default=0)

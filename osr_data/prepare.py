@@ -70,10 +70,16 @@ def _composite_p80(out: Path, **kwargs) -> None:
     _composite(out, **{**kwargs, "prior": 0.8})
 
 
+def _photo_crops(out: Path, **kwargs) -> None:
+    from .photo_crops import prepare_photo_crops
+    prepare_photo_crops(out, **kwargs)
+
+
 DATASETS: dict[str, Callable[..., None]] = {
     "digits": prepare_digits,
     "digits-on-photos": _composite,
     "digits-on-photos-p80": _composite_p80,
+    "photo-crops": _photo_crops,     # unknowns only: the photographs with no digit (``--open-test``)
 }
 
 

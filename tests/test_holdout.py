@@ -38,6 +38,15 @@ def test_validation_rows_are_deterministic_per_seed_and_per_class(digits_root):
         assert np.array_equal(a.val_rows[labels[a.val_rows] == label], b.val_rows[labels[b.val_rows] == label])
 
 
+def test_the_library_serves_the_validation_rows_as_an_evaluation_loader(digits_root):
+    import backmix
+    data = open_set_data(digits_root, "0", val_fraction=0.1, seed=0)
+    val = backmix.loader(data, train=False, validation=True, batch_size=64, num_workers=0)
+    served = np.concatenate([b.indices.numpy() for b in val])
+    assert served.tolist() == data.val_rows.tolist()          # in order, each once, no BackMix
+    assert all((b.labels >= 0).all() for b in val)
+
+
 def test_validation_count_keeps_a_training_image_and_refuses_bad_fractions():
     assert [validation_count(n, 0.1) for n in (1, 2, 4, 15, 126)] == [0, 1, 1, 2, 13]
     assert validation_count(10, 0.0) == 0 and validation_count(3, 0.9) == 2

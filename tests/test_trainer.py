@@ -708,3 +708,22 @@ def test_on_error_skip_trains_and_evaluates_past_a_broken_image(small_root, tmp_
     assert cli_main(ev) == 2 and "does not decode" in capsys.readouterr().err
     assert cli_main(ev + ["--on-error", "skip"]) == 0
     assert json.loads(capsys.readouterr().out)["num_known"] == 11
+
+
+def test_an_open_test_folder_is_reported_under_its_name(small_root, tmp_path, capsys):
+    rng = np.random.default_rng(1)
+    write_split(tmp_path / "ood-set", rng.integers(0, 256, (5, 32, 32, 3), dtype=np.uint8), np.zeros(5, int),
+                ("whatever",))
+    cfg = tiny(small_root, tmp_path / "run", epochs=1, backmix=False, open_test=[str(tmp_path / "ood-set")])
+    metrics = main(cfg)
+    held_out, ood = metrics, metrics["open_test"]["ood-set"]
+    assert (ood["num_known"], ood["num_unknown"], held_out["num_unknown"]) == (12, 5, 12)
+    assert ood["accuracy"] == held_out["accuracy"] and {"auroc_energy", "oscr_mls", "fpr95_msp"} <= set(ood)
+    assert read_jsonl(Path(cfg.out) / "metrics.jsonl")[-1]["eval"]["open_test"] == {"ood-set": ood}
+    assert f"vs ood-set: AUROC (MSP) {ood['auroc_msp']:.4f}" in capsys.readouterr().out
+    assert cli_main(["eval", "--checkpoint", f"{cfg.out}/last.pt", "--data", str(small_root), "--workers", "0",
+                     "--device", "cpu", "--open-test", str(tmp_path / "ood-set")]) == 0
+    printed = capsys.readouterr().out
+    assert "unknowns: held-out classes (12 images)" in printed and "unknowns: ood-set (5 images)" in printed
+    assert cli_main(cli_args(tiny(small_root, tmp_path / "run2")) + ["--open-test", str(tmp_path / "none")]) == 2
+    assert capsys.readouterr().err.endswith(f"backmix: error: --open-test {tmp_path / 'none'} is not a folder of images\n")

@@ -7,6 +7,7 @@ from pathlib import Path
 from backmix.osr_data.decode import CANVAS_MODES
 from backmix.osr_data.errors import BackMixError
 from backmix.pipeline.loaders import backend_options
+from backmix.osr_data.protocols import PROTOCOLS
 from backmix.pipeline.sampling import AUGMENTS
 
 from .config import AMP, AUTO_AUGMENTS, BETON_MODES, LOG_SINKS, OPTIMIZERS, REGEN, TrainConfig, field_defaults
@@ -61,11 +62,22 @@ def register(top) -> None:
     split.add_argument("--split", default=S, help="open-set split number 0..4" + _d("split"))
     split.add_argument("--known", dest="split", default=S, metavar="A,B,C",
                        help="comma list of known class names instead of a numbered split")
+    p.add_argument("--protocol", choices=PROTOCOLS, default=S,
+                   help="the published splits of Neal et al. 2018 / ARPL for a folder with those classes (CIFAR10 "
+                        "names; CIFAR10 + CIFAR100 names; TinyImageNet wnids): --split N picks split N; a folder "
+                        "whose classes do not match is refused")
+    p.add_argument("--splits", dest="splits_file", default=S, metavar="FILE",
+                   help="JSON list of splits, each a list of known class names (or {\"known\": [...], "
+                        "\"unknown\": [...]}): --split N picks split N")
     p.add_argument("--val-fraction", type=float, default=S,
                    help="share of each known class's training images held out as the validation split (chosen "
                         "by --seed; never trained on, not in the cache): validated every epoch, it alone "
                         "selects RUN/best.pt; the test folder is for reporting only; 0: no validation, "
                         "best.pt is the last epoch" + _d("val_fraction"))
+    p.add_argument("--open-test", action="append", default=S, metavar="DIR",
+                   help="an image folder whose images are all unknown (any class names; e.g. an SSB or OpenOOD "
+                        "set, or `backmix data prepare --dataset photo-crops`'s test/): every evaluation also "
+                        "reports each metric against it, under its folder's name; repeatable")
     p.add_argument("--backend", choices=BACKENDS, default=S, help="loader" + _d("backend"))
     p.add_argument("--ray-address", default=S, metavar="auto|HOST:PORT",
                    help="--backend ray: the Ray cluster whose CPUs decode (default: start Ray on this machine, "
@@ -158,6 +170,9 @@ def register(top) -> None:
     e.add_argument("--canvas-mode", choices=CANVAS_MODES, default=None,
                    help="canvas of each test image (default: the checkpoint's; stretch for a checkpoint "
                         "older than the modes); evaluation is always the centre crop")
+    e.add_argument("--open-test", action="append", default=[], metavar="DIR",
+                   help="an image folder whose images are all unknown: the metrics against it too, under its "
+                        "folder's name; repeatable")
     e.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     e.add_argument("--workers", type=int, default=2)
     e.add_argument("--on-error", choices=ON_ERROR, default="raise",
@@ -174,7 +189,7 @@ def config_from_args(args) -> tuple[TrainConfig, set[str]]:
     from .config_file import read_config_file
     values = read_config_file(args.config) if getattr(args, "config", None) else {}
     given = {k: v for k, v in vars(args).items() if k in field_defaults()}
-    for key in ("data", "out", "cache"):
+    for key in ("data", "out", "cache", "splits_file"):
         if given.get(key) is not None:
             given[key] = str(given[key])
     values.update(given)
@@ -205,14 +220,16 @@ def run_eval(args) -> int:
         raise BackMixError(f"--workers must be >= 0, got {args.workers}")
     m = evaluate_checkpoint(args.checkpoint, args.data, backend=args.backend, split=args.split,
                             device=args.device, workers=args.workers, on_error=args.on_error,
-                            canvas_mode=args.canvas_mode)
+                            canvas_mode=args.canvas_mode, open_test=tuple(str(d) for d in args.open_test))
     if args.json:
         print(json.dumps(m))
         return 0
     print(f"{args.checkpoint} on {args.data}/test: {m['num_known']} known, {m['num_unknown']} unknown images")
     print(f"  closed-set accuracy  {m['accuracy']:.4f}")
-    for score, name in SCORES:
-        print(f"  {name:24s} AUROC {m['auroc_' + score]:.4f}  FPR@95%TPR {m['fpr95_' + score]:.4f}  "
-              f"OSCR {m['oscr_' + score]:.4f}")
+    for unknowns, metrics in (("held-out classes", m), *m.get("open_test", {}).items()):
+        print(f"  unknowns: {unknowns} ({metrics['num_unknown']} images)")
+        for score, name in SCORES:
+            print(f"    {name:24s} AUROC {metrics['auroc_' + score]:.4f}  FPR@95%TPR {metrics['fpr95_' + score]:.4f}  "
+                  f"OSCR {metrics['oscr_' + score]:.4f}")
     return 0
 

@@ -11,6 +11,7 @@ from typing import Optional
 from backmix.models import check_arch
 from backmix.osr_data.decode import CANVAS_MODES, check_canvas
 from backmix.osr_data.errors import BackMixError
+from backmix.osr_data.protocols import PROTOCOLS
 from backmix.pipeline.config import DEVICES, ON_ERROR
 from backmix.pipeline.beton_location import MODES as BETON_MODES
 from backmix.pipeline.loaders import BACKENDS, backend_options
@@ -73,6 +74,8 @@ class TrainConfig:
     weight_decay: float = 5e-4
     warmup_epochs: float = 1.0        # linear warm-up, then cosine to zero, per step
     split: str = "0"                  # split number 0..4, or comma list of known class names
+    protocol: Optional[str] = None    # published split list (osr_data/protocols.json): --split indexes it
+    splits_file: Optional[str] = None  # a JSON list of known-class name lists: --split indexes it
     val_fraction: float = 0.1         # per-class share of the known training images held out to select best.pt
     backend: str = "reference"
     ray_address: Optional[str] = None  # ray backend: "auto" or HOST:PORT of a cluster; None: Ray on this machine
@@ -101,6 +104,7 @@ class TrainConfig:
     save_every: int = 0               # also save RUN/last.pt every k steps, mid-epoch (0: at epoch ends only)
     on_error: str = "raise"           # an image that does not decode: "raise" or "skip" (and count)
     cache: Optional[str] = None       # cache folder; default RUN/cache
+    open_test: list = dataclasses.field(default_factory=list)   # folders of unknowns evaluated beside the test folder
     progress: bool = True
     log_every: int = 50               # a log line (loss, img/s, lr, data-wait share) every N steps (0: none)
     log: str = ""                     # comma list of extra sinks: csv (RUN/steps.csv, RUN/epochs.csv), tensorboard
@@ -126,6 +130,11 @@ class TrainConfig:
         for name in NUMERIC_RANGES:
             check_number(name, getattr(self, name))
         check_canvas(self.canvas, self.crop, self.grid)
+        if self.protocol is not None and self.protocol not in PROTOCOLS:
+            raise BackMixError(f"unknown --protocol {self.protocol!r} (choose from {', '.join(PROTOCOLS)})")
+        if self.protocol and self.splits_file:
+            raise BackMixError("--protocol and --splits both name the split list; give one of them")
+        self.open_test = [str(folder) for folder in self.open_test]
         if self.w_raw == 0 and not (self.backmix and self.w_mix > 0):
             raise BackMixError("--w-raw 0 trains on the mixed images only: it needs BackMix and --w-mix > 0")
         for sink in self.log_sinks:

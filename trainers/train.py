@@ -47,6 +47,7 @@ from backmix.models import build_model, features_and_head, load_model, read_chec
 from backmix.osr_data.errors import BackMixError
 from backmix.osr_data.holdout import split_validation
 from backmix.osr_data.index import ImageIndex, atomic_write_bytes
+from backmix.osr_data.protocols import SplitList, split_list
 from backmix.osr_data.splits import OpenSetSplit, resolve_split
 from backmix.pipeline.augment import IMAGENET_MEAN, IMAGENET_STD
 from backmix.pipeline.config import LoaderConfig
@@ -57,6 +58,7 @@ from .config_file import write_config_yaml
 from .metrics import open_set_metrics
 from .recipe import Recipe, load_pretrained, sync_batchnorm
 from .run_log import RunLog
+from .open_test import open_test_indexes
 from .selection import best_epoch, run_summary, summary_line, validation_metrics
 
 log = logging.getLogger("backmix")
@@ -64,7 +66,7 @@ log = logging.getLogger("backmix")
 # Fields a resumed run may change; every other one must match RUN/config.json. ``data`` may move:
 # the data set itself must be the run's (its fingerprint is compared).
 RESUME_MAY_CHANGE = ("device", "workers", "progress", "backend", "ray_address", "prefetch", "eval_every", "save_every", "on_error", "out",
-                     "data", "cache", "log_every", "log")
+                     "data", "cache", "log_every", "log", "open_test")
 
 
 # --------------------------------------------------------------------------- data
@@ -92,9 +94,10 @@ def data_folders(root: str | os.PathLike) -> tuple[Path, Path]:
 
 
 def load_data(root: str | os.PathLike, split: str | OpenSetSplit, val_fraction: float = 0.0,
-              val_seed: int = 0) -> OpenSetData:
+              val_seed: int = 0, splits: Optional[SplitList] = None) -> OpenSetData:
     """The train/test folders of ``root`` and ``split``; ``val_fraction`` of each known class's training
-    images (chosen by ``val_seed``) become the validation rows (``backmix.osr_data.holdout``)."""
+    images (chosen by ``val_seed``) become the validation rows (``backmix.osr_data.holdout``). With
+    ``splits`` (``--protocol``/``--splits``) ``split`` is a number into that list."""
     train_dir, test_dir = data_folders(root)
     train, test = ImageIndex.load(train_dir), ImageIndex.load(test_dir)
     if train.classes != test.classes:
@@ -105,6 +108,8 @@ def load_data(root: str | os.PathLike, split: str | OpenSetSplit, val_fraction: 
             raise BackMixError(f"known class {missing[0]!r} is not in {train_dir} "
                                f"(classes: {', '.join(train.classes)})")
         split = OpenSetSplit(split.known, tuple(c for c in train.classes if c not in split.known))
+    elif splits is not None:
+        split = splits.resolve(train.classes, split)
     else:
         split = resolve_split(train.classes, split)
     if len(split.known) < 2 or not split.unknown:
@@ -314,12 +319,24 @@ def predict(model: nn.Module, loader, precision: Precision, progress: bool = Fal
 
 
 def evaluate(model: nn.Module, loader, label_map: np.ndarray, precision: Precision,
-             progress: bool = False) -> dict:
-    """Closed-set accuracy on known-class test images and open-set metrics vs unknown-class ones."""
+             progress: bool = False, open_sets: Optional[dict] = None) -> dict:
+    """Closed-set accuracy on known-class test images and open-set metrics vs unknown-class ones;
+    ``open_sets`` ({name: loader} of ``--open-test`` folders): the same metrics against each, under
+    ``"open_test"``."""
     logits, labels = predict(model, loader, precision, progress)
     mapped = torch.from_numpy(label_map)[labels]
     known = mapped >= 0
-    return open_set_metrics(logits[known], mapped[known], logits[~known])
+    metrics = open_set_metrics(logits[known], mapped[known], logits[~known])
+    if open_sets:
+        metrics["open_test"] = {name: open_set_metrics(logits[known], mapped[known],
+                                                       predict(model, other, precision, progress)[0])
+                                for name, other in open_sets.items()}
+    return metrics
+
+
+def open_test_loaders(cfg: TrainConfig, device: torch.device, folders: list[str]) -> dict:
+    return {name: make_loader(cfg.backend, index, loader_config(cfg, device, train=False), **cfg.loader_options())
+            for name, index in open_test_indexes(folders).items()}
 
 
 def regenerate(cfg: TrainConfig, model: nn.Module, data: OpenSetData, device: torch.device, *, epoch: int,
@@ -456,7 +473,7 @@ def main(cfg: TrainConfig, *, resume: bool = False, explicit: Optional[set[str]]
 def _run(cfg: TrainConfig, device: torch.device, rank: int, world: int, resume: bool, run_log: RunLog) -> dict:
     run = cfg.run_dir
     # The validation rows follow the training seed: the methods of one (split, seed) pair share them.
-    data = load_data(cfg.data, cfg.split, cfg.val_fraction, cfg.seed)
+    data = load_data(cfg.data, cfg.split, cfg.val_fraction, cfg.seed, split_list(cfg.protocol, cfg.splits_file))
     if cfg.backend == "ffcv":   # both betons found, or both named in one line, before any work
         from backmix.pipeline.beton_location import require_betons
         require_betons(cfg.data, [data.train, data.test], cfg.canvas, cfg.canvas_mode, cfg.beton_mode,
@@ -513,6 +530,7 @@ def _run(cfg: TrainConfig, device: torch.device, rank: int, world: int, resume: 
                                **cfg.loader_options())
     eval_loader = make_loader(cfg.backend, data.test, loader_config(cfg, device, train=False),
                               **cfg.loader_options()) if rank == 0 else None
+    open_sets = open_test_loaders(cfg, device, cfg.open_test) if rank == 0 else {}
     val_loader = make_loader(cfg.backend, data.train, loader_config(cfg, device, train=False), indices=data.val_rows,
                              label_map=data.label_map, **cfg.loader_options()) \
         if rank == 0 and len(data.val_rows) else None
@@ -605,7 +623,7 @@ def _run(cfg: TrainConfig, device: torch.device, rank: int, world: int, resume: 
         if rank == 0 and (last or (cfg.eval_every and (epoch + 1) % cfg.eval_every == 0)):
             t0 = time.perf_counter()
             record["eval"] = final = evaluate(recipe.eval_model(model), eval_loader, data.label_map, precision,
-                                              show_progress(cfg, rank))
+                                              show_progress(cfg, rank), open_sets)
             record["eval_s"] = time.perf_counter() - t0
         # best.pt: on the validation rows only (every epoch is "best" when there are none)
         improved = rank == 0 and (val_loader is None or record["val"]["accuracy"] > best)
@@ -655,7 +673,7 @@ def _run(cfg: TrainConfig, device: torch.device, rank: int, world: int, resume: 
         best_test = final
         if chosen is not None and chosen != history[-1]["epoch"]:   # the test folder, for the report only
             best_model, _ = load_model(run / "best.pt", arch=cfg.arch, num_classes=K)
-            best_test = evaluate(best_model.to(device), eval_loader, data.label_map, precision)
+            best_test = evaluate(best_model.to(device), eval_loader, data.label_map, precision, open_sets=open_sets)
         summary = run_summary(history, best_test)
         with writing(run / "summary.json"):
             atomic_write_bytes(run / "summary.json", (json.dumps(summary, indent=2) + "\n").encode())
@@ -685,7 +703,7 @@ def epoch_line(r: dict, epochs: int) -> str:
 def evaluate_checkpoint(checkpoint: str | os.PathLike, data_root: str | os.PathLike, *,
                         backend: str = "reference", split: Optional[str] = None, device: str = "auto",
                         workers: int = 2, progress: bool = True, on_error: str = "raise",
-                        canvas_mode: Optional[str] = None) -> dict:
+                        canvas_mode: Optional[str] = None, open_test: tuple[str, ...] = ()) -> dict:
     """Open-set metrics of a checkpoint on ``data_root``/test; the known classes come from the checkpoint."""
     if Path(checkpoint).is_dir():
         raise BackMixError(f"--checkpoint {checkpoint} is a folder; pass a checkpoint file in it, "
@@ -707,4 +725,4 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, data_root: str | os.PathL
     model.to(dev)
     loader = make_loader(cfg.backend, data.test, loader_config(cfg, dev, train=False), **cfg.loader_options())
     return evaluate(model, loader, data.label_map, Precision(dev, cfg.amp),
-                    progress and sys.stderr.isatty())
+                    progress and sys.stderr.isatty(), open_test_loaders(cfg, dev, list(open_test)))
