@@ -20,6 +20,7 @@ import torch
 
 from backmix.cli import main as cli_main
 from backmix.osr_data.errors import BackMixError
+from backmix.osr_data.prepare import write_split
 from backmix.trainers.config import TrainConfig
 from backmix.trainers.train import main
 
@@ -332,8 +333,9 @@ def test_two_process_gloo_run_keeps_ranks_identical_and_evaluates(small_root, tm
     assert lines[0]["regenerated"] == 1 and lines[1]["cache_generation"] == 1   # one shared cache build
     digests = lines[-1]["weight_digests"]
     assert len(digests) == 2 and digests[0] == digests[1]
-    # each rank trains on its half: 24 known images, batch 8 -> batches of 8 and 4 per rank, none dropped
-    assert lines[0]["images"] == 24
+    # each rank trains on its half of the known training images (24 less the validation rows), none dropped
+    from backmix.trainers.train import load_data
+    assert lines[0]["images"] == len(load_data(cfg.data, cfg.split, cfg.val_fraction, cfg.seed).known_rows) == 22
     assert "accuracy" in lines[-1]["eval"] and "AUROC (MSP)" in done.stdout
 
 
@@ -481,6 +483,7 @@ FAILING_PUBLISH = """
 import os, sys
 import backmix.cam_cache.precompute as pre
 from backmix.osr_data.errors import BackMixError
+from backmix.osr_data.prepare import write_split
 
 def failing(*args, **kwargs):
     raise BackMixError("injected publish failure")

@@ -198,10 +198,12 @@ def config_from_args(args) -> tuple[TrainConfig, set[str]]:
     values.setdefault("out", "runs/quick")
     explicit = set(values) - {"data", "out"}
     if explicit & {"backend", "ray_address", "prefetch", "beton_mode", "jpeg_quality"}:
-        # a backend's options with another backend on the same command line
-        backend_options(values.get("backend", field_defaults()["backend"]), ray_address=values.get("ray_address"),
-                        prefetch=values.get("prefetch"), beton_mode=values.get("beton_mode"),
-                        jpeg_quality=values.get("jpeg_quality"))
+        # a backend's options with another backend; a default value (as a run's config.yaml holds
+        # every option) asks for nothing
+        defaults = field_defaults()
+        asked = {k: None if values.get(k, defaults[k]) == defaults[k] else values[k]
+                 for k in ("ray_address", "prefetch", "beton_mode", "jpeg_quality")}
+        backend_options(values.get("backend", defaults["backend"]), **asked)
     return TrainConfig(**values), explicit | {"data"}
 
 

@@ -13,7 +13,7 @@ from backmix.osr_data.errors import BackMixError
 from .config import TrainConfig, option
 
 # The Python type each field's value must have in the file (None also where the field may be None).
-_TYPES = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,)}
+_TYPES = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,), "list": (list,)}
 
 
 def _field_types() -> dict[str, tuple[tuple[type, ...], bool]]:
