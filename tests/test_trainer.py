@@ -551,7 +551,7 @@ def test_a_run_folder_that_stops_taking_files_is_one_line(small_root, tmp_path, 
 def test_eval_of_a_run_folder_suggests_its_checkpoints(finished_run, capsys):
     run = finished_run.out
     assert cli_main(["eval", "--checkpoint", run, "--data", finished_run.data, "--device", "cpu"]) == 2
-    assert capsys.readouterr().err == (f"backmix: error: --checkpoint {run} is a folder; pass a checkpoint file "
+    assert capsys.readouterr().err == (f"backmix: error: checkpoint {run} is a folder; pass a checkpoint file "
                                        f"in it, {run}/best.pt or {run}/last.pt\n")
 
 

@@ -388,12 +388,16 @@ def append_jsonl(path: Path, record: dict) -> None:
 
 
 def rng_state() -> dict:
-    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    """Every RNG's state as tensors and plain values (a checkpoint is loaded with ``weights_only``)."""
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {"torch": torch.get_rng_state(), "numpy": [name, torch.from_numpy(keys.astype(np.int64)), pos,
+                                                      has_gauss, gauss], "python": random.getstate()}
 
 
 def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
+    name, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, gauss))
     random.setstate(state["python"])
 
 
@@ -638,9 +642,6 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, data_root: str | os.PathL
                         workers: int = 2, progress: bool = True, on_error: str = "raise",
                         canvas_mode: Optional[str] = None) -> dict:
     """Open-set metrics of a checkpoint on ``data_root``/test; the known classes come from the checkpoint."""
-    if Path(checkpoint).is_dir():
-        raise BackMixError(f"--checkpoint {checkpoint} is a folder; pass a checkpoint file in it, "
-                           f"{Path(checkpoint) / 'best.pt'} or {Path(checkpoint) / 'last.pt'}")
     ckpt = read_checkpoint(checkpoint)
     saved = ckpt.get("config") or {}
     if split is not None:
