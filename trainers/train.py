@@ -52,6 +52,7 @@ from backmix.pipeline.loaders import make_loader
 
 from .config import TrainConfig, option
 from .metrics import open_set_metrics
+from .run_lock import hold_run_folder
 
 log = logging.getLogger("backmix")
 
@@ -404,6 +405,9 @@ def set_rng_state(state: dict) -> None:
 def resume_config(cfg: TrainConfig, explicit: set[str]) -> TrainConfig:
     """RUN/config.json, with the few fields a resumed run may change taken from ``cfg``."""
     path = cfg.run_dir / "config.json"
+    if path.is_file() and not (cfg.run_dir / "last.pt").is_file():
+        raise BackMixError(f"the run in {cfg.run_dir} stopped before its first checkpoint, so there is nothing "
+                           "to resume: rerun it without --resume")
     if not (cfg.run_dir / "last.pt").is_file() or not path.is_file():
         raise BackMixError(f"nothing to resume in {cfg.run_dir}: it has no last.pt and config.json")
     saved = TrainConfig.load(path).to_dict()
@@ -439,7 +443,10 @@ def main(cfg: TrainConfig, *, resume: bool = False, explicit: Optional[set[str]]
     else:
         torch.backends.cudnn.benchmark = True
     try:
-        return _run(cfg, device, rank, world, resume)
+        if rank == 0:
+            check_run_folder(cfg.run_dir)
+        with hold_run_folder(cfg.run_dir) if rank == 0 else contextlib.nullcontext():
+            return _run(cfg, device, rank, world, resume)
     finally:
         torch.use_deterministic_algorithms(deterministic)
         if world > 1 and dist.is_initialized():
@@ -646,6 +653,10 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, data_root: str | os.PathL
     saved = ckpt.get("config") or {}
     if split is not None:
         data = load_data(data_root, split)
+        if ckpt.get("known_classes") and tuple(ckpt["known_classes"]) != data.split.known:
+            raise BackMixError(f"checkpoint {checkpoint} was trained on known classes "
+                               f"{', '.join(ckpt['known_classes'])}, not split {split} ({', '.join(data.split.known)}); "
+                               "leave --split out to evaluate on its own")
     elif ckpt.get("known_classes"):
         data = load_data(data_root, OpenSetSplit(tuple(ckpt["known_classes"]), ()))
     else:
