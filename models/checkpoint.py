@@ -62,7 +62,9 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
         return read_safetensors(path)
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
+    except pickle.UnpicklingError as e:
+        if "Weights only load failed" not in str(e):   # not a pickle of foreign objects: a damaged file
+            raise BackMixError(f"checkpoint {path} is not a readable torch checkpoint (UnpicklingError)") from None
         raise BackMixError(f"checkpoint {path} needs {foreign_object(path)} to load, not only tensors and plain values; "
                            f"refused, because unpickling it could run code") from None
     except Exception as e:  # torch raises many types for a bad file
@@ -108,7 +110,11 @@ def load_model(path: str | os.PathLike, *, arch: str | None = None,
         raise BackMixError(f"checkpoint {path} holds a {ckpt['arch']} model, not {arch}")
     if num_classes is not None and ckpt["num_classes"] != num_classes:
         raise BackMixError(f"checkpoint {path} has {ckpt['num_classes']} classes, the data has {num_classes}")
-    model = build_model(ckpt["arch"], ckpt["num_classes"], **ckpt.get("model_kwargs", {}))
+    try:
+        model = build_model(ckpt["arch"], ckpt["num_classes"], **ckpt.get("model_kwargs", {}))
+    except TypeError:   # options the model's constructor does not take
+        raise BackMixError(f"checkpoint {path}: its model_kwargs {ckpt.get('model_kwargs')!r} do not fit a "
+                           f"{ckpt['arch']}") from None
     try:
         model.load_state_dict(ckpt["state_dict"])
     except RuntimeError:

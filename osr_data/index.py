@@ -210,7 +210,7 @@ class ImageIndex:
         import pyarrow as pa
         from pyarrow import csv as pacsv
 
-        with open(index_file, newline="") as f:
+        with open(index_file, newline="", errors="replace") as f:   # not UTF-8: not an index file
             header = next(csv.reader([f.readline()]), [])
         if tuple(header) not in (COLUMNS, OLD_COLUMNS):
             raise BackMixError(f"{index_file} is not an index file (expected header '{','.join(COLUMNS)}')")

@@ -90,7 +90,7 @@ def prepare(name: str, out: str | os.PathLike, force: bool = False, **kwargs) ->
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise BackMixError(f"--out {out} is a file, not a folder")
-    recipe = {"dataset": name, **kwargs}
+    recipe = {"dataset": name, "seed": seed, **kwargs}
     if out.exists():
         if is_prepared(out) and not force:
             check_same_recipe(out, recipe)
@@ -113,7 +113,7 @@ def check_same_recipe(out: Path, recipe: dict) -> None:
         old = json.loads((out / RECIPE_NAME).read_text())
     except (OSError, ValueError):
         return   # prepared before recipes were recorded (or by hand): nothing to compare
-    if old != recipe:
+    if any(k in old and old[k] != v for k, v in recipe.items()):   # a value not recorded is not compared
         def says(r: dict) -> str:
             return ", ".join(f"{k} {r[k]}" for k in sorted(r))
         raise BackMixError(f"{out} holds another data set ({says(old)}), not {says(recipe)}; "

@@ -224,6 +224,7 @@ def _child_write(tmp: Path, samples: "_Samples", fields: dict, num_workers: int,
     os.setpgrp()                                    # the parent stops us and our workers as one group
     bar_file = os.fdopen(os.dup(2), "w")            # the progress bar stays on the terminal
     os.dup2(said, 2)
+    sys.stderr = open(2, "w", buffering=1, closefd=False)   # what the workers forked from here print, too
     signal.signal(signal.SIGINT, signal.SIG_IGN)    # the parent handles Ctrl-C
     writer = ffcv.writer.DatasetWriter(str(tmp), fields, num_workers=max(1, num_workers))
 

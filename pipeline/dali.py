@@ -156,7 +156,8 @@ def decode_to_canvas(files, size: int, gpu: bool, mode: str = "center", stages: 
     from nvidia.dali import fn, types
     from nvidia.dali import math as dmath
 
-    images = fn.decoders.image(files, device="mixed" if gpu else "cpu", output_type=types.RGB)
+    # adjust_orientation=False: pixels as stored, as the reference loader decodes them (EXIF not applied)
+    images = fn.decoders.image(files, device="mixed" if gpu else "cpu", output_type=types.RGB, adjust_orientation=False)
     if stages == "decode":
         return images
     if mode == "stretch":
