@@ -296,3 +296,10 @@ def test_a_usage_error_is_one_line(argv, capsys):
         cli_main(argv)
     assert e.value.code == 2
     one_line(capsys)
+
+
+def test_a_run_refused_for_its_data_leaves_no_run_folder(root, tmp_path, capsys):
+    run = tmp_path / "new" / "run"
+    assert cli_main(train_args(root, run, "--known", "ant,zebra")) == 2
+    one_line(capsys, "zebra")
+    assert not run.exists()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import os
 from pathlib import Path
 from typing import Iterator
 
@@ -18,7 +19,9 @@ LOCK_NAME = ".run.lock"
 
 
 @contextlib.contextmanager
-def hold_run_folder(run: Path) -> Iterator[None]:
+def hold_run_folder(run: Path, made_here: bool = False) -> Iterator[None]:
+    """Hold ``run``'s lock for the block. ``made_here``: the folder was made for this run, so a run refused
+    before it wrote anything (bad data, say) removes it again rather than leaving an empty folder behind."""
     path = Path(run) / LOCK_NAME
     try:
         f = open(path, "a")
@@ -30,4 +33,9 @@ def hold_run_folder(run: Path) -> Iterator[None]:
         except BlockingIOError:
             raise BackMixError(f"another backmix train is running in {run} (it holds {path}); wait for it to "
                                "end or choose another --out") from None
-        yield
+        try:
+            yield
+        finally:
+            if made_here and os.listdir(run) == [LOCK_NAME]:
+                path.unlink()
+                Path(run).rmdir()

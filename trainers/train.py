@@ -443,9 +443,10 @@ def main(cfg: TrainConfig, *, resume: bool = False, explicit: Optional[set[str]]
     else:
         torch.backends.cudnn.benchmark = True
     try:
+        made_here = not cfg.run_dir.exists()
         if rank == 0:
             check_run_folder(cfg.run_dir)
-        with hold_run_folder(cfg.run_dir) if rank == 0 else contextlib.nullcontext():
+        with hold_run_folder(cfg.run_dir, made_here) if rank == 0 else contextlib.nullcontext():
             return _run(cfg, device, rank, world, resume)
     finally:
         torch.use_deterministic_algorithms(deterministic)
