@@ -163,7 +163,7 @@ def decode_to_canvas(files, size: int, gpu: bool, mode: str = "center", stages: 
     if mode == "stretch":
         return fn.resize(images, size=[size, size], mode="stretch", antialias=True,
                          interp_type=types.INTERP_LINEAR)
-    shape = fn.peek_image_shape(files)          # H, W, C on the host, from the header
+    shape = fn.peek_image_shape(files, adjust_orientation=False)   # H, W, C on the host, from the header
     h, w = fn.cast(shape[0], dtype=types.FLOAT), fn.cast(shape[1], dtype=types.FLOAT)
     # The shorter side becomes ``size`` exactly; max() picks it without a branch per sample.
     new_h = dmath.max(dmath.floor(size * h / w), float(size))
