@@ -12,6 +12,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from .arguments import check_eval_loader, check_model, check_root, check_split
 from .cam_cache import ForegroundCache, init_cache, rebuild_cache
 from .pipeline import LoaderConfig, make_loader
 from .pipeline.loaders import backend_options
@@ -30,7 +31,8 @@ def open_set_data(root: str | os.PathLike, split: str | int = "0", *, val_fracti
     ``known_rows`` (what a training loader serves); select checkpoints on it, never on the test folder.
     ``protocol`` ("cifar10", "cifar+10", "tinyimagenet") or ``splits_file`` (JSON): ``split`` is a
     number into that list of published splits (``backmix.osr_data.protocols``)."""
-    return load_data(root, str(split), val_fraction, seed, split_list(protocol, splits_file))
+    check_root(root)
+    return load_data(root, check_split(split), val_fraction, seed, split_list(protocol, splits_file))
 
 
 def _dist() -> tuple[int, int]:
@@ -85,6 +87,8 @@ def rebuild(train_loader, model: nn.Module, *, momentum: float = 0.1, progress: 
     torch.distributed call it on every rank: each builds its shard, rank 0 publishes, and an error
     on any rank is raised on every rank. Returns the published generation."""
     maps = train_loader.maps
+    known = train_loader.row_labels.label_map
+    check_model(model, int((known >= 0).sum()) if known is not None else train_loader.index.num_classes)
     if not isinstance(maps, ForegroundCache):
         raise TypeError("rebuild needs a loader made with a cache folder: backmix.loader(..., cache=DIR)")
     cfg = train_loader.config
@@ -104,6 +108,8 @@ def rebuild(train_loader, model: nn.Module, *, momentum: float = 0.1, progress: 
 def evaluate(model: nn.Module, test_loader, data: OpenSetData) -> dict:
     """Closed-set accuracy on the known test classes; AUROC, FPR at 95 % TPR and OSCR of known vs
     unknown test images, scored by maximum softmax probability (``*_msp``) and maximum logit (``*_mls``)."""
+    check_model(model, data.num_known)
+    check_eval_loader(test_loader, data)
     device = next(model.parameters()).device
     return _evaluate(model, test_loader, data.label_map, Precision(device, "auto"))
 

@@ -7,7 +7,7 @@ import logging
 import sys
 from typing import Optional
 
-from backmix.osr_data.errors import BackMixError
+from backmix.osr_data.errors import NO_SPACE_ERRNOS, BackMixError, no_space
 
 
 # Every command: (group or None, name) -> (one-line summary, "module:function" that registers it).
@@ -42,6 +42,13 @@ COMMANDS = {
 }
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """A usage error is one line, like every other bad input (the usage is one ``--help`` away)."""
+
+    def error(self, message: str):
+        self.exit(2, f"backmix: error: {message} (see `{self.prog} --help`)\n")
+
+
 def chosen_command(argv: list[str]) -> tuple[Optional[str], Optional[str]]:
     """(group, name) of the command in ``argv`` as far as it names one ((None, None): none yet)."""
     words = [a for a in argv if not a.startswith("-")]
@@ -54,7 +61,7 @@ def chosen_command(argv: list[str]) -> tuple[Optional[str], Optional[str]]:
 
 def build_parser(argv: Optional[list[str]] = None) -> argparse.ArgumentParser:
     """The parser, with the real options of the command ``argv`` names and a summary of every other."""
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(   # its subparsers are of its class too
         prog="backmix",
         description="Train open-set recognition models with BackMix: prepare data, precompute "
                     "foreground caches, load and mix batches fast, train and evaluate.")
@@ -84,6 +91,11 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except BackMixError as e:
         print(f"backmix: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        if e.errno not in NO_SPACE_ERRNOS:
+            raise
+        print(f"backmix: error: {no_space(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("backmix: interrupted", file=sys.stderr)

@@ -38,6 +38,7 @@ resume) is ``cam_cache/rebuild.py``.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import logging
@@ -57,7 +58,7 @@ from tqdm import tqdm
 
 from backmix.models import features_and_head
 from backmix.osr_data.decode import DecodeError, decode_canvas
-from backmix.osr_data.errors import BackMixError
+from backmix.osr_data.errors import NO_SPACE_ERRNOS, BackMixError, no_space
 from backmix.osr_data.index import ImageIndex
 
 from .store import (ForegroundCache, MappedMaps, build_lock, generation_path, pending_dir, prune,
@@ -340,9 +341,16 @@ def _build_shard(cache_dir, model, index, *, canvas, canvas_mode, mean, std, mom
     if len(writer.done_rows):
         log.info("shard %d/%d of generation %d is already built", k, world, writer.generation)
     else:
-        writer.compute(writer.rows[k::world], batch_size=batch_size, num_workers=num_workers, device=device,
-                       progress=progress)
-        writer.write()
+        try:
+            writer.compute(writer.rows[k::world], batch_size=batch_size, num_workers=num_workers, device=device,
+                           progress=progress)
+            writer.write()
+        except BaseException as e:
+            with contextlib.suppress(OSError):   # the pending folder, if no shard is in it (a full disk)
+                writer.path.parent.rmdir()
+            if isinstance(e, OSError) and e.errno in NO_SPACE_ERRNOS:
+                raise no_space(e, writing=writer.path) from None
+            raise
     if not publish:
         return None
     shards = sorted(pending_dir(writer.cache_dir, writer.generation).glob(f"shard-*-of-{world}.arrow"))

@@ -9,7 +9,8 @@ import it, never the other way round.
   by name (``resnet50``, ``regnet_y_800mf``, ``efficientnet_b0``, ``convnext_tiny``, ...);
   ``timm:NAME`` for a timm model. Always random weights: nothing is downloaded.
 * ``save_checkpoint`` / ``load_model``: a checkpoint records the arch string, so
-  ``load_model`` rebuilds whatever model wrote it.
+  ``load_model`` rebuilds whatever model wrote it. Loading never unpickles anything but
+  tensors and plain values; ``save_safetensors`` writes weights with no pickle at all.
 * ``features_and_head(model)``: the one thing the cache needs of a model, the protocol
   "``features(x) -> [B, C, h, w]``, ``head: nn.Linear``" with
   ``logits = head(mean over h, w of features(x))`` (up to a per-image positive scale and
@@ -23,7 +24,7 @@ from backmix._lazy import lazy_exports
 _EXPORTS = {
     "features_and_head": ".cam",
     "file_digest": ".checkpoint", "load_model": ".checkpoint", "read_checkpoint": ".checkpoint",
-    "save_checkpoint": ".checkpoint",
+    "save_checkpoint": ".checkpoint", "save_safetensors": ".checkpoint",
     "Classifier32": ".nets", "WideResNet": ".nets",
     "ARCH_HELP": ".zoo", "build_model": ".zoo", "check_arch": ".zoo",
 }
@@ -32,6 +33,6 @@ __getattr__, __dir__ = lazy_exports(__name__, globals(), _EXPORTS)
 
 if TYPE_CHECKING:
     from .cam import features_and_head
-    from .checkpoint import file_digest, load_model, read_checkpoint, save_checkpoint
+    from .checkpoint import file_digest, load_model, read_checkpoint, save_checkpoint, save_safetensors
     from .nets import Classifier32, WideResNet
     from .zoo import ARCH_HELP, build_model, check_arch

@@ -2,11 +2,20 @@
 
 The arch string is what ``build_model`` was given (``wrn40_4``, ``timm:resnet18``, ...), so a
 checkpoint of any model the trainer builds is one the cache builder and ``backmix eval`` can read.
+
+Loading a checkpoint never runs code: checkpoints are shared and downloaded, and a pickle can
+carry any call. ``torch.load`` is always given ``weights_only=True`` (tensors, dicts, lists,
+strings, numbers only), so whatever a checkpoint carries besides weights (config, loader
+position, RNG state, optimiser) is stored as such plain values; a file that needs anything else
+is refused with one line naming the file and the first foreign object. A ``.safetensors`` file
+(no pickle at all; see ``save_safetensors``) is accepted wherever a checkpoint is.
 """
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import pickle
 from pathlib import Path
 
 import torch
@@ -28,17 +37,69 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, *, arch: str, num
     return Path(path)
 
 
+def save_safetensors(path: str | os.PathLike, model: nn.Module, *, arch: str, num_classes: int,
+                     model_kwargs: dict | None = None, known_classes=()) -> Path:
+    """Atomically write the weights as ``.safetensors``, arch and classes in its text metadata:
+    a file to share that no reader ever unpickles."""
+    from safetensors.torch import save_file
+    state = {k: v.detach().cpu().contiguous() for k, v in getattr(model, "module", model).state_dict().items()}
+    meta = {"arch": arch, "num_classes": str(num_classes), "model_kwargs": json.dumps(model_kwargs or {}),
+            "known_classes": json.dumps(list(known_classes))}
+    with atomic_file(path) as tmp:
+        save_file(state, str(tmp), metadata=meta)
+    return Path(path)
+
+
 def read_checkpoint(path: str | os.PathLike) -> dict:
+    """The checkpoint's dict, read without running any code (see the module's docstring)."""
     path = Path(path)
+    if path.is_dir():
+        raise BackMixError(f"checkpoint {path} is a folder; pass a checkpoint file in it, "
+                           f"{path / 'best.pt'} or {path / 'last.pt'}")
     if not path.is_file():
         raise BackMixError(f"checkpoint {path} does not exist")
+    if path.suffix == ".safetensors":
+        return read_safetensors(path)
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "Weights only load failed" not in str(e):   # not a pickle of foreign objects: a damaged file
+            raise BackMixError(f"checkpoint {path} is not a readable torch checkpoint (UnpicklingError)") from None
+        raise BackMixError(f"checkpoint {path} needs {foreign_object(path)} to load, not only tensors and plain values; "
+                           f"refused, because unpickling it could run code") from None
     except Exception as e:  # torch raises many types for a bad file
         raise BackMixError(f"checkpoint {path} is not a readable torch checkpoint ({type(e).__name__})") from None
     if not isinstance(ckpt, dict) or not {"arch", "num_classes", "state_dict"} <= set(ckpt):
         raise BackMixError(f"checkpoint {path} was not written by backmix (no arch/num_classes/state_dict)")
     return ckpt
+
+
+def foreign_object(path: Path) -> str:
+    """The first global a pickle would import, found by reading its opcodes (nothing is run)."""
+    try:
+        names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    except Exception:  # not even a readable archive: the load's own failure is the message
+        names = []
+    return names[0] if names else "another kind of object"
+
+
+def read_safetensors(path: Path) -> dict:
+    """A ``.safetensors`` file as a checkpoint dict; its arch and class count come from its metadata."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file, safe_open
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+        state = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise BackMixError(f"checkpoint {path} is not a readable safetensors file ({e})") from None
+    try:
+        return {"arch": meta["arch"], "num_classes": int(meta["num_classes"]), "state_dict": state,
+                "model_kwargs": json.loads(meta.get("model_kwargs", "{}")),
+                "known_classes": json.loads(meta.get("known_classes", "[]"))}
+    except (KeyError, ValueError):
+        raise BackMixError(f"checkpoint {path} has no backmix metadata (arch, num_classes); write it with "
+                           f"backmix.models.save_safetensors") from None
 
 
 def load_model(path: str | os.PathLike, *, arch: str | None = None,
@@ -49,7 +110,11 @@ def load_model(path: str | os.PathLike, *, arch: str | None = None,
         raise BackMixError(f"checkpoint {path} holds a {ckpt['arch']} model, not {arch}")
     if num_classes is not None and ckpt["num_classes"] != num_classes:
         raise BackMixError(f"checkpoint {path} has {ckpt['num_classes']} classes, the data has {num_classes}")
-    model = build_model(ckpt["arch"], ckpt["num_classes"], **ckpt.get("model_kwargs", {}))
+    try:
+        model = build_model(ckpt["arch"], ckpt["num_classes"], **ckpt.get("model_kwargs", {}))
+    except TypeError:   # options the model's constructor does not take
+        raise BackMixError(f"checkpoint {path}: its model_kwargs {ckpt.get('model_kwargs')!r} do not fit a "
+                           f"{ckpt['arch']}") from None
     try:
         model.load_state_dict(ckpt["state_dict"])
     except RuntimeError:

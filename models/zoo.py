@@ -56,6 +56,10 @@ def build_model(arch: str, num_classes: int, *, image_size: int | None = None, *
     ViT and MaxViT, timm models with a fixed input size); the others take any size and ignore it."""
     from .nets import Classifier32, WideResNet
     check_arch(arch)
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+        raise BackMixError(f"num_classes must be a whole number >= 1, got {num_classes!r}")
+    if "width" in kwargs and not (isinstance(kwargs["width"], (int, float)) and kwargs["width"] > 0):
+        raise BackMixError(f"width must be a number > 0, got {kwargs['width']!r}")
     if arch == "cnn32":
         return Classifier32(num_classes, **kwargs)
     wrn = _WRN.fullmatch(arch)

@@ -1,10 +1,13 @@
 """Decoding and the square canvas, the shared first step of every loader."""
 from __future__ import annotations
 
+import io
+import os
 import warnings
 
 import numpy as np
 import torch
+from PIL import Image
 from torchvision.io import ImageReadMode, decode_image, read_file
 from torchvision.transforms.v2 import functional as TF
 
@@ -26,6 +29,39 @@ class DecodeError(BackMixError):
         self.path = path
 
 
+# An image larger than this many pixels is refused (a DecodeError, so ``--on-error skip`` skips it)
+# before it is decoded: a small file can declare gigapixels. PIL's default; set BACKMIX_MAX_IMAGE_PIXELS.
+DEFAULT_MAX_PIXELS = 89_478_485
+
+
+def max_image_pixels() -> int:
+    text = os.environ.get("BACKMIX_MAX_IMAGE_PIXELS", str(DEFAULT_MAX_PIXELS))
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value <= 0:
+        raise BackMixError(f"BACKMIX_MAX_IMAGE_PIXELS must be a positive number of pixels, got {text!r}")
+    return value
+
+
+def check_pixels(path: str, data: bytes) -> None:
+    """Refuses an image whose header declares more than ``max_image_pixels()`` pixels; reads the header only."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as im:
+                width, height = im.size
+    except Image.DecompressionBombError:   # over twice PIL's own limit
+        width = height = None
+    except Exception:  # not an image PIL knows: the decoder says what is wrong with it
+        return
+    limit = max_image_pixels()
+    if width is None or width * height > limit:
+        size = f"{width}x{height} pixels" if width else "a decompression bomb"
+        raise DecodeError(path, f"{size} is over the limit of {limit} (BACKMIX_MAX_IMAGE_PIXELS)")
+
+
 def _why(e: Exception) -> str:
     return str(e).splitlines()[0] if str(e) else ""
 
@@ -34,20 +70,27 @@ def read_bytes(path: str) -> torch.Tensor:
     """The file's bytes, uint8 [N]; ``DecodeError`` if it cannot be read."""
     try:
         return read_file(path)
-    except (RuntimeError, ValueError) as e:
+    except (RuntimeError, ValueError, OSError) as e:
         raise DecodeError(path, _why(e)) from None
 
 
 def decode_rgb(path: str) -> torch.Tensor:
-    """uint8 [3, H, W]; grey and palette images become RGB, 16-bit PNGs 8-bit."""
+    """uint8 [3, H, W]; grey and palette images become RGB, 16-bit PNGs 8-bit. EXIF orientation is not
+    applied (as torchvision's and PIL's readers do not): pixels are as stored. BMP, which torchvision
+    does not decode, goes through PIL."""
     return decode_rgb_bytes(read_bytes(path), path)
 
 
 def decode_rgb_bytes(data: torch.Tensor, path: str) -> torch.Tensor:
     """``decode_rgb`` of a file's bytes already read (uint8 [N]); ``path`` names it in an error."""
     try:
-        image = decode_image(data, mode=ImageReadMode.RGB)
-    except (RuntimeError, ValueError) as e:
+        check_pixels(path, data.numpy().tobytes())
+        if data[:2].tolist() == [66, 77]:   # "BM"
+            with Image.open(io.BytesIO(data.numpy().tobytes())) as im:
+                image = torch.from_numpy(np.asarray(im.convert("RGB"))).permute(2, 0, 1).contiguous()
+        else:
+            image = decode_image(data, mode=ImageReadMode.RGB)
+    except (RuntimeError, ValueError, OSError) as e:
         raise DecodeError(path, _why(e)) from None
     if image.dtype == torch.uint16:
         # round(v * 255 / 65535) = round(v / 257), in integers: (v + 128) // 257.

@@ -3,7 +3,18 @@
 The CLI turns it into a single line on stderr and exit status 2; anything else
 is a bug and keeps its traceback.
 """
+import errno
 
 
 class BackMixError(Exception):
     """Bad input or state a user can fix: the message names the thing at fault."""
+
+
+# A full disk or quota: a state the user fixes by freeing space, so one line like any bad input.
+NO_SPACE_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+
+
+def no_space(e: OSError, writing=None) -> BackMixError:
+    where = writing or e.filename
+    return BackMixError(f"no space left on the device{f' writing {where}' if where else ''}; "
+                        "free some space and run again")

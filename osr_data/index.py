@@ -33,7 +33,9 @@ from typing import Iterator, Optional
 
 import numpy as np
 
+from .abandoned_temps import remove_abandoned_temps
 from .errors import BackMixError
+from .untrusted_paths import check_rows_inside, stat_entry
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 INDEX_NAME = "index.csv"
@@ -47,6 +49,7 @@ def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
     """Yields a temporary name beside ``path`` for the block to write; then fsyncs it and renames it
     onto ``path``, so readers never see half a file. If the block raises, the temporary file goes."""
     path = Path(path)
+    remove_abandoned_temps(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         yield tmp
@@ -168,7 +171,7 @@ class ImageIndex:
             folder = os.open(root / name, os.O_RDONLY | os.O_DIRECTORY)
             try:
                 for file in _image_names(root, name):
-                    st = os.stat(file, dir_fd=folder)     # relative to the open folder: no path walk
+                    st = stat_entry(folder, root / name, file)   # relative to the open folder: no path walk
                     if not stat.S_ISREG(st.st_mode):
                         continue
                     paths.append(f"{name}/{file}")
@@ -207,7 +210,7 @@ class ImageIndex:
         import pyarrow as pa
         from pyarrow import csv as pacsv
 
-        with open(index_file, newline="") as f:
+        with open(index_file, newline="", errors="replace") as f:   # not UTF-8: not an index file
             header = next(csv.reader([f.readline()]), [])
         if tuple(header) not in (COLUMNS, OLD_COLUMNS):
             raise BackMixError(f"{index_file} is not an index file (expected header '{','.join(COLUMNS)}')")
@@ -358,6 +361,7 @@ def _classes_of_rows(paths, labels: np.ndarray, index_file: Path) -> tuple[str, 
     import pyarrow as pa
     import pyarrow.compute as pc
 
+    check_rows_inside(paths, index_file)
     no_folder = pc.invert(pc.match_substring(paths, "/"))
     if pc.any(no_folder).as_py():
         row = int(np.flatnonzero(no_folder.to_numpy(zero_copy_only=False))[0])

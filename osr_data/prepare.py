@@ -8,7 +8,7 @@ its ``index.csv``, exactly what a user's own ImageNet-style folder looks like.
 """
 from __future__ import annotations
 
-import glob
+import json
 import os
 import secrets
 import shutil
@@ -19,7 +19,8 @@ from typing import Callable, Iterator
 import numpy as np
 from PIL import Image
 
-from .errors import BackMixError
+from .abandoned_temps import remove_abandoned_temps
+from .errors import NO_SPACE_ERRNOS, BackMixError, no_space
 from .index import ImageIndex
 
 SPLITS = ("train", "test")
@@ -96,17 +97,40 @@ def prepare(name: str, out: str | os.PathLike, force: bool = False, **kwargs) ->
     """
     if name not in DATASETS:
         raise BackMixError(f"unknown data set {name!r} (choose from {', '.join(DATASETS)})")
+    seed = kwargs.get("seed", 0)
+    if not isinstance(seed, int) or not 0 <= seed < 2**32:
+        raise BackMixError(f"--seed must be a whole number in [0, 2**32), got {seed!r}")
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise BackMixError(f"--out {out} is a file, not a folder")
+    recipe = {"dataset": name, "seed": seed, **kwargs}
     if out.exists():
         if is_prepared(out) and not force:
+            check_same_recipe(out, recipe)
             return False
         if any(out.iterdir()) and not force:
             raise BackMixError(f"{out} exists and is not a prepared data set; pass --force to replace it")
     with atomic_folder(out) as tmp:
         DATASETS[name](tmp, **kwargs)
+        (tmp / RECIPE_NAME).write_text(json.dumps(recipe, sort_keys=True) + "\n")
     return True
+
+
+# What a prepared folder was made from (data set, prior, seed): a second prepare into it with other
+# values is refused rather than answered "already prepared" over a data set it did not ask for.
+RECIPE_NAME = "prepared.json"
+
+
+def check_same_recipe(out: Path, recipe: dict) -> None:
+    try:
+        old = json.loads((out / RECIPE_NAME).read_text())
+    except (OSError, ValueError):
+        return   # prepared before recipes were recorded (or by hand): nothing to compare
+    if any(k in old and old[k] != v for k, v in recipe.items()):   # a value not recorded is not compared
+        def says(r: dict) -> str:
+            return ", ".join(f"{k} {r[k]}" for k in sorted(r))
+        raise BackMixError(f"{out} holds another data set ({says(old)}), not {says(recipe)}; "
+                           "pass --force to replace it or choose another --out")
 
 
 @contextmanager
@@ -121,6 +145,10 @@ def atomic_folder(out: Path) -> Iterator[Path]:
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)
+    except OSError as e:
+        if e.errno in NO_SPACE_ERRNOS:
+            raise no_space(e, writing=out) from None
+        raise
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
@@ -134,7 +162,7 @@ def _make_temp_folder(out: Path) -> Path:
         raise BackMixError(f"cannot write {out}: {ancestor} is a file, not a folder")
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        _remove_abandoned_temp_folders(out)
+        remove_abandoned_temps(out)
         while True:
             tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
             try:
@@ -145,20 +173,3 @@ def _make_temp_folder(out: Path) -> Path:
     except OSError as e:
         raise BackMixError(f"cannot write {out}: {e.strerror or e}"
                            + (f" ({e.filename})" if e.filename and Path(e.filename) != out else "")) from None
-
-
-def _remove_abandoned_temp_folders(out: Path) -> None:
-    for tmp in out.parent.glob(f".{glob.escape(out.name)}.tmp-*"):
-        pid = tmp.name[len(out.name) + 6:].split("-", 1)[0]
-        if pid.isdigit() and not process_exists(int(pid)):
-            shutil.rmtree(tmp, ignore_errors=True)
-
-
-def process_exists(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:   # it exists, under another user
-        return True
-    return True

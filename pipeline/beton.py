@@ -26,20 +26,22 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import logging
 import multiprocessing
 import os
 import signal
 import sys
+import tempfile
 import time
 from pathlib import Path
-from typing import Iterator, NamedTuple, Optional
+from typing import NamedTuple, Optional
 
 import numpy as np
 from tqdm import tqdm
 
 from backmix.osr_data.decode import CANVAS_MODES, check_canvas_mode, decode_canvas, decode_rgb, to_numpy_hwc
-from backmix.osr_data.errors import BackMixError
+from backmix.osr_data.errors import BackMixError, no_space
 from backmix.osr_data.filelock import exclusive_lock
 from backmix.osr_data.index import ImageIndex, atomic_file
 
@@ -142,18 +144,32 @@ def _write_in_child(tmp: Path, samples: "_Samples", fields: dict, num_workers: i
     """Runs FFCV's writer in a forked child in its own process group (with the writer's worker
     processes); a KeyboardInterrupt here (Ctrl-C, or SIGTERM, turned into one) stops the group:
     SIGTERM, then SIGKILL after ``STOP_GRACE_S``."""
+    # The writer's and its workers' stderr goes to a file read here: a full disk is then one line, not
+    # a worker's traceback before it; any other failure shows what they said.
+    said = tempfile.TemporaryFile()
     proc = multiprocessing.get_context("fork").Process(
-        target=_child_write, args=(tmp, samples, fields, num_workers, progress, desc), daemon=False)
+        target=_child_write, args=(tmp, samples, fields, num_workers, progress, desc, said.fileno()), daemon=False)
     previous = signal.signal(signal.SIGTERM, _interrupt)
+    text = ""
     try:
         proc.start()
-        proc.join()
+        # FFCV's writer waits forever for a worker that died (e.g. of a full disk): a traceback from
+        # any of them ends the write.
+        while proc.exitcode is None and "Traceback" not in text:
+            proc.join(0.5)
+            said.seek(0)
+            text = said.read().decode(errors="replace")
+        if proc.exitcode is None:
+            _stop_group(proc)
     except KeyboardInterrupt:
         _stop_group(proc)
         raise
     finally:
         signal.signal(signal.SIGTERM, previous)
     if proc.exitcode != 0:
+        if f"[Errno {errno.ENOSPC}]" in text or f"[Errno {errno.EDQUOT}]" in text:
+            raise no_space(OSError(errno.ENOSPC, "no space"), writing=tmp)
+        sys.stderr.write(text)
         raise BackMixError(f"FFCV's writer failed (exit status {proc.exitcode}) writing {tmp}")
 
 
@@ -174,9 +190,12 @@ def _stop_group(proc) -> None:
 
 
 def _child_write(tmp: Path, samples: "_Samples", fields: dict, num_workers: int,
-                 progress: Optional[bool], desc: str) -> None:
+                 progress: Optional[bool], desc: str, said: int) -> None:
     import ffcv.writer
     os.setpgrp()                                    # the parent stops us and our workers as one group
+    bar_file = os.fdopen(os.dup(2), "w")            # the progress bar stays on the terminal
+    os.dup2(said, 2)
+    sys.stderr = open(2, "w", buffering=1, closefd=False)   # what the workers forked from here print, too
     signal.signal(signal.SIGINT, signal.SIG_IGN)    # the parent handles Ctrl-C
     writer = ffcv.writer.DatasetWriter(str(tmp), fields, num_workers=max(1, num_workers))
 
@@ -188,7 +207,7 @@ def _child_write(tmp: Path, samples: "_Samples", fields: dict, num_workers: int,
         os.killpg(os.getpgrp(), signal.SIGKILL)
 
     signal.signal(signal.SIGTERM, stop)
-    ffcv.writer.tqdm = lambda total: progress_bar(progress, total=total, desc=desc, unit="img")
+    ffcv.writer.tqdm = lambda total: progress_bar(progress, total=total, desc=desc, unit="img", file=bar_file)
     writer.from_indexed_dataset(samples)
 
 

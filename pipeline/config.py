@@ -1,6 +1,7 @@
 """One configuration shared by every loader backend."""
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass, field
 from typing import Optional
@@ -68,6 +69,15 @@ class LoaderConfig:
             raise BackMixError("a loader without BackMix must return the clean images (clean=True)")
         if self.device not in DEVICES:
             raise BackMixError(f"device must be one of {DEVICES}, got {self.device!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, (int, np.integer)) or not 0 <= self.seed < 2**63:
+            raise BackMixError(f"seed must be a whole number in [0, 2**63), got {self.seed!r}")
+        for name in ("mean", "std"):
+            values = getattr(self, name)
+            if len(values) != 3 or not all(np.isfinite(values)) or (name == "std" and min(values) <= 0):
+                raise BackMixError(f"{name} must be 3 finite numbers (one per RGB channel)"
+                                   f"{', each above 0' if name == 'std' else ''}, got {values!r}")
+        if self.num_workers < 0:
+            raise BackMixError(f"num_workers must be >= 0, got {self.num_workers}")
 
     def sampler(self) -> BackMixSampler:
         return BackMixSampler(canvas=self.canvas, crop=self.crop, grid=self.grid,
@@ -86,8 +96,14 @@ def choose_device(request: str = "auto") -> torch.device:
         raise BackMixError("--device cuda was asked for, but CUDA is not available on this machine")
     use_cuda = request == "cuda" or (request == "auto" and torch.cuda.is_available())
     dev = torch.device("cuda", torch.cuda.current_device()) if use_cuda else torch.device("cpu")
-    log.info("mixing on %s", dev)
+    announce_device(str(dev))
     return dev
+
+
+@functools.lru_cache(maxsize=None)
+def announce_device(name: str) -> None:
+    """Logs the device once a process: a trainer's training and evaluation loaders share it."""
+    log.info("mixing on %s", name)
 
 
 def loader_inputs(index: ImageIndex, config: LoaderConfig, maps: Optional[ForegroundMaps],
@@ -139,6 +155,8 @@ class LoaderPosition:
         self._resume_at = 0               # the step the next iteration starts at
 
     def set_epoch(self, epoch: int) -> None:
+        if isinstance(epoch, bool) or not isinstance(epoch, (int, np.integer)) or epoch < 0:
+            raise BackMixError(f"set_epoch: epoch must be a whole number >= 0, got {epoch!r}")
         if epoch != self.epoch:           # the epoch a loaded state is in keeps its position
             self._resume_at = 0
         self.epoch = epoch

@@ -156,13 +156,14 @@ def decode_to_canvas(files, size: int, gpu: bool, mode: str = "center", stages: 
     from nvidia.dali import fn, types
     from nvidia.dali import math as dmath
 
-    images = fn.decoders.image(files, device="mixed" if gpu else "cpu", output_type=types.RGB)
+    # adjust_orientation=False: pixels as stored, as the reference loader decodes them (EXIF not applied)
+    images = fn.decoders.image(files, device="mixed" if gpu else "cpu", output_type=types.RGB, adjust_orientation=False)
     if stages == "decode":
         return images
     if mode == "stretch":
         return fn.resize(images, size=[size, size], mode="stretch", antialias=True,
                          interp_type=types.INTERP_LINEAR)
-    shape = fn.peek_image_shape(files)          # H, W, C on the host, from the header
+    shape = fn.peek_image_shape(files, adjust_orientation=False)   # H, W, C on the host, from the header
     h, w = fn.cast(shape[0], dtype=types.FLOAT), fn.cast(shape[1], dtype=types.FLOAT)
     # The shorter side becomes ``size`` exactly; max() picks it without a branch per sample.
     new_h = dmath.max(dmath.floor(size * h / w), float(size))

@@ -67,6 +67,8 @@ def join_ray(address: Optional[str], num_cpus: int):
         if address is None:
             ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1",
                      logging_level=logging.WARNING)
+            from .ray_watchdog import guard_local_ray
+            guard_local_ray(ray)
         else:
             ray.init(address=address, logging_level=logging.WARNING)
     except (ConnectionError, RuntimeError, ValueError) as e:

@@ -22,7 +22,7 @@ from typing import Iterator, NamedTuple, Optional
 
 import torch
 
-from backmix.osr_data.decode import decode_rgb_bytes, is_jpeg, read_bytes, to_canvas
+from backmix.osr_data.decode import check_pixels, decode_rgb_bytes, is_jpeg, read_bytes, to_canvas
 
 from .batch import to_device
 from .device_decode import jpeg_canvases
@@ -37,6 +37,7 @@ class EncodedDataset(CanvasDataset):
     def pixels(self, path: str) -> torch.Tensor:
         data = read_bytes(path)
         if is_jpeg(data):
+            check_pixels(path, data.numpy().tobytes())   # the header only: no gigapixel decode on the device
             return data
         return to_canvas(decode_rgb_bytes(data, path), self.canvas, self.mode)
 

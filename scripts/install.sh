@@ -9,13 +9,14 @@ SUDO=""
 if [ "$(id -u)" != 0 ] && command -v sudo >/dev/null; then SUDO=sudo; fi
 
 need_apt=0
-for pkg in libopencv-dev libturbojpeg0-dev pkg-config; do
+# iproute2: `ss`, with which the tests check that a local Ray listens on loopback only
+for pkg in libopencv-dev libturbojpeg0-dev pkg-config iproute2; do
   dpkg -s "$pkg" >/dev/null 2>&1 || need_apt=1
 done
 if [ "$need_apt" = 1 ]; then
-  echo "install: apt packages for FFCV (libopencv-dev libturbojpeg0-dev pkg-config)"
+  echo "install: apt packages for FFCV and the tests (libopencv-dev libturbojpeg0-dev pkg-config iproute2)"
   $SUDO apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq libopencv-dev libturbojpeg0-dev pkg-config >/dev/null
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq libopencv-dev libturbojpeg0-dev pkg-config iproute2 >/dev/null
 fi
 
 echo "install: torch and torchvision"

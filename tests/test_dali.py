@@ -324,3 +324,23 @@ def test_rrc_evaluation_is_the_centre_crop(tiny_root):
     b = next(iter(DaliLoader(index, cfg)))
     want = normalize(b.canvas[:, :, 4:60, 4:60], torch.tensor(cfg.mean), torch.tensor(cfg.std))
     assert (b.images - want).abs().max() <= ATOL
+
+
+def test_exif_orientation_is_ignored_as_by_the_reference_loader(tmp_path):
+    """JPEGs saying "rotate 90": DALI's canvases are the reference loader's (pixels as stored), within the
+    two JPEG decoders' difference; a rotated image would be off by far more (the pattern is not symmetric)."""
+    from PIL import Image
+    yy, xx = np.mgrid[0:24, 0:40]
+    for k, name in enumerate(("a", "b", "c")):
+        (tmp_path / name).mkdir()
+        for j in range(4):
+            pixels = (np.clip(xx * 6 + yy * 0.5 + 20 * (k + j), 0, 255)).astype(np.uint8)
+            exif = Image.Exif()
+            exif[0x0112] = 6
+            Image.fromarray(np.repeat(pixels[..., None], 3, axis=-1)).save(tmp_path / name / f"{j}.jpg", quality=95,
+                                                                          exif=exif)
+    index = ImageIndex.load(tmp_path)
+    cfg = config(canvas=16, crop=8, backmix=False, shuffle=False)
+    for b in DaliLoader(index, cfg):
+        ref = torch.stack([decode_canvas(index.abspath(int(i)), 16, "center") for i in b.indices])
+        assert (ref.int() - b.canvas.int()).abs().max() <= 6

@@ -60,6 +60,7 @@ from .recipe import Recipe, load_pretrained, sync_batchnorm
 from .run_log import RunLog
 from .open_test import open_test_indexes
 from .selection import best_epoch, run_summary, summary_line, validation_metrics
+from .run_lock import hold_run_folder
 
 log = logging.getLogger("backmix")
 
@@ -421,18 +422,25 @@ def append_jsonl(path: Path, record: dict) -> None:
 
 
 def rng_state() -> dict:
-    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    """Every RNG's state as tensors and plain values (a checkpoint is loaded with ``weights_only``)."""
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {"torch": torch.get_rng_state(), "numpy": [name, torch.from_numpy(keys.astype(np.int64)), pos,
+                                                      has_gauss, gauss], "python": random.getstate()}
 
 
 def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
+    name, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, gauss))
     random.setstate(state["python"])
 
 
 def resume_config(cfg: TrainConfig, explicit: set[str]) -> TrainConfig:
     """RUN/config.json, with the few fields a resumed run may change taken from ``cfg``."""
     path = cfg.run_dir / "config.json"
+    if path.is_file() and not (cfg.run_dir / "last.pt").is_file():
+        raise BackMixError(f"the run in {cfg.run_dir} stopped before its first checkpoint, so there is nothing "
+                           "to resume: rerun it without --resume")
     if not (cfg.run_dir / "last.pt").is_file() or not path.is_file():
         raise BackMixError(f"nothing to resume in {cfg.run_dir}: it has no last.pt and config.json")
     saved = TrainConfig.load(path).to_dict()
@@ -462,8 +470,13 @@ def main(cfg: TrainConfig, *, resume: bool = False, explicit: Optional[set[str]]
     else:
         torch.backends.cudnn.benchmark = True
     try:
-        with RunLog(cfg, enabled=rank == 0) as run_log:
-            return _run(cfg, device, rank, world, resume, run_log)
+        made_here = not cfg.run_dir.exists()
+        if rank == 0:
+            check_run_folder(cfg.run_dir)
+        # the folder is held (a second run into it is refused) before anything is written there
+        with hold_run_folder(cfg.run_dir, made_here) if rank == 0 else contextlib.nullcontext():
+            with RunLog(cfg, enabled=rank == 0) as run_log:
+                return _run(cfg, device, rank, world, resume, run_log)
     finally:
         torch.use_deterministic_algorithms(deterministic)
         if world > 1 and dist.is_initialized():
@@ -705,13 +718,14 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, data_root: str | os.PathL
                         workers: int = 2, progress: bool = True, on_error: str = "raise",
                         canvas_mode: Optional[str] = None, open_test: tuple[str, ...] = ()) -> dict:
     """Open-set metrics of a checkpoint on ``data_root``/test; the known classes come from the checkpoint."""
-    if Path(checkpoint).is_dir():
-        raise BackMixError(f"--checkpoint {checkpoint} is a folder; pass a checkpoint file in it, "
-                           f"{Path(checkpoint) / 'best.pt'} or {Path(checkpoint) / 'last.pt'}")
     ckpt = read_checkpoint(checkpoint)
     saved = ckpt.get("config") or {}
     if split is not None:
         data = load_data(data_root, split)
+        if ckpt.get("known_classes") and tuple(ckpt["known_classes"]) != data.split.known:
+            raise BackMixError(f"checkpoint {checkpoint} was trained on known classes "
+                               f"{', '.join(ckpt['known_classes'])}, not split {split} ({', '.join(data.split.known)}); "
+                               "leave --split out to evaluate on its own")
     elif ckpt.get("known_classes"):
         data = load_data(data_root, OpenSetSplit(tuple(ckpt["known_classes"]), ()))
     else:

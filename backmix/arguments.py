@@ -1,0 +1,53 @@
+"""Checks of the library's arguments: a call of ``backmix.loader``/``evaluate``/``rebuild`` with the
+wrong thing fails as the command line does, with a ``BackMixError`` (a wrong value) or a
+``TypeError`` (a wrong kind of thing) naming the argument, before any work, never with a
+traceback from deep inside or a silently wrong number."""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+from torch import nn
+
+from backmix.osr_data.errors import BackMixError
+
+
+def check_split(split) -> str:
+    if isinstance(split, bool) or not isinstance(split, (str, int)):
+        raise TypeError(f"split must be a split number or a comma list of known class names (str), "
+                        f"not {type(split).__name__}")
+    return str(split)
+
+
+def check_root(root) -> None:
+    if not isinstance(root, (str, os.PathLike)):
+        raise TypeError(f"root must be a folder path (str or os.PathLike), not {type(root).__name__}")
+
+
+def check_model(model, num_known: int) -> None:
+    """``model`` is a module whose classifier has the split's ``num_known`` outputs (when it can be told)."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, not {type(model).__name__}")
+    from backmix.models import features_and_head
+    try:
+        outputs = features_and_head(model)[1].out_features
+    except BackMixError:   # a model of another form: its logits are checked after the forward pass
+        return
+    if outputs != num_known:
+        raise BackMixError(f"model has {outputs} outputs, but the split has {num_known} known classes")
+
+
+def check_eval_loader(test_loader, data) -> None:
+    """``test_loader`` is an evaluation loader of ``data``'s test folder and split, with batches."""
+    index = getattr(test_loader, "index", None)
+    labels = getattr(getattr(test_loader, "row_labels", None), "label_map", None)
+    if index is None or labels is None:
+        raise TypeError(f"test_loader must be a backmix loader (backmix.loader(data, train=False)), "
+                        f"not {type(test_loader).__name__}")
+    if index.fingerprint() != data.test.fingerprint():
+        raise BackMixError(f"test_loader reads {index.root}, not the test folder {data.test.root} of data")
+    if not np.array_equal(labels, data.label_map):
+        raise BackMixError("test_loader was made for another split than data (its known classes differ); "
+                           "make it with backmix.loader(data, train=False)")
+    if len(test_loader) == 0:
+        raise BackMixError("test_loader yields no batches: nothing to evaluate")
