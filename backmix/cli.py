@@ -92,15 +92,15 @@ def main(argv: list[str] | None = None) -> int:
     except BackMixError as e:
         print(f"backmix: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("backmix: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:   # an OSError too: before the clause below
+        # The reader went away (`backmix cache info | head`): stop quietly, as coreutils do.
+        sys.stdout = None
+        return 141
     except OSError as e:
         if e.errno not in NO_SPACE_ERRNOS:
             raise
         print(f"backmix: error: {no_space(e)}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("backmix: interrupted", file=sys.stderr)
-        return 130
-    except BrokenPipeError:
-        # The reader went away (`backmix cache info | head`): stop quietly, as coreutils do.
-        sys.stdout = None
-        return 141

@@ -94,3 +94,14 @@ def test_energy_ranks_by_logsumexp_where_the_max_logit_does_not():
 def test_metrics_refuse_empty_sets():
     with pytest.raises(BackMixError, match="at least one known and one unknown"):
         auroc(np.array([0.5]), np.array([]))
+
+
+def test_logits_that_are_not_finite_are_one_line():
+    """A diverged model (NaN logits) is reported as such, not as scikit-learn's traceback."""
+    good = torch.randn(4, 3)
+    bad = good.clone()
+    bad[1, 0] = float("nan")
+    with pytest.raises(BackMixError, match="not finite"):
+        open_set_metrics(bad, torch.tensor([0, 1, 2, 0]), good)
+    with pytest.raises(BackMixError, match="not finite"):
+        open_set_metrics(good, torch.tensor([0, 1, 2, 0]), bad * float("inf"))

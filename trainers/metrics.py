@@ -80,6 +80,9 @@ def open_set_metrics(logits_known: torch.Tensor | np.ndarray, labels_known: torc
     lk = torch.as_tensor(logits_known).double()
     lu = torch.as_tensor(logits_unknown).double()
     yk = torch.as_tensor(labels_known).long()
+    if not (torch.isfinite(lk).all() and torch.isfinite(lu).all()):
+        raise BackMixError("the model's logits are not finite (NaN or inf): training diverged; "
+                           "try a lower --lr, --clip-grad, or a larger --batch-size")
     correct = (lk.argmax(1) == yk).numpy()
     known, unknown = open_set_scores(lk), open_set_scores(lu)
     out = {"accuracy": float(correct.mean())}
