@@ -4,7 +4,7 @@ On a folder of ``--classes`` x ``--per-class`` JPEGs (default 1000 x 1281, Image
 shape; hard links to the bench photographs, built once under ~/.cache/backmix), it
 times, with the stages' public functions only: indexing the folder (the first
 ``ImageIndex.load``, which scans it and writes index.csv, then a second one that reads
-it), writing generation 0 of the foreground cache and opening it (``init_cache``,
+it), starting the foreground cache and opening it (``start_cache``: generation 0 has no file,
 ``ForegroundCache`` and a first gather), and the seconds to the first batch of each
 backend (``make_loader`` and one batch). It then runs each backend for ``--epochs``
 epochs of at most ``--batches`` batches (0: whole epochs) and samples the resident set (RSS) and private
@@ -90,7 +90,7 @@ def run_scale(classes: int, per_class: int, *, backends: list[str], epochs: int 
               write_beton: bool = False, train: bool = True, source_images: int = 1024,
               on_phase: Optional[Callable[[dict], None]] = None) -> dict:
     """The report (see the module doc); ``on_phase(report)`` is called as each phase ends."""
-    from backmix.cam_cache import ForegroundCache, init_cache
+    from backmix.cam_cache import ForegroundCache, start_cache
     from backmix.osr_data.benchdata import default_scale_folder, make_scale_folder
     from backmix.osr_data.index import INDEX_NAME, ImageIndex
     from backmix.pipeline.bench import machine
@@ -130,7 +130,7 @@ def run_scale(classes: int, per_class: int, *, backends: list[str], epochs: int 
     with tempfile.TemporaryDirectory(prefix="backmix-scale-") as scratch:
         log.info("bench scale: the foreground cache")
         cache_dir = Path(scratch) / "cache"
-        _, report["cache_init_s"] = _timed(init_cache, cache_dir, index)
+        _, report["cache_init_s"] = _timed(start_cache, cache_dir, index)
         t = time.perf_counter()
         maps = ForegroundCache(cache_dir, index=index)
         maps.gather(list(range(min(batch_size, len(index)))))
@@ -214,7 +214,7 @@ def format_table(report: dict) -> str:
              "", "| step | seconds |", "|---|---|"]
     for key, name in (("folder_build_s", "build the folder (hard links; once)"),
                       ("index_s", "index (scan + write index.csv)"), ("index_load_s", "index (read index.csv)"),
-                      ("cache_init_s", "write cache generation 0"), ("cache_open_s", "open the cache + first gather"),
+                      ("cache_init_s", "start the cache (generation 0: no file)"), ("cache_open_s", "open the cache + first gather"),
                       ("beton_write_s", "write the FFCV beton")):
         if key in report:
             lines.append(f"| {name} | {report[key]:.2f} |")
