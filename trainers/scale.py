@@ -185,7 +185,9 @@ def _backend_run(make_loader, backend, index, maps, config, epochs: int, batches
                     if batches is not None and step + 1 >= batches:
                         break
                 epoch_s.append(time.perf_counter() - t0)
-            del loader
+        if hasattr(loader, "close"):   # its persistent workers end now, not in the next phase's samples
+            loader.close()
+        del loader
     except (BackMixError, ImportError) as e:
         return {"error": str(e).splitlines()[0]}
     row.update({"epoch_s": epoch_s, "images": n, "images_per_s": n / sum(epoch_s), "memory": memory.report()})
