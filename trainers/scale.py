@@ -251,7 +251,7 @@ def register_bench(sub) -> None:
     p.add_argument("--classes", type=int, default=1000)
     p.add_argument("--per-class", type=int, default=1281, help="training images a class")
     p.add_argument("--backend", default=",".join(BACKENDS), help="comma list of backends")
-    p.add_argument("--epochs", type=int, default=2, help="epochs of each loader and of training")
+    p.add_argument("--epochs", type=int, default=2, help="epochs of each loader (and of training with --batches 0)")
     p.add_argument("--batches", type=int, default=50,
                    help="batches an epoch of each loader, and steps of the training run (a `backmix train` child "
                         "stopped after them); 0: whole epochs, and the trainer in this process with its rebuild")
