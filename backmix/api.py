@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from .arguments import check_eval_loader, check_model, check_root, check_split
-from .cam_cache import ForegroundCache, init_cache, rebuild_cache
+from .cam_cache import ForegroundCache, rebuild_cache, start_cache
 from .pipeline import LoaderConfig, make_loader
 from .pipeline.loaders import backend_options
 from .pipeline.augment import IMAGENET_MEAN, IMAGENET_STD
@@ -70,7 +70,7 @@ def loader(data: OpenSetData | str | os.PathLike, *, split: str | int = "0", cac
     maps = None
     if cache is not None and train and config.backmix:
         if rank == 0:
-            init_cache(cache, data.train, grid=config.grid, canvas_mode=config.canvas_mode)
+            start_cache(cache, data.train, grid=config.grid, canvas_mode=config.canvas_mode)
         if world > 1 and torch.distributed.is_initialized():
             torch.distributed.barrier()
         maps = ForegroundCache(cache, index=data.train, grid=config.grid, canvas_mode=config.canvas_mode)

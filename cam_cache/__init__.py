@@ -14,7 +14,7 @@ _EXPORTS = {
     "compute_cams": ".precompute", "publish_generation": ".precompute",
     "rebuild_cache": ".rebuild", "stage_generation": ".rebuild", "publish_staged": ".rebuild",
     "InLoopRebuild": ".recorder", "rebuilding": ".recorder",
-    "ForegroundCache": ".store", "cache_info": ".store", "init_cache": ".store",
+    "ForegroundCache": ".store", "cache_info": ".store", "init_cache": ".store", "start_cache": ".uniform_generation",
 }
 __all__ = sorted(_EXPORTS)
 __getattr__, __dir__ = lazy_exports(__name__, globals(), _EXPORTS)
@@ -26,3 +26,4 @@ if TYPE_CHECKING:
     from .rebuild import publish_staged, rebuild_cache, stage_generation
     from .recorder import InLoopRebuild, rebuilding
     from .store import ForegroundCache, cache_info, init_cache
+    from .uniform_generation import start_cache

@@ -3,7 +3,7 @@
 Layout of a cache folder::
 
     CURRENT                  {"generation": n, "keep": k}: the one generation readers use
-    gen-000000.arrow         generation 0 (0.5 everywhere), then one file per generation
+    gen-000000.arrow         generation 0 (0.5 everywhere; or no file, see uniform_generation.py), then one a generation
     next-000004/shard-0-of-2.arrow   a build in progress: the shards of generation n+1
 
 Each generation file holds one record batch with columns ``index`` (int64,
@@ -205,9 +205,9 @@ def read_pointer(cache_dir: Path) -> dict:
     return ptr
 
 
-def write_pointer(cache_dir: Path, generation: int, keep: int) -> None:
+def write_pointer(cache_dir: Path, generation: int, keep: int, **extra) -> None:
     atomic_write_bytes(Path(cache_dir) / POINTER,
-                       json.dumps({"generation": generation, "keep": keep}).encode())
+                       json.dumps({"generation": generation, "keep": keep, **extra}).encode())
     _fsync_dir(Path(cache_dir))
 
 
@@ -231,10 +231,14 @@ class ForegroundCache:
 
     def _read_generation(self) -> int:
         self._pointer_stat = _stat_key(self.cache_dir / POINTER)
-        return int(read_pointer(self.cache_dir)["generation"])
+        ptr = read_pointer(self.cache_dir)
+        self._uniform = ptr.get("uniform")     # generation 0 without a file (cam_cache/uniform_generation.py)
+        return int(ptr["generation"])
 
     def _open(self, generation: int, verify: bool = True) -> None:
-        mapped = MappedMaps(generation_path(self.cache_dir, generation), verify=verify)
+        from .uniform_generation import UniformGeneration
+        mapped = UniformGeneration(self.cache_dir, self._uniform) if generation == 0 and self._uniform \
+            else MappedMaps(generation_path(self.cache_dir, generation), verify=verify)
         if self._grid is not None and mapped.grid != self._grid:
             raise BackMixError(f"cache file {mapped.path} has {mapped.grid}x{mapped.grid} maps, "
                                f"expected {self._grid}x{self._grid}")

@@ -217,7 +217,7 @@ def test_bench_scale_runs_small_and_writes_every_field(tmp_path, monkeypatch, ca
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     out = tmp_path / "scale.json"
     assert main(["bench", "scale", "--classes", "20", "--per-class", "50", "--source-images", "24", "--epochs", "2",
-                 "--batch-size", "32", "--workers", "1", "--write-beton", "--json", str(out),
+                 "--batch-size", "32", "--workers", "1", "--write-beton", "--json", str(out), "--batches", "0",
                  "--backend", "reference,dali,ffcv"]) == 0      # ray: tests/test_ray.py (its own Ray per module)
     report = json.loads(out.read_text())
     assert {"machine", "command", "data", "images", "classes", "per_class", "config", "folder_build_s", "index_s",
@@ -239,3 +239,37 @@ def test_bench_scale_runs_small_and_writes_every_field(tmp_path, monkeypatch, ca
     assert 0 < train["first_batch_s"] < train["wall_s"]
     table = capsys.readouterr().out
     assert "| train (cnn32) |" in table and "cache rebuild:" in table and "| ffcv |" in table
+
+
+def test_bench_scale_bounded_logs_each_phase_writes_json_as_it_goes_and_cleans_up_on_ctrl_c(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    import psutil
+    out, scratch = tmp_path / "scale.json", tmp_path / "tmp"
+    scratch.mkdir()
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "xdg"), "TMPDIR": str(scratch), "OMP_NUM_THREADS": "1"}
+    bench = subprocess.Popen([sys.executable, "-m", "backmix", "bench", "scale", "--classes", "3", "--per-class", "24",
+                              "--source-images", "8", "--backend", "reference", "--batch-size", "8", "--batches", "2",
+                              "--workers", "1", "--json", str(out)], env=env, cwd=tmp_path,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    phases = []
+    for line in bench.stderr:
+        if line.startswith("backmix: bench scale: "):
+            phases.append(line.split(": ", 2)[2].split(",")[0].split(" ")[0])
+            if line.startswith("backmix: bench scale: backmix train, stopped after 2 steps"):
+                # The training child is starting (its own session): Ctrl-C the bench now.
+                assert list(scratch.glob("backmix-scale-*/cache/CURRENT"))
+                bench.send_signal(signal.SIGINT)
+                break
+    rest = bench.stderr.read()
+    assert bench.wait(120) == 130 and "backmix: interrupted" in rest and "Traceback" not in rest, rest
+    assert phases == ["the", "indexing", "the", "loader", "backmix"]
+    assert not list(scratch.glob("backmix-scale-*"))       # the temporary cache and run folders are gone
+    assert not [p for p in psutil.process_iter(["cmdline"]) if str(scratch) in " ".join(p.info["cmdline"] or [])]
+    report = json.loads(out.read_text())                   # what the finished phases measured
+    assert "train" not in report and report["command"].startswith("backmix bench scale")
+    row = report["backends"]["reference"]
+    assert row["images"] == 2 * 2 * 8 and len(row["epoch_s"]) == 2 and row["first_batch_s"] > 0

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from backmix.osr_data.decode import CANVAS_MODES
+from backmix.osr_data.options import CANVAS_MODES
 from backmix.osr_data.errors import BackMixError
 from backmix.pipeline.loaders import backend_options
 from backmix.osr_data.protocols import PROTOCOLS

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from sklearn.metrics import roc_auc_score, roc_curve
 
 from backmix.osr_data.errors import BackMixError
 
@@ -22,6 +21,8 @@ def _scores(known: np.ndarray, unknown: np.ndarray) -> tuple[np.ndarray, np.ndar
 
 def auroc(known: np.ndarray, unknown: np.ndarray) -> float:
     """Area under the ROC curve separating known (positive) from unknown scores."""
+    from sklearn.metrics import roc_auc_score   # here, not at the top: 2 s of start-up for every command
+
     known, unknown = _scores(known, unknown)
     y = np.r_[np.ones(known.size), np.zeros(unknown.size)]
     return float(roc_auc_score(y, np.r_[known, unknown]))
@@ -29,6 +30,8 @@ def auroc(known: np.ndarray, unknown: np.ndarray) -> float:
 
 def fpr_at_tpr(known: np.ndarray, unknown: np.ndarray, tpr: float = 0.95) -> float:
     """Share of unknowns accepted at the highest threshold that accepts >= ``tpr`` of the knowns."""
+    from sklearn.metrics import roc_curve
+
     known, unknown = _scores(known, unknown)
     y = np.r_[np.ones(known.size), np.zeros(unknown.size)]
     fprs, tprs, _ = roc_curve(y, np.r_[known, unknown], drop_intermediate=False)

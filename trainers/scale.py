@@ -4,16 +4,20 @@ On a folder of ``--classes`` x ``--per-class`` JPEGs (default 1000 x 1281, Image
 shape; hard links to the bench photographs, built once under ~/.cache/backmix), it
 times, with the stages' public functions only: indexing the folder (the first
 ``ImageIndex.load``, which scans it and writes index.csv, then a second one that reads
-it), writing generation 0 of the foreground cache and opening it (``init_cache``,
+it), starting the foreground cache and opening it (``start_cache``: generation 0 has no file,
 ``ForegroundCache`` and a first gather), and the seconds to the first batch of each
 backend (``make_loader`` and one batch). It then runs each backend for ``--epochs``
-epochs (``--batches`` caps an epoch) and samples the resident set (RSS) and private
+epochs of at most ``--batches`` batches (0: whole epochs) and samples the resident set (RSS) and private
 memory (USS, psutil) of the main process and of each worker process every
 ``--sample-s`` seconds, keeping each one's peak. Last it trains the small CNN on the
-folder with the trainer (``backmix train``: ``--epochs`` epochs, the cache rebuilt
-after each but the last) and reports its seconds to the first batch (its wall time
-less its epochs, evaluations and rebuilds), its memory, and the cache rebuild's time
-as a fraction of an epoch. FFCV needs its beton: a backend without one reports the
+folder: with ``--batches N``, ``backmix train`` started as a user starts it (a child
+process) and stopped after N steps, reporting the seconds from launch to its first
+step; with ``--batches 0``, the trainer in this process for ``--epochs`` whole epochs
+(the cache rebuilt after each but the last), reporting its seconds to the first batch
+(its wall time less its epochs, evaluations and rebuilds), its memory, and the cache
+rebuild's time as a fraction of an epoch. A line is logged as each phase starts and
+the JSON (``--json``) is rewritten as each one ends; Ctrl-C removes the temporary
+cache and run folders and stops the training child. FFCV needs its beton: a backend without one reports the
 command that writes it, or ``--write-beton`` writes (and times) it first.
 """
 from __future__ import annotations
@@ -27,7 +31,7 @@ import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 import psutil
 
@@ -83,8 +87,10 @@ def _timed(fn, *args, **kwargs):
 
 def run_scale(classes: int, per_class: int, *, backends: list[str], epochs: int = 2, batches: Optional[int] = None,
               batch_size: int = 64, workers: int = 2, canvas: int = 40, crop: int = 32, sample_s: float = 0.5,
-              write_beton: bool = False, train: bool = True, source_images: int = 1024) -> dict:
-    from backmix.cam_cache import ForegroundCache, init_cache
+              write_beton: bool = False, train: bool = True, source_images: int = 1024,
+              on_phase: Optional[Callable[[dict], None]] = None) -> dict:
+    """The report (see the module doc); ``on_phase(report)`` is called as each phase ends."""
+    from backmix.cam_cache import ForegroundCache, start_cache
     from backmix.osr_data.benchdata import default_scale_folder, make_scale_folder
     from backmix.osr_data.index import INDEX_NAME, ImageIndex
     from backmix.pipeline.bench import machine
@@ -92,8 +98,10 @@ def run_scale(classes: int, per_class: int, *, backends: list[str], epochs: int 
     from backmix.pipeline.loaders import BACKENDS, make_loader
 
     from .config import TrainConfig
+    from .scale_train import bounded_train, train_args
     from .train import main as train_main
 
+    done = on_phase or (lambda report: None)
     for b in backends:
         if b not in BACKENDS:
             raise BackMixError(f"unknown backend {b!r} (choose from {', '.join(BACKENDS)})")
@@ -102,6 +110,7 @@ def run_scale(classes: int, per_class: int, *, backends: list[str], epochs: int 
                            f"got {epochs}, {batches}, {batch_size}, {sample_s}")
     if batch_size > classes * per_class:
         raise BackMixError(f"{classes} x {per_class} images are fewer than one batch of {batch_size}")
+    log.info("bench scale: the %d x %d folder", classes, per_class)
     root, build_s = _timed(make_scale_folder, default_scale_folder(classes, per_class, source_images), classes, per_class,
                            source_images=source_images)
     report: dict = {"machine": machine(), "data": str(root), "images": classes * per_class, "classes": classes,
@@ -109,31 +118,51 @@ def run_scale(classes: int, per_class: int, *, backends: list[str], epochs: int 
                                                        "batch_size": batch_size, "workers": workers,
                                                        "canvas": canvas, "crop": crop, "sample_s": sample_s},
                     "folder_build_s": build_s}
+    done(report)
+    log.info("bench scale: indexing %s", root / "train")
     for split in ("train", "test"):          # the index files are what the next lines time
         (root / split / INDEX_NAME).unlink(missing_ok=True)
     index, report["index_s"] = _timed(ImageIndex.load, root / "train")
     _, report["index_load_s"] = _timed(ImageIndex.load, root / "train")
     ImageIndex.load(root / "test")
+    done(report)
+    # Removed on the way out, a Ctrl-C (KeyboardInterrupt) included.
     with tempfile.TemporaryDirectory(prefix="backmix-scale-") as scratch:
+        log.info("bench scale: the foreground cache")
         cache_dir = Path(scratch) / "cache"
-        _, report["cache_init_s"] = _timed(init_cache, cache_dir, index)
+        _, report["cache_init_s"] = _timed(start_cache, cache_dir, index)
         t = time.perf_counter()
         maps = ForegroundCache(cache_dir, index=index)
         maps.gather(list(range(min(batch_size, len(index)))))
         report["cache_open_s"] = time.perf_counter() - t
+        done(report)
         if write_beton and "ffcv" in backends:
+            log.info("bench scale: writing the FFCV beton")
             from backmix.pipeline.beton import beton_locations, write_beton as write
             _, report["beton_write_s"] = _timed(write, index, beton_locations(index, canvas)[0], canvas=canvas,
                                                 num_workers=workers)
+            done(report)
         report["backends"] = {}
         for backend in backends:
+            log.info("bench scale: loader %s, %d epoch(s) of %s batches", backend, epochs, batches or "all")
             report["backends"][backend] = _backend_run(make_loader, backend, index, maps, LoaderConfig(
                 batch_size=batch_size, canvas=canvas, crop=crop, num_workers=workers), epochs, batches, sample_s)
-        if train:
+            done(report)
+        if train and batches:
+            log.info("bench scale: backmix train, stopped after %d steps", batches)
+            memory = MemoryPeaks(sample_s)
+            report["train"] = bounded_train(train_args(root, Path(scratch) / "run", Path(scratch) / "train-cache",
+                                                       batch_size=batch_size, canvas=canvas, crop=crop,
+                                                       workers=workers), batches, memory)
+            report["train"]["memory"] = memory.report()
+            done(report)
+        elif train:
+            log.info("bench scale: training %d whole epoch(s) in this process", epochs)
             report["train"] = _train_run(train_main, TrainConfig(
                 data=str(root), out=str(Path(scratch) / "run"), epochs=epochs, batch_size=batch_size,
                 canvas=canvas, crop=crop, workers=workers, regen_every=1, eval_every=epochs, progress=False,
                 cache=str(Path(scratch) / "train-cache")), sample_s)
+            done(report)
     return report
 
 
@@ -156,7 +185,9 @@ def _backend_run(make_loader, backend, index, maps, config, epochs: int, batches
                     if batches is not None and step + 1 >= batches:
                         break
                 epoch_s.append(time.perf_counter() - t0)
-            del loader
+        if hasattr(loader, "close"):   # its persistent workers end now, not in the next phase's samples
+            loader.close()
+        del loader
     except (BackMixError, ImportError) as e:
         return {"error": str(e).splitlines()[0]}
     row.update({"epoch_s": epoch_s, "images": n, "images_per_s": n / sum(epoch_s), "memory": memory.report()})
@@ -185,7 +216,7 @@ def format_table(report: dict) -> str:
              "", "| step | seconds |", "|---|---|"]
     for key, name in (("folder_build_s", "build the folder (hard links; once)"),
                       ("index_s", "index (scan + write index.csv)"), ("index_load_s", "index (read index.csv)"),
-                      ("cache_init_s", "write cache generation 0"), ("cache_open_s", "open the cache + first gather"),
+                      ("cache_init_s", "start the cache (generation 0: no file)"), ("cache_open_s", "open the cache + first gather"),
                       ("beton_write_s", "write the FFCV beton")):
         if key in report:
             lines.append(f"| {name} | {report[key]:.2f} |")
@@ -202,7 +233,8 @@ def format_table(report: dict) -> str:
         w = m["workers"]
         worst = (f"{max(x['rss_mib'] for x in w):.0f} / {max(x['uss_mib'] for x in w):.0f}") if w else "-"
         images_s = f"{r['images_per_s']:.0f}" if "images_per_s" in r else ""
-        lines.append(f"| {name} | {r['first_batch_s']:.2f} | {' '.join(f'{s:.1f}' for s in r['epoch_s'])} | "
+        epochs = " ".join(f"{s:.1f}" for s in r["epoch_s"]) if "epoch_s" in r else f"({r['steps']} steps)"
+        lines.append(f"| {name} | {r['first_batch_s']:.2f} | {epochs} | "
                      f"{images_s} | {m['main_rss_mib']:.0f} / {m['main_uss_mib']:.0f} | {len(w)} | {worst} |")
     fraction = report.get("train", {}).get("rebuild_fraction_of_epoch")
     if fraction is not None:
@@ -219,8 +251,10 @@ def register_bench(sub) -> None:
     p.add_argument("--classes", type=int, default=1000)
     p.add_argument("--per-class", type=int, default=1281, help="training images a class")
     p.add_argument("--backend", default=",".join(BACKENDS), help="comma list of backends")
-    p.add_argument("--epochs", type=int, default=2, help="epochs of each loader and of training")
-    p.add_argument("--batches", type=int, default=None, help="cap on a loader's batches an epoch (not training's)")
+    p.add_argument("--epochs", type=int, default=2, help="epochs of each loader (and of training with --batches 0)")
+    p.add_argument("--batches", type=int, default=50,
+                   help="batches an epoch of each loader, and steps of the training run (a `backmix train` child "
+                        "stopped after them); 0: whole epochs, and the trainer in this process with its rebuild")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--canvas", type=int, default=40)
@@ -236,16 +270,24 @@ def register_bench(sub) -> None:
 
 def run_bench_scale(args) -> int:
     from backmix.pipeline.beton import check_output_file
+    from backmix.osr_data.index import atomic_write_bytes
     if args.json is not None:
         check_output_file(args.json, "--json")
-    report = run_scale(args.classes, args.per_class, backends=[b.strip() for b in args.backend.split(",") if b.strip()],
-                       epochs=args.epochs, batches=args.batches, batch_size=args.batch_size, workers=args.workers,
-                       canvas=args.canvas, crop=args.crop, sample_s=args.sample_s, write_beton=args.write_beton,
-                       train=not args.no_train, source_images=args.source_images)
-    report["command"] = "backmix bench scale " + " ".join(sys.argv[3:]) if sys.argv[1:3] == ["bench", "scale"] \
-        else "backmix bench scale"
-    print(format_table(report))
-    if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=2) + "\n")
+    if args.batches < 0:
+        raise BackMixError(f"--batches must be >= 0 (0: whole epochs), got {args.batches}")
+
+    def write_json(report: dict) -> None:
+        if args.json:      # after every phase: an interrupted run keeps what it measured
+            atomic_write_bytes(args.json, (json.dumps({**report, "command": command}, indent=2) + "\n").encode())
+
+    command = "backmix bench scale " + " ".join(sys.argv[3:]) if sys.argv[1:3] == ["bench", "scale"] \
+        else "backmix bench scale"
+    report = run_scale(args.classes, args.per_class, backends=[b.strip() for b in args.backend.split(",") if b.strip()],
+                       epochs=args.epochs, batches=args.batches or None, batch_size=args.batch_size, workers=args.workers,
+                       canvas=args.canvas, crop=args.crop, sample_s=args.sample_s, write_beton=args.write_beton,
+                       train=not args.no_train, source_images=args.source_images, on_phase=write_json)
+    report["command"] = command
+    print(format_table(report))
+    write_json(report)
     return 0

@@ -529,12 +529,12 @@ def _run(cfg: TrainConfig, device: torch.device, rank: int, world: int, resume: 
     if cfg.channels_last and device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
 
-    # The foreground cache: generation 0 (0.5 everywhere) unless it exists. Baselines need none.
+    # The foreground cache: generation 0 (0.5 everywhere, no file) unless it exists. Baselines need none.
     maps = None
     if cfg.backmix:
-        from backmix.cam_cache import ForegroundCache, init_cache
+        from backmix.cam_cache import ForegroundCache, start_cache
         if rank == 0:
-            init_cache(cfg.cache_dir, data.train, grid=cfg.grid, canvas_mode=cfg.canvas_mode)
+            start_cache(cfg.cache_dir, data.train, grid=cfg.grid, canvas_mode=cfg.canvas_mode)
         barrier(world)
         maps = ForegroundCache(cfg.cache_dir, index=data.train, grid=cfg.grid, canvas_mode=cfg.canvas_mode)
 

@@ -1,0 +1,72 @@
+"""``backmix bench scale``'s bounded training run: ``backmix train`` as a user starts it, stopped after N steps.
+
+The command runs in a child process (its own session) with ``--log-every 1``; its first step's log
+line marks the first batch, so the seconds include the interpreter, the imports, the index, the
+foreground cache and the loaders: what a user waits for. After ``steps`` step lines the child gets
+SIGINT (the trainer's Ctrl-C) and is waited for; on any error or a Ctrl-C of the bench itself the
+child's whole process group is stopped too, so no worker outlives the bench.
+"""
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from backmix.osr_data.errors import BackMixError
+
+STEP_LINE = re.compile(r"epoch 1/\d+ step (\d+)/(\d+)")
+STOP_GRACE_S = 30.0    # after SIGINT, seconds the trainer gets to close its workers before SIGKILL
+
+
+def stop_group(proc: subprocess.Popen) -> None:
+    """SIGINT to the child's process group, then SIGKILL if it has not ended after ``STOP_GRACE_S``."""
+    for sig in (signal.SIGINT, signal.SIGKILL):
+        if proc.poll() is not None:
+            break
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            break
+        try:
+            proc.wait(STOP_GRACE_S)
+        except subprocess.TimeoutExpired:
+            continue
+    proc.wait()
+
+
+def bounded_train(args: list[str], steps: int, memory) -> dict:
+    """Run ``backmix train ARGS --log-every 1`` until its ``steps``-th step (or its end); ``memory`` (a
+    ``MemoryPeaks``) samples it and its workers meanwhile. Returns the first batch's seconds, steps seen
+    and wall time."""
+    command = [sys.executable, "-m", "backmix", "train", *args, "--log-every", "1", "--no-progress"]
+    seen, first, tail = 0, None, []
+    with memory.sampling():
+        t = time.perf_counter()
+        proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                                start_new_session=True)
+        try:
+            for line in proc.stderr:
+                tail = (tail + [line.rstrip()])[-5:]
+                match = STEP_LINE.search(line)
+                if match:
+                    seen = int(match.group(1))
+                    first = time.perf_counter() - t if first is None else first
+                    if seen >= steps:
+                        break
+        finally:
+            stop_group(proc)
+        wall = time.perf_counter() - t
+    if first is None:
+        raise BackMixError(f"the training run ended (exit {proc.returncode}) before its first step: "
+                           + " | ".join(tail))
+    return {"first_batch_s": first, "steps": seen, "wall_s": wall, "command": " ".join(["backmix", "train", *args])}
+
+
+def train_args(root: Path, run: Path, cache: Path, *, batch_size: int, canvas: int, crop: int,
+               workers: int) -> list[str]:
+    return ["--data", str(root), "--out", str(run), "--cache", str(cache), "--epochs", "1",
+            "--batch-size", str(batch_size), "--canvas", str(canvas), "--crop", str(crop), "--workers", str(workers)]
