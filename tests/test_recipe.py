@@ -54,15 +54,19 @@ RECIPE = ("--log-every", "1", "--log", "csv,tensorboard", "--ema", "0.5", "--lab
 
 @pytest.fixture(scope="module")
 def recipe_run(small_root, tmp_path_factory) -> Path:
-    """One epoch (3 steps of 8) with every recipe option and both log sinks; progress lines on."""
+    """One epoch (3 steps of 8) with every recipe option and both log sinks; progress lines on (every
+    tenth of the epoch: no minimum interval between them here)."""
+    from backmix.trainers import run_log
     out = tmp_path_factory.mktemp("runs") / "recipe"
     logger = logging.getLogger("backmix")
-    level = logger.level
+    level, seconds = logger.level, run_log.PROGRESS_SECONDS
     logger.setLevel(logging.INFO)
+    run_log.PROGRESS_SECONDS = 0.0
     try:
         assert cli_main(train_args(small_root, out, *RECIPE)) == 0
     finally:
         logger.setLevel(level)
+        run_log.PROGRESS_SECONDS = seconds
     return out
 
 
@@ -114,6 +118,13 @@ def test_step_lines_and_progress_lines_reach_the_run_log(recipe_run):
     for step, share in ((1, 33), (2, 66), (3, 100)):
         assert f"epoch 1/1 step {step}/3 ({share}%): loss " in text
     assert "data wait" in text and "lr " in text and "epoch 1/1  loss" in text
+
+
+def test_progress_lines_off_a_terminal_are_at_most_one_per_interval(small_root, tmp_path, caplog):
+    """A short epoch off a terminal prints its epoch line, not a progress line per step."""
+    caplog.set_level(logging.INFO, logger="backmix")
+    assert cli_main(train_args(small_root, tmp_path / "run", "--log-every", "0")) == 0
+    assert "epoch 1/1  loss" in caplog.text and "(33%)" not in caplog.text and "(100%)" not in caplog.text
 
 
 def test_run_config_yaml_round_trips_and_the_command_line_overrides_it(recipe_run, small_root, tmp_path):

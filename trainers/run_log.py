@@ -1,6 +1,6 @@
 """What a run reports while it trains (rank 0): a line every ``--log-every`` steps (loss, img/s, lr,
 share of the time spent waiting for data), progress (a tqdm bar on a terminal, else a line every
-10 % of an epoch), all of it also in RUN/train.log; with ``--log csv`` the step lines in RUN/steps.csv
+10 % of an epoch, at most one per 10 s), all of it also in RUN/train.log; with ``--log csv`` the step lines in RUN/steps.csv
 and the epochs in RUN/epochs.csv, with ``--log tensorboard`` the same as TensorBoard scalars in
 RUN/tensorboard (``torch.utils.tensorboard``; the ``tensorboard`` extra).
 """
@@ -27,7 +27,8 @@ log = logging.getLogger("backmix")
 STEP_FIELDS = ("epoch", "step", "global_step", "loss", "images_per_s", "lr", "data_wait")
 EPOCH_FIELDS = ("epoch", "loss", "train_acc", "images_per_s", "lr", "train_s")
 EVAL_FIELDS = ("accuracy", "auroc_msp", "auroc_mls", "fpr95_msp", "fpr95_mls", "oscr_msp", "oscr_mls")
-PROGRESS_LINES = 10   # without a terminal: a progress line every tenth of an epoch
+PROGRESS_LINES = 10   # without a terminal: a progress line every tenth of an epoch,
+PROGRESS_SECONDS = 10.0   # but at most one per this many seconds (a short epoch has its epoch line alone)
 
 
 class RunLog:
@@ -135,6 +136,7 @@ class EpochProgress:
             self._redirect.enter_context(logging_redirect_tqdm([logging.root]))
         self.progress_lines = run_log.enabled and self.cfg.progress and not run_log.bar_on_terminal
         self.next_line = self._next_tenth(first_step)
+        self.last_line = time.perf_counter()
 
     def _reset(self) -> None:
         self.loss_sum, self.images, self.waited, self.since = None, 0, 0.0, time.perf_counter()
@@ -154,6 +156,8 @@ class EpochProgress:
         every = self.cfg.log_every
         report = bool(every) and global_step % every == 0
         line = self.progress_lines and self.done >= self.next_line
+        if line and time.perf_counter() - self.last_line < PROGRESS_SECONDS:
+            line, self.next_line = False, self._next_tenth(self.done)   # this tenth came too soon: skipped
         postfix = not self.bar.disable and (self.bar.n + 1) % 10 == 0
         if not (report or line or postfix):
             self.bar.update(1)
@@ -169,6 +173,7 @@ class EpochProgress:
             log.info("epoch %d/%d step %s: loss %.4f  %.0f img/s  lr %.4g  data wait %.0f%%", self.epoch + 1,
                      self.cfg.epochs, where, row["loss"], row["images_per_s"], lr, 100 * row["data_wait"])
             self.next_line = self._next_tenth(self.done)
+            self.last_line = time.perf_counter() if line else self.last_line
         if report:
             self.run_log.steps(row)
             self._reset()
