@@ -310,9 +310,6 @@ class ImageIndex:
             self._fingerprint = h.hexdigest()
         return self._fingerprint
 
-    def subset_mask(self, known_labels: np.ndarray) -> np.ndarray:
-        return np.isin(self.labels, known_labels)
-
 
 def _check_is_split_folder(root: Path) -> None:
     if not root.is_dir():

@@ -165,8 +165,3 @@ class AutoAugment:
 
 def auto_augment_seed(seed: int, epoch: int, rank: int, step: int) -> int:
     return int(np.random.SeedSequence([seed, epoch, rank, step, 0xA4]).generate_state(1)[0])
-
-
-def center_offsets(batch: int, canvas: int, crop: int, device=None) -> Tensor:
-    o = (canvas - crop) // 2
-    return torch.full((batch, 2), o, dtype=torch.int64, device=device)
