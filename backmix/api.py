@@ -18,7 +18,8 @@ from .pipeline import LoaderConfig, make_loader
 from .pipeline.loaders import backend_options
 from .pipeline.augment import IMAGENET_MEAN, IMAGENET_STD
 from .osr_data.protocols import split_list
-from .trainers.train import OpenSetData, Precision, load_data
+from .osr_data.open_set import OpenSetData, load_data
+from .trainers.train import Precision
 from .trainers.train import evaluate as _evaluate
 
 

@@ -23,7 +23,6 @@ repeats it (the same numbers again).
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import hashlib
 import json
 import logging
@@ -33,7 +32,6 @@ import random
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -45,10 +43,10 @@ from tqdm import tqdm
 
 from backmix.models import build_model, features_and_head, load_model, read_checkpoint, save_checkpoint
 from backmix.osr_data.errors import BackMixError
-from backmix.osr_data.holdout import split_validation
-from backmix.osr_data.index import ImageIndex, atomic_write_bytes
-from backmix.osr_data.protocols import SplitList, split_list
-from backmix.osr_data.splits import OpenSetSplit, resolve_split
+from backmix.osr_data.index import atomic_write_bytes
+from backmix.osr_data.open_set import OpenSetData, load_data
+from backmix.osr_data.protocols import split_list
+from backmix.osr_data.splits import OpenSetSplit
 from backmix.pipeline.augment import IMAGENET_MEAN, IMAGENET_STD
 from backmix.pipeline.config import LoaderConfig
 from backmix.pipeline.loaders import make_loader
@@ -70,56 +68,7 @@ RESUME_MAY_CHANGE = ("device", "workers", "progress", "backend", "ray_address", 
                      "data", "cache", "log_every", "log", "open_test")
 
 
-# --------------------------------------------------------------------------- data
-
-@dataclass
-class OpenSetData:
-    train: ImageIndex
-    test: ImageIndex
-    split: OpenSetSplit
-    label_map: np.ndarray        # dataset label -> 0..K-1, -1 for unknown classes
-    known_rows: np.ndarray       # train rows of known classes trained on (the validation rows left out)
-    val_rows: np.ndarray = dataclasses.field(default_factory=lambda: np.empty(0, np.int64))  # held out
-
-    @property
-    def num_known(self) -> int:
-        return len(self.split.known)
-
-
-def data_folders(root: str | os.PathLike) -> tuple[Path, Path]:
-    root = Path(root)
-    if (root / "train").is_dir() and (root / "test").is_dir():
-        return root / "train", root / "test"
-    raise BackMixError(f"--data {root} must hold train/ and test/ image folders "
-                       f"(write one with `backmix data prepare --out {root}`)")
-
-
-def load_data(root: str | os.PathLike, split: str | OpenSetSplit, val_fraction: float = 0.0,
-              val_seed: int = 0, splits: Optional[SplitList] = None) -> OpenSetData:
-    """The train/test folders of ``root`` and ``split``; ``val_fraction`` of each known class's training
-    images (chosen by ``val_seed``) become the validation rows (``backmix.osr_data.holdout``). With
-    ``splits`` (``--protocol``/``--splits``) ``split`` is a number into that list."""
-    train_dir, test_dir = data_folders(root)
-    train, test = ImageIndex.load(train_dir), ImageIndex.load(test_dir)
-    if train.classes != test.classes:
-        raise BackMixError(f"{train_dir} and {test_dir} have different classes; both need the same folders")
-    if isinstance(split, OpenSetSplit):
-        missing = [c for c in split.known if c not in train.classes]
-        if missing:
-            raise BackMixError(f"known class {missing[0]!r} is not in {train_dir} "
-                               f"(classes: {', '.join(train.classes)})")
-        split = OpenSetSplit(split.known, tuple(c for c in train.classes if c not in split.known))
-    elif splits is not None:
-        split = splits.resolve(train.classes, split)
-    else:
-        split = resolve_split(train.classes, split)
-    if len(split.known) < 2 or not split.unknown:
-        raise BackMixError(f"an open-set split needs at least 2 known classes and 1 unknown one; got "
-                           f"{len(split.known)} known ({', '.join(split.known)}) of {len(train.classes)} classes")
-    lut = split.label_map(train.classes)
-    known_rows, val_rows = split_validation(train.labels, np.flatnonzero(lut[train.labels] >= 0),
-                                            val_fraction, val_seed)
-    return OpenSetData(train, test, split, lut, known_rows, val_rows)
+# The data (``OpenSetData``, ``load_data``) lives in ``backmix.osr_data.open_set``.
 
 
 def loader_config(cfg: TrainConfig, device: torch.device, *, train: bool, rank: int = 0,
