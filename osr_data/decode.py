@@ -26,7 +26,11 @@ warnings.filterwarnings("ignore", message="The image decoding and encoding", cat
 class DecodeError(BackMixError):
     def __init__(self, path: str, why: str = "") -> None:
         super().__init__(f"image {path} does not decode" + (f": {why}" if why else ""))
-        self.path = path
+        self.path, self.why = path, why
+
+    def __reduce__(self):
+        # Pickled from a worker to the loader: rebuilt from (path, why), not from the message.
+        return DecodeError, (self.path, self.why)
 
 
 # An image larger than this many pixels is refused (a DecodeError, so ``--on-error skip`` skips it)
@@ -123,6 +127,24 @@ def is_jpeg(data: torch.Tensor) -> bool:
 
 def decode_canvas(path: str, size: int, mode: str = "center") -> torch.Tensor:
     return to_canvas(decode_rgb(path), size, mode)
+
+
+def read_canvas(index, row: int, size: int, mode: str = "center", on_error: str = "raise", decode=None):
+    """The uint8 [3, size, size] canvas of dataset row ``row`` of ``index`` (an ``ImageIndex``): the one read
+    every loader, the CAM pass and the beton writer make. A file missing or changed since it was
+    indexed raises ``BackMixError`` whatever ``on_error`` says (the data set no longer matches its
+    caches and betons). One that does not decode: on_error "raise" raises ``DecodeError``, "skip"
+    returns None. on_error "return" returns either error instead of raising it (a worker hands it to
+    the loader, which applies the policy where the user sees it, in one line). ``decode(path, size,
+    mode)``: default ``decode_canvas``."""
+    try:
+        return (decode or decode_canvas)(index.checked_path(row), size, mode)
+    except BackMixError as e:
+        if on_error == "return":
+            return e
+        if on_error == "skip" and isinstance(e, DecodeError):
+            return None
+        raise
 
 
 def check_canvas(canvas: int, crop: int, grid: int) -> None:

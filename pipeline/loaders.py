@@ -1,6 +1,7 @@
-"""``make_loader(backend, ...)``: one entry point for the five backends."""
+"""``make_loader(backend, ...)``: one entry point for every backend, and the table of backends."""
 from __future__ import annotations
 
+import importlib
 from typing import Optional
 
 import numpy as np
@@ -10,8 +11,23 @@ from backmix.osr_data.errors import BackMixError
 from backmix.osr_data.index import ImageIndex
 
 from .config import LoaderConfig
+from .core import Loader, Source
 
-BACKENDS = ("reference", "torchvision", "dali", "ffcv", "ray")
+# name -> its Source (pipeline/core.py), or (module, name) of it, imported on use: an optional
+# backend's library (FFCV, Ray) says how to install it when missing. A backend is a Source and a line here.
+SOURCES: dict[str, "tuple[str, str] | type"] = {
+    "reference": (".reference", "WorkerSource"),
+    "torchvision": (".torchvision_loader", "TorchvisionSource"),
+    "dali": (".dali", "DaliLoader"),
+    "ffcv": (".ffcv", "FfcvLoader"),
+    "ray": (".ray_loader", "RaySource"),
+}
+BACKENDS = tuple(SOURCES)
+
+
+def register_backend(name: str, source: type) -> None:
+    """Adds a backend: ``make_loader(name, ...)`` then serves ``Loader(source, ...)``."""
+    SOURCES[name] = source
 
 
 def require_dali() -> None:
@@ -27,24 +43,18 @@ def make_loader(backend: str, index: ImageIndex, config: LoaderConfig,
                 maps: Optional[ForegroundMaps] = None, indices: Optional[np.ndarray] = None,
                 label_map: Optional[np.ndarray] = None, **kwargs):
     """The loader of ``backend`` over rows ``indices`` of ``index``. ``label_map`` (dataset label ->
-    0..K-1, -1 unknown; e.g. ``OpenSetSplit.label_map``) makes ``batch.labels`` closed-set."""
-    if backend == "reference":
-        from .reference import ReferenceLoader
-        return ReferenceLoader(index, config, maps, indices, label_map)
-    if backend == "torchvision":
-        from .torchvision_loader import TorchvisionLoader
-        return TorchvisionLoader(index, config, maps, indices, label_map)
+    0..K-1, -1 unknown; e.g. ``OpenSetSplit.label_map``) makes ``batch.labels`` closed-set.
+    ``kwargs``: the backend's own options (``backend_options``)."""
+    if backend not in SOURCES:
+        raise BackMixError(f"unknown backend {backend!r} (choose from {', '.join(SOURCES)})")
     if backend == "dali":
         require_dali()
-        from .dali import DaliLoader
-        return DaliLoader(index, config, maps, indices, label_map, **kwargs)
-    if backend == "ffcv":
-        from .ffcv import FfcvLoader   # says how to install FFCV when it is missing
-        return FfcvLoader(index, config, maps, indices, label_map, **kwargs)
-    if backend == "ray":
-        from .ray_loader import RayLoader   # says how to install Ray when it is missing
-        return RayLoader(index, config, maps, indices, label_map, **kwargs)
-    raise BackMixError(f"unknown backend {backend!r} (choose from {', '.join(BACKENDS)})")
+    source = SOURCES[backend]
+    if isinstance(source, tuple):
+        source = getattr(importlib.import_module(source[0], __package__), source[1])
+    if not issubclass(source, Source):   # a backend not yet written as a source: its own loader class
+        return source(index, config, maps, indices, label_map, **kwargs)
+    return Loader(source, index, config, maps, indices, label_map, **kwargs)
 
 
 def backend_options(backend: str, *, ray_address: Optional[str] = None, prefetch: Optional[int] = None,

@@ -24,12 +24,10 @@ from typing import Iterator, Optional
 import numpy as np
 import torch
 
-from backmix.cam_cache.maps import ForegroundMaps
 from backmix.osr_data.errors import BackMixError
-from backmix.osr_data.index import ImageIndex
 
-from .config import LoaderConfig
-from .reference import CanvasDataset, ReferenceLoader, collate_canvases
+from .core import Loader, Source, SourceBatch
+from .reference import CanvasDataset, collate_canvases
 
 log = logging.getLogger("backmix")
 
@@ -106,54 +104,56 @@ def canvas_batch(dataset: list, rows: np.ndarray):
         while len(_DATASETS) > _DATASETS_KEPT:
             _DATASETS.popitem(last=False)
     data = _DATASETS[key]
-    canvas, labels, indices, failed = collate_canvases([data[i] for i in rows.tolist()])
-    if canvas is None:
-        return None, None, None, failed
-    return canvas.numpy(), labels.numpy(), indices.numpy(), failed
+    canvas, rows, failed = collate_canvases([data[i] for i in rows.tolist()])
+    return (None if canvas is None else canvas.numpy()), rows.numpy(), failed
 
 
-class RayLoader(ReferenceLoader):
-    """Yields ``BackMixBatch`` for the images ``indices`` (default: all) of ``index``; Ray tasks decode.
+class RaySource(Source):
+    """Ray tasks decode each batch (``canvas_batch``), at most ``prefetch`` in flight, in step order.
 
     address: the cluster to join ("auto" or HOST:PORT); None starts Ray on this machine with
     ``config.num_workers`` CPUs (at least one). prefetch: batches in flight at most.
     """
 
-    backend = "ray"
+    name = "ray"
 
-    def __init__(self, index: ImageIndex, config: LoaderConfig, maps: Optional[ForegroundMaps] = None,
-                 indices: Optional[np.ndarray] = None, label_map: Optional[np.ndarray] = None, *,
-                 address: Optional[str] = None, prefetch: Optional[int] = None) -> None:
+    def __init__(self, loader, *, address: Optional[str] = None, prefetch: Optional[int] = None) -> None:
+        super().__init__(loader)
         self.address = address
         self.prefetch = DEFAULT_PREFETCH if prefetch is None else prefetch
         check_options(self.address, self.prefetch)
-        super().__init__(index, config, maps, indices, label_map)
 
-    def _setup_decoding(self) -> None:
-        self._ray = ray = join_ray(self.address, max(1, self.config.num_workers))
-        self._dataset = [ray.put(CanvasDataset(self.index, self.config.canvas, self.config.canvas_mode))]
+    def open(self) -> None:
+        cfg = self.loader.config
+        self._ray = ray = join_ray(self.address, max(1, cfg.num_workers))
+        self._dataset = [ray.put(CanvasDataset(self.loader.index, cfg.canvas, cfg.canvas_mode))]
         # SPREAD: the batches go round the nodes instead of filling the driver's node first.
         self._task = ray.remote(num_cpus=1, max_retries=TASK_RETRIES, scheduling_strategy="SPREAD")(canvas_batch)
 
     def _own_copy(self, canvas: np.ndarray) -> torch.Tensor:
         """Ray's arrays are read-only views of its object store: the batch gets its own copy, in
-        pinned memory when it goes on to a GPU (as the reference loader's ``pin_memory``)."""
-        out = torch.empty(canvas.shape, dtype=torch.uint8, pin_memory=self.device.type == "cuda")
+        pinned memory when it goes on to a GPU (as the reference's ``pin_memory``)."""
+        out = torch.empty(canvas.shape, dtype=torch.uint8, pin_memory=self.loader.device.type == "cuda")
         out.numpy()[...] = canvas
         return out
 
-    def _canvas_batches(self) -> Iterator:
+    def batches(self, plan) -> Iterator[SourceBatch]:
         ray = self._ray
-        steps = (rows for _, rows in self.plan)   # the epoch's batches, from the resume step on
-        in_flight = deque(self._task.remote(self._dataset, rows) for rows in islice(steps, self.prefetch))
+        steps = iter(plan)
+        in_flight = deque((step, self._task.remote(self._dataset, rows)) for step, rows in islice(steps, self.prefetch))
         try:
             while in_flight:
-                canvas, labels, indices, failed = ray.get(in_flight.popleft())
-                in_flight.extend(self._task.remote(self._dataset, rows) for rows in islice(steps, 1))
-                if canvas is None:
-                    yield None, None, None, failed
-                    continue
-                yield self._own_copy(canvas), torch.tensor(labels), torch.tensor(indices), failed
+                step, ref = in_flight.popleft()
+                canvas, rows, failed = ray.get(ref)
+                in_flight.extend((s, self._task.remote(self._dataset, r)) for s, r in islice(steps, 1))
+                yield SourceBatch(step, np.array(rows), None if canvas is None else self._own_copy(canvas), failed)
         finally:
-            for ref in in_flight:   # an epoch left part-way: its remaining batches are not wanted
+            for _, ref in in_flight:   # an epoch left part-way: its remaining batches are not wanted
                 ray.cancel(ref)
+
+
+class RayLoader(Loader):
+    """``Loader(RaySource, ...)``; arguments as ``Loader``'s, and ``address``, ``prefetch`` as ``RaySource``'s."""
+
+    def __init__(self, index, config, maps=None, indices=None, label_map=None, **options) -> None:
+        super().__init__(RaySource, index, config, maps, indices, label_map, **options)

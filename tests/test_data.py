@@ -460,6 +460,6 @@ def test_persistent_workers_receive_each_epochs_order(tiny_root):
         assert len(a) == len(b) == 3
         assert all(torch.equal(x.indices, y.indices) and torch.equal(x.mixed, y.mixed) for x, y in zip(a, b))
         orders.append(torch.cat([x.indices for x in a]).tolist())
-        workers.append([w.pid for w in pooled._loader._iterator._workers])
+        workers.append([w.pid for w in pooled.source._loader._iterator._workers])
     assert orders[0] != orders[1]                # the second epoch's order reached the same worker
     assert workers[0] == workers[1]

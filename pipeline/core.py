@@ -1,0 +1,155 @@
+"""The loader core: what every backend shares, written once. A backend is a small ``Source``.
+
+    EpochSampler ──plan──► Source.batches(plan) ──SourceBatch──► Loader ──BackMixBatch──► training loop
+                           │ kind "decode": uint8 canvases;     │ position (epoch, step; state_dict),
+                           │   the core mixes them              │ maps.refresh() each epoch, on_error,
+                           │   (BatchTransform)                 │ closed-set labels, device transfer,
+                           │ kind "fused": images and mixed     │ the in-loop rebuild's hook
+                           │   made by the source's own ops     │
+                           │   from Loader.inputs(step, rows)   │
+
+The plan is the epoch's list of (step, dataset rows), from the resume step on. A source turns it
+into one ``SourceBatch`` per step that has any image left, in step order, and reports the files
+that failed; it never decides what a failure means (the core's ``on_error`` does) and never draws
+randomness (every random choice of a batch is ``BackMixSampler``'s, a pure function of
+(seed, epoch, rank, step), which ``inputs`` hands to fused sources).
+"""
+from __future__ import annotations
+
+import logging
+from typing import Iterator, NamedTuple, Optional
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from backmix.cam_cache.maps import ForegroundMaps
+from backmix.osr_data.decode import DecodeError
+from backmix.osr_data.errors import BackMixError
+from backmix.osr_data.index import ImageIndex
+
+from .batch import BackMixBatch, BatchTransform, host_masks, to_device
+from .config import LoaderConfig, LoaderPosition, choose_device, loader_inputs
+from .sampling import BatchParams
+
+log = logging.getLogger("backmix")
+
+Plan = list[tuple[int, np.ndarray]]   # (step, dataset rows) of each batch still to make this epoch
+
+
+class SourceBatch(NamedTuple):
+    """One step's output of a source."""
+    step: int
+    rows: np.ndarray                  # int64 [n]: the dataset rows that decoded, in batch order
+    canvas: Optional[Tensor]          # uint8 [n, 3, S, S] (host or device); None when n == 0
+    failed: list                      # per failed file: its path, a DecodeError, or the BackMixError of a
+                                      # file missing or changed since indexing
+    images: Optional[Tensor] = None   # fused sources: the clean crops (float [n, 3, s, s])
+    mixed: Optional[Tensor] = None    # fused sources: the mixed crops
+
+
+class Source:
+    """A backend: turns the plan into ``SourceBatch``es. ``kind`` "decode": canvases only (the core
+    mixes, crops and normalises them); "fused": also ``images`` and ``mixed``, made by the source's
+    own ops from ``loader.inputs(step, rows)`` and held to ``BatchTransform`` by the tests.
+
+    Made in two phases: ``__init__`` (options checked, files opened; it may not read the maps or
+    the plan yet), then ``open()`` once the loader knows its rows (``loader.dataset_indices``)."""
+
+    kind = "decode"
+
+    def __init__(self, loader: "Loader") -> None:
+        self.loader = loader
+
+    def rows(self, rows: np.ndarray) -> np.ndarray:
+        """The rows this source can serve of those asked for (a beton leaves out images it could not
+        store; the source counts them in ``loader.skipped``)."""
+        return rows
+
+    def open(self) -> None:
+        """Start what makes batches (workers, pipelines); the loader's rows and maps are known."""
+
+    def batches(self, plan: Plan) -> Iterator[SourceBatch]:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Stop workers now (see ``Loader.close``)."""
+
+
+class Loader(LoaderPosition):
+    """Yields ``BackMixBatch`` for the images ``indices`` (default: all) of ``index`` from ``source_class``
+    (a ``Source``; ``options`` go to it); ``label_map`` (dataset label -> 0..K-1) gives the batches
+    closed-set labels."""
+
+    backend = "core"
+
+    def __init__(self, source_class: type[Source], index: ImageIndex, config: LoaderConfig,
+                 maps: Optional[ForegroundMaps] = None, indices: Optional[np.ndarray] = None,
+                 label_map: Optional[np.ndarray] = None, **options) -> None:
+        self.index, self.config = index, config
+        self.backend = getattr(source_class, "name", source_class.__name__)
+        self.device = choose_device(config.device)
+        self._start_position()
+        self.source = source_class(self, **options)
+        rows = self.source.rows(np.arange(len(index)) if indices is None else np.asarray(indices, dtype=np.int64))
+        self.maps, self.dataset_indices, self.epoch_sampler, self.row_labels = loader_inputs(
+            index, config, maps, rows, label_map)
+        self.transform = BatchTransform.for_config(self.maps, config)
+        self.sampler = self.transform.sampler
+        self.source.open()
+
+    def inputs(self, step: int, rows: np.ndarray) -> tuple[BatchParams, np.ndarray]:
+        """(params, masks) of the batch of dataset ``rows`` at ``step``: what a fused source mixes with.
+        masks: bool [n, g, g], the top-k cells of each row's current map (all False where nothing is
+        mixed: without BackMix, or for a lone image, which has no partner)."""
+        cfg = self.config
+        p = self.sampler.draw(len(rows), self.epoch, step, cfg.rank, train=cfg.train)
+        if cfg.backmix and len(rows) > 1:
+            masks = host_masks(self.maps, rows, self.sampler.top_k_ratio, p.tie_break)
+        else:
+            masks = np.zeros((len(rows), cfg.grid, cfg.grid), dtype=bool)
+        return p, masks
+
+    def __iter__(self) -> Iterator[BackMixBatch]:
+        self.maps.refresh()   # a new cache generation takes effect at an epoch boundary
+        batches = self.source.batches(self.epoch_plan())
+        try:
+            for out in batches:
+                self.report(out.failed)
+                if len(out.rows) == 0:
+                    continue          # every file of the step failed: the step is used up
+                self.next_step = out.step + 1
+                yield self.deliver(self._finish(out))
+        finally:
+            batches.close()           # a source left part-way (an error, a break) cleans up now
+        self.next_step = len(self)
+
+    def _finish(self, out: SourceBatch) -> BackMixBatch:
+        rows, dev = np.asarray(out.rows, dtype=np.int64), self.device
+        if self.source.kind == "decode":
+            canvas = to_device(out.canvas, dev)
+            images, mixed = self.transform(canvas, rows, epoch=self.epoch, step=out.step, rank=self.config.rank)
+        else:
+            canvas, images, mixed = (None if t is None else to_device(t, dev) for t in (out.canvas, out.images, out.mixed))
+        return BackMixBatch(canvas, images, mixed, *self.row_labels.take(rows, dev))
+
+    def report(self, failed: list) -> None:
+        """The ``on_error`` policy, for every backend: a file missing or changed since indexing stops the
+        loader whatever the policy (the data set no longer matches its index, caches or betons);
+        one that does not decode raises under "raise" and is skipped, counted and logged under "skip"."""
+        for error in failed:
+            if isinstance(error, BackMixError) and not isinstance(error, DecodeError):
+                raise error
+        if not failed:
+            return
+        errors = [e if isinstance(e, DecodeError) else DecodeError(str(e)) for e in failed]
+        if self.config.on_error == "raise":
+            raise errors[0]
+        self.skipped += len(errors)
+        for e in errors:
+            log.warning("skipped %s: it does not decode (%d skipped so far)", e.path, self.skipped)
+
+    def close(self) -> None:
+        """Stop the source's workers now rather than at garbage collection (a forked child collecting an
+        inherited loader's workers asserts "can only test a child process")."""
+        self.source.close()
