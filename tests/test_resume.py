@@ -11,7 +11,9 @@ from backmix.cam_cache import ArrayMaps
 from backmix.osr_data import BackMixError, ImageIndex
 from backmix.pipeline import LoaderConfig, make_loader
 
-BACKENDS = ("reference", "torchvision", "dali", "ffcv")
+import helpers  # noqa: F401  (registers the "pil" backend)
+
+BACKENDS = ("reference", "torchvision", "dali", "ffcv", "pil")   # pil: the backend a test adds (helpers.py)
 
 
 def config(**kw):
