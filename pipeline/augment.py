@@ -17,8 +17,16 @@ from .backmix import box_size, mix_backgrounds, top_k_mask
 
 
 def crop_flip(images: Tensor, offsets: Tensor, flips: Tensor, size: int) -> Tensor:
-    """[B, C, H, W] -> [B, C, size, size]: crop at per-image offsets, mirror where ``flips``."""
+    """[B, C, H, W] -> [B, C, size, size]: crop at per-image offsets, mirror where ``flips``.
+    On the CPU a copy of each image's slice (30x faster there than the batched gather); on a GPU one
+    gather for the batch."""
     b, c, h, w = images.shape
+    if images.device.type == "cpu":
+        out = torch.empty(b, c, size, size, dtype=images.dtype)
+        for i, ((y, x), flip) in enumerate(zip(offsets.tolist(), flips.tolist())):
+            crop = images[i, :, y:y + size, x:x + size]
+            out[i] = crop.flip(-1) if flip else crop
+        return out
     r = torch.arange(size, device=images.device)
     ys = offsets[:, 0:1] + r
     xs = offsets[:, 1:2] + r
@@ -56,12 +64,22 @@ def resize_tables(corners: Tensor, sizes: Tensor, flips: Tensor, size: int) -> t
 def resized_crop_flip(images: Tensor, corners: Tensor, sizes: Tensor, flips: Tensor, size: int) -> Tensor:
     """[B, C, H, W] -> float32 [B, C, size, size]: the box (corner, height x width) of each image resized
     bilinearly to size x size (``resize_sources``; no antialiasing), mirrored where ``flips``.
-    Separable, for the whole batch at once (no loop over images): gather the two source rows of each
-    output row (uint8, so the float copy is only size rows) and blend them, then the two source
-    columns of each output column. In float32: r = a + wy (b - a) down the rows, then
-    out = r0 + wx (r1 - r0) across."""
+    Separable, in float32: the two source rows of each output row are blended,
+    r = a + wy (b - a), then the two source columns of each output column, out = r0 + wx (r1 - r0).
+    On a GPU the whole batch is one gather per step; on the CPU each image is four ``index_select``s
+    of whole rows and columns (5x faster there than the batched gather, whose index tensor is as large
+    as its output), with the same arithmetic in the same order, so the two agree bit for bit."""
     b, c, h, w = images.shape
     y0, y1, wy, x0, x1, wx = resize_tables(corners, sizes, flips, size)
+    if images.device.type == "cpu":
+        out = torch.empty(b, c, size, size)
+        for i in range(b):
+            image = images[i]
+            top = image.index_select(1, y0[i]).float()
+            rows = top.add_(wy[i][None, :, None] * (image.index_select(1, y1[i]).float() - top))   # [C, size, W]
+            left = rows.index_select(2, x0[i])
+            torch.add(left, wx[i] * (rows.index_select(2, x1[i]) - left), out=out[i])
+        return out
 
     def rows(ys: Tensor) -> Tensor:
         return images.gather(2, ys[:, None, :, None].expand(b, c, size, w)).float()

@@ -24,7 +24,8 @@ if TYPE_CHECKING:
 
 
 class BackMixBatch(NamedTuple):
-    canvas: Tensor            # uint8 [B, 3, S, S]: decoded, un-augmented ("raw"); CAMs use it
+    canvas: Optional[Tensor]  # uint8 [B, 3, S, S]: decoded, un-augmented ("raw"); CAMs use it. None when the
+                              # loader was told not to keep it (``keep_canvas``) and nothing rebuilds from it
     images: Optional[Tensor]  # float [B, 3, s, s]: cropped, flipped, normalised, not mixed; None if not asked for
     mixed: Optional[Tensor]   # float [B, 3, s, s]: same crop and flip, mixed; None without BackMix
     labels: Tensor            # int64 [B], on the device: the targets of a loss (closed-set 0..K-1 under a
@@ -103,9 +104,10 @@ class BatchTransform:
         return {k: to_device(v, device) for k, v in p.torch().items()}
 
     def __call__(self, canvas: Tensor, rows: np.ndarray, *, epoch: int, step: int,
-                 rank: int = 0) -> tuple[Optional[Tensor], Optional[Tensor]]:
+                 rank: int = 0, maps: Optional[np.ndarray] = None) -> tuple[Optional[Tensor], Optional[Tensor]]:
         """(images, mixed) of a batch's canvases (on any device); ``rows``: its dataset indices, on the
-        host, where the maps are gathered (no device-to-host read per batch)."""
+        host, where the maps are gathered (no device-to-host read per batch). ``maps``: the rows' soft
+        maps gathered already (a worker finishing the batch is handed them), instead of ``self.maps``."""
         p = self.params(canvas.shape[0], epoch, step, rank, canvas.device)
 
         def finish(crops: Tensor, copies: int = 1) -> Tensor:
@@ -115,8 +117,8 @@ class BatchTransform:
 
         images = mixed = None
         if self.enabled:
-            maps = to_device(torch.from_numpy(self.maps.gather(as_index_array(rows))), canvas.device)
-            mixed = self.mix(canvas, maps, p)
+            soft = self.maps.gather(as_index_array(rows)) if maps is None else maps
+            mixed = self.mix(canvas, to_device(torch.from_numpy(soft), canvas.device), p)
             if self.clean:
                 images, mixed = finish(self.crop(torch.cat([canvas, mixed]), same_crop_twice(p)), 2).chunk(2)
             else:

@@ -82,6 +82,7 @@ class Loader(LoaderPosition):
     closed-set labels."""
 
     backend = "core"
+    keep_canvas = True   # False: batches carry no canvas (saves its transfer) unless an in-loop rebuild needs it
 
     def __init__(self, source_class: type[Source], index: ImageIndex, config: LoaderConfig,
                  maps: Optional[ForegroundMaps] = None, indices: Optional[np.ndarray] = None,
@@ -97,6 +98,10 @@ class Loader(LoaderPosition):
         self.transform = BatchTransform.for_config(self.maps, config)
         self.sampler = self.transform.sampler
         self.source.open()
+
+    @property
+    def wants_canvas(self) -> bool:
+        return self.keep_canvas or self.recorder is not None
 
     def inputs(self, step: int, rows: np.ndarray) -> tuple[BatchParams, np.ndarray]:
         """(params, masks) of the batch of dataset ``rows`` at ``step``: what a fused source mixes with.
@@ -126,12 +131,12 @@ class Loader(LoaderPosition):
 
     def _finish(self, out: SourceBatch) -> BackMixBatch:
         rows, dev = np.asarray(out.rows, dtype=np.int64), self.device
-        if self.source.kind == "decode":
+        if out.images is None and out.mixed is None:   # canvases only: the core finishes the batch
             canvas = to_device(out.canvas, dev)
             images, mixed = self.transform(canvas, rows, epoch=self.epoch, step=out.step, rank=self.config.rank)
         else:
             canvas, images, mixed = (None if t is None else to_device(t, dev) for t in (out.canvas, out.images, out.mixed))
-        return BackMixBatch(canvas, images, mixed, *self.row_labels.take(rows, dev))
+        return BackMixBatch(canvas if self.wants_canvas else None, images, mixed, *self.row_labels.take(rows, dev))
 
     def report(self, failed: list) -> None:
         """The ``on_error`` policy, for every backend: a file missing or changed since indexing stops the

@@ -8,7 +8,7 @@ something else (the torchvision backend hands JPEG bytes and decodes them on the
 """
 from __future__ import annotations
 
-from typing import Iterator
+from typing import Iterator, NamedTuple, Optional
 
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -18,15 +18,39 @@ from backmix.osr_data.decode import decode_canvas, read_canvas
 from .core import Loader, Plan, Source, SourceBatch
 
 
+class BatchKey(list):
+    """A batch's rows as the DataLoader hands them to a worker, with what the worker needs to finish
+    the batch itself: the epoch, the step, the rows' soft maps (gathered in the loading process, so
+    a worker never holds a stale cache generation) and whether to hand the canvas back too."""
+
+    def __init__(self, rows: list, epoch: int, step: int, maps, keep_canvas: bool) -> None:
+        super().__init__(rows)
+        self.epoch, self.step, self.maps, self.keep_canvas = epoch, step, maps, keep_canvas
+
+    def __reduce__(self):
+        return BatchKey, (list(self), self.epoch, self.step, self.maps, self.keep_canvas)
+
+
+class Finished(NamedTuple):
+    """A batch a worker finished: ``collate_canvases``'s fields and the transform's."""
+    canvas: Optional[torch.Tensor]
+    rows: torch.Tensor
+    failed: list
+    images: Optional[torch.Tensor]
+    mixed: Optional[torch.Tensor]
+
+
 class CanvasDataset(Dataset):
     """dataset row -> (canvas, row), or the error of a file that failed (``read_canvas``'s "return"):
-    what a worker runs per file. ``decode(path, size, mode)``: default ``decode_canvas``.
+    what a worker runs per file. ``decode(path, size, mode)``: default ``decode_canvas``. Given a
+    ``BatchKey`` and a ``transform`` (``BatchTransform``), a worker also finishes the batch (``Finished``).
 
     Workers only read the index's column buffers (no per-row Python objects), so its pages stay
     shared with the main process instead of being copied into each worker."""
 
-    def __init__(self, index, canvas: int, mode: str, decode=None) -> None:
+    def __init__(self, index, canvas: int, mode: str, decode=None, transform=None, rank: int = 0) -> None:
         self.index, self.canvas, self.mode, self.decode = index, canvas, mode, decode or decode_canvas
+        self.transform, self.rank = transform, rank
 
     def __len__(self) -> int:
         return len(self.index)
@@ -35,9 +59,25 @@ class CanvasDataset(Dataset):
         out = read_canvas(self.index, row, self.canvas, self.mode, on_error="return", decode=self.decode)
         return out if isinstance(out, Exception) else (out, row)
 
+    def __getitems__(self, key: list):
+        items = [self[row] for row in key]
+        if not isinstance(key, BatchKey) or self.transform is None:
+            return items
+        canvas, rows, failed = collate_canvases(items)
+        if canvas is None:
+            return Finished(None, rows, failed, None, None)
+        maps = None
+        if key.maps is not None:   # the soft maps of the rows that decoded
+            maps = key.maps[[k for k, it in enumerate(items) if isinstance(it, tuple)]]
+        images, mixed = self.transform(canvas, rows.numpy(), epoch=key.epoch, step=key.step, rank=self.rank, maps=maps)
+        return Finished(canvas if key.keep_canvas else None, rows, failed, images, mixed)
+
 
 def collate_canvases(items: list):
-    """(canvas [n, 3, S, S] or None, rows int64 [n], failed) of ``CanvasDataset`` items (in the worker)."""
+    """(canvas [n, 3, S, S] or None, rows int64 [n], failed) of ``CanvasDataset`` items (in the worker);
+    a batch the worker finished passes as it is."""
+    if isinstance(items, Finished):
+        return items
     good = [it for it in items if isinstance(it, tuple)]
     failed = [it for it in items if not isinstance(it, tuple)]
     canvas = torch.stack([g[0] for g in good]) if good else None
@@ -52,7 +92,14 @@ class _Batches(torch.utils.data.Sampler):
         self.source = source
 
     def __iter__(self):
-        return iter([rows.tolist() for _, rows in self.source.plan])
+        # A generator: the DataLoader draws each batch's key just before it sends it to a worker.
+        loader = self.source.loader
+        for step, rows in self.source.plan:
+            if not self.source.finish_in_workers:
+                yield rows.tolist()
+                continue
+            maps = loader.maps.gather(rows) if loader.config.backmix else None
+            yield BatchKey(rows.tolist(), loader.epoch, step, maps, loader.wants_canvas)
 
     def __len__(self) -> int:
         return len(self.source.plan)
@@ -63,6 +110,15 @@ class WorkerSource(Source):
 
     name = "reference"
     pin_memory = True    # canvases bound for a GPU come from pinned memory
+    finishes_batches = True   # on the CPU, the workers also mix, crop and normalise (``finish_in_workers``)
+
+    @property
+    def finish_in_workers(self) -> bool:
+        """On a CPU device with workers, each worker finishes its batch (mix, crop, flip, normalise: a
+        pure function of (seed, epoch, rank, step) and the rows' maps) in parallel with the others,
+        instead of the loading process doing every batch's in turn; on a GPU the device does it."""
+        loader = self.loader
+        return self.finishes_batches and loader.config.num_workers > 0 and loader.device.type == "cpu"
 
     def decode(self, path: str, size: int, mode: str) -> torch.Tensor:
         """One file -> uint8 [3, size, size]: the canvas (raises ``DecodeError`` when it does not decode)."""
@@ -71,7 +127,8 @@ class WorkerSource(Source):
     def dataset(self) -> Dataset:
         """What the workers run per row (``CanvasDataset`` over ``decode``)."""
         cfg = self.loader.config
-        return CanvasDataset(self.loader.index, cfg.canvas, cfg.canvas_mode, self.decode)
+        transform = self.loader.transform if self.finish_in_workers else None
+        return CanvasDataset(self.loader.index, cfg.canvas, cfg.canvas_mode, self.decode, transform, cfg.rank)
 
     collate = staticmethod(collate_canvases)   # runs in the worker
 
@@ -94,6 +151,9 @@ class WorkerSource(Source):
     def batches(self, plan: Plan) -> Iterator[SourceBatch]:
         self.plan = plan
         for (step, _), batch in zip(plan, self._loader):
+            if isinstance(batch, Finished):
+                yield SourceBatch(step, batch.rows.numpy(), batch.canvas, batch.failed, batch.images, batch.mixed)
+                continue
             canvas, rows, failed = self.finish(batch)
             yield SourceBatch(step, rows.numpy(), canvas, failed)
 

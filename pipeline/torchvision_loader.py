@@ -66,6 +66,7 @@ class TorchvisionSource(WorkerSource):
 
     name = "torchvision"
     pin_memory = False   # nvjpeg reads bytes from ordinary host memory: a pin would be a copy more
+    finishes_batches = False   # the loading process decodes, so it finishes the batch too
     decode = staticmethod(encoded_or_canvas)
     collate = staticmethod(pack_items)
 
