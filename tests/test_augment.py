@@ -25,7 +25,7 @@ from backmix.cam_cache.store import MappedMaps, generation_path, write_maps
 from backmix.osr_data import BackMixError, ImageIndex, decode_rgb
 from backmix.osr_data.decode import to_canvas
 from backmix.pipeline import BackMixSampler, LoaderConfig, ReferenceLoader, make_loader, normalize
-from backmix.pipeline.augment import resized_crop_flip
+from backmix.pipeline.augment import crop_flip, resized_crop_flip
 from backmix.pipeline.sampling import RRC_RATIO, RRC_SCALE
 
 GREY_ATOL = 1e-3   # grey levels (0..255): float32 weights from a table vs from torch's scale factor
@@ -128,6 +128,22 @@ def test_resized_crop_flip_equals_torchvision_per_image():
             want = TF.resized_crop(images[i].float(), top, left, h, w, [size, size], antialias=False)
             want = want.flip(-1) if p["flips"][i] else want
             assert (out[i] - want).abs().max() <= GREY_ATOL, i
+
+
+@pytest.mark.parametrize("canvas, crop, augment", [(64, 56, "rrc"), (64, 17, "rrc"), (40, 32, "crop"), (48, 48, "crop")])
+def test_the_per_image_cpu_crops_equal_the_batched_gather_bit_for_bit(canvas, crop, augment):
+    """The CPU crops image by image (whole rows and columns), a GPU gathers the batch: same pixels."""
+    images = torch.randint(0, 256, (19, 3, canvas, canvas), dtype=torch.uint8, generator=torch.Generator().manual_seed(4))
+    p = BackMixSampler(canvas=canvas, crop=crop, augment=augment, seed=2).draw(19, 1, 5).torch()
+    if augment == "rrc":
+        def run(per_image):
+            return resized_crop_flip(images, p["crops"], p["crop_sizes"], p["flips"], crop, per_image)
+    else:
+        def run(per_image):
+            return crop_flip(images, p["crops"], p["flips"], crop, per_image)
+    per_image, batched = run(True), run(False)
+    assert per_image.dtype == batched.dtype and torch.equal(per_image, batched)
+    assert p["flips"].any() and not p["flips"].all()
 
 
 def test_a_box_of_the_crop_size_is_the_plain_crop():
