@@ -5,6 +5,7 @@ through ``BatchParams``; these classes hold only their configuration.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Optional
 
@@ -17,13 +18,23 @@ from backmix.osr_data.decode import IMAGENET_MEAN, IMAGENET_STD
 from .backmix import box_size, mix_backgrounds, top_k_mask
 
 
+def new_batch(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
+    """An uninitialised batch tensor. In a DataLoader worker, in shared memory from the start, as torch's
+    ``default_collate`` allocates: handing it to the loading process then copies nothing (a tensor
+    made in ordinary memory is copied into shared memory when the worker sends it)."""
+    if device.type == "cpu" and torch.utils.data.get_worker_info() is not None:
+        storage = torch.UntypedStorage._new_shared(math.prod(shape) * dtype.itemsize)
+        return torch.empty(0, dtype=dtype).set_(storage).view(shape)
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
 def crop_flip(images: Tensor, offsets: Tensor, flips: Tensor, size: int, per_image: Optional[bool] = None) -> Tensor:
     """[B, C, H, W] -> [B, C, size, size]: crop at per-image offsets, mirror where ``flips``.
     On the CPU a copy of each image's slice (30x faster there than the batched gather); on a GPU one
     gather for the batch (``per_image`` forces either way; the tests hold the two equal)."""
     b, c, h, w = images.shape
     if images.device.type == "cpu" if per_image is None else per_image:
-        out = torch.empty(b, c, size, size, dtype=images.dtype, device=images.device)
+        out = new_batch((b, c, size, size), images.dtype, images.device)
         for i, ((y, x), flip) in enumerate(zip(offsets.tolist(), flips.tolist())):
             crop = images[i, :, y:y + size, x:x + size]
             out[i] = crop.flip(-1) if flip else crop
@@ -75,7 +86,7 @@ def resized_crop_flip(images: Tensor, corners: Tensor, sizes: Tensor, flips: Ten
     b, c, h, w = images.shape
     y0, y1, wy, x0, x1, wx = resize_tables(corners, sizes, flips, size)
     if images.device.type == "cpu" if per_image is None else per_image:
-        out = torch.empty(b, c, size, size, device=images.device)
+        out = new_batch((b, c, size, size), torch.float32, images.device)
         for i, (x, width) in enumerate(zip(corners[:, 1].tolist(), sizes[:, 1].tolist())):
             image = images[i, :, :, x:x + width]       # the box's columns only: no blend is wasted
             top = image.index_select(1, y0[i]).float()
@@ -108,6 +119,8 @@ def normalize(images: Tensor, mean: Tensor, std: Tensor) -> Tensor:
     scale, shift = normalize_constants(mean, std)
     scale, shift = scale.view(1, -1, 1, 1), shift.view(1, -1, 1, 1)
     # In place on the one float copy: the batch is the largest tensor of the loader's hot path.
+    if not images.is_floating_point():
+        images = new_batch(tuple(images.shape), torch.float32, images.device).copy_(images)
     return images.float().mul_(scale).sub_(shift)
 
 
