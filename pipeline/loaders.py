@@ -18,7 +18,7 @@ from .core import Loader, Source
 SOURCES: dict[str, "tuple[str, str] | type"] = {
     "reference": (".reference", "WorkerSource"),
     "torchvision": (".torchvision_loader", "TorchvisionSource"),
-    "dali": (".dali", "DaliLoader"),
+    "dali": (".dali", "DaliSource"),
     "ffcv": (".ffcv", "FfcvLoader"),
     "ray": (".ray_loader", "RaySource"),
 }
