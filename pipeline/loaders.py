@@ -19,7 +19,7 @@ SOURCES: dict[str, "tuple[str, str] | type"] = {
     "reference": (".reference", "WorkerSource"),
     "torchvision": (".torchvision_loader", "TorchvisionSource"),
     "dali": (".dali", "DaliSource"),
-    "ffcv": (".ffcv", "FfcvLoader"),
+    "ffcv": (".ffcv", "FfcvSource"),
     "ray": (".ray_loader", "RaySource"),
 }
 BACKENDS = tuple(SOURCES)
