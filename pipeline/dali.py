@@ -33,7 +33,7 @@ import os
 import weakref
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from typing import Iterator, NamedTuple
+from typing import Iterator, NamedTuple, Optional
 
 import numpy as np
 import torch
@@ -129,7 +129,8 @@ class DaliSource(Source):
             raise BackMixError("auto_augment runs in the torch batch transform: use the reference, torchvision, ffcv or ray loader")
         self.gpu = loader.device.type == "cuda"
         log.info("DALI pipeline on %s", "gpu" if self.gpu else "cpu")
-        self.bad_rows: set[int] = set()    # rows DALI failed to decode: dropped at feed time from then on
+        # Rows DALI failed to decode, with torchvision's error (the reference's message): dropped at feed time from then on.
+        self.bad_rows: dict[int, DecodeError] = {}
         self.readers = ThreadPoolExecutor(max(1, cfg.num_workers), thread_name_prefix="backmix-read")
         self._feeder = _Feeder(self)
 
@@ -141,7 +142,7 @@ class DaliSource(Source):
         """The bytes of dataset row ``row``, or the error that makes it fail (``read_canvas``'s "return")."""
         index, cfg = self.loader.index, self.loader.config
         if row in self.bad_rows:
-            return DecodeError(index.abspath(row))
+            return self.bad_rows[row]
         return read_canvas(index, row, cfg.canvas, cfg.canvas_mode, "return", _file_bytes)
 
     def pipeline_inputs(self, step: int, ids: np.ndarray) -> tuple:
@@ -286,7 +287,7 @@ class DaliSource(Source):
         if fed is None:
             raise error
         index = self.loader.index
-        bad = [int(i) for i in fed.ids if not _decodes(index.abspath(int(i)))]
+        bad = {int(i): e for i in fed.ids if (e := _decode_error(index.abspath(int(i)))) is not None}
         if not bad:
             why = " ".join(str(error).split())[:300] or type(error).__name__
             raise BackMixError(f"DALI failed on batch {fed.step} ({len(fed.ids)} images, all of which "
@@ -309,12 +310,13 @@ class DaliSource(Source):
         return out
 
 
-def _decodes(path: str) -> bool:
+def _decode_error(path: str) -> Optional[DecodeError]:
+    """Why torchvision's decoder refuses the file, None when it decodes it."""
     try:
         decode_rgb(path)
-        return True
-    except DecodeError:
-        return False
+    except DecodeError as e:
+        return e
+    return None
 
 
 class DaliLoader(Loader):
