@@ -110,7 +110,7 @@ class _Feeder:
                     data.append(raw)
             ids = np.asarray(good, dtype=np.int64)
             self.fed.append(_Fed(step, planned, ids, failed))
-            if good:   # a step none of whose files could be read has no DALI output: the next one is fed
+            if good:   # DALI takes no empty batch: a step none of whose files could be read is not fed
                 return (data,) + source.pipeline_inputs(step, ids)
         raise StopIteration
 
