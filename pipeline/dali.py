@@ -270,6 +270,10 @@ class DaliSource(Source):
             images, mixed = crops[0] if cfg.clean else None, crops[-1] if cfg.backmix else None
             yield SourceBatch(fed.step, fed.ids, canvas, fed.failed, images, mixed)
 
+    def close(self) -> None:
+        # The pipeline's threads and buffers go now; an iteration after this builds a new one.
+        self._pipe, self._clean = None, False
+
     def _unfed(self) -> Iterator[SourceBatch]:
         """The steps at the head of the queue that never reached DALI (every file failed before feeding)."""
         fed = self._feeder.fed

@@ -345,3 +345,12 @@ def test_exif_orientation_is_ignored_as_by_the_reference_loader(tmp_path):
     for b in DaliLoader(index, cfg):
         ref = torch.stack([decode_canvas(index.abspath(int(i)), 16, "center") for i in b.indices])
         assert (ref.int() - b.canvas.int()).abs().max() <= 6
+
+
+def test_a_closed_loader_builds_a_new_pipeline_when_iterated_again(tiny_root):
+    index = ImageIndex.load(tiny_root)
+    loader = DaliLoader(index, config(batch_size=4))
+    first = [b.indices.tolist() for b in loader]
+    loader.close()
+    assert loader.source._pipe is None
+    assert [b.indices.tolist() for b in loader] == first
