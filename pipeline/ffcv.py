@@ -267,7 +267,7 @@ class FfcvSource(Source):
         when it returns); the rows were copied above, the labels come from the core's table."""
         device = self.loader.device
         # numpy's copy, not torch's: FFCV sets torch's thread count to its workers', and a parallel torch
-        # copy then contends with the kernel's numba threads for the same cores (measured on 2 cores: 2-8x slower epochs).
+        # copy then contends with the kernel's numba threads for the same cores (on 2 cores: epochs 2-8x slower).
         return torch.from_numpy(x.copy()) if device.type == "cpu" else torch.from_numpy(x).to(device)
 
 
