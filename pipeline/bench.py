@@ -291,7 +291,7 @@ def run_benchmark(data: Optional[Path], backends: list[str], *, batches: int, wa
     by = {(r["backend"], r["mode"]): r for r in results}
     per_backend = {"reference": stages}
     if any(r["backend"] == "dali" and r.get("images_per_s") for r in results):
-        from .dali import stage_times
+        from .dali_ops import stage_times
         per_backend["dali"] = stage_times(index, LoaderConfig(batch_size=batch_size, canvas=canvas, crop=crop,
                                                               **shape, num_workers=workers, device=device),
                                           max(3, min(batches, 8)))

@@ -1,8 +1,9 @@
-"""The DALI loader: decode, resize, BackMix, crop, flip and normalise as one DALI pipeline.
+"""The DALI backend: a fused source (``pipeline/core.py``) whose one DALI pipeline decodes, resizes,
+mixes, crops, flips and normalises each batch.
 
-Samples, their order and every random choice come from the shared samplers
-(``EpochSampler``, ``BackMixSampler``), fed in per batch through one
-``fn.external_source``, so the stream is ReferenceLoader's, except that DALI's
+The loader core owns the plan, position, maps, ``on_error``, labels and device; every random choice
+and the masks come from ``Loader.inputs``, fed in per batch through one ``fn.external_source``, so
+the stream is ReferenceLoader's, except that DALI's
 resize is not bit-identical to torchvision's (|diff| <= 1 grey level on the
 digits). The mix itself is exact: given the canvases DALI decoded (returned as
 ``canvas``), ``mixed`` equals ``mix_backgrounds`` then ``crop_flip`` then
@@ -29,28 +30,22 @@ from __future__ import annotations
 
 import logging
 import os
-import time
 import weakref
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
-from typing import Iterator, Optional
+from typing import Iterator, NamedTuple, Optional
 
 import numpy as np
 import torch
 
-from backmix.cam_cache.maps import ForegroundMaps
-from backmix.osr_data.decode import DecodeError, decode_rgb
+from backmix.osr_data.decode import DecodeError, decode_rgb, read_bytes, read_canvas
 from backmix.osr_data.errors import BackMixError
-from backmix.osr_data.index import ImageIndex
 
 from .augment import fill_value
-from .batch import BackMixBatch, host_masks
-from .config import LoaderConfig, LoaderPosition, loader_inputs
+from .core import Loader, Plan, Source, SourceBatch
+from .dali_ops import PREFETCH, decode_to_canvas
 
 log = logging.getLogger("backmix")
-
-PREFETCH = 2
 
 # A forked child (a torch DataLoader worker, say) inherits DALI pipeline objects but not
 # their threads; destroying one there waits forever on the executor's condition variables.
@@ -66,227 +61,137 @@ def _keep_in_children() -> None:
 os.register_at_fork(after_in_child=_keep_in_children)
 
 
-@dataclass
-class _Fed:
-    """What the host knows about one batch it handed to the pipeline."""
+class _Fed(NamedTuple):
+    """One step of the plan as the feeder handled it. DALI pulls the external source ahead of the
+    consumer (prefetch), so the host must remember which batch each output of the pipeline is."""
     step: int
-    ids: np.ndarray                                    # dataset indices of the samples fed
-    failed: list[str] = field(default_factory=list)    # paths dropped before feeding (unreadable)
-    plan: list = field(default_factory=list)           # the (step, ids) it came from, to replay it
+    planned: np.ndarray   # the step's rows as planned (a replay starts from them again)
+    ids: np.ndarray       # the rows fed to DALI; none: every file failed before feeding, no DALI output
+    failed: list          # the errors of files dropped before feeding, in batch order
+
+
+def _file_bytes(path: str, size: int, mode: str) -> np.ndarray:
+    """``read_canvas``'s "decode" for DALI: the file's bytes (the graph decodes them)."""
+    return read_bytes(path).numpy()
 
 
 class _Feeder:
-    """The external_source callback: one call = the next batch of the epoch, as DALI inputs.
+    """The external_source callback: one call = the next batch of the plan, as DALI inputs.
 
-    It reads the batch's file bytes (on the loader's ``readers`` thread pool, one
-    thread per worker) and draws the batch's params on the host; everything
-    per-pixel happens in the pipeline. ``fed`` lists what is inside the pipeline,
-    in order, so each output can be matched to its batch.
-    """
+    It reads the batch's files with the one checked read (``read_canvas``: a file missing or changed
+    since indexing is an error the core raises) on the source's ``readers`` pool, one thread per
+    worker, and takes the batch's params and masks from ``Loader.inputs``; every pixel is DALI's."""
 
-    def __init__(self, loader: "DaliLoader") -> None:
-        # Weak: the pipeline holds this callback, and a loader <-> pipeline cycle would leave the
+    def __init__(self, source: "DaliSource") -> None:
+        # Weak: the pipeline holds this callback, and a source <-> pipeline cycle would leave the
         # pipeline to the cyclic GC, which may run in a forked child (see _keep_in_children).
-        self._loader = weakref.ref(loader)
-        self.plan: deque[tuple[int, np.ndarray]] = deque()   # (step, dataset ids) still to feed
-        self.fed: deque[_Fed] = deque()
-        self.trailing: list[str] = []    # failures of whole batches after the last fed one
-        self.epoch = 0
+        self._source = weakref.ref(source)
+        self.pending: deque = deque()     # (step, rows) of the plan not yet fed
+        self.fed: deque[_Fed] = deque()   # what is inside the pipeline, in order
 
-    def start(self, epoch: int, plan: list[tuple[int, np.ndarray]]) -> None:
-        self.epoch, self.plan, self.fed, self.trailing = epoch, deque(plan), deque(), []
-
-    def stop(self) -> None:
-        self.plan.clear()
+    def start(self, plan: Plan) -> None:
+        self.pending, self.fed = deque(plan), deque()
 
     def __call__(self):
-        ld = self._loader()
-        if ld is None:
+        source = self._source()
+        if source is None:
             raise StopIteration
-        failed: list[str] = []
-        consumed = []
-        while self.plan:
-            step, ids = self.plan.popleft()
-            consumed.append((step, ids))
-            data, good = [], []
-            rows = ids.tolist()
-            # The batch's files are read in parallel (file reads release the GIL), in the batch's order.
-            raws = ld.readers.map(lambda i: None if i in ld.bad_rows else read_file(ld.index.abspath(i)), rows)
-            for i, raw in zip(rows, raws):
-                if raw is None:
-                    ld.bad_rows.add(i)
-                    failed.append(ld.index.abspath(i))
-                    continue
-                data.append(raw)
-                good.append(i)
-            if not good:   # the whole batch failed: its step is used up, as in the reference
-                continue
+        while self.pending:
+            step, planned = self.pending.popleft()
+            rows = planned.tolist()
+            # Read in parallel (file reads release the GIL), kept in the batch's order.
+            reads = source.readers.map(source.read, rows)
+            good, data, failed = [], [], []
+            for i, raw in zip(rows, reads):
+                if isinstance(raw, Exception):
+                    failed.append(raw)
+                else:
+                    good.append(i)
+                    data.append(raw)
             ids = np.asarray(good, dtype=np.int64)
-            self.fed.append(_Fed(step, ids, failed, consumed))
-            return (data,) + ld.batch_inputs(ids, self.epoch, step)
-        self.trailing = failed
+            self.fed.append(_Fed(step, planned, ids, failed))
+            if good:   # DALI takes no empty batch: a step none of whose files could be read is not fed
+                return (data,) + source.pipeline_inputs(step, ids)
         raise StopIteration
 
 
-def read_file(path: str) -> Optional[np.ndarray]:
-    """The bytes of one file, or None when it cannot be read or is empty."""
-    try:
-        raw = np.fromfile(path, dtype=np.uint8)
-    except OSError:
-        return None
-    return raw if raw.size else None
+class DaliSource(Source):
+    """A fused source: one DALI pipeline decodes, mixes, crops, flips and normalises each batch.
+    The loader's device: the pipeline runs on its GPU, or on the CPU."""
 
+    name = "dali"
+    kind = "fused"
 
-def round_half_even(x):
-    """Python's round() of a DALI float that is a whole or a half number (as torchvision's CenterCrop)."""
-    from nvidia.dali import math as dmath
-
-    whole = dmath.floor(x)
-    half = 2.0 * (x - whole)                      # 1 for a half number, else 0
-    odd = whole - 2.0 * dmath.floor(whole / 2.0)  # 1 when ``whole`` is odd
-    return whole + half * odd
-
-
-def decode_to_canvas(files, size: int, gpu: bool, mode: str = "center", stages: str = "decode,resize"):
-    """DALI ops: encoded files -> uint8 HWC canvases of size x size, antialiased, in canvas ``mode`` as
-    ``osr_data.decode.to_canvas``: "stretch" resizes both sides; "center" resizes the shorter side to
-    ``size`` and the longer to torchvision's int(size * long / short) (from the file's header), then
-    slices the centre square at torchvision CenterCrop's corner. stages="decode" stops after decoding
-    (for the benchmark)."""
-    from nvidia.dali import fn, types
-    from nvidia.dali import math as dmath
-
-    # adjust_orientation=False: pixels as stored, as the reference loader decodes them (EXIF not applied)
-    images = fn.decoders.image(files, device="mixed" if gpu else "cpu", output_type=types.RGB, adjust_orientation=False)
-    if stages == "decode":
-        return images
-    if mode == "stretch":
-        return fn.resize(images, size=[size, size], mode="stretch", antialias=True,
-                         interp_type=types.INTERP_LINEAR)
-    shape = fn.peek_image_shape(files, adjust_orientation=False)   # H, W, C on the host, from the header
-    h, w = fn.cast(shape[0], dtype=types.FLOAT), fn.cast(shape[1], dtype=types.FLOAT)
-    # The shorter side becomes ``size`` exactly; max() picks it without a branch per sample.
-    new_h = dmath.max(dmath.floor(size * h / w), float(size))
-    new_w = dmath.max(dmath.floor(size * w / h), float(size))
-    resized = fn.resize(images, size=fn.stack(new_h, new_w), antialias=True, interp_type=types.INTERP_LINEAR)
-    corner = fn.stack(round_half_even((new_h - size) / 2.0), round_half_even((new_w - size) / 2.0))
-    return fn.slice(resized, corner, types.Constant(np.array([size, size], dtype=np.float32)),
-                    axis_names="HW", normalized_anchor=False, normalized_shape=False)
-
-
-def stage_times(index: ImageIndex, config: LoaderConfig, batches: int) -> dict[str, float]:
-    """Milliseconds per batch of DALI's decode and of its canvas resize, each pipeline alone on the
-    loader's files, threads and device (the resize is the difference of the two)."""
-    from nvidia.dali import fn, pipeline_def
-
-    gpu = torch.cuda.is_available() and config.device != "cpu"
-    b = config.batch_size
-    rows = np.arange(min(len(index), b * max(1, batches)))
-    files = [np.fromfile(index.abspath(int(i)), dtype=np.uint8) for i in rows]
-    out = {}
-    for stages in ("decode", "decode,resize"):
-        def batches_of_files(info):
-            start = (info.iteration * b) % len(files)
-            return [files[(start + k) % len(files)] for k in range(b)]
-
-        @pipeline_def(batch_size=b, num_threads=max(1, config.num_workers),
-                      device_id=torch.cuda.current_device() if gpu else None,
-                      prefetch_queue_depth=PREFETCH, exec_dynamic=True)
-        def timing_pipeline():
-            files_in = fn.external_source(source=batches_of_files, batch=True, batch_info=True)
-            return decode_to_canvas(files_in, config.canvas, gpu, config.canvas_mode, stages)
-
-        pipe = timing_pipeline()
-        pipe.build()
-        pipe.run()                                   # warm-up
-        t = time.perf_counter()
-        for _ in range(batches):
-            pipe.run()
-        out[stages] = 1e3 * (time.perf_counter() - t) / batches
-        del pipe
-    return {"decode_ms": out["decode"], "resize_ms": out["decode,resize"] - out["decode"]}
-
-
-class DaliLoader(LoaderPosition):
-    """Yields ``BackMixBatch`` for the images ``indices`` (default: all) of ``index``, from a DALI pipeline."""
-
-    backend = "dali"
-
-    def __init__(self, index: ImageIndex, config: LoaderConfig, maps: Optional[ForegroundMaps] = None,
-                 indices: Optional[np.ndarray] = None, label_map: Optional[np.ndarray] = None) -> None:
-        if config.auto_augment != "none" and config.train:
+    def __init__(self, loader) -> None:
+        super().__init__(loader)
+        cfg = loader.config
+        if cfg.auto_augment != "none" and cfg.train:
             raise BackMixError("auto_augment runs in the torch batch transform: use the reference, torchvision, ffcv or ray loader")
-        self.index, self.config = index, config
-        self.maps, self.dataset_indices, self.epoch_sampler, self.row_labels = loader_inputs(
-            index, config, maps, indices, label_map)
-        self.sampler = config.sampler()
-        self.fill = fill_value(config.mean).numpy()
-        self.gpu = torch.cuda.is_available() and config.device != "cpu"
-        if config.device == "cuda" and not self.gpu:
-            log.warning("CUDA was asked for but is not available; DALI runs on the CPU")
-        self.device = torch.device("cuda", torch.cuda.current_device()) if self.gpu else torch.device("cpu")
+        self.gpu = loader.device.type == "cuda"
         log.info("DALI pipeline on %s", "gpu" if self.gpu else "cpu")
-        self._start_position()
-        self.bad_rows: set[int] = set()    # rows known not to decode: dropped at feed time from then on
-        self.readers = ThreadPoolExecutor(max(1, config.num_workers), thread_name_prefix="backmix-read")
+        # Rows DALI failed to decode, with torchvision's error (the reference's message): dropped at feed time from then on.
+        self.bad_rows: dict[int, DecodeError] = {}
+        self.readers = ThreadPoolExecutor(max(1, cfg.num_workers), thread_name_prefix="backmix-read")
         self._feeder = _Feeder(self)
+
+    def open(self) -> None:
         self._pipe = self._build()
-        self._dirty = False                # an epoch was left part-way: the pipeline holds stale batches
+        self._clean = True   # the pipeline holds no batch of an earlier iteration
 
-    # ----------------------------------------------------------------- host side
+    def read(self, row: int):
+        """The bytes of dataset row ``row``, or the error that makes it fail (``read_canvas``'s "return")."""
+        index, cfg = self.loader.index, self.loader.config
+        if row in self.bad_rows:
+            return self.bad_rows[row]
+        return read_canvas(index, row, cfg.canvas, cfg.canvas_mode, "return", _file_bytes)
 
-    def batch_inputs(self, ids: np.ndarray, epoch: int, step: int) -> tuple:
-        """The per-sample params of one batch as DALI inputs (lists of numpy arrays)."""
-        cfg, b = self.config, len(ids)
-        p = self.sampler.draw(b, epoch, step, cfg.rank, train=cfg.train)
-        crops, flips = p.crops, p.flips
+    def pipeline_inputs(self, step: int, ids: np.ndarray) -> tuple:
+        """The batch's params (``Loader.inputs``) as DALI inputs (lists of numpy arrays)."""
+        cfg, b = self.loader.config, len(ids)
+        p, masks = self.loader.inputs(step, ids)
         # crop_mirror_normalize takes the crop corner as a fraction of the free range; it
         # rounds fraction * range back to the integer corner exactly (checked by the tests).
         free = max(cfg.canvas - cfg.crop, 1)
         if cfg.resizes:
             # The resized crop's box: its corner and its height x width in the canvas.
-            where = (list(crops.astype(np.float32)), list(p.crop_sizes.astype(np.float32)))
+            where = (list(p.crops.astype(np.float32)), list(p.crop_sizes.astype(np.float32)))
         else:
-            pos = (crops / free).astype(np.float32)
+            pos = (p.crops / free).astype(np.float32)
             where = (list(pos[:, 1]), list(pos[:, 0]))
-        out = (list(flips.astype(np.int32)),) + where
+        out = (list(p.flips.astype(np.int32)),) + where
         if not cfg.backmix:
             return out
         src, dst = p.boxes[:, 0:2], p.boxes[:, 2:4]
         if b < 2:
-            # The kernel leaves a lone image as it is: its own box pasted back in place, nothing blanked.
-            masks = np.zeros((b, cfg.grid, cfg.grid, 1), dtype=np.uint8)
-            dst = src
-        else:
-            masks = host_masks(self.maps, ids, self.sampler.top_k_ratio, p.tie_break).astype(np.uint8)[..., None]
+            dst = src   # as the kernel, a lone image is left as it is: its own box pasted back in place
         # Image j lends its box to the target i with partners[i] == j, cut at that target's source corner.
         lend_at = np.empty_like(src)
         lend_at[p.partners] = src
         out_anchors = np.zeros((b, 2, 2), dtype=np.int32)    # paste 0: the canvas at (0, 0)
         out_anchors[:, 1] = dst                               # paste 1: the box at the destination
-        return out + (list(masks), list(p.partners.astype(np.int32)),
+        return out + (list(masks.astype(np.uint8)[..., None]), list(p.partners.astype(np.int32)),
                       list(lend_at.astype(np.int32)), list(out_anchors))
 
     # ----------------------------------------------------------------- the pipeline
 
+
     def _build(self):
         from nvidia.dali import fn, pipeline_def, types
 
-        cfg = self.config
+        cfg = self.loader.config
         s, c = cfg.canvas, cfg.crop
-        bh, bw = self.sampler.box_hw
+        bh, bw = self.loader.sampler.box_hw
         gpu, resizes = self.gpu, cfg.resizes
-        names = ["canvas"] + (["images"] if cfg.clean else []) + (["mixed"] if cfg.backmix else [])
         mean = [255.0 * m for m in cfg.mean]
         std = [255.0 * v for v in cfg.std]
         # Locals only: the pipeline keeps its definition, which must not hold the loader.
-        feeder, fill_rgb = self._feeder, self.fill.reshape(1, 1, 3)
+        feeder, fill_rgb = self._feeder, fill_value(cfg.mean).numpy().reshape(1, 1, 3)
         paste_shapes = np.array([[s, s], [bh, bw]], dtype=np.int32)   # the canvas, then the box
         cell = s // cfg.grid
         box_cells = types.Constant(np.array([bh / cell, bw / cell], dtype=np.float32))
 
         @pipeline_def(batch_size=cfg.batch_size, num_threads=max(1, cfg.num_workers),
-                      device_id=torch.cuda.current_device() if gpu else None,
+                      device_id=self.loader.device.index if gpu else None,
                       prefetch_queue_depth=PREFETCH, seed=cfg.seed, exec_dynamic=True)
         def backmix_pipeline():
             n_in = 8 if cfg.backmix else 4
@@ -336,92 +241,64 @@ class DaliLoader(LoaderPosition):
         pipe = backmix_pipeline()
         pipe.build()
         _LIVE_PIPELINES.add(pipe)
-        self._names = names
         return pipe
-
-    def _rebuild(self) -> None:
-        self._pipe = self._build()
 
     # ----------------------------------------------------------------- iteration
 
-    def _settle(self) -> None:
-        """Make the pipeline ready for a new epoch after one that was left part-way."""
-        if not self._dirty:
-            return
-        self._feeder.stop()
-        try:
-            for _ in range(PREFETCH + 1):
-                self._pipe.run()
-        except StopIteration:
-            self._pipe.reset()
-        except Exception:   # noqa: BLE001 - a stale batch failing does not matter; start afresh
-            self._rebuild()
-        else:
-            self._rebuild()
-        self._dirty = False
-
-    def __iter__(self) -> Iterator[BackMixBatch]:
-        self._settle()
-        self.maps.refresh()   # a new cache generation takes effect at an epoch boundary
-        self._feeder.start(self.epoch, self.epoch_plan())
-        self._dirty = True
+    def batches(self, plan: Plan) -> Iterator[SourceBatch]:
+        if not self._clean:
+            # An iteration left part-way: DALI has pulled batches of it ahead, which a reset cannot drop.
+            self._pipe = self._build()
+        feeder = self._feeder
+        feeder.start(plan)
+        self._clean = False
         while True:
             try:
                 outs = self._pipe.run()
             except StopIteration:
-                self._report(self._feeder.trailing)
-                self._pipe.reset()
-                self._dirty = False
-                self.next_step = len(self)
+                yield from self._unfed()
+                self._pipe.reset()   # DALI needs a reset after its external source ends
+                self._clean = True
                 return
             except RuntimeError as e:
-                self._recover(e)
+                self._replay(e)
                 continue
-            fed = self._feeder.fed.popleft()
-            self._report(fed.failed)
-            self.next_step = fed.step + 1
-            yield self.deliver(self._to_batch(outs, fed))
+            yield from self._unfed()
+            fed = feeder.fed.popleft()
+            canvas, *crops = (self._to_torch(tl, torch.uint8 if k == 0 else torch.float32) for k, tl in enumerate(outs))
+            cfg = self.loader.config
+            images, mixed = crops[0] if cfg.clean else None, crops[-1] if cfg.backmix else None
+            yield SourceBatch(fed.step, fed.ids, canvas, fed.failed, images, mixed)
 
-    def _report(self, failed: list[str]) -> None:
-        if not failed:
-            return
-        if self.config.on_error == "raise":
-            self._dirty = True
-            raise DecodeError(failed[0])
-        self.skipped += len(failed)
-        for path in failed:
-            log.warning("skipped %s: it does not decode (%d skipped so far)", path, self.skipped)
+    def close(self) -> None:
+        # The pipeline's threads and buffers go now; an iteration after this builds a new one.
+        self._pipe, self._clean = None, False
 
-    def _recover(self, error: RuntimeError) -> None:
-        """DALI failed on the oldest batch in flight: name the file(s), then raise or re-run without them."""
+    def _unfed(self) -> Iterator[SourceBatch]:
+        """The steps at the head of the queue that never reached DALI (every file failed before feeding)."""
+        fed = self._feeder.fed
+        while fed and not len(fed[0].ids):
+            f = fed.popleft()
+            yield SourceBatch(f.step, f.ids, None, f.failed)
+
+    def _replay(self, error: RuntimeError) -> None:
+        """DALI reports a file it cannot decode as a RuntimeError of the oldest batch in flight, without
+        naming it: find the file(s) with torchvision's decoder, then feed that batch and every later one
+        again to a fresh pipeline (the failed one may hold half-run state), now without them; the batch
+        reports them as failed, in batch order, and the core applies ``on_error``."""
         feeder = self._feeder
-        if not feeder.fed:
+        fed = next((f for f in feeder.fed if len(f.ids)), None)
+        if fed is None:
             raise error
-        fed = feeder.fed[0]
-        bad = [int(i) for i in fed.ids if not _decodes(self.index.abspath(int(i)))]
+        index = self.loader.index
+        bad = {int(i): e for i in fed.ids if (e := _decode_error(index.abspath(int(i)))) is not None}
         if not bad:
             why = " ".join(str(error).split())[:300] or type(error).__name__
             raise BackMixError(f"DALI failed on batch {fed.step} ({len(fed.ids)} images, all of which "
                                f"torchvision decodes): {why}")
         self.bad_rows.update(bad)
-        if self.config.on_error == "raise":
-            self._dirty = True
-            # Name the batch's first failing file, as the reference does, whichever way it failed.
-            failing = set(fed.failed) | {self.index.abspath(i) for i in bad}
-            batch = [self.index.abspath(int(i)) for i in fed.plan[-1][1]]
-            raise DecodeError(next(path for path in batch if path in failing))
-        # Re-feed this batch and everything after it; the bad rows are now dropped at feed time.
-        # A fresh pipeline: the old one may hold half-run state after the failure.
-        # Files dropped at feed time are found again on the replay, so nothing is counted twice.
-        replay = [item for f in feeder.fed for item in f.plan]
-        feeder.start(feeder.epoch, replay + list(feeder.plan))
-        self._rebuild()
-
-    def _to_batch(self, outs, fed: _Fed) -> BackMixBatch:
-        out = {name: self._to_torch(tl, torch.uint8 if name == "canvas" else torch.float32)
-               for name, tl in zip(self._names, outs)}
-        return BackMixBatch(out["canvas"], out.get("images"), out.get("mixed"),
-                            *self.row_labels.take(fed.ids, self.device))
+        feeder.start([(f.step, f.planned) for f in feeder.fed] + list(feeder.pending))
+        self._pipe = self._build()
 
     def _to_torch(self, tl, dtype: torch.dtype) -> torch.Tensor:
         if not self.gpu:
@@ -431,14 +308,23 @@ class DaliLoader(LoaderPosition):
             return torch.from_numpy(np.asarray(tl.as_tensor()))
         from nvidia.dali.plugin.pytorch import feed_ndarray
         t = tl.as_tensor()
-        out = torch.empty(tuple(t.shape()), dtype=dtype, device=self.device)
-        feed_ndarray(t, out, cuda_stream=torch.cuda.current_stream(self.device))
+        device = self.loader.device
+        out = torch.empty(tuple(t.shape()), dtype=dtype, device=device)
+        feed_ndarray(t, out, cuda_stream=torch.cuda.current_stream(device))
         return out
 
 
-def _decodes(path: str) -> bool:
+def _decode_error(path: str) -> Optional[DecodeError]:
+    """Why torchvision's decoder refuses the file, None when it decodes it."""
     try:
         decode_rgb(path)
-        return True
-    except DecodeError:
-        return False
+    except DecodeError as e:
+        return e
+    return None
+
+
+class DaliLoader(Loader):
+    """``Loader(DaliSource, ...)``; arguments as ``Loader``'s."""
+
+    def __init__(self, index, config, maps=None, indices=None, label_map=None) -> None:
+        super().__init__(DaliSource, index, config, maps, indices, label_map)

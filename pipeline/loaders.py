@@ -11,15 +11,15 @@ from backmix.osr_data.errors import BackMixError
 from backmix.osr_data.index import ImageIndex
 
 from .config import LoaderConfig
-from .core import Loader, Source
+from .core import Loader
 
 # name -> its Source (pipeline/core.py), or (module, name) of it, imported on use: an optional
 # backend's library (FFCV, Ray) says how to install it when missing. A backend is a Source and a line here.
 SOURCES: dict[str, "tuple[str, str] | type"] = {
     "reference": (".reference", "WorkerSource"),
     "torchvision": (".torchvision_loader", "TorchvisionSource"),
-    "dali": (".dali", "DaliLoader"),
-    "ffcv": (".ffcv", "FfcvLoader"),
+    "dali": (".dali", "DaliSource"),
+    "ffcv": (".ffcv", "FfcvSource"),
     "ray": (".ray_loader", "RaySource"),
 }
 BACKENDS = tuple(SOURCES)
@@ -52,8 +52,6 @@ def make_loader(backend: str, index: ImageIndex, config: LoaderConfig,
     source = SOURCES[backend]
     if isinstance(source, tuple):
         source = getattr(importlib.import_module(source[0], __package__), source[1])
-    if not issubclass(source, Source):   # a backend not yet written as a source: its own loader class
-        return source(index, config, maps, indices, label_map, **kwargs)
     return Loader(source, index, config, maps, indices, label_map, **kwargs)
 
 

@@ -14,7 +14,7 @@ import torch
 
 from backmix.cam_cache import ArrayMaps
 from backmix.cam_cache.maps import UniformMaps
-from backmix.osr_data import DecodeError, ImageIndex, decode_canvas
+from backmix.osr_data import BackMixError, DecodeError, ImageIndex, decode_canvas
 from backmix.pipeline import (EpochSampler, LoaderConfig, ReferenceLoader, crop_flip, fill_value,
                       make_loader, mix_backgrounds, normalize, top_k_mask)
 from backmix.pipeline.dali import DaliLoader
@@ -222,15 +222,16 @@ def test_a_broken_file_is_skipped_and_counted(folder_with_a_broken_file):
             torch.testing.assert_close(b.mixed, expected(b, maps, cfg, epoch, step)[1], rtol=0, atol=ATOL)
 
 
-def test_a_missing_and_a_broken_file_are_both_skipped(folder_with_a_broken_file):
+def test_a_missing_file_stops_the_loader_whatever_on_error(folder_with_a_broken_file):
+    """As in every backend (tests/test_bad_files.py): a file gone since indexing is not a decode failure
+    to skip, the data set no longer matches its index (issue 21; DALI used to skip it)."""
     index = ImageIndex.load(folder_with_a_broken_file)
     (folder_with_a_broken_file / "cat" / "000002.png").unlink()     # gone since the index was made
-    loader = DaliLoader(index, config(on_error="skip", batch_size=4))
-    seen = torch.cat([b.indices for b in loader]).tolist()
-    assert loader.skipped == 2 and sorted(seen) == [i for i in range(24) if i not in (2, 9)]
-    raising = DaliLoader(index, config(batch_size=4, shuffle=False))
-    with pytest.raises(DecodeError, match=r"cat/000002.png does not decode"):
-        list(raising)
+    for on_error in ("skip", "raise"):
+        loader = DaliLoader(index, config(on_error=on_error, batch_size=4, shuffle=False))
+        with pytest.raises(BackMixError, match=r"cat/000002.png is listed in .*index.csv but does not exist") as e:
+            list(loader)
+        assert not isinstance(e.value, DecodeError) and loader.skipped == 0
 
 
 def test_a_forked_child_does_not_hang_on_inherited_pipelines(tiny_root):
@@ -344,3 +345,12 @@ def test_exif_orientation_is_ignored_as_by_the_reference_loader(tmp_path):
     for b in DaliLoader(index, cfg):
         ref = torch.stack([decode_canvas(index.abspath(int(i)), 16, "center") for i in b.indices])
         assert (ref.int() - b.canvas.int()).abs().max() <= 6
+
+
+def test_a_closed_loader_builds_a_new_pipeline_when_iterated_again(tiny_root):
+    index = ImageIndex.load(tiny_root)
+    loader = DaliLoader(index, config(batch_size=4))
+    first = [b.indices.tolist() for b in loader]
+    loader.close()
+    assert loader.source._pipe is None
+    assert [b.indices.tolist() for b in loader] == first

@@ -66,7 +66,7 @@ def pair(index, beton):
     from backmix.pipeline.ffcv import FfcvLoader
     config = LoaderConfig(batch_size=50, num_workers=2, seed=3)
     ffcv = FfcvLoader(index, config, SwappingMaps(len(index)), ROWS)
-    assert ffcv.beton == beton
+    assert ffcv.source.beton == beton
     ref = ReferenceLoader(index, config, SwappingMaps(len(index)), ROWS)
     return ffcv, ref
 
@@ -99,7 +99,7 @@ def kernel_on_own_canvas(loader, batch, epoch: int, step: int):
 def test_ffcv_stream_equals_the_reference_and_the_kernel(pair):
     """By default (the beton write-beton writes by default, found by default) the stream is the reference's."""
     ffcv, ref = pair
-    assert ffcv.mix_in == "ffcv" and ffcv.backend == "ffcv"
+    assert ffcv.source.mix_in == "ffcv" and ffcv.backend == "ffcv"
     assert assert_same_epoch(ffcv, ref, 0) == len(ref) == len(ffcv) == 6
     # And the kernel, directly, on FFCV's own canvases (every batch, the short last one too).
     ffcv.set_epoch(0)
@@ -143,7 +143,7 @@ def test_torch_mix_path_equals_the_ffcv_op(pair, index, beton):
     from backmix.pipeline.ffcv import FfcvLoader
     ffcv, _ = pair
     other = FfcvLoader(index, ffcv.config, ffcv.maps, ROWS, beton=beton, mix_in="torch")
-    assert other.mix_in == "torch"
+    assert other.source.mix_in == "torch"
     assert assert_same_epoch(other, ffcv, 4) == 6
 
 
@@ -264,7 +264,7 @@ def test_rrc_equals_the_reference_and_the_torch_op(tiny_root, tiny_center_beton)
     maps = ArrayMaps(np.random.default_rng(1).random((len(tiny), 8, 8), dtype=np.float32))
     config = LoaderConfig(batch_size=10, canvas=64, crop=56, augment="rrc", num_workers=1, seed=2)
     loader = FfcvLoader(tiny, config, maps, beton=tiny_center_beton)
-    assert loader.mix_in == "ffcv"
+    assert loader.source.mix_in == "ffcv"
     ref = ReferenceLoader(tiny, LoaderConfig(**{**vars(config), "num_workers": 0}), maps)
     transform = BatchTransform.for_config(maps, config)
     for epoch in (0, 1):
@@ -414,7 +414,7 @@ def test_the_loader_never_writes_a_beton_and_says_the_command(tiny_root, tmp_pat
     assert not (tmp_path / ".backmix-betons").exists() and not (tmp_path / "cache").exists()
     # The command it names writes where the loader looks: beside the image folder, never inside it ...
     assert backmix_main(["data", "write-beton", "--data", str(folder), "--canvas", "32", "--no-progress"]) == 0
-    assert make_loader("ffcv", tiny, LoaderConfig(canvas=32, crop=24)).beton.parent == tmp_path / ".backmix-betons"
+    assert make_loader("ffcv", tiny, LoaderConfig(canvas=32, crop=24)).source.beton.parent == tmp_path / ".backmix-betons"
     assert sorted(p.name for p in folder.iterdir()) == ["cat", "dog", "fox", "index.csv"]
     import torchvision
     assert torchvision.datasets.ImageFolder(str(folder)).classes == list(tiny.classes)   # stock ImageFolder loads it
@@ -429,7 +429,7 @@ def test_a_read_only_data_folder_gets_its_beton_in_the_user_cache(tiny_root, tmp
     assert backmix_main(["data", "write-beton", "--data", str(tiny_root), "--canvas", "32", "--no-progress"]) == 0
     assert "is read-only: writing the beton to " + str(tmp_path / "cache" / "backmix" / "betons") in caplog.text
     loader = make_loader("ffcv", ImageIndex.load(tiny_root), LoaderConfig(canvas=32, crop=24))
-    assert loader.beton.parent == tmp_path / "cache" / "backmix" / "betons"
+    assert loader.source.beton.parent == tmp_path / "cache" / "backmix" / "betons"
 
 
 def test_train_names_the_missing_betons_of_train_and_test_up_front(small_root, tmp_path, capsys):
