@@ -251,7 +251,9 @@ class FfcvSource(Source):
                 if self.kind == "decode":   # out: on the device already; cloned out of FFCV's buffer
                     yield SourceBatch(step, rows, out.clone(memory_format=torch.contiguous_format), [])
                 else:
-                    canvas, *crops = (self._own(x) for x in out)
+                    # The canvas is copied out only when a batch must carry it (``Loader.wants_canvas``).
+                    canvas = self._own(out[0]) if self.loader.wants_canvas else None
+                    crops = [self._own(x) for x in out[1:]]
                     cfg = self.loader.config
                     yield SourceBatch(step, rows, canvas, [], crops[0] if cfg.clean else None,
                                       crops[-1] if cfg.backmix else None)
