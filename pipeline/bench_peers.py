@@ -208,8 +208,7 @@ def run_peers(args) -> dict:
     for family in families:
         missing = missing_library(family)
         if missing:
-            skipped[family] = f"{missing} not installed"
-            print(f"skipped: {missing} not installed", flush=True)
+            skipped[family] = f"{missing} not installed"     # a line of the table
     measured = [f for f in families if f not in skipped]
     if not measured:
         raise BackMixError(f"no family to measure: {', '.join(skipped.values())}")
