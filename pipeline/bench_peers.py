@@ -178,6 +178,13 @@ def versions() -> dict[str, str]:
 
 
 def run_peers(args) -> dict:
+    """The report (the JSON file): command, machine (cpu, cores, usable_cores, system, gpu), versions,
+    data, images, formats (of up to 256 files, from their headers), config, rounds, families (measured),
+    skipped ({family: why}), betons ({stock, jpgQ, raw}: path, bytes, what), results (one row per
+    configuration: name, family, loader, mode, beton, images_per_s (median over rounds),
+    images_per_s_rounds, batch_ms_median; backmix's rows also ratio_to_stock (median) and
+    ratio_to_stock_rounds, each backmix images/s / stock images/s of the same round; error: the last
+    failure's line) and round_records (round, order, load_1min_before/after, results, ratio_to_stock)."""
     from backmix.osr_data.benchdata import default_bench_folder, make_bench_folder
     from backmix.osr_data.index import ImageIndex
 
