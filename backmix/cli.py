@@ -36,6 +36,8 @@ COMMANDS = {
     ("bench", "cache"): ("precompute vs inference throughput, publish time/size, gather latency",
                          "backmix.cam_cache.cli:register_bench"),
     ("bench", "loader"): ("images/s of each loader with and without BackMix", "backmix.pipeline.cli:register_bench"),
+    ("bench", "peers"): ("backmix's loaders beside the stock torchvision, FFCV and DALI loaders",
+                         "backmix.pipeline.cli:register_bench_peers"),
     ("bench", "scale"): ("index, cache, first-batch, memory and rebuild costs on an ImageNet-sized folder",
                          "backmix.trainers.cli:register_bench"),
     (None, "show"): ("draw one mixed batch as a PNG sheet", "backmix.pipeline.cli:register"),

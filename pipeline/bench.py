@@ -23,7 +23,6 @@ import os
 import platform
 import statistics
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -33,6 +32,8 @@ import torch
 from backmix.osr_data.decode import CANVAS_MODES
 from backmix.osr_data.errors import BackMixError
 
+from .bench_stages import decode_ceiling, describe_input, stage_breakdown, sync
+from .beton_location import DEFAULT_MODE, DEFAULT_QUALITY
 from .config import ON_ERROR
 from .loaders import BACKENDS, backend_options
 from .sampling import AUGMENTS
@@ -66,140 +67,6 @@ def time_loader(loader, warmup: int, batches: int, sync: Callable[[], None]) -> 
             t = time.perf_counter()
         epoch += 1
     return times
-
-
-def decodable_files(index, limit: int, on_error: str = "raise") -> list[str]:
-    """The first ``limit`` files of ``index`` that decode; one that does not raises ``DecodeError``
-    (on_error "raise") or is left out with a warning ("skip")."""
-    from backmix.osr_data.decode import DecodeError, decode_rgb
-    files = []
-    for i in range(min(limit, len(index))):
-        try:
-            decode_rgb(index.abspath(i))
-        except DecodeError:
-            if on_error == "raise":
-                raise
-            log.warning("skipped %s: it does not decode", index.abspath(i))
-            continue
-        files.append(index.abspath(i))
-    return files
-
-
-def stage_breakdown(index, config, batches: int, device: torch.device) -> dict[str, float]:
-    """Milliseconds per batch of each torch stage, timed alone on the same files."""
-    from backmix.cam_cache.maps import UniformMaps
-    from backmix.osr_data.decode import decode_rgb, to_canvas
-
-    from .augment import BackMix, Normalize, RandomCropFlip, RandomResizedCropFlip
-    from .batch import same_crop_twice
-    from .reference import CanvasDataset, collate_canvases
-
-    b = config.batch_size
-    # The canvas resize alone (torchvision, this process), to set beside DALI's.
-    decoded = [decode_rgb(f) for f in decodable_files(index, b, config.on_error)]
-    resize = []
-    for _ in range(3):
-        t = time.perf_counter()
-        for image in decoded:
-            to_canvas(image, config.canvas, config.canvas_mode)
-        resize.append(time.perf_counter() - t)
-    ds = CanvasDataset(index, config.canvas, config.canvas_mode)
-    loader = torch.utils.data.DataLoader(ds, batch_size=b, num_workers=config.num_workers,
-                                         collate_fn=collate_canvases, shuffle=False)
-    decode, canvases = [], None
-    t = time.perf_counter()
-    for i, (canvas, *_rest) in enumerate(loader):
-        decode.append(time.perf_counter() - t)
-        canvases = canvas if canvases is None else canvases
-        if i + 1 >= batches:
-            break
-        t = time.perf_counter()
-    sampler = config.sampler()
-    maps = torch.from_numpy(UniformMaps(len(index), config.grid).gather(np.arange(b)))
-    mix, norm = BackMix(config.top_k_ratio, config.box_fraction, config.mean), Normalize(config.mean, config.std)
-    crop = (RandomResizedCropFlip if config.resizes else RandomCropFlip)(config.crop)
-    x = canvases.to(device)
-    stages = {"mix": [], "augment": [], "host_to_device": []}
-    for step in range(max(3, batches)):
-        p = sampler.draw(len(x), 0, step).torch(device)
-        t0 = time.perf_counter()
-        mixed = mix(x, maps.to(device), p)
-        _sync(device)
-        t1 = time.perf_counter()
-        norm(crop(torch.cat([x, mixed]), same_crop_twice(p)))
-        _sync(device)
-        t2 = time.perf_counter()
-        stages["mix"].append(t1 - t0)
-        stages["augment"].append(t2 - t1)
-        if device.type == "cuda":
-            pinned = canvases.pin_memory()
-            t3 = time.perf_counter()
-            pinned.to(device, non_blocking=True)
-            _sync(device)
-            stages["host_to_device"].append(time.perf_counter() - t3)
-    out = {"read_decode_ms": 1e3 * statistics.median(decode[1:] or decode),
-           "canvas_resize_ms": 1e3 * statistics.median(resize) * b / len(decoded)}
-    out.update({f"{k}_ms": 1e3 * statistics.median(v) for k, v in stages.items() if v})
-    return out
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def decode_ceiling(index, workers: int, limit: int = 256, on_error: str = "raise") -> dict:
-    """images/s of each installed CPU image decoder on the same files (bytes in memory), ``workers``
-    threads, and the files' formats as their headers say (a folder's suffixes may lie)."""
-    files = decodable_files(index, limit, on_error)
-    blobs = [open(f, "rb").read() for f in files]
-    formats = file_formats(blobs)
-    decoders: dict[str, Callable[[bytes], object]] = {}
-    from torchvision.io import ImageReadMode, decode_image
-    decoders["torchvision.io (libjpeg-turbo)"] = lambda b: decode_image(
-        torch.frombuffer(bytearray(b), dtype=torch.uint8), mode=ImageReadMode.RGB)
-    import io
-
-    from PIL import Image
-    decoders["PIL"] = lambda b: np.asarray(Image.open(io.BytesIO(b)).convert("RGB"))
-    try:
-        import cv2
-        cv2.setNumThreads(1)
-        decoders["OpenCV"] = lambda b: cv2.imdecode(np.frombuffer(b, np.uint8), cv2.IMREAD_COLOR)
-    except ImportError:
-        pass
-    rates = {}
-    with ThreadPoolExecutor(max(1, workers)) as pool:
-        for name, fn in decoders.items():
-            list(pool.map(fn, blobs[:16]))  # warm-up
-            t = time.perf_counter()
-            list(pool.map(fn, blobs))
-            rates[name] = len(blobs) / (time.perf_counter() - t)
-    best = max(rates, key=rates.get)
-    return {"decoder": best, "images_per_s": rates[best], "threads": max(1, workers), "all": rates,
-            "formats": formats}
-
-
-def file_formats(blobs: list[bytes]) -> dict[str, int]:
-    """{format name as PIL reads it from the header: count}, most common first."""
-    import io
-
-    from PIL import Image
-    counts: dict[str, int] = {}
-    for b in blobs:
-        with Image.open(io.BytesIO(b)) as im:   # reads the header only
-            counts[im.format or "unknown"] = counts.get(im.format or "unknown", 0) + 1
-    return dict(sorted(counts.items(), key=lambda kv: -kv[1]))
-
-
-def describe_input(report: dict) -> str:
-    """'1024 images (JPEG)' or '300 images (PNG 200, JPEG 100 of 300 sampled)'."""
-    formats = report["decode_ceiling"].get("formats") or {}
-    sampled = sum(formats.values())
-    if len(formats) == 1:
-        return f"{report['images']} images ({next(iter(formats))})"
-    kinds = ", ".join(f"{k} {v}" for k, v in formats.items())
-    return f"{report['images']} images ({kinds} of {sampled} sampled)"
 
 
 def machine() -> str:
@@ -238,7 +105,7 @@ def run_benchmark(data: Optional[Path], backends: list[str], *, batches: int, wa
         raise BackMixError(f"{index.root} holds {len(index)} images, fewer than one batch of {batch_size}: "
                            "give a smaller --batch-size or more images")
     if "ffcv" in backends:
-        _ensure_beton(index, canvas)
+        ensure_beton(index, canvas)
     dev = choose_device(device)
     shape = {"canvas_mode": canvas_mode, "augment": augment}   # every loader's canvas and augmentation
     # The torch stages first, and the backends in a fixed order (reference, DALI, FFCV): a process
@@ -266,7 +133,7 @@ def run_benchmark(data: Optional[Path], backends: list[str], *, batches: int, wa
         try:
             loader = make_loader(backend, index, config, UniformMaps(len(index), config.grid),
                                  **(ray_options if backend == "ray" else {}))
-            t = time_loader(loader, warmup, batches, lambda: _sync(dev))
+            t = time_loader(loader, warmup, batches, lambda: sync(dev))
         except (BackMixError, ImportError) as e:
             errors[(backend, mode)] = str(e).splitlines()[0]
             continue
@@ -322,18 +189,24 @@ def run_benchmark(data: Optional[Path], backends: list[str], *, batches: int, wa
             "ratio_range": spread, "rounds": repeat}
 
 
-def _ensure_beton(index, canvas: int) -> None:
-    """FFCV's loader reads a beton it never writes: the benchmark writes it once, explicitly, saying so."""
-    from .beton import beton_locations, default_destination, require_ffcv, write_beton
+def ensure_beton(index, canvas: int, mode: str = DEFAULT_MODE, jpeg_quality: int = DEFAULT_QUALITY) -> Optional[Path]:
+    """The FFCV loader's default beton of ``index`` at ``canvas`` (center canvases, ``mode`` storage): FFCV's
+    loader reads a beton it never writes, so a benchmark writes it once, explicitly, saying so. None when
+    FFCV is not installed (its rows say how to install it)."""
+    from .beton import require_ffcv, write_beton
+    from .beton_location import beton_locations, default_destination, write_command
     try:
         require_ffcv()
     except BackMixError:
-        return                          # FFCV's rows say how to install it
-    if not any(path.exists() for path in beton_locations(index, canvas)):
-        out = default_destination(index, canvas)
-        log.info("writing the FFCV beton once (`backmix data write-beton --data %s --canvas %d`): %s",
-                 index.root, canvas, out)
-        write_beton(index, out, canvas=canvas)
+        return None
+    storage = {"mode": mode, "jpeg_quality": jpeg_quality}
+    found = [path for path in beton_locations(index, canvas, **storage) if path.exists()]
+    if found:
+        return found[0]
+    out = default_destination(index, canvas, **storage)
+    log.info("writing the FFCV beton once (`%s`): %s", write_command(index.root, canvas, "center", mode, jpeg_quality), out)
+    write_beton(index, out, canvas=canvas, **storage)
+    return out
 
 
 def format_table(report: dict) -> str:
@@ -349,7 +222,8 @@ def format_table(report: dict) -> str:
                      "" if mix is None else f"{mix:+.1f}"))
     dc = report["decode_ceiling"]
     rows.append((f"decode ceiling: {dc['decoder']}", "", f"{dc['images_per_s']:.0f}", "", "", ""))
-    lines = [f"input: {describe_input(report)}, {report['data']}", "",
+    described = describe_input(report["images"], report["decode_ceiling"].get("formats") or {})
+    lines = [f"input: {described}, {report['data']}", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
     lines.append("")
@@ -385,7 +259,8 @@ def plot(report: dict, path: Path) -> None:
     ax.axhline(dc["images_per_s"], color="k", ls="--", lw=1, label=f"decode ceiling of the source files ({dc['decoder']})")
     ax.set_ylabel("images/s")
     c = report["config"]
-    ax.set_title(f"{describe_input(report)}, canvas {c['canvas']} {c.get('canvas_mode', 'stretch')}, crop {c['crop']} "
+    described = describe_input(report["images"], report["decode_ceiling"].get("formats") or {})
+    ax.set_title(f"{described}, canvas {c['canvas']} {c.get('canvas_mode', 'stretch')}, crop {c['crop']} "
                  f"{c.get('augment', 'crop')}, batch {c['batch_size']}, "
                  f"{c['workers']} workers\n{report['machine']}", fontsize=8)
     ax.legend(fontsize=8)

@@ -13,6 +13,12 @@ def register_bench(sub) -> None:
     reg(sub)
 
 
+def register_bench_peers(sub) -> None:
+    """``backmix bench peers``."""
+    from .bench_peers import register as reg
+    reg(sub)
+
+
 def register(top) -> None:
     """``backmix show``."""
     from .show import register as reg
