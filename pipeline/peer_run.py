@@ -46,8 +46,12 @@ def build(args, device):
                           backmix=backmix, clean=clean, num_workers=args.workers, device=device.type,
                           last_batch="drop")
     index = ImageIndex.load(args.data)
-    return make_loader(args.loader, index, config, UniformMaps(len(index), config.grid),
-                       **({"beton": args.beton} if args.loader == "ffcv" else {}))
+    loader = make_loader(args.loader, index, config, UniformMaps(len(index), config.grid),
+                         **({"beton": args.beton} if args.loader == "ffcv" else {}))
+    # The stream a training epoch without an in-loop rebuild reads: crops only, as the stock loaders
+    # give (the uint8 canvas is carried only when something rebuilds the cache from it).
+    loader.keep_canvas = False
+    return loader
 
 
 def measure(args) -> dict:
