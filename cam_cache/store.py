@@ -41,8 +41,9 @@ from typing import Optional
 import numpy as np
 import pyarrow as pa
 
+from backmix._fs import atomic_file, atomic_write_bytes
 from backmix.osr_data.errors import BackMixError
-from backmix.osr_data.index import ImageIndex, atomic_file, atomic_write_bytes
+from backmix.osr_data.index import ImageIndex
 
 FORMAT = "backmix-foreground-cache/3"
 READABLE_FORMATS = ("backmix-foreground-cache/1", "backmix-foreground-cache/2", FORMAT)

@@ -29,11 +29,12 @@ import re
 import stat
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Optional
 
 import numpy as np
 
-from .abandoned_temps import remove_abandoned_temps
+from backmix._fs import atomic_write_bytes
+
 from .errors import BackMixError
 from .untrusted_paths import check_rows_inside, stat_entry
 
@@ -42,27 +43,6 @@ INDEX_NAME = "index.csv"
 COLUMNS = ("path", "label", "size", "mtime_ns")
 # Index files written before size and mtime were recorded: read, then stat once and rewritten.
 OLD_COLUMNS = ("path", "label")
-
-
-@contextlib.contextmanager
-def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
-    """Yields a temporary name beside ``path`` for the block to write; then fsyncs it and renames it
-    onto ``path``, so readers never see half a file. If the block raises, the temporary file goes."""
-    path = Path(path)
-    remove_abandoned_temps(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        yield tmp
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    with atomic_file(path) as tmp:
-        tmp.write_bytes(data)
 
 
 class IndexPaths(Sequence):

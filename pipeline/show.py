@@ -17,13 +17,13 @@ from typing import Optional
 import numpy as np
 import torch
 
+from backmix._fs import check_output_file
 from backmix.osr_data.decode import CANVAS_MODES
 from backmix.osr_data.errors import BackMixError
 from backmix.osr_data.splits import resolve_split
 
 from .backmix import top_k_mask
 from .batch import BackMixBatch
-from .beton import check_output_file
 from .config import ON_ERROR
 from .sampling import AUGMENTS
 

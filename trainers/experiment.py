@@ -28,7 +28,7 @@ from tqdm import tqdm
 from backmix.osr_data.decode import CANVAS_MODES
 from backmix.osr_data.errors import BackMixError
 from backmix.osr_data.filelock import exclusive_lock
-from backmix.osr_data.index import atomic_write_bytes
+from backmix._fs import atomic_write_bytes
 from backmix.osr_data.prepare import prepare
 from backmix.pipeline.sampling import AUGMENTS
 

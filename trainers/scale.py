@@ -269,8 +269,7 @@ def register_bench(sub) -> None:
 
 
 def run_bench_scale(args) -> int:
-    from backmix.pipeline.beton import check_output_file
-    from backmix.osr_data.index import atomic_write_bytes
+    from backmix._fs import atomic_write_bytes, check_output_file
     if args.json is not None:
         check_output_file(args.json, "--json")
         args.json.parent.mkdir(parents=True, exist_ok=True)
