@@ -127,3 +127,12 @@ def check_output_folder(path: Path, flag: str = "--out", purpose: str = "a run")
     except OSError as e:
         raise BackMixError(f"{flag} {path} cannot be written: {e.strerror or e}") from None
     return path
+
+
+def fsync_dir(folder: Path) -> None:
+    """Makes a rename into ``folder`` durable (the folder's entry, not only the file's bytes)."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
