@@ -13,7 +13,7 @@ import secrets
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Optional
 
 from backmix.osr_data.abandoned_temps import remove_abandoned_temps
 from backmix.osr_data.errors import NO_SPACE_ERRNOS, BackMixError, no_space
@@ -88,19 +88,17 @@ def existing_ancestor(path: Path) -> Path:
     return folder
 
 
-def try_writing_in(folder: Path) -> None:
-    """Creates (and drops) a file in ``folder``, raising its OSError: tried, not guessed (root ignores modes)."""
-    with tempfile.TemporaryFile(dir=folder):
-        pass
+def write_error(folder: Path) -> Optional[OSError]:
+    """The OSError creating a file in ``folder`` gets, None if it can: tried, not guessed (root ignores modes)."""
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            return None
+    except OSError as e:
+        return e
 
 
 def writable_folder(folder: Path) -> bool:
-    """Whether this process can create files in ``folder``."""
-    try:
-        try_writing_in(folder)
-        return True
-    except OSError:
-        return False
+    return write_error(folder) is None
 
 
 def check_output_file(path: str | os.PathLike, flag: str = "--out") -> Path:
@@ -123,9 +121,11 @@ def check_output_folder(path: Path, flag: str = "--out", purpose: str = "a run")
         raise BackMixError(f"{flag} {path} is a file; {purpose} needs a folder")
     try:
         path.mkdir(parents=True, exist_ok=True)
-        try_writing_in(path)
+        error = write_error(path)
     except OSError as e:
-        raise BackMixError(f"{flag} {path} cannot be written: {e.strerror or e}") from None
+        error = e
+    if error is not None:
+        raise BackMixError(f"{flag} {path} cannot be written: {error.strerror or error}")
     return path
 
 

@@ -12,6 +12,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from backmix.cam_cache.rebuild import exchange
 from backmix.osr_data.errors import BackMixError
 
 
@@ -51,15 +52,6 @@ def barrier(world: int) -> None:
         dist.barrier()
 
 
-def gather(value, world: int) -> list:
-    """Every rank's ``value`` in rank order, on every rank (alone: ``[value]``)."""
-    if world == 1:
-        return [value]
-    everyone = [None] * world
-    dist.all_gather_object(everyone, value)
-    return everyone
-
-
 def all_reduce_sum(tensor: torch.Tensor, world: int) -> None:
     if world > 1:
         dist.all_reduce(tensor)
@@ -70,4 +62,4 @@ def gather_weight_digests(model: nn.Module, world: int) -> list[str]:
     h = hashlib.sha256()
     for p in unwrap(model).parameters():
         h.update(p.detach().cpu().contiguous().numpy().tobytes())
-    return gather(h.hexdigest(), world)
+    return exchange(h.hexdigest(), world)

@@ -18,10 +18,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from backmix.cam_cache.rebuild import exchange
 from backmix.osr_data.errors import BackMixError
 
 from .config import TrainConfig, option
-from .distributed import gather
 from .precision import Precision
 from .recipe import Recipe
 from .run_files import save_run_checkpoint
@@ -96,7 +96,7 @@ def save_mid_epoch(mine: dict, checkpoints: RunCheckpoints, training: Training, 
     """last.pt part-way through ``epoch``: every rank's loader position, sums and RNG (``mine`` is this
     rank's, from ``train_one_epoch``) with the rest; rank 0 writes it. ``maps``: the training loader's
     foreground cache (None without BackMix), whose generation the epoch's masks come from."""
-    parts = gather(mine, world)
+    parts = exchange(mine, world)
     if rank == 0:
         checkpoints.save("last.pt", training.model, epoch=epoch, **training_state(training),
                          metrics=progress.history, best=progress.best, regen_pending=False,
