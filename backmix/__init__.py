@@ -37,7 +37,7 @@ _EXPORTS = {
     "BACKENDS": ".pipeline.loaders", "make_loader": ".pipeline.loaders", "LoaderConfig": ".pipeline.config",
     "BackMixBatch": ".pipeline.batch", "mix_backgrounds": ".pipeline.backmix", "top_k_mask": ".pipeline.backmix",
     # the trainer and the open-set metrics
-    "TrainConfig": ".trainers.config", "train_one_epoch": ".trainers.train", "train": ".trainers.train:main",
+    "TrainConfig": ".trainers.config", "train_one_epoch": ".trainers.epoch", "train": ".trainers.train:main",
     "open_set_metrics": ".trainers.metrics", "auroc": ".trainers.metrics", "oscr": ".trainers.metrics",
     "fpr_at_tpr": ".trainers.metrics",
 }
@@ -61,4 +61,4 @@ if TYPE_CHECKING:
     from .trainers.config import TrainConfig
     from .trainers.metrics import auroc, fpr_at_tpr, open_set_metrics, oscr
     from .trainers.train import main as train
-    from .trainers.train import train_one_epoch
+    from .trainers.epoch import train_one_epoch

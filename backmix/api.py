@@ -19,8 +19,8 @@ from .pipeline.loaders import backend_options
 from .pipeline.augment import IMAGENET_MEAN, IMAGENET_STD
 from .osr_data.protocols import split_list
 from .osr_data.open_set import OpenSetData, load_data
-from .trainers.train import Precision
-from .trainers.train import evaluate as _evaluate
+from .trainers.epoch import evaluate as _evaluate
+from .trainers.precision import Precision
 
 
 def open_set_data(root: str | os.PathLike, split: str | int = "0", *, val_fraction: float = 0.0,

@@ -36,7 +36,8 @@ from backmix.osr_data.decode import IMAGENET_MEAN, IMAGENET_STD, decode_canvas
 
 from .precompute import GenerationWriter, class_activation_maps, publish_generation
 from .rebuild import rebuild_cache
-from .store import ForegroundCache, generation_path, init_cache, pending_dir, write_maps, write_pointer
+from .generation_file import write_maps
+from .store import ForegroundCache, generation_path, init_cache, pending_dir, write_pointer
 
 
 def _timed(fn, sync) -> float:

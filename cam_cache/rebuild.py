@@ -45,8 +45,8 @@ def rank_and_world() -> tuple[int, int]:
     return 0, 1
 
 
-def _exchange(value, world: int) -> list:
-    """Every rank's ``value``, on every rank (one all_gather; just [value] alone)."""
+def exchange(value, world: int) -> list:
+    """Every rank's ``value`` in rank order, on every rank (one all_gather; just [value] alone)."""
     if world == 1:
         return [value]
     everyone = [None] * world
@@ -75,7 +75,7 @@ def on_every_rank(cache_dir: str | os.PathLike) -> Iterator[None]:
         yield
     except Exception as e:   # noqa: BLE001 -- every failure must reach the other ranks
         error = _failure(cache_dir, rank, e)
-    _raise_first(_exchange(error, world))
+    _raise_first(exchange(error, world))
 
 
 def stage_generation(cache_dir: str | os.PathLike, model: nn.Module, index: ImageIndex, *, canvas: int,
@@ -97,7 +97,7 @@ def stage_generation(cache_dir: str | os.PathLike, model: nn.Module, index: Imag
             raise BackMixError(f"the writer is shard {writer.shard}, this process is rank {rank} of {world}")
         writer.take_pending()
         held = writer.done_rows
-    covered = np.concatenate(_exchange(held, world))
+    covered = np.concatenate(exchange(held, world))
     with on_every_rank(cache_dir):
         todo = writer.rows[~np.isin(writer.rows, covered)][rank::world]
         if len(todo):

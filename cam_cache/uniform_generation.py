@@ -19,7 +19,8 @@ import numpy as np
 from backmix.osr_data.errors import BackMixError
 from backmix.osr_data.index import ImageIndex
 
-from .store import (FORMAT, POINTER, ForegroundCache, check_cache_dir, check_grid, generations_on_disk, init_cache,
+from .generation_file import FORMAT
+from .store import (POINTER, ForegroundCache, check_cache_dir, check_grid, generations_on_disk, init_cache,
                     write_pointer)
 
 UNIFORM_VALUE = 0.5

@@ -1,7 +1,7 @@
 """The models stage: build any supported classifier, checkpoint it, and expose its CAM head.
 
 Data flow: ``osr_data -> models -> cam_cache -> pipeline -> trainers``. This package
-imports only ``backmix.osr_data`` (errors, atomic writes); the cache and the trainer
+imports only ``backmix.osr_data`` (errors) and ``backmix._fs`` (atomic writes); the cache and the trainer
 import it, never the other way round.
 
 * ``build_model(arch, num_classes)``: ``cnn32``; ``wrnDEPTH_WIDTH`` (the WideResNet of

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from backmix.osr_data.errors import BackMixError
-from backmix.osr_data.index import atomic_file
+from backmix._fs import atomic_file
 
 from .zoo import build_model
 

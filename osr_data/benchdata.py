@@ -16,7 +16,7 @@ import numpy as np
 from PIL import Image
 
 from .index import ImageIndex
-from .prepare import atomic_folder
+from backmix._fs import atomic_folder
 
 SIZES = ((500, 375), (375, 500))   # (width, height), landscape 3:1 over portrait
 

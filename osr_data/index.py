@@ -27,14 +27,15 @@ import io
 import os
 import re
 import stat
-from collections.abc import Sequence
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Optional
 
 import numpy as np
 
-from .abandoned_temps import remove_abandoned_temps
+from backmix._fs import atomic_write_bytes
+
 from .errors import BackMixError
+from .index_paths import IndexPaths
 from .untrusted_paths import check_rows_inside, stat_entry
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
@@ -42,81 +43,6 @@ INDEX_NAME = "index.csv"
 COLUMNS = ("path", "label", "size", "mtime_ns")
 # Index files written before size and mtime were recorded: read, then stat once and rewritten.
 OLD_COLUMNS = ("path", "label")
-
-
-@contextlib.contextmanager
-def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
-    """Yields a temporary name beside ``path`` for the block to write; then fsyncs it and renames it
-    onto ``path``, so readers never see half a file. If the block raises, the temporary file goes."""
-    path = Path(path)
-    remove_abandoned_temps(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        yield tmp
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    with atomic_file(path) as tmp:
-        tmp.write_bytes(data)
-
-
-class IndexPaths(Sequence):
-    """The relative paths of an index, read-only: one UTF-8 buffer and N+1 offsets; items are ``str``."""
-
-    __slots__ = ("data", "offsets")
-
-    def __init__(self, data: np.ndarray, offsets: np.ndarray) -> None:
-        self.data, self.offsets = data, offsets      # uint8 [bytes], int64 [N + 1]
-
-    @classmethod
-    def from_strings(cls, paths: Sequence[str]) -> "IndexPaths":
-        encoded = [p.encode() for p in paths]
-        offsets = np.zeros(len(encoded) + 1, dtype=np.int64)
-        np.cumsum(np.fromiter(map(len, encoded), dtype=np.int64, count=len(encoded)), out=offsets[1:])
-        return cls(np.frombuffer(b"".join(encoded), dtype=np.uint8), offsets)
-
-    @classmethod
-    def from_arrow(cls, array) -> "IndexPaths":
-        """Zero-copy view of a pyarrow large_string array's buffers."""
-        _, offsets, data = array.buffers()
-        offsets = np.frombuffer(offsets, dtype=np.int64)[array.offset:array.offset + len(array) + 1]
-        data = np.frombuffer(data, dtype=np.uint8) if data is not None else np.zeros(0, np.uint8)
-        return cls(data, offsets)
-
-    def to_arrow(self):
-        import pyarrow as pa
-        return pa.LargeStringArray.from_buffers(len(self), pa.py_buffer(self.offsets), pa.py_buffer(self.data))
-
-    def __len__(self) -> int:
-        return len(self.offsets) - 1
-
-    def __getitem__(self, i):
-        if isinstance(i, slice):
-            return [self[j] for j in range(*i.indices(len(self)))]
-        n = len(self)
-        if not -n <= i < n:
-            raise IndexError(f"path {i} out of range ({n} paths)")
-        i = int(i) % n
-        return self.data[self.offsets[i]:self.offsets[i + 1]].tobytes().decode()
-
-    def __eq__(self, other) -> bool:
-        if isinstance(other, IndexPaths):
-            return bool(np.array_equal(self.offsets - self.offsets[0], other.offsets - other.offsets[0])
-                        and np.array_equal(self.data[self.offsets[0]:self.offsets[-1]],
-                                           other.data[other.offsets[0]:other.offsets[-1]]))
-        if isinstance(other, Sequence) and not isinstance(other, str):
-            return len(self) == len(other) and all(a == b for a, b in zip(self, other))
-        return NotImplemented
-
-    __hash__ = None
-
-    def __repr__(self) -> str:
-        return f"IndexPaths({len(self)} paths)"
 
 
 class ImageIndex:

@@ -10,17 +10,15 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
-import shutil
 from pathlib import Path
-from contextlib import contextmanager
-from typing import Callable, Iterator
+from typing import Callable
 
 import numpy as np
 from PIL import Image
 
-from .abandoned_temps import remove_abandoned_temps
-from .errors import NO_SPACE_ERRNOS, BackMixError, no_space
+from backmix._fs import atomic_folder
+
+from .errors import BackMixError
 from .index import ImageIndex
 
 SPLITS = ("train", "test")
@@ -131,45 +129,3 @@ def check_same_recipe(out: Path, recipe: dict) -> None:
             return ", ".join(f"{k} {r[k]}" for k in sorted(r))
         raise BackMixError(f"{out} holds another data set ({says(old)}), not {says(recipe)}; "
                            "pass --force to replace it or choose another --out")
-
-
-@contextmanager
-def atomic_folder(out: Path) -> Iterator[Path]:
-    """Yield a temporary folder beside ``out``; on success it replaces ``out``, on failure it goes.
-
-    The folder is named ``.<out>.tmp-<pid>-<random>``: one left by a process that no longer runs
-    (killed with -9) is removed here. It is made with ``os.mkdir``, so the umask sets its mode."""
-    tmp = _make_temp_folder(out)
-    try:
-        yield tmp
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except OSError as e:
-        if e.errno in NO_SPACE_ERRNOS:
-            raise no_space(e, writing=out) from None
-        raise
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _make_temp_folder(out: Path) -> Path:
-    ancestor = out.parent
-    while not ancestor.exists() and ancestor != ancestor.parent:
-        ancestor = ancestor.parent
-    if not ancestor.is_dir():
-        raise BackMixError(f"cannot write {out}: {ancestor} is a file, not a folder")
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        remove_abandoned_temps(out)
-        while True:
-            tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
-            try:
-                os.mkdir(tmp)
-                return tmp
-            except FileExistsError:
-                continue
-    except OSError as e:
-        raise BackMixError(f"cannot write {out}: {e.strerror or e}"
-                           + (f" ({e.filename})" if e.filename and Path(e.filename) != out else "")) from None

@@ -40,13 +40,14 @@ from typing import NamedTuple, Optional
 import numpy as np
 from tqdm import tqdm
 
+from backmix._fs import atomic_file, check_output_file
 from backmix.osr_data.decode import CANVAS_MODES, check_canvas_mode, decode_canvas, decode_rgb, to_numpy_hwc
 from backmix.osr_data.errors import BackMixError, no_space
 from backmix.osr_data.filelock import exclusive_lock
-from backmix.osr_data.index import ImageIndex, atomic_file
+from backmix.osr_data.index import ImageIndex
 
 from .beton_location import (DEFAULT_MODE, DEFAULT_QUALITY, MODES, beton_locations, check_storage,  # noqa: F401
-                             default_destination, find_beton, writable_folder)
+                             default_destination, find_beton)
 from .config import ON_ERROR
 
 log = logging.getLogger("backmix")
@@ -65,22 +66,6 @@ def require_ffcv() -> None:
         from ffcv.loader import Loader  # noqa: F401
     except ImportError:
         raise BackMixError(INSTALL_HINT) from None
-
-
-def check_output_file(path: str | os.PathLike, flag: str = "--out") -> Path:
-    """Refuse, before any work, an output file that cannot be written: a folder, a path under a
-    file, or a folder this process may not write in (tried, not guessed: root ignores modes)."""
-    path = Path(path)
-    if path.is_dir():
-        raise BackMixError(f"{flag} {path} is a folder; give a file name")
-    folder = path.parent
-    while not folder.exists() and folder != folder.parent:
-        folder = folder.parent
-    if not folder.is_dir():
-        raise BackMixError(f"{flag} {path}: {folder} is a file, not a folder")
-    if not writable_folder(folder):
-        raise BackMixError(f"{flag} {path}: cannot write in {folder} (read-only)")
-    return path
 
 
 class _Samples:

@@ -13,10 +13,10 @@ smaller, but the stream differs by the JPEG loss).
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 from typing import Optional, Sequence
 
+from backmix._fs import writable_folder
 from backmix.osr_data.errors import BackMixError
 from backmix.osr_data.index import ImageIndex
 
@@ -52,15 +52,6 @@ def beton_locations(index: ImageIndex, canvas: Optional[int], mode: str = DEFAUL
     then in the user's cache."""
     name = beton_name(index, canvas, mode, max_resolution, canvas_mode, jpeg_quality)
     return index.root.parent / SIBLING / name, user_cache() / name
-
-
-def writable_folder(folder: Path) -> bool:
-    """Whether this process can create files in ``folder`` (tried, not guessed: root ignores modes)."""
-    try:
-        with tempfile.TemporaryFile(dir=folder):
-            return True
-    except OSError:
-        return False
 
 
 def default_destination(index: ImageIndex, canvas: Optional[int], **storage) -> Path:

@@ -17,14 +17,15 @@ from typing import Optional
 import numpy as np
 import torch
 
+from backmix._fs import check_output_file
 from backmix.osr_data.decode import CANVAS_MODES
 from backmix.osr_data.errors import BackMixError
 from backmix.osr_data.splits import resolve_split
 
 from .backmix import top_k_mask
 from .batch import BackMixBatch
-from .beton import check_output_file
 from .config import ON_ERROR
+from .geometry_options import add_geometry_options
 from .sampling import AUGMENTS
 
 CELL_IN, DPI = 1.5, 100
@@ -161,9 +162,7 @@ def _add_args(p, cache_required: bool) -> None:
                    help="only the known classes of this open-set split (a number 0..4 or a comma list of known "
                         "class names), the images the trainer sees (default: every class of the folder)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--canvas", type=int, default=40)
-    p.add_argument("--crop", type=int, default=32)
-    p.add_argument("--grid", type=int, default=8)
+    add_geometry_options(p, grid=True)
     p.add_argument("--ray-address", default=None, metavar="auto|HOST:PORT",
                    help="--backend ray: the cluster to join; None: start Ray on this machine, loopback only")
     p.add_argument("--prefetch", type=int, default=None,

@@ -21,7 +21,8 @@ from torchvision.transforms import v2 as T
 from torchvision.transforms.v2 import functional as TF
 
 from backmix.cam_cache import ForegroundCache, init_cache
-from backmix.cam_cache.store import MappedMaps, generation_path, write_maps
+from backmix.cam_cache.generation_file import MappedMaps, write_maps
+from backmix.cam_cache.store import generation_path
 from backmix.osr_data import BackMixError, ImageIndex, decode_rgb
 from backmix.osr_data.decode import to_canvas
 from backmix.pipeline import BackMixSampler, LoaderConfig, ReferenceLoader, make_loader, normalize

@@ -14,7 +14,8 @@ import torch
 from torch import nn
 
 from backmix.cam_cache import ForegroundCache, build_generation, class_activation_maps, init_cache, publish_generation
-from backmix.cam_cache.store import generation_path, write_maps, write_pointer
+from backmix.cam_cache.generation_file import write_maps
+from backmix.cam_cache.store import generation_path, write_pointer
 from backmix.models import build_model, save_checkpoint
 from backmix.osr_data import BackMixError, ImageIndex
 
@@ -336,7 +337,7 @@ def test_truncated_and_foreign_files_err(tmp_path, index):
 
 def test_wrong_columns_and_format_one(tmp_path, index):
     import pyarrow as pa
-    from backmix.cam_cache.store import schema
+    from backmix.cam_cache.generation_file import schema
     init_cache(tmp_path / "c", index)
     path = generation_path(tmp_path / "c", 0)
     n = len(index)

@@ -10,7 +10,8 @@ import torch
 
 from backmix.cam_cache import ForegroundCache, build_generation, init_cache
 from backmix.models import Classifier32
-from backmix.cam_cache.store import build_lock, generation_path, write_maps
+from backmix.cam_cache.generation_file import write_maps
+from backmix.cam_cache.store import build_lock, generation_path
 from backmix.osr_data import BackMixError, ImageIndex
 
 

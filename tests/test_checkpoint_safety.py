@@ -81,7 +81,7 @@ def test_a_pickle_payload_is_refused_by_load_model(tmp_path):
 
 
 def test_a_checkpoint_saved_with_every_kind_of_run_state_loads_with_weights_only(tmp_path):
-    from backmix.trainers.train import rng_state, set_rng_state
+    from backmix.trainers.resume import rng_state, set_rng_state
     model = build_model("cnn32", 2, width=0.25)
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     model(torch.zeros(2, 3, 32, 32)).sum().backward()

@@ -7,7 +7,7 @@ import pytest
 from backmix import open_set_data
 from backmix.osr_data.errors import BackMixError
 from backmix.osr_data.holdout import split_validation, validation_count
-from backmix.trainers.train import load_data
+from backmix.osr_data.open_set import load_data
 
 
 def test_validation_rows_are_a_per_class_share_disjoint_from_training_and_test(digits_root):

@@ -18,7 +18,8 @@ from backmix.models import build_model
 from backmix.osr_data.errors import BackMixError
 from backmix.pipeline.augment import IMAGENET_MEAN, IMAGENET_STD
 from backmix.trainers.config import TrainConfig
-from backmix.trainers.train import build_optimizer, build_scheduler, epoch_seed
+from backmix.trainers.epoch import epoch_seed
+from backmix.trainers.optim import build_optimizer, build_scheduler
 from backmix.trainers.train import main as train_main
 
 REPO = Path(__file__).resolve().parents[1]

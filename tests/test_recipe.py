@@ -26,7 +26,8 @@ from backmix.pipeline.batch import BackMixBatch
 from backmix.trainers.cli import config_from_args
 from backmix.trainers.config import TrainConfig
 from backmix.trainers.recipe import Recipe, load_pretrained, sync_batchnorm
-from backmix.trainers.train import Precision, evaluate_checkpoint
+from backmix.trainers.eval_checkpoint import evaluate_checkpoint
+from backmix.trainers.precision import Precision
 
 CLASSES = ("ant", "bee", "cat", "dog")
 
@@ -347,21 +348,21 @@ class Killed(Exception):
 
 def test_a_recipe_run_cut_mid_epoch_resumes_to_the_same_weights_and_ema(small_root, tmp_path, monkeypatch):
     """Mixup/CutMix, auto augment and the EMA keep --resume bit-exact: each is a function of the step or saved."""
-    import backmix.trainers.train as train_mod
+    import backmix.trainers.resume as resume_mod   # where the run's checkpoints are saved
     options = ("--epochs", "2", "--batch-size", "4", "--save-every", "1", "--no-progress", "--log-every", "0",
                "--ema", "0.5", "--mixup", "0.4", "--cutmix", "1.0", "--auto-augment", "trivialaugment",
                "--label-smoothing", "0.1", "--clip-grad", "1.0")
     assert cli_main(train_args(small_root, tmp_path / "straight", *options)) == 0
-    save = train_mod.save_run_checkpoint
+    save = resume_mod.save_run_checkpoint
 
     def save_then_die(path, *args, **state):
         save(path, *args, **state)
         if state.get("partial") and state["epoch"] == 1 and state["partial"][0]["loader"]["step"] == 3:
             raise Killed   # epoch 2, after its third step
-    monkeypatch.setattr(train_mod, "save_run_checkpoint", save_then_die)
+    monkeypatch.setattr(resume_mod, "save_run_checkpoint", save_then_die)
     with pytest.raises(Killed):
         cli_main(train_args(small_root, tmp_path / "cut", *options))
-    monkeypatch.setattr(train_mod, "save_run_checkpoint", save)
+    monkeypatch.setattr(resume_mod, "save_run_checkpoint", save)
     assert cli_main(train_args(small_root, tmp_path / "cut", *options, "--resume")) == 0
     a, b = (read_checkpoint(tmp_path / run / "last.pt") for run in ("cut", "straight"))
     for key in ("state_dict", "ema_state_dict"):

@@ -82,7 +82,7 @@ def test_regeneration_happens_on_schedule_and_feeds_the_next_epoch(finished_run)
 
 def test_validation_rows_are_never_trained_on_and_select_best_pt(finished_run, capsys):
     from backmix.cam_cache import ForegroundCache
-    from backmix.trainers.train import load_data
+    from backmix.osr_data.open_set import load_data
 
     run = Path(finished_run.out)
     lines = read_jsonl(run / "metrics.jsonl")
@@ -177,9 +177,10 @@ def test_baseline_trains_without_a_cache(small_root, tmp_path):
 def test_w_raw_0_trains_on_the_mixed_crops_alone(small_root, tmp_path, monkeypatch):
     """The authors' recipe: the loader skips the clean crops and the model sees the mixed ones only."""
     import backmix.trainers.train as train_mod
+    from backmix.trainers.run_data import loader_config
     cfg = tiny(small_root, tmp_path / "mixed-only", epochs=1, w_raw=0.0)
-    assert train_mod.loader_config(cfg, torch.device("cpu"), train=True).clean is False
-    assert train_mod.loader_config(cfg, torch.device("cpu"), train=False).clean      # evaluation: clean
+    assert loader_config(cfg, torch.device("cpu"), train=True).clean is False
+    assert loader_config(cfg, torch.device("cpu"), train=False).clean      # evaluation: clean
     seen = []
     build = train_mod.build_model
 
@@ -252,7 +253,7 @@ def test_world_size_not_matching_a_pending_cache_build_is_reported(small_root, t
     from backmix.cam_cache import build_generation, init_cache
     from backmix.models import build_model
     from backmix.osr_data.index import ImageIndex
-    from backmix.trainers.train import load_data
+    from backmix.osr_data.open_set import load_data
 
     cache = tmp_path / "shared-cache"
     data = load_data(small_root, "ant,cat")
@@ -334,7 +335,7 @@ def test_two_process_gloo_run_keeps_ranks_identical_and_evaluates(small_root, tm
     digests = lines[-1]["weight_digests"]
     assert len(digests) == 2 and digests[0] == digests[1]
     # each rank trains on its half of the known training images (24 less the validation rows), none dropped
-    from backmix.trainers.train import load_data
+    from backmix.osr_data.open_set import load_data
     assert lines[0]["images"] == len(load_data(cfg.data, cfg.split, cfg.val_fraction, cfg.seed).known_rows) == 22
     assert "accuracy" in lines[-1]["eval"] and "AUROC (MSP)" in done.stdout
 
@@ -398,7 +399,7 @@ def test_in_loop_generation_of_a_frozen_model_equals_the_separate_pass(small_roo
     from backmix.cam_cache import ForegroundCache, build_generation, init_cache
     from backmix.models import build_model, load_model
     from backmix.pipeline.augment import IMAGENET_MEAN, IMAGENET_STD
-    from backmix.trainers.train import load_data
+    from backmix.osr_data.open_set import load_data
 
     frozen(monkeypatch)
     cfg = tiny(small_root, tmp_path / "loop", epochs=2, regen_every=1, regen="loop")
@@ -657,7 +658,7 @@ def test_bad_training_input_is_one_line_before_any_work(small_root, tmp_path, ca
 
 
 def test_an_out_that_is_a_file_or_not_writable_is_refused_first(small_root, tmp_path, capsys, monkeypatch):
-    import backmix.trainers.train as train_mod
+    import tempfile
     file = tmp_path / "taken"
     file.write_text("not a folder")
     assert cli_main(cli_args(tiny(small_root, file))) == 2
@@ -666,18 +667,18 @@ def test_an_out_that_is_a_file_or_not_writable_is_refused_first(small_root, tmp_
     def denied(*args, **kwargs):
         raise PermissionError(13, "Permission denied")
 
-    monkeypatch.setattr(train_mod.tempfile, "TemporaryFile", denied)   # what a read-only folder answers
+    monkeypatch.setattr(tempfile, "TemporaryFile", denied)   # what a read-only folder answers
     assert cli_main(cli_args(tiny(small_root, tmp_path / "ro"))) == 2
     assert capsys.readouterr().err == f"backmix: error: --out {tmp_path / 'ro'} cannot be written: Permission denied\n"
 
 
 def test_a_run_folder_that_stops_taking_files_is_one_line(small_root, tmp_path, capsys, monkeypatch):
-    import backmix.trainers.train as train_mod
+    import backmix.trainers.run_files as run_files
 
     def read_only(path, *args, **kwargs):
         raise OSError(30, "Read-only file system", str(path))
 
-    monkeypatch.setattr(train_mod, "save_checkpoint", read_only)
+    monkeypatch.setattr(run_files, "save_checkpoint", read_only)
     cfg = tiny(small_root, tmp_path / "run", epochs=1)
     assert cli_main(cli_args(cfg)) == 2
     # best.pt is written before last.pt (a last.pt on disk implies its best.pt)

@@ -217,7 +217,7 @@ def run_train(args) -> int:
 def run_eval(args) -> int:
     import json
 
-    from .train import evaluate_checkpoint
+    from .eval_checkpoint import evaluate_checkpoint
     if args.workers < 0:
         raise BackMixError(f"--workers must be >= 0, got {args.workers}")
     m = evaluate_checkpoint(args.checkpoint, args.data, backend=args.backend, split=args.split,

@@ -67,6 +67,6 @@ def write_config_yaml(path: Path, cfg: TrainConfig) -> None:
     """RUN/config.yaml: every field, in the dataclass's order, readable by ``--config``."""
     import yaml
 
-    from backmix.osr_data.index import atomic_write_bytes
+    from backmix._fs import atomic_write_bytes
     header = "# backmix train options of this run; pass it back with `backmix train --config`\n"
     atomic_write_bytes(path, (header + yaml.safe_dump(cfg.to_dict(), sort_keys=False)).encode())

@@ -25,17 +25,17 @@ from typing import Optional
 
 from tqdm import tqdm
 
+from backmix._fs import atomic_write_bytes
 from backmix.osr_data.decode import CANVAS_MODES
 from backmix.osr_data.errors import BackMixError
 from backmix.osr_data.filelock import exclusive_lock
-from backmix.osr_data.index import atomic_write_bytes
 from backmix.osr_data.prepare import prepare
 from backmix.pipeline.sampling import AUGMENTS
 
 from .config import TrainConfig
 from .experiment_plan import DEFAULT_PLAN, claim, claimed_by_another, make_plan, plan_runs, plan_text, run_dir
 from .experiment_report import METHODS, report, run_seed
-from .train import append_jsonl, read_jsonl
+from .run_files import append_jsonl, read_jsonl
 from .train import main as train_main
 
 log = logging.getLogger("backmix")

@@ -31,12 +31,34 @@ PROGRESS_LINES = 10   # without a terminal: a progress line every tenth of an ep
 PROGRESS_SECONDS = 10.0   # but at most one per this many seconds (a short epoch has its epoch line alone)
 
 
+def show_progress(cfg: TrainConfig, rank: int) -> bool:
+    """Progress bars: rank 0's, on a terminal, unless --no-progress."""
+    return cfg.progress and rank == 0 and sys.stderr.isatty()
+
+
+def epoch_line(r: dict, epochs: int) -> str:
+    """The log line of an epoch's metrics record (RUN/metrics.jsonl)."""
+    parts = [f"epoch {r['epoch']}/{epochs}", f"loss {r['loss']:.3f}", f"train acc {r['train_acc']:.3f}",
+             f"{r['images_per_s']:.0f} img/s"]
+    if r.get("cache_generation") is not None:
+        parts.append(f"masks from generation {r['cache_generation']}")
+    if "regen_s" in r:
+        how = f", {r['regen_in_loop_s']:.1f}s of it CAMs in the loop" if "regen_in_loop_s" in r else ""
+        parts.append(f"cache rebuilt in {r['regen_s']:.1f}s (generation {r['regenerated']}{how})")
+    if "val" in r:
+        parts.append(f"val acc {r['val']['accuracy']:.3f}")
+    if "eval" in r:
+        e = r["eval"]
+        parts.append(f"test acc {e['accuracy']:.3f} AUROC {e['auroc_msp']:.3f} OSCR {e['oscr_msp']:.3f}")
+    return "  ".join(parts)
+
+
 class RunLog:
     """Rank 0's log sinks of one run; on other ranks (``enabled`` False) every call does nothing."""
 
     def __init__(self, cfg: TrainConfig, *, enabled: bool) -> None:
         self.cfg, self.enabled = cfg, enabled
-        self.bar_on_terminal = enabled and cfg.progress and sys.stderr.isatty()
+        self.bar_on_terminal = enabled and show_progress(cfg, 0)
         self._stack = ExitStack()
         self._csv: dict[str, csv.DictWriter] = {}
         self._files: dict = {}

@@ -244,6 +244,7 @@ def format_table(report: dict) -> str:
 
 
 def register_bench(sub) -> None:
+    from backmix.pipeline.geometry_options import add_geometry_options
     from backmix.pipeline.loaders import BACKENDS
 
     p = sub.add_parser("scale", help="index, cache, first-batch, memory and rebuild costs on an ImageNet-sized folder",
@@ -257,8 +258,7 @@ def register_bench(sub) -> None:
                         "stopped after them); 0: whole epochs, and the trainer in this process with its rebuild")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--canvas", type=int, default=40)
-    p.add_argument("--crop", type=int, default=32)
+    add_geometry_options(p)
     p.add_argument("--source-images", type=int, default=1024,
                    help="distinct JPEGs (the bench folder of that size) the folder's files link to")
     p.add_argument("--sample-s", type=float, default=0.5, help="seconds between memory samples")
@@ -269,8 +269,7 @@ def register_bench(sub) -> None:
 
 
 def run_bench_scale(args) -> int:
-    from backmix.pipeline.beton import check_output_file
-    from backmix.osr_data.index import atomic_write_bytes
+    from backmix._fs import atomic_write_bytes, check_output_file
     if args.json is not None:
         check_output_file(args.json, "--json")
         args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,47 @@
+"""``backmix eval``: the open-set metrics of a saved checkpoint on a data set's test folder."""
+from __future__ import annotations
+
+import os
+import sys
+from typing import Optional
+
+from backmix.models import load_model, read_checkpoint
+from backmix.osr_data.errors import BackMixError
+from backmix.osr_data.open_set import load_data
+from backmix.osr_data.splits import OpenSetSplit
+from backmix.pipeline.loaders import make_loader
+
+from .config import TrainConfig
+from .distributed import init_distributed
+from .epoch import evaluate
+from .precision import Precision
+from .run_data import loader_config, open_test_loaders
+
+
+def evaluate_checkpoint(checkpoint: str | os.PathLike, data_root: str | os.PathLike, *,
+                        backend: str = "reference", split: Optional[str] = None, device: str = "auto",
+                        workers: int = 2, progress: bool = True, on_error: str = "raise",
+                        canvas_mode: Optional[str] = None, open_test: tuple[str, ...] = ()) -> dict:
+    """Open-set metrics of a checkpoint on ``data_root``/test; the known classes come from the checkpoint."""
+    ckpt = read_checkpoint(checkpoint)
+    saved = ckpt.get("config") or {}
+    if split is not None:
+        data = load_data(data_root, split)
+        if ckpt.get("known_classes") and tuple(ckpt["known_classes"]) != data.split.known:
+            raise BackMixError(f"checkpoint {checkpoint} was trained on known classes "
+                               f"{', '.join(ckpt['known_classes'])}, not split {split} ({', '.join(data.split.known)}); "
+                               "leave --split out to evaluate on its own")
+    elif ckpt.get("known_classes"):
+        data = load_data(data_root, OpenSetSplit(tuple(ckpt["known_classes"]), ()))
+    else:
+        raise BackMixError(f"checkpoint {checkpoint} does not name its known classes; pass --split")
+    model, _ = load_model(checkpoint, num_classes=data.num_known)
+    given = {"backend": backend, "device": device, "workers": workers, "progress": progress, "on_error": on_error,
+             "auto_augment": "none",   # evaluation never augments: any backend takes the checkpoint
+             **({"canvas_mode": canvas_mode} if canvas_mode else {})}
+    cfg = TrainConfig.from_dict({**saved, **given}) if saved else TrainConfig(**given)
+    dev, _, _ = init_distributed(device)
+    model.to(dev)
+    loader = make_loader(cfg.backend, data.test, loader_config(cfg, dev, train=False), **cfg.loader_options())
+    return evaluate(model, loader, data.label_map, Precision(dev, cfg.amp),
+                    progress and sys.stderr.isatty(), open_test_loaders(cfg, dev, list(open_test)))

@@ -1,0 +1,90 @@
+"""A run's data: the open-set split, the foreground cache and the loaders built over them."""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+from backmix.osr_data.errors import BackMixError
+from backmix.osr_data.open_set import OpenSetData, load_data
+from backmix.osr_data.protocols import split_list
+from backmix.pipeline.config import LoaderConfig
+from backmix.pipeline.loaders import make_loader
+
+from .config import TrainConfig
+from .distributed import barrier
+from .open_test import open_test_indexes
+
+
+def load_run_data(cfg: TrainConfig) -> OpenSetData:
+    # The validation rows follow the training seed: the methods of one (split, seed) pair share them.
+    data = load_data(cfg.data, cfg.split, cfg.val_fraction, cfg.seed, split_list(cfg.protocol, cfg.splits_file))
+    if cfg.backend == "ffcv":   # both betons found, or both named in one line, before any work
+        from backmix.pipeline.beton_location import require_betons
+        require_betons(cfg.data, [data.train, data.test], cfg.canvas, cfg.canvas_mode, cfg.beton_mode,
+                       int(cfg.jpeg_quality))
+    return data
+
+
+def data_fingerprint(data: OpenSetData) -> str:
+    """Names the data set a run trains on: a resume must find the same one (it may have moved)."""
+    return hashlib.sha256((data.train.fingerprint() + data.test.fingerprint()).encode()).hexdigest()
+
+
+def loader_config(cfg: TrainConfig, device: torch.device, *, train: bool, rank: int = 0,
+                  world: int = 1) -> LoaderConfig:
+    return LoaderConfig(
+        batch_size=cfg.batch_size if train else max(cfg.batch_size, 256),
+        canvas=cfg.canvas, crop=cfg.crop, grid=cfg.grid, backmix=cfg.backmix and train,
+        canvas_mode=cfg.canvas_mode, augment=cfg.augment, auto_augment=cfg.auto_augment if train else "none",
+        clean=not (cfg.backmix and train and cfg.w_raw == 0),   # no clean crops if no loss reads them
+        box_fraction=cfg.box_fraction, top_k_ratio=cfg.top_k_ratio, seed=cfg.seed,
+        shuffle=train, train=train, rank=rank if train else 0, world_size=world if train else 1,
+        last_batch="keep", num_workers=cfg.workers,   # under DDP too: every image once, equal steps per rank
+        on_error=cfg.on_error, device=device.type)
+
+
+def open_test_loaders(cfg: TrainConfig, device: torch.device, folders: list[str]) -> dict:
+    return {name: make_loader(cfg.backend, index, loader_config(cfg, device, train=False), **cfg.loader_options())
+            for name, index in open_test_indexes(folders).items()}
+
+
+def open_cache(cfg: TrainConfig, data: OpenSetData, rank: int, world: int):
+    """The foreground cache: generation 0 (0.5 everywhere, no file) unless it exists. Baselines need none."""
+    if not cfg.backmix:
+        return None
+    from backmix.cam_cache import ForegroundCache, start_cache
+    if rank == 0:
+        start_cache(cfg.cache_dir, data.train, grid=cfg.grid, canvas_mode=cfg.canvas_mode)
+    barrier(world)
+    return ForegroundCache(cfg.cache_dir, index=data.train, grid=cfg.grid, canvas_mode=cfg.canvas_mode)
+
+
+@dataclass
+class RunLoaders:
+    """The training loader (every rank its shard) and, on rank 0, the evaluation ones."""
+    train: object
+    test: Optional[object] = None
+    val: Optional[object] = None          # the validation rows (best.pt); None when there are none
+    open_sets: dict = field(default_factory=dict)   # --open-test folders
+
+
+def build_loaders(cfg: TrainConfig, data: OpenSetData, device: torch.device, maps, rank: int,
+                  world: int) -> RunLoaders:
+    evaluation = loader_config(cfg, device, train=False)
+    loaders = RunLoaders(make_loader(cfg.backend, data.train, loader_config(cfg, device, train=True, rank=rank,
+                                                                            world=world),
+                                     maps=maps, indices=data.known_rows, label_map=data.label_map,
+                                     **cfg.loader_options()))
+    if rank == 0:
+        loaders.test = make_loader(cfg.backend, data.test, evaluation, **cfg.loader_options())
+        loaders.open_sets = open_test_loaders(cfg, device, cfg.open_test)
+        if len(data.val_rows):
+            loaders.val = make_loader(cfg.backend, data.train, evaluation, indices=data.val_rows,
+                                      label_map=data.label_map, **cfg.loader_options())
+    if len(loaders.train) == 0:
+        raise BackMixError(f"{len(data.known_rows)} known training images are too few for batch size "
+                           f"{cfg.batch_size} on {world} rank(s)")
+    return loaders
