@@ -47,6 +47,7 @@ class LoaderConfig:
     num_workers: int = 2
     on_error: str = "raise"      # a file that does not decode: "raise" or "skip" (and count)
     device: str = "auto"         # "auto" picks CUDA when there is one
+    keep_canvas: bool = True     # batches carry the uint8 canvas; False: only while an in-loop rebuild reads it
     mean: tuple[float, ...] = field(default=IMAGENET_MEAN)
     std: tuple[float, ...] = field(default=IMAGENET_STD)
 

@@ -82,7 +82,6 @@ class Loader(LoaderPosition):
     closed-set labels."""
 
     backend = "core"
-    keep_canvas = True   # False: batches carry no canvas (saves its transfer) unless an in-loop rebuild needs it
 
     def __init__(self, source_class: type[Source], index: ImageIndex, config: LoaderConfig,
                  maps: Optional[ForegroundMaps] = None, indices: Optional[np.ndarray] = None,
@@ -101,7 +100,9 @@ class Loader(LoaderPosition):
 
     @property
     def wants_canvas(self) -> bool:
-        return self.keep_canvas or self.recorder is not None
+        """Whether batches carry the canvas: asked for (``config.keep_canvas``), or an in-loop rebuild
+        takes CAMs from it. Without it no source copies or sends it."""
+        return self.config.keep_canvas or self.recorder is not None
 
     def inputs(self, step: int, rows: np.ndarray) -> tuple[BatchParams, np.ndarray]:
         """(params, masks) of the batch of dataset ``rows`` at ``step``: what a fused source mixes with.

@@ -44,14 +44,13 @@ def build(args, device):
     backmix, clean = MODES[args.mode]
     config = LoaderConfig(batch_size=args.batch_size, canvas=args.canvas, crop=args.crop, augment="rrc",
                           backmix=backmix, clean=clean, num_workers=args.workers, device=device.type,
-                          last_batch="drop")
+                          last_batch="drop",
+                          # The stream a training epoch without an in-loop rebuild reads: crops only, as
+                          # the stock loaders give (the canvas is carried only when a rebuild reads it).
+                          keep_canvas=False)
     index = ImageIndex.load(args.data)
-    loader = make_loader(args.loader, index, config, UniformMaps(len(index), config.grid),
-                         **({"beton": args.beton} if args.loader == "ffcv" else {}))
-    # The stream a training epoch without an in-loop rebuild reads: crops only, as the stock loaders
-    # give (the uint8 canvas is carried only when something rebuilds the cache from it).
-    loader.keep_canvas = False
-    return loader
+    return make_loader(args.loader, index, config, UniformMaps(len(index), config.grid),
+                       **({"beton": args.beton} if args.loader == "ffcv" else {}))
 
 
 def measure(args) -> dict:
