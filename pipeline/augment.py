@@ -11,7 +11,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from backmix.osr_data.decode import IMAGENET_MEAN, IMAGENET_STD
+# The normalisation lives in the data stage, where the CAM pass reads it too; re-exported here.
+from backmix.osr_data.normalize import (IMAGENET_MEAN, IMAGENET_STD, Normalize, normalize,  # noqa: F401
+                                        normalize_constants)
 
 from .backmix import box_size, mix_backgrounds, top_k_mask
 
@@ -76,19 +78,6 @@ def resized_crop_flip(images: Tensor, corners: Tensor, sizes: Tensor, flips: Ten
     return left.add_(wx[:, None, None, :] * (columns(x1) - left))
 
 
-def normalize_constants(mean: Tensor, std: Tensor) -> tuple[Tensor, Tensor]:
-    """(scale, shift) float32 [C]: ``normalize`` computes x * scale - shift."""
-    return 1.0 / (255.0 * std), mean / std
-
-
-def normalize(images: Tensor, mean: Tensor, std: Tensor) -> Tensor:
-    """uint8 or float32 [B, C, H, W] (0..255) -> float32 ((x / 255) - mean) / std, as x * (1 / 255 std) - mean / std."""
-    scale, shift = normalize_constants(mean, std)
-    scale, shift = scale.view(1, -1, 1, 1), shift.view(1, -1, 1, 1)
-    # In place on the one float copy: the batch is the largest tensor of the loader's hot path.
-    return images.float().mul_(scale).sub_(shift)
-
-
 def fill_value(mean: tuple[float, ...]) -> Tensor:
     """The uint8 blank colour: the normalisation mean, i.e. ~0 after ``normalize``."""
     return torch.tensor([round(255.0 * m) for m in mean], dtype=torch.uint8)
@@ -122,16 +111,6 @@ class RandomResizedCropFlip:
 
     def __call__(self, images: Tensor, p: dict[str, Tensor]) -> Tensor:
         return resized_crop_flip(images, p["crops"], p["crop_sizes"], p["flips"], self.size)
-
-
-@dataclass(frozen=True)
-class Normalize:
-    mean: tuple[float, ...] = IMAGENET_MEAN
-    std: tuple[float, ...] = IMAGENET_STD
-
-    def __call__(self, images: Tensor) -> Tensor:
-        dev = images.device
-        return normalize(images, torch.tensor(self.mean, device=dev), torch.tensor(self.std, device=dev))
 
 
 AUTO_AUGMENT_POLICIES = ("trivialaugment", "randaugment")

@@ -13,35 +13,10 @@ from typing import Iterator
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from backmix.osr_data.decode import decode_canvas, read_canvas
+from backmix.osr_data.canvas_reads import CanvasDataset, collate_canvases
+from backmix.osr_data.decode import decode_canvas
 
 from .core import Loader, Plan, Source, SourceBatch
-
-
-class CanvasDataset(Dataset):
-    """dataset row -> (canvas, row), or the error of a file that failed (``read_canvas``'s "return"):
-    what a worker runs per file. ``decode(path, size, mode)``: default ``decode_canvas``.
-
-    Workers only read the index's column buffers (no per-row Python objects), so its pages stay
-    shared with the main process instead of being copied into each worker."""
-
-    def __init__(self, index, canvas: int, mode: str, decode=None) -> None:
-        self.index, self.canvas, self.mode, self.decode = index, canvas, mode, decode or decode_canvas
-
-    def __len__(self) -> int:
-        return len(self.index)
-
-    def __getitem__(self, row: int):
-        out = read_canvas(self.index, row, self.canvas, self.mode, on_error="return", decode=self.decode)
-        return out if isinstance(out, Exception) else (out, row)
-
-
-def collate_canvases(items: list):
-    """(canvas [n, 3, S, S] or None, rows int64 [n], failed) of ``CanvasDataset`` items (in the worker)."""
-    good = [it for it in items if isinstance(it, tuple)]
-    failed = [it for it in items if not isinstance(it, tuple)]
-    canvas = torch.stack([g[0] for g in good]) if good else None
-    return canvas, torch.tensor([g[1] for g in good], dtype=torch.int64), failed
 
 
 class _Batches(torch.utils.data.Sampler):
