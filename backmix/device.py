@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import logging
+from typing import Optional
 
 import torch
 
@@ -15,10 +16,11 @@ from backmix.osr_data.errors import BackMixError
 log = logging.getLogger("backmix")
 
 
-def choose_device(request: str | torch.device = "auto") -> torch.device:
-    """"auto": the current CUDA device when there is one, else the CPU; "cpu"; "cuda": the current CUDA
-    device, which must exist; a device named in full ("cuda:1", a ``torch.device``) as it is. Logs the
-    choice once a process."""
+def choose_device(request: str | torch.device = "auto", cuda_index: Optional[int] = None) -> torch.device:
+    """"auto": a CUDA device when there is one, else the CPU; "cpu"; "cuda": a CUDA device, which must
+    exist; a device named in full ("cuda:1", a ``torch.device``) as it is. The CUDA device of "auto" and
+    "cuda" is ``cuda_index`` (a process's local rank), default the current one. Logs the choice once a
+    process."""
     if isinstance(request, str) and request == "auto":
         request = "cuda" if torch.cuda.is_available() else "cpu"
     try:
@@ -29,7 +31,7 @@ def choose_device(request: str | torch.device = "auto") -> torch.device:
         if not torch.cuda.is_available():
             raise BackMixError("--device cuda was asked for, but CUDA is not available on this machine")
         if dev.index is None:
-            dev = torch.device("cuda", torch.cuda.current_device())
+            dev = torch.device("cuda", torch.cuda.current_device() if cuda_index is None else cuda_index)
     announce_device(str(dev))
     return dev
 
