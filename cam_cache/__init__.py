@@ -10,8 +10,8 @@ from backmix._lazy import lazy_exports
 
 _EXPORTS = {
     "ArrayMaps": ".maps", "ForegroundMaps": ".maps", "UniformMaps": ".maps",
-    "GenerationWriter": ".precompute", "build_generation": ".precompute", "class_activation_maps": ".precompute",
-    "compute_cams": ".precompute", "publish_generation": ".precompute",
+    "class_activation_maps": ".cams", "compute_cams": ".cams",
+    "GenerationWriter": ".precompute", "build_generation": ".precompute", "publish_generation": ".precompute",
     "rebuild_cache": ".rebuild", "stage_generation": ".rebuild", "publish_staged": ".rebuild",
     "InLoopRebuild": ".recorder", "rebuilding": ".recorder",
     "ForegroundCache": ".store", "cache_info": ".store", "init_cache": ".store", "start_cache": ".uniform_generation",
@@ -20,9 +20,9 @@ __all__ = sorted(_EXPORTS)
 __getattr__, __dir__ = lazy_exports(__name__, globals(), _EXPORTS)
 
 if TYPE_CHECKING:
+    from .cams import class_activation_maps, compute_cams
     from .maps import ArrayMaps, ForegroundMaps, UniformMaps
-    from .precompute import (GenerationWriter, build_generation, class_activation_maps, compute_cams,
-                             publish_generation)
+    from .precompute import GenerationWriter, build_generation, publish_generation
     from .rebuild import publish_staged, rebuild_cache, stage_generation
     from .recorder import InLoopRebuild, rebuilding
     from .store import ForegroundCache, cache_info, init_cache

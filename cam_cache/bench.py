@@ -30,11 +30,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from backmix.device import choose_device
 from backmix.models import build_model, features_and_head
 from backmix.osr_data.benchdata import default_bench_folder, make_bench_folder
-from backmix.osr_data.decode import IMAGENET_MEAN, IMAGENET_STD, decode_canvas
+from backmix.osr_data.decode import decode_canvas
+from backmix.osr_data.normalize import IMAGENET_MEAN, IMAGENET_STD
 
-from .precompute import GenerationWriter, class_activation_maps, publish_generation
+from .cams import class_activation_maps
+from .precompute import GenerationWriter, publish_generation
 from .rebuild import rebuild_cache
 from .generation_file import write_maps
 from .store import ForegroundCache, generation_path, init_cache, pending_dir, write_pointer
@@ -49,9 +52,8 @@ def _timed(fn, sync) -> float:
 
 def precompute_vs_inference(arch: str, canvas: int, batch_size: int, grid: int, repeats: int,
                             device: str = "auto", num_classes: int = 1000) -> dict:
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    device = choose_device(device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     torch.manual_seed(0)
     model = build_model(arch, num_classes).eval().to(device)
     body, head = features_and_head(model)
@@ -67,7 +69,7 @@ def precompute_vs_inference(arch: str, canvas: int, batch_size: int, grid: int, 
             t_cam.append(_timed(cams, sync))
     t_inf, t_cam = statistics.median(t_inf), statistics.median(t_cam)
     return {"arch": arch, "canvas": canvas, "batch_size": batch_size, "num_classes": num_classes,
-            "device": device, "repeats": repeats,
+            "device": device.type, "repeats": repeats,
             "inference_images_per_s": batch_size / t_inf, "precompute_images_per_s": batch_size / t_cam,
             "precompute_vs_inference_ratio": t_inf / t_cam}
 
@@ -104,8 +106,7 @@ def publish_and_gather(rows: int, grid: int, folder: Path, gathers: int = 2000) 
 def in_loop_vs_pass(images: int, folder: Path, repeats: int, workers: int, device: str = "auto",
                     canvas: int = 40, batch_size: int = 64, pass_batch_size: int = 128) -> dict:
     """Seconds per rebuild of ``images`` bench photos: in-loop overhead vs separate pass (medians)."""
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = choose_device(device)
     index = make_bench_folder(default_bench_folder(images), images)
     torch.manual_seed(0)
     model = build_model("cnn32", index.num_classes, width=0.5).to(device)
@@ -116,7 +117,7 @@ def in_loop_vs_pass(images: int, folder: Path, repeats: int, workers: int, devic
                 torch.from_numpy(b).to(device)) for b in np.array_split(rows, -(-len(rows) // batch_size))]
     decode_cpu_s = time.process_time() - t0           # the decoding the in-loop rebuild saves
     common = dict(canvas=canvas, mean=IMAGENET_MEAN, std=IMAGENET_STD)
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
     def loop(cache: Path) -> None:
         writer = GenerationWriter(cache, model, index, **common)
@@ -146,7 +147,7 @@ def in_loop_vs_pass(images: int, folder: Path, repeats: int, workers: int, devic
                 times[fn.__name__][1].append(cpu_seconds() - c)
     (t_loop, c_loop), (t_pass, c_pass) = ([statistics.median(v) for v in times[k]] for k in ("loop", "separate"))
     return {"images": len(index), "arch": "cnn32", "width": 0.5, "canvas": canvas, "batch_size": batch_size,
-            "pass_batch_size": pass_batch_size, "pass_workers": workers, "device": device, "repeats": repeats,
+            "pass_batch_size": pass_batch_size, "pass_workers": workers, "device": device.type, "repeats": repeats,
             "in_loop_s": t_loop, "pass_s": t_pass, "in_loop_vs_pass_ratio": t_loop / t_pass,
             "decode_cpu_s": decode_cpu_s, "in_loop_cpu_s": c_loop, "pass_cpu_s": c_pass,
             "in_loop_vs_pass_cpu_ratio": c_loop / c_pass}

@@ -112,8 +112,8 @@ def run_init(args) -> int:
 def run_build(args) -> int:
     import numpy as np
 
-    from backmix.osr_data.decode import IMAGENET_MEAN, IMAGENET_STD
     from backmix.osr_data.index import ImageIndex
+    from backmix.osr_data.normalize import IMAGENET_MEAN, IMAGENET_STD
 
     from backmix.models import file_digest, load_model
     from .precompute import build_generation

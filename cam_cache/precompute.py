@@ -1,16 +1,6 @@
 """CAM precompute: the next cache generation from the current model.
 
-CAM_i = sum_k w_{y_i k} F_ik (Zhou et al. 2016) for image i's own label y_i,
-taken on the un-augmented canvas in inference mode, min-max scaled to [0, 1]
-per image at the feature map's resolution, then bilinearly upsampled to the
-canvas (align_corners=False) and adaptive-average-pooled to the g x g grid.
-Upsampling and pooling are one fixed linear map of the h x w CAM, so it is
-applied as a single [h*w, g*g] matrix (made once by pushing the identity
-basis through ``F.interpolate`` and ``F.adaptive_avg_pool2d``): the same
-numbers, without materialising canvas-sized maps. Both are convex
-combinations, so the pooled map stays in [0, 1]. A flat CAM (max - min <=
-1e-12) carries no information and scales to 0.5 everywhere, the value of
-generation 0.
+The CAMs themselves (``class_activation_maps``, ``compute_cams``) are ``cam_cache/cams.py``.
 
 Generation n+1 = (1 - m) * generation n + m * CAM, blended in float32 and
 rounded to float16 once. A ``GenerationWriter`` holds one shard of it: rows come
@@ -30,7 +20,7 @@ Two ways to fill the shards:
   each training batch's un-augmented canvases reach ``GenerationWriter.add_canvases``
   as the loader hands the batch out, before the step that trains on it, so image
   i's CAM uses the weights of the step i is trained at (no_grad, BatchNorm in eval
-  mode, the pass's normalisation; no RNG is drawn, so training is unchanged). Rank k
+  mode, the loaders' normalisation, as the pass; no RNG is drawn, so training is unchanged). Rank k
   holds the rows it trained on.
 
 Finishing a build under torch.distributed (stage every rank's shard, then publish;
@@ -39,115 +29,28 @@ resume) is ``cam_cache/rebuild.py``.
 from __future__ import annotations
 
 import contextlib
-import functools
 import hashlib
 import logging
 import os
 import shutil
-import sys
 import time
 from pathlib import Path
 from typing import Optional, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset
-from tqdm import tqdm
 
 from backmix.models import features_and_head
-from backmix.osr_data.decode import DecodeError, decode_canvas
 from backmix.osr_data.errors import NO_SPACE_ERRNOS, BackMixError, no_space
 from backmix.osr_data.index import ImageIndex
+from backmix.osr_data.normalize import Normalize
 
+from .cams import class_activation_maps, compute_cams   # compute_cams is looked up here, where tests stub it
 from .store import (ForegroundCache, MappedMaps, build_lock, generation_path, pending_dir, prune,
                     publish_lock, read_pointer, write_maps, write_pointer)
 
 log = logging.getLogger("backmix")
-
-
-@functools.lru_cache(maxsize=16)
-def _pool_matrix(h: int, w: int, canvas: int, grid: int, device: torch.device) -> Tensor:
-    """float32 [h*w, grid*grid] on ``device`` (built in float64): bilinear upsampling of an h x w map to
-    canvas x canvas, then adaptive average pooling to grid x grid, as one matrix (row j = the pooled
-    image of basis map j)."""
-    basis = torch.eye(h * w, dtype=torch.float64).view(h * w, 1, h, w)
-    up = F.interpolate(basis, size=(canvas, canvas), mode="bilinear", align_corners=False)
-    return F.adaptive_avg_pool2d(up, grid).reshape(h * w, grid * grid).to(device=device, dtype=torch.float32)
-
-
-def class_activation_maps(features: Tensor, fc_weight: Tensor, labels: Tensor, grid: int,
-                          canvas: int) -> Tensor:
-    """float32 [B, grid, grid] in [0, 1] from features [B, C, h, w] and the linear head's weights [K, C]."""
-    b, _, h, w = features.shape
-    cam = torch.einsum("bchw,bc->bhw", features.float(), fc_weight.float()[labels]).reshape(b, h * w)
-    lo = cam.amin(dim=1, keepdim=True)
-    span = cam.amax(dim=1, keepdim=True) - lo
-    flat = span <= 1e-12
-    cam = torch.where(flat, torch.full_like(cam, 0.5), (cam - lo) / torch.where(flat, 1.0, span))
-    pool = _pool_matrix(h, w, canvas, grid, cam.device)
-    return (cam @ pool).view(b, grid, grid).clamp_(0.0, 1.0)   # clamp: float rounding only
-
-
-class _Canvases(Dataset):
-    def __init__(self, index: ImageIndex, rows: np.ndarray, canvas: int, mode: str) -> None:
-        self.index, self.rows, self.canvas, self.mode = index, rows, canvas, mode
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def __getitem__(self, i: int):
-        row = int(self.rows[i])
-        try:
-            return decode_canvas(self.index.abspath(row), self.canvas, self.mode)
-        except DecodeError as e:
-            return e.path
-
-
-def _collate(items):
-    bad = [x for x in items if isinstance(x, str)]
-    if bad:
-        raise DecodeError(bad[0])
-    return torch.stack(items)
-
-
-def _normalised(canvas: Tensor, mean: Sequence[float], std: Sequence[float]) -> Tensor:
-    """float32 model input from uint8 canvases [B, 3, S, S]: the one normalisation of every CAM path."""
-    m = torch.tensor(mean, device=canvas.device).view(1, -1, 1, 1) * 255
-    s = torch.tensor(std, device=canvas.device).view(1, -1, 1, 1) * 255
-    return (canvas.float() - m) / s
-
-
-def compute_cams(model: nn.Module, index: ImageIndex, rows: np.ndarray, labels: np.ndarray, *, canvas: int,
-                 grid: int, canvas_mode: str = "center", mean: Sequence[float], std: Sequence[float], batch_size: int = 128,
-                 num_workers: int = 2, device: str | torch.device = "cpu", progress: bool = True,
-                 desc: str = "CAMs") -> np.ndarray:
-    """float32 [len(rows), grid, grid]: the CAM of each row for class ``labels[i]`` of ``model``."""
-    body, head = features_and_head(model)
-    device = torch.device(device)
-    home = next(model.parameters()).device
-    if home.type == device.type:
-        device = home                 # "cuda" for a model on cuda:1 means cuda:1
-    loader = DataLoader(_Canvases(index, rows, canvas, canvas_mode), batch_size=batch_size, num_workers=num_workers,
-                        collate_fn=_collate, pin_memory=device.type == "cuda")
-    out = np.empty((len(rows), grid, grid), dtype=np.float32)
-    was_training = model.training
-    model.eval().to(device)
-    try:
-        with torch.inference_mode(), tqdm(total=len(rows), desc=desc, unit="img", leave=False,
-                                          disable=not progress or not sys.stderr.isatty()) as bar:
-            done = 0
-            for x in loader:
-                x = _normalised(x.to(device, non_blocking=True), mean, std)
-                y = torch.as_tensor(labels[done:done + len(x)], device=device)
-                cams = class_activation_maps(body(x), head.weight, y, grid, canvas)
-                out[done:done + len(x)] = cams.cpu().numpy()
-                done += len(x)
-                bar.update(len(x))
-    finally:
-        model.train(was_training).to(home)
-    return out
 
 
 def _shard_path(cache_dir: Path, generation: int, shard: tuple[int, int]) -> Path:
@@ -266,7 +169,7 @@ class GenerationWriter:
         try:
             with torch.no_grad():
                 y = torch.as_tensor(self._class_of[rows_np], device=canvas.device)
-                cams = class_activation_maps(body(_normalised(canvas, self.mean, self.std)), head.weight, y,
+                cams = class_activation_maps(body(Normalize(self.mean, self.std)(canvas)), head.weight, y,
                                              self.base.grid, self.canvas)
         finally:
             self.model.train(was_training)
@@ -276,8 +179,6 @@ class GenerationWriter:
     def compute(self, rows: np.ndarray, *, batch_size: int = 128, num_workers: int = 2,
                 device: str | torch.device = "auto", progress: bool = True) -> None:
         """The separate pass for ``rows``: decode, CAMs with the model's current weights, blend."""
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
         k, world = self.shard
         cams = compute_cams(self.model, self.index, rows, self._class_of[rows], canvas=self.canvas,
                             grid=self.base.grid, canvas_mode=self.canvas_mode, mean=self.mean, std=self.std, batch_size=batch_size,

@@ -12,11 +12,7 @@ from torchvision.io import ImageReadMode, decode_image, read_file
 from torchvision.transforms.v2 import functional as TF
 
 from .errors import BackMixError
-
-# The normalisation every stage shares (torchvision's ImageNet statistics): the
-# loaders normalise with it and the cache builder takes CAMs on the same input.
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from .normalize import IMAGENET_MEAN, IMAGENET_STD  # noqa: F401  (their old home: osr_data/normalize.py holds them)
 
 # torchvision 0.29 marks its libjpeg-turbo/libpng decoders deprecated in favour of
 # torchcodec; they remain the fastest CPU decoders installed here, so keep them quiet.

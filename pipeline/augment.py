@@ -5,7 +5,6 @@ through ``BatchParams``; these classes hold only their configuration.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Optional
 
@@ -13,19 +12,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from backmix.osr_data.decode import IMAGENET_MEAN, IMAGENET_STD
+# The normalisation lives in the data stage, where the CAM pass reads it too; re-exported here.
+from backmix.osr_data.normalize import (IMAGENET_MEAN, IMAGENET_STD, Normalize, new_batch, normalize,  # noqa: F401
+                                        normalize_constants)
 
 from .backmix import box_size, mix_backgrounds, top_k_mask
-
-
-def new_batch(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
-    """An uninitialised batch tensor. In a DataLoader worker, in shared memory from the start, as torch's
-    ``default_collate`` allocates: handing it to the loading process then copies nothing (a tensor
-    made in ordinary memory is copied into shared memory when the worker sends it)."""
-    if device.type == "cpu" and torch.utils.data.get_worker_info() is not None:
-        storage = torch.UntypedStorage._new_shared(math.prod(shape) * dtype.itemsize)
-        return torch.empty(0, dtype=dtype).set_(storage).view(shape)
-    return torch.empty(shape, dtype=dtype, device=device)
 
 
 def crop_flip(images: Tensor, offsets: Tensor, flips: Tensor, size: int, per_image: Optional[bool] = None) -> Tensor:
@@ -109,21 +100,6 @@ def resized_crop_flip(images: Tensor, corners: Tensor, sizes: Tensor, flips: Ten
     return left.add_(wx[:, None, None, :] * (columns(x1) - left))
 
 
-def normalize_constants(mean: Tensor, std: Tensor) -> tuple[Tensor, Tensor]:
-    """(scale, shift) float32 [C]: ``normalize`` computes x * scale - shift."""
-    return 1.0 / (255.0 * std), mean / std
-
-
-def normalize(images: Tensor, mean: Tensor, std: Tensor) -> Tensor:
-    """uint8 or float32 [B, C, H, W] (0..255) -> float32 ((x / 255) - mean) / std, as x * (1 / 255 std) - mean / std."""
-    scale, shift = normalize_constants(mean, std)
-    scale, shift = scale.view(1, -1, 1, 1), shift.view(1, -1, 1, 1)
-    # In place on the one float copy: the batch is the largest tensor of the loader's hot path.
-    if not images.is_floating_point():
-        images = new_batch(tuple(images.shape), torch.float32, images.device).copy_(images)
-    return images.float().mul_(scale).sub_(shift)
-
-
 def fill_value(mean: tuple[float, ...]) -> Tensor:
     """The uint8 blank colour: the normalisation mean, i.e. ~0 after ``normalize``."""
     return torch.tensor([round(255.0 * m) for m in mean], dtype=torch.uint8)
@@ -157,16 +133,6 @@ class RandomResizedCropFlip:
 
     def __call__(self, images: Tensor, p: dict[str, Tensor]) -> Tensor:
         return resized_crop_flip(images, p["crops"], p["crop_sizes"], p["flips"], self.size)
-
-
-@dataclass(frozen=True)
-class Normalize:
-    mean: tuple[float, ...] = IMAGENET_MEAN
-    std: tuple[float, ...] = IMAGENET_STD
-
-    def __call__(self, images: Tensor) -> Tensor:
-        dev = images.device
-        return normalize(images, torch.tensor(self.mean, device=dev), torch.tensor(self.std, device=dev))
 
 
 AUTO_AUGMENT_POLICIES = ("trivialaugment", "randaugment")

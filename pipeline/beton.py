@@ -16,38 +16,36 @@ The loader never writes a beton itself (ImageNet's takes ~17 minutes): this
 command does, once. It writes under a temporary name and renames when
 complete; a lock file beside the beton keeps a second writer waiting (it then
 finds the beton written); under torchrun only rank 0 writes and the other
-ranks wait for it. FFCV's writer runs in a child process group, so Ctrl-C or
-SIGTERM stops it and its worker processes within seconds and removes the
-temporary file. Progress is a bar on a terminal and a line every 5 % in a log.
-An image that does not decode fails the write (``--on-error raise``) or is
-kept as a marked blank that the loader leaves out (``--on-error skip``).
+ranks wait for it. FFCV's writer runs in a child process group
+(``pipeline/beton_process.py``), so Ctrl-C or SIGTERM stops it and its worker
+processes within seconds and removes the temporary file. Progress is a bar on a
+terminal and a line every 5 % in a log. Each file is read as the loaders read it
+(``read_canvas``): one missing or changed since the folder was indexed stops the
+write with the loaders' one-line error; an image that does not decode fails the
+write (``--on-error raise``) or is kept as a marked blank that the loader leaves
+out (``--on-error skip``).
 """
 from __future__ import annotations
 
 import argparse
-import contextlib
-import errno
 import logging
-import multiprocessing
 import os
-import signal
-import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import NamedTuple, Optional
 
 import numpy as np
-from tqdm import tqdm
 
 from backmix._fs import atomic_file, check_output_file
-from backmix.osr_data.decode import CANVAS_MODES, check_canvas_mode, decode_canvas, decode_rgb, to_numpy_hwc
-from backmix.osr_data.errors import BackMixError, no_space
+from backmix.osr_data.decode import (CANVAS_MODES, DecodeError, check_canvas_mode, decode_rgb, read_canvas,
+                                     to_numpy_hwc)
+from backmix.osr_data.errors import BackMixError
 from backmix.osr_data.filelock import exclusive_lock
 from backmix.osr_data.index import ImageIndex
 
 from .beton_location import (DEFAULT_MODE, DEFAULT_QUALITY, MODES, beton_locations, check_storage,  # noqa: F401
                              default_destination, find_beton)
+from .beton_process import StopFile, write_in_child
 from .config import ON_ERROR
 
 log = logging.getLogger("backmix")
@@ -56,8 +54,6 @@ INSTALL_HINT = ("FFCV is not installed: pip install 'backmix[ffcv]' (needs apt l
                 "libturbojpeg0-dev pkg-config; scripts/install.sh does both)")
 DEFAULT_CANVAS = 40   # LoaderConfig's
 NOT_A_CANVAS = -1     # the canvas_mode field of images stored at their own size (any loader resizes them)
-PROGRESS_EVERY = 5    # percent between progress lines when stderr is not a terminal
-STOP_GRACE_S = 3.0    # after SIGTERM, seconds the writer gets before SIGKILL
 
 
 def require_ffcv() -> None:
@@ -69,131 +65,44 @@ def require_ffcv() -> None:
 
 
 class _Samples:
-    """What FFCV's writer processes read: (HWC uint8 image, label, dataset index) per row.
+    """What FFCV's writer processes read: (HWC uint8 image, label, dataset index, canvas mode) per row,
+    each file read as the loaders read it (``read_canvas``).
 
-    A row that fails comes back as a blank (canvas-sized: a canvas beton stays uniform) with
-    index -1 - row: FFCV's writer waits
-    forever for a worker that raised, so the failure is reported after the write instead
-    (and, with ``--on-error skip``, the loader leaves the marked rows out).
+    FFCV's writer waits forever for a worker that raised, so a row that does not decode comes back
+    as a blank (canvas-sized: a canvas beton stays uniform) with index -1 - row, reported after the
+    write (and, with ``--on-error skip``, left out by the loader). A file missing or changed since
+    indexing stops the write whatever ``--on-error`` says: the worker leaves the loaders' one-line
+    error in ``stop_file`` and raises, which ends the write (``write_in_child``).
     """
 
     def __init__(self, index: ImageIndex, canvas: Optional[int], canvas_mode: str) -> None:
         self.index, self.canvas, self.canvas_mode = index, canvas, canvas_mode
         self.mode_code = CANVAS_MODES.index(canvas_mode) if canvas else NOT_A_CANVAS
+        self.stop_file = StopFile()
 
     def __len__(self) -> int:
         return len(self.index)
 
     def __getitem__(self, i: int):
-        path = self.index.abspath(i)
-        try:
-            image = decode_canvas(path, self.canvas, self.canvas_mode) if self.canvas else decode_rgb(path)
-            return to_numpy_hwc(image), int(self.index.labels[i]), i, self.mode_code
-        except Exception:  # noqa: BLE001 -- see the class docstring
+        image = read_canvas(self.index, i, self.canvas, self.canvas_mode, on_error="return",
+                            decode=None if self.canvas else _whole_image)
+        if isinstance(image, DecodeError):
             side = self.canvas or 1
             return np.zeros((side, side, 3), np.uint8), -1, -1 - i, self.mode_code
+        if isinstance(image, BackMixError):
+            self.stop_file.say(str(image))
+            raise image
+        return to_numpy_hwc(image), int(self.index.labels[i]), i, self.mode_code
+
+
+def _whole_image(path: str, size: Optional[int], mode: str):
+    """``read_canvas``'s decode for images stored at their own size (FFCV caps the longer side)."""
+    return decode_rgb(path)
 
 
 def skipped_rows(stored_index: np.ndarray) -> np.ndarray:
     """Dataset rows a beton holds as marked blanks (images that did not decode), from its index field."""
     return (-1 - stored_index[stored_index < 0]).astype(np.int64)
-
-
-class LineProgress(tqdm):
-    """tqdm for a log file or pipe: a whole line every ``PROGRESS_EVERY`` percent, no carriage returns."""
-
-    def __init__(self, *args, **kwargs) -> None:
-        self._shown = -1
-        super().__init__(*args, **{**kwargs, "mininterval": 0, "miniters": 1})
-
-    def display(self, msg=None, pos=None):
-        step = int(100 * self.n / self.total) // PROGRESS_EVERY if self.total else 0
-        if step != self._shown:
-            self._shown = step
-            self.fp.write(self.format_meter(**self.format_dict) + "\n")
-            self.fp.flush()
-        return True
-
-
-def progress_bar(show: Optional[bool], **kwargs) -> tqdm:
-    """A tqdm bar on stderr: animated on a terminal, a line every few percent otherwise; none when
-    ``show`` is False (None: always)."""
-    kwargs.setdefault("file", sys.stderr)
-    if show is False:
-        return tqdm(disable=True, **kwargs)
-    return tqdm(**kwargs) if kwargs["file"].isatty() else LineProgress(**kwargs)
-
-
-def _write_in_child(tmp: Path, samples: "_Samples", fields: dict, num_workers: int,
-                    progress: Optional[bool], desc: str) -> None:
-    """Runs FFCV's writer in a forked child in its own process group (with the writer's worker
-    processes); a KeyboardInterrupt here (Ctrl-C, or SIGTERM, turned into one) stops the group:
-    SIGTERM, then SIGKILL after ``STOP_GRACE_S``."""
-    # The writer's and its workers' stderr goes to a file read here: a full disk is then one line, not
-    # a worker's traceback before it; any other failure shows what they said.
-    said = tempfile.TemporaryFile()
-    proc = multiprocessing.get_context("fork").Process(
-        target=_child_write, args=(tmp, samples, fields, num_workers, progress, desc, said.fileno()), daemon=False)
-    previous = signal.signal(signal.SIGTERM, _interrupt)
-    text = ""
-    try:
-        proc.start()
-        # FFCV's writer waits forever for a worker that died (e.g. of a full disk): a traceback from
-        # any of them ends the write.
-        while proc.exitcode is None and "Traceback" not in text:
-            proc.join(0.5)
-            said.seek(0)
-            text = said.read().decode(errors="replace")
-        if proc.exitcode is None:
-            _stop_group(proc)
-    except KeyboardInterrupt:
-        _stop_group(proc)
-        raise
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-    if proc.exitcode != 0:
-        if f"[Errno {errno.ENOSPC}]" in text or f"[Errno {errno.EDQUOT}]" in text:
-            raise no_space(OSError(errno.ENOSPC, "no space"), writing=tmp)
-        sys.stderr.write(text)
-        raise BackMixError(f"FFCV's writer failed (exit status {proc.exitcode}) writing {tmp}")
-
-
-def _interrupt(signum, frame):
-    raise KeyboardInterrupt
-
-
-def _stop_group(proc) -> None:
-    for sig, wait in ((signal.SIGTERM, STOP_GRACE_S), (signal.SIGKILL, None)):
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, sig)
-        proc.join(wait)
-        if proc.exitcode is not None and sig == signal.SIGTERM:
-            # the child is gone; its workers may not be (they share its group)
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            return
-
-
-def _child_write(tmp: Path, samples: "_Samples", fields: dict, num_workers: int,
-                 progress: Optional[bool], desc: str, said: int) -> None:
-    import ffcv.writer
-    os.setpgrp()                                    # the parent stops us and our workers as one group
-    bar_file = os.fdopen(os.dup(2), "w")            # the progress bar stays on the terminal
-    os.dup2(said, 2)
-    sys.stderr = open(2, "w", buffering=1, closefd=False)   # what the workers forked from here print, too
-    signal.signal(signal.SIGINT, signal.SIG_IGN)    # the parent handles Ctrl-C
-    writer = ffcv.writer.DatasetWriter(str(tmp), fields, num_workers=max(1, num_workers))
-
-    def stop(signum, frame):
-        # FFCV's metadata lives in shared memory until the write ends: free it, then end the group.
-        sm = getattr(writer, "metadata_sm", None)
-        with contextlib.suppress(Exception):
-            sm.unlink()
-        os.killpg(os.getpgrp(), signal.SIGKILL)
-
-    signal.signal(signal.SIGTERM, stop)
-    ffcv.writer.tqdm = lambda total: progress_bar(progress, total=total, desc=desc, unit="img", file=bar_file)
-    writer.from_indexed_dataset(samples)
 
 
 def _rank() -> int:
@@ -260,7 +169,7 @@ def write_beton(index: ImageIndex, path: str | os.PathLike, *, canvas: Optional[
         if path.exists() and not force:
             return BetonWrite(path, False, [])
         with atomic_file(path) as tmp:
-            _write_in_child(tmp, _Samples(index, canvas, canvas_mode), fields, num_workers, progress,
+            write_in_child(tmp, _Samples(index, canvas, canvas_mode), fields, num_workers, progress,
                             f"writing {path.name}")
             failed = skipped_rows(Reader(str(tmp)).metadata["f2"])
             if len(failed) and on_error == "raise":
@@ -296,7 +205,7 @@ def register_data(sub) -> None:
     p.add_argument("--workers", type=int, default=2, help="processes that decode and encode")
     p.add_argument("--on-error", choices=ON_ERROR, default="raise",
                    help="an image that does not decode: fail, or store it as a marked blank the loader leaves "
-                        "out (each named, and counted)")
+                        "out (each named, and counted); a file missing or changed since indexing always fails")
     p.add_argument("--force", action="store_true", help="rewrite the beton if it exists")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run_write_beton)

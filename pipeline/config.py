@@ -1,15 +1,13 @@
 """One configuration shared by every loader backend."""
 from __future__ import annotations
 
-import functools
-import logging
 from dataclasses import dataclass, field
 from typing import Optional
 
 import numpy as np
-import torch
 
 from backmix.cam_cache.maps import ForegroundMaps, UniformMaps
+from backmix.device import announce_device, choose_device  # noqa: F401  (re-exported: the loaders' device)
 from backmix.osr_data.index import ImageIndex
 
 from backmix.osr_data.decode import check_canvas, check_canvas_mode
@@ -18,8 +16,6 @@ from backmix.osr_data.errors import BackMixError
 from .augment import AUTO_AUGMENT_POLICIES, IMAGENET_MEAN, IMAGENET_STD
 from .batch import RowLabels
 from .sampling import LAST_BATCH, BackMixSampler, EpochSampler, check_augment, check_fraction
-
-log = logging.getLogger("backmix")
 
 ON_ERROR = ("raise", "skip")
 DEVICES = ("auto", "cpu", "cuda")
@@ -89,22 +85,6 @@ class LoaderConfig:
     def resizes(self) -> bool:
         """Whether training crops are resized (rrc); evaluation is always the centre crop."""
         return self.augment == "rrc" and self.train
-
-
-def choose_device(request: str = "auto") -> torch.device:
-    """CUDA when asked for or available under "auto"; the CPU otherwise. Logs the choice."""
-    if request == "cuda" and not torch.cuda.is_available():
-        raise BackMixError("--device cuda was asked for, but CUDA is not available on this machine")
-    use_cuda = request == "cuda" or (request == "auto" and torch.cuda.is_available())
-    dev = torch.device("cuda", torch.cuda.current_device()) if use_cuda else torch.device("cpu")
-    announce_device(str(dev))
-    return dev
-
-
-@functools.lru_cache(maxsize=None)
-def announce_device(name: str) -> None:
-    """Logs the device once a process: a trainer's training and evaluation loaders share it."""
-    log.info("mixing on %s", name)
 
 
 def loader_inputs(index: ImageIndex, config: LoaderConfig, maps: Optional[ForegroundMaps],

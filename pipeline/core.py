@@ -24,8 +24,7 @@ import torch
 from torch import Tensor
 
 from backmix.cam_cache.maps import ForegroundMaps
-from backmix.osr_data.decode import DecodeError
-from backmix.osr_data.errors import BackMixError
+from backmix.osr_data.canvas_reads import undecodable
 from backmix.osr_data.index import ImageIndex
 
 from .batch import BackMixBatch, BatchTransform, host_masks, to_device
@@ -140,17 +139,10 @@ class Loader(LoaderPosition):
         return BackMixBatch(canvas if self.wants_canvas else None, images, mixed, *self.row_labels.take(rows, dev))
 
     def report(self, failed: list) -> None:
-        """The ``on_error`` policy, for every backend: a file missing or changed since indexing stops the
-        loader whatever the policy (the data set no longer matches its index, caches or betons);
-        one that does not decode raises under "raise" and is skipped, counted and logged under "skip"."""
-        for error in failed:
-            if isinstance(error, BackMixError) and not isinstance(error, DecodeError):
-                raise error
-        if not failed:
-            return
-        errors = [e if isinstance(e, DecodeError) else DecodeError(str(e)) for e in failed]
-        if self.config.on_error == "raise":
-            raise errors[0]
+        """The ``on_error`` policy, for every backend (``undecodable``): a file missing or changed since
+        indexing stops the loader whatever the policy; one that does not decode raises under "raise"
+        and is skipped, counted and logged under "skip"."""
+        errors = undecodable(failed, self.config.on_error)
         self.skipped += len(errors)
         for e in errors:
             log.warning("skipped %s: it does not decode (%d skipped so far)", e.path, self.skipped)

@@ -95,7 +95,9 @@ def write_stock_beton(index: ImageIndex, jpeg_quality: int, workers: int) -> Pat
     from backmix.osr_data.filelock import exclusive_lock
     from backmix.osr_data.index import atomic_file
 
-    from .beton import _write_in_child, check_output_file   # FFCV's writer, stoppable, in a child
+    from backmix._fs import check_output_file
+
+    from .beton_process import write_in_child   # FFCV's writer, stoppable, in a child
 
     path = check_output_file(stock_beton_path(index, jpeg_quality))
     fields = {"image": RGBImageField(write_mode="jpg", max_resolution=STOCK_MAX_RESOLUTION, jpeg_quality=jpeg_quality),
@@ -106,7 +108,7 @@ def write_stock_beton(index: ImageIndex, jpeg_quality: int, workers: int) -> Pat
             log.info("writing the stock FFCV beton once (DatasetWriter, max_resolution %d, jpg %d): %s",
                      STOCK_MAX_RESOLUTION, jpeg_quality, path)
             with atomic_file(path) as tmp:
-                _write_in_child(tmp, ImageFolder(str(index.root)), fields, workers, None, f"writing {path.name}")
+                write_in_child(tmp, ImageFolder(str(index.root)), fields, workers, None, f"writing {path.name}")
     return path
 
 

@@ -13,7 +13,8 @@ from typing import Iterator, NamedTuple, Optional
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from backmix.osr_data.decode import decode_canvas, read_canvas
+from backmix.osr_data.canvas_reads import CanvasDataset, collate_canvases
+from backmix.osr_data.decode import decode_canvas
 
 from .core import Loader, Plan, Source, SourceBatch
 
@@ -40,24 +41,13 @@ class Finished(NamedTuple):
     mixed: Optional[torch.Tensor]
 
 
-class CanvasDataset(Dataset):
-    """dataset row -> (canvas, row), or the error of a file that failed (``read_canvas``'s "return"):
-    what a worker runs per file. ``decode(path, size, mode)``: default ``decode_canvas``. Given a
-    ``BatchKey`` and a ``transform`` (``BatchTransform``), a worker also finishes the batch (``Finished``).
-
-    Workers only read the index's column buffers (no per-row Python objects), so its pages stay
-    shared with the main process instead of being copied into each worker."""
+class FinishingDataset(CanvasDataset):
+    """``CanvasDataset`` that, given a ``BatchKey`` and a ``transform`` (``BatchTransform``), also finishes
+    the batch in the worker (``Finished``); other keys get the canvases, as ``CanvasDataset``'s."""
 
     def __init__(self, index, canvas: int, mode: str, decode=None, transform=None, rank: int = 0) -> None:
-        self.index, self.canvas, self.mode, self.decode = index, canvas, mode, decode or decode_canvas
+        super().__init__(index, canvas, mode, decode)
         self.transform, self.rank = transform, rank
-
-    def __len__(self) -> int:
-        return len(self.index)
-
-    def __getitem__(self, row: int):
-        out = read_canvas(self.index, row, self.canvas, self.mode, on_error="return", decode=self.decode)
-        return out if isinstance(out, Exception) else (out, row)
 
     def __getitems__(self, key: list):
         items = [self[row] for row in key]
@@ -73,15 +63,9 @@ class CanvasDataset(Dataset):
         return Finished(canvas if key.keep_canvas else None, rows, failed, images, mixed)
 
 
-def collate_canvases(items: list):
-    """(canvas [n, 3, S, S] or None, rows int64 [n], failed) of ``CanvasDataset`` items (in the worker);
-    a batch the worker finished passes as it is."""
-    if isinstance(items, Finished):
-        return items
-    good = [it for it in items if isinstance(it, tuple)]
-    failed = [it for it in items if not isinstance(it, tuple)]
-    canvas = torch.stack([g[0] for g in good]) if good else None
-    return canvas, torch.tensor([g[1] for g in good], dtype=torch.int64), failed
+def collate_or_pass(items):
+    """The DataLoader's collate: ``collate_canvases``; a batch the worker finished passes as it is."""
+    return items if isinstance(items, Finished) else collate_canvases(items)
 
 
 class _Batches(torch.utils.data.Sampler):
@@ -128,9 +112,9 @@ class WorkerSource(Source):
         """What the workers run per row (``CanvasDataset`` over ``decode``)."""
         cfg = self.loader.config
         transform = self.loader.transform if self.finish_in_workers else None
-        return CanvasDataset(self.loader.index, cfg.canvas, cfg.canvas_mode, self.decode, transform, cfg.rank)
+        return FinishingDataset(self.loader.index, cfg.canvas, cfg.canvas_mode, self.decode, transform, cfg.rank)
 
-    collate = staticmethod(collate_canvases)   # runs in the worker
+    collate = staticmethod(collate_or_pass)   # runs in the worker
 
     def finish(self, batch) -> tuple:
         """In the loading process: ``collate``'s output -> (canvas, rows, failed)."""

@@ -228,8 +228,8 @@ def test_a_beton_that_does_not_fit_is_refused(index, tiny_root, tmp_path):
 def test_an_image_that_does_not_decode_fails_the_write_cleanly(tiny_root, tmp_path):
     folder = tmp_path / "tiny"
     shutil.copytree(tiny_root, folder, ignore=shutil.ignore_patterns(".backmix", "index.csv"))
-    index = ImageIndex.load(folder)
-    (folder / index.paths[5]).write_bytes(b"not an image")
+    (folder / ImageIndex.load(tiny_root).paths[5]).write_bytes(b"not an image")
+    index = ImageIndex.load(folder)   # indexed after breaking: a file changed since indexing fails otherwise
     with pytest.raises(BackMixError, match="1 image\\(s\\) do not decode"):
         write_beton(index, tmp_path / "t.beton", canvas=32, num_workers=1, progress=False)
     assert list(tmp_path.glob("*.beton*")) == [] and list(tmp_path.glob(".t.beton*")) == []
