@@ -42,7 +42,7 @@ def stage_breakdown(index, config, batches: int, device: torch.device) -> dict[s
 
     from .augment import BackMix, Normalize, RandomCropFlip, RandomResizedCropFlip
     from .batch import same_crop_twice
-    from .reference import CanvasDataset, collate_canvases
+    from backmix.osr_data.canvas_reads import CanvasDataset, collate_canvases
 
     b = config.batch_size
     # The canvas resize alone (torchvision, this process), to set beside DALI's.

@@ -93,8 +93,9 @@ def write_in_child(tmp: Path, samples, fields: dict, num_workers: int, progress:
     finally:
         signal.signal(signal.SIGTERM, previous)
     if proc.exitcode != 0:
-        if samples.stop_file.reason():
-            raise BackMixError(samples.stop_file.reason())
+        stop = getattr(samples, "stop_file", None)   # a plain dataset (the stock beton's) has none
+        if stop is not None and stop.reason():
+            raise BackMixError(stop.reason())
         if f"[Errno {errno.ENOSPC}]" in text or f"[Errno {errno.EDQUOT}]" in text:
             raise no_space(OSError(errno.ENOSPC, "no space"), writing=tmp)
         sys.stderr.write(text)

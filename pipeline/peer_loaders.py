@@ -93,9 +93,8 @@ def write_stock_beton(index: ImageIndex, jpeg_quality: int, workers: int) -> Pat
     from torchvision.datasets import ImageFolder
 
     from backmix.osr_data.filelock import exclusive_lock
-    from backmix.osr_data.index import atomic_file
 
-    from backmix._fs import check_output_file
+    from backmix._fs import atomic_file, check_output_file
 
     from .beton_process import write_in_child   # FFCV's writer, stoppable, in a child
 

@@ -27,7 +27,7 @@ import torch
 from backmix.osr_data.errors import BackMixError
 
 from .core import Loader, Source, SourceBatch
-from .reference import CanvasDataset, collate_canvases
+from backmix.osr_data.canvas_reads import CanvasDataset, collate_canvases
 
 log = logging.getLogger("backmix")
 

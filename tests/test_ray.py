@@ -26,7 +26,7 @@ from backmix.cli import main as cli_main
 from backmix.osr_data import DecodeError, ImageIndex
 from backmix.pipeline import LoaderConfig, ReferenceLoader, make_loader
 from backmix.pipeline import ray_loader
-from backmix.pipeline.reference import CanvasDataset
+from backmix.osr_data.canvas_reads import CanvasDataset
 
 ray = pytest.importorskip("ray")
 from ray.cluster_utils import Cluster  # noqa: E402
