@@ -173,8 +173,12 @@ def write_beton(index: ImageIndex, path: str | os.PathLike, *, canvas: Optional[
                             f"writing {path.name}")
             failed = skipped_rows(Reader(str(tmp)).metadata["f2"])
             if len(failed) and on_error == "raise":
-                raise BackMixError(f"{len(failed)} image(s) do not decode, e.g. {index.abspath(int(failed[0]))}; "
-                                   "fix or remove them and index the folder again, or pass --on-error skip")
+                # The first file's own error, as every loader raises it, with how many more there are.
+                first = read_canvas(index, int(failed[0]), canvas or 8, canvas_mode, on_error="return")
+                why = first.why if isinstance(first, DecodeError) else str(first)
+                raise DecodeError(index.abspath(int(failed[0])),
+                                  f"{why}; {len(failed)} image(s) do not decode: fix or remove them and index "
+                                  "the folder again, or pass --on-error skip")
     skipped = [index.abspath(int(i)) for i in failed]
     for name in skipped:
         log.warning("skipped %s: it does not decode", name)

@@ -24,6 +24,15 @@ TARGETS = ("reference", "torchvision", "dali", "ffcv", "ray", "cam pass", "beton
 NEEDS = {"dali": "nvidia.dali", "ffcv": "ffcv", "ray": "ray", "beton writer": "ffcv"}
 
 
+@pytest.fixture(scope="module", autouse=True)
+def no_ray_left_behind():
+    """The ray target starts a local Ray; later test modules start their own cluster."""
+    yield
+    ray = __import__("sys").modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        ray.shutdown()
+
+
 @pytest.fixture()
 def bad_folder(tiny_root, tmp_path, request):
     """(index, path of the bad file) of a copy of the tiny folder in which BAD is ``request.param``:
