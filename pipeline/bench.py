@@ -270,14 +270,19 @@ def plot(report: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def add_bench_folder_options(p) -> None:
+    """--data and --images: the folder a loader benchmark reads (``bench loader``, ``bench peers``)."""
+    p.add_argument("--data", type=Path, default=None,
+                   help="image folder (class folders of images; or a prepared root: its train/); default: a "
+                        "folder of 500x375 JPEGs made once from the bundled photographs under ~/.cache/backmix")
+    p.add_argument("--images", type=int, default=1024, help="size of the default folder")
+
+
 def register_bench(sub) -> None:
     p = sub.add_parser("loader", help="images/s of each loader with and without BackMix",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                        description=__doc__.split("\n\n", 1)[1])
-    p.add_argument("--data", type=Path, default=None,
-                   help="image folder (or prepared root); default: a folder of 500x375 JPEGs made once from "
-                        "the bundled photographs under ~/.cache/backmix")
-    p.add_argument("--images", type=int, default=1024, help="size of the default folder")
+    add_bench_folder_options(p)
     p.add_argument("--backend", default=",".join(BACKENDS), help="comma list of backends")
     p.add_argument("--batches", type=int, default=20, help="timed batches per loader")
     p.add_argument("--warmup", type=int, default=3, help="untimed batches first")

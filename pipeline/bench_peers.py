@@ -27,7 +27,7 @@ from typing import NamedTuple, Optional
 
 from backmix.osr_data.errors import BackMixError
 
-from .bench import MODES, ensure_beton
+from .bench import MODES, add_bench_folder_options, ensure_beton
 from .peer_run import FAMILIES, FAMILY_BACKENDS
 
 LIBRARIES = {"ffcv": "FFCV", "dali": "DALI"}   # family -> the library it needs beyond torch
@@ -240,10 +240,7 @@ def register(sub) -> None:
     p = sub.add_parser("peers", help="backmix's loaders beside the stock torchvision, FFCV and DALI loaders",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                        description=__doc__.split("\n\n", 1)[1])
-    p.add_argument("--data", type=Path, default=None,
-                   help="image folder (class folders of images; or a prepared root: its train/); None: a folder "
-                        "of 500x375 JPEGs made once from the bundled photographs under ~/.cache/backmix")
-    p.add_argument("--images", type=int, default=1024, help="size of the default folder")
+    add_bench_folder_options(p)
     p.add_argument("--families", default=",".join(FAMILIES),
                    help="comma list of loader families; one whose library is missing is skipped with one line")
     p.add_argument("--rounds", type=int, default=5,
