@@ -8,6 +8,10 @@ square image are the image resized), so cell (i, j) is the image's pixels
 - precision: the share of the top-k cells' area inside the box. Chance (k cells anywhere):
   box area / image area.
 - recall: the share of the box's area the top-k cells cover. Chance: k / g^2.
+- leak (``patch_leak``): what BackMix pastes of an image when it is the partner: the expected share
+  of a box-sized patch (at a uniform place on the canvas, as the sampler draws it) that is the
+  object's box left un-blanked because its cells are not in the top k. The object a "background"
+  patch carries into another class's image.
 
 Cells tied at the k-th score (every cell of generation 0 is 0.5) count by their expected share
 under a random tie-break, so the score does not depend on one tie-break draw and generation 0
@@ -17,7 +21,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from backmix.pipeline.backmix import top_k_count
+from backmix.pipeline.backmix import box_size, top_k_count
 
 
 def cell_overlap(boxes: np.ndarray, image_size: int, grid: int) -> np.ndarray:
@@ -55,3 +59,21 @@ def score_maps(maps: np.ndarray, boxes: np.ndarray, image_size: int, top_k_ratio
     box_cells = overlap.sum(axis=(1, 2))                                     # the box's area, in cells
     return {"precision": inside / k, "recall": inside / box_cells,
             "chance_precision": box_cells / (g * g), "chance_recall": np.full(n, k / (g * g))}
+
+
+def patch_leak(maps: np.ndarray, boxes: np.ndarray, image_size: int, canvas: int, box_fraction: float,
+               top_k_ratio: float) -> np.ndarray:
+    """float [N]: the expected share of a pasted patch (``box_fraction`` of the canvas side, at a
+    uniform top-left corner) that is the image's object box outside its top-k cells."""
+    n, g, _ = maps.shape
+    if canvas % g:
+        raise ValueError(f"canvas {canvas} is not a multiple of the grid {g}")
+    # Per canvas pixel: its share inside the object box, and the share of it BackMix leaves un-blanked.
+    scaled = np.asarray(boxes, dtype=np.float64) * (canvas / image_size)
+    on_object = cell_overlap(scaled, canvas, canvas)
+    kept = np.repeat(np.repeat(1.0 - top_k_weights(maps, top_k_ratio), canvas // g, axis=1), canvas // g, axis=2)
+    leak = np.pad(on_object * kept, ((0, 0), (1, 0), (1, 0))).cumsum(axis=1).cumsum(axis=2)
+    bh, bw = box_size((canvas, canvas), box_fraction)
+    # Every patch's sum from the integral image, for each corner the sampler can draw.
+    sums = leak[:, bh:, bw:] - leak[:, :-bh, bw:] - leak[:, bh:, :-bw] + leak[:, :-bh, :-bw]
+    return sums.mean(axis=(1, 2)) / (bh * bw)

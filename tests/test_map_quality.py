@@ -80,3 +80,25 @@ def test_uniform_maps_score_chance_on_any_box(ratio):
     np.testing.assert_allclose(s["precision"], s["chance_precision"], rtol=0, atol=1e-12)
     np.testing.assert_allclose(s["chance_precision"], 24 * 24 / 32 ** 2, rtol=0, atol=1e-12)
     np.testing.assert_allclose(s["recall"], ratio, rtol=0, atol=1e-12)
+
+
+def test_patch_leak_counts_the_object_left_unblanked_under_the_patch():
+    from backmix.cam_cache.map_quality import patch_leak
+    # 4 x 4 canvas = image, 2 x 2 grid, patch of 2 x 2 (box fraction 0.5): 3 x 3 corners.
+    # Object: the top-left cell. Map 1 blanks it (its top cell): nothing leaks. Map 2 blanks another
+    # cell: a patch at corner (y, x) holds (2 - y) * (2 - x) object pixels, y, x in 0..2.
+    maps = np.array([[[0.875, 0.125], [0.125, 0.125]], [[0.125, 0.875], [0.125, 0.125]]])
+    boxes = np.array([[0, 0, 2, 2]] * 2)
+    leak = patch_leak(maps, boxes, image_size=4, canvas=4, box_fraction=0.5, top_k_ratio=0.25)
+    assert leak.tolist() == [0.0, (2 + 1 + 0) ** 2 / 9 / 4]
+
+
+def test_patch_leak_scales_the_box_to_the_canvas():
+    from backmix.cam_cache.map_quality import patch_leak
+    # The whole 2 x 2 image is the object, on an 8 x 8 canvas; nothing blanked is impossible (k >= 1):
+    # one of 4 cells blanked, so 3/4 of every patch that lies in the other cells leaks.
+    maps = np.array([[[0.875, 0.125], [0.125, 0.125]]])
+    leak = patch_leak(maps, np.array([[0, 0, 2, 2]]), image_size=2, canvas=8, box_fraction=0.5, top_k_ratio=0.25)
+    # Patch 4 x 4 on an 8 x 8 canvas, 25 corners; blanked = rows 0..3, cols 0..3. A patch at (y, x) holds
+    # (4 - y) * (4 - x) blanked pixels for y, x in 0..4: the sum over corners is (4+3+2+1+0)^2 = 100.
+    assert leak.tolist() == [1 - 100 / 25 / 16]

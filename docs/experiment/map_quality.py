@@ -10,7 +10,8 @@ a wrong --prior or seed is refused rather than scored. Scored rows: the run's tr
 (known classes less the validation split). Per generation: the epoch it was built after, the
 validation accuracy there, and precision / recall of the top-k cells
 (``backmix.cam_cache.map_quality``) over all images and apart for the images on their class's
-own photograph (the background shortcut) and on another one.
+own photograph (the background shortcut) and on another one; and the leak: the share of a pasted
+patch (the run's box) that is the partner's digit left un-blanked, and what a box of 0.5 would carry.
 """
 import argparse
 import json
@@ -20,7 +21,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from backmix.cam_cache.map_quality import score_maps
+from backmix.cam_cache.map_quality import patch_leak, score_maps
 from backmix.cam_cache.store import MappedMaps
 from backmix.osr_data.composite import digits_on_photos
 from backmix.osr_data.errors import BackMixError
@@ -56,11 +57,12 @@ def main(argv=None) -> None:
     rows, numbers, d = replayed_rows(cfg, args.prior)
     own = d["train_photos"][numbers] == d["class_photo"][d["train_labels"][numbers]]
     epochs = build_epochs(args.run)
+    boxes = (cfg["box_fraction"], 0.5) if cfg["box_fraction"] != 0.5 else (0.5,)
     print(f"{args.run}: {len(rows)} training rows, {own.mean():.0%} on their class's own photograph; "
           f"top {cfg['top_k_ratio']:.0%} cells, box {cfg['box_fraction']}")
     print("| generation | built after epoch | val acc. there | precision (all / own photo / other) | "
-          "recall (all / own / other) |")
-    print("|---:|---:|---:|---|---|")
+          f"recall (all / own / other) | leak (box {' / '.join(map(str, boxes))}) |")
+    print("|---:|---:|---:|---|---|---|")
     for path in sorted((args.run / "generations").glob("gen-*.arrow")):
         f = MappedMaps(path)
         position = np.full(int(f.rows.max()) + 1, -1)
@@ -80,10 +82,14 @@ def main(argv=None) -> None:
             row[f"{key}_own_photo"] = float(s[key][own].mean())
             row[f"{key}_other_photo"] = float(s[key][~own].mean())
             row[f"chance_{key}"] = float(s[f"chance_{key}"].mean())
+        for box in boxes:
+            row[f"leak_box_{box}"] = float(patch_leak(maps, d["train_boxes"][numbers], d["train_images"].shape[1],
+                                                      cfg["canvas"], box, cfg["top_k_ratio"]).mean())
         print(f"| {gen} | {built['epoch'] if built else '-'} | "
               f"{built['val']['accuracy']:.3f} | " if built else f"| {gen} | - | - | ", end="")
+        leaks = " / ".join(f"{row[f'leak_box_{box}']:.3f}" for box in boxes)
         print(f"{row['precision']:.3f} / {row['precision_own_photo']:.3f} / {row['precision_other_photo']:.3f} | "
-              f"{row['recall']:.3f} / {row['recall_own_photo']:.3f} / {row['recall_other_photo']:.3f} |")
+              f"{row['recall']:.3f} / {row['recall_own_photo']:.3f} / {row['recall_other_photo']:.3f} | {leaks} |")
         if args.json:
             with open(args.json, "a") as out:
                 out.write(json.dumps(row) + "\n")
