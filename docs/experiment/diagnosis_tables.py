@@ -2,6 +2,7 @@
 
     python docs/experiment/diagnosis_tables.py paired results.jsonl diagnosis.jsonl
     python docs/experiment/diagnosis_tables.py budget RUNS_ROOT
+    python docs/experiment/diagnosis_tables.py maps diagnosis-maps.jsonl
 
 paired: each diagnostic run (a results.jsonl row rerun with one override, diagnosis_runs.py) as a
 variant named after its override, (1) against the experiment's baseline of the same data set, split
@@ -12,6 +13,9 @@ reproduces the experiment's metrics. Formatting is the experiment's (trainers/ex
 budget: per data set and method, from every run's metrics.jsonl under RUNS_ROOT (the experiment's
 runs/ folder): the validation accuracy at epochs 10/20/25/30, the best epoch, the train accuracy at
 the end, and the last epoch's test accuracy (no selection on it).
+
+maps: the rows of map_quality.py --json, per data set, box and generation: the mean over the runs
+measured of precision (all / own photograph / other), recall and leak.
 """
 import json
 import sys
@@ -74,5 +78,22 @@ def budget(root: str) -> None:
               f"{train:.1f} | {test:.1f} |")
 
 
+def maps(path: str) -> None:
+    groups: dict[tuple, list[dict]] = {}
+    for r in read_jsonl(path):
+        groups.setdefault((r["dataset"], r["box_fraction"], r["generation"]), []).append(r)
+    print("| data set | box | generation (built after epoch) | runs | precision all / own photo / other | "
+          "recall | leak, box 0.25 / 0.5 |")
+    print("|---|---:|---|---:|---|---:|---|")
+    for (dataset, box, gen), rows in sorted(groups.items()):
+        def mean(key):
+            values = [r[key] for r in rows if r.get(key) is not None]
+            return f"{np.mean(values):.3f}" if values else "-"
+        epoch = rows[0]["built_after_epoch"]
+        print(f"| {dataset} | {box} | {gen} ({epoch if epoch is not None else '-'}) | {len(rows)} | "
+              f"{mean('precision')} / {mean('precision_own_photo')} / {mean('precision_other_photo')} | "
+              f"{mean('recall')} | {mean('leak_box_0.25')} / {mean('leak_box_0.5')} |")
+
+
 if __name__ == "__main__":
-    {"paired": paired, "budget": budget}[sys.argv[1]](*sys.argv[2:])
+    {"paired": paired, "budget": budget, "maps": maps}[sys.argv[1]](*sys.argv[2:])
