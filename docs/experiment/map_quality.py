@@ -53,6 +53,8 @@ def main(argv=None) -> None:
     p.add_argument("--prior", type=float, required=True, help="the data set's prior (0.5, or 0.8 for -p80)")
     p.add_argument("--json", type=Path, help="append one JSON row per generation to this file")
     args = p.parse_args(argv)
+    if not (args.run / "config.json").is_file() or not (args.run / "generations").is_dir():
+        raise BackMixError(f"{args.run} is not a run folder of diagnosis_runs.py (config.json, generations/)")
     cfg = json.loads((args.run / "config.json").read_text())
     rows, numbers, d = replayed_rows(cfg, args.prior)
     own = d["train_photos"][numbers] == d["class_photo"][d["train_labels"][numbers]]
