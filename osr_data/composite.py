@@ -64,8 +64,11 @@ def _crop(photo: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
 
 
 def composite(digit: np.ndarray, background: np.ndarray, rng: np.random.Generator,
-              digit_size: int = 24) -> np.ndarray:
-    """Alpha-blend one 8x8 digit (0..16) onto a square uint8 background at a random place."""
+              digit_size: int = 24) -> tuple[np.ndarray, np.ndarray]:
+    """Alpha-blend one 8x8 digit (0..16) onto a square uint8 background at a random place.
+
+    Returns the image and the digit's box (y, x, height, width) in its pixels: the ground truth
+    foreground a CAM's top cells are scored against (``backmix.cam_cache.map_quality``)."""
     size = background.shape[0]
     alpha = np.asarray(Image.fromarray((digit / 16.0 * 255).astype(np.uint8)).resize(
         (digit_size, digit_size), Image.BILINEAR), dtype=np.float32) / 255.0
@@ -78,14 +81,15 @@ def composite(digit: np.ndarray, background: np.ndarray, rng: np.random.Generato
     region = out[y:y + digit_size, x:x + digit_size]
     region *= 1.0 - halo[..., None]
     region[:] = region * (1.0 - alpha[..., None]) + 255.0 * alpha[..., None]
-    return out.round().clip(0, 255).astype(np.uint8)
+    return out.round().clip(0, 255).astype(np.uint8), np.array([y, x, digit_size, digit_size])
 
 
 def digits_on_photos(prior: float = 0.5, seed: int = 0, size: int = 32) -> dict[str, np.ndarray]:
-    """The data set as arrays: ``{train,test}_{images,labels,photos}``, ``class_photo``, ``names``.
+    """The data set as arrays: ``{train,test}_{images,labels,photos,boxes}``, ``class_photo``, ``names``.
 
     ``*_photos`` name the photograph each image's background was cut from;
-    ``class_photo[c]`` is class c's own photograph.
+    ``class_photo[c]`` is class c's own photograph; ``*_boxes`` are the digits' boxes
+    (y, x, height, width; ``composite``). Image i is written as ``<class>/{i:06d}.png``.
     """
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
@@ -100,8 +104,8 @@ def digits_on_photos(prior: float = 0.5, seed: int = 0, size: int = 32) -> dict[
     rng = np.random.default_rng([seed, 0xD16])
     class_photo = rng.permutation(len(photos))[:10]   # class c's own photograph
 
-    def build(rows: np.ndarray, train: bool) -> tuple[np.ndarray, np.ndarray]:
-        out, used = [], []
+    def build(rows: np.ndarray, train: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        out, used, boxes = [], [], []
         for r in rows:
             c = digits.target[r]
             if train and rng.random() < prior:
@@ -111,14 +115,18 @@ def digits_on_photos(prior: float = 0.5, seed: int = 0, size: int = 32) -> dict[
                 if train:  # "otherwise" means another photograph than the class's own
                     while p == class_photo[c]:
                         p = rng.integers(len(photos))
-            out.append(composite(digits.images[r], _crop(photos[p], size, rng), rng))
+            image, box = composite(digits.images[r], _crop(photos[p], size, rng), rng)
+            out.append(image)
             used.append(p)
-        return np.stack(out), np.asarray(used)
+            boxes.append(box)
+        return np.stack(out), np.asarray(used), np.stack(boxes)
 
-    train_images, train_photos = build(tr, True)
-    test_images, test_photos = build(te, False)
+    train_images, train_photos, train_boxes = build(tr, True)
+    test_images, test_photos, test_boxes = build(te, False)
     return {"train_images": train_images, "train_labels": digits.target[tr], "train_photos": train_photos,
+            "train_boxes": train_boxes,
             "test_images": test_images, "test_labels": digits.target[te], "test_photos": test_photos,
+            "test_boxes": test_boxes,
             "class_photo": class_photo, "names": tuple(f"digit_{d}" for d in range(10))}
 
 

@@ -20,11 +20,16 @@ import torch
 from torch import Tensor
 
 
+def top_k_count(cells: int, top_k_ratio: float) -> int:
+    """How many of a map's ``cells`` are foreground: ``round(top_k_ratio * cells)``, at least 1."""
+    return max(1, int(round(top_k_ratio * cells)))
+
+
 def top_k_mask(maps: Tensor, top_k_ratio: float, tie_break: Tensor) -> Tensor:
     """bool [B, g, g]: the ``round(top_k_ratio * g * g)`` highest cells of each map."""
     b, g, _ = maps.shape
     n = g * g
-    k = max(1, int(round(top_k_ratio * n)))
+    k = top_k_count(n, top_k_ratio)
     scores = maps.reshape(b, n).gather(1, tie_break)
     # A stable sort keeps tie_break's order among equal scores: that is the tie rule.
     ranked = torch.sort(scores, dim=1, descending=True, stable=True).indices[:, :k]
