@@ -173,7 +173,8 @@ class ImageIndex:
 
     def _check_folders(self, index_file: Path) -> None:
         """Every listed file exists; no class folder or image is newer than the index. One listing per
-        folder and no stat: at 1.28 M files a stat each would cost seconds on every load."""
+        folder whose mtime is not older than the index file, and no stat of a file: at 1.28 M files a
+        stat each would cost seconds on every load."""
         import pyarrow as pa
         import pyarrow.compute as pc
 
@@ -183,6 +184,8 @@ class ImageIndex:
                 if not _image_names(self.root, name):
                     raise _no_images(self.root / name)
                 raise _written_before(index_file, f"{name}/")
+        if not self._folders_changed_since(index_file):
+            return
         listings = []   # arrow arrays: the Python strings of one folder at a time are freed at once
         for name in self.classes:
             try:
@@ -208,6 +211,16 @@ class ImageIndex:
         for path in on_disk.filter(pc.invert(pc.is_in(on_disk, value_set=listed))).to_pylist():
             if (self.root / path).is_file():          # not a folder named like an image
                 raise _written_before(index_file, path)
+
+    def _folders_changed_since(self, index_file: Path) -> bool:
+        """Whether any class folder's entries may have changed after the index was written: adding,
+        removing or renaming a file sets its folder's mtime, so folders all older than the index file
+        need no listing (a stat a folder, not a listing: 1,000 stats instead of 1.28 M names)."""
+        written = index_file.stat().st_mtime_ns
+        try:
+            return any(os.stat(self.root / name).st_mtime_ns >= written for name in self.classes)
+        except OSError:   # a class folder gone: the listing names it
+            return True
 
     # --- writing and identity ----------------------------------------------------------------------
 
