@@ -233,12 +233,15 @@ def test_bench_scale_runs_small_and_writes_every_field(tmp_path, monkeypatch, ca
         assert row["memory"]["main_rss_mib"] >= row["memory"]["main_uss_mib"] > 0
     assert report["backends"]["reference"]["memory"]["workers"]                          # worker processes
     assert all(w["rss_mib"] >= w["uss_mib"] > 0 for w in report["backends"]["reference"]["memory"]["workers"])
+    # the reference loader's persistent workers are measured after each epoch: a growth (any sign) is reported
+    assert isinstance(report["backends"]["reference"]["worker_growth_mib"], float)
     train = report["train"]
     assert len(train["epoch_s"]) == 2 and len(train["rebuild_s"]) == 1                  # rebuilt after epoch 1
     assert train["rebuild_fraction_of_epoch"] == pytest.approx(train["rebuild_s"][0] / (sum(train["epoch_s"]) / 2))
     assert 0 < train["first_batch_s"] < train["wall_s"]
     table = capsys.readouterr().out
     assert "| train (cnn32) |" in table and "cache rebuild:" in table and "| ffcv |" in table
+    assert "growth from the end of epoch 1" in table
 
 
 def test_bench_scale_bounded_logs_each_phase_writes_json_as_it_goes_and_cleans_up_on_ctrl_c(tmp_path):

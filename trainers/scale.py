@@ -73,6 +73,17 @@ class MemoryPeaks:
             thread.join()
             self._sample()
 
+    @staticmethod
+    def workers_uss_now() -> dict[int, float]:
+        """pid -> private memory (USS, MiB) of each descendant now: what an epoch left behind in a worker."""
+        out = {}
+        for proc in psutil.Process().children(recursive=True):
+            try:
+                out[proc.pid] = proc.memory_full_info().uss / 2 ** 20
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                continue
+        return out
+
     def report(self) -> dict:
         mib = 2 ** 20
         return {"main_rss_mib": self.main["rss"] / mib, "main_uss_mib": self.main["uss"] / mib,
@@ -174,7 +185,7 @@ def _backend_run(make_loader, backend, index, maps, config, epochs: int, batches
             t = time.perf_counter()
             loader = make_loader(backend, index, config, maps)
             row = {"build_s": time.perf_counter() - t}
-            n, epoch_s = 0, []
+            n, epoch_s, after = 0, [], []
             for epoch in range(epochs):
                 loader.set_epoch(epoch)
                 t0 = time.perf_counter()
@@ -185,12 +196,17 @@ def _backend_run(make_loader, backend, index, maps, config, epochs: int, batches
                     if batches is not None and step + 1 >= batches:
                         break
                 epoch_s.append(time.perf_counter() - t0)
+                after.append(MemoryPeaks.workers_uss_now())
         if hasattr(loader, "close"):   # its persistent workers end now, not in the next phase's samples
             loader.close()
         del loader
     except (BackMixError, ImportError) as e:
         return {"error": str(e).splitlines()[0]}
     row.update({"epoch_s": epoch_s, "images": n, "images_per_s": n / sum(epoch_s), "memory": memory.report()})
+    # Growth of each worker's private memory from the end of epoch 1 to the end of the last epoch (the
+    # same persistent workers): a leak shows here, the one-off cost of a worker's first batches does not.
+    same = set(after[0]) & set(after[-1]) if len(after) > 1 else set()
+    row["worker_growth_mib"] = max((after[-1][pid] - after[0][pid] for pid in same), default=None)
     return row
 
 
@@ -236,6 +252,11 @@ def format_table(report: dict) -> str:
         epochs = " ".join(f"{s:.1f}" for s in r["epoch_s"]) if "epoch_s" in r else f"({r['steps']} steps)"
         lines.append(f"| {name} | {r['first_batch_s']:.2f} | {epochs} | "
                      f"{images_s} | {m['main_rss_mib']:.0f} / {m['main_uss_mib']:.0f} | {len(w)} | {worst} |")
+    growth = {name: r["worker_growth_mib"] for name, r in report["backends"].items()
+              if r.get("worker_growth_mib") is not None}
+    if growth:
+        lines += ["", "worker private memory (USS) growth from the end of epoch 1 to the end of the last, MiB "
+                  "(largest worker): " + ", ".join(f"{name} {g:+.1f}" for name, g in growth.items())]
     fraction = report.get("train", {}).get("rebuild_fraction_of_epoch")
     if fraction is not None:
         lines += ["", f"cache rebuild: {fraction:.2f} of a training epoch "
