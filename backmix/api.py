@@ -101,7 +101,7 @@ def rebuild(train_loader, model: nn.Module, *, momentum: float = 0.1, progress: 
                              std=cfg.std, momentum=momentum, label_map=train_loader.row_labels.label_map,
                              rows=train_loader.dataset_indices,   # every rank's loader lists all rows
                              num_workers=cfg.num_workers, device=next(net.parameters()).device,
-                             progress=progress)
+                             progress=progress, on_error=cfg.on_error)
     finally:
         net.train(was_training)
 

@@ -19,6 +19,7 @@ the model as the same numbers.
 from __future__ import annotations
 
 import functools
+import logging
 import sys
 from typing import Sequence
 
@@ -34,6 +35,8 @@ from backmix.models import features_and_head
 from backmix.osr_data.canvas_reads import CanvasDataset, collate_canvases, undecodable
 from backmix.osr_data.index import ImageIndex
 from backmix.osr_data.normalize import Normalize
+
+log = logging.getLogger("backmix")
 
 
 @functools.lru_cache(maxsize=16)
@@ -62,11 +65,12 @@ def class_activation_maps(features: Tensor, fc_weight: Tensor, labels: Tensor, g
 def compute_cams(model: nn.Module, index: ImageIndex, rows: np.ndarray, labels: np.ndarray, *, canvas: int,
                  grid: int, canvas_mode: str = "center", mean: Sequence[float], std: Sequence[float], batch_size: int = 128,
                  num_workers: int = 2, device: str | torch.device = "cpu", progress: bool = True,
-                 desc: str = "CAMs") -> np.ndarray:
+                 desc: str = "CAMs", on_error: str = "raise") -> np.ndarray:
     """float32 [len(rows), grid, grid]: the CAM of each row for class ``labels[i]`` of ``model``. Each
-    file is read as the loaders read it (``read_canvas``): one missing or changed since indexing raises
-    ``BackMixError``, one that does not decode ``DecodeError``. ``device``: "auto", "cpu", "cuda" or a
-    device (``choose_device``)."""
+    file is read as the loaders read it (``read_canvas``, ``undecodable``): one missing or changed since
+    indexing raises ``BackMixError``; one that does not decode raises ``DecodeError`` under on_error
+    "raise", and under "skip" is logged and its map is NaN (no CAM: the caller keeps the row's old map).
+    ``device``: "auto", "cpu", "cuda" or a device (``choose_device``)."""
     body, head = features_and_head(model)
     device = choose_device(device)
     home = next(model.parameters()).device
@@ -76,21 +80,26 @@ def compute_cams(model: nn.Module, index: ImageIndex, rows: np.ndarray, labels: 
     loader = DataLoader(CanvasDataset(index, canvas, canvas_mode), sampler=np.asarray(rows).tolist(),
                         batch_size=batch_size, num_workers=num_workers, collate_fn=collate_canvases,
                         pin_memory=device.type == "cuda")
-    out = np.empty((len(rows), grid, grid), dtype=np.float32)
+    rows = np.asarray(rows)
+    out = np.full((len(rows), grid, grid), np.nan, dtype=np.float32)
     was_training = model.training
     model.eval().to(device)
     try:
         with torch.inference_mode(), tqdm(total=len(rows), desc=desc, unit="img", leave=False,
                                           disable=not progress or not sys.stderr.isatty()) as bar:
             done = 0
-            for x, _, failed in loader:
-                undecodable(failed, "raise")   # the pass skips nothing: every row needs its map
-                x = normalise(x.to(device, non_blocking=True))
-                y = torch.as_tensor(labels[done:done + len(x)], device=device)
-                cams = class_activation_maps(body(x), head.weight, y, grid, canvas)
-                out[done:done + len(x)] = cams.cpu().numpy()
-                done += len(x)
-                bar.update(len(x))
+            for x, got, failed in loader:
+                for e in undecodable(failed, on_error):
+                    log.warning("skipped %s: it does not decode (its map keeps its previous value)", e.path)
+                n = len(got) + len(failed)
+                # the batch's positions in ``rows`` whose files decoded (the others stay NaN)
+                at = done + np.flatnonzero(np.isin(rows[done:done + n], got.numpy()))
+                if len(at):
+                    x = normalise(x.to(device, non_blocking=True))
+                    y = torch.as_tensor(labels[at], device=device)
+                    out[at] = class_activation_maps(body(x), head.weight, y, grid, canvas).cpu().numpy()
+                done += n
+                bar.update(n)
     finally:
         model.train(was_training).to(home)
     return out

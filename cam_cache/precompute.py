@@ -91,14 +91,16 @@ class GenerationWriter:
     generation n as it arrives, so only this shard's float16 maps are held.
     ``label_map`` maps dataset labels to the model's classes (-1: not a class of
     the model); ``rows`` (default: all) are the build's rows, the others keep
-    their maps.
+    their maps. ``on_error`` "skip": a row whose file does not decode in ``compute``
+    is left out of the shard, so it keeps its map of generation n (publishing copies
+    generation n's maps for every row no shard holds).
     """
 
     def __init__(self, cache_dir: str | os.PathLike, model: nn.Module, index: ImageIndex, *, canvas: int,
                  mean: Sequence[float], std: Sequence[float], momentum: float = 0.1,
                  label_map: Optional[np.ndarray] = None, rows: Optional[np.ndarray] = None,
                  shard: tuple[int, int] = (0, 1), checkpoint_digest: str = "",
-                 canvas_mode: str = "center") -> None:
+                 canvas_mode: str = "center", on_error: str = "raise") -> None:
         k, world = shard
         if not 0 <= k < world:
             raise BackMixError(f"shard {k}/{world}: need 0 <= k < N")
@@ -108,7 +110,7 @@ class GenerationWriter:
         self.cache_dir, self.model, self.index, self.shard = Path(cache_dir), model, index, shard
         self.canvas, self.mean, self.std, self.momentum = canvas, tuple(mean), tuple(std), float(momentum)
         # CAMs on the canvases the loaders mix: a cache of another canvas mode is refused.
-        self.canvas_mode = canvas_mode
+        self.canvas_mode, self.on_error = canvas_mode, on_error
         self.base = ForegroundCache(self.cache_dir, index=index, canvas_mode=canvas_mode)
         self.generation = self.base.generation + 1
         self.rows = np.arange(len(index)) if rows is None else np.asarray(rows, dtype=np.int64)
@@ -183,8 +185,10 @@ class GenerationWriter:
         cams = compute_cams(self.model, self.index, rows, self._class_of[rows], canvas=self.canvas,
                             grid=self.base.grid, canvas_mode=self.canvas_mode, mean=self.mean, std=self.std, batch_size=batch_size,
                             num_workers=num_workers, device=device, progress=progress,
-                            desc=f"CAMs gen {self.generation}" + (f" shard {k}/{world}" if world > 1 else ""))
-        self.add(rows, cams)
+                            desc=f"CAMs gen {self.generation}" + (f" shard {k}/{world}" if world > 1 else ""),
+                            on_error=self.on_error)
+        decoded = ~np.isnan(cams).any(axis=(1, 2))     # NaN: skipped, it keeps generation n's map
+        self.add(np.asarray(rows)[decoded], cams[decoded])
 
     def take_pending(self) -> None:
         """Check the pending build folder; a writer fed no rows takes over its own shard file of the same

@@ -83,16 +83,18 @@ def stage_generation(cache_dir: str | os.PathLike, model: nn.Module, index: Imag
                      canvas_mode: str = "center", label_map: Optional[np.ndarray] = None,
                      rows: Optional[np.ndarray] = None, writer: Optional[GenerationWriter] = None,
                      batch_size: int = 128, num_workers: int = 2, device: str | torch.device = "auto",
-                     checkpoint_digest: str = "", progress: bool = True) -> int:
+                     checkpoint_digest: str = "", progress: bool = True, on_error: str = "raise") -> int:
     """Every rank's shard of generation n+1 on disk (see the module doc); returns n+1. With ``writer``
-    (the in-loop CAMs) its own settings are the build's and the keyword arguments for one are unused."""
+    (the in-loop CAMs) its own settings are the build's and the keyword arguments for one are unused.
+    ``on_error`` "skip": a row whose file does not decode keeps its map (``GenerationWriter``)."""
     rank, world = rank_and_world()
     held = np.empty(0, np.int64)
     with on_every_rank(cache_dir):
         if writer is None:
             writer = GenerationWriter(cache_dir, model, index, canvas=canvas, mean=mean, std=std,
                                       momentum=momentum, label_map=label_map, rows=rows, shard=(rank, world),
-                                      checkpoint_digest=checkpoint_digest, canvas_mode=canvas_mode)
+                                      checkpoint_digest=checkpoint_digest, canvas_mode=canvas_mode,
+                                      on_error=on_error)
         elif writer.shard != (rank, world):
             raise BackMixError(f"the writer is shard {writer.shard}, this process is rank {rank} of {world}")
         writer.take_pending()

@@ -35,7 +35,8 @@ class InLoopRebuild:
 
     enabled False: a no-op (a loop can write ``with rebuilding(..., enabled=epoch + 1 < epochs)``).
     checkpoint_digest names the weights in the shard files (a resume reuses only shards of the same
-    build); default: the loader's epoch. The rows are the loader's (every rank lists all of them).
+    build); default: the loader's epoch. The rows are the loader's (every rank lists all of them). The
+loader's ``on_error`` is the pass's: under "skip" a row it skipped keeps its map.
     """
 
     def __init__(self, loader, model: nn.Module, *, momentum: float = 0.1, enabled: bool = True,
@@ -67,7 +68,7 @@ class InLoopRebuild:
                                        mean=cfg.mean, std=cfg.std, momentum=self.momentum,
                                        label_map=self.loader.row_labels.label_map, rows=self.loader.dataset_indices,
                                        shard=rank_and_world(), checkpoint_digest=digest,
-                                       canvas_mode=cfg.canvas_mode)
+                                       canvas_mode=cfg.canvas_mode, on_error=cfg.on_error)
         self.loader.recorder = self
         return self
 

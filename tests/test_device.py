@@ -30,6 +30,22 @@ def test_without_cuda_auto_is_the_cpu_and_cuda_is_one_error():
         assert str(err.value) == NO_CUDA
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU-only answers")
+def test_the_trainer_chooses_with_the_same_function(monkeypatch):
+    from backmix.trainers import distributed
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    assert distributed.init_distributed("auto") == distributed.init_distributed("cpu") == (torch.device("cpu"), 0, 1)
+    with pytest.raises(BackMixError) as err:
+        distributed.init_distributed("cuda")
+    assert str(err.value) == NO_CUDA
+    asked = []
+    monkeypatch.setattr(distributed, "choose_device", lambda r, cuda_index: asked.append((r, cuda_index)) or
+                        torch.device("cpu"))
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    distributed.init_distributed("auto")
+    assert asked == [("auto", 3)]
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_with_cuda_auto_is_the_current_device_or_the_local_rank():
     assert choose_device("auto") == choose_device("cuda") == torch.device("cuda", torch.cuda.current_device())

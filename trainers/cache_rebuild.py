@@ -45,7 +45,8 @@ def stage_pass(cfg: TrainConfig, model: nn.Module, data: OpenSetData, device: to
                             canvas_mode=cfg.canvas_mode, mean=IMAGENET_MEAN, std=IMAGENET_STD,
                             momentum=cfg.momentum, label_map=data.label_map, rows=data.known_rows,
                             batch_size=max(cfg.batch_size, 128), num_workers=cfg.workers, device=device,
-                            checkpoint_digest=rebuild_tag(cfg, epoch), progress=show_progress(cfg, rank))
+                            checkpoint_digest=rebuild_tag(cfg, epoch), progress=show_progress(cfg, rank),
+                            on_error=cfg.on_error)
 
 
 def loop_recorder(cfg: TrainConfig, model: nn.Module, loader, epoch: int, rank: int):

@@ -13,7 +13,7 @@ import torch.distributed as dist
 from torch import nn
 
 from backmix.cam_cache.rebuild import exchange
-from backmix.osr_data.errors import BackMixError
+from backmix.device import choose_device
 
 
 def init_distributed(request: str) -> tuple[torch.device, int, int]:
@@ -21,12 +21,10 @@ def init_distributed(request: str) -> tuple[torch.device, int, int]:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local = int(os.environ.get("LOCAL_RANK", "0"))
-    if request == "cuda" and not torch.cuda.is_available():
-        raise BackMixError("--device cuda was asked for, but CUDA is not available on this machine")
-    cuda = request == "cuda" or (request == "auto" and torch.cuda.is_available())
+    device = choose_device(request, cuda_index=local)   # the one device choice of every stage
+    cuda = device.type == "cuda"
     if cuda:
-        torch.cuda.set_device(local)
-    device = torch.device("cuda", local) if cuda else torch.device("cpu")
+        torch.cuda.set_device(device)
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if cuda else "gloo")
     return device, rank, world
