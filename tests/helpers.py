@@ -50,3 +50,23 @@ def assert_same_stream(got, want) -> None:
     for g, w in zip(got, want):
         for name, x, y in zip(FIELDS, g, w):
             assert (x is None and y is None) or torch.equal(x, y), name
+
+
+def state_after(loader, epoch: int, cut: int) -> dict:
+    """The state of ``loader`` after it yielded ``cut`` batches of ``epoch`` (what a checkpoint saves)."""
+    loader.set_epoch(epoch)
+    it = iter(loader)
+    for _ in range(cut):
+        next(it)
+    return loader.state_dict()
+
+
+def random_image_root(root, classes, train_per_class: int, test_per_class: int, seed: int = 0):
+    """root/train and root/test of random 32x32 RGB images, ``*_per_class`` a class of ``classes``."""
+    from backmix.osr_data.prepare import write_split
+
+    rng = np.random.default_rng(seed)
+    for split, per_class in (("train", train_per_class), ("test", test_per_class)):
+        labels = np.repeat(np.arange(len(classes)), per_class)
+        write_split(root / split, rng.integers(0, 256, (len(labels), 32, 32, 3), dtype=np.uint8), labels, classes)
+    return root

@@ -12,8 +12,9 @@ import torch
 from backmix.cli import main as cli_main
 from backmix.models import build_model, load_model, save_checkpoint, save_safetensors
 from backmix.osr_data.errors import BackMixError
-from backmix.osr_data.prepare import write_split
 from backmix.trainers.config import TrainConfig
+
+from helpers import random_image_root
 
 CLASSES = ("ant", "bee", "cat", "dog")
 
@@ -30,12 +31,7 @@ class Payload:
 
 @pytest.fixture(scope="module")
 def root(tmp_path_factory) -> Path:
-    rng = np.random.default_rng(0)
-    root = tmp_path_factory.mktemp("ckpt-data")
-    for split, per_class in (("train", 6), ("test", 3)):
-        labels = np.repeat(np.arange(4), per_class)
-        write_split(root / split, rng.integers(0, 256, (len(labels), 32, 32, 3), dtype=np.uint8), labels, CLASSES)
-    return root
+    return random_image_root(tmp_path_factory.mktemp("ckpt-data"), CLASSES, 6, 3)
 
 
 def write_payload(path: Path, marker: Path) -> Path:

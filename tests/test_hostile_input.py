@@ -19,8 +19,9 @@ import backmix
 from backmix.cli import main as cli_main
 from backmix.osr_data.errors import BackMixError
 from backmix.osr_data.index import ImageIndex, atomic_write_bytes
-from backmix.osr_data.prepare import write_split
 from backmix.trainers.config import TrainConfig
+
+from helpers import random_image_root
 
 REPO = Path(__file__).resolve().parents[1]
 CLASSES = ("ant", "bee", "cat", "dog")
@@ -29,12 +30,7 @@ CLASSES = ("ant", "bee", "cat", "dog")
 @pytest.fixture(scope="module")
 def root(tmp_path_factory) -> Path:
     """root/train (6 a class) and root/test (3 a class), 4 classes of random 32x32 images."""
-    rng = np.random.default_rng(0)
-    root = tmp_path_factory.mktemp("hostile")
-    for split, per_class in (("train", 6), ("test", 3)):
-        labels = np.repeat(np.arange(4), per_class)
-        write_split(root / split, rng.integers(0, 256, (len(labels), 32, 32, 3), dtype=np.uint8), labels, CLASSES)
-    return root
+    return random_image_root(tmp_path_factory.mktemp("hostile"), CLASSES, 6, 3)
 
 
 def one_line(capsys, *parts: str) -> str:

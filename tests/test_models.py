@@ -16,8 +16,9 @@ from backmix.cli import main as cli_main
 from backmix.models import build_model, check_arch, features_and_head, load_model, save_checkpoint
 from backmix.osr_data import BackMixError, ImageIndex
 from backmix.osr_data.decode import decode_canvas
-from backmix.osr_data.prepare import write_split
 from backmix.trainers.config import TrainConfig
+
+from helpers import random_image_root
 
 MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
 
@@ -30,13 +31,7 @@ def index(digits_root) -> ImageIndex:
 @pytest.fixture(scope="module")
 def three_class_root(tmp_path_factory) -> Path:
     """root/train (6 a class) and root/test (3 a class): 32x32 random RGB images of classes a, b, c."""
-    rng = np.random.default_rng(0)
-    root = tmp_path_factory.mktemp("three")
-    for split, per_class in (("train", 6), ("test", 3)):
-        labels = np.repeat(np.arange(3), per_class)
-        write_split(root / split, rng.integers(0, 256, (len(labels), 32, 32, 3), dtype=np.uint8), labels,
-                    ("a", "b", "c"))
-    return root
+    return random_image_root(tmp_path_factory.mktemp("three"), ("a", "b", "c"), 6, 3)
 
 
 # --- CAMs of each family --------------------------------------------------------------------------

@@ -12,7 +12,7 @@ import torch
 from backmix.osr_data import BackMixError, DecodeError, ImageIndex
 from backmix.pipeline import LoaderConfig, make_loader
 
-from helpers import PilSource, assert_same_stream, epochs_of, maps_for
+from helpers import PilSource, assert_same_stream, epochs_of, maps_for, state_after
 
 
 def config(**kw) -> LoaderConfig:
@@ -35,12 +35,9 @@ def test_its_stream_is_the_reference_loaders(tiny_root, kw):
 def test_a_restored_loader_continues_where_it_stopped(tiny_root):
     index = ImageIndex.load(tiny_root)
     want = epochs_of(make_loader("pil", index, config(), maps_for(index)), epochs=(1,))
-    first = make_loader("pil", index, config(), maps_for(index))
-    first.set_epoch(1)
-    it = iter(first)
-    next(it), next(it)
+    state = state_after(make_loader("pil", index, config(), maps_for(index)), 1, 2)
     second = make_loader("pil", index, config(), maps_for(index))
-    second.load_state_dict(first.state_dict())
+    second.load_state_dict(state)
     second.set_epoch(1)
     assert_same_stream([tuple(b) for b in second], want[2:])
 

@@ -20,7 +20,6 @@ from backmix.cli import build_parser
 from backmix.cli import main as cli_main
 from backmix.models import build_model, read_checkpoint
 from backmix.osr_data.errors import BackMixError
-from backmix.osr_data.prepare import write_split
 from backmix.pipeline.augment import AutoAugment
 from backmix.pipeline.batch import BackMixBatch
 from backmix.trainers.cli import config_from_args
@@ -29,18 +28,15 @@ from backmix.trainers.recipe import Recipe, load_pretrained, sync_batchnorm
 from backmix.trainers.eval_checkpoint import evaluate_checkpoint
 from backmix.trainers.precision import Precision
 
+from helpers import random_image_root
+
 CLASSES = ("ant", "bee", "cat", "dog")
 
 
 @pytest.fixture(scope="module")
 def small_root(tmp_path_factory) -> Path:
     """root/train (12 a class) and root/test (6 a class) of random 32x32 RGB images, 4 classes."""
-    rng = np.random.default_rng(0)
-    root = tmp_path_factory.mktemp("small")
-    for split, per_class in (("train", 12), ("test", 6)):
-        labels = np.repeat(np.arange(4), per_class)
-        write_split(root / split, rng.integers(0, 256, (len(labels), 32, 32, 3), dtype=np.uint8), labels, CLASSES)
-    return root
+    return random_image_root(tmp_path_factory.mktemp("small"), CLASSES, 12, 6)
 
 
 def train_args(root: Path, out: Path, *extra: str) -> list[str]:

@@ -11,7 +11,7 @@ from backmix.cam_cache import ArrayMaps
 from backmix.osr_data import BackMixError, ImageIndex
 from backmix.pipeline import LoaderConfig, make_loader
 
-import helpers  # noqa: F401  (registers the "pil" backend)
+from helpers import state_after  # (helpers also registers the "pil" backend)
 
 BACKENDS = ("reference", "torchvision", "dali", "ffcv", "pil")   # pil: the backend a test adds (helpers.py)
 
@@ -48,14 +48,8 @@ def test_a_restored_loader_continues_with_the_batch_it_would_have_made(tiny_root
     want = list(whole)
     assert len(want) == len(whole) == 5 and whole.state_dict() == {"epoch": 1, "step": 5, "skipped": 0}
 
-    first = make_loader(backend, index, cfg, maps_for(index))
-    first.set_epoch(1)
-    it = iter(first)
-    for _ in range(cut):
-        next(it)
-    state = first.state_dict()
+    state = state_after(make_loader(backend, index, cfg, maps_for(index)), 1, cut)
     assert state == {"epoch": 1, "step": cut, "skipped": 0}
-    del it, first
 
     second = make_loader(backend, index, cfg, maps_for(index))
     second.load_state_dict(state)

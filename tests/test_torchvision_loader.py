@@ -24,6 +24,8 @@ from backmix.pipeline import LoaderConfig, make_loader
 
 import backmix.pipeline.device_decode as device_decode
 
+from helpers import state_after
+
 
 @pytest.fixture(scope="module")
 def photo_root(tmp_path_factory):
@@ -88,12 +90,7 @@ def test_on_the_bundled_digits_through_the_public_api(digits_root):
 def test_a_restored_loader_continues_with_the_batch_it_would_have_made(photo_root, cut):
     index = ImageIndex.load(photo_root)
     want, _ = stream("torchvision", index, config(), epochs=(1,))
-    first = make_loader("torchvision", index, config(), maps_for(index))
-    first.set_epoch(1)
-    it = iter(first)
-    for _ in range(cut):
-        next(it)
-    state = first.state_dict()
+    state = state_after(make_loader("torchvision", index, config(), maps_for(index)), 1, cut)
     assert state == {"epoch": 1, "step": cut, "skipped": 0}
     second = make_loader("torchvision", index, config(), maps_for(index))
     second.load_state_dict(state)
