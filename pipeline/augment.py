@@ -21,7 +21,7 @@ from .backmix import box_size, mix_backgrounds, top_k_mask
 
 def crop_flip(images: Tensor, offsets: Tensor, flips: Tensor, size: int, per_image: Optional[bool] = None) -> Tensor:
     """[B, C, H, W] -> [B, C, size, size]: crop at per-image offsets, mirror where ``flips``.
-    On the CPU a copy of each image's slice (30x faster there than the batched gather); on a GPU one
+    On the CPU a copy of each image's slice (much faster there than the batched gather); on a GPU one
     gather for the batch (``per_image`` forces either way; the tests hold the two equal)."""
     b, c, h, w = images.shape
     if images.device.type == "cpu" if per_image is None else per_image:
@@ -71,7 +71,7 @@ def resized_crop_flip(images: Tensor, corners: Tensor, sizes: Tensor, flips: Ten
     Separable, in float32: the two source rows of each output row are blended,
     r = a + wy (b - a), then the two source columns of each output column, out = r0 + wx (r1 - r0).
     On a GPU the whole batch is one gather per step; on the CPU each image is four ``index_select``s
-    of whole rows and columns of its box (5x faster there than the batched gather, whose index tensor
+    of whole rows and columns of its box (faster there than the batched gather, whose index tensor
     is as large as its output), with the same arithmetic in the same order: the two agree bit for bit
     (``per_image`` forces either way)."""
     b, c, h, w = images.shape
