@@ -12,6 +12,9 @@ objects: one UTF-8 buffer of all paths with int64 offsets, and int64 labels,
 sizes and times. It loads with pyarrow's CSV reader without building a string
 per row, and forked DataLoader workers read it without writing to its pages
 (no per-object reference counts), so the pages stay shared.
+Beside it, ``index.arrow`` holds the same columns in binary form: made from
+exactly the bytes of index.csv, it is memory-mapped in milliseconds on later
+loads (``index_sidecar``); index.csv remains the file that is read and edited.
 
 Size and mtime make the fingerprint tell apart two data sets with the same file
 names (as ``make`` does, no content hashing); ``checked_path`` compares them to
@@ -36,6 +39,7 @@ from backmix._fs import atomic_write_bytes
 
 from .errors import BackMixError
 from .index_paths import IndexPaths
+from .index_sidecar import csv_sha256, read_sidecar, write_sidecar
 from .untrusted_paths import check_rows_inside, stat_entry
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
@@ -115,8 +119,10 @@ class ImageIndex:
     def load(cls, root: str | os.PathLike) -> "ImageIndex":
         """Read ``root/index.csv``; scan the folder (and write the index) when there is none.
 
-        Loading checks, with one directory listing per class (no stat), that every listed file
-        exists and that no class folder or image appeared after the index was written."""
+        The rows come from the binary copy beside it (``index_sidecar``) when that was made from
+        these very bytes and is intact; else from the CSV, and the copy is written again. Loading
+        then checks, with one directory listing per class (no stat), that every listed file exists
+        and that no class folder or image appeared after the index was written."""
         root = Path(root)
         _check_is_split_folder(root)
         index_file = root / INDEX_NAME
@@ -125,24 +131,34 @@ class ImageIndex:
             with contextlib.suppress(OSError):   # a read-only data set is fine: the scan is deterministic
                 index.write()
             return index
-        index = cls._read(root, index_file)
+        index = read_sidecar(root, csv_sha256(index_file), cls)
+        if index is None:
+            text = index_file.read_bytes()       # parsed and hashed once: the copy is of exactly these
+            index, current = cls._read(root, index_file, text)
+            with contextlib.suppress(OSError):   # a read-only data set reads its CSV every time
+                if current:
+                    write_sidecar(index, hashlib.sha256(text).hexdigest())
+                else:                            # an old index file, rewritten once with sizes and mtimes
+                    index.write()
+            import pyarrow as pa
+            pa.default_memory_pool().release_unused()    # the parser's and the check's buffers, not the index's
         index._check_folders(index_file)
-        import pyarrow as pa
-        pa.default_memory_pool().release_unused()    # the parser's and the check's buffers, not the index's
         return index
 
     @classmethod
-    def _read(cls, root: Path, index_file: Path) -> "ImageIndex":
+    def _read(cls, root: Path, index_file: Path, text: bytes) -> tuple["ImageIndex", bool]:
+        """(the index in ``text``, the bytes of ``index_file``; whether they are of the current format: an
+        old file's rows are stat'ed for their sizes and mtimes, and it is for the caller to rewrite)."""
         import pyarrow as pa
         from pyarrow import csv as pacsv
 
-        with open(index_file, newline="", errors="replace") as f:   # not UTF-8: not an index file
-            header = next(csv.reader([f.readline()]), [])
+        first = io.TextIOWrapper(io.BytesIO(text), newline="", errors="replace").readline()   # not UTF-8: no index
+        header = next(csv.reader([first]), [])
         if tuple(header) not in (COLUMNS, OLD_COLUMNS):
             raise BackMixError(f"{index_file} is not an index file (expected header '{','.join(COLUMNS)}')")
         types = {"path": pa.large_string(), "label": pa.int64(), "size": pa.int64(), "mtime_ns": pa.int64()}
         try:
-            table = pacsv.read_csv(index_file, convert_options=pacsv.ConvertOptions(
+            table = pacsv.read_csv(pa.BufferReader(text), convert_options=pacsv.ConvertOptions(
                 column_types={c: types[c] for c in header}, include_columns=header))
         except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
             raise BackMixError(f"{index_file} has a malformed row: {str(e).splitlines()[0]}") from None
@@ -154,14 +170,12 @@ class ImageIndex:
         path_array = columns["path"]
         paths = IndexPaths.from_arrow(path_array)
         labels = columns["label"].to_numpy()
-        classes = _classes_of_rows(path_array, labels, index_file)
+        classes = _classes_of_rows(path_array, paths, labels, index_file)
         if tuple(header) == OLD_COLUMNS:
             index = cls(root, paths, labels, classes, np.zeros(len(labels), np.int64), np.zeros(len(labels), np.int64))
             index._stat_all(index_file)
-            with contextlib.suppress(OSError):
-                index.write()
-            return index
-        return cls(root, paths, labels, classes, columns["size"].to_numpy(), columns["mtime_ns"].to_numpy())
+            return index, False
+        return cls(root, paths, labels, classes, columns["size"].to_numpy(), columns["mtime_ns"].to_numpy()), True
 
     def _stat_all(self, index_file: Path) -> None:
         for i in range(len(self)):
@@ -233,8 +247,13 @@ class ImageIndex:
         return buf.getvalue().encode()
 
     def write(self) -> Path:
+        """index.csv, then its binary copy (index_sidecar), which a full disk or a read-only folder only
+        leaves out: the next load reads the CSV."""
         path = self.root / INDEX_NAME
-        atomic_write_bytes(path, self.to_csv_bytes())
+        text = self.to_csv_bytes()
+        atomic_write_bytes(path, text)
+        with contextlib.suppress(OSError):
+            write_sidecar(self, hashlib.sha256(text).hexdigest())
         return path
 
     def fingerprint(self) -> str:
@@ -292,12 +311,13 @@ def _no_images(folder: Path) -> BackMixError:
                         "add some or remove the folder")
 
 
-def _classes_of_rows(paths, labels: np.ndarray, index_file: Path) -> tuple[str, ...]:
-    """The class folder names, checking every row's label is its folder's position in sorted order."""
+def _classes_of_rows(paths, columns: IndexPaths, labels: np.ndarray, index_file: Path) -> tuple[str, ...]:
+    """The class folder names, checking every row's label is its folder's position in sorted order
+    (``paths``: the pyarrow strings, ``columns`` the same rows as ``IndexPaths``)."""
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    check_rows_inside(paths, index_file)
+    check_rows_inside(columns, index_file)
     no_folder = pc.invert(pc.match_substring(paths, "/"))
     if pc.any(no_folder).as_py():
         row = int(np.flatnonzero(no_folder.to_numpy(zero_copy_only=False))[0])

@@ -415,7 +415,7 @@ def test_the_loader_never_writes_a_beton_and_says_the_command(tiny_root, tmp_pat
     # The command it names writes where the loader looks: beside the image folder, never inside it ...
     assert backmix_main(["data", "write-beton", "--data", str(folder), "--canvas", "32", "--no-progress"]) == 0
     assert make_loader("ffcv", tiny, LoaderConfig(canvas=32, crop=24)).source.beton.parent == tmp_path / ".backmix-betons"
-    assert sorted(p.name for p in folder.iterdir()) == ["cat", "dog", "fox", "index.csv"]
+    assert sorted(p.name for p in folder.iterdir()) == ["cat", "dog", "fox", "index.arrow", "index.csv"]
     import torchvision
     assert torchvision.datasets.ImageFolder(str(folder)).classes == list(tiny.classes)   # stock ImageFolder loads it
 
