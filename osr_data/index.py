@@ -189,9 +189,6 @@ class ImageIndex:
         """Every listed file exists; no class folder or image is newer than the index. One listing per
         folder whose mtime is not older than the index file, and no stat of a file: at 1.28 M files a
         stat each would cost seconds on every load."""
-        import pyarrow as pa
-        import pyarrow.compute as pc
-
         known = set(self.classes)
         for name in _class_folders(self.root):
             if name not in known:
@@ -200,6 +197,9 @@ class ImageIndex:
                 raise _written_before(index_file, f"{name}/")
         if not self._folders_changed_since(index_file):
             return
+        import pyarrow as pa          # only now: importing pyarrow.compute is a noticeable part of a start
+        import pyarrow.compute as pc
+
         listings = []   # arrow arrays: the Python strings of one folder at a time are freed at once
         for name in self.classes:
             try:
