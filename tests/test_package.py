@@ -1,6 +1,7 @@
 """The distribution: one top-level package, light imports, optional backends that say how to install them."""
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import zipfile
@@ -73,3 +74,20 @@ def test_train_and_its_commands_import_no_sklearn_skimage_matplotlib_or_timm_bef
             f"print(sorted(m for m in {heavy!r} if m in sys.modules), file=sys.stderr)")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
     assert r.stderr.strip().splitlines()[-1] == "[]" and "usage: backmix" in r.stdout
+
+
+@pytest.mark.parametrize("chosen", [None, "ACTIVE"])
+def test_the_command_makes_openmp_threads_wait_passively_before_torch_loads_unless_the_user_chose(tmp_path, chosen):
+    # What torch's OpenMP runtime reads when it loads: the environment at the moment torch is imported.
+    code = ("import os, sys\n"
+            "class Watch:\n"
+            "    def find_spec(self, name, path=None, target=None):\n"
+            "        if name == 'torch': print('torch loads with', os.environ.get('OMP_WAIT_POLICY'), file=sys.stderr)\n"
+            "sys.meta_path.insert(0, Watch())\n"
+            "from backmix.cli import main\ntry: main(['train', '--help'])\nexcept SystemExit: pass\n")
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    if chosen:
+        env["OMP_WAIT_POLICY"] = chosen
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, env=env)
+    assert "usage: backmix train" in r.stdout
+    assert r.stderr.splitlines()[0] == f"torch loads with {chosen or 'PASSIVE'}"
