@@ -224,6 +224,8 @@ def test_bench_scale_runs_small_and_writes_every_field(tmp_path, monkeypatch, ca
             "index_load_s", "cache_init_s", "cache_open_s", "beton_write_s", "backends", "train"} <= set(report)
     assert report["images"] == 1000 and report["command"].startswith("backmix bench scale")
     root = Path(report["data"])
+    assert report["index_mib"] == {name: (root / "train" / name).stat().st_size / 2 ** 20
+                                   for name in ("index.csv", "index.arrow")}
     assert len(list((root / "train").glob("*/*.jpg"))) == 1000 and len(list((root / "train").iterdir())) >= 20
     assert (root / "train" / "n00000019" / "000049.jpg").stat().st_nlink > 1          # a hard link
     assert set(report["backends"]) == {"reference", "dali", "ffcv"}

@@ -3,8 +3,8 @@
 On a folder of ``--classes`` x ``--per-class`` JPEGs (default 1000 x 1281, ImageNet's
 shape; hard links to the bench photographs, built once under ~/.cache/backmix), it
 times, with the stages' public functions only: indexing the folder (the first
-``ImageIndex.load``, which scans it and writes index.csv, then a second one that reads
-it), starting the foreground cache and opening it (``start_cache``: generation 0 has no file,
+``ImageIndex.load``, which scans it and writes index.csv and its binary copy index.arrow, then a
+second one that reads the copy; both files' sizes are reported), starting the foreground cache and opening it (``start_cache``: generation 0 has no file,
 ``ForegroundCache`` and a first gather), and the seconds to the first batch of each
 backend (``make_loader`` and one batch). It then runs each backend for ``--epochs``
 epochs of at most ``--batches`` batches (0: whole epochs) and samples the resident set (RSS) and private
@@ -104,6 +104,7 @@ def run_scale(classes: int, per_class: int, *, backends: list[str], epochs: int 
     from backmix.cam_cache import ForegroundCache, start_cache
     from backmix.osr_data.benchdata import default_scale_folder, make_scale_folder
     from backmix.osr_data.index import INDEX_NAME, ImageIndex
+    from backmix.osr_data.index_sidecar import SIDECAR_NAME
     from backmix.pipeline.bench import machine
     from backmix.pipeline.config import LoaderConfig
     from backmix.pipeline.loaders import BACKENDS, make_loader
@@ -135,6 +136,8 @@ def run_scale(classes: int, per_class: int, *, backends: list[str], epochs: int 
         (root / split / INDEX_NAME).unlink(missing_ok=True)
     index, report["index_s"] = _timed(ImageIndex.load, root / "train")
     _, report["index_load_s"] = _timed(ImageIndex.load, root / "train")
+    report["index_mib"] = {name: (root / "train" / name).stat().st_size / 2 ** 20 for name in (INDEX_NAME, SIDECAR_NAME)
+                           if (root / "train" / name).exists()}
     ImageIndex.load(root / "test")
     done(report)
     # Removed on the way out, a Ctrl-C (KeyboardInterrupt) included.
@@ -231,11 +234,14 @@ def format_table(report: dict) -> str:
     lines = [f"{report['images']} images ({report['classes']} classes x {report['per_class']}), {report['machine']}",
              "", "| step | seconds |", "|---|---|"]
     for key, name in (("folder_build_s", "build the folder (hard links; once)"),
-                      ("index_s", "index (scan + write index.csv)"), ("index_load_s", "index (read index.csv)"),
+                      ("index_s", "index (scan + write index.csv and index.arrow)"),
+                      ("index_load_s", "index (read: index.arrow, checked against index.csv)"),
                       ("cache_init_s", "start the cache (generation 0: no file)"), ("cache_open_s", "open the cache + first gather"),
                       ("beton_write_s", "write the FFCV beton")):
         if key in report:
             lines.append(f"| {name} | {report[key]:.2f} |")
+    if report.get("index_mib"):
+        lines += ["", "index on disk: " + ", ".join(f"{name} {mib:.1f} MiB" for name, mib in report["index_mib"].items())]
     lines += ["", "| loader | first batch s | epoch s | images/s | main RSS / USS MiB | workers | "
                   "worker RSS / USS MiB (max) |", "|---|---|---|---|---|---|---|"]
     rows = dict(report["backends"])
