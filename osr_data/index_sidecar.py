@@ -35,6 +35,7 @@ log = logging.getLogger("backmix")
 SIDECAR_NAME = "index.arrow"
 FORMAT = "backmix-index/1"     # changed when what the file holds changes: an older copy is rebuilt
 META_KEY = b"backmix"
+COMPRESSION = "zstd"           # the file's buffers; Arrow's reader decompresses whatever a file says
 COLUMNS = ("path", "label", "size", "mtime_ns")
 
 
@@ -57,7 +58,7 @@ def write_sidecar(index, csv_digest: str) -> None:
     table = pa.table([index.paths.to_arrow(), pa.array(index.labels), pa.array(index.sizes),
                       pa.array(index.mtimes)], names=list(COLUMNS)).replace_schema_metadata(
         {META_KEY: json.dumps(meta).encode()})
-    options = pa.ipc.IpcWriteOptions(compression="zstd" if pa.Codec.is_available("zstd") else None)
+    options = pa.ipc.IpcWriteOptions(compression=COMPRESSION if pa.Codec.is_available(COMPRESSION) else None)
     with atomic_file(index.root / SIDECAR_NAME) as tmp:
         with pa.OSFile(str(tmp), "wb") as f, pa.ipc.new_file(f, table.schema, options=options) as writer:
             writer.write_table(table)
