@@ -31,9 +31,13 @@ def split_validation(labels: np.ndarray, rows: np.ndarray, fraction: float,
     if fraction == 0 or rows.size == 0:
         return rows, np.empty(0, dtype=np.int64)
     row_labels = np.asarray(labels)[rows]
+    # The rows grouped by class, each group ascending (a stable sort of sorted rows): one sort, not a
+    # pass over every row for each class (rows x classes: a noticeable part of a start at ImageNet size).
+    order = np.argsort(row_labels, kind="stable")
+    grouped = rows[order]
+    classes, starts = np.unique(row_labels[order], return_index=True)
     held = []
-    for label in np.unique(row_labels):
-        mine = rows[row_labels == label]
+    for label, mine in zip(classes, np.split(grouped, starts[1:])):
         rng = np.random.default_rng([int(seed), int(label)])
         held.append(mine[rng.permutation(mine.size)[:validation_count(mine.size, fraction)]])
     val = np.sort(np.concatenate(held))

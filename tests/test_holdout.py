@@ -54,3 +54,20 @@ def test_validation_count_keeps_a_training_image_and_refuses_bad_fractions():
     assert rows.tolist() == [0, 1, 2, 3] and val.size == 0
     with pytest.raises(BackMixError, match=r"--val-fraction must lie in \[0, 1\), got 1.0"):
         split_validation(np.array([0, 0]), np.arange(2), 1.0, 0)
+
+
+def test_each_class_s_rows_are_drawn_from_in_ascending_order_whatever_the_label_order():
+    # The rule the validation rows follow, written out per class: the class's rows ascending, permuted by
+    # the generator of (seed, label), the first validation_count of them held out.
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 7, 500)                   # unsorted, as a hand-written index may have them
+    rows = rng.choice(500, 300, replace=False)          # any subset, in any order
+    for seed in (0, 3):
+        held = []
+        for label in np.unique(labels[rows]):
+            mine = np.sort(rows)[labels[np.sort(rows)] == label]
+            perm = np.random.default_rng([seed, int(label)]).permutation(mine.size)
+            held.append(mine[perm[:validation_count(mine.size, 0.25)]])
+        train, val = split_validation(labels, rows, 0.25, seed)
+        assert val.tolist() == np.sort(np.concatenate(held)).tolist()
+        assert train.tolist() == sorted(set(rows.tolist()) - set(val.tolist()))
