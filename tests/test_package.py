@@ -1,9 +1,11 @@
 """The distribution: one top-level package, light imports, optional backends that say how to install them."""
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
+import textwrap
 import zipfile
 from pathlib import Path
 
@@ -91,3 +93,32 @@ def test_the_command_makes_openmp_threads_wait_passively_before_torch_loads_unle
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, env=env)
     assert "usage: backmix train" in r.stdout
     assert r.stderr.splitlines()[0] == f"torch loads with {chosen or 'PASSIVE'}"
+
+
+def test_the_command_imports_without_collecting_then_freezes_what_they_made_until_it_ends(tmp_path):
+    # While the command runs, the objects its imports made are frozen (collections skip them, forked
+    # workers do not write to them); once main returns, or exits on --help, they are collectable again.
+    code = textwrap.dedent("""
+        import gc, json
+        import backmix.cli as cli
+        seen = {}
+        parse, run = cli.build_parser, cli.run_command
+        def build_parser(argv=None):
+            seen["importing"] = gc.isenabled()
+            return parse(argv)
+        def run_command(args):
+            seen["running"] = [gc.isenabled(), gc.get_freeze_count()]
+            return run(args)
+        cli.build_parser, cli.run_command = build_parser, run_command
+        assert cli.main(["cache", "info", "--cache", "x"]) == 2      # no cache there: one line, exit 2
+        seen["after"] = [gc.isenabled(), gc.get_freeze_count()]
+        try:
+            cli.main(["train", "--help"])
+        except SystemExit:
+            seen["after help"] = [gc.isenabled(), gc.get_freeze_count()]
+        print(json.dumps(seen))
+    """)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
+    seen = json.loads(r.stdout.strip().splitlines()[-1])
+    assert seen["importing"] is False and seen["running"][0] is True and seen["running"][1] > 10_000
+    assert seen["after"] == [True, 0] and seen["after help"] == [True, 0]
