@@ -181,6 +181,9 @@ class DaliSource(Source):
         cfg = self.loader.config
         s, c = cfg.canvas, cfg.crop
         bh, bw = self.loader.sampler.box_hw
+        # The canvas leaves the pipeline only when batches carry it: its transpose and copy out cost
+        # about a tenth of a batch. An iteration that wants otherwise builds a new pipeline (``batches``).
+        self._with_canvas = with_canvas = self.loader.wants_canvas
         gpu, resizes = self.gpu, cfg.resizes
         mean = [255.0 * m for m in cfg.mean]
         std = [255.0 * v for v in cfg.std]
@@ -216,7 +219,7 @@ class DaliSource(Source):
                                                 mirror=flips, mean=mean, std=std, dtype=types.FLOAT,
                                                 output_layout="CHW")
 
-            outs = [fn.transpose(canvas, perm=[2, 0, 1])] + ([crop_norm(canvas)] if cfg.clean else [])
+            outs = ([fn.transpose(canvas, perm=[2, 0, 1])] if with_canvas else []) + ([crop_norm(canvas)] if cfg.clean else [])
             if cfg.backmix:
                 masks, partners, lend_at, out_anchors = inputs[4:]
                 if gpu:
@@ -246,8 +249,9 @@ class DaliSource(Source):
     # ----------------------------------------------------------------- iteration
 
     def batches(self, plan: Plan) -> Iterator[SourceBatch]:
-        if not self._clean:
-            # An iteration left part-way: DALI has pulled batches of it ahead, which a reset cannot drop.
+        if not self._clean or self._with_canvas != self.loader.wants_canvas:
+            # An iteration left part-way: DALI has pulled batches of it ahead, which a reset cannot drop;
+            # or the canvas is wanted now and was not (an in-loop rebuild attached), or the other way round.
             self._pipe = self._build()
         feeder = self._feeder
         feeder.start(plan)
@@ -265,7 +269,8 @@ class DaliSource(Source):
                 continue
             yield from self._unfed()
             fed = feeder.fed.popleft()
-            canvas, *crops = (self._to_torch(tl, torch.uint8 if k == 0 else torch.float32) for k, tl in enumerate(outs))
+            crops = [self._to_torch(tl, torch.float32) for tl in outs[int(self._with_canvas):]]
+            canvas = self._to_torch(outs[0], torch.uint8) if self._with_canvas else None
             cfg = self.loader.config
             images, mixed = crops[0] if cfg.clean else None, crops[-1] if cfg.backmix else None
             yield SourceBatch(fed.step, fed.ids, canvas, fed.failed, images, mixed)

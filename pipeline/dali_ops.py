@@ -25,9 +25,10 @@ def round_half_even(x):
 
 def decode_to_canvas(files, size: int, gpu: bool, mode: str = "center", stages: str = "decode,resize"):
     """DALI ops: encoded files -> uint8 HWC canvases of size x size, antialiased, in canvas ``mode`` as
-    ``osr_data.decode.to_canvas``: "stretch" resizes both sides; "center" resizes the shorter side to
-    ``size`` and the longer to torchvision's int(size * long / short) (from the file's header), then
-    slices the centre square at torchvision CenterCrop's corner. stages="decode" stops after decoding
+    ``osr_data.decode.to_canvas``: "stretch" resizes both sides; "center" is torchvision's Resize (the
+    shorter side to ``size``, the longer to int(size * long / short), from the file's header) then
+    CenterCrop, computed as one resize of the centre square's source region: only the canvas's pixels
+    are resampled (the longer side's cut-off ends never are). stages="decode" stops after decoding
     (for the benchmark)."""
     from nvidia.dali import fn, types
     from nvidia.dali import math as dmath
@@ -40,14 +41,17 @@ def decode_to_canvas(files, size: int, gpu: bool, mode: str = "center", stages: 
         return fn.resize(images, size=[size, size], mode="stretch", antialias=True,
                          interp_type=types.INTERP_LINEAR)
     shape = fn.peek_image_shape(files, adjust_orientation=False)   # H, W, C on the host, from the header
-    h, w = fn.cast(shape[0], dtype=types.FLOAT), fn.cast(shape[1], dtype=types.FLOAT)
+    hw = fn.cast(shape[0:2], dtype=types.FLOAT)
+    h, w = hw[0], hw[1]
     # The shorter side becomes ``size`` exactly; max() picks it without a branch per sample.
-    new_h = dmath.max(dmath.floor(size * h / w), float(size))
-    new_w = dmath.max(dmath.floor(size * w / h), float(size))
-    resized = fn.resize(images, size=fn.stack(new_h, new_w), antialias=True, interp_type=types.INTERP_LINEAR)
-    corner = fn.stack(round_half_even((new_h - size) / 2.0), round_half_even((new_w - size) / 2.0))
-    return fn.slice(resized, corner, types.Constant(np.array([size, size], dtype=np.float32)),
-                    axis_names="HW", normalized_anchor=False, normalized_shape=False)
+    resized = fn.stack(dmath.max(dmath.floor(size * h / w), float(size)),
+                       dmath.max(dmath.floor(size * w / h), float(size)))
+    corner = round_half_even((resized - size) / 2.0)   # CenterCrop's, in the resized image
+    # The same sampling positions as resizing the whole image to ``resized`` and slicing the square
+    # (within float rounding: a pixel may differ by one grey level, well inside the resize's tolerance).
+    scale = hw / resized
+    return fn.resize(images, size=[size, size], roi_start=corner * scale, roi_end=(corner + size) * scale,
+                     roi_relative=False, antialias=True, interp_type=types.INTERP_LINEAR)
 
 
 def stage_times(index: ImageIndex, config: LoaderConfig, batches: int) -> dict[str, float]:
