@@ -1,5 +1,6 @@
 """DALI graph pieces the loader and the benchmark share: the decode to a canvas as DALI ops
-(``decode_to_canvas``, torchvision's canvas within a grey level), and per-stage timings."""
+(``decode_to_canvas``, torchvision's canvas within a grey level), the crop, flip and normalise
+(``crop_normalize``), and per-stage timings."""
 from __future__ import annotations
 
 import time
@@ -9,6 +10,7 @@ import numpy as np
 from backmix.osr_data.index import ImageIndex
 
 from .config import LoaderConfig, choose_device
+from .sampling import BatchParams
 
 PREFETCH = 2   # DALI's prefetch queue depth: batches it pulls from the external source ahead of the consumer
 
@@ -54,9 +56,37 @@ def decode_to_canvas(files, size: int, gpu: bool, mode: str = "center", stages: 
                      roi_relative=False, antialias=True, interp_type=types.INTERP_LINEAR)
 
 
+def crop_where(p: BatchParams, config: LoaderConfig) -> tuple:
+    """Where each image's crop is, as ``crop_normalize`` takes it (lists of float32 numpy arrays): with
+    a resized crop its box's corner and height x width in the canvas; otherwise the corner as
+    fractions (x, y) of the free range, which crop_mirror_normalize rounds back to the integer corner
+    exactly (checked by the tests)."""
+    if config.resizes:
+        return list(p.crops.astype(np.float32)), list(p.crop_sizes.astype(np.float32))
+    pos = (p.crops / max(config.canvas - config.crop, 1)).astype(np.float32)
+    return list(pos[:, 1]), list(pos[:, 0])
+
+
+def crop_normalize(canvas, flips, where, config: LoaderConfig):
+    """DALI ops: uint8 HWC canvases -> the float CHW crops, flipped where ``flips`` and normalised.
+    A resized crop is the box sliced, then resized alone (so its edge pixels are clamped at the box, as
+    in the torch op), in float, linear, without antialiasing: ``resized_crop_flip``'s arithmetic."""
+    from nvidia.dali import fn, types
+
+    c = config.crop
+    norm = {"mirror": flips, "mean": [255.0 * m for m in config.mean], "std": [255.0 * v for v in config.std],
+            "dtype": types.FLOAT, "output_layout": "CHW"}
+    if config.resizes:
+        box = fn.slice(canvas, where[0], where[1], axis_names="HW", normalized_anchor=False, normalized_shape=False)
+        x = fn.resize(box, size=[c, c], interp_type=types.INTERP_LINEAR, antialias=False, dtype=types.FLOAT)
+        return fn.crop_mirror_normalize(x, **norm)
+    return fn.crop_mirror_normalize(canvas, crop=(c, c), crop_pos_x=where[0], crop_pos_y=where[1], **norm)
+
+
 def stage_times(index: ImageIndex, config: LoaderConfig, batches: int) -> dict[str, float]:
-    """Milliseconds per batch of DALI's decode and of its canvas resize, each pipeline alone on the
-    loader's files, threads and device (the resize is the difference of the two)."""
+    """Milliseconds per batch of DALI's decode, its canvas resize and its crop (crop, flip, normalise,
+    at the sampler's boxes), each pipeline alone on the loader's files, threads and device; a stage's
+    time is the difference of the pipelines up to it and up to the one before."""
     from nvidia.dali import fn, pipeline_def
 
     device = choose_device(config.device)
@@ -64,18 +94,23 @@ def stage_times(index: ImageIndex, config: LoaderConfig, batches: int) -> dict[s
     b = config.batch_size
     rows = np.arange(min(len(index), b * max(1, batches)))
     files = [np.fromfile(index.abspath(int(i)), dtype=np.uint8) for i in rows]
+    sampler = config.sampler()
     out = {}
-    for stages in ("decode", "decode,resize"):
-        def batches_of_files(info):
+    for stages in ("decode", "decode,resize", "decode,resize,crop"):
+        def batch_inputs(info):
             start = (info.iteration * b) % len(files)
-            return [files[(start + k) % len(files)] for k in range(b)]
+            p = sampler.draw(b, 0, info.iteration, train=config.train)
+            return ([files[(start + k) % len(files)] for k in range(b)], list(p.flips.astype(np.int32)),
+                    *crop_where(p, config))
 
         @pipeline_def(batch_size=b, num_threads=max(1, config.num_workers),
                       device_id=device.index if gpu else None,
                       prefetch_queue_depth=PREFETCH, exec_dynamic=True)
         def timing_pipeline():
-            files_in = fn.external_source(source=batches_of_files, batch=True, batch_info=True)
-            return decode_to_canvas(files_in, config.canvas, gpu, config.canvas_mode, stages)
+            files_in, flips, *where = fn.external_source(source=batch_inputs, num_outputs=4, batch=True,
+                                                         batch_info=True)
+            canvas = decode_to_canvas(files_in, config.canvas, gpu, config.canvas_mode, stages)
+            return crop_normalize(canvas, flips, where, config) if stages.endswith("crop") else canvas
 
         pipe = timing_pipeline()
         pipe.build()
@@ -85,4 +120,5 @@ def stage_times(index: ImageIndex, config: LoaderConfig, batches: int) -> dict[s
             pipe.run()
         out[stages] = 1e3 * (time.perf_counter() - t) / batches
         del pipe
-    return {"decode_ms": out["decode"], "resize_ms": out["decode,resize"] - out["decode"]}
+    return {"decode_ms": out["decode"], "resize_ms": out["decode,resize"] - out["decode"],
+            "crop_ms": out["decode,resize,crop"] - out["decode,resize"]}
