@@ -10,11 +10,12 @@ digits). The mix itself is exact: given the canvases DALI decoded (returned as
 ``normalize``, up to crop_mirror_normalize's float rounding (|diff| < 1e-5;
 it computes (x - 255 m) / (255 s)).
 
-Canvas modes: "stretch" resizes both sides; "center" resizes to torchvision's size
-(shorter side = canvas, from the file header) and slices CenterCrop's square, so
+Canvas modes: "stretch" resizes both sides; "center" resamples only CenterCrop's square of
+torchvision's resized image (shorter side = canvas, from the file header; ``decode_to_canvas``), so
 the canvas is within a grey level of ``to_canvas``'s. With ``--augment rrc`` the
 crop is the sampler's box sliced from the (mixed) canvas and resized alone in
 float (linear, no antialiasing): ``resized_crop_flip``'s arithmetic to 1e-4.
+The canvas is an output of the pipeline only while the loader wants it (``Loader.wants_canvas``).
 
 The mix as DALI ops (target i borrows from partner j = partners[i]):
   host     the top-k cells of each image's g x g map (``top_k_mask``; tiny), and for
@@ -235,6 +236,8 @@ class DaliSource(Source):
         feeder.start(plan)
         self._clean = False
         while True:
+            if self.loader.wants_canvas and not self._with_canvas:
+                self._refeed()   # a rebuild attached part-way: the batches in flight again, with the canvas
             try:
                 outs = self._pipe.run()
             except StopIteration:
@@ -280,6 +283,11 @@ class DaliSource(Source):
             raise BackMixError(f"DALI failed on batch {fed.step} ({len(fed.ids)} images, all of which "
                                f"torchvision decodes): {why}")
         self.bad_rows.update(bad)
+        self._refeed()
+
+    def _refeed(self) -> None:
+        """Feed every batch in flight and every later one again, to a fresh pipeline."""
+        feeder = self._feeder
         feeder.start([(f.step, f.planned) for f in feeder.fed] + list(feeder.pending))
         self._pipe = self._build()
 
