@@ -40,7 +40,8 @@ class SourceBatch(NamedTuple):
     """One step's output of a source."""
     step: int
     rows: np.ndarray                  # int64 [n]: the dataset rows that decoded, in batch order
-    canvas: Optional[Tensor]          # uint8 [n, 3, S, S] (host or device); None when n == 0
+    canvas: Optional[Tensor]          # uint8 [n, 3, S, S] (host or device); None when n == 0, or when
+                                      # a fused source leaves it out (not ``Loader.wants_canvas``)
     failed: list                      # per failed file: its path, a DecodeError, or the BackMixError of a
                                       # file missing or changed since indexing
     images: Optional[Tensor] = None   # fused sources: the clean crops (float [n, 3, s, s])

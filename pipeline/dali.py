@@ -10,11 +10,12 @@ digits). The mix itself is exact: given the canvases DALI decoded (returned as
 ``normalize``, up to crop_mirror_normalize's float rounding (|diff| < 1e-5;
 it computes (x - 255 m) / (255 s)).
 
-Canvas modes: "stretch" resizes both sides; "center" resizes to torchvision's size
-(shorter side = canvas, from the file header) and slices CenterCrop's square, so
+Canvas modes: "stretch" resizes both sides; "center" resamples only CenterCrop's square of
+torchvision's resized image (shorter side = canvas, from the file header; ``decode_to_canvas``), so
 the canvas is within a grey level of ``to_canvas``'s. With ``--augment rrc`` the
 crop is the sampler's box sliced from the (mixed) canvas and resized alone in
 float (linear, no antialiasing): ``resized_crop_flip``'s arithmetic to 1e-4.
+The canvas is an output of the pipeline only while the loader wants it (``Loader.wants_canvas``).
 
 The mix as DALI ops (target i borrows from partner j = partners[i]):
   host     the top-k cells of each image's g x g map (``top_k_mask``; tiny), and for
@@ -43,7 +44,7 @@ from backmix.osr_data.errors import BackMixError
 
 from .augment import fill_value
 from .core import Loader, Plan, Source, SourceBatch
-from .dali_ops import PREFETCH, decode_to_canvas
+from .dali_ops import PREFETCH, crop_normalize, crop_where, decode_to_canvas
 
 log = logging.getLogger("backmix")
 
@@ -149,16 +150,7 @@ class DaliSource(Source):
         """The batch's params (``Loader.inputs``) as DALI inputs (lists of numpy arrays)."""
         cfg, b = self.loader.config, len(ids)
         p, masks = self.loader.inputs(step, ids)
-        # crop_mirror_normalize takes the crop corner as a fraction of the free range; it
-        # rounds fraction * range back to the integer corner exactly (checked by the tests).
-        free = max(cfg.canvas - cfg.crop, 1)
-        if cfg.resizes:
-            # The resized crop's box: its corner and its height x width in the canvas.
-            where = (list(p.crops.astype(np.float32)), list(p.crop_sizes.astype(np.float32)))
-        else:
-            pos = (p.crops / free).astype(np.float32)
-            where = (list(pos[:, 1]), list(pos[:, 0]))
-        out = (list(p.flips.astype(np.int32)),) + where
+        out = (list(p.flips.astype(np.int32)),) + crop_where(p, cfg)
         if not cfg.backmix:
             return out
         src, dst = p.boxes[:, 0:2], p.boxes[:, 2:4]
@@ -179,11 +171,12 @@ class DaliSource(Source):
         from nvidia.dali import fn, pipeline_def, types
 
         cfg = self.loader.config
-        s, c = cfg.canvas, cfg.crop
+        s = cfg.canvas
         bh, bw = self.loader.sampler.box_hw
-        gpu, resizes = self.gpu, cfg.resizes
-        mean = [255.0 * m for m in cfg.mean]
-        std = [255.0 * v for v in cfg.std]
+        # The canvas leaves the pipeline only when batches carry it: its transpose and copy out cost
+        # about a tenth of a batch. An iteration that wants otherwise builds a new pipeline (``batches``).
+        self._with_canvas = with_canvas = self.loader.wants_canvas
+        gpu = self.gpu
         # Locals only: the pipeline keeps its definition, which must not hold the loader.
         feeder, fill_rgb = self._feeder, fill_value(cfg.mean).numpy().reshape(1, 1, 3)
         paste_shapes = np.array([[s, s], [bh, bw]], dtype=np.int32)   # the canvas, then the box
@@ -197,26 +190,15 @@ class DaliSource(Source):
             n_in = 8 if cfg.backmix else 4
             inputs = fn.external_source(source=feeder, num_outputs=n_in, batch=True,
                                         layout=[""] * 4 + ["HWC", "", "", ""][:n_in - 4])
-            # where: the crop corner as fractions of the free range (x, y); with resizes the box's
-            # corner and size instead.
-            files, flips, *where = inputs[:4]
+            files, flips, *where = inputs[:4]   # where: the crops' places (``crop_where``)
             canvas = decode_to_canvas(files, s, gpu, cfg.canvas_mode)
 
             def crop_norm(x):
-                if resizes:
-                    # The box sliced, then resized alone (so its edge pixels are clamped at the box, as
-                    # in the torch op), in float: resized_crop_flip, then mirror and normalise.
-                    box = fn.slice(x, where[0], where[1], axis_names="HW", normalized_anchor=False,
-                                   normalized_shape=False)
-                    x = fn.resize(box, size=[c, c], interp_type=types.INTERP_LINEAR, antialias=False,
-                                  dtype=types.FLOAT)
-                    return fn.crop_mirror_normalize(x, mirror=flips, mean=mean, std=std, dtype=types.FLOAT,
-                                                    output_layout="CHW")
-                return fn.crop_mirror_normalize(x, crop=(c, c), crop_pos_x=where[0], crop_pos_y=where[1],
-                                                mirror=flips, mean=mean, std=std, dtype=types.FLOAT,
-                                                output_layout="CHW")
+                return crop_normalize(x, flips, where, cfg)
 
-            outs = [fn.transpose(canvas, perm=[2, 0, 1])] + ([crop_norm(canvas)] if cfg.clean else [])
+            outs = [fn.transpose(canvas, perm=[2, 0, 1])] if with_canvas else []
+            if cfg.clean:
+                outs.append(crop_norm(canvas))
             if cfg.backmix:
                 masks, partners, lend_at, out_anchors = inputs[4:]
                 if gpu:
@@ -246,13 +228,16 @@ class DaliSource(Source):
     # ----------------------------------------------------------------- iteration
 
     def batches(self, plan: Plan) -> Iterator[SourceBatch]:
-        if not self._clean:
-            # An iteration left part-way: DALI has pulled batches of it ahead, which a reset cannot drop.
+        if not self._clean or self._with_canvas != self.loader.wants_canvas:
+            # An iteration left part-way: DALI has pulled batches of it ahead, which a reset cannot drop;
+            # or the canvas is wanted now and was not (an in-loop rebuild attached), or the other way round.
             self._pipe = self._build()
         feeder = self._feeder
         feeder.start(plan)
         self._clean = False
         while True:
+            if self.loader.wants_canvas and not self._with_canvas:
+                self._refeed()   # a rebuild attached part-way: the batches in flight again, with the canvas
             try:
                 outs = self._pipe.run()
             except StopIteration:
@@ -265,7 +250,8 @@ class DaliSource(Source):
                 continue
             yield from self._unfed()
             fed = feeder.fed.popleft()
-            canvas, *crops = (self._to_torch(tl, torch.uint8 if k == 0 else torch.float32) for k, tl in enumerate(outs))
+            crops = [self._to_torch(tl, torch.float32) for tl in outs[int(self._with_canvas):]]
+            canvas = self._to_torch(outs[0], torch.uint8) if self._with_canvas else None
             cfg = self.loader.config
             images, mixed = crops[0] if cfg.clean else None, crops[-1] if cfg.backmix else None
             yield SourceBatch(fed.step, fed.ids, canvas, fed.failed, images, mixed)
@@ -297,6 +283,11 @@ class DaliSource(Source):
             raise BackMixError(f"DALI failed on batch {fed.step} ({len(fed.ids)} images, all of which "
                                f"torchvision decodes): {why}")
         self.bad_rows.update(bad)
+        self._refeed()
+
+    def _refeed(self) -> None:
+        """Feed every batch in flight and every later one again, to a fresh pipeline."""
+        feeder = self._feeder
         feeder.start([(f.step, f.planned) for f in feeder.fed] + list(feeder.pending))
         self._pipe = self._build()
 

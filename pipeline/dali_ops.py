@@ -1,5 +1,6 @@
 """DALI graph pieces the loader and the benchmark share: the decode to a canvas as DALI ops
-(``decode_to_canvas``, torchvision's canvas within a grey level), and per-stage timings."""
+(``decode_to_canvas``, torchvision's canvas within a grey level), the crop, flip and normalise
+(``crop_normalize``), and per-stage timings."""
 from __future__ import annotations
 
 import time
@@ -9,6 +10,7 @@ import numpy as np
 from backmix.osr_data.index import ImageIndex
 
 from .config import LoaderConfig, choose_device
+from .sampling import BatchParams
 
 PREFETCH = 2   # DALI's prefetch queue depth: batches it pulls from the external source ahead of the consumer
 
@@ -25,9 +27,10 @@ def round_half_even(x):
 
 def decode_to_canvas(files, size: int, gpu: bool, mode: str = "center", stages: str = "decode,resize"):
     """DALI ops: encoded files -> uint8 HWC canvases of size x size, antialiased, in canvas ``mode`` as
-    ``osr_data.decode.to_canvas``: "stretch" resizes both sides; "center" resizes the shorter side to
-    ``size`` and the longer to torchvision's int(size * long / short) (from the file's header), then
-    slices the centre square at torchvision CenterCrop's corner. stages="decode" stops after decoding
+    ``osr_data.decode.to_canvas``: "stretch" resizes both sides; "center" is torchvision's Resize (the
+    shorter side to ``size``, the longer to int(size * long / short), from the file's header) then
+    CenterCrop, computed as one resize of the centre square's source region: only the canvas's pixels
+    are resampled (the longer side's cut-off ends never are). stages="decode" stops after decoding
     (for the benchmark)."""
     from nvidia.dali import fn, types
     from nvidia.dali import math as dmath
@@ -40,19 +43,50 @@ def decode_to_canvas(files, size: int, gpu: bool, mode: str = "center", stages: 
         return fn.resize(images, size=[size, size], mode="stretch", antialias=True,
                          interp_type=types.INTERP_LINEAR)
     shape = fn.peek_image_shape(files, adjust_orientation=False)   # H, W, C on the host, from the header
-    h, w = fn.cast(shape[0], dtype=types.FLOAT), fn.cast(shape[1], dtype=types.FLOAT)
+    hw = fn.cast(shape[0:2], dtype=types.FLOAT)
+    h, w = hw[0], hw[1]
     # The shorter side becomes ``size`` exactly; max() picks it without a branch per sample.
-    new_h = dmath.max(dmath.floor(size * h / w), float(size))
-    new_w = dmath.max(dmath.floor(size * w / h), float(size))
-    resized = fn.resize(images, size=fn.stack(new_h, new_w), antialias=True, interp_type=types.INTERP_LINEAR)
-    corner = fn.stack(round_half_even((new_h - size) / 2.0), round_half_even((new_w - size) / 2.0))
-    return fn.slice(resized, corner, types.Constant(np.array([size, size], dtype=np.float32)),
-                    axis_names="HW", normalized_anchor=False, normalized_shape=False)
+    resized = fn.stack(dmath.max(dmath.floor(size * h / w), float(size)),
+                       dmath.max(dmath.floor(size * w / h), float(size)))
+    corner = round_half_even((resized - size) / 2.0)   # CenterCrop's, in the resized image
+    # The same sampling positions as resizing the whole image to ``resized`` and slicing the square
+    # (within float rounding: a pixel may differ by one grey level, well inside the resize's tolerance).
+    scale = hw / resized
+    return fn.resize(images, size=[size, size], roi_start=corner * scale, roi_end=(corner + size) * scale,
+                     roi_relative=False, antialias=True, interp_type=types.INTERP_LINEAR)
+
+
+def crop_where(p: BatchParams, config: LoaderConfig) -> tuple:
+    """Where each image's crop is, as ``crop_normalize`` takes it (lists of float32 numpy arrays): with
+    a resized crop its box's corner and height x width in the canvas; otherwise the corner as
+    fractions (x, y) of the free range, which crop_mirror_normalize rounds back to the integer corner
+    exactly (checked by the tests)."""
+    if config.resizes:
+        return list(p.crops.astype(np.float32)), list(p.crop_sizes.astype(np.float32))
+    pos = (p.crops / max(config.canvas - config.crop, 1)).astype(np.float32)
+    return list(pos[:, 1]), list(pos[:, 0])
+
+
+def crop_normalize(canvas, flips, where, config: LoaderConfig):
+    """DALI ops: uint8 HWC canvases -> the float CHW crops, flipped where ``flips`` and normalised.
+    A resized crop is the box sliced, then resized alone (so its edge pixels are clamped at the box, as
+    in the torch op), in float, linear, without antialiasing: ``resized_crop_flip``'s arithmetic."""
+    from nvidia.dali import fn, types
+
+    c = config.crop
+    norm = {"mirror": flips, "mean": [255.0 * m for m in config.mean], "std": [255.0 * v for v in config.std],
+            "dtype": types.FLOAT, "output_layout": "CHW"}
+    if config.resizes:
+        box = fn.slice(canvas, where[0], where[1], axis_names="HW", normalized_anchor=False, normalized_shape=False)
+        x = fn.resize(box, size=[c, c], interp_type=types.INTERP_LINEAR, antialias=False, dtype=types.FLOAT)
+        return fn.crop_mirror_normalize(x, **norm)
+    return fn.crop_mirror_normalize(canvas, crop=(c, c), crop_pos_x=where[0], crop_pos_y=where[1], **norm)
 
 
 def stage_times(index: ImageIndex, config: LoaderConfig, batches: int) -> dict[str, float]:
-    """Milliseconds per batch of DALI's decode and of its canvas resize, each pipeline alone on the
-    loader's files, threads and device (the resize is the difference of the two)."""
+    """Milliseconds per batch of DALI's decode, its canvas resize and its crop (crop, flip, normalise,
+    at the sampler's boxes), each pipeline alone on the loader's files, threads and device; a stage's
+    time is the difference of the pipelines up to it and up to the one before."""
     from nvidia.dali import fn, pipeline_def
 
     device = choose_device(config.device)
@@ -60,18 +94,23 @@ def stage_times(index: ImageIndex, config: LoaderConfig, batches: int) -> dict[s
     b = config.batch_size
     rows = np.arange(min(len(index), b * max(1, batches)))
     files = [np.fromfile(index.abspath(int(i)), dtype=np.uint8) for i in rows]
+    sampler = config.sampler()
     out = {}
-    for stages in ("decode", "decode,resize"):
-        def batches_of_files(info):
+    for stages in ("decode", "decode,resize", "decode,resize,crop"):
+        def batch_inputs(info):
             start = (info.iteration * b) % len(files)
-            return [files[(start + k) % len(files)] for k in range(b)]
+            p = sampler.draw(b, 0, info.iteration, train=config.train)
+            return ([files[(start + k) % len(files)] for k in range(b)], list(p.flips.astype(np.int32)),
+                    *crop_where(p, config))
 
         @pipeline_def(batch_size=b, num_threads=max(1, config.num_workers),
                       device_id=device.index if gpu else None,
                       prefetch_queue_depth=PREFETCH, exec_dynamic=True)
         def timing_pipeline():
-            files_in = fn.external_source(source=batches_of_files, batch=True, batch_info=True)
-            return decode_to_canvas(files_in, config.canvas, gpu, config.canvas_mode, stages)
+            files_in, flips, *where = fn.external_source(source=batch_inputs, num_outputs=4, batch=True,
+                                                         batch_info=True)
+            canvas = decode_to_canvas(files_in, config.canvas, gpu, config.canvas_mode, stages)
+            return crop_normalize(canvas, flips, where, config) if stages.endswith("crop") else canvas
 
         pipe = timing_pipeline()
         pipe.build()
@@ -81,4 +120,5 @@ def stage_times(index: ImageIndex, config: LoaderConfig, batches: int) -> dict[s
             pipe.run()
         out[stages] = 1e3 * (time.perf_counter() - t) / batches
         del pipe
-    return {"decode_ms": out["decode"], "resize_ms": out["decode,resize"] - out["decode"]}
+    return {"decode_ms": out["decode"], "resize_ms": out["decode,resize"] - out["decode"],
+            "crop_ms": out["decode,resize,crop"] - out["decode,resize"]}
