@@ -13,8 +13,8 @@ sizes and times. It loads with pyarrow's CSV reader without building a string
 per row, and forked DataLoader workers read it without writing to its pages
 (no per-object reference counts), so the pages stay shared.
 Beside it, ``index.arrow`` holds the same columns in binary form: made from
-exactly the bytes of index.csv, it is memory-mapped in milliseconds on later
-loads (``index_sidecar``); index.csv remains the file that is read and edited.
+exactly the bytes of index.csv, it is read in a fraction of the CSV's time on
+later loads (``index_sidecar``: compressed, decompressed into memory); index.csv remains the file that is read and edited.
 
 Size and mtime make the fingerprint tell apart two data sets with the same file
 names (as ``make`` does, no content hashing); ``checked_path`` compares them to

@@ -193,12 +193,9 @@ class DaliSource(Source):
             files, flips, *where = inputs[:4]   # where: the crops' places (``crop_where``)
             canvas = decode_to_canvas(files, s, gpu, cfg.canvas_mode)
 
-            def crop_norm(x):
-                return crop_normalize(x, flips, where, cfg)
-
             outs = [fn.transpose(canvas, perm=[2, 0, 1])] if with_canvas else []
             if cfg.clean:
-                outs.append(crop_norm(canvas))
+                outs.append(crop_normalize(canvas, flips, where, cfg))
             if cfg.backmix:
                 masks, partners, lend_at, out_anchors = inputs[4:]
                 if gpu:
@@ -217,7 +214,7 @@ class DaliSource(Source):
                 # Two pastes into one output: the target's canvas, then the borrowed box at its destination.
                 mixed = fn.multi_paste(canvas, lent, shapes=types.Constant(paste_shapes),
                                        out_anchors=out_anchors, output_size=[s, s])
-                outs.append(crop_norm(mixed))
+                outs.append(crop_normalize(mixed, flips, where, cfg))
             return tuple(outs)
 
         pipe = backmix_pipeline()
