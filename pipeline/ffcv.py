@@ -15,10 +15,11 @@ Mix ("fused" kind, on the CPU). An FFCV ``Operation`` after the decoder runs the
 ``ffcv_kernels`` (compiled by FFCV's ``Compiler``: parallel over the batch, GIL released, on FFCV's
 own thread, ahead of the training loop). It finds its batch's step from the sample indices FFCV
 hands it, takes that step's params and masks from ``Loader.inputs`` and writes the canvases (uint8
-CHW) and the crop/flip/normalised clean and mixed images (float32; each only when asked for) into
+CHW; only when a batch carries them, ``Loader.wants_canvas``) and the crop/flip/normalised clean and mixed images (float32; each only when asked for) into
 buffers it declares to FFCV (``AllocationQuery``). Normalising is a lookup in a table made by
 ``pipeline.augment.normalize`` itself, so the floats are the torch op's bit for bit; with ``--augment
-rrc`` the resampling goes through the torch op's own tables (``resize_tables``), to 1e-5.
+rrc`` the kernel resamples with the torch op's tables (``resize_tables``, remade in numba bit for
+bit) and arithmetic, to 3e-5 (fastmath).
 
 "decode" kind (a GPU, ``mix_in="torch"``, or numba switched off): the operation is left out; FFCV's
 ``ToTensor`` and ``ToDevice`` move the canvases and the core's ``BatchTransform`` mixes them there.
@@ -37,11 +38,11 @@ from backmix.osr_data.decode import CANVAS_MODES
 from backmix.osr_data.errors import BackMixError
 from backmix.osr_data.index import ImageIndex
 
-from .augment import fill_value, normalize_constants, resize_tables
+from .augment import fill_value, normalize_constants
 from .beton import NOT_A_CANVAS, require_ffcv, skipped_rows
 from .beton_location import DEFAULT_MODE, DEFAULT_QUALITY, find_beton
 from .core import Loader, Plan, Source, SourceBatch
-from .ffcv_kernels import compile_mix_kernel, compile_resized_crop_kernel, normalize_table
+from .ffcv_kernels import compile_mix_kernel, compile_resized_crop_kernel, normalize_table, span_scales
 
 log = logging.getLogger("backmix")
 
@@ -117,15 +118,14 @@ def _mix_operation(source: "FfcvSource"):
                 # The clean crop, then the mixed one; one array twice when only one is asked for.
                 first, second = planes[0], planes[outputs - 2]
                 two, mix = clean and cfg.backmix, cfg.backmix and len(rows) > 1   # a lone image is not mixed
+                keep = loader.wants_canvas   # the canvas is written only when a batch carries it
                 if not cfg.resizes:
                     kernel(images, canvas, first, second, p.partners, p.boxes, masks, p.crops, p.flips, lut, fill,
-                           two, mix, bh, bw, cell)
+                           two, mix, bh, bw, cell, keep)
                 else:
                     patch = planes[-1] if cfg.backmix else no_patch
-                    tables = [t.numpy() for t in resize_tables(*(torch.from_numpy(a) for a in
-                                                                 (p.crops, p.crop_sizes, p.flips)), cfg.crop)]
-                    kernel(images, canvas, first, second, patch, p.partners, p.boxes, masks, *tables, scale, shift,
-                           fill, two, mix, bh, bw, cell)
+                    kernel(images, canvas, first, second, patch, p.partners, p.boxes, masks, p.crops, p.crop_sizes,
+                           span_scales(p.crop_sizes, cfg.crop), p.flips, scale, shift, fill, two, mix, bh, bw, cell, keep)
                 return tuple(buffers[:outputs])
             op.with_indices = True
             return op
