@@ -512,3 +512,56 @@ def test_the_kernels_resize_tables_are_the_torch_ops_bit_for_bit():
         for g, w in zip(got, want):
             assert g.dtype == w.dtype
             np.testing.assert_array_equal(g, w)
+
+
+class _Canvases:
+    """A recorder (``Loader.recorder``) that keeps the canvases it is shown."""
+
+    def __init__(self) -> None:
+        self.seen = []
+
+    def record(self, batch) -> None:
+        self.seen.append(batch.canvas)
+
+
+def test_a_rebuild_attached_part_way_gets_the_canvases_of_the_batches_in_flight(index, beton):
+    """Without keep_canvas no canvas leaves the loader; once a recorder is attached (after FFCV has made the
+    next batches ahead), every later batch carries its canvas, the reference's exactly."""
+    from backmix.pipeline.ffcv import FfcvLoader
+    config = LoaderConfig(batch_size=50, num_workers=2, seed=6, keep_canvas=False)
+    maps = UniformMaps(len(index), 8)
+    ffcv = FfcvLoader(index, config, maps, ROWS, beton=beton)
+    ref = ReferenceLoader(index, LoaderConfig(**{**vars(config), "keep_canvas": True}), maps, ROWS)
+    recorder = _Canvases()
+    for step, (a, b) in enumerate(zip(ffcv, ref, strict=True)):
+        if step < 2:
+            assert a.canvas is None
+        else:
+            assert torch.equal(a.canvas, b.canvas) and torch.equal(recorder.seen[-1], b.canvas)
+        assert torch.equal(a.mixed, b.mixed) and torch.equal(a.images, b.images)
+        if step == 1:
+            ffcv.recorder = recorder
+    assert len(recorder.seen) == len(ref) - 2
+
+
+def test_an_error_in_ffcvs_thread_is_raised_not_waited_for(index, beton, monkeypatch):
+    """The op runs on FFCV's thread: an error there (here in the loader's inputs) ends the iteration with
+    one clear error, where FFCV alone would leave the loop waiting for a batch that never comes."""
+    from backmix.pipeline.ffcv import FfcvLoader
+    config = LoaderConfig(batch_size=50, num_workers=2, seed=7)
+    ffcv = FfcvLoader(index, config, UniformMaps(len(index), 8), ROWS, beton=beton)
+    inputs = ffcv.inputs
+
+    def broken(step, rows):
+        if step == 3:
+            raise RuntimeError("no maps for step 3")
+        return inputs(step, rows)
+
+    monkeypatch.setattr(ffcv, "inputs", broken)
+    seen = []
+    with pytest.raises(BackMixError, match="FFCV's loader thread failed at step 3 .*RuntimeError: no maps for step 3"):
+        for batch in ffcv:
+            seen.append(batch)
+    assert len(seen) == 3
+    monkeypatch.undo()   # and the loader still works: the next epoch is whole
+    assert sum(len(b.indices) for b in ffcv) == len(ROWS)
