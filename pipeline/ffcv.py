@@ -40,6 +40,7 @@ from backmix.osr_data.errors import BackMixError
 from backmix.osr_data.index import ImageIndex
 
 from .augment import fill_value, normalize_constants
+from .batch_pool import BatchPool
 from .beton import NOT_A_CANVAS, require_ffcv, skipped_rows
 from .beton_location import DEFAULT_MODE, DEFAULT_QUALITY, find_beton
 from .core import Loader, Plan, Source, SourceBatch
@@ -97,12 +98,12 @@ def _mix_operation(source: "FfcvSource"):
     bh, bw = loader.sampler.box_hw
     cell = cfg.canvas // cfg.grid
     u8, f32 = np.dtype("u1"), np.dtype("f4")
-    # Per sample: the clean and/or the mixed crop, and with resized crops the box the mix pastes and the
-    # kernel's scratch.
-    memory = ([AllocationQuery((3, cfg.crop, cfg.crop), f32)] * (clean + cfg.backmix)
-              + [AllocationQuery((bh, bw, 3), u8)] * (cfg.resizes and cfg.backmix)
-              + [AllocationQuery(*q) for q in (resize_scratch(cfg.canvas, cfg.crop) if cfg.resizes else [])])
     outputs = clean + cfg.backmix
+    # The clean and/or the mixed crop: written into arrays each batch then owns (no copy out of a slot).
+    crops = BatchPool(cfg.batch_size, [(3, cfg.crop, cfg.crop)] * outputs, f32, size=BATCHES_AHEAD + 4)
+    # Per sample, with resized crops: the box the mix pastes and the kernel's scratch.
+    memory = ([AllocationQuery((bh, bw, 3), u8)] * (cfg.resizes and cfg.backmix)
+              + [AllocationQuery(*q) for q in (resize_scratch(cfg.canvas, cfg.crop) if cfg.resizes else [])])
     no_patch = np.empty((0, bh, bw, 3), u8)   # the kernel reads no box without BackMix
 
     class BackMixOperation(Operation):
@@ -119,27 +120,27 @@ def _mix_operation(source: "FfcvSource"):
                     return run(images, buffers, indices)
                 except Exception as error:   # raised, FFCV's thread would end and leave the loop waiting on it
                     source.fail(error, np.asarray(indices, dtype=np.int64))
-                    return (images, *buffers[:outputs])   # not used: ``batches`` raises at this batch
+                    return (images,)   # not used: ``batches`` raises at this batch
 
             def run(images, buffers, indices):
                 rows = np.asarray(indices, dtype=np.int64)
                 p, masks = loader.inputs(source.step_of(rows), rows)
-                planes = buffers   # the crops, then the patch and the scratch of resized crops
+                planes = crops.take(len(rows))
                 # The clean crop, then the mixed one; one array twice when only one is asked for.
-                first, second = planes[0], planes[outputs - 1]
+                first, second = planes[0], planes[-1]
                 two, mix = clean and cfg.backmix, cfg.backmix and len(rows) > 1   # a lone image is not mixed
                 if not cfg.resizes:
                     kernel(images, first, second, p.partners, p.boxes, masks, p.crops, p.flips, lut, fill,
                            two, mix, bh, bw, cell)
                 else:
-                    patch = planes[outputs] if cfg.backmix else no_patch
+                    patch = buffers[0] if cfg.backmix else no_patch
                     pixels = images.reshape(len(images), cfg.canvas, cfg.canvas * 3)   # a view: rows flat
-                    kernel(pixels, first, second, patch, *planes[-4:], p.partners, p.boxes, masks, p.crops,
+                    kernel(pixels, first, second, patch, *buffers[-4:], p.partners, p.boxes, masks, p.crops,
                            p.crop_sizes, span_scales(p.crop_sizes, cfg.crop), p.flips, scale, shift, fill, two, mix,
                            bh, bw, cell)
-                # The decoded canvases go out as they are (FFCV's slot of them, kept until the batch's crops'
-                # slot is reused): ``batches`` copies them out only when the loader wants the canvas then.
-                return (images, *buffers[:outputs])
+                # The decoded canvases go out as they are (FFCV's slot of them, kept until that slot is
+                # reused): ``batches`` copies them out only when the loader wants the canvas then.
+                return (images, *planes)
             op.with_indices = True
             return op
 
@@ -300,14 +301,10 @@ class FfcvSource(Source):
         return torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2)))
 
     def _own(self, x: np.ndarray) -> torch.Tensor:
-        """A tensor of the batch's own of an op output. FFCV writes a later batch into the same buffer
-        ``BATCHES_AHEAD + 2`` batches on, while the caller may still hold this one: the canvas and the
-        crops are copied out (on a GPU the transfer is that copy, synchronous, so the slot is free
-        when it returns); the rows were copied above, the labels come from the core's table."""
+        """A crop of the op as a tensor: its pool's array itself on the CPU (``BatchPool``: the batch owns
+        it, no copy), a copy on a GPU (the transfer; the pool's array is free once it returns)."""
         device = self.loader.device
-        # numpy's copy, not torch's: FFCV sets torch's thread count to its workers', and a parallel torch
-        # copy then contends with the kernel's numba threads for the same cores (on 2 cores: epochs 2-8x slower).
-        return torch.from_numpy(x.copy()) if device.type == "cpu" else torch.from_numpy(x).to(device)
+        return torch.from_numpy(x) if device.type == "cpu" else torch.from_numpy(x).to(device)
 
 
 def _canvas_decoder(reader, beton: Path, cfg):

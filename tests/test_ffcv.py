@@ -565,3 +565,21 @@ def test_an_error_in_ffcvs_thread_is_raised_not_waited_for(index, beton, monkeyp
     assert len(seen) == 3
     monkeypatch.undo()   # and the loader still works: the next epoch is whole
     assert sum(len(b.indices) for b in ffcv) == len(ROWS)
+
+
+def test_the_batch_pool_reuses_an_array_only_once_nothing_holds_it():
+    """The op's crops live in ``BatchPool`` arrays handed out without a copy: a set still held (by a tensor
+    or a view) is never handed out again; a set let go is; the pool keeps at most ``size`` sets."""
+    from backmix.pipeline.batch_pool import BatchPool
+    pool = BatchPool(4, [(2, 3), (2, 3)], np.float32, size=2)
+    first = [torch.from_numpy(a) for a in pool.take(4)]
+    second = pool.take(3)
+    assert second[0].base is not first[0].numpy().base and len(second[0]) == 3
+    third = pool.take(4)                   # both pooled sets held: a new array, not pooled
+    assert len(pool.sets) == 2 and all(third[0].base is not s[0] for s in pool.sets)
+    view = first[1][1:]                    # a view of the first set keeps it held
+    del first
+    assert pool.take(4)[0].base is not pool.sets[0][0]
+    del view
+    again = pool.take(2)
+    assert again[0].base is pool.sets[0][0] and again[1].base is pool.sets[0][1]
