@@ -14,11 +14,13 @@ replaced by the core's plan, flattened, so FFCV cuts exactly the plan's batches.
 Mix ("fused" kind, on the CPU). An FFCV ``Operation`` after the decoder runs the numba kernels of
 ``ffcv_kernels`` (compiled by FFCV's ``Compiler``: parallel over the batch, GIL released, on FFCV's
 own thread, ahead of the training loop). It finds its batch's step from the sample indices FFCV
-hands it, takes that step's params and masks from ``Loader.inputs`` and writes the canvases (uint8
-CHW) and the crop/flip/normalised clean and mixed images (float32; each only when asked for) into
-buffers it declares to FFCV (``AllocationQuery``). Normalising is a lookup in a table made by
+hands it, takes that step's params and masks from ``Loader.inputs`` and writes the crop/flip/normalised
+clean and mixed images (float32; each only when asked for) into buffers it declares to FFCV
+(``AllocationQuery``); the decoded canvases pass through, copied out (CHW) only for batches that
+carry them (``Loader.wants_canvas``). Normalising is a lookup in a table made by
 ``pipeline.augment.normalize`` itself, so the floats are the torch op's bit for bit; with ``--augment
-rrc`` the resampling goes through the torch op's own tables (``resize_tables``), to 1e-5.
+rrc`` the kernel resamples with the torch op's tables (``resize_tables``, remade in numba bit for
+bit) and arithmetic, to 3e-5 (fastmath).
 
 "decode" kind (a GPU, ``mix_in="torch"``, or numba switched off): the operation is left out; FFCV's
 ``ToTensor`` and ``ToDevice`` move the canvases and the core's ``BatchTransform`` mixes them there.
@@ -37,11 +39,13 @@ from backmix.osr_data.decode import CANVAS_MODES
 from backmix.osr_data.errors import BackMixError
 from backmix.osr_data.index import ImageIndex
 
-from .augment import fill_value, normalize_constants, resize_tables
+from .augment import fill_value, normalize_constants
+from .batch_pool import BatchPool
 from .beton import NOT_A_CANVAS, require_ffcv, skipped_rows
 from .beton_location import DEFAULT_MODE, DEFAULT_QUALITY, find_beton
 from .core import Loader, Plan, Source, SourceBatch
-from .ffcv_kernels import compile_mix_kernel, compile_resized_crop_kernel, normalize_table
+from .ffcv_kernels import (compile_mix_kernel, compile_resized_crop_kernel, normalize_table, resize_scratch,
+                           span_scales)
 
 log = logging.getLogger("backmix")
 
@@ -90,43 +94,53 @@ def _mix_operation(source: "FfcvSource"):
     clean = cfg.clean or not cfg.backmix
     lut = normalize_table(cfg.mean, cfg.std)
     scale, shift = (t.numpy() for t in normalize_constants(torch.tensor(cfg.mean), torch.tensor(cfg.std)))
-    fill = fill_value(cfg.mean).numpy()
+    fill = fill_value(cfg.mean).numpy().copy()   # writable: one kernel signature whatever torch hands out
     bh, bw = loader.sampler.box_hw
     cell = cfg.canvas // cfg.grid
     u8, f32 = np.dtype("u1"), np.dtype("f4")
-    # Per sample: the canvas, the clean and/or the mixed crop, and with resized crops the box the mix pastes.
-    memory = ([AllocationQuery((3, cfg.canvas, cfg.canvas), u8)]
-              + [AllocationQuery((3, cfg.crop, cfg.crop), f32)] * (clean + cfg.backmix)
-              + [AllocationQuery((bh, bw, 3), u8)] * (cfg.resizes and cfg.backmix))
-    outputs = 1 + clean + cfg.backmix
+    outputs = clean + cfg.backmix
+    # The clean and/or the mixed crop: written into arrays each batch then owns (no copy out of a slot).
+    crops = BatchPool(cfg.batch_size, [(3, cfg.crop, cfg.crop)] * outputs, f32, size=BATCHES_AHEAD + 4)
+    # Per sample, with resized crops: the box the mix pastes and the kernel's scratch.
+    memory = ([AllocationQuery((bh, bw, 3), u8)] * (cfg.resizes and cfg.backmix)
+              + [AllocationQuery(*q) for q in (resize_scratch(cfg.canvas, cfg.crop) if cfg.resizes else [])])
     no_patch = np.empty((0, bh, bw, 3), u8)   # the kernel reads no box without BackMix
 
     class BackMixOperation(Operation):
-        """[B, S, S, 3] decoded canvases -> (canvas uint8 [B, 3, S, S], then the clean and/or the mixed
-        crop float32 [B, 3, s, s]), written into the buffers it declares; FFCV hands it the batch's
-        slot of them (reused ``BATCHES_AHEAD + 2`` batches later)."""
+        """[B, S, S, 3] decoded canvases -> (those canvases, then the clean and/or the mixed crop float32
+        [B, 3, s, s], written into the buffers it declares); FFCV hands it the batch's slot of them
+        (reused ``BATCHES_AHEAD + 2`` batches later)."""
 
         def generate_code(self):
             # Compiled here, after FFCV's loader has set its thread count (prange or range).
             kernel = compile_resized_crop_kernel() if cfg.resizes else compile_mix_kernel()
 
             def op(images, buffers, indices):
+                try:
+                    return run(images, buffers, indices)
+                except Exception as error:   # raised, FFCV's thread would end and leave the loop waiting on it
+                    source.fail(error, np.asarray(indices, dtype=np.int64))
+                    return (images,)   # not used: ``batches`` raises at this batch
+
+            def run(images, buffers, indices):
                 rows = np.asarray(indices, dtype=np.int64)
                 p, masks = loader.inputs(source.step_of(rows), rows)
-                canvas, *planes = buffers
+                planes = crops.take(len(rows))
                 # The clean crop, then the mixed one; one array twice when only one is asked for.
-                first, second = planes[0], planes[outputs - 2]
+                first, second = planes[0], planes[-1]
                 two, mix = clean and cfg.backmix, cfg.backmix and len(rows) > 1   # a lone image is not mixed
                 if not cfg.resizes:
-                    kernel(images, canvas, first, second, p.partners, p.boxes, masks, p.crops, p.flips, lut, fill,
+                    kernel(images, first, second, p.partners, p.boxes, masks, p.crops, p.flips, lut, fill,
                            two, mix, bh, bw, cell)
                 else:
-                    patch = planes[-1] if cfg.backmix else no_patch
-                    tables = [t.numpy() for t in resize_tables(*(torch.from_numpy(a) for a in
-                                                                 (p.crops, p.crop_sizes, p.flips)), cfg.crop)]
-                    kernel(images, canvas, first, second, patch, p.partners, p.boxes, masks, *tables, scale, shift,
-                           fill, two, mix, bh, bw, cell)
-                return tuple(buffers[:outputs])
+                    patch = buffers[0] if cfg.backmix else no_patch
+                    pixels = images.reshape(len(images), cfg.canvas, cfg.canvas * 3)   # a view: rows flat
+                    kernel(pixels, first, second, patch, *buffers[-4:], p.partners, p.boxes, masks, p.crops,
+                           p.crop_sizes, span_scales(p.crop_sizes, cfg.crop), p.flips, scale, shift, fill, two, mix,
+                           bh, bw, cell)
+                # The decoded canvases go out as they are (FFCV's slot of them, kept until that slot is
+                # reused): ``batches`` copies them out only when the loader wants the canvas then.
+                return (images, *planes)
             op.with_indices = True
             return op
 
@@ -199,6 +213,7 @@ class FfcvSource(Source):
         self.kind = "fused" if mix_in == "ffcv" else "decode"
         self.decoder = _canvas_decoder(reader, self.beton, cfg)
         self.plan: Plan = []
+        self._epoch, self._failure = None, None   # FFCV's epoch iterator; what ended its thread early
 
     def rows(self, rows: np.ndarray) -> np.ndarray:
         kept = np.isin(rows, self.blank, invert=True)
@@ -242,35 +257,54 @@ class FfcvSource(Source):
         return int(self._step[rows[0]])
 
     def batches(self, plan: Plan) -> Iterator[SourceBatch]:
-        self.plan = plan
-        epoch = iter(self._ffcv)
+        self.plan, self._failure = plan, None
+        self._epoch = epoch = iter(self._ffcv)
         done = False
         try:
             for (step, _), (out, _, ids) in zip(plan, epoch):
+                if self._failure is not None and step >= self._failure[0]:
+                    self._raise_failure()
                 rows = np.asarray(ids).reshape(-1).astype(np.int64)   # a copy: ``ids`` is FFCV's buffer too
                 if self.kind == "decode":   # out: on the device already; cloned out of FFCV's buffer
                     yield SourceBatch(step, rows, out.clone(memory_format=torch.contiguous_format), [])
                 else:
-                    # The canvas is copied out only when a batch must carry it (``Loader.wants_canvas``).
-                    canvas = self._own(out[0]) if self.loader.wants_canvas else None
+                    # The canvas is copied out only when a batch must carry it (``Loader.wants_canvas``), asked
+                    # here, not in the op: a recorder attached part-way gets the batches already in flight too.
+                    canvas = self._canvas(out[0][:len(rows)]) if self.loader.wants_canvas else None
                     crops = [self._own(x) for x in out[1:]]
                     cfg = self.loader.config
                     yield SourceBatch(step, rows, canvas, [], crops[0] if cfg.clean else None,
                                       crops[-1] if cfg.backmix else None)
+            if self._failure is not None:
+                self._raise_failure()
             done = True
         finally:
             if not done:   # an iteration left part-way: FFCV's thread stops making its batches
                 epoch.close()
 
+    def fail(self, error: Exception, rows: np.ndarray) -> None:
+        """Called on FFCV's thread when the op fails on the batch of ``rows``: FFCV is given no more batches
+        (its thread ends cleanly after this one) and ``batches`` raises the error, as one line, in its
+        place. An exception left to FFCV would end its thread and leave the loop waiting forever."""
+        self._failure = (self.step_of(rows), error)
+        self._epoch.iter_ixes = iter(())
+
+    def _raise_failure(self):
+        step, error = self._failure
+        lines = str(error).strip().splitlines()
+        raise BackMixError(f"FFCV's loader thread failed at step {step} of {self.beton}: {type(error).__name__}"
+                           + (f": {lines[0]}" if lines else "")) from error
+
+    @staticmethod
+    def _canvas(images: np.ndarray) -> torch.Tensor:
+        """uint8 [B, 3, S, S] of FFCV's decoded [B, S, S, 3] canvases, a copy (the op runs on the CPU)."""
+        return torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2)))
+
     def _own(self, x: np.ndarray) -> torch.Tensor:
-        """A tensor of the batch's own of an op output. FFCV writes a later batch into the same buffer
-        ``BATCHES_AHEAD + 2`` batches on, while the caller may still hold this one: the canvas and the
-        crops are copied out (on a GPU the transfer is that copy, synchronous, so the slot is free
-        when it returns); the rows were copied above, the labels come from the core's table."""
+        """A crop of the op as a tensor: its pool's array itself on the CPU (``BatchPool``: the batch owns
+        it, no copy), a copy on a GPU (the transfer; the pool's array is free once it returns)."""
         device = self.loader.device
-        # numpy's copy, not torch's: FFCV sets torch's thread count to its workers', and a parallel torch
-        # copy then contends with the kernel's numba threads for the same cores (on 2 cores: epochs 2-8x slower).
-        return torch.from_numpy(x.copy()) if device.type == "cpu" else torch.from_numpy(x).to(device)
+        return torch.from_numpy(x) if device.type == "cpu" else torch.from_numpy(x).to(device)
 
 
 def _canvas_decoder(reader, beton: Path, cfg):
