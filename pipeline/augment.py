@@ -100,6 +100,35 @@ def resized_crop_flip(images: Tensor, corners: Tensor, sizes: Tensor, flips: Ten
     return left.add_(wx[:, None, None, :] * (columns(x1) - left))
 
 
+def resized_crops_clean_and_mixed(canvas: Tensor, mixed: Tensor, corners: Tensor, sizes: Tensor, flips: Tensor,
+                                  size: int, boxes: Tensor, box_hw: tuple[int, int]) -> tuple[Tensor, Tensor]:
+    """(``resized_crop_flip`` of ``canvas``, the same of ``mixed``), bit for bit, on the CPU, where
+    ``mixed`` is ``canvas`` but inside each image's pasted box (``boxes[:, 2:]``, ``box_hw``): the mixed
+    crop is the clean one copied, with only the output pixels that read the box resampled from
+    ``mixed`` (every pixel is its own blend of four source pixels, in the same float32 operations in
+    the same order: a window computes exactly what the whole crop does there)."""
+    clean = resized_crop_flip(canvas, corners, sizes, flips, size, per_image=True)
+    out = clean.clone()
+    y0, y1, wy, x0, x1, wx = resize_tables(corners, sizes, flips, size)
+    (bh, bw), dys, dxs = box_hw, boxes[:, 2].tolist(), boxes[:, 3].tolist()
+    for i, (dy, dx) in enumerate(zip(dys, dxs)):
+        # The output rows and columns that read the box: one run each (the tables are monotone).
+        rows = (((y0[i] >= dy) & (y0[i] < dy + bh)) | ((y1[i] >= dy) & (y1[i] < dy + bh))).nonzero()
+        cols = (((x0[i] >= dx) & (x0[i] < dx + bw)) | ((x1[i] >= dx) & (x1[i] < dx + bw))).nonzero()
+        if len(rows) == 0 or len(cols) == 0:
+            continue
+        r, c = slice(int(rows[0]), int(rows[-1]) + 1), slice(int(cols[0]), int(cols[-1]) + 1)
+        left_x, right_x = x0[i, c], x1[i, c]
+        start = int(torch.minimum(left_x, right_x).min())
+        image = mixed[i, :, :, start:int(torch.maximum(left_x, right_x).max()) + 1]
+        top = image.index_select(1, y0[i, r]).float()
+        blended = top.add_(wy[i, r][None, :, None] * (image.index_select(1, y1[i, r]).float() - top))
+        columns = blended.transpose(1, 2).contiguous()
+        left, right = columns.index_select(1, left_x - start), columns.index_select(1, right_x - start)
+        torch.add(left, wx[i, c][None, :, None] * (right - left), out=out[i, :, r, c].transpose(1, 2))
+    return clean, out
+
+
 def fill_value(mean: tuple[float, ...]) -> Tensor:
     """The uint8 blank colour: the normalisation mean, i.e. ~0 after ``normalize``."""
     return torch.tensor([round(255.0 * m) for m in mean], dtype=torch.uint8)
@@ -133,6 +162,12 @@ class RandomResizedCropFlip:
 
     def __call__(self, images: Tensor, p: dict[str, Tensor]) -> Tensor:
         return resized_crop_flip(images, p["crops"], p["crop_sizes"], p["flips"], self.size)
+
+    def clean_and_mixed(self, canvas: Tensor, mixed: Tensor, p: dict[str, Tensor],
+                        box_hw: tuple[int, int]) -> tuple[Tensor, Tensor]:
+        """(self(canvas, p), self(mixed, p)) of canvases ``mixed`` differs from only in p's boxes."""
+        return resized_crops_clean_and_mixed(canvas, mixed, p["crops"], p["crop_sizes"], p["flips"], self.size,
+                                             p["boxes"], box_hw)
 
 
 AUTO_AUGMENT_POLICIES = ("trivialaugment", "randaugment")

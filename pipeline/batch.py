@@ -16,7 +16,7 @@ from backmix.cam_cache.maps import ForegroundMaps
 
 from .augment import (IMAGENET_MEAN, IMAGENET_STD, AutoAugment, BackMix, Normalize, RandomCropFlip,
                       RandomResizedCropFlip, auto_augment_seed)
-from .backmix import top_k_mask
+from .backmix import box_size, top_k_mask
 from .sampling import BackMixSampler
 
 if TYPE_CHECKING:
@@ -119,13 +119,23 @@ class BatchTransform:
         if self.enabled:
             soft = self.maps.gather(as_index_array(rows)) if maps is None else maps
             mixed = self.mix(canvas, to_device(torch.from_numpy(soft), canvas.device), p)
-            if self.clean:
+            if self.clean and self._crops_the_box_again(canvas):
+                # The CPU's way: the mixed crop is the clean one but where it reads the box (bit for bit).
+                images, mixed = (self.normalize(x) for x in self.crop.clean_and_mixed(
+                    canvas, mixed, p, box_size(tuple(canvas.shape[-2:]), self.mix.box_fraction)))
+            elif self.clean:
                 images, mixed = finish(self.crop(torch.cat([canvas, mixed]), same_crop_twice(p)), 2).chunk(2)
             else:
                 mixed = finish(self.crop(mixed, p))
         else:
             images = finish(self.crop(canvas, p))
         return images, mixed
+
+    def _crops_the_box_again(self, canvas: Tensor) -> bool:
+        """Whether the mixed resized crop is made from the clean one (``clean_and_mixed``): on the CPU, where
+        a second whole crop is the cost, and with nothing between the crop and the normalisation."""
+        return (canvas.device.type == "cpu" and isinstance(self.crop, RandomResizedCropFlip)
+                and self.auto_augment is None)
 
 
 def host_masks(maps: ForegroundMaps, rows: np.ndarray, top_k_ratio: float, tie_break: np.ndarray) -> np.ndarray:
