@@ -30,7 +30,8 @@ def first_row_outside(paths) -> Optional[int]:
     starts, ends = offsets[:-1], offsets[1:]
     rows = np.flatnonzero(ends > starts)
     absolute = rows[data[starts[rows]] == ord("/")]
-    pairs = np.flatnonzero((data[:-1] == ord(".")) & (data[1:] == ord(".")))   # bytes p and p + 1 are '.'
+    dots = np.flatnonzero(data == ord("."))       # one pass over the bytes; dots are few (one a row, ".jpg")
+    pairs = dots[:-1][np.diff(dots) == 1]           # bytes p and p + 1 are '.'
     row = np.searchsorted(offsets, pairs, side="right") - 1
     keep = (row >= 0) & (row < len(starts))
     keep[keep] = pairs[keep] + 2 <= ends[row[keep]]       # both dots in that row

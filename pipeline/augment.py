@@ -6,7 +6,7 @@ through ``BatchParams``; these classes hold only their configuration.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -101,14 +101,17 @@ def resized_crop_flip(images: Tensor, corners: Tensor, sizes: Tensor, flips: Ten
 
 
 def resized_crops_clean_and_mixed(canvas: Tensor, mixed: Tensor, corners: Tensor, sizes: Tensor, flips: Tensor,
-                                  size: int, boxes: Tensor, box_hw: tuple[int, int]) -> tuple[Tensor, Tensor]:
-    """(``resized_crop_flip`` of ``canvas``, the same of ``mixed``), bit for bit, on the CPU, where
-    ``mixed`` is ``canvas`` but inside each image's pasted box (``boxes[:, 2:]``, ``box_hw``): the mixed
-    crop is the clean one copied, with only the output pixels that read the box resampled from
-    ``mixed`` (every pixel is its own blend of four source pixels, in the same float32 operations in
-    the same order: a window computes exactly what the whole crop does there)."""
-    clean = resized_crop_flip(canvas, corners, sizes, flips, size, per_image=True)
-    out = clean.clone()
+                                  size: int, boxes: Tensor, box_hw: tuple[int, int],
+                                  finish: Optional[Callable[[Tensor], Tensor]] = None) -> tuple[Tensor, Tensor]:
+    """(``finish(resized_crop_flip(canvas))``, the same of ``mixed``), bit for bit, on the CPU, where
+    ``mixed`` is ``canvas`` but inside each image's pasted box (``boxes[:, 2:]``, ``box_hw``) and
+    ``finish`` a per-pixel float op in place (the normalisation) or None: the mixed crop is the clean one
+    copied, with only the output pixels that read the box resampled (and finished) from ``mixed``. Every
+    pixel is its own blend of four source pixels, in the same float32 operations in the same order, so a
+    window computes exactly what the whole crop does there."""
+    finish = finish or (lambda x: x)
+    clean = finish(resized_crop_flip(canvas, corners, sizes, flips, size, per_image=True))
+    out = new_batch(tuple(clean.shape), clean.dtype, clean.device).copy_(clean)
     y0, y1, wy, x0, x1, wx = resize_tables(corners, sizes, flips, size)
     (bh, bw), dys, dxs = box_hw, boxes[:, 2].tolist(), boxes[:, 3].tolist()
     for i, (dy, dx) in enumerate(zip(dys, dxs)):
@@ -125,7 +128,8 @@ def resized_crops_clean_and_mixed(canvas: Tensor, mixed: Tensor, corners: Tensor
         blended = top.add_(wy[i, r][None, :, None] * (image.index_select(1, y1[i, r]).float() - top))
         columns = blended.transpose(1, 2).contiguous()
         left, right = columns.index_select(1, left_x - start), columns.index_select(1, right_x - start)
-        torch.add(left, wx[i, c][None, :, None] * (right - left), out=out[i, :, r, c].transpose(1, 2))
+        window = left.add_(wx[i, c][None, :, None] * (right - left))       # [C, columns, rows]
+        out[i, :, r, c].copy_(finish(window[None])[0].transpose(1, 2))
     return clean, out
 
 
@@ -163,11 +167,11 @@ class RandomResizedCropFlip:
     def __call__(self, images: Tensor, p: dict[str, Tensor]) -> Tensor:
         return resized_crop_flip(images, p["crops"], p["crop_sizes"], p["flips"], self.size)
 
-    def clean_and_mixed(self, canvas: Tensor, mixed: Tensor, p: dict[str, Tensor],
-                        box_hw: tuple[int, int]) -> tuple[Tensor, Tensor]:
-        """(self(canvas, p), self(mixed, p)) of canvases ``mixed`` differs from only in p's boxes."""
+    def clean_and_mixed(self, canvas: Tensor, mixed: Tensor, p: dict[str, Tensor], box_hw: tuple[int, int],
+                        finish: Optional[Callable[[Tensor], Tensor]] = None) -> tuple[Tensor, Tensor]:
+        """(finish(self(canvas, p)), finish(self(mixed, p))) of canvases ``mixed`` differs from only in p's boxes."""
         return resized_crops_clean_and_mixed(canvas, mixed, p["crops"], p["crop_sizes"], p["flips"], self.size,
-                                             p["boxes"], box_hw)
+                                             p["boxes"], box_hw, finish)
 
 
 AUTO_AUGMENT_POLICIES = ("trivialaugment", "randaugment")

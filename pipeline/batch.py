@@ -121,8 +121,8 @@ class BatchTransform:
             mixed = self.mix(canvas, to_device(torch.from_numpy(soft), canvas.device), p)
             if self.clean and self._crops_the_box_again(canvas):
                 # The CPU's way: the mixed crop is the clean one but where it reads the box (bit for bit).
-                images, mixed = (self.normalize(x) for x in self.crop.clean_and_mixed(
-                    canvas, mixed, p, box_size(tuple(canvas.shape[-2:]), self.mix.box_fraction)))
+                images, mixed = self.crop.clean_and_mixed(
+                    canvas, mixed, p, box_size(tuple(canvas.shape[-2:]), self.mix.box_fraction), self.normalize)
             elif self.clean:
                 images, mixed = finish(self.crop(torch.cat([canvas, mixed]), same_crop_twice(p)), 2).chunk(2)
             else:

@@ -150,10 +150,10 @@ def test_the_per_image_cpu_crops_equal_the_batched_gather_bit_for_bit(canvas, cr
 @pytest.mark.parametrize("canvas, crop", [(64, 56), (64, 17), (40, 33)])
 def test_the_mixed_crop_made_from_the_clean_one_is_the_mixed_canvases_crop_bit_for_bit(canvas, crop):
     """On the CPU the mixed resized crop is the clean one resampled again only where it reads the pasted
-    box (``resized_crops_clean_and_mixed``): exactly the crop of the mixed canvas, boxes at the edges,
-    boxes resampled up and down, mirrored or not, the lone image of a batch too."""
+    box (``resized_crops_clean_and_mixed``): exactly the crop of the mixed canvas (normalised or not),
+    boxes at the edges, resampled up and down, mirrored or not, the lone image of a batch too."""
     from backmix.pipeline import fill_value, mix_backgrounds, top_k_mask
-    from backmix.pipeline.augment import resized_crops_clean_and_mixed
+    from backmix.pipeline.augment import Normalize, resized_crops_clean_and_mixed
     gen = torch.Generator().manual_seed(canvas + crop)
     for n in (31, 1):
         images = torch.randint(0, 256, (n, 3, canvas, canvas), dtype=torch.uint8, generator=gen)
@@ -163,11 +163,13 @@ def test_the_mixed_crop_made_from_the_clean_one_is_the_mixed_canvases_crop_bit_f
                                            [0, canvas - sampler.box_hw[1]], [canvas - sampler.box_hw[0], 0]])[:n]
         masks = top_k_mask(torch.rand(n, 8, 8, generator=gen), 0.25, p["tie_break"])
         mixed = mix_backgrounds(images, p["partners"], masks, p["boxes"], sampler.box_hw, fill_value((0.5,) * 3))
-        clean, mixed_crops = resized_crops_clean_and_mixed(images, mixed, p["crops"], p["crop_sizes"], p["flips"],
-                                                           crop, p["boxes"], sampler.box_hw)
-        assert torch.equal(clean, resized_crop_flip(images, p["crops"], p["crop_sizes"], p["flips"], crop))
-        assert torch.equal(mixed_crops, resized_crop_flip(mixed, p["crops"], p["crop_sizes"], p["flips"], crop))
-        assert n == 1 or not torch.equal(mixed_crops, clean)
+        for finish in (None, Normalize()):
+            clean, mixed_crops = resized_crops_clean_and_mixed(images, mixed, p["crops"], p["crop_sizes"], p["flips"],
+                                                               crop, p["boxes"], sampler.box_hw, finish)
+            finish = finish or (lambda x: x)
+            assert torch.equal(clean, finish(resized_crop_flip(images, p["crops"], p["crop_sizes"], p["flips"], crop)))
+            assert torch.equal(mixed_crops, finish(resized_crop_flip(mixed, p["crops"], p["crop_sizes"], p["flips"], crop)))
+            assert n == 1 or not torch.equal(mixed_crops, clean)
 
 
 def test_a_box_of_the_crop_size_is_the_plain_crop():
