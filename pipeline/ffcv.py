@@ -108,8 +108,8 @@ def _mix_operation(source: "FfcvSource"):
 
     class BackMixOperation(Operation):
         """[B, S, S, 3] decoded canvases -> (those canvases, then the clean and/or the mixed crop float32
-        [B, 3, s, s], written into the buffers it declares); FFCV hands it the batch's slot of them
-        (reused ``BATCHES_AHEAD + 2`` batches later)."""
+        [B, 3, s, s], written into ``BatchPool`` arrays the batch owns). Its scratch is in the buffers it
+        declares; FFCV hands it the batch's slot of them (reused ``BATCHES_AHEAD + 2`` batches later)."""
 
         def generate_code(self):
             # Compiled here, after FFCV's loader has set its thread count (prange or range).
