@@ -257,7 +257,7 @@ def test_bench_scale_bounded_logs_each_phase_writes_json_as_it_goes_and_cleans_u
     out, scratch = tmp_path / "scale.json", tmp_path / "tmp"
     scratch.mkdir()
     env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "xdg"), "TMPDIR": str(scratch), "OMP_NUM_THREADS": "1"}
-    bench = subprocess.Popen([sys.executable, "-m", "backmix", "bench", "scale", "--classes", "3", "--per-class", "24",
+    bench = subprocess.Popen([sys.executable, "-m", "backmix", "bench", "scale", "--classes", "6", "--per-class", "24",
                               "--source-images", "8", "--backend", "reference", "--batch-size", "8", "--batches", "2",
                               "--workers", "1", "--json", str(out)], env=env, cwd=tmp_path,
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

@@ -351,7 +351,9 @@ def test_a_signal_stops_a_beton_write_within_seconds_and_leaves_no_file(photos, 
     out = tmp_path / "photos.beton"
     proc = start_write(photos, out)
     wait_until(lambda: list(tmp_path.glob(".photos.beton.tmp-*")))      # FFCV's writer has started
-    time.sleep(0.5)
+    # and written its first images (a progress line), not all of them: the signal lands mid-write
+    wait_until(lambda: "writing photos.beton: " in (tmp_path / "photos.beton.stderr").read_text())
+    assert "100%" not in (tmp_path / "photos.beton.stderr").read_text()
     sent = time.monotonic()
     proc.send_signal(getattr(signal, sig))
     rc = proc.wait(timeout=10)

@@ -163,11 +163,12 @@ def run_scale(classes: int, per_class: int, *, backends: list[str], epochs: int 
                 batch_size=batch_size, canvas=canvas, crop=crop, num_workers=workers), epochs, batches, sample_s)
             done(report)
         if train and batches:
-            log.info("bench scale: backmix train, stopped after %d steps", batches)
             memory = MemoryPeaks(sample_s)
+            # The phase line once the child runs: a Ctrl-C from then on stops it too.
             report["train"] = bounded_train(train_args(root, Path(scratch) / "run", Path(scratch) / "train-cache",
                                                        batch_size=batch_size, canvas=canvas, crop=crop,
-                                                       workers=workers), batches, memory)
+                                                       workers=workers), batches, memory,
+                                            started=f"bench scale: backmix train, stopped after {batches} steps")
             report["train"]["memory"] = memory.report()
             done(report)
         elif train:

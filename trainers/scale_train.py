@@ -8,6 +8,7 @@ child's whole process group is stopped too, so no worker outlives the bench.
 """
 from __future__ import annotations
 
+import logging
 import os
 import re
 import signal
@@ -17,6 +18,8 @@ import time
 from pathlib import Path
 
 from backmix.osr_data.errors import BackMixError
+
+log = logging.getLogger("backmix")
 
 STEP_LINE = re.compile(r"epoch 1/\d+ step (\d+)/(\d+)")
 STOP_GRACE_S = 30.0    # after SIGINT, seconds the trainer gets to close its workers before SIGKILL
@@ -38,10 +41,11 @@ def stop_group(proc: subprocess.Popen) -> None:
     proc.wait()
 
 
-def bounded_train(args: list[str], steps: int, memory) -> dict:
+def bounded_train(args: list[str], steps: int, memory, started: str = "") -> dict:
     """Run ``backmix train ARGS --log-every 1`` until its ``steps``-th step (or its end); ``memory`` (a
-    ``MemoryPeaks``) samples it and its workers meanwhile. Returns the first batch's seconds, steps seen
-    and wall time."""
+    ``MemoryPeaks``) samples it and its workers meanwhile; ``started`` is logged once the child is
+    started and in the hands of the cleanup below. Returns the first batch's seconds, steps seen and
+    wall time."""
     command = [sys.executable, "-m", "backmix", "train", *args, "--log-every", "1", "--no-progress"]
     seen, first, tail = 0, None, []
     with memory.sampling():
@@ -49,6 +53,8 @@ def bounded_train(args: list[str], steps: int, memory) -> dict:
         proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                                 start_new_session=True)
         try:
+            if started:
+                log.info(started)
             for line in proc.stderr:
                 tail = (tail + [line.rstrip()])[-5:]
                 match = STEP_LINE.search(line)
