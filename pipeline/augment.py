@@ -64,6 +64,20 @@ def resize_tables(corners: Tensor, sizes: Tensor, flips: Tensor, size: int) -> t
     return y0, y1, wy, x0, x1, wx
 
 
+def _resample(image: Tensor, y0: Tensor, y1: Tensor, wy: Tensor, x0: Tensor, x1: Tensor, wx: Tensor,
+              out: Optional[Tensor] = None) -> Tensor:
+    """One image's bilinear resample, [C, H, W] uint8 -> float32 [C, columns, rows] (transposed): rows
+    blended first, r = a + wy (b - a), then columns, r0 + wx (r1 - r0); ``x0``/``x1`` index ``image``'s
+    columns. Into ``out`` when given. The one arithmetic of the CPU's resized crops."""
+    top = image.index_select(1, y0).float()
+    rows = top.add_(wy[None, :, None] * (image.index_select(1, y1).float() - top))   # [C, rows, width]
+    columns = rows.transpose(1, 2).contiguous()   # [C, width, rows]: a column is a row to select
+    left, right = columns.index_select(1, x0), columns.index_select(1, x1)
+    if out is None:
+        return left.add_(wx[None, :, None] * (right - left))
+    return torch.add(left, wx[None, :, None] * (right - left), out=out)
+
+
 def resized_crop_flip(images: Tensor, corners: Tensor, sizes: Tensor, flips: Tensor, size: int,
                       per_image: Optional[bool] = None) -> Tensor:
     """[B, C, H, W] -> float32 [B, C, size, size]: the box (corner, height x width) of each image resized
@@ -80,11 +94,7 @@ def resized_crop_flip(images: Tensor, corners: Tensor, sizes: Tensor, flips: Ten
         out = new_batch((b, c, size, size), torch.float32, images.device)
         for i, (x, width) in enumerate(zip(corners[:, 1].tolist(), sizes[:, 1].tolist())):
             image = images[i, :, :, x:x + width]       # the box's columns only: no blend is wasted
-            top = image.index_select(1, y0[i]).float()
-            rows = top.add_(wy[i][None, :, None] * (image.index_select(1, y1[i]).float() - top))   # [C, size, width]
-            columns = rows.transpose(1, 2).contiguous()   # [C, width, size]: a column is a row to select
-            left, right = columns.index_select(1, x0[i] - x), columns.index_select(1, x1[i] - x)
-            torch.add(left, wx[i][None, :, None] * (right - left), out=out[i].transpose(1, 2))
+            _resample(image, y0[i], y1[i], wy[i], x0[i] - x, x1[i] - x, wx[i], out=out[i].transpose(1, 2))
         return out
 
     def rows(ys: Tensor) -> Tensor:
@@ -124,11 +134,7 @@ def resized_crops_clean_and_mixed(canvas: Tensor, mixed: Tensor, corners: Tensor
         left_x, right_x = x0[i, c], x1[i, c]
         start = int(torch.minimum(left_x, right_x).min())
         image = mixed[i, :, :, start:int(torch.maximum(left_x, right_x).max()) + 1]
-        top = image.index_select(1, y0[i, r]).float()
-        blended = top.add_(wy[i, r][None, :, None] * (image.index_select(1, y1[i, r]).float() - top))
-        columns = blended.transpose(1, 2).contiguous()
-        left, right = columns.index_select(1, left_x - start), columns.index_select(1, right_x - start)
-        window = left.add_(wx[i, c][None, :, None] * (right - left))       # [C, columns, rows]
+        window = _resample(image, y0[i, r], y1[i, r], wy[i, r], left_x - start, right_x - start, wx[i, c])
         out[i, :, r, c].copy_(finish(window[None])[0].transpose(1, 2))
     return clean, out
 
