@@ -58,6 +58,7 @@ def train_one_epoch(model: nn.Module, loader, optimizer, scheduler, cfg: TrainCo
     ready = time.perf_counter()
     for batch in loader:
         waited = time.perf_counter() - ready   # the share of the step spent waiting for data
+        run_log.batch_in_hand()
         # One forward over the clean and the mixed crops (BatchNorm sees both together).
         x, targets = recipe.inputs(batch, epoch, scheduler.last_epoch)
         n = batch.labels.shape[0]

@@ -10,6 +10,7 @@ import csv
 import importlib.util
 import logging
 import math
+import os
 import sys
 import time
 from contextlib import ExitStack
@@ -23,12 +24,25 @@ from backmix.osr_data.errors import BackMixError
 from .config import TrainConfig
 
 log = logging.getLogger("backmix")
+_IMPORTED = time.perf_counter()
+_first_batch_logged = False   # once a process: the start-up line
 
 STEP_FIELDS = ("epoch", "step", "global_step", "loss", "images_per_s", "lr", "data_wait")
 EPOCH_FIELDS = ("epoch", "loss", "train_acc", "images_per_s", "lr", "train_s")
 EVAL_FIELDS = ("accuracy", "auroc_msp", "auroc_mls", "fpr95_msp", "fpr95_mls", "oscr_msp", "oscr_mls")
 PROGRESS_LINES = 10   # without a terminal: a progress line every tenth of an epoch,
 PROGRESS_SECONDS = 10.0   # but at most one per this many seconds (a short epoch has its epoch line alone)
+
+
+def process_age() -> float:
+    """Seconds since this process started: from /proc on Linux (the interpreter's own start-up
+    included), else since this module was imported."""
+    try:
+        with open("/proc/self/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()   # the name, in parentheses, may hold spaces
+        return time.clock_gettime(time.CLOCK_BOOTTIME) - int(fields[19]) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, AttributeError):
+        return time.perf_counter() - _IMPORTED
 
 
 def show_progress(cfg: TrainConfig, rank: int) -> bool:
@@ -107,6 +121,14 @@ class RunLog:
         if name in self._csv:
             self._csv[name].writerow(row)
             self._files[name].flush()   # readable while the run goes on
+
+    def batch_in_hand(self) -> None:
+        """Called with every training batch: the first one this process trains on logs how long the
+        start-up took (interpreter, imports, index, cache, model and the loader's first batch)."""
+        global _first_batch_logged
+        if self.enabled and not _first_batch_logged:
+            _first_batch_logged = True
+            log.info("first batch in hand %.1fs after the process started", process_age())
 
     def steps(self, row: dict) -> None:
         self._write("steps", row)

@@ -1,24 +1,27 @@
 """``backmix bench scale``: what an ImageNet-sized folder costs before and around training.
 
-On a folder of ``--classes`` x ``--per-class`` JPEGs (default 1000 x 1281, ImageNet's
-shape; hard links to the bench photographs, built once under ~/.cache/backmix), it
-times, with the stages' public functions only: indexing the folder (the first
-``ImageIndex.load``, which scans it and writes index.csv and its binary copy index.arrow, then a
-second one that reads the copy; both files' sizes are reported), starting the foreground cache and opening it (``start_cache``: generation 0 has no file,
-``ForegroundCache`` and a first gather), and the seconds to the first batch of each
-backend (``make_loader`` and one batch). It then runs each backend for ``--epochs``
-epochs of at most ``--batches`` batches (0: whole epochs) and samples the resident set (RSS) and private
-memory (USS, psutil) of the main process and of each worker process every
-``--sample-s`` seconds, keeping each one's peak. Last it trains the small CNN on the
-folder: with ``--batches N``, ``backmix train`` started as a user starts it (a child
-process) and stopped after N steps, reporting the seconds from launch to its first
-step; with ``--batches 0``, the trainer in this process for ``--epochs`` whole epochs
-(the cache rebuilt after each but the last), reporting its seconds to the first batch
-(its wall time less its epochs, evaluations and rebuilds), its memory, and the cache
-rebuild's time as a fraction of an epoch. A line is logged as each phase starts and
-the JSON (``--json``) is rewritten as each one ends; Ctrl-C removes the temporary
-cache and run folders and stops the training child. FFCV needs its beton: a backend without one reports the
-command that writes it, or ``--write-beton`` writes (and times) it first.
+On a folder of ``--classes`` x ``--per-class`` JPEGs (default 1000 x 1281, ImageNet's shape; hard
+links to the bench photographs, built once under ~/.cache/backmix), it times, with the stages'
+public functions only:
+- indexing the folder: the first ``ImageIndex.load``, which scans it and writes index.csv and its
+  binary copy index.arrow, then a second one that reads the copy (both files' sizes are reported);
+- starting the foreground cache and opening it (``start_cache``: generation 0 has no file,
+  ``ForegroundCache`` and a first gather);
+- training the small CNN on the folder, before any loader runs (so no loader's workers are still
+  leaving): with ``--batches N``, ``backmix train`` started as a user starts it (a child process)
+  and stopped after N steps, reporting the seconds from launch to its first batch in hand and to
+  the end of its first step; with ``--batches 0``, the trainer in this process for ``--epochs``
+  whole epochs (the cache rebuilt after each but the last), reporting its seconds to the first
+  batch (its wall time less its epochs, evaluations and rebuilds) and the cache rebuild's time as
+  a fraction of an epoch;
+- each backend: the seconds to its first batch (``make_loader`` and one batch), then ``--epochs``
+  epochs of at most ``--batches`` batches (0: whole epochs).
+For the training run and each backend it samples the resident set (RSS) and private memory (USS,
+psutil) of the main process and of each worker process every ``--sample-s`` seconds, keeping each
+one's peak. A line is logged as each phase starts and the JSON (``--json``) is rewritten as each
+one ends; Ctrl-C removes the temporary cache and run folders and stops the training child. FFCV
+needs its beton: a backend without one reports the command that writes it, or ``--write-beton``
+writes (and times) it first.
 """
 from __future__ import annotations
 
@@ -156,12 +159,8 @@ def run_scale(classes: int, per_class: int, *, backends: list[str], epochs: int 
             _, report["beton_write_s"] = _timed(write, index, beton_locations(index, canvas)[0], canvas=canvas,
                                                 num_workers=workers)
             done(report)
-        report["backends"] = {}
-        for backend in backends:
-            log.info("bench scale: loader %s, %d epoch(s) of %s batches", backend, epochs, batches or "all")
-            report["backends"][backend] = _backend_run(make_loader, backend, index, maps, LoaderConfig(
-                batch_size=batch_size, canvas=canvas, crop=crop, num_workers=workers), epochs, batches, sample_s)
-            done(report)
+        # Training first: its start-up is timed on a machine no loader's workers (Ray's above all) are
+        # still leaving.
         if train and batches:
             memory = MemoryPeaks(sample_s)
             # The phase line once the child runs: a Ctrl-C from then on stops it too.
@@ -177,6 +176,12 @@ def run_scale(classes: int, per_class: int, *, backends: list[str], epochs: int 
                 data=str(root), out=str(Path(scratch) / "run"), epochs=epochs, batch_size=batch_size,
                 canvas=canvas, crop=crop, workers=workers, regen_every=1, eval_every=epochs, progress=False,
                 cache=str(Path(scratch) / "train-cache")), sample_s)
+            done(report)
+        report["backends"] = {}
+        for backend in backends:
+            log.info("bench scale: loader %s, %d epoch(s) of %s batches", backend, epochs, batches or "all")
+            report["backends"][backend] = _backend_run(make_loader, backend, index, maps, LoaderConfig(
+                batch_size=batch_size, canvas=canvas, crop=crop, num_workers=workers), epochs, batches, sample_s)
             done(report)
     return report
 
@@ -245,7 +250,7 @@ def format_table(report: dict) -> str:
         lines += ["", "index on disk: " + ", ".join(f"{name} {mib:.1f} MiB" for name, mib in report["index_mib"].items())]
     lines += ["", "| loader | first batch s | epoch s | images/s | main RSS / USS MiB | workers | "
                   "worker RSS / USS MiB (max) |", "|---|---|---|---|---|---|---|"]
-    rows = dict(report["backends"])
+    rows = dict(report.get("backends", {}))
     if "train" in report:
         rows["train (cnn32)"] = report["train"]
     for name, r in rows.items():
@@ -264,6 +269,10 @@ def format_table(report: dict) -> str:
     if growth:
         lines += ["", "worker private memory (USS) growth from the end of epoch 1 to the end of the last, MiB "
                   "(largest worker): " + ", ".join(f"{name} {g:+.1f}" for name, g in growth.items())]
+    if report.get("train", {}).get("first_step_s") is not None:
+        lines += ["", f"train: first batch in hand {report['train']['first_batch_s']:.2f} s after the start, "
+                      f"its first step done at {report['train']['first_step_s']:.2f} s (the model's first "
+                      "forward and backward on top)"]
     fraction = report.get("train", {}).get("rebuild_fraction_of_epoch")
     if fraction is not None:
         lines += ["", f"cache rebuild: {fraction:.2f} of a training epoch "
