@@ -97,20 +97,24 @@ def stage_times(index: ImageIndex, config: LoaderConfig, batches: int) -> dict[s
     sampler = config.sampler()
     out = {}
     for stages in ("decode", "decode,resize", "decode,resize,crop"):
+        crops = stages.endswith("crop")
+
         def batch_inputs(info):
             start = (info.iteration * b) % len(files)
+            batch = [files[(start + k) % len(files)] for k in range(b)]
+            if not crops:   # the files alone: DALI warns of outputs a pipeline does not read
+                return (batch,)
             p = sampler.draw(b, 0, info.iteration, train=config.train)
-            return ([files[(start + k) % len(files)] for k in range(b)], list(p.flips.astype(np.int32)),
-                    *crop_where(p, config))
+            return (batch, list(p.flips.astype(np.int32)), *crop_where(p, config))
 
         @pipeline_def(batch_size=b, num_threads=max(1, config.num_workers),
                       device_id=device.index if gpu else None,
                       prefetch_queue_depth=PREFETCH, exec_dynamic=True)
         def timing_pipeline():
-            files_in, flips, *where = fn.external_source(source=batch_inputs, num_outputs=4, batch=True,
-                                                         batch_info=True)
+            files_in, *rest = fn.external_source(source=batch_inputs, num_outputs=4 if crops else 1, batch=True,
+                                                 batch_info=True)
             canvas = decode_to_canvas(files_in, config.canvas, gpu, config.canvas_mode, stages)
-            return crop_normalize(canvas, flips, where, config) if stages.endswith("crop") else canvas
+            return crop_normalize(canvas, rest[0], rest[1:], config) if crops else canvas
 
         pipe = timing_pipeline()
         pipe.build()
