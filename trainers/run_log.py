@@ -26,6 +26,7 @@ from .config import TrainConfig
 log = logging.getLogger("backmix")
 _IMPORTED = time.perf_counter()
 _first_batch_logged = False   # once a process: the start-up line
+FIRST_BATCH_LINE = "first batch in hand"   # how that line starts (``bench scale`` times it)
 
 STEP_FIELDS = ("epoch", "step", "global_step", "loss", "images_per_s", "lr", "data_wait")
 EPOCH_FIELDS = ("epoch", "loss", "train_acc", "images_per_s", "lr", "train_s")
@@ -128,7 +129,7 @@ class RunLog:
         global _first_batch_logged
         if self.enabled and not _first_batch_logged:
             _first_batch_logged = True
-            log.info("first batch in hand %.1fs after the process started", process_age())
+            log.info("%s %.1fs after the process started", FIRST_BATCH_LINE, process_age())
 
     def steps(self, row: dict) -> None:
         self._write("steps", row)

@@ -3,9 +3,9 @@
 The command runs in a child process (its own session) with ``--log-every 1``. Its "first batch in
 hand" line marks the first batch (the seconds include the interpreter, the imports, the index, the
 foreground cache and the loaders: what a user waits for) and its first step's line the end of the
-first optimizer step (the model's first forward and backward on top). After ``steps`` step lines the child gets
-SIGINT (the trainer's Ctrl-C) and is waited for; on any error or a Ctrl-C of the bench itself the
-child's whole process group is stopped too, so no worker outlives the bench.
+first optimizer step (the model's first forward and backward on top). After ``steps`` step lines
+the child gets SIGINT (the trainer's Ctrl-C) and is waited for; on any error or a Ctrl-C of the
+bench itself the child's whole process group is stopped too, so no worker outlives the bench.
 """
 from __future__ import annotations
 
@@ -20,10 +20,11 @@ from pathlib import Path
 
 from backmix.osr_data.errors import BackMixError
 
+from .run_log import FIRST_BATCH_LINE
+
 log = logging.getLogger("backmix")
 
 STEP_LINE = re.compile(r"epoch 1/\d+ step (\d+)/(\d+)")
-FIRST_BATCH_LINE = "first batch in hand"   # RunLog.batch_in_hand's
 STOP_GRACE_S = 30.0    # after SIGINT, seconds the trainer gets to close its workers before SIGKILL
 
 
@@ -73,7 +74,8 @@ def bounded_train(args: list[str], steps: int, memory, started: str = "") -> dic
     if first is None or first_step is None:
         raise BackMixError(f"the training run ended (exit {proc.returncode}) before its first step: "
                            + " | ".join(tail))
-    return {"first_batch_s": first, "first_step_s": first_step, "steps": seen, "wall_s": wall, "command": " ".join(["backmix", "train", *args])}
+    return {"first_batch_s": first, "first_step_s": first_step, "steps": seen, "wall_s": wall,
+            "command": " ".join(["backmix", "train", *args])}
 
 
 def train_args(root: Path, run: Path, cache: Path, *, batch_size: int, canvas: int, crop: int,
