@@ -32,20 +32,25 @@ class BackMixBatch(NamedTuple):
                               # label map; -1 marks an unknown class, which only an evaluation loader serves)
     dataset_labels: Tensor    # int64 [B], host: the index file's labels (to score unknown classes)
     indices: Tensor           # int64 [B], host: dataset indices (row numbers of the index file)
+    second: Optional[Tensor] = None  # float [B, 3, s, s]: the two-view baseline's second clean crop of each
+                                     # image, cropped and flipped independently of ``images``; else None
 
     def inputs(self) -> tuple[Tensor, Tensor]:
-        """(x, y) for one forward pass: the clean crops, then the mixed ones (either may be absent),
-        and their targets (``labels`` once per part). The mixed copy keeps its image's label."""
-        parts = [t for t in (self.images, self.mixed) if t is not None]
+        """(x, y) for one forward pass: the clean crops, then the mixed ones, then the second clean view
+        (each may be absent), and their targets (``labels`` once per part). The mixed copy keeps its
+        image's label."""
+        parts = [t for t in (self.images, self.mixed, self.second) if t is not None]
         x = torch.cat(parts) if len(parts) > 1 else parts[0]
         return x, self.labels.repeat(len(parts))
 
     def loss(self, criterion, logits: Tensor, *, clean: float = 1.0, mixed: float = 1.0,
              targets: Optional[Tensor] = None) -> Tensor:
-        """``clean`` * criterion(clean part) + ``mixed`` * criterion(mixed part) of the logits of ``inputs()``.
-        ``targets``: instead of ``labels``, one row per row of ``inputs()`` (clean part, then mixed part),
-        e.g. the soft targets [P * B, K] of Mixup/CutMix (``nn.CrossEntropyLoss`` takes probabilities)."""
-        weights = [w for t, w in ((self.images, clean), (self.mixed, mixed)) if t is not None]
+        """``clean`` * criterion(clean part) + ``mixed`` * criterion(mixed part) of the logits of ``inputs()``;
+        the two-view baseline's second view is weighted as the mixed part (the same loss as BackMix's
+        clean + mixed, on two clean views). ``targets``: instead of ``labels``, one row per row of
+        ``inputs()`` (in its order), e.g. the soft targets [P * B, K] of Mixup/CutMix
+        (``nn.CrossEntropyLoss`` takes probabilities)."""
+        weights = [w for t, w in ((self.images, clean), (self.mixed, mixed), (self.second, mixed)) if t is not None]
         n = self.labels.shape[0]
         if targets is not None and targets.shape[0] != n * len(weights):
             raise ValueError(f"targets has {targets.shape[0]} rows, the batch's inputs {n * len(weights)}")

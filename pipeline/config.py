@@ -15,7 +15,7 @@ from backmix.osr_data.errors import BackMixError
 
 from .augment import AUTO_AUGMENT_POLICIES, IMAGENET_MEAN, IMAGENET_STD
 from .batch import RowLabels
-from .sampling import LAST_BATCH, BackMixSampler, EpochSampler, check_augment, check_fraction
+from .sampling import LAST_BATCH, BackMixSampler, EpochSampler, check_augment, check_fraction, view_seed
 
 ON_ERROR = ("raise", "skip")
 DEVICES = ("auto", "cpu", "cuda")
@@ -32,6 +32,9 @@ class LoaderConfig:
     grid: int = 8                # g of the g x g foreground maps
     backmix: bool = True
     clean: bool = True           # with BackMix, also the clean crop; False: the mixed one only (the authors' recipe)
+    mix_prob: Optional[float] = None  # with BackMix: one crop per image, its mixed one with this probability
+                                      # (drawn per image from (seed, epoch, rank, step)), else its clean one
+    views: int = 1               # without BackMix: 2 = a second, independently augmented clean crop of each image
     box_fraction: float = 0.25
     top_k_ratio: float = 0.25
     seed: int = 0
@@ -64,6 +67,16 @@ class LoaderConfig:
             raise BackMixError(f"last_batch must be one of {LAST_BATCH}, got {self.last_batch!r}")
         if not (self.clean or self.backmix):
             raise BackMixError("a loader without BackMix must return the clean images (clean=True)")
+        if self.mix_prob is not None:
+            if not 0 <= self.mix_prob <= 1:
+                raise BackMixError(f"mix_prob must lie in [0, 1], got {self.mix_prob}")
+            if not (self.backmix and self.clean):
+                raise BackMixError("mix_prob picks each image's mixed or clean crop: it needs backmix=True "
+                                   "and clean=True")
+        if self.views not in (1, 2) or isinstance(self.views, bool):
+            raise BackMixError(f"views must be 1 or 2, got {self.views!r}")
+        if self.views == 2 and self.backmix:
+            raise BackMixError("views=2 is the two-view baseline: it needs backmix=False")
         if self.device not in DEVICES:
             raise BackMixError(f"device must be one of {DEVICES}, got {self.device!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, (int, np.integer)) or not 0 <= self.seed < 2**63:
@@ -76,10 +89,11 @@ class LoaderConfig:
         if self.num_workers < 0:
             raise BackMixError(f"num_workers must be >= 0, got {self.num_workers}")
 
-    def sampler(self) -> BackMixSampler:
+    def sampler(self, view: int = 0) -> BackMixSampler:
+        """The draws of view ``view`` of each image (view 1: the two-view baseline's second crop)."""
         return BackMixSampler(canvas=self.canvas, crop=self.crop, grid=self.grid,
                               box_fraction=self.box_fraction, top_k_ratio=self.top_k_ratio,
-                              seed=self.seed, augment=self.augment)
+                              seed=view_seed(self.seed, view), augment=self.augment)
 
     @property
     def resizes(self) -> bool:

@@ -29,7 +29,7 @@ from backmix.osr_data.index import ImageIndex
 
 from .batch import BackMixBatch, BatchTransform, host_masks, to_device
 from .config import LoaderConfig, LoaderPosition, choose_device, loader_inputs
-from .sampling import BatchParams
+from .sampling import BatchParams, mixed_rows
 
 log = logging.getLogger("backmix")
 
@@ -96,12 +96,22 @@ class Loader(LoaderPosition):
             index, config, maps, rows, label_map)
         self.transform = BatchTransform.for_config(self.maps, config)
         self.sampler = self.transform.sampler
+        # The two-view baseline's second crop of every canvas, the same torch stage for every backend.
+        self.second_view = BatchTransform(self.maps, config.sampler(view=1), backmix=False, mean=config.mean,
+                                          std=config.std, train=config.train, auto_augment=config.auto_augment
+                                          ) if config.views == 2 else None
         self.source.open()
 
     @property
     def wants_canvas(self) -> bool:
+        """Whether sources send the canvas: a batch carries it (``carries_canvas``), or the core crops it a
+        second time (the two-view baseline). Without it no source copies or sends it."""
+        return self.carries_canvas or self.config.views == 2
+
+    @property
+    def carries_canvas(self) -> bool:
         """Whether batches carry the canvas: asked for (``config.keep_canvas``), or an in-loop rebuild
-        takes CAMs from it. Without it no source copies or sends it."""
+        takes CAMs from it."""
         return self.config.keep_canvas or self.recorder is not None
 
     def inputs(self, step: int, rows: np.ndarray) -> tuple[BatchParams, np.ndarray]:
@@ -137,7 +147,14 @@ class Loader(LoaderPosition):
             images, mixed = self.transform(canvas, rows, epoch=self.epoch, step=out.step, rank=self.config.rank)
         else:
             canvas, images, mixed = (None if t is None else to_device(t, dev) for t in (out.canvas, out.images, out.mixed))
-        return BackMixBatch(canvas if self.wants_canvas else None, images, mixed, *self.row_labels.take(rows, dev))
+        cfg, second = self.config, None
+        if cfg.mix_prob is not None and images is not None and mixed is not None:
+            chosen = mixed_rows(self.sampler.seed, self.epoch, cfg.rank, out.step, len(rows), cfg.mix_prob)
+            mixed, images = torch.where(to_device(torch.from_numpy(chosen), dev)[:, None, None, None], mixed, images), None
+        if self.second_view is not None:
+            second, _ = self.second_view(canvas, rows, epoch=self.epoch, step=out.step, rank=cfg.rank)
+        return BackMixBatch(canvas if self.carries_canvas else None, images, mixed, *self.row_labels.take(rows, dev),
+                            second=second)
 
     def report(self, failed: list) -> None:
         """The ``on_error`` policy, for every backend (``undecodable``): a file missing or changed since

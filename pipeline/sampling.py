@@ -125,6 +125,18 @@ def resized_crop_boxes(rng: np.random.Generator, b: int, size: int) -> tuple[np.
     return np.stack([top, left], axis=1).astype(np.int64), np.stack([h, w], axis=1).astype(np.int64)
 
 
+def mixed_rows(seed: int, epoch: int, rank: int, step: int, batch_size: int, prob: float) -> np.ndarray:
+    """bool [B]: which images of a batch train on their mixed crop under a mix probability (the rest on
+    their clean one): each with probability ``prob``, from a generator of its own, so the batch's other
+    draws are those of every other recipe."""
+    return np.random.default_rng([seed, epoch, rank, step, 0x3B]).random(batch_size) < prob
+
+
+def view_seed(seed: int, view: int) -> int:
+    """The seed of a further independently augmented view of each image (view 0 is ``seed`` itself)."""
+    return seed if view == 0 else int(np.random.SeedSequence([seed, view, 0x2F]).generate_state(1, np.uint64)[0] >> 1)
+
+
 def check_fraction(name: str, value: float) -> float:
     if not 0.0 < float(value) < 1.0:
         raise BackMixError(f"{name} must lie in (0, 1), got {value}")

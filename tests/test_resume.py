@@ -118,3 +118,61 @@ def test_inputs_and_loss_are_what_a_loop_needs(tiny_root, clean, backmix):
     weights = [w for t, w in ((b.images, 0.3), (b.mixed, 2.0)) if t is not None]
     want = sum(w * ce(logits[k * n:(k + 1) * n], b.labels) for k, w in enumerate(weights))
     assert torch.equal(b.loss(ce, logits, clean=0.3, mixed=2.0), want)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_mix_prob_serves_each_image_its_mixed_or_clean_crop_the_same_on_every_backend(tiny_root, backend):
+    """One crop per image: the mixed one where the batch's draw (a pure function of seed, epoch, rank and
+    step) says so, else the clean one, exactly as that backend's clean + mixed stream has them."""
+    from backmix.pipeline.sampling import mixed_rows
+    index = ImageIndex.load(tiny_root)
+    both = make_loader(backend, index, config(), maps_for(index))
+    one = make_loader(backend, index, config(mix_prob=0.5), maps_for(index))
+    for loader in (both, one):
+        loader.set_epoch(2)
+    chosen_anywhere = 0
+    for step, (a, b) in enumerate(zip(both, one)):
+        chosen = torch.from_numpy(mixed_rows(3, 2, 0, step, len(a.labels), 0.5))
+        chosen_anywhere += int(chosen.sum())
+        assert b.images is None and b.mixed.shape == a.mixed.shape
+        assert torch.equal(b.mixed, torch.where(chosen[:, None, None, None], a.mixed, a.images))
+        assert torch.equal(b.inputs()[1], a.labels) and torch.equal(b.indices, a.indices)
+    assert 0 < chosen_anywhere < len(index)
+
+
+def test_mix_prob_draws_are_a_pure_function_of_the_batch_key_with_share_p():
+    from backmix.pipeline.sampling import mixed_rows
+    key = (7, 3, 1, 11)
+    assert np.array_equal(mixed_rows(*key, 64, 0.3), mixed_rows(*key, 64, 0.3))
+    others = [mixed_rows(*(key[:i] + (key[i] + 1,) + key[i + 1:]), 64, 0.3) for i in range(4)]
+    assert all(not np.array_equal(o, mixed_rows(*key, 64, 0.3)) for o in others)
+    for p in (0.25, 0.5, 0.9):
+        n_batches, b = 157, 64                             # 10,048 images
+        k = sum(int(mixed_rows(0, e, 0, s, b, p).sum()) for e in range(2) for s in range(n_batches // 2 + 1))
+        n = b * 2 * (n_batches // 2 + 1)
+        assert abs(k - n * p) <= 4 * np.sqrt(n * p * (1 - p)), (p, k / n)   # 4 sigma: fails ~1 in 16,000
+    assert not mixed_rows(0, 0, 0, 0, 64, 0.0).any() and mixed_rows(0, 0, 0, 0, 64, 1.0).all()
+
+
+def test_two_views_are_two_independent_clean_crops_of_each_image(tiny_root):
+    """The compute-matched baseline: the first view is the one-view baseline's crop, bit for bit; the
+    second another crop and flip of the same canvas, drawn from a stream of its own."""
+    index = ImageIndex.load(tiny_root)
+    one = list(make_loader("reference", index, config(backmix=False)))
+    two = list(make_loader("reference", index, config(backmix=False, views=2, keep_canvas=False)))
+    differ = 0
+    for a, b in zip(one, two):
+        assert b.mixed is None and a.second is None and b.canvas is None
+        assert torch.equal(a.images, b.images) and b.second.shape == b.images.shape
+        differ += int((b.second != b.images).flatten(1).any(1).sum())
+        x, y = b.inputs()
+        assert torch.equal(x, torch.cat([b.images, b.second])) and torch.equal(y, b.labels.repeat(2))
+        logits = torch.randn(len(x), 3, generator=torch.Generator().manual_seed(1))
+        ce, n = nn.CrossEntropyLoss(), len(b.labels)
+        assert torch.equal(b.loss(ce, logits, clean=0.3, mixed=2.0),
+                           0.3 * ce(logits[:n], b.labels) + 2.0 * ce(logits[n:], b.labels))
+    assert differ >= 0.8 * len(index)   # a crop and flip of 9 x 9 x 2 choices repeats rarely
+    for bad, message in ((dict(views=2), "backmix=False"), (dict(views=3, backmix=False), "views must be"),
+                         (dict(mix_prob=0.5, backmix=False), "needs backmix"), (dict(mix_prob=1.5), r"\[0, 1\]")):
+        with pytest.raises(BackMixError, match=message):
+            config(**bad)

@@ -200,6 +200,40 @@ def test_w_raw_0_trains_on_the_mixed_crops_alone(small_root, tmp_path, monkeypat
             tiny(small_root, tmp_path / "bad", **bad)
 
 
+def forwarded_images(monkeypatch, cfg: TrainConfig) -> int:
+    """Images the model sees in training forward passes over one run."""
+    import backmix.trainers.train as train_mod
+    seen, build = [], train_mod.build_model
+
+    def recording_model(*args, **kw):
+        model = build(*args, **kw)
+        model.register_forward_pre_hook(lambda m, inp: seen.append(inp[0].shape[0]) if m.training else None)
+        return model
+
+    monkeypatch.setattr(train_mod, "build_model", recording_model)
+    main(cfg)
+    return sum(seen)
+
+
+@pytest.mark.parametrize("method, passes", [("baseline", 1), ("baseline-2view", 2), ("backmix", 2),
+                                            ("backmix-mixed", 1), ("backmix-p50", 1)])
+def test_each_method_makes_its_forward_passes(small_root, tmp_path, monkeypatch, method, passes):
+    """baseline-2view costs what BackMix's clean + mixed costs: two forward passes per training image."""
+    from backmix.trainers.methods import METHODS
+    cfg = tiny(small_root, tmp_path / method, epochs=1, **METHODS[method])
+    assert cfg.forward_passes == passes
+    n = forwarded_images(monkeypatch, cfg)
+    assert n == passes * read_jsonl(Path(cfg.out) / "metrics.jsonl")[0]["images"]
+
+
+def test_method_presets_refuse_a_contradicting_flag(small_root, tmp_path, capsys):
+    base = ["train", "--data", str(small_root), "--out", str(tmp_path / "x"), "--known", "ant,cat"]
+    assert cli_main(base + ["--method", "backmix-p50", "--no-backmix"]) == 2
+    assert "--method backmix-p50 sets --no-backmix itself" in capsys.readouterr().err
+    assert cli_main(base + ["--mix-prob", "0.5", "--no-backmix"]) == 2
+    assert "--mix-prob" in capsys.readouterr().err and not (tmp_path / "x").exists()
+
+
 def test_resume_of_a_finished_run_is_refused(finished_run, capsys):
     assert cli_main(cli_args(finished_run) + ["--epochs", "4", "--resume"]) == 2
     assert "has finished all 4 epochs" in capsys.readouterr().err
@@ -282,12 +316,13 @@ def stop_when(proc: subprocess.Popen, last: Path, ready) -> dict:
     pytest.fail(proc.stderr.read().decode() if proc.poll() is not None else "no such checkpoint in time")
 
 
-@pytest.mark.parametrize("save_every", [0, 1], ids=["epoch-end", "mid-epoch"])
-def test_killed_run_resumes_to_the_same_result(small_root, tmp_path, save_every):
+@pytest.mark.parametrize("save_every, method", [(0, None), (1, None), (1, "baseline-2view"), (1, "backmix-p50")],
+                         ids=["epoch-end", "mid-epoch", "mid-epoch-2view", "mid-epoch-mix-prob"])
+def test_killed_run_resumes_to_the_same_result(small_root, tmp_path, save_every, method):
     """SIGKILL once a checkpoint is on disk (after epoch 1, or part-way through an epoch with --save-every),
     resume: the same weights and metrics as the unbroken run, bit for bit."""
     cfg = tiny(small_root, tmp_path / "killed", epochs=3, regen_every=1, batch_size=4)   # 6 steps an epoch
-    extra = ["--save-every", str(save_every)]
+    extra = ["--save-every", str(save_every)] + (["--method", method] if method else [])
     proc = subprocess.Popen([sys.executable, "-m", "backmix", "-q", *cli_args(cfg), *extra], cwd=REPO, env=env(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     last = Path(cfg.out) / "last.pt"
@@ -305,7 +340,7 @@ def test_killed_run_resumes_to_the_same_result(small_root, tmp_path, save_every)
     assert done.returncode == 0, done.stderr
 
     straight = tiny(small_root, tmp_path / "straight", epochs=3, regen_every=1, batch_size=4)
-    subprocess.run([sys.executable, "-m", "backmix", "-q", *cli_args(straight)], cwd=REPO, env=env(),
+    subprocess.run([sys.executable, "-m", "backmix", "-q", *cli_args(straight), *extra], cwd=REPO, env=env(),
                    check=True, capture_output=True, timeout=300)
     a, b = read_jsonl(Path(cfg.out) / "metrics.jsonl"), read_jsonl(Path(straight.out) / "metrics.jsonl")
     assert [r["epoch"] for r in a] == [1, 2, 3]
@@ -538,12 +573,12 @@ def test_experiment_pairs_methods_per_split_and_seed(tmp_path, capsys):
 
     # The paired table leads results.md: mean ± std over the 2 pairs of (backmix-mixed - baseline).
     text = (tmp_path / "results.md").read_text()
-    assert text.index("| dataset | variant − baseline |") < text.index("| dataset | method | runs |")
+    assert text.index("| dataset | variant − reference |") < text.index("| dataset | method | runs |")
     cells = []
     for key, _ in COLUMNS:
         d = np.array([results[i + 1]["metrics"][key] - results[i]["metrics"][key] for i in (0, 2)]) * 100
         cells.append(f"{d.mean():+.1f} ± {d.std(ddof=1):.1f} ({int((d > 0).sum())}/2)")
-    assert "| digits | backmix-mixed | 2 | " + " | ".join(cells) + " |" in text
+    assert "| digits | backmix-mixed − baseline | 2 | " + " | ".join(cells) + " |" in text
     pair0 = [(results[1]["metrics"][k] - results[0]["metrics"][k]) * 100 for k in ("accuracy", "auroc_msp")]
     assert f"| digits | backmix-mixed | 0 | 0 | {pair0[0]:+.1f} | {pair0[1]:+.1f} |" in text
     assert "| digits | baseline | 2 |" in text and "| digits | backmix-mixed | 2 |" in text
@@ -731,3 +766,23 @@ def test_an_open_test_folder_is_reported_under_its_name(small_root, tmp_path, ca
     assert "unknowns: held-out classes (12 images)" in printed and "unknowns: ood-set (5 images)" in printed
     assert cli_main(cli_args(tiny(small_root, tmp_path / "run2")) + ["--open-test", str(tmp_path / "none")]) == 2
     assert capsys.readouterr().err.endswith(f"backmix: error: --open-test {tmp_path / 'none'} is not a folder of images\n")
+
+
+def test_experiment_on_a_users_folder_pairs_backmix_with_the_baseline_of_its_compute(small_root, tmp_path):
+    from backmix.trainers.experiment import run_experiment
+    overrides = dict(epochs=1, width=0.25, batch_size=16, device="cpu")
+    methods = ("baseline", "baseline-2view", "backmix", "backmix-p50")
+    results = run_experiment(tmp_path, None, 1, overrides, data=small_root, methods=methods)
+    assert [r["method"] for r in results] == list(methods)
+    assert all(r["dataset"] == small_root.name and r["config"]["data"] == str(small_root) for r in results)
+    assert not (tmp_path / "data").exists()            # nothing prepared: the user's folder is read as it is
+    text = (tmp_path / "results.md").read_text()
+    by = {r["method"]: r["metrics"] for r in results}
+    equal_compute = text[text.index("At equal compute"):text.index("Against the plain baseline")]
+    for method, reference in (("backmix", "baseline-2view"), ("backmix-p50", "baseline")):
+        d = (by[method]["auroc_mls"] - by[reference]["auroc_mls"]) * 100
+        row = next(line for line in equal_compute.splitlines() if f"| {method} − {reference} |" in line)
+        assert row.split(" | ")[5].startswith(f"{d:+.1f} ± 0.0")   # Δ AUROC (MLS), one pair
+    assert "| baseline-2view | 1 | 2 |" in text and "| backmix-p50 | 1 | 1 |" in text   # passes per image
+    with pytest.raises(BackMixError, match="--data and --datasets"):
+        run_experiment(tmp_path, ["digits"], 1, overrides, data=small_root)

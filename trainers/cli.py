@@ -10,7 +10,8 @@ from backmix.pipeline.loaders import backend_options
 from backmix.osr_data.protocols import PROTOCOLS
 from backmix.pipeline.sampling import AUGMENTS
 
-from .config import AMP, AUTO_AUGMENTS, BETON_MODES, LOG_SINKS, OPTIMIZERS, REGEN, TrainConfig, field_defaults
+from .config import AMP, AUTO_AUGMENTS, BETON_MODES, LOG_SINKS, OPTIMIZERS, REGEN, TrainConfig, field_defaults, option
+from .methods import METHODS, method_fields
 from .metrics import SCORES
 
 S = argparse.SUPPRESS   # an option not given stays out of the namespace: we know what was explicit
@@ -95,6 +96,15 @@ def register(top) -> None:
                    help="weight of the clean (un-mixed) images' loss; 0 with BackMix: train on the mixed "
                         "images only, as the authors do (the loader then skips the clean crops)" + _d("w_raw"))
     p.add_argument("--w-mix", type=float, default=S, help="weight of the mixed images' loss" + _d("w_mix"))
+    p.add_argument("--mix-prob", type=float, default=S, metavar="P",
+                   help="BackMix at one forward pass per image: each image of a batch trains on its mixed crop "
+                        "with probability P (drawn per image from seed, epoch, rank and step), else on its clean "
+                        "one; the loss is --w-mix times CE on that crop (default: none, both crops)")
+    p.add_argument("--method", choices=tuple(METHODS), default=None,
+                   help="a recipe by name, as `backmix experiment` runs it: baseline (--no-backmix), "
+                        "baseline-2view (two independently augmented clean crops of each image, CE on both "
+                        "weighted as --w-raw and --w-mix: BackMix's forward passes without the mix), backmix "
+                        "(clean + mixed), backmix-mixed (--w-raw 0), backmix-p50 (--mix-prob 0.5)")
     p.add_argument("--regen-every", type=int, default=S,
                    help="rebuild the foreground cache after every k epochs, 0 never" + _d("regen_every"))
     p.add_argument("--regen", choices=REGEN, default=S,
@@ -193,6 +203,12 @@ def config_from_args(args) -> tuple[TrainConfig, set[str]]:
         if given.get(key) is not None:
             given[key] = str(given[key])
     values.update(given)
+    if getattr(args, "method", None):
+        for key, value in method_fields(args.method).items():
+            if key in given and given[key] != value:
+                flag = "--no-backmix" if key == "backmix" else option(key)
+                raise BackMixError(f"--method {args.method} sets {flag} itself; leave {flag} out")
+            values[key] = value
     if not values.get("data"):
         raise BackMixError("--data is required (on the command line or in --config)")
     values.setdefault("out", "runs/quick")

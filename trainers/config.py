@@ -18,6 +18,8 @@ from backmix.pipeline.loaders import BACKENDS, backend_options
 from backmix.pipeline.sampling import AUGMENTS
 from backmix.pipeline.augment import AUTO_AUGMENT_POLICIES
 
+from .methods import forward_passes
+
 OPTIMIZERS = ("sgd", "adamw")
 AMP = ("auto", "bf16", "fp16", "off")
 REGEN = ("loop", "pass")
@@ -43,7 +45,7 @@ NUMERIC_RANGES = {
     "seed": (lambda v: 0 <= v < 2 ** 63, "in [0, 2**63)"), "workers": _at_least(0), "eval_every": _at_least(0),
     "save_every": _at_least(0), "jpeg_quality": (lambda v: v == int(v) and 1 <= v <= 100, "in 1..100"), "val_fraction": (lambda v: 0 <= v < 1, "in [0, 1)"), "log_every": _at_least(0), "label_smoothing": (lambda v: 0 <= v < 1, "in [0, 1)"),
     "ema": (lambda v: v == 0 or 0 < v < 1, "in (0, 1), or 0 for none"), "clip_grad": _at_least(0),
-    "mixup": _at_least(0), "cutmix": _at_least(0),
+    "mixup": _at_least(0), "cutmix": _at_least(0), "mix_prob": (lambda v: 0 < v <= 1, "in (0, 1]"),
 }
 
 
@@ -85,6 +87,8 @@ class TrainConfig:
     backmix: bool = True              # False: plain baseline (loss on the raw images only)
     w_raw: float = 1.0                # weight of CE on the clean crops (0 with BackMix: mixed only)
     w_mix: float = 1.0                # weight of CE on the mixed crops
+    mix_prob: Optional[float] = None  # with BackMix: one crop per image, the mixed one with this probability
+    views: int = 1                    # without BackMix: 2 = CE on two independently augmented clean crops
     regen_every: int = 2              # rebuild the foreground cache after every k epochs (0: never)
     regen: str = "loop"               # CAMs of the rebuild: "loop" from the epoch's batches, "pass" after it
     momentum: float = 0.1             # CAM momentum of the cache update
@@ -128,13 +132,23 @@ class TrainConfig:
             if value not in choices:
                 raise BackMixError(f"unknown {option(name)} {value!r} (choose from {', '.join(choices)})")
         for name in NUMERIC_RANGES:
-            check_number(name, getattr(self, name))
+            if name != "mix_prob":   # optional: checked below when given
+                check_number(name, getattr(self, name))
         check_canvas(self.canvas, self.crop, self.grid)
         if self.protocol is not None and self.protocol not in PROTOCOLS:
             raise BackMixError(f"unknown --protocol {self.protocol!r} (choose from {', '.join(PROTOCOLS)})")
         if self.protocol and self.splits_file:
             raise BackMixError("--protocol and --splits both name the split list; give one of them")
         self.open_test = [str(folder) for folder in self.open_test]
+        if self.mix_prob is not None:
+            check_number("mix_prob", self.mix_prob)
+            if not self.backmix:
+                raise BackMixError("--mix-prob picks each image's mixed or clean crop: it needs BackMix")
+        if self.views not in (1, 2) or isinstance(self.views, bool):
+            raise BackMixError(f"--views must be 1 or 2, got {self.views!r}")
+        if self.views == 2 and self.backmix:
+            raise BackMixError("two clean views are the compute-matched baseline: --method baseline-2view "
+                               "(without BackMix)")
         if self.w_raw == 0 and not (self.backmix and self.w_mix > 0):
             raise BackMixError("--w-raw 0 trains on the mixed images only: it needs BackMix and --w-mix > 0")
         for sink in self.log_sinks:
@@ -156,6 +170,11 @@ class TrainConfig:
     @property
     def cache_dir(self) -> Path:
         return Path(self.cache) if self.cache else self.run_dir / "cache"
+
+    @property
+    def forward_passes(self) -> int:
+        """Forward/backward passes per training image (``trainers.methods``)."""
+        return forward_passes(self.backmix, self.w_raw, self.views, self.mix_prob)
 
     @property
     def model_kwargs(self) -> dict:

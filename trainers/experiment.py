@@ -30,10 +30,12 @@ from backmix.osr_data.decode import CANVAS_MODES
 from backmix.osr_data.errors import BackMixError
 from backmix.osr_data.filelock import exclusive_lock
 from backmix.osr_data.prepare import prepare
+from backmix.osr_data.protocols import PROTOCOLS
 from backmix.pipeline.sampling import AUGMENTS
 
 from .config import TrainConfig
-from .experiment_plan import DEFAULT_PLAN, claim, claimed_by_another, make_plan, plan_runs, plan_text, run_dir
+from .experiment_plan import (DEFAULT_PLAN, claim, claimed_by_another, make_plan, plan_runs, plan_text, run_dir,
+                              user_plan)
 from .experiment_report import METHODS, report, run_seed
 from .run_files import append_jsonl, read_jsonl
 from .train import main as train_main
@@ -44,10 +46,11 @@ log = logging.getLogger("backmix")
 # baseline's test accuracy and AUROC have stopped rising (docs/experiment/learning-curves.md).
 BUDGETS = {"quick": dict(epochs=10, width=0.5, lr=0.05),
            "converged": dict(epochs=30, width=0.5, lr=0.05)}
-EXPERIMENT_DEFAULTS = dict(arch="cnn32", batch_size=64, regen_every=2, eval_every=0, workers=0, val_fraction=0.1)
+EXPERIMENT_DEFAULTS = dict(arch="cnn32", batch_size=64, regen_every=2, eval_every=0, workers=0, val_fraction=0.1,
+                           protocol=None)
 # A folder's finished runs are reused only under the same budget: these fields must match (runs of
 # before the validation split have no val_fraction, so they are never mixed with runs selected on it).
-BUDGET_FIELDS = ("epochs", "width", "lr", "arch", "batch_size", "val_fraction")
+BUDGET_FIELDS = ("epochs", "width", "lr", "arch", "batch_size", "val_fraction", "protocol")
 
 
 def check_budget(results: list[dict], cfg: dict, results_path: Path) -> None:
@@ -108,27 +111,38 @@ def progress_log(path: Path):
 
 def run_experiment(out: Path, datasets: Optional[list[str]] = None, splits: int = 5,
                    overrides: Optional[dict] = None, *, seeds: Optional[int] = None, keep_runs: bool = False,
-                   methods: Optional[tuple[str, ...]] = None, progress: bool = False) -> list[dict]:
+                   methods: Optional[tuple[str, ...]] = None, progress: bool = False,
+                   data: Optional[Path] = None) -> list[dict]:
     """Train every run of the plan (``experiment_plan``) not yet in OUT/results.jsonl; write OUT/results.md.
     Returns every run in results.jsonl.
 
     Seeds are ``overrides["seed"]`` (default 0) plus each plan entry's offsets; ``seeds``/``methods``
-    replace the default plan's by the same ones for every data set. Safe to run in several processes on
-    one OUT: each claims its next run under the folder's lock.
+    replace the default plan's by the same ones for every data set. ``data``: a prepared root of the
+    user's instead of the bundled data sets (named by ``overrides["protocol"]`` when given, else by
+    its folder), every method by default. Safe to run in several processes on one OUT: each claims
+    its next run under the folder's lock.
     """
     out = Path(out)
-    plan = make_plan(datasets, seeds, methods)
+    if data is not None:
+        if datasets:
+            raise BackMixError("--data and --datasets both name the data; give one of them")
+        name = (overrides or {}).get("protocol") or Path(data).resolve().name
+        plan = user_plan(name, seeds, methods)
+    else:
+        plan = make_plan(datasets, seeds, methods)
     if not 1 <= splits <= 5:
         raise BackMixError(f"--splits must lie in 1..5, got {splits}")
     base = {**EXPERIMENT_DEFAULTS, **BUDGETS["quick"], **(overrides or {})}
     TrainConfig(**base)   # a bad value is one line now, not after the data sets are prepared
     runs = plan_runs(plan, splits, base.get("seed", 0))
-    plan_desc = plan_text(plan, splits) + "; budget " + ", ".join(f"{f} {base[f]}" for f in BUDGET_FIELDS)
+    plan_desc = plan_text(plan, splits) + "; budget " + ", ".join(f"{f} {base[f]}" for f in BUDGET_FIELDS if base[f] is not None)
     out.mkdir(parents=True, exist_ok=True)
     results_path = out / "results.jsonl"
     check_budget(read_jsonl(results_path), base, results_path)   # a line cut by a kill is dropped: redone
-    for ds in dict.fromkeys(r.dataset for r in runs):
-        root = out / "data" / ds
+    roots = {ds: Path(data) if data is not None else out / "data" / ds for ds in dict.fromkeys(r.dataset for r in runs)}
+    for ds, root in roots.items():
+        if data is not None:
+            continue
         root.parent.mkdir(exist_ok=True)
         with exclusive_lock(root):   # another process may be preparing it
             if prepare(ds, root):
@@ -149,7 +163,7 @@ def run_experiment(out: Path, datasets: Optional[list[str]] = None, splits: int 
                 folder = claim(out, run)
             note(out, f"start {run.dataset} split {run.split} seed {run.seed} {run.method} "
                       f"({len(done)} of {len(runs)} runs done)")
-            cfg = TrainConfig(**{**base, "data": str(out / "data" / run.dataset), "out": str(folder),
+            cfg = TrainConfig(**{**base, "data": str(roots[run.dataset]), "out": str(folder),
                                  "split": str(run.split), "seed": run.seed, **METHODS[run.method],
                                  "progress": False})
             t0 = time.perf_counter()
@@ -196,6 +210,12 @@ def register(top) -> None:
     p.add_argument("--out", type=Path, required=True, help="experiment folder")
     p.add_argument("--datasets", default=None,
                    help="comma list of bundled data sets (default: those of the plan); the plan's runs of them")
+    p.add_argument("--data", type=Path, default=None, metavar="ROOT",
+                   help="a prepared root of your own (train/ and test/ class folders) instead of the bundled "
+                        "data sets; every method by default (" + ", ".join(METHODS) + ")")
+    p.add_argument("--protocol", choices=PROTOCOLS, default=None,
+                   help="with --data: the published split list whose splits 0..N-1 are run (e.g. cifar10, the "
+                        "ARPL splits); it also names the data set in the report")
     p.add_argument("--splits", type=int, default=5, help="splits 0..N-1 of each data set")
     p.add_argument("--seeds", type=int, default=None,
                    help="training seeds --seed..--seed+N-1 for every data set and method, instead of the plan's; "
@@ -234,7 +254,11 @@ def run_cli(args) -> int:
     overrides = {**BUDGETS[args.budget], **given, "arch": args.arch, "backend": args.backend,
                  "device": args.device, "workers": args.workers, "seed": args.seed,
                  "canvas_mode": args.canvas_mode, "augment": args.augment, "val_fraction": args.val_fraction}
+    if args.protocol:
+        if args.data is None:
+            raise BackMixError("--protocol names the splits of a --data folder: give --data too")
+        overrides["protocol"] = args.protocol
     methods = tuple(m.strip() for m in args.methods.split(",") if m.strip()) if args.methods else None
     run_experiment(args.out, datasets, args.splits, overrides, seeds=args.seeds, keep_runs=args.keep_runs,
-                   methods=methods, progress=not args.quiet)
+                   methods=methods, progress=not args.quiet, data=args.data)
     return 0

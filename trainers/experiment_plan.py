@@ -73,6 +73,16 @@ def make_plan(datasets: Optional[list[str]], seeds: Optional[int],
     return tuple(PlanEntry(ds, tuple(range(seeds or 1)), methods or ("baseline", "backmix")) for ds in names)
 
 
+def user_plan(name: str, seeds: Optional[int], methods: Optional[tuple[str, ...]]) -> tuple[PlanEntry, ...]:
+    """The plan of a user's data set: every method (or ``methods``), ``seeds`` seeds (default 1)."""
+    for method in methods or ():
+        if method not in METHODS:
+            raise BackMixError(f"unknown method {method!r} (choose from {', '.join(METHODS)})")
+    if seeds is not None and seeds < 1:
+        raise BackMixError(f"--seeds must be at least 1, got {seeds}")
+    return (PlanEntry(name, tuple(range(seeds or 1)), methods or tuple(METHODS)),)
+
+
 def plan_runs(plan: tuple[PlanEntry, ...], splits: int, first_seed: int = 0) -> list[Run]:
     """Every run of the plan, seed first, then split, data set (in plan order) and method."""
     order = list(dict.fromkeys(e.dataset for e in plan))

@@ -9,10 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-# The loss of each method: "baseline" CE on the clean crops, "backmix" CE on the clean and the mixed
-# crops (the trainer's default), "backmix-mixed" CE on the mixed crops alone (the authors' recipe).
-METHODS = {"baseline": {"backmix": False}, "backmix": {"backmix": True},
-           "backmix-mixed": {"backmix": True, "w_raw": 0.0}}
+from .methods import METHODS, forward_passes
 # (results.jsonl key, column title) of the reported metrics, the scores side by side.
 COLUMNS = (("accuracy", "accuracy"), ("auroc_msp", "AUROC (MSP)"), ("auroc_mls", "AUROC (MLS)"),
            ("auroc_energy", "AUROC (energy)"), ("oscr_msp", "OSCR (MSP)"), ("oscr_mls", "OSCR (MLS)"),
@@ -31,24 +28,41 @@ def mean_std(values: np.ndarray) -> tuple[float, float]:
     return float(values.mean()), float(values.std(ddof=1)) if len(values) > 1 else 0.0
 
 
-def paired_differences(results: list[dict]) -> list[dict]:
-    """One row per (dataset, BackMix variant, split, seed) that also has a baseline run: variant - baseline."""
-    runs = {(r["dataset"], r["split"], run_seed(r), r["method"]): r["metrics"] for r in results}
+def passes(record: dict) -> int:
+    """Forward/backward passes per training image of a run (lines written before the field lack views)."""
+    c = record["config"]
+    return forward_passes(c["backmix"], c["w_raw"], c.get("views", 1), c.get("mix_prob"))
+
+
+def matched_baseline(runs_passes: int) -> str:
+    """The baseline of a method's compute: one forward pass per image is the plain baseline, two the
+    two-view baseline."""
+    return "baseline-2view" if runs_passes == 2 else "baseline"
+
+
+def paired_differences(results: list[dict], against: str = "baseline") -> list[dict]:
+    """One row per (dataset, variant, split, seed) that also has its reference run: variant - reference.
+    ``against``: "baseline" (the plain baseline) or "compute" (the baseline of the variant's forward
+    passes; BackMix variants only)."""
+    records = {(r["dataset"], r["split"], run_seed(r), r["method"]): r for r in results}
     rows = []
-    for (ds, split, seed, method), metrics in runs.items():
-        base = runs.get((ds, split, seed, "baseline"))
-        if method == "baseline" or base is None:
+    for (ds, split, seed, method), r in records.items():
+        if method.startswith("baseline") and against == "compute":
             continue
-        rows.append({"dataset": ds, "method": method, "split": split, "seed": seed,
-                     **{key: metrics[key] - base[key] for key, _ in COLUMNS}})
+        ref_method = matched_baseline(passes(r)) if against == "compute" else "baseline"
+        ref = records.get((ds, split, seed, ref_method))
+        if method == ref_method or ref is None:
+            continue
+        rows.append({"dataset": ds, "method": method, "reference": ref_method, "split": split, "seed": seed,
+                     **{key: r["metrics"][key] - ref["metrics"][key] for key, _ in COLUMNS}})
     return sorted(rows, key=lambda r: (r["dataset"], method_order(r["method"]), r["split"], r["seed"]))
 
 
-def paired_table(results: list[dict]) -> str:
-    """Markdown: per (dataset, variant), mean ± std of variant - baseline over the pairs, and pairs ahead."""
-    diffs = paired_differences(results)
+def paired_table(results: list[dict], against: str = "baseline") -> str:
+    """Markdown: per (dataset, variant), mean ± std of variant - reference over the pairs, and pairs ahead."""
+    diffs = paired_differences(results, against)
     head = " | ".join(f"Δ {title}" for _, title in COLUMNS)
-    rows = [f"| dataset | variant − baseline | pairs | {head} |", "|---|---|---:|" + "---:|" * len(COLUMNS)]
+    rows = [f"| dataset | variant − reference | pairs | {head} |", "|---|---|---:|" + "---:|" * len(COLUMNS)]
     for ds, method in sorted({(d["dataset"], d["method"]) for d in diffs}, key=lambda k: (k[0], method_order(k[1]))):
         group = [d for d in diffs if d["dataset"] == ds and d["method"] == method]
         cells = []
@@ -56,12 +70,12 @@ def paired_table(results: list[dict]) -> str:
             v = np.array([d[key] for d in group], dtype=np.float64) * 100
             m, s = mean_std(v)
             cells.append(f"{m:+.1f} ± {s:.1f} ({int((v > 0).sum())}/{len(v)})")
-        rows.append(f"| {ds} | {method} | {len(group)} | " + " | ".join(cells) + " |")
+        rows.append(f"| {ds} | {method} − {group[0]['reference']} | {len(group)} | " + " | ".join(cells) + " |")
     return "\n".join(rows) + "\n"
 
 
 def pairs_table(results: list[dict]) -> str:
-    """Markdown: every pair's difference, so a reader sees where the mean comes from."""
+    """Markdown: every pair's difference from the plain baseline, so a reader sees where the mean comes from."""
     head = " | ".join(f"Δ {title}" for _, title in COLUMNS)
     rows = [f"| dataset | variant | split | seed | {head} |", "|---|---|---:|---:|" + "---:|" * len(COLUMNS)]
     for d in paired_differences(results):
@@ -73,21 +87,30 @@ def pairs_table(results: list[dict]) -> str:
 def results_table(results: list[dict]) -> str:
     """Markdown: one row per (dataset, method), mean ± std over its runs (splits x seeds)."""
     head = " | ".join(title for _, title in COLUMNS)
-    rows = [f"| dataset | method | runs | {head} |", "|---|---|---:|" + "---:|" * len(COLUMNS)]
+    rows = [f"| dataset | method | runs | passes per image | minutes per run | {head} |",
+            "|---|---|---:|---:|---:|" + "---:|" * len(COLUMNS)]
     for ds, method in sorted({(r["dataset"], r["method"]) for r in results}, key=lambda k: (k[0], method_order(k[1]))):
         rs = [r for r in results if r["dataset"] == ds and r["method"] == method]
         cells = []
         for key, _ in COLUMNS:
             m, s = mean_std(np.array([r["metrics"][key] for r in rs], dtype=np.float64) * 100)
             cells.append(f"{m:.1f} ± {s:.1f}")
-        rows.append(f"| {ds} | {method} | {len(rs)} | " + " | ".join(cells) + " |")
+        minutes = np.mean([r["seconds"] for r in rs]) / 60
+        rows.append(f"| {ds} | {method} | {len(rs)} | {passes(rs[0])} | {minutes:.1f} | " + " | ".join(cells) + " |")
     return "\n".join(rows) + "\n"
 
 
 def report(results: list[dict], status: str = "") -> str:
-    """results.md: ``status`` (how much of the plan has run), the paired comparison, every pair, then
-    each method on its own."""
-    return (status + "Paired: BackMix variant − baseline on the same (split, seed), in points; mean ± std over the "
-            "pairs (pairs where the variant is ahead / pairs).\n\n" + paired_table(results)
+    """results.md: ``status`` (how much of the plan has run), each BackMix variant against the baseline of
+    its own compute, then against the plain baseline, every pair, then each method on its own."""
+    text = status
+    if any(r["method"].startswith("backmix") for r in results) and any(r["method"] == "baseline-2view" for r in results):
+        text += ("At equal compute: each BackMix variant − the baseline of the same forward passes per image "
+                 "(clean + mixed: two passes, against baseline-2view; mixed only and mix prob: one pass, "
+                 "against baseline) on the same (split, seed), in points; mean ± std over the pairs (pairs "
+                 "where the variant is ahead / pairs).\n\n" + paired_table(results, "compute") + "\n")
+    return (text + "Against the plain baseline (one pass per image) on the same (split, seed), in points; mean "
+            "± std over the pairs (pairs where the variant is ahead / pairs).\n\n" + paired_table(results)
             + "\nEvery pair (variant − baseline, points):\n\n" + pairs_table(results)
-            + "\nEach method: mean ± std over its runs (splits x seeds), in %:\n\n" + results_table(results))
+            + "\nEach method: mean ± std over its runs (splits x seeds), in %; forward/backward passes per "
+            "training image, and wall minutes per run:\n\n" + results_table(results))

@@ -39,7 +39,9 @@ def loader_config(cfg: TrainConfig, device: torch.device, *, train: bool, rank: 
         batch_size=cfg.batch_size if train else max(cfg.batch_size, 256),
         canvas=cfg.canvas, crop=cfg.crop, grid=cfg.grid, backmix=cfg.backmix and train,
         canvas_mode=cfg.canvas_mode, augment=cfg.augment, auto_augment=cfg.auto_augment if train else "none",
-        clean=not (cfg.backmix and train and cfg.w_raw == 0),   # no clean crops if no loss reads them
+        # no clean crops if no loss reads them; a mix probability picks between both
+        clean=not (cfg.backmix and train and cfg.w_raw == 0 and cfg.mix_prob is None),
+        mix_prob=cfg.mix_prob if cfg.backmix and train else None, views=cfg.views if train else 1,
         box_fraction=cfg.box_fraction, top_k_ratio=cfg.top_k_ratio, seed=cfg.seed,
         shuffle=train, train=train, rank=rank if train else 0, world_size=world if train else 1,
         last_batch="keep", num_workers=cfg.workers,   # under DDP too: every image once, equal steps per rank

@@ -37,6 +37,7 @@ from backmix.osr_data.open_set import OpenSetData
 
 from .cache_rebuild import finish_pending_rebuild, loop_recorder, rebuild_due, stage_pass
 from .config import TrainConfig
+from .methods import method_name
 from .distributed import barrier, close_distributed, gather_weight_digests, init_distributed, unwrap, wrap_ddp
 from .epoch import evaluate, predict, train_one_epoch
 from .optim import build_optimizer, build_scheduler
@@ -229,5 +230,5 @@ def write_summary(cfg: TrainConfig, history: list[dict], final: dict, data: Open
                              open_sets=loaders.open_sets)
     summary = run_summary(history, best_test)
     write_json(cfg.run_dir / "summary.json", summary)
-    print(summary_line(cfg.out, "BackMix" if cfg.backmix else "baseline", cfg.arch, cfg.epochs, summary),
+    print(summary_line(cfg.out, method_name(cfg.backmix, cfg.w_raw, cfg.views, cfg.mix_prob), cfg.arch, cfg.epochs, summary),
           flush=True)
