@@ -41,6 +41,8 @@ COMMANDS = {
     ("bench", "loader"): ("images/s of each loader with and without BackMix", "backmix.pipeline.cli:register_bench"),
     ("bench", "peers"): ("backmix's loaders beside the stock torchvision, FFCV and DALI loaders",
                          "backmix.pipeline.cli:register_bench_peers"),
+    ("bench", "train"): ("images/s of whole training steps: the plain baseline vs each BackMix recipe",
+                         "backmix.bench.train_step:register"),
     ("bench", "scale"): ("index, cache, first-batch, memory and rebuild costs on an ImageNet-sized folder",
                          "backmix.trainers.cli:register_bench"),
     (None, "show"): ("draw one mixed batch as a PNG sheet", "backmix.pipeline.cli:register"),

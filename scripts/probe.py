@@ -36,7 +36,8 @@ BOOT = textwrap.dedent("""
     import importlib.util, os, sys
     tree = sys.argv.pop(1)
     MAP = {"backmix": "backmix", "backmix.osr_data": "osr_data", "backmix.models": "models",
-           "backmix.cam_cache": "cam_cache", "backmix.pipeline": "pipeline", "backmix.trainers": "trainers"}
+           "backmix.cam_cache": "cam_cache", "backmix.pipeline": "pipeline", "backmix.trainers": "trainers",
+           "backmix.bench": "bench"}
     class TreeFinder:
         @classmethod
         def find_spec(cls, name, path=None, target=None):
