@@ -125,6 +125,15 @@ def resized_crop_boxes(rng: np.random.Generator, b: int, size: int) -> tuple[np.
     return np.stack([top, left], axis=1).astype(np.int64), np.stack([h, w], axis=1).astype(np.int64)
 
 
+def check_seed(seed: int, name: str = "seed") -> int:
+    """A seed numpy's generators take: a whole number in [0, 2**63)."""
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+        raise TypeError(f"{name} must be a whole number (int), not {type(seed).__name__}")
+    if not 0 <= seed < 2**63:
+        raise BackMixError(f"{name} must be a whole number in [0, 2**63), got {seed!r}")
+    return int(seed)
+
+
 def check_fraction(name: str, value: float) -> float:
     if not 0.0 < float(value) < 1.0:
         raise BackMixError(f"{name} must lie in (0, 1), got {value}")
