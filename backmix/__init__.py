@@ -32,7 +32,7 @@ _EXPORTS = {
     "resolve_split": ".osr_data.splits", "prepare": ".osr_data.prepare",
     # the foreground cache
     "ForegroundCache": ".cam_cache.store", "init_cache": ".cam_cache.store",
-    "rebuild_cache": ".cam_cache.rebuild", "rebuilding": ".cam_cache.recorder", "GenerationWriter": ".cam_cache.precompute",
+    "rebuild_cache": ".cam_cache.rebuild", "rebuilding": ".api", "GenerationWriter": ".cam_cache.precompute",
     # loaders and the mix
     "BACKENDS": ".pipeline.loaders", "make_loader": ".pipeline.loaders", "LoaderConfig": ".pipeline.config",
     "BackMixBatch": ".pipeline.batch", "mix_backgrounds": ".pipeline.backmix", "top_k_mask": ".pipeline.backmix",
@@ -45,10 +45,9 @@ __all__ = sorted(_EXPORTS)
 __getattr__, __dir__ = lazy_exports(__name__, globals(), _EXPORTS)
 
 if TYPE_CHECKING:
-    from .api import evaluate, loader, open_set_data, rebuild
+    from .api import evaluate, loader, open_set_data, rebuild, rebuilding
     from .cam_cache.precompute import GenerationWriter
     from .cam_cache.rebuild import rebuild_cache
-    from .cam_cache.recorder import rebuilding
     from .cam_cache.store import ForegroundCache, init_cache
     from .osr_data.errors import BackMixError
     from .osr_data.index import ImageIndex

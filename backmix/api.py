@@ -12,10 +12,13 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .arguments import check_eval_loader, check_model, check_root, check_split
+from .arguments import (check_eval_loader, check_loader_model, check_model, check_root, check_split,
+                        check_val_fraction)
 from .cam_cache import ForegroundCache, rebuild_cache, start_cache
+from .cam_cache.recorder import InLoopRebuild
 from .pipeline import LoaderConfig, make_loader
 from .pipeline.loaders import backend_options
+from .pipeline.sampling import check_seed
 from .pipeline.augment import IMAGENET_MEAN, IMAGENET_STD
 from .osr_data.protocols import split_list
 from .osr_data.open_set import OpenSetData, load_data
@@ -33,7 +36,8 @@ def open_set_data(root: str | os.PathLike, split: str | int = "0", *, val_fracti
     ``protocol`` ("cifar10", "cifar+10", "tinyimagenet") or ``splits_file`` (JSON): ``split`` is a
     number into that list of published splits (``backmix.osr_data.protocols``)."""
     check_root(root)
-    return load_data(root, check_split(split), val_fraction, seed, split_list(protocol, splits_file))
+    return load_data(root, check_split(split), check_val_fraction(val_fraction), check_seed(seed),
+                     split_list(protocol, splits_file))
 
 
 def _dist() -> tuple[int, int]:
@@ -42,12 +46,14 @@ def _dist() -> tuple[int, int]:
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
-def loader(data: OpenSetData | str | os.PathLike, *, split: str | int = "0", cache: Optional[str | os.PathLike] = None,
-           backend: str = "reference", train: bool = True, validation: bool = False, **options):
+def loader(data: OpenSetData | str | os.PathLike, *, split: str | int | None = None,
+           cache: Optional[str | os.PathLike] = None, backend: str = "reference", train: bool = True,
+           validation: bool = False, **options):
     """The BackMix stream of ``data``'s known training classes (``train=True``) or its whole test
     folder for evaluation (``train=False``; with ``validation=True`` the validation rows of the training
     folder instead, as evaluated: select checkpoints on these), from the loader ``backend`` ("reference",
-    "torchvision", "dali", "ffcv", "ray").
+    "torchvision", "dali", "ffcv", "ray"). ``data``: an ``OpenSetData``, or a prepared folder with
+    ``split`` (default "0"; an OpenSetData has its split already).
 
     ``beton_mode`` ("raw", the default: the reference stream bit for bit; or "jpg" with ``jpeg_quality``)
     picks the ffcv backend's beton; ``beton=FILE`` names one.
@@ -58,7 +64,12 @@ def loader(data: OpenSetData | str | os.PathLike, *, split: str | int = "0", cac
     closed-set labels 0..K-1 (-1 marks an unknown class in an evaluation loader); ``batch.inputs()``
     gives (x, y) for one forward pass.
     """
-    data = data if isinstance(data, OpenSetData) else open_set_data(data, split)
+    if isinstance(data, OpenSetData):
+        if split is not None:   # data holds its split already: another one here would be ignored
+            raise TypeError(f"split={split!r} goes with a folder path; data is an OpenSetData, whose split "
+                            f"is fixed (make it with backmix.open_set_data(root, split))")
+    else:
+        data = open_set_data(data, "0" if split is None else split)
     extra = backend_options(backend, **{k: options.pop(k, None) for k in
                                         ("ray_address", "prefetch", "beton_mode", "jpeg_quality")})
     beton = options.pop("beton", None)      # ffcv: a beton file of the split's folder
@@ -87,9 +98,8 @@ def rebuild(train_loader, model: nn.Module, *, momentum: float = 0.1, progress: 
     serves, by a pass over their canvases; the loader uses it from its next epoch. Under
     torch.distributed call it on every rank: each builds its shard, rank 0 publishes, and an error
     on any rank is raised on every rank. Returns the published generation."""
+    check_loader_model(train_loader, model)
     maps = train_loader.maps
-    known = train_loader.row_labels.label_map
-    check_model(model, int((known >= 0).sum()) if known is not None else train_loader.index.num_classes)
     if not isinstance(maps, ForegroundCache):
         raise TypeError("rebuild needs a loader made with a cache folder: backmix.loader(..., cache=DIR)")
     cfg = train_loader.config
@@ -106,6 +116,17 @@ def rebuild(train_loader, model: nn.Module, *, momentum: float = 0.1, progress: 
         net.train(was_training)
 
 
+def rebuilding(loader, model: nn.Module, *, momentum: float = 0.1, enabled: bool = True,
+               progress: bool = False) -> InLoopRebuild:
+    """``with rebuilding(train_loader, model):`` around an epoch's loop: the CAMs of each batch as it is
+    trained on, published as the cache's next generation when the block ends (on every rank under
+    torch.distributed: each stages its shard, rank 0 publishes, an error on any rank is raised on
+    all). ``enabled=False`` does nothing (e.g. no rebuild after the last epoch). Each ``with`` block
+    of the same object publishes the next generation. ``model`` is checked as ``rebuild`` checks it."""
+    check_loader_model(loader, model)
+    return InLoopRebuild(loader, model, momentum=momentum, enabled=enabled, progress=progress)
+
+
 def evaluate(model: nn.Module, test_loader, data: OpenSetData) -> dict:
     """Closed-set accuracy on the known test classes; AUROC, FPR at 95 % TPR and OSCR of known vs
     unknown test images, scored by maximum softmax probability (``*_msp``) and maximum logit (``*_mls``)."""
@@ -115,4 +136,4 @@ def evaluate(model: nn.Module, test_loader, data: OpenSetData) -> dict:
     return _evaluate(model, test_loader, data.label_map, Precision(device, "auto"))
 
 
-__all__ = ["evaluate", "loader", "open_set_data", "rebuild", "IMAGENET_MEAN", "IMAGENET_STD"]
+__all__ = ["evaluate", "loader", "open_set_data", "rebuild", "rebuilding", "IMAGENET_MEAN", "IMAGENET_STD"]

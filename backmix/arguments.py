@@ -19,6 +19,12 @@ def check_split(split) -> str:
     return str(split)
 
 
+def check_val_fraction(val_fraction) -> float:
+    if isinstance(val_fraction, bool) or not isinstance(val_fraction, (int, float, np.integer, np.floating)):
+        raise TypeError(f"val_fraction must be a number in [0, 1), not {type(val_fraction).__name__}")
+    return float(val_fraction)
+
+
 def check_root(root) -> None:
     if not isinstance(root, (str, os.PathLike)):
         raise TypeError(f"root must be a folder path (str or os.PathLike), not {type(root).__name__}")
@@ -35,6 +41,18 @@ def check_model(model, num_known: int) -> None:
         return
     if outputs != num_known:
         raise BackMixError(f"model has {outputs} outputs, but the split has {num_known} known classes")
+
+
+def check_loader_model(train_loader, model) -> None:
+    """``model`` classifies the classes ``train_loader`` (a backmix training loader) serves: what a
+    rebuild takes its CAMs with."""
+    index = getattr(train_loader, "index", None)
+    labels = getattr(train_loader, "row_labels", None)
+    if index is None or labels is None:
+        raise TypeError(f"train_loader must be a backmix loader (backmix.loader(data, cache=DIR)), "
+                        f"not {type(train_loader).__name__}")
+    known = labels.label_map
+    check_model(model, int((known >= 0).sum()) if known is not None else index.num_classes)
 
 
 def check_eval_loader(test_loader, data) -> None:

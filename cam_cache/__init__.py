@@ -13,7 +13,7 @@ _EXPORTS = {
     "class_activation_maps": ".cams", "compute_cams": ".cams",
     "GenerationWriter": ".precompute", "build_generation": ".precompute", "publish_generation": ".precompute",
     "rebuild_cache": ".rebuild", "stage_generation": ".rebuild", "publish_staged": ".rebuild",
-    "InLoopRebuild": ".recorder", "rebuilding": ".recorder",
+    "InLoopRebuild": ".recorder",
     "ForegroundCache": ".store", "cache_info": ".store", "init_cache": ".store", "start_cache": ".uniform_generation",
 }
 __all__ = sorted(_EXPORTS)
@@ -24,6 +24,6 @@ if TYPE_CHECKING:
     from .maps import ArrayMaps, ForegroundMaps, UniformMaps
     from .precompute import GenerationWriter, build_generation, publish_generation
     from .rebuild import publish_staged, rebuild_cache, stage_generation
-    from .recorder import InLoopRebuild, rebuilding
+    from .recorder import InLoopRebuild
     from .store import ForegroundCache, cache_info, init_cache
     from .uniform_generation import start_cache

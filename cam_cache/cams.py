@@ -62,6 +62,13 @@ def class_activation_maps(features: Tensor, fc_weight: Tensor, labels: Tensor, g
     return (cam @ pool).view(b, grid, grid).clamp_(0.0, 1.0)   # clamp: float rounding only
 
 
+def body_features(body: nn.Module, x: Tensor) -> Tensor:
+    """``body``'s features of the normalised float32 batch ``x``, cast first to the body's own dtype (a
+    float64 or half model takes CAMs too)."""
+    weight = next(body.parameters(), None)
+    return body(x if weight is None or weight.dtype == x.dtype else x.to(weight.dtype))
+
+
 def compute_cams(model: nn.Module, index: ImageIndex, rows: np.ndarray, labels: np.ndarray, *, canvas: int,
                  grid: int, canvas_mode: str = "center", mean: Sequence[float], std: Sequence[float], batch_size: int = 128,
                  num_workers: int = 2, device: str | torch.device = "cpu", progress: bool = True,
@@ -97,7 +104,8 @@ def compute_cams(model: nn.Module, index: ImageIndex, rows: np.ndarray, labels: 
                 if len(at):
                     x = normalise(x.to(device, non_blocking=True))
                     y = torch.as_tensor(labels[at], device=device)
-                    out[at] = class_activation_maps(body(x), head.weight, y, grid, canvas).cpu().numpy()
+                    cams = class_activation_maps(body_features(body, x), head.weight, y, grid, canvas)
+                    out[at] = cams.cpu().numpy()
                 done += n
                 bar.update(n)
     finally:

@@ -46,7 +46,7 @@ from backmix.osr_data.errors import NO_SPACE_ERRNOS, BackMixError, no_space
 from backmix.osr_data.index import ImageIndex
 from backmix.osr_data.normalize import Normalize
 
-from .cams import class_activation_maps, compute_cams   # compute_cams is looked up here, where tests stub it
+from .cams import body_features, class_activation_maps, compute_cams   # compute_cams is looked up here, where tests stub it
 from .store import (ForegroundCache, MappedMaps, build_lock, generation_path, pending_dir, prune,
                     publish_lock, read_pointer, write_maps, write_pointer)
 
@@ -171,8 +171,8 @@ class GenerationWriter:
         try:
             with torch.no_grad():
                 y = torch.as_tensor(self._class_of[rows_np], device=canvas.device)
-                cams = class_activation_maps(body(Normalize(self.mean, self.std)(canvas)), head.weight, y,
-                                             self.base.grid, self.canvas)
+                x = Normalize(self.mean, self.std)(canvas)
+                cams = class_activation_maps(body_features(body, x), head.weight, y, self.base.grid, self.canvas)
         finally:
             self.model.train(was_training)
         self.add(rows_np, cams.cpu().numpy())

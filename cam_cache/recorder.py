@@ -1,4 +1,5 @@
-"""The in-loop rebuild for any training loop: ``with backmix.rebuilding(train_loader, model):``.
+"""The in-loop rebuild for any training loop: ``with backmix.rebuilding(train_loader, model):``
+(``backmix/api.py``, which checks the model first, makes an ``InLoopRebuild``).
 
 While the block runs, the loader hands every batch it yields to the recorder first
 (``LoaderPosition.deliver``), which takes the CAMs of the batch's un-augmented
@@ -58,10 +59,12 @@ loader's ``on_error`` is the pass's: under "skip" a row it skipped keeps its map
         return self.writer.cam_seconds if self.writer is not None else 0.0
 
     def start(self) -> "InLoopRebuild":
+        """Records a new generation: each ``with`` block of one object publishes its own (the next)."""
         if not self.enabled:
             return self
         if getattr(self.loader, "recorder", None) is not None:
             raise BackMixError("the loader already records an in-loop rebuild")
+        self.staged = self.generation = None
         cfg, maps = self.loader.config, self.loader.maps
         digest = self.checkpoint_digest if self.checkpoint_digest is not None else f"in-loop epoch {self.loader.epoch}"
         self.writer = GenerationWriter(maps.cache_dir, self.model, self.loader.index, canvas=cfg.canvas,
@@ -113,11 +116,3 @@ loader's ``on_error`` is the pass's: under "skip" a row it skipped keeps its map
             if self.generation is None:
                 self.publish()
 
-
-def rebuilding(loader, model: nn.Module, *, momentum: float = 0.1, enabled: bool = True,
-               progress: bool = False) -> InLoopRebuild:
-    """``with rebuilding(train_loader, model):`` around an epoch's loop: the CAMs of each batch as it is
-    trained on, published as the cache's next generation when the block ends (on every rank under
-    torch.distributed: each stages its shard, rank 0 publishes, an error on any rank is raised on
-    all). ``enabled=False`` does nothing (e.g. no rebuild after the last epoch)."""
-    return InLoopRebuild(loader, model, momentum=momentum, enabled=enabled, progress=progress)

@@ -153,8 +153,9 @@ def resized_crops_clean_and_mixed(canvas: Tensor, mixed: Tensor, corners: Tensor
 
 
 def fill_value(mean: tuple[float, ...]) -> Tensor:
-    """The uint8 blank colour: the normalisation mean, i.e. ~0 after ``normalize``."""
-    return torch.tensor([round(255.0 * m) for m in mean], dtype=torch.uint8)
+    """The uint8 blank colour: the normalisation mean, i.e. ~0 after ``normalize`` (the nearest uint8
+    colour for a mean outside [0, 1])."""
+    return torch.tensor([min(255, max(0, round(255.0 * m))) for m in mean], dtype=torch.uint8)
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,11 @@
 """One configuration shared by every loader backend."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import functools
+import operator
+import types
+import typing
+from dataclasses import dataclass, field, fields
 from typing import Optional
 
 import numpy as np
@@ -15,10 +19,61 @@ from backmix.osr_data.errors import BackMixError
 
 from .augment import AUTO_AUGMENT_POLICIES, IMAGENET_MEAN, IMAGENET_STD
 from .batch import RowLabels
-from .sampling import LAST_BATCH, BackMixSampler, EpochSampler, check_augment, check_fraction, view_seed
+from .sampling import LAST_BATCH, BackMixSampler, EpochSampler, check_augment, check_fraction, check_seed, view_seed
 
 ON_ERROR = ("raise", "skip")
 DEVICES = ("auto", "cpu", "cuda")
+
+# What a value of each annotated type may be: numpy's scalars count as numbers; a bool is not a number.
+KINDS = {int: ((int, np.integer), "a whole number (int)"), float: ((int, float, np.integer, np.floating), "a number"),
+         bool: ((bool, np.bool_), "True or False"), str: ((str,), "a string")}
+
+
+def _accepts(hint, value) -> bool:
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):     # Optional[X]
+        return any(_accepts(h, value) for h in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if typing.get_origin(hint) is tuple:                                # tuple[float, ...]
+        return isinstance(value, (tuple, list)) and all(_accepts(typing.get_args(hint)[0], v) for v in value)
+    if hint not in KINDS:
+        return True                                                     # a type without a rule here
+    kinds, _ = KINDS[hint]
+    return isinstance(value, kinds) and (hint is bool or not isinstance(value, (bool, np.bool_)))
+
+
+def _wanted(hint) -> str:
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return " or ".join(_wanted(h) for h in typing.get_args(hint))
+    if hint is type(None):
+        return "None"
+    if typing.get_origin(hint) is tuple:
+        return f"a tuple or list of {_wanted(typing.get_args(hint)[0])}s".replace("a numbers", "numbers")
+    return KINDS[hint][1] if hint in KINDS else str(hint)
+
+
+@functools.cache
+def _field_types(cls) -> tuple:
+    hints = typing.get_type_hints(cls)
+    return tuple((f.name, hints[f.name]) for f in fields(cls))
+
+
+def _plain(value):
+    """numpy's scalars as Python's (torch's seeding takes no np.int64), a list as a tuple."""
+    if isinstance(value, np.generic):
+        return value.item()
+    return tuple(_plain(v) for v in value) if isinstance(value, (list, tuple)) else value
+
+
+def check_field_types(config) -> None:
+    """A ``TypeError`` naming the first field of the dataclass ``config`` whose value is not of its
+    annotated type, before any work is done with it (a float batch size would fail deep in a sampler);
+    accepted numpy scalars and lists become Python's scalars and tuples."""
+    for name, hint in _field_types(type(config)):
+        value = getattr(config, name)
+        if not _accepts(hint, value):
+            raise TypeError(f"{name} must be {_wanted(hint)}, not {type(value).__name__} ({value!r:.40})")
+        setattr(config, name, _plain(value))
 
 
 @dataclass
@@ -51,6 +106,7 @@ class LoaderConfig:
     std: tuple[float, ...] = field(default=IMAGENET_STD)
 
     def __post_init__(self) -> None:
+        check_field_types(self)
         check_canvas(self.canvas, self.crop, self.grid)
         check_canvas_mode(self.canvas_mode)
         check_augment(self.augment)
@@ -79,13 +135,18 @@ class LoaderConfig:
             raise BackMixError("views=2 is the two-view baseline: it needs backmix=False")
         if self.device not in DEVICES:
             raise BackMixError(f"device must be one of {DEVICES}, got {self.device!r}")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, (int, np.integer)) or not 0 <= self.seed < 2**63:
-            raise BackMixError(f"seed must be a whole number in [0, 2**63), got {self.seed!r}")
+        check_seed(self.seed)
         for name in ("mean", "std"):
             values = getattr(self, name)
-            if len(values) != 3 or not all(np.isfinite(values)) or (name == "std" and min(values) <= 0):
-                raise BackMixError(f"{name} must be 3 finite numbers (one per RGB channel)"
-                                   f"{', each above 0' if name == 'std' else ''}, got {values!r}")
+            # The batches are normalised in float32: x / std there must stay finite too.
+            with np.errstate(over="ignore", divide="ignore"):
+                as32 = np.asarray(values, dtype=np.float64).astype(np.float32)
+                bad = len(values) != 3 or not np.isfinite(as32).all() or (
+                    name == "std" and (min(values) <= 0 or not np.isfinite(np.float32(1) / as32).all()))
+            if bad:
+                raise BackMixError(f"{name} must be 3 finite numbers (one per RGB channel), finite in float32"
+                                   f"{', each above 0 with a reciprocal finite in float32' if name == 'std' else ''}"
+                                   f", got {values!r}")
         if self.num_workers < 0:
             raise BackMixError(f"num_workers must be >= 0, got {self.num_workers}")
 
@@ -127,6 +188,18 @@ def loader_inputs(index: ImageIndex, config: LoaderConfig, maps: Optional[Foregr
     return maps, rows, order, labels
 
 
+def _whole(value) -> int:
+    """``value`` as an int when it is a whole number (a float 3.0 from a JSON file too); a TypeError,
+    ValueError or OverflowError otherwise (1.9, inf, "3", True)."""
+    if isinstance(value, (float, np.floating)):
+        if not float(value).is_integer():
+            raise ValueError(f"{value!r} is not a whole number")
+        return int(value)
+    if isinstance(value, (bool, np.bool_)):
+        raise TypeError("a bool is not a count")
+    return operator.index(value)
+
+
 class LoaderPosition:
     """The epoch and the step within it, shared by every backend, in torchdata's ``StatefulDataLoader``
     convention: ``state_dict()`` taken after k batches of an epoch, loaded into a fresh loader, makes
@@ -164,9 +237,10 @@ class LoaderPosition:
 
     def load_state_dict(self, state: dict) -> None:
         try:
-            epoch, step, skipped = int(state["epoch"]), int(state["step"]), int(state["skipped"])
-        except (KeyError, TypeError, ValueError):
-            raise BackMixError(f"not a loader state (want epoch, step, skipped): {state!r}") from None
+            epoch, step, skipped = (_whole(state[key]) for key in ("epoch", "step", "skipped"))
+        except (KeyError, TypeError, ValueError, OverflowError):
+            raise BackMixError(f"not a loader state (want epoch, step, skipped: whole numbers): "
+                               f"{state!r:.200}") from None
         if epoch < 0 or not 0 <= step <= len(self) or skipped < 0:
             raise BackMixError(f"loader state {state!r} is outside this loader's {len(self)} steps per epoch")
         self.epoch, self._resume_at, self.next_step, self.skipped = epoch, step, step, skipped

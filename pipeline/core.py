@@ -25,6 +25,7 @@ from torch import Tensor
 
 from backmix.cam_cache.maps import ForegroundMaps
 from backmix.osr_data.canvas_reads import undecodable
+from backmix.osr_data.errors import BackMixError
 from backmix.osr_data.index import ImageIndex
 
 from .batch import BackMixBatch, BatchTransform, host_masks, to_device
@@ -46,6 +47,12 @@ class SourceBatch(NamedTuple):
                                       # file missing or changed since indexing
     images: Optional[Tensor] = None   # fused sources: the clean crops (float [n, 3, s, s])
     mixed: Optional[Tensor] = None    # fused sources: the mixed crops
+
+
+def canvases_fit(canvas: Tensor, n: int, size: int) -> bool:
+    """Whether ``canvas`` is what a source must hand on: uint8 [n, 3, size, size]. Only the tensor's
+    metadata is read: nothing waits for the device."""
+    return canvas.dtype == torch.uint8 and tuple(canvas.shape) == (n, 3, size, size)
 
 
 class Source:
@@ -142,6 +149,8 @@ class Loader(LoaderPosition):
 
     def _finish(self, out: SourceBatch) -> BackMixBatch:
         rows, dev = np.asarray(out.rows, dtype=np.int64), self.device
+        if out.canvas is not None:
+            self.check_canvas(out.canvas, len(rows))
         if out.images is None and out.mixed is None:   # canvases only: the core finishes the batch
             canvas = to_device(out.canvas, dev)
             images, mixed = self.transform(canvas, rows, epoch=self.epoch, step=out.step, rank=self.config.rank)
@@ -155,6 +164,15 @@ class Loader(LoaderPosition):
             second, _ = self.second_view(canvas, rows, epoch=self.epoch, step=out.step, rank=cfg.rank)
         return BackMixBatch(canvas if self.carries_canvas else None, images, mixed, *self.row_labels.take(rows, dev),
                             second=second)
+
+    def check_canvas(self, canvas: Tensor, n: int) -> None:
+        """A source's canvases are uint8 [n, 3, S, S] (``canvases_fit``): another shape or dtype (a
+        registered backend's ``decode`` gone wrong) would be mixed and normalised into wrong images
+        without a word."""
+        size = self.config.canvas
+        if not canvases_fit(canvas, n, size):
+            raise BackMixError(f"backend {self.backend!r} made canvases of {str(canvas.dtype).replace('torch.', '')} "
+                               f"{list(canvas.shape)}; a source's canvases must be uint8 [{n}, 3, {size}, {size}]")
 
     def report(self, failed: list) -> None:
         """The ``on_error`` policy, for every backend (``undecodable``): a file missing or changed since

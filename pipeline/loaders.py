@@ -11,7 +11,7 @@ from backmix.osr_data.errors import BackMixError
 from backmix.osr_data.index import ImageIndex
 
 from .config import LoaderConfig
-from .core import Loader
+from .core import Loader, Source
 
 # name -> its Source (pipeline/core.py), or (module, name) of it, imported on use: an optional
 # backend's library (FFCV, Ray) says how to install it when missing. A backend is a Source and a line here.
@@ -26,7 +26,16 @@ BACKENDS = tuple(SOURCES)
 
 
 def register_backend(name: str, source: type) -> None:
-    """Adds a backend: ``make_loader(name, ...)`` then serves ``Loader(source, ...)``."""
+    """Adds a backend: ``make_loader(name, ...)`` then serves ``Loader(source, ...)``. ``source`` is a
+    ``Source`` subclass (e.g. of ``reference.WorkerSource``, overriding ``decode``); a built-in
+    backend's name stays the built-in's (a script could not tell which one it got)."""
+    if not isinstance(name, str) or not name:
+        raise TypeError(f"register_backend: name must be a non-empty str, not {name!r:.40}")
+    if name in BACKENDS:
+        raise BackMixError(f"register_backend: {name!r} is a built-in backend; register yours under another name")
+    if not (isinstance(source, type) and issubclass(source, Source)):
+        raise TypeError(f"register_backend: source must be a subclass of backmix.pipeline.core.Source, "
+                        f"not {source!r:.60}")
     SOURCES[name] = source
 
 
@@ -52,7 +61,9 @@ def make_loader(backend: str, index: ImageIndex, config: LoaderConfig,
     source = SOURCES[backend]
     if isinstance(source, tuple):
         source = getattr(importlib.import_module(source[0], __package__), source[1])
-    return Loader(source, index, config, maps, indices, label_map, **kwargs)
+    loader = Loader(source, index, config, maps, indices, label_map, **kwargs)
+    loader.backend = backend   # its messages name it as registered (a subclass inherits its base's ``name``)
+    return loader
 
 
 def backend_options(backend: str, *, ray_address: Optional[str] = None, prefetch: Optional[int] = None,

@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader, Dataset
 from backmix.osr_data.canvas_reads import CanvasDataset, collate_canvases
 from backmix.osr_data.decode import decode_canvas
 
-from .core import Loader, Plan, Source, SourceBatch
+from .core import Loader, Plan, Source, SourceBatch, canvases_fit
 
 
 class BatchKey(list):
@@ -56,6 +56,8 @@ class FinishingDataset(CanvasDataset):
         canvas, rows, failed = collate_canvases(items)
         if canvas is None:
             return Finished(None, rows, failed, None, None)
+        if not canvases_fit(canvas, len(rows), self.canvas):
+            return items   # unfinished: the loading process refuses them in one line (``Loader.check_canvas``)
         maps = None
         if key.maps is not None:   # the soft maps of the rows that decoded
             maps = key.maps[[k for k, it in enumerate(items) if isinstance(it, tuple)]]

@@ -137,6 +137,15 @@ def view_seed(seed: int, view: int) -> int:
     return seed if view == 0 else int(np.random.SeedSequence([seed, view, 0x2F]).generate_state(1, np.uint64)[0] >> 1)
 
 
+def check_seed(seed: int, name: str = "seed") -> int:
+    """A seed numpy's generators take: a whole number in [0, 2**63)."""
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+        raise TypeError(f"{name} must be a whole number (int), not {type(seed).__name__}")
+    if not 0 <= seed < 2**63:
+        raise BackMixError(f"{name} must be a whole number in [0, 2**63), got {seed!r}")
+    return int(seed)
+
+
 def check_fraction(name: str, value: float) -> float:
     if not 0.0 < float(value) < 1.0:
         raise BackMixError(f"{name} must lie in (0, 1), got {value}")

@@ -62,6 +62,7 @@ BOOT = textwrap.dedent("""
 """)
 
 LEFTOVER_MARKS = (".tmp-", ".tmp", "next-", ".partial")
+CASE_MODULES = ("probe_cases", "probe_cases_library")   # beside this file, each with its cases()
 
 
 @dataclass
@@ -132,7 +133,7 @@ def run_case(case: Case, tree: Path, boot: Path, shared: Path, work: Path) -> tu
 
 
 def main() -> int:
-    from probe_cases import cases, shared_setup   # the cases live beside this file
+    from probe_cases import shared_setup   # the cases live beside this file
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tree", type=Path, default=Path(__file__).resolve().parents[1],
                     help="checkout whose backmix is probed (default: this one)")
@@ -149,7 +150,7 @@ def main() -> int:
             [sys.executable, str(boot), str(args.tree.resolve()), *words], cwd=shared, capture_output=True,
             text=True, env=dict(os.environ, OMP_NUM_THREADS="1")))
         results = {}
-        for case in cases():
+        for case in (c for module in CASE_MODULES for c in __import__(module).cases()):
             if args.k not in case.name:
                 continue
             good, what = run_case(case, args.tree.resolve(), boot, shared, work)

@@ -32,6 +32,10 @@ def fpr_at_tpr(known: np.ndarray, unknown: np.ndarray, tpr: float = 0.95) -> flo
     """Share of unknowns accepted at the highest threshold that accepts >= ``tpr`` of the knowns."""
     from sklearn.metrics import roc_curve
 
+    if isinstance(tpr, bool) or not isinstance(tpr, (int, float, np.integer, np.floating)):
+        raise TypeError(f"tpr must be a number in (0, 1], not {type(tpr).__name__}")
+    if not 0 < tpr <= 1:
+        raise BackMixError(f"tpr must lie in (0, 1], got {tpr}")
     known, unknown = _scores(known, unknown)
     y = np.r_[np.ones(known.size), np.zeros(unknown.size)]
     fprs, tprs, _ = roc_curve(y, np.r_[known, unknown], drop_intermediate=False)
@@ -86,6 +90,13 @@ def open_set_metrics(logits_known: torch.Tensor | np.ndarray, labels_known: torc
     if not (torch.isfinite(lk).all() and torch.isfinite(lu).all()):
         raise BackMixError("the model's logits are not finite (NaN or inf): training diverged; "
                            "try a lower --lr, --clip-grad, or a larger --batch-size")
+    if lk.ndim != 2 or yk.shape != (lk.shape[0],):
+        raise BackMixError(f"labels_known must hold one label per row of logits_known: {tuple(yk.shape)} labels "
+                           f"for logits of shape {tuple(lk.shape)}")
+    outside = yk[(yk < 0) | (yk >= lk.shape[1])]
+    if len(outside):   # argmax never equals them: the accuracy would be silently low
+        raise BackMixError(f"labels_known must be closed-set labels in 0..{lk.shape[1] - 1} "
+                           f"(one per logit), got {outside[0].item()}")
     correct = (lk.argmax(1) == yk).numpy()
     known, unknown = open_set_scores(lk), open_set_scores(lu)
     out = {"accuracy": float(correct.mean())}
