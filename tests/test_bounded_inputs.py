@@ -316,3 +316,12 @@ def test_a_full_disk_at_the_checkpoint_write_is_one_line_and_leaves_no_temporary
     # the temporary of the failed write is gone; the other link was never written to
     assert [p.name for p in run.iterdir() if ".tmp" in p.name] == [f".{other}.tmp-{os.getpid()}"]
     assert not (run / "last.pt").exists() and not (run / "best.pt").exists()
+
+
+def test_every_bound_is_defined_once_and_listed_in_the_readmes_bad_input_table():
+    from backmix.osr_data import limits
+    bounds = [v for v in vars(limits).values() if isinstance(v, limits.Limit)]
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    table = readme[readme.index("## Bad input"):readme.index("**Security.**")]
+    assert len({b.env for b in bounds}) == len(bounds) == 5
+    assert [b.env for b in bounds if f"`{b.env}`" not in table] == []
