@@ -286,6 +286,11 @@ def test_a_checkpoint_whose_contents_do_not_fit_is_one_line_naming_the_file(root
                      "--workers", "0"]) == 2
     one_line(capsys.readouterr().err, f"checkpoint {bad_canvas}: its config: canvas (-5) and crop (32) sizes must be "
                                       "positive")
+    assert cli_main(["cache", "build", "--checkpoint", str(bad_canvas), "--data", str(root / "train"), "--cache",
+                     str(tmp_path / "cache"), "--device", "cpu", "--workers", "0", "--no-progress"]) == 2
+    one_line(capsys.readouterr().err.replace("backmix: mixing on cpu\n", ""),
+             f"checkpoint {bad_canvas}: its config: canvas must be a whole number >= 1, got -5")
+    assert not (tmp_path / "cache").exists()
 
 
 def test_a_plain_pickle_with_a_global_keeps_the_code_execution_wording(tmp_path):
