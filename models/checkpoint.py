@@ -66,8 +66,8 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
     with open(path, "rb") as f:
         head = f.read(512)
     if not head.startswith((b"PK\x03\x04", b"\x80")):   # torch writes a zip archive, or (legacy) a pickle
-        raise BackMixError(f"checkpoint {path} is not a torch checkpoint "
-                           + ("(a text file?)" if _is_text(head) else "(neither a zip archive nor a pickle)"))
+        kind = "it is empty" if not head else "a text file?" if _is_text(head) else "neither a zip archive nor a pickle"
+        raise BackMixError(f"checkpoint {path} is not a torch checkpoint ({kind})")
     try:
         with warnings.catch_warnings():   # torch's note on a plain pickle's protocol: the refusal says it all
             warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
@@ -86,6 +86,11 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
 
 def check_fields(ckpt: dict, path: Path) -> dict:
     """``ckpt`` when the fields its readers use have their kinds (a hand-made file may hold anything)."""
+    if not isinstance(ckpt["arch"], str):
+        raise BackMixError(f"checkpoint {path}: its arch is not a model name, got {quoted(ckpt['arch'])}")
+    classes = ckpt["num_classes"]
+    if isinstance(classes, bool) or not isinstance(classes, int) or classes < 1:
+        raise BackMixError(f"checkpoint {path}: its num_classes is not a whole number >= 1, got {quoted(classes)}")
     if not isinstance(ckpt.get("config") or {}, dict):
         raise BackMixError(f"checkpoint {path}: its config is not a mapping")
     if not isinstance(ckpt.get("model_kwargs") or {}, dict):

@@ -259,9 +259,11 @@ def test_a_folder_entry_that_cannot_be_indexed_is_one_line_naming_it(root, tmp_p
 # --------------------------------------------------------------------------- checkpoints
 
 def _checkpoint_with(tmp_path: Path, checkpoint: Path, **change) -> Path:
+    """A copy of ``checkpoint`` with ``change``, named after the first key changed."""
     ckpt = torch.load(checkpoint, weights_only=True)
-    torch.save({**ckpt, **change}, tmp_path / "x.pt")
-    return tmp_path / "x.pt"
+    path = tmp_path / f"{next(iter(change))}.pt"
+    torch.save({**ckpt, **change}, path)
+    return path
 
 
 def test_a_checkpoint_whose_contents_do_not_fit_is_one_line_naming_the_file(root, checkpoint, tmp_path, capsys):
@@ -276,6 +278,8 @@ def test_a_checkpoint_whose_contents_do_not_fit_is_one_line_naming_the_file(root
         save_safetensors(tmp_path / "half.safetensors", model, arch="cnn32", num_classes=2,
                          model_kwargs={"width": 0.5}): ": its weights do not fit its arch, num_classes and model_kwargs",
         _checkpoint_with(tmp_path, checkpoint, config="canvas: 40"): ": its config is not a mapping",
+        _checkpoint_with(tmp_path, checkpoint, num_classes="two"): ": its num_classes is not a whole number >= 1",
+        _checkpoint_with(tmp_path, checkpoint, known_classes="ant,cat"): ": its known_classes is not a list of class",
     }
     for path, says in cases.items():
         with pytest.raises(BackMixError) as e:
