@@ -22,7 +22,8 @@ from backmix.osr_data.errors import NO_SPACE_ERRNOS, BackMixError, no_space
 @contextlib.contextmanager
 def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
     """Yields a temporary name beside ``path`` for the block to write; then fsyncs it and renames it
-    onto ``path``, so readers never see half a file. If the block raises, the temporary file goes."""
+    onto ``path``, so readers never see half a file. If the block raises, the temporary file goes; a
+    full disk is one line naming ``path``."""
     path = Path(path)
     remove_abandoned_temps(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
@@ -31,6 +32,10 @@ def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as e:
+        if e.errno in NO_SPACE_ERRNOS:
+            raise no_space(e, writing=path) from None
+        raise
     finally:
         tmp.unlink(missing_ok=True)
 

@@ -135,12 +135,13 @@ def run_build(args) -> int:
     elif ckpt["num_classes"] != index.num_classes:
         raise BackMixError(f"checkpoint {args.checkpoint} has {ckpt['num_classes']} classes and names none; "
                            f"{args.data} has {index.num_classes}: say which with --known")
-    canvas_mode = args.canvas_mode or config.get("canvas_mode", "stretch" if config else "center")
+    canvas_mode = args.canvas_mode or saved_value(config, "canvas_mode", "stretch" if config else "center",
+                                                  args.checkpoint)
+    canvas = args.canvas or saved_value(config, "canvas", 40, args.checkpoint)
     if args.grid is None and (args.cache / "CURRENT").is_file():
         ForegroundCache(args.cache, index=index)           # an existing cache keeps its grid
     else:
         init_cache(args.cache, index, grid=args.grid or 8, keep=args.keep, canvas_mode=canvas_mode)
-    canvas = args.canvas or int(config.get("canvas", 40))
     generation = build_generation(args.cache, model, index, canvas=canvas, canvas_mode=canvas_mode,
                                   mean=IMAGENET_MEAN, std=IMAGENET_STD,
                                   momentum=args.momentum, label_map=label_map, rows=rows,
@@ -153,6 +154,20 @@ def run_build(args) -> int:
     else:
         print(f"cache {args.cache}: generation {generation} published")
     return 0
+
+
+def saved_value(config: dict, key: str, default, checkpoint):
+    """``config[key]`` of a checkpoint's run config (``default`` without one), refused in one line naming
+    the checkpoint when it is not a value the cache builder takes (the file may be hand-made)."""
+    from backmix.osr_data.decode import CANVAS_MODES
+    from backmix.osr_data.limits import quoted
+    value = config.get(key, default)
+    ok = value in CANVAS_MODES if key == "canvas_mode" else (
+        isinstance(value, int) and not isinstance(value, bool) and value >= 1)
+    if not ok:
+        want = f"one of {', '.join(CANVAS_MODES)}" if key == "canvas_mode" else "a whole number >= 1"
+        raise BackMixError(f"checkpoint {checkpoint}: its config: {key} must be {want}, got {quoted(value)}")
+    return value
 
 
 def known_classes(from_checkpoint, spec: str | None, classes: tuple[str, ...], checkpoint) -> tuple[str, ...]:

@@ -16,7 +16,7 @@ def remove_abandoned_temps(out: Path) -> None:
     """Remove ``.<out.name>.tmp-<pid>*`` files and folders beside ``out`` whose process is gone."""
     for tmp in out.parent.glob(f".{glob.escape(out.name)}.tmp-*"):
         pid = tmp.name[len(out.name) + 6:].split("-", 1)[0]
-        if pid.isdigit() and not process_exists(int(pid)):
+        if pid.isascii() and pid.isdigit() and not process_exists(int(pid)):
             if tmp.is_dir() and not tmp.is_symlink():
                 shutil.rmtree(tmp, ignore_errors=True)
             else:

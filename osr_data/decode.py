@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import io
-import os
 import warnings
 
 import numpy as np
@@ -12,6 +11,7 @@ from torchvision.io import ImageReadMode, decode_image, read_file
 from torchvision.transforms.v2 import functional as TF
 
 from .errors import BackMixError
+from .limits import MAX_IMAGE_ASPECT, MAX_IMAGE_PIXELS
 from .normalize import IMAGENET_MEAN, IMAGENET_STD  # noqa: F401  (their old home: osr_data/normalize.py holds them)
 
 # torchvision 0.29 marks its libjpeg-turbo/libpng decoders deprecated in favour of
@@ -29,24 +29,10 @@ class DecodeError(BackMixError):
         return DecodeError, (self.path, self.why)
 
 
-# An image larger than this many pixels is refused (a DecodeError, so ``--on-error skip`` skips it)
-# before it is decoded: a small file can declare gigapixels. PIL's default; set BACKMIX_MAX_IMAGE_PIXELS.
-DEFAULT_MAX_PIXELS = 89_478_485
-
-
-def max_image_pixels() -> int:
-    text = os.environ.get("BACKMIX_MAX_IMAGE_PIXELS", str(DEFAULT_MAX_PIXELS))
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value <= 0:
-        raise BackMixError(f"BACKMIX_MAX_IMAGE_PIXELS must be a positive number of pixels, got {text!r}")
-    return value
-
-
 def check_pixels(path: str, data: bytes) -> None:
-    """Refuses an image whose header declares more than ``max_image_pixels()`` pixels; reads the header only."""
+    """Refuses, from the header alone, an image of more than ``MAX_IMAGE_PIXELS`` pixels or whose sides
+    differ by more than ``MAX_IMAGE_ASPECT`` times (the canvas resize of a 900000 x 1 image would need
+    gigabytes); a ``DecodeError``, so ``--on-error skip`` skips it."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
@@ -56,10 +42,14 @@ def check_pixels(path: str, data: bytes) -> None:
         width = height = None
     except Exception:  # not an image PIL knows: the decoder says what is wrong with it
         return
-    limit = max_image_pixels()
+    limit = MAX_IMAGE_PIXELS.value()
     if width is None or width * height > limit:
         size = f"{width}x{height} pixels" if width else "a decompression bomb"
-        raise DecodeError(path, f"{size} is over the limit of {limit} (BACKMIX_MAX_IMAGE_PIXELS)")
+        raise DecodeError(path, f"{size} is over the limit of {limit} ({MAX_IMAGE_PIXELS.env})")
+    aspect = MAX_IMAGE_ASPECT.value()
+    if max(width, height) > aspect * max(min(width, height), 1):
+        raise DecodeError(path, f"{width}x{height} pixels: one side is over {aspect} times the other "
+                                f"({MAX_IMAGE_ASPECT.env})")
 
 
 def _why(e: Exception) -> str:
@@ -87,9 +77,12 @@ def decode_rgb_bytes(data: torch.Tensor, path: str) -> torch.Tensor:
         check_pixels(path, data.numpy().tobytes())
         if data[:2].tolist() == [66, 77]:   # "BM"
             with Image.open(io.BytesIO(data.numpy().tobytes())) as im:
-                image = torch.from_numpy(np.asarray(im.convert("RGB"))).permute(2, 0, 1).contiguous()
+                # np.array copies: torch warns on every read-only array PIL's buffer gives
+                image = torch.from_numpy(np.array(im.convert("RGB"))).permute(2, 0, 1).contiguous()
         else:
             image = decode_image(data, mode=ImageReadMode.RGB)
+            if image.ndim == 4:   # an animated GIF (whatever its suffix) is its frames: the first one
+                image = image[0]
     except (RuntimeError, ValueError, OSError) as e:
         raise DecodeError(path, _why(e)) from None
     if image.dtype == torch.uint16:
@@ -144,6 +137,8 @@ def read_canvas(index, row: int, size: int, mode: str = "center", on_error: str 
 
 
 def check_canvas(canvas: int, crop: int, grid: int) -> None:
+    if grid < 1:
+        raise BackMixError(f"--grid must be >= 1, got {grid}")
     if canvas <= 0 or crop <= 0:
         raise BackMixError(f"canvas ({canvas}) and crop ({crop}) sizes must be positive")
     if crop > canvas:

@@ -40,7 +40,7 @@ from backmix._fs import atomic_write_bytes
 from .errors import BackMixError
 from .index_paths import IndexPaths
 from .index_sidecar import csv_sha256, read_sidecar, write_sidecar
-from .untrusted_paths import check_rows_inside, stat_entry
+from .untrusted_paths import check_rows_inside, stat_entry, utf8_names
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 INDEX_NAME = "index.csv"
@@ -203,7 +203,7 @@ class ImageIndex:
         listings = []   # arrow arrays: the Python strings of one folder at a time are freed at once
         for name in self.classes:
             try:
-                listings.append(pa.array(os.listdir(self.root / name), pa.large_string()))
+                listings.append(_listing(self.root / name))
             except (FileNotFoundError, NotADirectoryError):
                 raise BackMixError(f"class folder {self.root / name} listed in {index_file} does not exist; "
                                    "delete the index file to re-index") from None
@@ -279,7 +279,8 @@ def _check_is_split_folder(root: Path) -> None:
 def _class_folders(root: Path) -> list[str]:
     """Sorted names of the class folders (hidden ones, such as .backmix, are not classes)."""
     with os.scandir(root) as it:
-        return sorted(e.name for e in it if e.is_dir() and not e.name.startswith("."))
+        return sorted(utf8_names([e.name for e in it if e.is_dir() and not e.name.startswith(".")], root,
+                                 "class folder"))
 
 
 def _image_mask(names):
@@ -291,9 +292,19 @@ def _image_mask(names):
 
 def _image_names(root: Path, name: str) -> list[str]:
     """Sorted names in class folder ``name`` with an image suffix: one listing, no stat."""
-    import pyarrow as pa
-    names = pa.array(os.listdir(root / name), pa.large_string())
+    names = _listing(root / name)
     return sorted(names.filter(_image_mask(names)).to_pylist())
+
+
+def _listing(folder: Path):
+    """The names in ``folder`` as a pyarrow string array; one that is not UTF-8 is refused in one line."""
+    import pyarrow as pa
+    names = os.listdir(folder)
+    try:
+        return pa.array(names, pa.large_string())
+    except UnicodeEncodeError:   # arrow strings are UTF-8: the name that is not is found and named
+        utf8_names(names, folder)
+        raise
 
 
 def _listed_but_missing(path: str, index_file: Path) -> BackMixError:

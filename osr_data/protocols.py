@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Optional
 
 from .errors import BackMixError
-from .splits import OpenSetSplit
+from .limits import MAX_SPLITS_BYTES, read_bounded
+from .splits import OpenSetSplit, split_number
 
 PROTOCOLS_FILE = Path(__file__).with_name("protocols.json")
 PROTOCOLS = ("cifar10", "cifar+10", "tinyimagenet")
@@ -37,10 +38,11 @@ class SplitList:
 
     def resolve(self, classes: tuple[str, ...], split: str) -> OpenSetSplit:
         """Split number ``split`` on a folder with ``classes``; one line when they do not match."""
-        if not str(split).strip().isdigit() or int(split) >= len(self.entries):
+        k = split_number(split)
+        if k is None or k >= len(self.entries):
             raise BackMixError(f"with {self.source}, --split is a split number 0..{len(self.entries) - 1}, "
                                f"not {split!r}")
-        known, unknown = self.entries[int(split)]
+        known, unknown = self.entries[k]
         want = self.classes or (known + unknown if unknown is not None else None)
         if want is not None and set(want) != set(classes):
             missing = [c for c in want if c not in classes]
@@ -73,11 +75,14 @@ def _entries(data, where: str) -> tuple:
 
 
 def load_splits_file(path: str | os.PathLike) -> SplitList:
-    """``--splits FILE``: parsed as JSON (never run)."""
+    """``--splits FILE``: parsed as JSON (never run); a regular file of at most ``MAX_SPLITS_BYTES``."""
+    text = read_bounded(path, "--splits", MAX_SPLITS_BYTES)
     try:
-        data = json.loads(Path(path).read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise BackMixError(f"cannot read --splits {path}: {getattr(e, 'strerror', None) or e}") from None
+        data = json.loads(text.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise BackMixError(f"cannot read --splits {path}: {e}") from None
+    except RecursionError:
+        raise BackMixError(f"cannot read --splits {path}: nested too deep") from None
     return SplitList(f"--splits {path}", _entries(data, f"--splits {path}"))
 
 

@@ -67,12 +67,19 @@ def random_splits(classes: tuple[str, ...], n_splits: int = 5, n_known: int | No
     return splits
 
 
+def split_number(spec) -> int | None:
+    """The split number ``spec`` names ("0", " 3 "), None when it is not ASCII digits: ``str.isdigit`` is
+    true of "²" and "٣" too, which ``int`` refuses or reads as another number."""
+    text = str(spec).strip()
+    return int(text) if text.isascii() and text.isdigit() else None
+
+
 def resolve_split(classes: tuple[str, ...], spec: str | int, n_splits: int = 5,
                   seed: int = 0) -> OpenSetSplit:
     """``spec`` is a split number (``"0"``..) or a comma list of known class names."""
     spec = str(spec).strip()
-    if spec.isdigit():
-        k = int(spec)
+    k = split_number(spec)
+    if k is not None:
         if k >= n_splits:
             raise BackMixError(f"split {k} does not exist: there are {n_splits} random splits (0..{n_splits - 1})")
         return random_splits(classes, n_splits=n_splits, seed=seed)[k]

@@ -2,6 +2,7 @@
 elsewhere: a row that leaves the data folder, a link whose target is gone. Each is one line naming it."""
 from __future__ import annotations
 
+import errno
 import os
 from pathlib import Path
 from typing import Optional
@@ -53,3 +54,20 @@ def stat_entry(folder_fd: int, folder: Path, name: str) -> os.stat_result:
             raise BackMixError(f"{folder / name} disappeared while its folder was indexed") from None
         raise BackMixError(f"{folder / name} is a symbolic link to {target!r}, which does not exist; "
                            "remove the link or restore its target") from None
+    except OSError as e:
+        if e.errno != errno.ELOOP:
+            raise
+        raise BackMixError(f"{folder / name} is a symbolic link that never reaches a file (a loop of links); "
+                           "remove the link") from None
+
+
+def utf8_names(names: list[str], folder: Path, what: str = "file") -> list[str]:
+    """``names`` (a folder's entries, as ``os.listdir`` gives them) when every one is valid UTF-8: an index
+    file, a cache and every message hold names as UTF-8 text. A name with other bytes is one line."""
+    for name in names:
+        try:
+            name.encode("utf-8")
+        except UnicodeEncodeError:
+            shown = os.fsencode(folder / name).decode("utf-8", errors="backslashreplace")
+            raise BackMixError(f"{what} name {shown} is not valid UTF-8; rename it") from None
+    return names

@@ -10,6 +10,7 @@ anything else (a traceback, two lines, a wrong status, silent success on bad inp
     python scripts/probe.py                     # this tree
     python scripts/probe.py --tree /work/wt/x   # another checkout (e.g. main, to compare)
     python scripts/probe.py -k eval             # only the cases whose name holds "eval"
+    python scripts/probe.py -k config-,splits-  # those whose name holds either
 
 Prints one line per case and the counts; exit status 1 if any case is bad. A few minutes on 2 cores.
 """
@@ -62,7 +63,6 @@ BOOT = textwrap.dedent("""
 """)
 
 LEFTOVER_MARKS = (".tmp-", ".tmp", "next-", ".partial")
-CASE_MODULES = ("probe_cases", "probe_cases_library")   # beside this file, each with its cases()
 
 
 @dataclass
@@ -132,12 +132,19 @@ def run_case(case: Case, tree: Path, boot: Path, shared: Path, work: Path) -> tu
     return judge(case, proc, folder)
 
 
+def cases() -> list[Case]:
+    """The cases of probe_cases.py and of every other probe_cases_*.py beside this file."""
+    import importlib
+    names = sorted(p.stem for p in Path(__file__).resolve().parent.glob("probe_cases*.py"))
+    return [case for name in names for case in importlib.import_module(name).cases()]
+
+
 def main() -> int:
     from probe_cases import shared_setup   # the cases live beside this file
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tree", type=Path, default=Path(__file__).resolve().parents[1],
                     help="checkout whose backmix is probed (default: this one)")
-    ap.add_argument("-k", default="", help="only cases whose name contains this")
+    ap.add_argument("-k", default="", help="only cases whose name contains this (or one of a comma list)")
     ap.add_argument("--json", type=Path, default=None, help="write {case: [good, what]} here")
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="backmix-probe-"))
@@ -150,8 +157,8 @@ def main() -> int:
             [sys.executable, str(boot), str(args.tree.resolve()), *words], cwd=shared, capture_output=True,
             text=True, env=dict(os.environ, OMP_NUM_THREADS="1")))
         results = {}
-        for case in (c for module in CASE_MODULES for c in __import__(module).cases()):
-            if args.k not in case.name:
+        for case in cases():
+            if not any(k in case.name for k in args.k.split(",")):
                 continue
             good, what = run_case(case, args.tree.resolve(), boot, shared, work)
             results[case.name] = [good, what]

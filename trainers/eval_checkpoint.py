@@ -39,7 +39,13 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, data_root: str | os.PathL
     given = {"backend": backend, "device": device, "workers": workers, "progress": progress, "on_error": on_error,
              "auto_augment": "none",   # evaluation never augments: any backend takes the checkpoint
              **({"canvas_mode": canvas_mode} if canvas_mode else {})}
-    cfg = TrainConfig.from_dict({**saved, **given}) if saved else TrainConfig(**given)
+    try:
+        cfg = TrainConfig.from_dict({**saved, **given}) if saved else TrainConfig(**given)
+    except BackMixError as e:
+        if not saved:
+            raise
+        TrainConfig(**given)   # a value the user gave is refused here, in its own words; else the file's is
+        raise BackMixError(f"checkpoint {checkpoint}: its config: {e}") from None
     dev, _, _ = init_distributed(device)
     model.to(dev)
     loader = make_loader(cfg.backend, data.test, loader_config(cfg, dev, train=False), **cfg.loader_options())

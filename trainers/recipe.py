@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import os
-from pathlib import Path
 from typing import Optional
 
 import numpy as np
@@ -16,6 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from backmix.osr_data.errors import BackMixError
+from backmix.osr_data.limits import check_regular_file
 
 from .config import TrainConfig
 
@@ -102,9 +102,7 @@ def head_name(model: nn.Module) -> str:
 def read_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:
     """The tensors of a state dict file: ``.safetensors``, or a torch file read with ``weights_only``
     (never unpickling objects), holding the state dict itself or under ``state_dict``/``model``."""
-    path = Path(path)
-    if not path.is_file():
-        raise BackMixError(f"--pretrained {path} does not exist")
+    path = check_regular_file(path, "--pretrained")
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file

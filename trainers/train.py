@@ -33,6 +33,7 @@ from typing import Optional
 import torch
 
 from backmix.models import build_model, features_and_head, load_model
+from backmix.osr_data.limits import check_regular_file
 from backmix.osr_data.open_set import OpenSetData
 
 from .cache_rebuild import finish_pending_rebuild, loop_recorder, rebuild_due, stage_pass
@@ -59,6 +60,8 @@ def main(cfg: TrainConfig, *, resume: bool = False, explicit: Optional[set[str]]
     """Train (or resume) one run; returns the final evaluation metrics (rank 0; {} on other ranks)."""
     if resume:
         cfg = resume_config(cfg, explicit or set())
+    elif cfg.pretrained:
+        check_regular_file(cfg.pretrained, "--pretrained")   # before any work
     device, rank, world = init_distributed(cfg.device)
     deterministic = torch.are_deterministic_algorithms_enabled()
     if device.type == "cpu":
