@@ -95,34 +95,35 @@ def run(cfg: TrainConfig, device: torch.device, rank: int, world: int, resume: b
         model = model.to(memory_format=torch.channels_last)
     maps = open_cache(cfg, data, rank, world)
     loaders = build_loaders(cfg, data, device, maps, rank, world)
-    training = training_objects(cfg, model, data.num_known, device, world, steps_per_epoch=len(loaders.train))
-    checkpoints = RunCheckpoints(cfg.run_dir, cfg, data.num_known, data.split.known, fingerprint)
-    progress = RunProgress()
-    if resume:
-        progress = restore_training(training, ckpt, rank=rank, world=world, path=cfg.run_dir / "last.pt")
-        if cfg.backmix and ckpt.get("regen_pending"):
-            finish_pending_rebuild(cfg, training.model, data, device, maps, ckpt, progress, cfg.run_dir, rank)
-    if rank == 0:
-        write_jsonl(cfg.run_dir / "metrics.jsonl", progress.history)
+    with contextlib.closing(loaders):   # the workers stop however the run ends
+        training = training_objects(cfg, model, data.num_known, device, world, steps_per_epoch=len(loaders.train))
+        checkpoints = RunCheckpoints(cfg.run_dir, cfg, data.num_known, data.split.known, fingerprint)
+        progress = RunProgress()
         if resume:
-            log.info("resuming %s at epoch %d/%d%s", cfg.run_dir, progress.start + 1, cfg.epochs,
-                     f", step {progress.partial['loader']['step'] + 1}" if progress.partial else "")
-    final: dict = progress.history[-1].get("eval", {}) if progress.history else {}
-    first, t_run = progress.start, time.perf_counter()
-    for epoch in range(progress.start, cfg.epochs):
-        record = run_epoch(cfg, epoch, training, data, loaders, checkpoints, progress, rank=rank, world=world,
-                           run_log=run_log)
-        final = record.get("eval", final)
-        progress.history.append(record)
+            progress = restore_training(training, ckpt, rank=rank, world=world, path=cfg.run_dir / "last.pt")
+            if cfg.backmix and ckpt.get("regen_pending"):
+                finish_pending_rebuild(cfg, training.model, data, device, maps, ckpt, progress, cfg.run_dir, rank)
         if rank == 0:
-            append_jsonl(cfg.run_dir / "metrics.jsonl", record)
-            log.info("%s", epoch_line(record, cfg.epochs))
-            run_log.epoch_done(record)
-    if rank != 0:
-        return {}
-    log.info("trained %d epochs in %.1fs", cfg.epochs - first, time.perf_counter() - t_run)
-    write_summary(cfg, progress.history, final, data, loaders, training.precision, device)
-    return final
+            write_jsonl(cfg.run_dir / "metrics.jsonl", progress.history)
+            if resume:
+                log.info("resuming %s at epoch %d/%d%s", cfg.run_dir, progress.start + 1, cfg.epochs,
+                         f", step {progress.partial['loader']['step'] + 1}" if progress.partial else "")
+        final: dict = progress.history[-1].get("eval", {}) if progress.history else {}
+        first, t_run = progress.start, time.perf_counter()
+        for epoch in range(progress.start, cfg.epochs):
+            record = run_epoch(cfg, epoch, training, data, loaders, checkpoints, progress, rank=rank, world=world,
+                               run_log=run_log)
+            final = record.get("eval", final)
+            progress.history.append(record)
+            if rank == 0:
+                append_jsonl(cfg.run_dir / "metrics.jsonl", record)
+                log.info("%s", epoch_line(record, cfg.epochs))
+                run_log.epoch_done(record)
+        if rank != 0:
+            return {}
+        log.info("trained %d epochs in %.1fs", cfg.epochs - first, time.perf_counter() - t_run)
+        write_summary(cfg, progress.history, final, data, loaders, training.precision, device)
+        return final
 
 
 def model_to_train(cfg: TrainConfig, data: OpenSetData, fingerprint: str, resume: bool) -> tuple:
