@@ -155,6 +155,11 @@ def register(top) -> None:
                    help="Mixup (timm) of each part of the batch with Beta(ALPHA, ALPHA) (0: none)" + _d("mixup"))
     r.add_argument("--cutmix", type=float, default=S, metavar="ALPHA",
                    help="CutMix (timm), ALPHA as --mixup; with both, each batch takes one of the two" + _d("cutmix"))
+    r.add_argument("--grad-accum-steps", type=int, default=S, metavar="N",
+                   help="step the optimiser every N batches on their mean gradient (an N times larger batch in "
+                        "the memory of one, but for BatchNorm's statistics, which stay per batch); the schedule, "
+                        "--log-every and --save-every count optimiser steps; under torchrun the ranks exchange "
+                        "gradients once every N batches" + _d("grad_accum_steps"))
     p.set_defaults(func=run_train)
 
     e = top.add_parser("eval", help="open-set metrics of a checkpoint on a data set's test folder",

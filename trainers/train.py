@@ -35,6 +35,7 @@ import torch
 from backmix.models import build_model, features_and_head, load_model
 from backmix.osr_data.open_set import OpenSetData
 
+from .accumulation import optimizer_steps
 from .cache_rebuild import finish_pending_rebuild, loop_recorder, rebuild_due, stage_pass
 from .config import TrainConfig
 from .distributed import barrier, close_distributed, gather_weight_digests, init_distributed, unwrap, wrap_ddp
@@ -96,7 +97,8 @@ def run(cfg: TrainConfig, device: torch.device, rank: int, world: int, resume: b
     maps = open_cache(cfg, data, rank, world)
     loaders = build_loaders(cfg, data, device, maps, rank, world)
     with contextlib.closing(loaders):   # the workers stop however the run ends
-        training = training_objects(cfg, model, data.num_known, device, world, steps_per_epoch=len(loaders.train))
+        training = training_objects(cfg, model, data.num_known, device, world,
+                                     steps_per_epoch=optimizer_steps(len(loaders.train), cfg.grad_accum_steps))
         checkpoints = RunCheckpoints(cfg.run_dir, cfg, data.num_known, data.split.known, fingerprint)
         progress = RunProgress()
         if resume:
