@@ -152,3 +152,32 @@ def test_a_run_cut_inside_a_window_resumes_to_the_same_result(small_root, tmp_pa
     for x, y in zip(a, b):
         assert (x["loss"], x["train_acc"], x["eval"] if "eval" in x else None) == \
                (y["loss"], y["train_acc"], y["eval"] if "eval" in y else None)
+
+
+def test_compile_trains_on_the_cpu_and_its_run_resumes(small_root, tmp_path, monkeypatch):
+    """--compile: the training forward runs compiled graphs (TorchInductor's C++ kernels on the CPU); the
+    checkpoints hold the plain module's state dict; a run cut in epoch 2 resumes, compiled again, to its end."""
+    from backmix.models import load_model
+    torch._dynamo.reset()
+    cfg = tiny(small_root, tmp_path / "run", epochs=2, regen_every=1, save_every=1, compile=True)
+    real, calls = Recipe.inputs, []
+
+    def inputs(self, batch, epoch, step):
+        calls.append(epoch)
+        if epoch == 1 and calls.count(1) == 2:
+            raise KeyboardInterrupt
+        return real(self, batch, epoch, step)
+
+    monkeypatch.setattr(Recipe, "inputs", inputs)
+    with pytest.raises(KeyboardInterrupt):
+        main(cfg)
+    monkeypatch.setattr(Recipe, "inputs", real)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1   # the forward was compiled
+    cut = torch.load(Path(cfg.out) / "last.pt", weights_only=False)
+    assert cut["epoch"] == 1 and cut["partial"][0]["loader"]["step"] == 1
+    plain = build_model("cnn32", 2, width=0.25).state_dict()
+    assert cut["state_dict"].keys() == plain.keys()                        # no "_orig_mod." prefix
+    main(cfg, resume=True)
+    model, done = load_model(Path(cfg.out) / "last.pt", arch="cnn32", num_classes=2)
+    assert done["epoch"] == 2 and done["config"]["compile"] is True
+    assert [r["epoch"] for r in read_jsonl(Path(cfg.out) / "metrics.jsonl")] == [1, 2]

@@ -118,6 +118,7 @@ class TrainConfig:
     mixup: float = 0.0                # timm Mixup alpha (0: no Mixup)
     cutmix: float = 0.0               # timm CutMix alpha (0: no CutMix); with both, half the batches each
     grad_accum_steps: int = 1         # the optimiser steps every N batches, on their mean gradient
+    compile: bool = False             # torch.compile the training forward (checkpoints: the plain module's)
 
     def __post_init__(self) -> None:
         check_arch(self.arch)

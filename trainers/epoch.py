@@ -30,7 +30,7 @@ def epoch_seed(seed: int, epoch: int, rank: int) -> int:
 def train_one_epoch(model: nn.Module, loader, optimizer, scheduler, cfg: TrainConfig, precision: Precision,
                     epoch: int, *, rank: int = 0, world: int = 1, partial: Optional[dict] = None,
                     save: Optional[Callable[[dict], None]] = None, recipe: Optional[Recipe] = None,
-                    run_log: Optional[RunLog] = None) -> dict:
+                    run_log: Optional[RunLog] = None, forward: Optional[nn.Module] = None) -> dict:
     """One pass over the loader; loss = w_raw * CE(clean) + w_mix * CE(mixed) (``BackMixBatch.loss``);
     train accuracy is on the first part the batch has.
 
@@ -39,7 +39,8 @@ def train_one_epoch(model: nn.Module, loader, optimizer, scheduler, cfg: TrainCo
     (not at an epoch's last step: the epoch's own checkpoint follows). A rebuild epoch's in-loop
     CAMs are taken by the recorder attached to the loader (``backmix.cam_cache.recorder``).
     ``recipe``: label smoothing, Mixup/CutMix and the EMA (default: plain cross-entropy);
-    ``run_log``: the step lines and progress (default: a progress bar on a terminal)."""
+    ``run_log``: the step lines and progress (default: a progress bar on a terminal); ``forward``: the
+    module the forward calls (default ``model``; e.g. ``torch.compile(model)``, the same parameters)."""
     model.train()
     loader.set_epoch(epoch)
     device = precision.device
@@ -58,6 +59,7 @@ def train_one_epoch(model: nn.Module, loader, optimizer, scheduler, cfg: TrainCo
     first = partial["loader"]["step"] if partial else 0
     progress = run_log.epoch(epoch, len(loader), first, world)
     windows = Accumulation(cfg.grad_accum_steps, len(loader))
+    forward = model if forward is None else forward
     ready = time.perf_counter()
     for i, batch in enumerate(loader, first):
         waited = time.perf_counter() - ready   # the share of the step spent waiting for data
@@ -68,7 +70,7 @@ def train_one_epoch(model: nn.Module, loader, optimizer, scheduler, cfg: TrainCo
         if cfg.channels_last and device.type == "cuda":
             x = x.contiguous(memory_format=torch.channels_last)
         with windows.sync(model, i), precision.autocast():
-            logits = model(x)
+            logits = forward(x)
             loss = batch.loss(recipe.criterion, logits, clean=cfg.w_raw, mixed=cfg.w_mix, targets=targets)
         if windows.starts(i):
             optimizer.zero_grad(set_to_none=True)

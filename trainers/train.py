@@ -152,8 +152,12 @@ def training_objects(cfg: TrainConfig, model: torch.nn.Module, num_classes: int,
     recipe = Recipe(cfg, num_classes, model)
     model = wrap_ddp(model, device, world)
     optimizer = build_optimizer(cfg, unwrap(model))
+    # The compiled module wraps the model (DDP included) without copying it: one set of weights. Only
+    # the training forward calls it; evaluation, the CAMs and the checkpoints use the model itself, so
+    # state dicts keep their keys and the CAM path runs no graph compiled for training.
+    forward = torch.compile(model) if cfg.compile else model
     return Training(model, optimizer, build_scheduler(cfg, optimizer, steps_per_epoch), Precision(device, cfg.amp),
-                    recipe)
+                    recipe, forward)
 
 
 def run_epoch(cfg: TrainConfig, epoch: int, training: Training, data: OpenSetData, loaders: RunLoaders,
@@ -171,7 +175,7 @@ def run_epoch(cfg: TrainConfig, epoch: int, training: Training, data: OpenSetDat
     record = {"epoch": epoch + 1}
     record.update(train_one_epoch(training.model, loaders.train, training.optimizer, training.scheduler, cfg,
                                   training.precision, epoch, rank=rank, world=world, partial=progress.partial,
-                                  save=save, recipe=training.recipe, run_log=run_log))
+                                  save=save, recipe=training.recipe, run_log=run_log, forward=training.forward))
     progress.partial = None
     record["cache_generation"] = maps.generation if maps is not None else None
     improved = evaluate_epoch(cfg, epoch, training, data, loaders, record, progress, rank)
