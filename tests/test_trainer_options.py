@@ -31,6 +31,9 @@ def test_windows_of_an_epoch_whose_length_n_does_not_divide():
     assert optimizer_steps(5, 2) == 3 and optimizer_steps(4, 2) == 2 and optimizer_steps(5, 1) == 5
     with pytest.raises(Exception, match="--grad-accum-steps must be a finite number a whole number >= 1"):
         TrainConfig(data="d", grad_accum_steps=0)
+    with pytest.raises(Exception, match="--grad-accum-steps must be .* got 1.5"):
+        TrainConfig(data="d", grad_accum_steps=1.5)
+    assert TrainConfig(data="d", grad_accum_steps=2.0).grad_accum_steps == 2
 
 
 def test_ddp_exchanges_gradients_on_a_windows_last_batch_only():

@@ -4,8 +4,9 @@ The batches of an epoch fall into windows of N (the last one shorter when N does
 epoch); each batch's loss is divided by its window's size before the backward, so a window's
 gradient is the mean over its batches, as one batch of their combined size would give (less the
 batch-dependent statistics of BatchNorm). The schedule, the EMA, ``--log-every`` and ``--save-every``
-count optimiser steps. Under DDP the gradients are all-reduced once a window, on its last batch
-(``no_sync`` on the others).
+count optimiser steps; so does the key of a batch's Mixup/CutMix draw (``Recipe.inputs``), so a
+window's batches share one draw, as the images of one large batch do. Under DDP the gradients are
+all-reduced once a window, on its last batch (``no_sync`` on the others).
 """
 from __future__ import annotations
 

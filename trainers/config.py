@@ -132,6 +132,7 @@ class TrainConfig:
                 raise BackMixError(f"unknown {option(name)} {value!r} (choose from {', '.join(choices)})")
         for name in NUMERIC_RANGES:
             check_number(name, getattr(self, name))
+        self.grad_accum_steps = int(self.grad_accum_steps)   # a config file's 2.0 counts batches as 2 does
         check_canvas(self.canvas, self.crop, self.grid)
         if self.protocol is not None and self.protocol not in PROTOCOLS:
             raise BackMixError(f"unknown --protocol {self.protocol!r} (choose from {', '.join(PROTOCOLS)})")
