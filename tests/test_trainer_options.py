@@ -29,7 +29,7 @@ def test_windows_of_an_epoch_whose_length_n_does_not_divide():
     assert [i for i in range(5) if windows.steps(i)] == [1, 3, 4]
     assert [windows.share(i) for i in range(5)] == [0.5, 0.5, 0.5, 0.5, 1.0]   # the short last window: its mean
     assert optimizer_steps(5, 2) == 3 and optimizer_steps(4, 2) == 2 and optimizer_steps(5, 1) == 5
-    with pytest.raises(Exception, match="--grad-accum-steps must be a finite number a whole number >= 1"):
+    with pytest.raises(Exception, match="--grad-accum-steps must be a finite number >= 1, a whole one, got 0"):
         TrainConfig(data="d", grad_accum_steps=0)
     with pytest.raises(Exception, match="--grad-accum-steps must be .* got 1.5"):
         TrainConfig(data="d", grad_accum_steps=1.5)

@@ -44,7 +44,7 @@ NUMERIC_RANGES = {
     "save_every": _at_least(0), "jpeg_quality": (lambda v: v == int(v) and 1 <= v <= 100, "in 1..100"), "val_fraction": (lambda v: 0 <= v < 1, "in [0, 1)"), "log_every": _at_least(0), "label_smoothing": (lambda v: 0 <= v < 1, "in [0, 1)"),
     "ema": (lambda v: v == 0 or 0 < v < 1, "in (0, 1), or 0 for none"), "clip_grad": _at_least(0),
     "mixup": _at_least(0), "cutmix": _at_least(0),
-    "grad_accum_steps": (lambda v: v == int(v) and v >= 1, "a whole number >= 1"),
+    "grad_accum_steps": (lambda v: v == int(v) and v >= 1, ">= 1, a whole one"),
 }
 
 
