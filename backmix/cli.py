@@ -7,6 +7,7 @@ import gc
 import importlib
 import logging
 import os
+import signal
 import sys
 from typing import Iterator, Optional
 
@@ -133,11 +134,43 @@ def main(argv: list[str] | None = None) -> int:
         gc.unfreeze()   # a process that calls main again (tests, a notebook) may collect them after all
 
 
+@contextlib.contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """Inside the block SIGTERM (a service manager, a job scheduler, ``kill``) stops the command as
+    Ctrl-C does: it raises KeyboardInterrupt in this process, so every ``finally`` runs (the atomic
+    writers remove their temporaries, the loaders stop their workers) and the command ends with
+    ``backmix: interrupted``, exit 130.
+
+    A process forked inside the block (a DataLoader worker) inherits the handler; there it ends the
+    process as SIGTERM's default action would, since it owns nothing that needs cleaning up and an
+    exception would only print a worker's traceback. A second SIGTERM, while the first one's cleanup
+    runs, ends the process at once: whoever sends it does not want to wait."""
+    owner = os.getpid()
+
+    def interrupt(signum, frame):
+        signal.signal(signum, signal.SIG_DFL)
+        if os.getpid() != owner:
+            os.kill(os.getpid(), signum)
+            return
+        raise KeyboardInterrupt
+
+    try:
+        previous = signal.signal(signal.SIGTERM, interrupt)
+    except ValueError:   # not the main thread (a library caller's): signals are not ours to take
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def run_command(args) -> int:
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
                         format="backmix: %(message)s", stream=sys.stderr)
     try:
-        return int(args.func(args) or 0)
+        with sigterm_as_interrupt():
+            return int(args.func(args) or 0)
     except BackMixError as e:
         print(f"backmix: error: {e}", file=sys.stderr)
         return 2

@@ -254,7 +254,9 @@ def test_gradients_are_clipped_to_the_norm():
     model = nn.Linear(4, 3)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
     loss = 1000 * model(torch.ones(2, 4)).square().sum()
-    Precision(torch.device("cpu"), "off").step(loss, optimizer, clip=0.5)
+    precision = Precision(torch.device("cpu"), "off")
+    precision.backward(loss)
+    precision.step(optimizer, clip=0.5)
     norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in model.parameters()]))
     assert norm.item() == pytest.approx(0.5, rel=1e-5)
 

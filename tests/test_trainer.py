@@ -358,10 +358,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_process_gloo_run_keeps_ranks_identical_and_evaluates(small_root, tmp_path):
+@pytest.mark.parametrize("accumulate", [1, 2], ids=["every-batch", "grad-accum-2"])
+def test_two_process_gloo_run_keeps_ranks_identical_and_evaluates(small_root, tmp_path, accumulate):
+    """With --grad-accum-steps 2 the ranks exchange gradients on every second batch only (and the last):
+    their weights stay equal all the same."""
     cfg = tiny(small_root, tmp_path / "ddp", epochs=2, regen_every=1)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(free_port()), "-m", "backmix", "-q", *cli_args(cfg)]
+           "--master_port", str(free_port()), "-m", "backmix", "-q", *cli_args(cfg),
+           "--grad-accum-steps", str(accumulate)]
     done = subprocess.run(cmd, cwd=REPO, env=env(), capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     lines = read_jsonl(Path(cfg.out) / "metrics.jsonl")

@@ -165,6 +165,15 @@ def register(top) -> None:
                    help="Mixup (timm) of each part of the batch with Beta(ALPHA, ALPHA) (0: none)" + _d("mixup"))
     r.add_argument("--cutmix", type=float, default=S, metavar="ALPHA",
                    help="CutMix (timm), ALPHA as --mixup; with both, each batch takes one of the two" + _d("cutmix"))
+    r.add_argument("--grad-accum-steps", type=int, default=S, metavar="N",
+                   help="step the optimiser every N batches on their mean gradient (an N times larger batch in "
+                        "the memory of one, but for BatchNorm's statistics, which stay per batch); the schedule, "
+                        "--log-every and --save-every count optimiser steps; under torchrun the ranks exchange "
+                        "gradients once every N batches" + _d("grad_accum_steps"))
+    r.add_argument("--compile", action=argparse.BooleanOptionalAction, default=S,
+                   help="torch.compile the model for the training forward (the first steps compile it: slower; "
+                        "evaluation, the cache rebuild's CAMs and the checkpoints use the plain module, the same "
+                        "weights); --resume may add or drop it" + _d("compile"))
     p.set_defaults(func=run_train)
 
     e = top.add_parser("eval", help="open-set metrics of a checkpoint on a data set's test folder",

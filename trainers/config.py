@@ -46,6 +46,7 @@ NUMERIC_RANGES = {
     "save_every": _at_least(0), "jpeg_quality": (lambda v: v == int(v) and 1 <= v <= 100, "in 1..100"), "val_fraction": (lambda v: 0 <= v < 1, "in [0, 1)"), "log_every": _at_least(0), "label_smoothing": (lambda v: 0 <= v < 1, "in [0, 1)"),
     "ema": (lambda v: v == 0 or 0 < v < 1, "in (0, 1), or 0 for none"), "clip_grad": _at_least(0),
     "mixup": _at_least(0), "cutmix": _at_least(0), "mix_prob": (lambda v: 0 < v <= 1, "in (0, 1]"),
+    "grad_accum_steps": (lambda v: v == int(v) and v >= 1, ">= 1, a whole one"),
 }
 
 
@@ -120,6 +121,8 @@ class TrainConfig:
     pretrained: Optional[str] = None  # state dict (torch or .safetensors) to start from; the head is new
     mixup: float = 0.0                # timm Mixup alpha (0: no Mixup)
     cutmix: float = 0.0               # timm CutMix alpha (0: no CutMix); with both, half the batches each
+    grad_accum_steps: int = 1         # the optimiser steps every N batches, on their mean gradient
+    compile: bool = False             # torch.compile the training forward (checkpoints: the plain module's)
 
     def __post_init__(self) -> None:
         check_arch(self.arch)
@@ -134,6 +137,7 @@ class TrainConfig:
         for name in NUMERIC_RANGES:
             if name != "mix_prob":   # optional: checked below when given
                 check_number(name, getattr(self, name))
+        self.grad_accum_steps = int(self.grad_accum_steps)   # a config file's 2.0 counts batches as 2 does
         check_canvas(self.canvas, self.crop, self.grid)
         if self.protocol is not None and self.protocol not in PROTOCOLS:
             raise BackMixError(f"unknown --protocol {self.protocol!r} (choose from {', '.join(PROTOCOLS)})")

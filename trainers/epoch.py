@@ -13,6 +13,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from .accumulation import Accumulation
 from .config import TrainConfig
 from .distributed import all_reduce_sum
 from .metrics import open_set_metrics
@@ -29,7 +30,7 @@ def epoch_seed(seed: int, epoch: int, rank: int) -> int:
 def train_one_epoch(model: nn.Module, loader, optimizer, scheduler, cfg: TrainConfig, precision: Precision,
                     epoch: int, *, rank: int = 0, world: int = 1, partial: Optional[dict] = None,
                     save: Optional[Callable[[dict], None]] = None, recipe: Optional[Recipe] = None,
-                    run_log: Optional[RunLog] = None) -> dict:
+                    run_log: Optional[RunLog] = None, forward: Optional[nn.Module] = None) -> dict:
     """One pass over the loader; loss = w_raw * CE(clean) + w_mix * CE(mixed) (``BackMixBatch.loss``);
     train accuracy is on the first part the batch has.
 
@@ -38,7 +39,8 @@ def train_one_epoch(model: nn.Module, loader, optimizer, scheduler, cfg: TrainCo
     (not at an epoch's last step: the epoch's own checkpoint follows). A rebuild epoch's in-loop
     CAMs are taken by the recorder attached to the loader (``backmix.cam_cache.recorder``).
     ``recipe``: label smoothing, Mixup/CutMix and the EMA (default: plain cross-entropy);
-    ``run_log``: the step lines and progress (default: a progress bar on a terminal)."""
+    ``run_log``: the step lines and progress (default: a progress bar on a terminal); ``forward``: the
+    module the forward calls (default ``model``; e.g. ``torch.compile(model)``, the same parameters)."""
     model.train()
     loader.set_epoch(epoch)
     device = precision.device
@@ -54,9 +56,12 @@ def train_one_epoch(model: nn.Module, loader, optimizer, scheduler, cfg: TrainCo
     else:
         torch.manual_seed(epoch_seed(cfg.seed, epoch, rank))
     start = time.perf_counter()
-    progress = run_log.epoch(epoch, len(loader), partial["loader"]["step"] if partial else 0, world)
+    first = partial["loader"]["step"] if partial else 0
+    progress = run_log.epoch(epoch, len(loader), first, world)
+    windows = Accumulation(cfg.grad_accum_steps, len(loader))
+    forward = model if forward is None else forward
     ready = time.perf_counter()
-    for batch in loader:
+    for i, batch in enumerate(loader, first):
         waited = time.perf_counter() - ready   # the share of the step spent waiting for data
         run_log.batch_in_hand()
         # One forward over the clean and the mixed crops (BatchNorm sees both together).
@@ -64,20 +69,28 @@ def train_one_epoch(model: nn.Module, loader, optimizer, scheduler, cfg: TrainCo
         n = batch.labels.shape[0]
         if cfg.channels_last and device.type == "cuda":
             x = x.contiguous(memory_format=torch.channels_last)
-        with precision.autocast():
-            logits = model(x)
+        with windows.sync(model, i), precision.autocast():
+            logits = forward(x)
             loss = batch.loss(recipe.criterion, logits, clean=cfg.w_raw, mixed=cfg.w_mix, targets=targets)
-        optimizer.zero_grad(set_to_none=True)
-        precision.step(loss, optimizer, cfg.clip_grad)
-        scheduler.step()
-        recipe.after_step(model, scheduler.last_epoch)
+        if windows.starts(i):
+            optimizer.zero_grad(set_to_none=True)
+        with windows.sync(model, i):   # DDP decides in the forward; a compiled backward, in the backward
+            precision.backward(loss * windows.share(i))
+        stepped = windows.steps(i)
+        if stepped:
+            precision.step(optimizer, cfg.clip_grad)
+            scheduler.step()
+            recipe.after_step(model, scheduler.last_epoch)
         with torch.no_grad():
             sums += torch.stack([loss.detach().double() * n,
                                  (logits[:n].argmax(1) == batch.labels).sum().double(),
                                  torch.tensor(float(n), dtype=torch.float64, device=device)])
-        progress.step(scheduler.last_epoch, loss, n, waited, optimizer.param_groups[0]["lr"])
+        progress.step(scheduler.last_epoch, loss, n, waited, optimizer.param_groups[0]["lr"], stepped=stepped)
         position = loader.state_dict()
-        if save is not None and cfg.save_every and scheduler.last_epoch % cfg.save_every == 0 \
+        # Saved at a window's end only: there the optimizer's state alone holds the past batches, so
+        # a resume repeats the batches of a window that was cut (the same numbers again) instead of
+        # storing a window's gradients, a second copy of the weights' size, in every checkpoint.
+        if stepped and save is not None and cfg.save_every and scheduler.last_epoch % cfg.save_every == 0 \
                 and position["step"] < len(loader):
             save({"loader": position, "sums": sums.tolist(), "torch_rng": torch.get_rng_state(),
                   "train_s": before + time.perf_counter() - start})

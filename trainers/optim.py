@@ -22,7 +22,8 @@ def build_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer
 
 def build_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer,
                     steps_per_epoch: int) -> torch.optim.lr_scheduler.LambdaLR:
-    """Linear warm-up over ``warmup_epochs``, then cosine to zero; stepped once per batch."""
+    """Linear warm-up over ``warmup_epochs``, then cosine to zero; stepped once per optimiser step
+    (``steps_per_epoch`` of them an epoch: one a batch, or one every ``--grad-accum-steps`` batches)."""
     total = max(1, cfg.epochs * steps_per_epoch)
     warm = min(total - 1, int(round(cfg.warmup_epochs * steps_per_epoch)))
 

@@ -23,9 +23,13 @@ class Precision:
             return contextlib.nullcontext()
         return torch.autocast(device_type="cuda", dtype=self.dtype)
 
-    def step(self, loss: torch.Tensor, optimizer: torch.optim.Optimizer, clip: float = 0.0) -> None:
-        """Backward and step; ``clip`` > 0: first clip the gradients' global L2 norm to it (unscaled)."""
+    def backward(self, loss: torch.Tensor) -> None:
+        """Add ``loss``'s gradients (scaled under fp16) to those the parameters hold."""
         (loss if self.scaler is None else self.scaler.scale(loss)).backward()
+
+    def step(self, optimizer: torch.optim.Optimizer, clip: float = 0.0) -> None:
+        """Step on the gradients the parameters hold; ``clip`` > 0: first clip their global L2 norm to it
+        (unscaled)."""
         if clip:
             if self.scaler is not None:
                 self.scaler.unscale_(optimizer)

@@ -29,17 +29,19 @@ from .run_files import save_run_checkpoint
 # Fields a resumed run may change; every other one must match RUN/config.json. ``data`` may move:
 # the data set itself must be the run's (its fingerprint is compared).
 RESUME_MAY_CHANGE = ("device", "workers", "progress", "backend", "ray_address", "prefetch", "eval_every", "save_every", "on_error", "out",
-                     "data", "cache", "log_every", "log", "open_test")
+                     "data", "cache", "log_every", "log", "open_test", "compile")
 
 
 @dataclass
 class Training:
-    """The objects a step changes, all of which a checkpoint holds."""
+    """The objects a step changes, all of which a checkpoint holds; ``forward``: what the training
+    forward calls, the model or (--compile) its compiled form, which shares its parameters."""
     model: nn.Module
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     precision: Precision
     recipe: Recipe
+    forward: Optional[nn.Module] = None
 
 
 @dataclass

@@ -73,6 +73,12 @@ class RunLoaders:
     val: Optional[object] = None          # the validation rows (best.pt); None when there are none
     open_sets: dict = field(default_factory=dict)   # --open-test folders
 
+    def close(self) -> None:
+        """Stop every loader's workers now: a run that ends, or is interrupted, leaves none behind."""
+        for loader in (self.train, self.test, self.val, *self.open_sets.values()):
+            if loader is not None:
+                loader.close()
+
 
 def build_loaders(cfg: TrainConfig, data: OpenSetData, device: torch.device, maps, rank: int,
                   world: int) -> RunLoaders:

@@ -165,8 +165,9 @@ def read_rows(path: Path) -> list[dict]:
 
 
 class EpochProgress:
-    """One epoch's step reports. ``step`` is called after every optimizer step; it reads the loss off
-    the device only on the steps that report (a CUDA sync otherwise avoided)."""
+    """One epoch's step reports. ``step`` is called after every batch (``stepped``: the optimizer stepped
+    after it, so ``global_step`` is new: only then a ``--log-every`` line); it reads the loss off the
+    device only on the steps that report (a CUDA sync otherwise avoided)."""
 
     def __init__(self, run_log: RunLog, epoch: int, steps: int, first_step: int, world: int) -> None:
         self.run_log, self.cfg, self.epoch, self.steps, self.world = run_log, run_log.cfg, epoch, steps, world
@@ -190,7 +191,8 @@ class EpochProgress:
         return next((math.ceil(self.steps * k / PROGRESS_LINES) for k in range(1, PROGRESS_LINES + 1)
                      if math.ceil(self.steps * k / PROGRESS_LINES) > done), self.steps + 1)
 
-    def step(self, global_step: int, loss: torch.Tensor, images: int, waited: float, lr: float) -> None:
+    def step(self, global_step: int, loss: torch.Tensor, images: int, waited: float, lr: float, *,
+             stepped: bool = True) -> None:
         if not self.run_log.enabled:
             return
         self.done += 1
@@ -199,7 +201,7 @@ class EpochProgress:
         self.images += images
         self.waited += waited
         every = self.cfg.log_every
-        report = bool(every) and global_step % every == 0
+        report = stepped and bool(every) and global_step % every == 0
         line = self.progress_lines and self.done >= self.next_line
         if line and time.perf_counter() - self.last_line < PROGRESS_SECONDS:
             line, self.next_line = False, self._next_tenth(self.done)   # this tenth came too soon: skipped

@@ -36,6 +36,7 @@ from backmix.models import build_model, features_and_head, load_model
 from backmix.osr_data.limits import check_regular_file
 from backmix.osr_data.open_set import OpenSetData
 
+from .accumulation import optimizer_steps
 from .cache_rebuild import finish_pending_rebuild, loop_recorder, rebuild_due, stage_pass
 from .config import TrainConfig
 from .methods import method_name
@@ -99,34 +100,36 @@ def run(cfg: TrainConfig, device: torch.device, rank: int, world: int, resume: b
         model = model.to(memory_format=torch.channels_last)
     maps = open_cache(cfg, data, rank, world)
     loaders = build_loaders(cfg, data, device, maps, rank, world)
-    training = training_objects(cfg, model, data.num_known, device, world, steps_per_epoch=len(loaders.train))
-    checkpoints = RunCheckpoints(cfg.run_dir, cfg, data.num_known, data.split.known, fingerprint)
-    progress = RunProgress()
-    if resume:
-        progress = restore_training(training, ckpt, rank=rank, world=world, path=cfg.run_dir / "last.pt")
-        if cfg.backmix and ckpt.get("regen_pending"):
-            finish_pending_rebuild(cfg, training.model, data, device, maps, ckpt, progress, cfg.run_dir, rank)
-    if rank == 0:
-        write_jsonl(cfg.run_dir / "metrics.jsonl", progress.history)
+    with contextlib.closing(loaders):   # the workers stop however the run ends
+        training = training_objects(cfg, model, data.num_known, device, world,
+                                     steps_per_epoch=optimizer_steps(len(loaders.train), cfg.grad_accum_steps))
+        checkpoints = RunCheckpoints(cfg.run_dir, cfg, data.num_known, data.split.known, fingerprint)
+        progress = RunProgress()
         if resume:
-            log.info("resuming %s at epoch %d/%d%s", cfg.run_dir, progress.start + 1, cfg.epochs,
-                     f", step {progress.partial['loader']['step'] + 1}" if progress.partial else "")
-    final: dict = progress.history[-1].get("eval", {}) if progress.history else {}
-    first, t_run = progress.start, time.perf_counter()
-    for epoch in range(progress.start, cfg.epochs):
-        record = run_epoch(cfg, epoch, training, data, loaders, checkpoints, progress, rank=rank, world=world,
-                           run_log=run_log)
-        final = record.get("eval", final)
-        progress.history.append(record)
+            progress = restore_training(training, ckpt, rank=rank, world=world, path=cfg.run_dir / "last.pt")
+            if cfg.backmix and ckpt.get("regen_pending"):
+                finish_pending_rebuild(cfg, training.model, data, device, maps, ckpt, progress, cfg.run_dir, rank)
         if rank == 0:
-            append_jsonl(cfg.run_dir / "metrics.jsonl", record)
-            log.info("%s", epoch_line(record, cfg.epochs))
-            run_log.epoch_done(record)
-    if rank != 0:
-        return {}
-    log.info("trained %d epochs in %.1fs", cfg.epochs - first, time.perf_counter() - t_run)
-    write_summary(cfg, progress.history, final, data, loaders, training.precision, device)
-    return final
+            write_jsonl(cfg.run_dir / "metrics.jsonl", progress.history)
+            if resume:
+                log.info("resuming %s at epoch %d/%d%s", cfg.run_dir, progress.start + 1, cfg.epochs,
+                         f", step {progress.partial['loader']['step'] + 1}" if progress.partial else "")
+        final: dict = progress.history[-1].get("eval", {}) if progress.history else {}
+        first, t_run = progress.start, time.perf_counter()
+        for epoch in range(progress.start, cfg.epochs):
+            record = run_epoch(cfg, epoch, training, data, loaders, checkpoints, progress, rank=rank, world=world,
+                               run_log=run_log)
+            final = record.get("eval", final)
+            progress.history.append(record)
+            if rank == 0:
+                append_jsonl(cfg.run_dir / "metrics.jsonl", record)
+                log.info("%s", epoch_line(record, cfg.epochs))
+                run_log.epoch_done(record)
+        if rank != 0:
+            return {}
+        log.info("trained %d epochs in %.1fs", cfg.epochs - first, time.perf_counter() - t_run)
+        write_summary(cfg, progress.history, final, data, loaders, training.precision, device)
+        return final
 
 
 def model_to_train(cfg: TrainConfig, data: OpenSetData, fingerprint: str, resume: bool) -> tuple:
@@ -153,8 +156,12 @@ def training_objects(cfg: TrainConfig, model: torch.nn.Module, num_classes: int,
     recipe = Recipe(cfg, num_classes, model)
     model = wrap_ddp(model, device, world)
     optimizer = build_optimizer(cfg, unwrap(model))
+    # The compiled module wraps the model (DDP included) without copying it: one set of weights. Only
+    # the training forward calls it; evaluation, the CAMs and the checkpoints use the model itself, so
+    # state dicts keep their keys and the CAM path runs no graph compiled for training.
+    forward = torch.compile(model) if cfg.compile else model
     return Training(model, optimizer, build_scheduler(cfg, optimizer, steps_per_epoch), Precision(device, cfg.amp),
-                    recipe)
+                    recipe, forward)
 
 
 def run_epoch(cfg: TrainConfig, epoch: int, training: Training, data: OpenSetData, loaders: RunLoaders,
@@ -172,7 +179,7 @@ def run_epoch(cfg: TrainConfig, epoch: int, training: Training, data: OpenSetDat
     record = {"epoch": epoch + 1}
     record.update(train_one_epoch(training.model, loaders.train, training.optimizer, training.scheduler, cfg,
                                   training.precision, epoch, rank=rank, world=world, partial=progress.partial,
-                                  save=save, recipe=training.recipe, run_log=run_log))
+                                  save=save, recipe=training.recipe, run_log=run_log, forward=training.forward))
     progress.partial = None
     record["cache_generation"] = maps.generation if maps is not None else None
     improved = evaluate_epoch(cfg, epoch, training, data, loaders, record, progress, rank)

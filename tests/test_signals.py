@@ -1,0 +1,151 @@
+"""SIGTERM ends a command as Ctrl-C does: ``backmix: interrupted``, exit 130, the loaders' workers
+stopped, no temporary file or folder left, and a cut training run resumes."""
+from __future__ import annotations
+
+import multiprocessing
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+
+from backmix.cli import sigterm_as_interrupt
+
+from test_trainer import REPO, cli_args, env, tiny
+
+
+def temporaries(folder: Path) -> list[str]:
+    """Every ``.NAME.tmp-PID...`` file or folder an atomic writer makes, anywhere under ``folder``."""
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if ".tmp-" in p.name)
+
+
+def wait_for(condition, proc: subprocess.Popen, seen: set, timeout: float = 120) -> None:
+    """Poll until ``condition()``, adding the pids of ``proc``'s children to ``seen`` as they come."""
+    end = time.monotonic() + timeout
+    while not condition():
+        assert proc.poll() is None, proc.stderr.read()
+        assert time.monotonic() < end, "timed out"
+        seen |= {c.pid for c in psutil.Process(proc.pid).children(recursive=True)}
+        time.sleep(0.02)
+
+
+def alive(pids: set) -> list[int]:
+    """Those of ``pids`` that still run (a zombie is ended: only its exit status is left)."""
+    live = []
+    for pid in pids:
+        try:
+            if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+                live.append(pid)
+        except psutil.NoSuchProcess:
+            pass
+    return live
+
+
+def assert_interrupted(proc: subprocess.Popen, children: set) -> None:
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert err.splitlines()[-1] == "backmix: interrupted" and "Traceback" not in err, err
+    assert alive(children) == [], "workers outlived the command"
+
+
+def test_sigterm_inside_the_block_raises_keyboard_interrupt_and_the_handler_is_restored():
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(KeyboardInterrupt):
+        with sigterm_as_interrupt():
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)   # the handler runs before this ends
+    assert signal.getsignal(signal.SIGTERM) == before
+
+
+def sleep_long():
+    time.sleep(60)
+
+
+def test_a_forked_child_ends_on_sigterm_as_by_default():
+    """A worker forked inside the block dies of the signal (no KeyboardInterrupt traceback there)."""
+    with sigterm_as_interrupt():
+        child = multiprocessing.get_context("fork").Process(target=sleep_long)
+        child.start()
+        time.sleep(0.2)
+        child.terminate()        # SIGTERM
+        child.join(10)
+    assert child.exitcode == -signal.SIGTERM
+
+
+def test_sigterm_mid_epoch_stops_workers_leaves_no_temporary_and_the_run_resumes(small_root, tmp_path):
+    """``backmix train`` with 2 DataLoader workers per loader and a checkpoint every step, SIGTERM once a
+    mid-epoch last.pt is on disk (another may be being written); then --resume finishes the run."""
+    cfg = tiny(small_root, tmp_path / "run", epochs=2, batch_size=2, regen_every=0)
+    words = [*cli_args(cfg), "--save-every", "1"]
+    words[words.index("--workers") + 1] = "2"
+    proc = subprocess.Popen([sys.executable, "-m", "backmix", *words], cwd=REPO, env=env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    children: set = set()
+    last = Path(cfg.out) / "last.pt"
+    wait_for(last.exists, proc, children)
+    proc.send_signal(signal.SIGTERM)
+    assert_interrupted(proc, children)
+    assert len(children) >= 2                      # there were workers to stop
+    assert temporaries(tmp_path) == []
+    assert torch.load(last, weights_only=False)["epoch"] < 2
+    done = subprocess.run([sys.executable, "-m", "backmix", "-q", *words, "--resume"], cwd=REPO, env=env(),
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert torch.load(last, weights_only=False)["epoch"] == 2 and temporaries(tmp_path) == []
+
+
+# Runs ``backmix`` with torch.save sending SIGTERM to its own process once the step-2 checkpoint of
+# epoch 1 is written to its temporary file but not yet renamed onto last.pt.
+TERM_IN_CHECKPOINT_WRITE = """
+import os, signal, sys
+import torch
+real = torch.save
+
+def save(obj, f, *args, **kwargs):
+    real(obj, f, *args, **kwargs)
+    part = obj.get("partial") if isinstance(obj, dict) else None
+    if part and obj["epoch"] == 0 and part[0]["loader"]["step"] == 2:
+        assert os.path.exists(f) and ".last.pt.tmp-" in str(f)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+torch.save = save
+from backmix.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_sigterm_during_a_checkpoint_write_removes_its_temporary_and_resume_is_bit_exact(small_root, tmp_path):
+    cfg = tiny(small_root, tmp_path / "cut", epochs=2, batch_size=4, regen_every=0)
+    words = [*cli_args(cfg), "--save-every", "1"]
+    cut = subprocess.Popen([sys.executable, "-c", TERM_IN_CHECKPOINT_WRITE, *words], cwd=REPO, env=env(),
+                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    assert_interrupted(cut, set())
+    assert temporaries(tmp_path) == []
+    ckpt = torch.load(Path(cfg.out) / "last.pt", weights_only=False)
+    assert ckpt["epoch"] == 0 and ckpt["partial"][0]["loader"]["step"] == 1   # the write before it
+    done = subprocess.run([sys.executable, "-m", "backmix", "-q", *words, "--resume"], cwd=REPO, env=env(),
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+
+    straight = tiny(small_root, tmp_path / "straight", epochs=2, batch_size=4, regen_every=0)
+    subprocess.run([sys.executable, "-m", "backmix", "-q", *cli_args(straight)], cwd=REPO, env=env(),
+                   check=True, capture_output=True, timeout=300)
+    a = torch.load(Path(cfg.out) / "last.pt", weights_only=False)["state_dict"]
+    b = torch.load(Path(straight.out) / "last.pt", weights_only=False)["state_dict"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_sigterm_during_data_prepare_removes_its_temporary_folder(tmp_path):
+    proc = subprocess.Popen([sys.executable, "-m", "backmix", "data", "prepare", "--out", str(tmp_path / "p"),
+                             "--dataset", "digits-on-photos"], cwd=REPO, env=env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    children: set = set()
+    wait_for(lambda: list(tmp_path.glob(".p.tmp-*")), proc, children)   # writing into its temporary folder
+    proc.send_signal(signal.SIGTERM)
+    assert_interrupted(proc, children)
+    assert list(tmp_path.iterdir()) == []
