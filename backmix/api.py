@@ -77,8 +77,12 @@ def loader(data: OpenSetData | str | os.PathLike, *, split: str | int | None = N
         extra["beton"] = beton
     rank, world = _dist() if train else (0, 1)
     options.setdefault("backmix", train)
-    # last_batch "keep" under DDP too: every image once an epoch, the same number of steps on every rank
-    config = LoaderConfig(train=train, shuffle=train, rank=rank, world_size=world, last_batch="keep", **options)
+    # last_batch "keep" (the default) under DDP too: every image once an epoch, the same number of steps on
+    # every rank; "drop": only full batches, the same number on every rank (what timm's Mixup needs)
+    options.setdefault("last_batch", "keep")
+    if not train and options["last_batch"] != "keep":
+        raise ValueError("last_batch='drop' is for training loaders: an evaluation loader serves every image")
+    config = LoaderConfig(train=train, shuffle=train, rank=rank, world_size=world, **options)
     maps = None
     if cache is not None and train and config.backmix:
         if rank == 0:

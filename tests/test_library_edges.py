@@ -164,3 +164,15 @@ def test_a_float64_model_takes_the_cams_of_its_float32_twin(data, tmp_path):
     known = data.known_rows
     assert not np.all(maps["f32"][known] == 0.5)
     np.testing.assert_allclose(maps["f64"], maps["f32"], atol=2e-3)
+
+
+def test_a_training_loader_keeps_or_drops_the_last_short_batch(data):
+    """``last_batch="drop"``: full batches only (timm's Mixup pairs images); the default keeps every image."""
+    kept = backmix.loader(data, batch_size=5, **L)
+    dropped = backmix.loader(data, batch_size=5, last_batch="drop", **L)
+    n = len(data.known_rows)
+    assert n % 5 and len(kept) == -(-n // 5) and len(dropped) == n // 5
+    assert all(len(b.labels) == 5 for b in dropped)
+    assert sum(len(b.labels) for b in kept) == n
+    with pytest.raises(ValueError, match="last_batch='drop' is for training loaders"):
+        backmix.loader(data, train=False, last_batch="drop", **L)
