@@ -22,7 +22,8 @@ from .pipeline.sampling import check_seed
 from .pipeline.augment import IMAGENET_MEAN, IMAGENET_STD
 from .osr_data.protocols import split_list
 from .osr_data.open_set import OpenSetData, load_data
-from .trainers.epoch import evaluate as _evaluate
+from .trainers.epoch import evaluate as _evaluate, predict
+from .trainers.selection import validation_metrics
 from .trainers.precision import Precision
 
 
@@ -133,11 +134,15 @@ def rebuilding(loader, model: nn.Module, *, momentum: float = 0.1, enabled: bool
 
 def evaluate(model: nn.Module, test_loader, data: OpenSetData) -> dict:
     """Closed-set accuracy on the known test classes; AUROC, FPR at 95 % TPR and OSCR of known vs
-    unknown test images, scored by maximum softmax probability (``*_msp``) and maximum logit (``*_mls``)."""
+    unknown test images, scored by maximum softmax probability (``*_msp``) and maximum logit (``*_mls``).
+    Given the validation loader (``backmix.loader(data, train=False, validation=True)``, known classes
+    only): its closed-set accuracy and cross-entropy, what selects a checkpoint."""
     check_model(model, data.num_known)
-    check_eval_loader(test_loader, data)
-    device = next(model.parameters()).device
-    return _evaluate(model, test_loader, data.label_map, Precision(device, "auto"))
+    validation = check_eval_loader(test_loader, data)
+    precision = Precision(next(model.parameters()).device, "auto")
+    if validation:
+        return validation_metrics(*predict(model, test_loader, precision), data.label_map)
+    return _evaluate(model, test_loader, data.label_map, precision)
 
 
 __all__ = ["evaluate", "loader", "open_set_data", "rebuild", "rebuilding", "IMAGENET_MEAN", "IMAGENET_STD"]

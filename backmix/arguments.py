@@ -55,17 +55,24 @@ def check_loader_model(train_loader, model) -> None:
     check_model(model, int((known >= 0).sum()) if known is not None else index.num_classes)
 
 
-def check_eval_loader(test_loader, data) -> None:
-    """``test_loader`` is an evaluation loader of ``data``'s test folder and split, with batches."""
+def check_eval_loader(test_loader, data) -> bool:
+    """``test_loader`` is an evaluation loader of ``data``'s split, with batches: of its test folder, or
+    of the validation rows of its training folder (``backmix.loader(data, train=False, validation=True)``).
+    Returns whether it is the validation one."""
     index = getattr(test_loader, "index", None)
     labels = getattr(getattr(test_loader, "row_labels", None), "label_map", None)
-    if index is None or labels is None:
-        raise TypeError(f"test_loader must be a backmix loader (backmix.loader(data, train=False)), "
+    if index is None or labels is None or getattr(getattr(test_loader, "config", None), "train", False):
+        raise TypeError(f"test_loader must be a backmix evaluation loader (backmix.loader(data, train=False)), "
                         f"not {type(test_loader).__name__}")
-    if index.fingerprint() != data.test.fingerprint():
-        raise BackMixError(f"test_loader reads {index.root}, not the test folder {data.test.root} of data")
+    rows = getattr(test_loader, "dataset_indices", None)
+    validation = rows is not None and index.fingerprint() == data.train.fingerprint() and np.array_equal(
+        np.sort(rows), np.sort(np.asarray(data.val_rows)))
+    if not validation and index.fingerprint() != data.test.fingerprint():
+        raise BackMixError(f"test_loader reads {index.root}, not the test folder {data.test.root} of data "
+                           f"(nor its validation rows)")
     if not np.array_equal(labels, data.label_map):
         raise BackMixError("test_loader was made for another split than data (its known classes differ); "
                            "make it with backmix.loader(data, train=False)")
     if len(test_loader) == 0:
         raise BackMixError("test_loader yields no batches: nothing to evaluate")
+    return validation

@@ -176,3 +176,18 @@ def test_a_training_loader_keeps_or_drops_the_last_short_batch(data):
     assert sum(len(b.labels) for b in kept) == n
     with pytest.raises(ValueError, match="last_batch='drop' is for training loaders"):
         backmix.loader(data, train=False, last_batch="drop", **L)
+
+
+def test_evaluate_takes_the_validation_loader_and_scores_what_selects_a_checkpoint(root):
+    data = backmix.open_set_data(root, "ant,cat", val_fraction=0.5)
+    model = build_model("cnn32", 2, width=0.25)
+    val = backmix.loader(data, train=False, validation=True, **L)
+    got = backmix.evaluate(model, val, data)
+    from backmix.trainers.epoch import predict
+    from backmix.trainers.precision import Precision
+    logits, labels = predict(model, val, Precision(torch.device("cpu"), "auto"))
+    y = torch.from_numpy(data.label_map)[labels]
+    assert got["images"] == len(data.val_rows) and got["accuracy"] == float((logits.argmax(1) == y).double().mean())
+    assert "auroc_msp" in backmix.evaluate(model, backmix.loader(data, train=False, **L), data)
+    with pytest.raises(TypeError, match="evaluation loader"):
+        backmix.evaluate(model, backmix.loader(data, **L), data)     # a training loader
