@@ -15,6 +15,7 @@ from .config import TrainConfig
 from .distributed import init_distributed
 from .epoch import evaluate
 from .precision import Precision
+from .open_test import open_test_indexes
 from .run_data import loader_config, open_test_loaders
 
 
@@ -35,6 +36,7 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, data_root: str | os.PathL
         data = load_data(data_root, OpenSetSplit(tuple(ckpt["known_classes"]), ()))
     else:
         raise BackMixError(f"checkpoint {checkpoint} does not name its known classes; pass --split")
+    open_sets = open_test_indexes(list(open_test), (data.train, data.test))
     model, _ = load_model(checkpoint, num_classes=data.num_known)
     given = {"backend": backend, "device": device, "workers": workers, "progress": progress, "on_error": on_error,
              "auto_augment": "none",   # evaluation never augments: any backend takes the checkpoint
@@ -44,4 +46,4 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, data_root: str | os.PathL
     model.to(dev)
     loader = make_loader(cfg.backend, data.test, loader_config(cfg, dev, train=False), **cfg.loader_options())
     return evaluate(model, loader, data.label_map, Precision(dev, cfg.amp),
-                    progress and sys.stderr.isatty(), open_test_loaders(cfg, dev, list(open_test)))
+                    progress and sys.stderr.isatty(), open_test_loaders(cfg, dev, open_sets))
