@@ -294,3 +294,13 @@ def test_bounded_train_times_the_first_batch_before_the_first_step_and_the_run_l
     assert len(started) == 1
     # the child's own age (from /proc, 0.1 s steps) cannot exceed the seconds since it was launched
     assert 0 < float(started[0].split("hand ")[1].split("s ")[0]) <= got["first_batch_s"] + 0.1
+
+
+def test_show_writes_the_format_its_extension_names_and_refuses_one_it_cannot(small_root, tmp_path, capsys):
+    from backmix.cli import main as cli_main
+    assert cli_main(["-q", "show", "--data", str(small_root), "--out", str(tmp_path / "s.pdf"), "--n", "2",
+                     "--canvas", "32", "--crop", "24"]) == 0
+    assert (tmp_path / "s.pdf").read_bytes().startswith(b"%PDF")
+    capsys.readouterr()
+    assert cli_main(["show", "--data", str(small_root), "--out", str(tmp_path / "s.out")]) == 2
+    assert capsys.readouterr().err.startswith("backmix: error: --out ") and not (tmp_path / "s.out").exists()
