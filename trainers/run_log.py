@@ -22,6 +22,7 @@ from tqdm import tqdm
 from backmix.osr_data.errors import BackMixError
 
 from .config import TrainConfig
+from .run_files import writing
 
 log = logging.getLogger("backmix")
 _IMPORTED = time.perf_counter()
@@ -89,7 +90,8 @@ class RunLog:
         interrupted run logged after that point are dropped (they are logged again), as in metrics.jsonl."""
         if not self.enabled:
             return
-        handler = logging.FileHandler(run / "train.log")
+        with writing(run / "train.log"):
+            handler = logging.FileHandler(run / "train.log")
         handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
         log.addHandler(handler)
         self._stack.callback(log.removeHandler, handler)
@@ -98,15 +100,20 @@ class RunLog:
             for name, fields in (("steps", STEP_FIELDS), ("epochs", EPOCH_FIELDS + EVAL_FIELDS)):
                 path = run / f"{name}.csv"
                 key, upto = ("global_step", first_step) if name == "steps" else ("epoch", first_epoch)
-                kept = [r for r in read_rows(path) if r[key].isdigit() and int(r[key]) <= upto] if first_step else []
-                f = self._stack.enter_context(open(path, "w", newline=""))
-                self._csv[name] = csv.DictWriter(f, fields, restval="", extrasaction="ignore")
-                self._csv[name].writeheader()
-                self._csv[name].writerows(kept)
+                with writing(path):
+                    kept = [r for r in read_rows(path) if r[key].isdigit() and int(r[key]) <= upto] if first_step else []
+                    f = self._stack.enter_context(open(path, "w", newline=""))
+                    self._csv[name] = csv.DictWriter(f, fields, restval="", extrasaction="ignore")
+                    self._csv[name].writeheader()
+                    self._csv[name].writerows(kept)
                 self._files[name] = f
         if "tensorboard" in self.cfg.log_sinks:
             from torch.utils.tensorboard import SummaryWriter
-            self.tensorboard = SummaryWriter(str(run / "tensorboard"), purge_step=first_step or None)
+            # Step ``first_step`` is in the checkpoint and is not trained again: its events stay, the later
+            # ones (logged by the interrupted run after its checkpoint) go, as the CSV rows do.
+            with writing(run / "tensorboard"):
+                self.tensorboard = SummaryWriter(str(run / "tensorboard"),
+                                                 purge_step=first_step + 1 if first_step else None)
             self._stack.callback(self.tensorboard.close)
 
     def close(self) -> None:

@@ -46,7 +46,7 @@ from .resume import (RunCheckpoints, RunProgress, Training, check_resumable, res
                      save_epoch_checkpoints, save_mid_epoch)
 from .run_data import RunLoaders, build_loaders, data_fingerprint, load_run_data, open_cache
 from .run_files import (append_jsonl, check_new_run, check_out_outside_data, check_run_folder, write_json,
-                        write_jsonl, write_run_config, writing)
+                        write_jsonl, write_run_config)
 from .run_lock import hold_run_folder
 from .run_log import RunLog, epoch_line, show_progress
 from .selection import best_epoch, run_summary, summary_line, validation_metrics
@@ -89,8 +89,7 @@ def run(cfg: TrainConfig, device: torch.device, rank: int, world: int, resume: b
     model, ckpt = model_to_train(cfg, data, fingerprint, resume)
     if rank == 0:   # only now: a resume refused above leaves the run's config as it was
         write_run_config(cfg.run_dir, cfg)
-        with writing(cfg.run_dir / "train.log"):
-            run_log.open(cfg.run_dir, *((ckpt["scheduler"]["last_epoch"], ckpt["epoch"]) if resume else ()))
+        run_log.open(cfg.run_dir, *((ckpt["scheduler"]["last_epoch"], ckpt["epoch"]) if resume else ()))
     model.to(device)
     if cfg.channels_last and device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
