@@ -144,6 +144,17 @@ def test_a_log_sink_that_cannot_be_written_is_named(recipe_run, tmp_path, sink, 
             run_log.open(tmp_path)
 
 
+def test_eval_of_an_ema_runs_last_pt_gives_the_metrics_the_run_reported_for_it(recipe_run, small_root):
+    summary = json.loads((recipe_run / "summary.json").read_text())
+    got = evaluate_checkpoint(recipe_run / "last.pt", small_root, device="cpu", workers=0, progress=False)
+    assert got == pytest.approx(summary["last"]["test"])
+    raw = read_checkpoint(recipe_run / "last.pt")
+    assert any(not torch.equal(raw["state_dict"][k], v) for k, v in raw["ema_state_dict"].items())   # two weights
+    with pytest.raises(BackMixError, match="is the data's own folder"):   # its test images are no unknowns
+        evaluate_checkpoint(recipe_run / "last.pt", small_root, device="cpu", workers=0,
+                            open_test=(str(small_root / "test"),))
+
+
 def test_step_lines_and_progress_lines_reach_the_run_log(recipe_run):
     text = (recipe_run / "train.log").read_text()
     # --log-every 1 on 3 steps, each also a tenth of the epoch (stderr is not a terminal under pytest)
