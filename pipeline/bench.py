@@ -36,7 +36,7 @@ from .bench_stages import decode_ceiling, describe_input, stage_breakdown, sync
 from .beton_location import DEFAULT_MODE, DEFAULT_QUALITY
 from .config import ON_ERROR
 from .figure_file import check_figure_file
-from .loaders import BACKENDS, backend_options
+from .loaders import BACKENDS, LOCAL_RAY_HELP, backend_options
 from .sampling import AUGMENTS
 
 log = logging.getLogger("backmix")
@@ -299,7 +299,7 @@ def register_bench(sub) -> None:
     p.add_argument("--workers", type=int, default=2, help="worker processes/threads, the same for every backend")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--ray-address", default=None, metavar="auto|HOST:PORT",
-                   help="ray backend: the cluster to join; None: start Ray here with --workers CPUs, loopback only")
+                   help=f"ray backend: the cluster to join; None: {LOCAL_RAY_HELP}")
     p.add_argument("--prefetch", type=int, default=None, help="ray backend: batches in flight at most; None: 4")
     p.add_argument("--on-error", choices=ON_ERROR, default="raise",
                    help="an image that does not decode: fail, or skip it (each named; counted per row)")

@@ -26,6 +26,7 @@ from .batch import BackMixBatch
 from .config import ON_ERROR
 from .figure_file import check_figure_file
 from .geometry_options import add_geometry_options
+from .loaders import LOCAL_RAY_HELP
 from .sampling import AUGMENTS
 
 CELL_IN, DPI = 1.5, 100
@@ -164,7 +165,7 @@ def _add_args(p, cache_required: bool) -> None:
     p.add_argument("--seed", type=int, default=0)
     add_geometry_options(p, grid=True)
     p.add_argument("--ray-address", default=None, metavar="auto|HOST:PORT",
-                   help="--backend ray: the cluster to join; None: start Ray on this machine, loopback only")
+                   help=f"--backend ray: the cluster to join; None: {LOCAL_RAY_HELP}")
     p.add_argument("--prefetch", type=int, default=None,
                    help="--backend ray: batches in flight at most; None: 4")
     p.add_argument("--canvas-mode", choices=CANVAS_MODES, default="center",
