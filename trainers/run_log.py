@@ -28,6 +28,8 @@ log = logging.getLogger("backmix")
 _IMPORTED = time.perf_counter()
 _first_batch_logged = False   # once a process: the start-up line
 FIRST_BATCH_LINE = "first batch in hand"   # how that line starts (``bench scale`` times it)
+STARTUP_BEFORE_IMPORT_S = 120.0   # the most the interpreter and the imports before this module plausibly take
+CLOCK_TICK_S = 0.05   # /proc's start time is in clock ticks (10 ms), the clocks read at slightly other moments
 
 STEP_FIELDS = ("epoch", "step", "global_step", "loss", "images_per_s", "lr", "data_wait")
 EPOCH_FIELDS = ("epoch", "loss", "train_acc", "images_per_s", "lr", "train_s")
@@ -38,13 +40,19 @@ PROGRESS_SECONDS = 10.0   # but at most one per this many seconds (a short epoch
 
 def process_age() -> float:
     """Seconds since this process started: from /proc on Linux (the interpreter's own start-up
-    included), else since this module was imported."""
+    included), else since this module was imported. /proc counts the start on the boot clock, which
+    a container or a resumed machine may see otherwise than this process does: an age shorter than
+    the time since the import, or longer than it by more than a start-up could take, is not this
+    process's, and the time since the import is said instead."""
+    since_import = time.perf_counter() - _IMPORTED
     try:
         with open("/proc/self/stat") as f:
             fields = f.read().rsplit(")", 1)[1].split()   # the name, in parentheses, may hold spaces
-        return time.clock_gettime(time.CLOCK_BOOTTIME) - int(fields[19]) / os.sysconf("SC_CLK_TCK")
+        age = time.clock_gettime(time.CLOCK_BOOTTIME) - int(fields[19]) / os.sysconf("SC_CLK_TCK")
     except (OSError, ValueError, IndexError, AttributeError):
-        return time.perf_counter() - _IMPORTED
+        return since_import
+    plausible = since_import - CLOCK_TICK_S <= age <= since_import + STARTUP_BEFORE_IMPORT_S
+    return age if plausible else since_import
 
 
 def show_progress(cfg: TrainConfig, rank: int) -> bool:
