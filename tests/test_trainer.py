@@ -249,6 +249,13 @@ def test_a_second_run_into_the_same_folder_is_refused(finished_run):
         main(finished_run)
 
 
+def test_an_out_inside_an_image_folder_of_the_run_is_refused_before_it_is_made(small_root, tmp_path):
+    with pytest.raises(BackMixError, match=f"--out {small_root / 'train' / 'run'} is inside the data folder "
+                                           f"{small_root / 'train'}"):
+        main(tiny(small_root, small_root / "train" / "run", epochs=1))
+    assert not (small_root / "train" / "run").exists()
+
+
 def test_world_size_not_matching_a_pending_cache_build_is_reported(small_root, tmp_path):
     from backmix.cam_cache import build_generation, init_cache
     from backmix.models import build_model
