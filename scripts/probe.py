@@ -131,7 +131,7 @@ def run_case(case: Case, tree: Path, boot: Path, shared: Path, work: Path) -> tu
 
 
 def main() -> int:
-    from probe_cases import cases, shared_setup   # the cases live beside this file
+    from probe_cases import shared_setup   # the cases live beside this file, in probe_cases*.py
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tree", type=Path, default=Path(__file__).resolve().parents[1],
                     help="checkout whose backmix is probed (default: this one)")
@@ -148,7 +148,8 @@ def main() -> int:
             [sys.executable, str(boot), str(args.tree.resolve()), *words], cwd=shared, capture_output=True,
             text=True, env=dict(os.environ, OMP_NUM_THREADS="1")))
         results = {}
-        for case in cases():
+        for case in (c for f in sorted(Path(__file__).parent.glob("probe_cases*.py"))
+                     for c in __import__(f.stem).cases()):
             if args.k not in case.name:
                 continue
             good, what = run_case(case, args.tree.resolve(), boot, shared, work)
