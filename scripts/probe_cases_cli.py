@@ -109,7 +109,7 @@ def cases() -> list[Case]:
         Case("cli-log-csv-steps-is-a-folder", ["-q", *train("--log", "csv")], setup=mkdir("run/steps.csv"),
              says="steps.csv"),
         Case("cli-log-tensorboard-is-a-file", ["-q", *train("--log", "tensorboard")],
-             setup=lambda d: (mkdir("run")(d), (d / "run" / "tensorboard").write_text("")), says="tensorboard"),
+             setup=lambda d: (mkdir("run")(d), (d / "run" / "tensorboard").write_text("")), says="/run/tensorboard: "),
         # figures and bench flags
         Case("cli-show-out-of-an-unknown-format", ["-q", "show", "--data", "{S}/data", "--out", "{D}/s.out"],
              says="a figure cannot be written as .out"),
