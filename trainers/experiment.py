@@ -231,7 +231,8 @@ def register(top) -> None:
     p.add_argument("--arch", default=EXPERIMENT_DEFAULTS["arch"], help="model")
     p.add_argument("--backend", default="reference", help="loader")
     p.add_argument("--canvas-mode", choices=CANVAS_MODES, default="center",
-                   help="canvas of each image: center = shorter side resized, centre square; stretch")
+                   help="canvas of each image: center = shorter side resized, centre square; stretch (part of "
+                        "the budget, as --augment is: runs of another value in DIR are not mixed in)")
     p.add_argument("--augment", choices=AUGMENTS, default="crop",
                    help="after the mix: crop = random crop + flip; rrc = RandomResizedCrop + flip")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="training device")
