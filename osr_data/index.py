@@ -85,6 +85,18 @@ class ImageIndex:
                                "delete the index file to re-index")
         return path
 
+    def first_changed(self, rows: np.ndarray) -> Optional[int]:
+        """The first of ``rows`` whose file is gone or no longer the one indexed (size or mtime), or None:
+        what ``checked_path`` checks at each read, for a reader that never opens the files (a beton)."""
+        for i in np.asarray(rows, dtype=np.int64).tolist():
+            try:
+                st = os.stat(self.abspath(i))
+            except FileNotFoundError:
+                return i
+            if st.st_size != self.sizes[i] or st.st_mtime_ns != self.mtimes[i]:
+                return i
+        return None
+
     # --- building ----------------------------------------------------------------------------------
 
     @classmethod

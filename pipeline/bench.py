@@ -35,7 +35,8 @@ from backmix.osr_data.errors import BackMixError
 from .bench_stages import decode_ceiling, describe_input, stage_breakdown, sync
 from .beton_location import DEFAULT_MODE, DEFAULT_QUALITY
 from .config import ON_ERROR
-from .loaders import BACKENDS, backend_options
+from .figure_file import check_figure_file
+from .loaders import BACKENDS, LOCAL_RAY_HELP, backend_options
 from .sampling import AUGMENTS
 
 log = logging.getLogger("backmix")
@@ -266,7 +267,7 @@ def plot(report: dict, path: Path) -> None:
     ax.legend(fontsize=8)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
+    fig.savefig(path, format=check_figure_file(path, "--plot")[1])
     plt.close(fig)
 
 
@@ -298,22 +299,20 @@ def register_bench(sub) -> None:
     p.add_argument("--workers", type=int, default=2, help="worker processes/threads, the same for every backend")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--ray-address", default=None, metavar="auto|HOST:PORT",
-                   help="ray backend: the cluster to join; None: start Ray here with --workers CPUs, loopback only")
+                   help=f"ray backend: the cluster to join; None: {LOCAL_RAY_HELP}")
     p.add_argument("--prefetch", type=int, default=None, help="ray backend: batches in flight at most; None: 4")
     p.add_argument("--on-error", choices=ON_ERROR, default="raise",
                    help="an image that does not decode: fail, or skip it (each named; counted per row)")
     p.add_argument("--json", type=Path, default=None, help="write the report here")
-    p.add_argument("--plot", type=Path, default=None, help="write a PNG bar chart here")
+    p.add_argument("--plot", type=Path, default=None, help="write a bar chart here, in the format its extension names (PNG without one)")
     p.set_defaults(func=run_bench)
 
 
 def run_bench(args) -> int:
     import sys
 
-    from .beton import check_output_file
-    for flag, path in (("--json", args.json), ("--plot", args.plot)):
-        if path is not None:
-            check_output_file(path, flag)      # before the work
+    from .figure_file import check_report_files
+    check_report_files(args.json, args.plot)      # before the work
     backends = [b.strip() for b in args.backend.split(",") if b.strip()]
     report = run_benchmark(args.data, backends, batches=args.batches, warmup=args.warmup,
                            batch_size=args.batch_size, canvas=args.canvas, crop=args.crop, workers=args.workers,

@@ -197,7 +197,7 @@ def run_peers(args) -> dict:
         raise BackMixError(f"--families takes a comma list of {', '.join(FAMILIES)}, got {args.families!r}")
     for flag, value, least in (("--rounds", args.rounds, 1), ("--batches", args.batches, 1),
                                ("--warmup", args.warmup, 0), ("--timeout", args.timeout, 1)):
-        if value < least:
+        if not value >= least:   # NaN too
             raise BackMixError(f"{flag} must be >= {least}, got {value}")
     check_storage("jpg", args.jpeg_quality)
     # The loaders' own checks (canvas, crop, batch size, workers), before any work.
@@ -262,16 +262,17 @@ def register(sub) -> None:
     p.add_argument("--out", type=Path, default=Path("bench-peers"), help="folder of the JSON report and the plot")
     p.add_argument("--json", type=Path, default=None, help="the JSON report's file; None: OUT/peers.json")
     p.add_argument("--plot", type=Path, default=None,
-                   help="the PNG plot's file (images/s per configuration, a dot per round); None: OUT/peers.png")
+                   help="the plot's file, in the format its extension names (images/s per configuration, a dot per "
+                        "round); None: OUT/peers.png")
     p.set_defaults(func=run_bench_peers)
 
 
 def run_bench_peers(args) -> int:
-    from .beton import check_output_file
+    from .figure_file import check_report_files
     from .peer_report import format_table, plot
 
-    json_path = check_output_file(args.json or args.out / "peers.json", "--json")   # before the work
-    plot_path = check_output_file(args.plot or args.out / "peers.png", "--plot")
+    json_path, plot_path = args.json or args.out / "peers.json", args.plot or args.out / "peers.png"
+    check_report_files(json_path, plot_path)   # before the work
     report = run_peers(args)
     print(format_table(report))
     json_path.parent.mkdir(parents=True, exist_ok=True)

@@ -205,7 +205,9 @@ def register_data(sub) -> None:
     p.add_argument("--mode", choices=MODES, default=DEFAULT_MODE,
                    help="raw = decoded pixels (the FFCV stream equals the reference loader's); jpg = JPEGs at "
                         "--jpeg-quality (smaller; the stream differs by the JPEG loss; train with --beton-mode jpg)")
-    p.add_argument("--jpeg-quality", type=int, default=DEFAULT_QUALITY, help="--mode jpg: JPEG quality, 1..100")
+    # Not given: DEFAULT_QUALITY under --mode jpg (SUPPRESS: a quality given with raw storage is refused)
+    p.add_argument("--jpeg-quality", type=int, default=argparse.SUPPRESS,
+                   help=f"--mode jpg only: JPEG quality, 1..100 (default: {DEFAULT_QUALITY})")
     p.add_argument("--workers", type=int, default=2, help="processes that decode and encode")
     p.add_argument("--on-error", choices=ON_ERROR, default="raise",
                    help="an image that does not decode: fail, or store it as a marked blank the loader leaves "
@@ -229,6 +231,10 @@ def run_write_beton(args) -> int:
                                f"leave --out out, or pass --data {folders[0]}")
         check_output_file(args.out)        # before indexing: a bad destination fails at once
     canvas = args.canvas if args.canvas is not None or args.max_resolution is not None else DEFAULT_CANVAS
+    if hasattr(args, "jpeg_quality") and args.mode != "jpg":
+        raise BackMixError(f"--jpeg-quality is for --mode jpg; --mode {args.mode} stores decoded pixels: add "
+                           "--mode jpg or leave --jpeg-quality out")
+    args.jpeg_quality = getattr(args, "jpeg_quality", DEFAULT_QUALITY)
     check_storage(args.mode, args.jpeg_quality)
     for folder in folders:
         _write_one(args, ImageIndex.load(folder), canvas)

@@ -37,12 +37,12 @@ import torch
 
 from backmix.osr_data.decode import CANVAS_MODES
 from backmix.osr_data.errors import BackMixError
-from backmix.osr_data.index import ImageIndex
+from backmix.osr_data.index import INDEX_NAME, ImageIndex
 
 from .augment import fill_value, normalize_constants
 from .batch_pool import BatchPool
 from .beton import NOT_A_CANVAS, require_ffcv, skipped_rows
-from .beton_location import DEFAULT_MODE, DEFAULT_QUALITY, find_beton
+from .beton_location import DEFAULT_MODE, DEFAULT_QUALITY, find_beton, write_command
 from .core import Loader, Plan, Source, SourceBatch
 from .ffcv_kernels import (compile_mix_kernel, compile_resized_crop_kernel, normalize_table, resize_scratch,
                            span_scales)
@@ -196,6 +196,7 @@ class FfcvSource(Source):
             raise BackMixError(f"mix_in must be one of {MIX_IN}, got {mix_in!r}")
         index, cfg = loader.index, loader.config
         self.beton = Path(beton) if beton else find_beton(index, cfg.canvas, cfg.canvas_mode, beton_mode, jpeg_quality)
+        self.explicit_beton, self.beton_mode, self.jpeg_quality = bool(beton), beton_mode, jpeg_quality
         if not self.beton.exists():
             raise BackMixError(f"beton {self.beton} does not exist; write it with `backmix data write-beton "
                                f"--data {index.root} --canvas {cfg.canvas} --canvas-mode {cfg.canvas_mode} "
@@ -227,6 +228,7 @@ class FfcvSource(Source):
         from ffcv.loader import Loader as FfcvLoaderOfFfcv, OrderOption
 
         loader, cfg = self.loader, self.loader.config
+        self._check_files_unchanged()
         self._step = np.full(len(loader.index), -1, dtype=np.int64)   # dataset row -> its step, this iteration
         if self.kind == "fused":
             image = [self.decoder, _mix_operation(self)]
@@ -244,6 +246,21 @@ class FfcvSource(Source):
         # FFCV's Loader takes only its own order options, so the plan's order replaces its traversal
         # order once it is built: FFCV asks it for each iteration's rows (``sample_order``).
         self._ffcv.traversal_order = self
+
+    def _check_files_unchanged(self) -> None:
+        """The beton was written from the index's files (its default name holds the index's fingerprint,
+        the files' sizes and mtimes included): a file changed since is refused, as the reference loader
+        refuses it at its read, rather than trained on as the beton's old pixels."""
+        loader, cfg = self.loader, self.loader.config
+        changed = loader.index.first_changed(loader.dataset_indices)
+        if changed is None:
+            return
+        rewrite = write_command(loader.index.root, cfg.canvas, cfg.canvas_mode, self.beton_mode, self.jpeg_quality)
+        if self.explicit_beton:
+            rewrite += f" --out {self.beton} --force"
+        raise BackMixError(f"image {loader.index.abspath(changed)} is gone or changed after "
+                           f"{loader.index.root / INDEX_NAME} was written, so {self.beton} no longer holds it: "
+                           f"delete that index file, then rewrite the beton with `{rewrite}`")
 
     def sample_order(self, epoch: int) -> np.ndarray:
         """FFCV's traversal order: the plan's rows, flattened (FFCV cuts them into the plan's batches).

@@ -4,6 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .bench_stages import describe_input
+from .figure_file import check_figure_file
 from .peer_loaders import STOCK_NAMES
 
 COLOURS = {None: "tab:gray", "off": "tab:blue", "on": "tab:orange", "on+clean": "tab:red"}
@@ -90,5 +91,5 @@ def plot(report: dict, path: Path) -> None:
                  fontsize=7, pad=16)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
+    fig.savefig(path, format=check_figure_file(path, "--plot")[1])
     plt.close(fig)

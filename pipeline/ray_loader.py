@@ -54,8 +54,8 @@ def check_options(address: Optional[str], prefetch: int) -> None:
 
 def join_ray(address: Optional[str], num_cpus: int):
     """The ``ray`` module, connected: to the cluster at ``address`` ("auto": the one `ray start`
-    made on this machine), or with no address to a Ray started here on loopback with ``num_cpus``
-    CPUs and no dashboard. A Ray this process already joined is used as it is."""
+    made on this machine), or with no address to a Ray started here with ``num_cpus`` CPUs and no
+    dashboard (its node address loopback; Ray's servers still listen on every interface). A Ray this process already joined is used as it is."""
     ray = require_ray()
     if ray.is_initialized():
         return ray

@@ -17,7 +17,6 @@ from typing import Optional
 import numpy as np
 import torch
 
-from backmix._fs import check_output_file
 from backmix.osr_data.decode import CANVAS_MODES
 from backmix.osr_data.errors import BackMixError
 from backmix.osr_data.splits import resolve_split
@@ -25,7 +24,9 @@ from backmix.osr_data.splits import resolve_split
 from .backmix import top_k_mask
 from .batch import BackMixBatch
 from .config import ON_ERROR
+from .figure_file import check_figure_file
 from .geometry_options import add_geometry_options
+from .loaders import LOCAL_RAY_HELP
 from .sampling import AUGMENTS
 
 CELL_IN, DPI = 1.5, 100
@@ -99,7 +100,7 @@ def render_sheet(batch: BackMixBatch, maps: np.ndarray, masks: np.ndarray, path:
     bar.ax.tick_params(labelsize=6)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=DPI, format="png")
+    fig.savefig(path, dpi=DPI, format=check_figure_file(path)[1])
     plt.close(fig)
     return path
 
@@ -153,7 +154,7 @@ def _split_folder(data: Path) -> Path:
 def _add_args(p, cache_required: bool) -> None:
     from .loaders import BACKENDS
     p.add_argument("--data", type=Path, required=True, help="prepared root (with train/) or an image folder")
-    p.add_argument("--out", type=Path, required=True, help="PNG file to write")
+    p.add_argument("--out", type=Path, required=True, help="file to write: a PNG, or the format its extension names (.pdf, .svg, .jpg ...)")
     p.add_argument("--cache", type=Path, required=cache_required, default=None,
                    help="foreground cache folder" + ("" if cache_required else " (default: generation 0, 0.5 everywhere)"))
     p.add_argument("--backend", choices=BACKENDS, default="reference")
@@ -164,7 +165,7 @@ def _add_args(p, cache_required: bool) -> None:
     p.add_argument("--seed", type=int, default=0)
     add_geometry_options(p, grid=True)
     p.add_argument("--ray-address", default=None, metavar="auto|HOST:PORT",
-                   help="--backend ray: the cluster to join; None: start Ray on this machine, loopback only")
+                   help=f"--backend ray: the cluster to join; None: {LOCAL_RAY_HELP}")
     p.add_argument("--prefetch", type=int, default=None,
                    help="--backend ray: batches in flight at most; None: 4")
     p.add_argument("--canvas-mode", choices=CANVAS_MODES, default="center",
@@ -190,7 +191,7 @@ def register_cache_show(cache_sub) -> None:
 
 
 def run_show(args) -> int:
-    check_output_file(args.out)          # before loading anything
+    check_figure_file(args.out)          # before loading anything
     path = sheet_for(args.data, args.out, backend=args.backend, cache=args.cache, n=args.n, seed=args.seed,
                      canvas=args.canvas, crop=args.crop, grid=args.grid, ray_address=args.ray_address,
                      prefetch=args.prefetch, canvas_mode=args.canvas_mode, augment=args.augment,

@@ -294,3 +294,31 @@ def test_bounded_train_times_the_first_batch_before_the_first_step_and_the_run_l
     assert len(started) == 1
     # the child's own age (from /proc, 0.1 s steps) cannot exceed the seconds since it was launched
     assert 0 < float(started[0].split("hand ")[1].split("s ")[0]) <= got["first_batch_s"] + 0.1
+
+
+@pytest.mark.parametrize("boot_clock_off_by", [0.0, -3600.0, 3600.0])
+def test_the_start_up_age_falls_back_to_the_time_since_import_when_the_boot_clock_disagrees(monkeypatch,
+                                                                                           boot_clock_off_by):
+    import time
+
+    from backmix.trainers import run_log
+    monkeypatch.setattr(run_log, "_IMPORTED", time.perf_counter() - 5.0)   # imported 5 s ago
+    true_age = run_log.process_age()
+    assert true_age >= 5.0          # this process (pytest) started before the module was imported
+    boot = time.clock_gettime(time.CLOCK_BOOTTIME)
+    monkeypatch.setattr(time, "clock_gettime", lambda clock: boot + boot_clock_off_by)
+    age = run_log.process_age()
+    if boot_clock_off_by:           # an hour too young or too old: not this process's age
+        assert 5.0 <= age < 5.5
+    else:
+        assert age == pytest.approx(true_age, abs=0.5)
+
+
+def test_show_writes_the_format_its_extension_names_and_refuses_one_it_cannot(small_root, tmp_path, capsys):
+    from backmix.cli import main as cli_main
+    assert cli_main(["-q", "show", "--data", str(small_root), "--out", str(tmp_path / "s.pdf"), "--n", "2",
+                     "--canvas", "32", "--crop", "24"]) == 0
+    assert (tmp_path / "s.pdf").read_bytes().startswith(b"%PDF")
+    capsys.readouterr()
+    assert cli_main(["show", "--data", str(small_root), "--out", str(tmp_path / "s.out")]) == 2
+    assert capsys.readouterr().err.startswith("backmix: error: --out ") and not (tmp_path / "s.out").exists()

@@ -210,7 +210,8 @@ def test_write_beton_command_and_a_resized_beton(tiny_root, tmp_path, capsys):
     # Bad input: one line, exit 2, no file.
     capsys.readouterr()
     bad = tmp_path / "bad.beton"
-    for extra in (["--jpeg-quality", "0"], ["--canvas", "32", "--max-resolution", "40"]):
+    for extra in (["--jpeg-quality", "0"], ["--canvas", "32", "--max-resolution", "40"],
+                  ["--jpeg-quality", "50"]):      # a quality without --mode jpg would write raw pixels
         assert backmix_main(["data", "write-beton", "--data", str(tiny_root), "--out", str(bad), *extra]) == 2
         assert extra[0] in capsys.readouterr().err
     assert not bad.exists()
@@ -421,6 +422,27 @@ def test_the_loader_never_writes_a_beton_and_says_the_command(tiny_root, tmp_pat
     assert sorted(p.name for p in folder.iterdir()) == ["cat", "dog", "fox", "index.arrow", "index.csv"]
     import torchvision
     assert torchvision.datasets.ImageFolder(str(folder)).classes == list(tiny.classes)   # stock ImageFolder loads it
+
+
+
+def test_a_beton_of_files_changed_since_it_was_written_is_refused_with_the_command(tiny_root, tmp_path,
+                                                                                    monkeypatch):
+    import os
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    folder = tmp_path / "tiny"
+    shutil.copytree(tiny_root, folder)
+    assert backmix_main(["data", "write-beton", "--data", str(folder), "--canvas", "32", "--no-progress"]) == 0
+    changed = folder / "dog" / "000009.png"
+    os.utime(changed, ns=(changed.stat().st_atime_ns, changed.stat().st_mtime_ns + 10**9))   # `touch`
+    command = f"backmix data write-beton --data {folder} --canvas 32 --canvas-mode center"
+    with pytest.raises(BackMixError, match=f"image {changed} is gone or changed after .*: delete that index file, "
+                                           f"then rewrite the beton with `{command}`"):
+        make_loader("ffcv", ImageIndex.load(folder), LoaderConfig(canvas=32, crop=24))
+    # the command it names, after the index goes, makes the beton the loader then reads
+    (folder / "index.csv").unlink()
+    assert backmix_main(command.split()[1:] + ["--no-progress"]) == 0
+    loader = make_loader("ffcv", ImageIndex.load(folder), LoaderConfig(canvas=32, crop=24, batch_size=24))
+    assert len(loader) == 1
 
 
 def test_a_read_only_data_folder_gets_its_beton_in_the_user_cache(tiny_root, tmp_path, monkeypatch, caplog):

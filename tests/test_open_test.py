@@ -24,3 +24,27 @@ def test_photo_crops_prepare_offline_as_an_image_folder(tmp_path):
     assert list(open_test_indexes([str(tmp_path / "pc" / "test")])) == ["pc/test"]
     with pytest.raises(BackMixError, match="two --open-test folders are both named 'pc/test'"):
         open_test_indexes([str(tmp_path / "pc" / "test")] * 2)
+
+
+def _train_words(root, out, open_test: str) -> list[str]:
+    return ["train", "--data", str(root), "--out", str(out), "--epochs", "1", "--width", "0.25", "--batch-size",
+            "16", "--known", "ant,cat", "--workers", "0", "--device", "cpu", "--no-progress", "--open-test",
+            open_test]
+
+
+@pytest.mark.parametrize("folder, says", [
+    ("test", "is the data's own folder"), ("train", "is the data's own folder"),
+    ("train/ant", "lies inside the data's own folder"), ("copy", "holds the very images of"),
+    ("", "--open-test: empty path"), ("nope", "is not a folder of images")])
+def test_an_open_test_folder_of_the_data_itself_is_refused_before_the_run_folder_is_made(
+        small_root, tmp_path, capsys, folder, says):
+    import shutil
+
+    from backmix.cli import main as cli_main
+    shutil.copytree(small_root / "test", tmp_path / "copy", copy_function=shutil.copy2)   # same sizes, mtimes
+    given = str(tmp_path / folder) if folder in ("copy", "nope") else str(small_root / folder) if folder else ""
+    assert cli_main(_train_words(small_root, tmp_path / "run", given)) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert says in err[-1] and err[-1].startswith("backmix: error: ")
+    assert not (tmp_path / "run").exists()     # no config, log, cache or lock left behind
+

@@ -161,8 +161,12 @@ def test_peers_ratios_and_medians_come_from_the_interleaved_rounds(tiny_root, tm
     (["--rounds", "0"], "--rounds must be >= 1"),
     (["--jpeg-quality", "101"], "--jpeg-quality must lie in 1..100"),
     (["--crop", "300"], "crop"),
+    (["--timeout", "nan"], "--timeout must be >= 1, got nan"),
+    (["--plot", "PLACE/r.out"], "a figure cannot be written as .out"),
+    (["--json", "PLACE/r.png", "--plot", "PLACE/r.png"], "--json and --plot both name"),
 ])
 def test_peers_refuses_bad_input_in_one_line(tiny_root, tmp_path, capsys, argv, says):
+    argv = [word.replace("PLACE", str(tmp_path)) for word in argv]
     status, out, err = peers(["--data", str(tiny_root), "--out", str(tmp_path), *TINY, *argv], capsys)
     assert status == 2 and err.count("\n") == 1 and err.startswith("backmix: error: ") and says in err
-    assert not (tmp_path / "peers.json").exists()
+    assert not (tmp_path / "peers.json").exists() and not (tmp_path / "r.png").exists()

@@ -109,6 +109,52 @@ def test_a_resumed_run_drops_the_csv_rows_logged_after_its_checkpoint(recipe_run
     assert read_csv(tmp_path / "epochs.csv") == []
 
 
+def test_a_resumed_run_keeps_the_tensorboard_events_of_its_checkpoint_step(recipe_run, tmp_path):
+    """Resumed after step 2 (in its checkpoint), the run logs step 3 again: the events equal an
+    uninterrupted run's, step 2 kept and the interrupted run's step 3 replaced."""
+    import shutil
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from backmix.trainers.run_log import RunLog
+    shutil.copytree(recipe_run / "tensorboard", tmp_path / "tensorboard")
+    cfg = TrainConfig.load(recipe_run / "config.json")
+    with RunLog(cfg, enabled=True) as run_log:
+        run_log.open(tmp_path, first_step=2, first_epoch=0)
+        run_log.steps({"epoch": 1, "step": 3, "global_step": 3, "loss": 0.25, "images_per_s": 1.0, "lr": 0.1,
+                       "data_wait": 0.5})
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    before = [e.value for e in EventAccumulator(str(recipe_run / "tensorboard")).Reload().Scalars("train/loss")]
+    assert [(e.step, e.value) for e in events.Scalars("train/loss")] == [
+        (1, before[0]), (2, before[1]), (3, 0.25)]
+
+
+@pytest.mark.parametrize("sink, in_the_way", [("csv", "steps.csv"), ("tensorboard", "tensorboard")])
+def test_a_log_sink_that_cannot_be_written_is_named(recipe_run, tmp_path, sink, in_the_way):
+    from backmix.trainers.run_log import RunLog
+    cfg = TrainConfig.load(recipe_run / "config.json")
+    cfg.log = sink
+    if sink == "csv":
+        (tmp_path / in_the_way).mkdir()        # a folder where the file goes
+    else:
+        (tmp_path / in_the_way).write_text("")  # a file where the folder goes
+    with RunLog(cfg, enabled=True) as run_log:
+        with pytest.raises(BackMixError, match=f"cannot write {tmp_path / in_the_way}: "):
+            run_log.open(tmp_path)
+
+
+def test_eval_of_an_ema_runs_last_pt_gives_the_metrics_the_run_reported_for_it(recipe_run, small_root):
+    summary = json.loads((recipe_run / "summary.json").read_text())
+    got = evaluate_checkpoint(recipe_run / "last.pt", small_root, device="cpu", workers=0, progress=False)
+    assert got == pytest.approx(summary["last"]["test"])
+    raw = read_checkpoint(recipe_run / "last.pt")
+    assert any(not torch.equal(raw["state_dict"][k], v) for k, v in raw["ema_state_dict"].items())   # two weights
+    with pytest.raises(BackMixError, match="is the data's own folder"):   # its test images are no unknowns
+        evaluate_checkpoint(recipe_run / "last.pt", small_root, device="cpu", workers=0,
+                            open_test=(str(small_root / "test"),))
+
+
 def test_step_lines_and_progress_lines_reach_the_run_log(recipe_run):
     text = (recipe_run / "train.log").read_text()
     # --log-every 1 on 3 steps, each also a tenth of the epoch (stderr is not a terminal under pytest)

@@ -283,6 +283,13 @@ def test_a_second_run_into_the_same_folder_is_refused(finished_run):
         main(finished_run)
 
 
+def test_an_out_inside_an_image_folder_of_the_run_is_refused_before_it_is_made(small_root, tmp_path):
+    with pytest.raises(BackMixError, match=f"--out {small_root / 'train' / 'run'} is inside the data folder "
+                                           f"{small_root / 'train'}"):
+        main(tiny(small_root, small_root / "train" / "run", epochs=1))
+    assert not (small_root / "train" / "run").exists()
+
+
 def test_world_size_not_matching_a_pending_cache_build_is_reported(small_root, tmp_path):
     from backmix.cam_cache import build_generation, init_cache
     from backmix.models import build_model
@@ -594,6 +601,11 @@ def test_experiment_pairs_methods_per_split_and_seed(tmp_path, capsys):
             "--methods", "backmix-mixed"]
     assert cli_main(args) == 2            # the CLI's batch size (64) differs from the runs' (128)
     assert "holds runs of another budget (batch_size 128 there, 64 asked)" in capsys.readouterr().err
+    for change, says in (({"augment": "rrc"}, "augment crop there, rrc asked"),
+                         ({"canvas_mode": "stretch"}, "canvas_mode center there, stretch asked"),
+                         ({"box_fraction": 0.5}, "box_fraction")):
+        with pytest.raises(BackMixError, match=f"holds runs of another budget \\({says}"):
+            run_experiment(tmp_path, ["digits"], 1, {**overrides, **change}, seeds=2, methods=("backmix-mixed",))
     again = run_experiment(tmp_path, ["digits"], 1, overrides, seeds=2, methods=("backmix-mixed",))
     assert again == results and len((tmp_path / "results.jsonl").read_text().splitlines()) == 4
     # the same tables; the status line counts this call's plan (the 2 backmix-mixed runs)
@@ -636,6 +648,18 @@ def test_experiment_refuses_a_folder_of_runs_without_validation(tmp_path):
     (tmp_path / "results.jsonl").write_text(json.dumps(old) + "\n")
     with pytest.raises(BackMixError, match="holds runs of another budget \\(val_fraction None there, 0.1 asked\\)"):
         run_experiment(tmp_path, ["digits"], 1, {"epochs": 1, "width": 0.25, "batch_size": 128})
+
+
+def test_experiment_refuses_a_foreign_results_line_and_an_out_that_is_a_file(tmp_path):
+    from backmix.trainers.experiment import run_experiment
+    overrides = {"epochs": 1, "width": 0.25, "batch_size": 128}
+    (tmp_path / "f").write_text("")
+    with pytest.raises(BackMixError, match="--out .*f is a file; an experiment needs a folder"):
+        run_experiment(tmp_path / "f", ["digits"], 1, overrides)
+    (tmp_path / "results.jsonl").write_text('{"dataset": "digits", "split": 0}\n{"cut by a kil')
+    with pytest.raises(BackMixError, match="result 1 is not a run of `backmix experiment` \\(its 'method'"):
+        run_experiment(tmp_path, ["digits"], 1, overrides)
+    assert not (tmp_path / "data").exists()     # refused before any data set is prepared
 
 
 def test_a_run_claimed_by_a_live_process_is_left_to_it_and_a_dead_claim_is_redone(tmp_path):

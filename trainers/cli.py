@@ -6,7 +6,7 @@ from pathlib import Path
 
 from backmix.osr_data.options import CANVAS_MODES
 from backmix.osr_data.errors import BackMixError
-from backmix.pipeline.loaders import backend_options
+from backmix.pipeline.loaders import LOCAL_RAY_HELP, backend_options
 from backmix.osr_data.protocols import PROTOCOLS
 from backmix.pipeline.sampling import AUGMENTS
 
@@ -81,8 +81,7 @@ def register(top) -> None:
                         "reports each metric against it, under its folder's name; repeatable")
     p.add_argument("--backend", choices=BACKENDS, default=S, help="loader" + _d("backend"))
     p.add_argument("--ray-address", default=S, metavar="auto|HOST:PORT",
-                   help="--backend ray: the Ray cluster whose CPUs decode (default: start Ray on this machine, "
-                        "loopback only, --workers CPUs)")
+                   help=f"--backend ray: the Ray cluster whose CPUs decode (default: {LOCAL_RAY_HELP})")
     p.add_argument("--prefetch", type=int, default=S, help="--backend ray: batches in flight at most (default: 4)")
     p.add_argument("--beton-mode", choices=BETON_MODES, default=S,
                    help="--backend ffcv: the betons to read, raw canvases (the reference loader's stream, bit for "

@@ -1,6 +1,8 @@
-"""``backmix eval``: the open-set metrics of a saved checkpoint on a data set's test folder."""
+"""``backmix eval``: the open-set metrics of a saved checkpoint on a data set's test folder (of the weights its
+run evaluated: an --ema run's checkpoint is scored with its EMA weights, as the run reported it)."""
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from typing import Optional
@@ -14,8 +16,11 @@ from backmix.pipeline.loaders import make_loader
 from .config import TrainConfig
 from .distributed import init_distributed
 from .epoch import evaluate
+from .open_test import open_test_indexes
 from .precision import Precision
 from .run_data import loader_config, open_test_loaders
+
+log = logging.getLogger("backmix")
 
 
 def evaluate_checkpoint(checkpoint: str | os.PathLike, data_root: str | os.PathLike, *,
@@ -35,7 +40,9 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, data_root: str | os.PathL
         data = load_data(data_root, OpenSetSplit(tuple(ckpt["known_classes"]), ()))
     else:
         raise BackMixError(f"checkpoint {checkpoint} does not name its known classes; pass --split")
+    open_sets = open_test_indexes(list(open_test), (data.train, data.test))
     model, _ = load_model(checkpoint, num_classes=data.num_known)
+    use_ema_weights(model, ckpt, checkpoint)
     given = {"backend": backend, "device": device, "workers": workers, "progress": progress, "on_error": on_error,
              "auto_augment": "none",   # evaluation never augments: any backend takes the checkpoint
              **({"canvas_mode": canvas_mode} if canvas_mode else {})}
@@ -50,4 +57,17 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, data_root: str | os.PathL
     model.to(dev)
     loader = make_loader(cfg.backend, data.test, loader_config(cfg, dev, train=False), **cfg.loader_options())
     return evaluate(model, loader, data.label_map, Precision(dev, cfg.amp),
-                    progress and sys.stderr.isatty(), open_test_loaders(cfg, dev, list(open_test)))
+                    progress and sys.stderr.isatty(), open_test_loaders(cfg, dev, open_sets))
+
+
+def use_ema_weights(model, ckpt: dict, checkpoint: str | os.PathLike) -> None:
+    """A checkpoint of an --ema run holds the raw weights (what --resume trains on) and their EMA, which
+    is what the run evaluated and reported for that file (summary.json's last.pt): eval scores the same."""
+    ema = ckpt.get("ema_state_dict")
+    if ema is None:
+        return
+    try:
+        model.load_state_dict(ema)
+    except (RuntimeError, TypeError, AttributeError):
+        raise BackMixError(f"checkpoint {checkpoint}: its EMA weights (ema_state_dict) do not fit its model") from None
+    log.info("scoring the EMA weights of %s (the weights its run evaluated)", checkpoint)

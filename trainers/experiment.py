@@ -25,7 +25,7 @@ from typing import Optional
 
 from tqdm import tqdm
 
-from backmix._fs import atomic_write_bytes
+from backmix._fs import atomic_write_bytes, check_output_folder
 from backmix.osr_data.decode import CANVAS_MODES
 from backmix.osr_data.errors import BackMixError
 from backmix.osr_data.filelock import exclusive_lock
@@ -51,15 +51,35 @@ EXPERIMENT_DEFAULTS = dict(arch="cnn32", batch_size=64, regen_every=2, eval_ever
 # A folder's finished runs are reused only under the same budget: these fields must match (runs of
 # before the validation split have no val_fraction, so they are never mixed with runs selected on it).
 BUDGET_FIELDS = ("epochs", "width", "lr", "arch", "batch_size", "val_fraction", "protocol")
+# The loader's geometry is part of what a run learnt from (the crops it saw, the boxes it pasted): runs
+# of another augment or canvas are another experiment, however equal their budget.
+GEOMETRY_FIELDS = ("augment", "canvas_mode", "canvas", "crop", "grid", "box_fraction", "top_k_ratio")
+# What a line of results.jsonl holds: a line without these is not a run this command wrote.
+RESULT_KEYS = {"dataset": str, "split": int, "method": str, "config": dict, "metrics": dict}
 
 
 def check_budget(results: list[dict], cfg: dict, results_path: Path) -> None:
+    """The runs in ``results_path`` were trained under ``cfg``'s budget and loader geometry (``cfg``: a
+    whole ``TrainConfig.to_dict()``), else the folder is refused: its table would mix two experiments."""
     for r in results:
-        differ = [f for f in BUDGET_FIELDS if r["config"].get(f) != cfg[f]]
+        differ = [f for f in BUDGET_FIELDS + GEOMETRY_FIELDS if r["config"].get(f) != cfg[f]]
         if differ:
             raise BackMixError(f"{results_path} holds runs of another budget ({differ[0]} "
                                f"{r['config'].get(differ[0])} there, {cfg[differ[0]]} asked); "
                                "choose another --out or the same budget")
+
+
+def read_results(path: Path) -> list[dict]:
+    """The runs of DIR/results.jsonl (a line cut short by a kill is dropped: that run is redone); a
+    complete line that is not a run's result is refused, naming it, rather than read as one."""
+    results = read_jsonl(path)
+    for number, r in enumerate(results, 1):
+        wrong = next((k for k, kind in RESULT_KEYS.items() if not isinstance(r, dict) or not isinstance(r.get(k), kind)),
+                     None)
+        if wrong is not None:
+            raise BackMixError(f"{path}: result {number} is not a run of `backmix experiment` (its {wrong!r} is "
+                               "missing or of another type); remove that line or choose another --out")
+    return results
 
 
 def note(out: Path, text: str) -> None:
@@ -133,12 +153,12 @@ def run_experiment(out: Path, datasets: Optional[list[str]] = None, splits: int 
     if not 1 <= splits <= 5:
         raise BackMixError(f"--splits must lie in 1..5, got {splits}")
     base = {**EXPERIMENT_DEFAULTS, **BUDGETS["quick"], **(overrides or {})}
-    TrainConfig(**base)   # a bad value is one line now, not after the data sets are prepared
+    asked = TrainConfig(**base).to_dict()   # a bad value is one line now, not after the data sets are prepared
     runs = plan_runs(plan, splits, base.get("seed", 0))
     plan_desc = plan_text(plan, splits) + "; budget " + ", ".join(f"{f} {base[f]}" for f in BUDGET_FIELDS if base[f] is not None)
-    out.mkdir(parents=True, exist_ok=True)
+    check_output_folder(out, "--out", "an experiment")
     results_path = out / "results.jsonl"
-    check_budget(read_jsonl(results_path), base, results_path)   # a line cut by a kill is dropped: redone
+    check_budget(read_results(results_path), asked, results_path)
     roots = {ds: Path(data) if data is not None else out / "data" / ds for ds in dict.fromkeys(r.dataset for r in runs)}
     for ds, root in roots.items():
         if data is not None:
@@ -152,8 +172,8 @@ def run_experiment(out: Path, datasets: Optional[list[str]] = None, splits: int 
             tqdm(total=len(runs), desc="experiment runs", unit="run", disable=not progress) as bar:
         while True:
             with exclusive_lock(results_path):
-                results = read_jsonl(results_path)
-                check_budget(results, base, results_path)
+                results = read_results(results_path)
+                check_budget(results, asked, results_path)
                 done = {(r["dataset"], r["split"], run_seed(r), r["method"]) for r in results}
                 bar.n = sum(tuple(r) in done for r in runs)
                 bar.refresh()
@@ -174,7 +194,7 @@ def run_experiment(out: Path, datasets: Optional[list[str]] = None, splits: int 
                       "best": summary["best"]}
             with exclusive_lock(results_path):
                 append_jsonl(results_path, record)
-                results = read_jsonl(results_path)
+                results = read_results(results_path)
                 atomic_write_bytes(out / "results.md", report(results, status_line(results, runs, plan_desc)).encode())
             trained += 1
             note(out, f"done {run.dataset} split {run.split} seed {run.seed} {run.method} in "
@@ -186,7 +206,7 @@ def run_experiment(out: Path, datasets: Optional[list[str]] = None, splits: int 
                     (folder / name).unlink(missing_ok=True)
                 shutil.rmtree(folder / "cache", ignore_errors=True)
     with exclusive_lock(results_path):
-        results = read_jsonl(results_path)
+        results = read_results(results_path)
         text = report(results, status_line(results, runs, plan_desc))
         atomic_write_bytes(out / "results.md", text.encode())
     note(out, f"this process trained {trained} runs in {time.perf_counter() - t_all:.0f}s; "
@@ -231,7 +251,8 @@ def register(top) -> None:
     p.add_argument("--arch", default=EXPERIMENT_DEFAULTS["arch"], help="model")
     p.add_argument("--backend", default="reference", help="loader")
     p.add_argument("--canvas-mode", choices=CANVAS_MODES, default="center",
-                   help="canvas of each image: center = shorter side resized, centre square; stretch")
+                   help="canvas of each image: center = shorter side resized, centre square; stretch (part of "
+                        "the budget, as --augment is: runs of another value in DIR are not mixed in)")
     p.add_argument("--augment", choices=AUGMENTS, default="crop",
                    help="after the mix: crop = random crop + flip; rrc = RandomResizedCrop + flip")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="training device")

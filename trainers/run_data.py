@@ -8,6 +8,7 @@ from typing import Optional
 import torch
 
 from backmix.osr_data.errors import BackMixError
+from backmix.osr_data.index import ImageIndex
 from backmix.osr_data.open_set import OpenSetData, load_data
 from backmix.osr_data.protocols import split_list
 from backmix.pipeline.config import LoaderConfig
@@ -18,14 +19,19 @@ from .distributed import barrier
 from .open_test import open_test_indexes
 
 
-def load_run_data(cfg: TrainConfig) -> OpenSetData:
+def load_run_data(cfg: TrainConfig) -> tuple[OpenSetData, dict[str, ImageIndex]]:
+    """(the data, {name: index} of the --open-test folders): every folder the run reads, checked before
+    anything is written to the run folder (a refused run leaves nothing behind)."""
     # The validation rows follow the training seed: the methods of one (split, seed) pair share them.
     data = load_data(cfg.data, cfg.split, cfg.val_fraction, cfg.seed, split_list(cfg.protocol, cfg.splits_file))
-    if cfg.backend == "ffcv":   # both betons found, or both named in one line, before any work
+    open_sets = open_test_indexes(cfg.open_test, (data.train, data.test))
+    if cfg.backend == "ffcv":   # every beton found, or the missing ones named in one line, before any work
         from backmix.pipeline.beton_location import require_betons
         require_betons(cfg.data, [data.train, data.test], cfg.canvas, cfg.canvas_mode, cfg.beton_mode,
                        int(cfg.jpeg_quality))
-    return data
+        for index in open_sets.values():
+            require_betons(index.root, [index], cfg.canvas, cfg.canvas_mode, cfg.beton_mode, int(cfg.jpeg_quality))
+    return data, open_sets
 
 
 def data_fingerprint(data: OpenSetData) -> str:
@@ -49,9 +55,10 @@ def loader_config(cfg: TrainConfig, device: torch.device, *, train: bool, rank: 
         keep_canvas=False)   # the in-loop rebuild, when it runs, gets the canvases anyway
 
 
-def open_test_loaders(cfg: TrainConfig, device: torch.device, folders: list[str]) -> dict:
+def open_test_loaders(cfg: TrainConfig, device: torch.device, open_sets: dict[str, ImageIndex]) -> dict:
+    """The evaluation loaders of the --open-test folders (``open_test_indexes``, checked)."""
     return {name: make_loader(cfg.backend, index, loader_config(cfg, device, train=False), **cfg.loader_options())
-            for name, index in open_test_indexes(folders).items()}
+            for name, index in open_sets.items()}
 
 
 def open_cache(cfg: TrainConfig, data: OpenSetData, rank: int, world: int):
@@ -81,7 +88,7 @@ class RunLoaders:
 
 
 def build_loaders(cfg: TrainConfig, data: OpenSetData, device: torch.device, maps, rank: int,
-                  world: int) -> RunLoaders:
+                  world: int, open_sets: dict[str, ImageIndex]) -> RunLoaders:
     evaluation = loader_config(cfg, device, train=False)
     loaders = RunLoaders(make_loader(cfg.backend, data.train, loader_config(cfg, device, train=True, rank=rank,
                                                                             world=world),
@@ -89,7 +96,7 @@ def build_loaders(cfg: TrainConfig, data: OpenSetData, device: torch.device, map
                                      **cfg.loader_options()))
     if rank == 0:
         loaders.test = make_loader(cfg.backend, data.test, evaluation, **cfg.loader_options())
-        loaders.open_sets = open_test_loaders(cfg, device, cfg.open_test)
+        loaders.open_sets = open_test_loaders(cfg, device, open_sets)
         if len(data.val_rows):
             loaders.val = make_loader(cfg.backend, data.train, evaluation, indices=data.val_rows,
                                       label_map=data.label_map, **cfg.loader_options())

@@ -36,6 +36,18 @@ def check_run_folder(run: Path) -> None:
     check_output_folder(run, "--out", "a run")
 
 
+def check_out_outside_data(cfg: TrainConfig) -> None:
+    """--out never lies inside a folder the run reads images from: its folder would be a class folder
+    there (without images, or with checkpoints beside the images)."""
+    run = cfg.run_dir.resolve()
+    read = [Path(cfg.data) / split for split in ("train", "test")]
+    read += [Path(folder) for folder in cfg.open_test if folder]   # an empty one is refused as such, later
+    for folder in read:
+        if folder.resolve() == run or folder.resolve() in run.parents:
+            raise BackMixError(f"--out {cfg.run_dir} is inside the data folder {folder}; choose a run folder "
+                               "outside the image folders")
+
+
 def check_new_run(run: Path, resume: bool) -> None:
     """A new run never writes over a run's checkpoints: a finished or cut run is continued with --resume."""
     if not resume and (run / "last.pt").exists():

@@ -22,11 +22,14 @@ from tqdm import tqdm
 from backmix.osr_data.errors import BackMixError
 
 from .config import TrainConfig
+from .run_files import writing
 
 log = logging.getLogger("backmix")
 _IMPORTED = time.perf_counter()
 _first_batch_logged = False   # once a process: the start-up line
 FIRST_BATCH_LINE = "first batch in hand"   # how that line starts (``bench scale`` times it)
+STARTUP_BEFORE_IMPORT_S = 120.0   # the most the interpreter and the imports before this module plausibly take
+CLOCK_TICK_S = 0.05   # /proc's start time is in clock ticks (10 ms), the clocks read at slightly other moments
 
 STEP_FIELDS = ("epoch", "step", "global_step", "loss", "images_per_s", "lr", "data_wait")
 EPOCH_FIELDS = ("epoch", "loss", "train_acc", "images_per_s", "lr", "train_s")
@@ -37,13 +40,19 @@ PROGRESS_SECONDS = 10.0   # but at most one per this many seconds (a short epoch
 
 def process_age() -> float:
     """Seconds since this process started: from /proc on Linux (the interpreter's own start-up
-    included), else since this module was imported."""
+    included), else since this module was imported. /proc counts the start on the boot clock, which
+    a container or a resumed machine may see otherwise than this process does: an age shorter than
+    the time since the import, or longer than it by more than a start-up could take, is not this
+    process's, and the time since the import is said instead."""
+    since_import = time.perf_counter() - _IMPORTED
     try:
         with open("/proc/self/stat") as f:
             fields = f.read().rsplit(")", 1)[1].split()   # the name, in parentheses, may hold spaces
-        return time.clock_gettime(time.CLOCK_BOOTTIME) - int(fields[19]) / os.sysconf("SC_CLK_TCK")
+        age = time.clock_gettime(time.CLOCK_BOOTTIME) - int(fields[19]) / os.sysconf("SC_CLK_TCK")
     except (OSError, ValueError, IndexError, AttributeError):
-        return time.perf_counter() - _IMPORTED
+        return since_import
+    plausible = since_import - CLOCK_TICK_S <= age <= since_import + STARTUP_BEFORE_IMPORT_S
+    return age if plausible else since_import
 
 
 def show_progress(cfg: TrainConfig, rank: int) -> bool:
@@ -89,7 +98,8 @@ class RunLog:
         interrupted run logged after that point are dropped (they are logged again), as in metrics.jsonl."""
         if not self.enabled:
             return
-        handler = logging.FileHandler(run / "train.log")
+        with writing(run / "train.log"):
+            handler = logging.FileHandler(run / "train.log")
         handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
         log.addHandler(handler)
         self._stack.callback(log.removeHandler, handler)
@@ -98,15 +108,20 @@ class RunLog:
             for name, fields in (("steps", STEP_FIELDS), ("epochs", EPOCH_FIELDS + EVAL_FIELDS)):
                 path = run / f"{name}.csv"
                 key, upto = ("global_step", first_step) if name == "steps" else ("epoch", first_epoch)
-                kept = [r for r in read_rows(path) if r[key].isdigit() and int(r[key]) <= upto] if first_step else []
-                f = self._stack.enter_context(open(path, "w", newline=""))
-                self._csv[name] = csv.DictWriter(f, fields, restval="", extrasaction="ignore")
-                self._csv[name].writeheader()
-                self._csv[name].writerows(kept)
+                with writing(path):
+                    kept = [r for r in read_rows(path) if r[key].isdigit() and int(r[key]) <= upto] if first_step else []
+                    f = self._stack.enter_context(open(path, "w", newline=""))
+                    self._csv[name] = csv.DictWriter(f, fields, restval="", extrasaction="ignore")
+                    self._csv[name].writeheader()
+                    self._csv[name].writerows(kept)
                 self._files[name] = f
         if "tensorboard" in self.cfg.log_sinks:
             from torch.utils.tensorboard import SummaryWriter
-            self.tensorboard = SummaryWriter(str(run / "tensorboard"), purge_step=first_step or None)
+            # Step ``first_step`` is in the checkpoint and is not trained again: its events stay, the later
+            # ones (logged by the interrupted run after its checkpoint) go, as the CSV rows do.
+            with writing(run / "tensorboard"):
+                self.tensorboard = SummaryWriter(str(run / "tensorboard"),
+                                                 purge_step=first_step + 1 if first_step else None)
             self._stack.callback(self.tensorboard.close)
 
     def close(self) -> None:

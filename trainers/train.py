@@ -48,8 +48,8 @@ from .recipe import Recipe, load_pretrained, sync_batchnorm
 from .resume import (RunCheckpoints, RunProgress, Training, check_resumable, restore_training, resume_config,
                      save_epoch_checkpoints, save_mid_epoch)
 from .run_data import RunLoaders, build_loaders, data_fingerprint, load_run_data, open_cache
-from .run_files import (append_jsonl, check_new_run, check_run_folder, write_json, write_jsonl, write_run_config,
-                        writing)
+from .run_files import (append_jsonl, check_new_run, check_out_outside_data, check_run_folder, write_json,
+                        write_jsonl, write_run_config)
 from .run_lock import hold_run_folder
 from .run_log import RunLog, epoch_line, show_progress
 from .selection import best_epoch, run_summary, summary_line, validation_metrics
@@ -72,6 +72,7 @@ def main(cfg: TrainConfig, *, resume: bool = False, explicit: Optional[set[str]]
     try:
         made_here = not cfg.run_dir.exists()
         if rank == 0:
+            check_out_outside_data(cfg)
             check_run_folder(cfg.run_dir)
         # the folder is held (a second run into it is refused) before anything is written there
         with hold_run_folder(cfg.run_dir, made_here) if rank == 0 else contextlib.nullcontext():
@@ -84,7 +85,7 @@ def main(cfg: TrainConfig, *, resume: bool = False, explicit: Optional[set[str]]
 
 def run(cfg: TrainConfig, device: torch.device, rank: int, world: int, resume: bool, run_log: RunLog) -> dict:
     """The run in ``cfg.run_dir``, its folder held: returns the final evaluation (rank 0; {} elsewhere)."""
-    data = load_run_data(cfg)
+    data, open_sets = load_run_data(cfg)
     fingerprint = data_fingerprint(data)
     if rank == 0:
         check_new_run(cfg.run_dir, resume)
@@ -93,13 +94,12 @@ def run(cfg: TrainConfig, device: torch.device, rank: int, world: int, resume: b
     model, ckpt = model_to_train(cfg, data, fingerprint, resume)
     if rank == 0:   # only now: a resume refused above leaves the run's config as it was
         write_run_config(cfg.run_dir, cfg)
-        with writing(cfg.run_dir / "train.log"):
-            run_log.open(cfg.run_dir, *((ckpt["scheduler"]["last_epoch"], ckpt["epoch"]) if resume else ()))
+        run_log.open(cfg.run_dir, *((ckpt["scheduler"]["last_epoch"], ckpt["epoch"]) if resume else ()))
     model.to(device)
     if cfg.channels_last and device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     maps = open_cache(cfg, data, rank, world)
-    loaders = build_loaders(cfg, data, device, maps, rank, world)
+    loaders = build_loaders(cfg, data, device, maps, rank, world, open_sets)
     with contextlib.closing(loaders):   # the workers stop however the run ends
         training = training_objects(cfg, model, data.num_known, device, world,
                                      steps_per_epoch=optimizer_steps(len(loaders.train), cfg.grad_accum_steps))
