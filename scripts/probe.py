@@ -106,9 +106,12 @@ def judge(case: Case, proc: subprocess.CompletedProcess, folder: Path) -> tuple[
                 return False, f"status {proc.returncode}: {(err or ['(nothing)'])[-1][:150]}"
             said = proc.stdout.strip().splitlines()[-1]
             return (case.says in said, said[:160])
-        if proc.returncode != 2 or len(err) != 1 or not err[0].startswith("backmix: error: "):
+        # One error line, last; before it only the command's own progress lines (e.g. "backmix: mixing on
+        # cpu" of a loader that started), never a traceback or a library's warning.
+        progress = all(line.startswith("backmix: ") and not line.startswith("backmix: error") for line in err[:-1])
+        if proc.returncode != 2 or not err or not err[-1].startswith("backmix: error: ") or not progress:
             return False, f"status {proc.returncode}, {len(err)} stderr lines: {(err or ['(nothing)'])[-1][:150]}"
-        return (case.says in err[0], err[0][:160])
+        return (case.says in err[-1], err[-1][:160])
     if proc.returncode != 0:
         return False, f"status {proc.returncode}: {(err or ['(nothing)'])[-1][:150]}"
     if case.check is not None and not case.check(folder, proc):
