@@ -14,7 +14,7 @@ from torch import nn
 
 from .arguments import (check_eval_loader, check_loader_model, check_model, check_root, check_split,
                         check_val_fraction)
-from .cam_cache import ForegroundCache, rebuild_cache, start_cache
+from .cam_cache import ForegroundCache, rebuild_cache
 from .cam_cache.recorder import InLoopRebuild
 from .pipeline import LoaderConfig, make_loader
 from .pipeline.loaders import backend_options
@@ -85,12 +85,9 @@ def loader(data: OpenSetData | str | os.PathLike, *, split: str | int | None = N
         raise ValueError("last_batch='drop' is for training loaders: an evaluation loader serves every image")
     config = LoaderConfig(train=train, shuffle=train, rank=rank, world_size=world, **options)
     maps = None
-    if cache is not None and train and config.backmix:
-        if rank == 0:
-            start_cache(cache, data.train, grid=config.grid, canvas_mode=config.canvas_mode)
-        if world > 1 and torch.distributed.is_initialized():
-            torch.distributed.barrier()
-        maps = ForegroundCache(cache, index=data.train, grid=config.grid, canvas_mode=config.canvas_mode)
+    if cache is not None and train and config.backmix:   # each node's own folder, or one they share
+        from .cam_cache.node_folders import open_on_every_rank
+        maps = open_on_every_rank(cache, data.train, grid=config.grid, canvas_mode=config.canvas_mode)
     if train and validation:
         raise ValueError("validation=True is an evaluation loader: pass train=False")
     index, rows = (data.train, data.known_rows) if train else (data.train, data.val_rows) if validation \

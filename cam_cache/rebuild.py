@@ -4,7 +4,8 @@
 ``GenerationWriter``: the in-loop CAMs; else those of its shard file of the same
 build left by an interrupted run), computes the build's rows no rank holds by a
 pass split k::N over the current weights, and writes every rank's shard.
-``publish_staged`` then has rank 0 merge the shards and move CURRENT.
+``publish_staged`` then has rank 0 merge the shards and move CURRENT (where each node keeps a
+cache folder of its own, ``node_folders.py`` brings the shards to rank 0 and the generation back).
 ``rebuild_cache`` is the two in a row.
 
 Between the two the trainer saves its epoch checkpoint (inside ``on_every_rank``),
@@ -109,8 +110,13 @@ def stage_generation(cache_dir: str | os.PathLike, model: nn.Module, index: Imag
 
 
 def publish_staged(cache_dir: str | os.PathLike, generation: int) -> int:
-    """Rank 0 publishes the staged ``generation``; every rank returns it, or raises rank 0's error."""
+    """Rank 0 publishes the staged ``generation``; every rank returns it, or raises rank 0's error. Where
+    nodes keep folders of their own (``node_folders``), the shards reach rank 0 first and the published
+    generation every node's folder after."""
+    from .node_folders import gather_shards, node_folders, share_current
     rank, world = rank_and_world()
+    folders = node_folders(cache_dir)
+    gather_shards(cache_dir, generation, folders)
     outcome = [None]
     if rank == 0:
         try:
@@ -121,6 +127,7 @@ def publish_staged(cache_dir: str | os.PathLike, generation: int) -> int:
         dist.broadcast_object_list(outcome, src=0)
     if isinstance(outcome[0], str):
         raise BackMixError(outcome[0])
+    share_current(cache_dir, folders)
     return int(outcome[0])
 
 

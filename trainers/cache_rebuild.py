@@ -64,7 +64,8 @@ def finish_pending_rebuild(cfg: TrainConfig, model: nn.Module, data: OpenSetData
     are computed from these weights, the ones the pass used), else keep the rebuild's logged time."""
     from backmix.cam_cache.rebuild import publish_staged
     maps.refresh()
-    # Every rank decides from the shared cache, so all of them take the same branch.
+    # Every rank decides from its node's folder, which holds rank 0's current generation (open_cache copied
+    # it there), so all of them take the same branch.
     if maps.generation < ckpt["cache_generation"]:
         t0 = time.perf_counter()
         staged = stage_pass(cfg, model, data, device, epoch=progress.start, rank=rank)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from backmix.cam_cache.node_folders import LAYOUTS as CACHE_LAYOUTS
 from backmix.osr_data.options import CANVAS_MODES
 from backmix.osr_data.errors import BackMixError
 from backmix.pipeline.loaders import LOCAL_RAY_HELP, backend_options
@@ -121,6 +122,9 @@ def register(top) -> None:
                    help="after the mix: crop = random crop + flip; rrc = RandomResizedCrop of the mixed "
                         "canvas to the crop size + flip (evaluation: the centre crop)" + _d("augment"))
     p.add_argument("--cache", default=S, help="foreground cache folder to use or share (default: RUN/cache)")
+    p.add_argument("--cache-layout", choices=CACHE_LAYOUTS, default=S,
+                   help="under torchrun: shared = every node sees the one --cache folder; node-local = each node "
+                        "has its own (rank 0 publishes, the others get copies); auto = find out" + _d("cache_layout"))
     p.add_argument("--seed", type=int, default=S, help=_d("seed").strip())
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default=S, help=_d("device").strip())
     p.add_argument("--amp", choices=AMP, default=S, help="mixed precision, CUDA only" + _d("amp"))

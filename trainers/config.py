@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+from backmix.cam_cache.node_folders import LAYOUTS as CACHE_LAYOUTS
 from backmix.models import check_arch
 from backmix.osr_data.decode import CANVAS_MODES, check_canvas
 from backmix.osr_data.errors import BackMixError
@@ -27,7 +28,7 @@ AUTO_AUGMENTS = ("none",) + AUTO_AUGMENT_POLICIES
 LOG_SINKS = ("csv", "tensorboard")
 CHOICES = {"auto_augment": AUTO_AUGMENTS, "opt": OPTIMIZERS, "backend": BACKENDS, "amp": AMP, "device": DEVICES,
            "on_error": ON_ERROR, "regen": REGEN, "canvas_mode": CANVAS_MODES, "augment": AUGMENTS,
-           "beton_mode": BETON_MODES}
+           "beton_mode": BETON_MODES, "cache_layout": CACHE_LAYOUTS}
 
 
 # Every numeric field and the values it accepts (besides being a finite number).
@@ -109,6 +110,7 @@ class TrainConfig:
     save_every: int = 0               # also save RUN/last.pt every k steps, mid-epoch (0: at epoch ends only)
     on_error: str = "raise"           # an image that does not decode: "raise" or "skip" (and count)
     cache: Optional[str] = None       # cache folder; default RUN/cache
+    cache_layout: str = "auto"        # torchrun: one folder all nodes share, or one on each node's disk
     open_test: list = dataclasses.field(default_factory=list)   # folders of unknowns evaluated beside the test folder
     progress: bool = True
     log_every: int = 50               # a log line (loss, img/s, lr, data-wait share) every N steps (0: none)
@@ -130,7 +132,7 @@ class TrainConfig:
                             ("device", self.device), ("on_error", self.on_error), ("regen", self.regen),
                             ("canvas_mode", self.canvas_mode), ("augment", self.augment),
                             ("auto_augment", self.auto_augment),
-                            ("beton_mode", self.beton_mode)):
+                            ("beton_mode", self.beton_mode), ("cache_layout", self.cache_layout)):
             choices = CHOICES[name]
             if value not in choices:
                 raise BackMixError(f"unknown {option(name)} {value!r} (choose from {', '.join(choices)})")

@@ -29,7 +29,7 @@ from .run_files import save_run_checkpoint
 # Fields a resumed run may change; every other one must match RUN/config.json. ``data`` may move:
 # the data set itself must be the run's (its fingerprint is compared).
 RESUME_MAY_CHANGE = ("device", "workers", "progress", "backend", "ray_address", "prefetch", "eval_every", "save_every", "on_error", "out",
-                     "data", "cache", "log_every", "log", "open_test", "compile")
+                     "data", "cache", "cache_layout", "log_every", "log", "open_test", "compile")
 
 
 @dataclass

@@ -15,7 +15,6 @@ from backmix.pipeline.config import LoaderConfig
 from backmix.pipeline.loaders import make_loader
 
 from .config import TrainConfig
-from .distributed import barrier
 from .open_test import open_test_indexes
 
 
@@ -62,14 +61,13 @@ def open_test_loaders(cfg: TrainConfig, device: torch.device, open_sets: dict[st
 
 
 def open_cache(cfg: TrainConfig, data: OpenSetData, rank: int, world: int):
-    """The foreground cache: generation 0 (0.5 everywhere, no file) unless it exists. Baselines need none."""
+    """The foreground cache: generation 0 (0.5 everywhere, no file) unless it exists, in rank 0's folder and
+    copied to each node's own (``--cache-layout``). Baselines need none."""
     if not cfg.backmix:
         return None
-    from backmix.cam_cache import ForegroundCache, start_cache
-    if rank == 0:
-        start_cache(cfg.cache_dir, data.train, grid=cfg.grid, canvas_mode=cfg.canvas_mode)
-    barrier(world)
-    return ForegroundCache(cfg.cache_dir, index=data.train, grid=cfg.grid, canvas_mode=cfg.canvas_mode)
+    from backmix.cam_cache.node_folders import open_on_every_rank
+    return open_on_every_rank(cfg.cache_dir, data.train, grid=cfg.grid, canvas_mode=cfg.canvas_mode,
+                              layout=cfg.cache_layout)
 
 
 @dataclass
