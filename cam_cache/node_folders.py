@@ -19,8 +19,9 @@ Memory: files travel as bytes, CHUNK_BYTES at a time, point to point on the defa
 group (gloo: CPU tensors; NCCL: on this rank's GPU), so no message and no buffer holds a whole
 table. For ImageNet (1.28 M rows of 8 x 8 float16 maps: a 164 MB generation) rank 0 holds the
 merged generation while it publishes (164 MB, as with a shared folder) plus one 8 MiB chunk;
-every other rank its shard's maps while it stages (164 MB / world size) plus one 8 MiB chunk
-(and its copy on the GPU under NCCL) while it sends or receives; the rest streams from and to disk.
+every other rank its shard's maps while it stages (164 MB / world size, and 9 bytes a row of
+bookkeeping) plus one 8 MiB chunk (and its copy on the GPU under NCCL) while it sends or receives;
+the rest streams from and to disk.
 """
 from __future__ import annotations
 
@@ -59,6 +60,8 @@ class NodeFolders:
 def node_folders(cache_dir: str | os.PathLike, layout: Optional[str] = None) -> NodeFolders:
     """The layout of ``cache_dir`` on every rank: settled with ``layout`` (call on every rank), or the one
     settled before for this folder, or "auto" when none was."""
+    if rank_and_world()[1] == 1:
+        return NodeFolders()
     key = str(Path(cache_dir).absolute())
     if layout is None and key in _settled:
         return _settled[key]

@@ -98,3 +98,23 @@ def test_a_shared_layout_that_is_not_shared_is_refused_on_every_rank(small_root,
         assert rc == 2 and "Traceback" not in err, err
         assert [line for line in err.splitlines() if line.startswith("backmix: error:")] == [want], err
     assert not (tmp_path / "node1").exists()
+
+
+def test_a_node_whose_copy_is_damaged_gets_rank_0s_generation_again(small_root, tmp_path):
+    """A resumed or new run on node folders: a node's copy that differs from rank 0's generation (here one byte
+    of its maps) is replaced at start by rank 0's bytes, CRC-checked, before any rank reads it."""
+    import shutil
+
+    from backmix.cam_cache import init_cache
+    from backmix.osr_data.index import ImageIndex
+    init_cache(tmp_path / "node0", ImageIndex.load(small_root / "train"))    # generation 0 as a file
+    shutil.copytree(tmp_path / "node0", tmp_path / "node1")
+    damaged = tmp_path / "node1" / "gen-000000.arrow"
+    data = bytearray(damaged.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    damaged.write_bytes(bytes(data))
+    done = two_nodes(lambda r: train_args(small_root, tmp_path / "run", tmp_path / f"node{r}", "--epochs", "1",
+                                          "--cache-layout", "node-local"), tmp_path / "logs")
+    assert [rc for rc, _ in done] == [0, 0], done
+    assert damaged.read_bytes() == (tmp_path / "node0" / "gen-000000.arrow").read_bytes()
+    assert (tmp_path / "node1" / "CURRENT").read_text() == (tmp_path / "node0" / "CURRENT").read_text()
