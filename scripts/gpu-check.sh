@@ -15,12 +15,16 @@
 #       how far nvjpeg's canvases are from the CPU decode -> OUTDIR/decode-gpu.json;
 #       backmix bench cache --device cuda (CAM precompute vs inference, in-loop rebuild vs the
 #       separate pass) -> OUTDIR/cache-gpu.json. Each JSON names the GPU ("gpu").
-# OUTDIR/summary.txt: each step's exit status. Exit status: 0 when every step passed.
+#   (d) nccl: under torchrun --nproc_per_node 1, a one-GPU NCCL process group, an all-reduce, and two
+#       DDP training steps with an in-loop cache rebuild published at the end -> OUTDIR/ddp-gpu.json
+# OUTDIR/summary.txt: each step's exit status (or "skipped" and why). Exit status: 0 when every step
+# that ran passed.
 #
 # --cpu: a dry run of every step that needs no CUDA, at tiny sizes, so the script is known to work
 # before it meets a GPU (tests/test_gpu_check.py runs it): (a) builds the wheel without network into
 # a scratch folder instead of installing into the running environment, (b) collects the CUDA tests
-# (they skip), (c) runs the benchmarks on the CPU (reference and torchvision). Same files, with
+# (they skip), (c) runs the benchmarks on the CPU (reference and torchvision), (d) runs the NCCL step's
+# script on gloo and the CPU (step ddp-gloo) and records nccl as skipped. Same files, with
 # "dry_run": true and "gpu": null.
 set -uo pipefail
 
@@ -48,6 +52,10 @@ step() {   # step NAME SECONDS COMMAND...: run it with a time limit, record its 
   local rc=$?
   echo "$name: exit $rc, $((SECONDS - t0)) s" | tee -a "$OUT/summary.txt"
   [ $rc = 0 ] || FAILED=1
+}
+
+skip() {   # skip NAME REASON: record a step that cannot run here, and why
+  echo "$1: skipped, $2" | tee -a "$OUT/summary.txt"
 }
 
 cd "$REPO"
@@ -98,6 +106,64 @@ print(report["results"])
 PYEOF
 
 step bench-cache 120 "$PY" -m backmix bench cache --device "$DEVICE" "${CACHE[@]}" --json "$OUT/cache-gpu.json"
+
+# One rank, one GPU: the NCCL process group, an all-reduce, and two DDP steps whose in-loop rebuild
+# publishes generation 1, as `backmix train` does under torchrun (the dry run: the same on gloo).
+cat > "$SCRATCH/ddp-check.py" <<'PYEOF'
+import json, os, sys
+from pathlib import Path
+import numpy as np
+import torch
+import torch.distributed as dist
+import backmix
+from backmix.models import build_model
+from backmix.osr_data.prepare import write_split
+backend, device, out = sys.argv[1], sys.argv[2], sys.argv[4]
+root = Path(sys.argv[3])
+if device == "cuda":
+    torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+dist.init_process_group(backend)
+total = torch.full((4,), float(dist.get_rank() + 1), device=device)
+dist.all_reduce(total)
+assert total.tolist() == [1.0] * 4, total
+rng = np.random.default_rng(0)
+for split, per_class in (("train", 8), ("test", 4)):
+    labels = np.repeat(np.arange(3), per_class)
+    write_split(root / split, rng.integers(0, 256, (len(labels), 32, 32, 3), dtype=np.uint8), labels,
+                ("ant", "bee", "cat"))
+data = backmix.open_set_data(root, split="ant,bee")
+train = backmix.loader(data, cache=root / "cache", batch_size=8, canvas=40, crop=32, num_workers=0, device=device)
+torch.manual_seed(0)
+model = build_model("cnn32", data.num_known, width=0.25).to(device)
+net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[torch.cuda.current_device()] if device == "cuda" else None)
+opt = torch.optim.SGD(net.parameters(), lr=0.05)
+losses = []
+with backmix.rebuilding(train, model, progress=False) as rebuild:
+    for batch in train:
+        x, y = batch.inputs()
+        loss = torch.nn.functional.cross_entropy(net(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+assert len(losses) == 2 and all(np.isfinite(losses)), losses
+train.maps.refresh()
+assert rebuild.generation == 1 and train.maps.generation == 1
+report = {"backend": dist.get_backend(), "device": device, "world": dist.get_world_size(), "all_reduce": total.tolist(),
+          "steps": len(losses), "losses": losses, "published_generation": rebuild.generation}
+open(out, "w").write(json.dumps(report, indent=2) + "\n")
+print(report)
+dist.destroy_process_group()
+PYEOF
+TORCHRUN=("$PY" -m torch.distributed.run --standalone --nnodes 1 --nproc_per_node 1)   # a free port
+if [ $DRY = 1 ]; then
+  step ddp-gloo 120 "${TORCHRUN[@]}" "$SCRATCH/ddp-check.py" gloo cpu "$SCRATCH/ddp-data" "$OUT/ddp-gpu.json"
+  skip nccl "no CUDA in the --cpu dry run (its script ran on gloo as ddp-gloo)"
+elif ! "$PY" -c "import sys, torch; sys.exit(not (torch.cuda.is_available() and torch.distributed.is_nccl_available()))"; then
+  skip nccl "torch sees no CUDA device or has no NCCL"
+else
+  step nccl 150 "${TORCHRUN[@]}" "$SCRATCH/ddp-check.py" nccl cuda "$SCRATCH/ddp-data" "$OUT/ddp-gpu.json"
+fi
 
 # Every report names the GPU it ran on and whether this was the --cpu dry run.
 "$PY" - "$OUT" "$DRY" <<'PYEOF'

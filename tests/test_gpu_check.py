@@ -22,12 +22,15 @@ def test_the_dry_run_does_every_step_and_writes_the_reports(tmp_path):
     out = tmp_path / "out"
     r = run(out, "--cpu")
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    steps = [line.split(":")[0] for line in (out / "summary.txt").read_text().splitlines()]
-    assert steps == ["install", "cuda-tests", "bench-loader", "decode-difference", "bench-cache"]
-    assert all(": exit 0," in line for line in (out / "summary.txt").read_text().splitlines())
+    summary = (out / "summary.txt").read_text().splitlines()
+    steps = [line.split(":")[0] for line in summary]
+    assert steps == ["install", "cuda-tests", "bench-loader", "decode-difference", "bench-cache", "ddp-gloo", "nccl"]
+    assert all(": exit 0," in line for line in summary[:-1])
+    assert summary[-1] == "nccl: skipped, no CUDA in the --cpu dry run (its script ran on gloo as ddp-gloo)"
     assert "skipped" in (out / "test-cuda.log").read_text()       # collected, skipped without CUDA
 
-    reports = {name: json.loads((out / f"{name}-gpu.json").read_text()) for name in ("loader", "decode", "cache")}
+    reports = {name: json.loads((out / f"{name}-gpu.json").read_text())
+               for name in ("loader", "decode", "cache", "ddp")}
     for report in reports.values():
         assert report["dry_run"] is True and report["gpu"] is None and report["host"]
     loader = reports["loader"]
@@ -39,6 +42,10 @@ def test_the_dry_run_does_every_step_and_writes_the_reports(tmp_path):
     # On the CPU the torchvision backend decodes as the reference loader does: not one level apart.
     decode = reports["decode"]["results"]
     assert [(d["canvas_mode"], d["images"], d["max_abs"]) for d in decode] == [("center", 16, 0), ("stretch", 16, 0)]
+    # the NCCL step's script, on gloo: an all-reduce over the one rank, two DDP steps, generation 1 published
+    ddp = reports["ddp"]
+    assert (ddp["backend"], ddp["device"], ddp["world"], ddp["all_reduce"]) == ("gloo", "cpu", 1, [1.0] * 4)
+    assert ddp["steps"] == 2 and ddp["published_generation"] == 1
     regen = reports["cache"]["in_loop_vs_pass"]
     assert regen["device"] == "cpu" and regen["in_loop_vs_pass_ratio"] > 0 and reports["cache"]["precompute"]
 
