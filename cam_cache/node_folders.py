@@ -13,7 +13,9 @@ Layouts (``settle_layout``): "shared" checks that every rank sees rank 0's folde
 writes a file of a random name there and the others look for it) and refuses the run in one
 line otherwise; "auto" makes that same check and copies to the ranks that do not see the file;
 "node-local" skips the check and copies to every node but rank 0's (a node is torchrun's
-GROUP_RANK, else the host name).
+GROUP_RANK, else the host name). A rank that misses the file in a folder it does share (a network file
+system's stale listing) costs a copy, never a wrong generation: a copy whose bytes are already there
+is not sent, and a shard sent to rank 0 replaces itself.
 
 Memory: files travel as bytes, CHUNK_BYTES at a time, point to point on the default process
 group (gloo: CPU tensors; NCCL: on this rank's GPU), so no message and no buffer holds a whole
