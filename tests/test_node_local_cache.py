@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
@@ -22,6 +23,19 @@ node_folders.CHUNK_BYTES = 1000
 from backmix.cli import main
 sys.exit(main(sys.argv[1:]))
 """
+
+# Rank 0's publish fails (after the epoch's checkpoint, as a kill there would leave it).
+CUT_BEFORE_PUBLISH = """
+import os, sys
+import backmix.cam_cache.precompute as pre
+from backmix.osr_data.errors import BackMixError
+
+def cut(*args, **kwargs):
+    raise BackMixError("cut before the publish")
+
+if os.environ["RANK"] == "0":
+    pre.publish_generation = cut
+""" + RANK_MAIN
 
 
 def free_port() -> int:
@@ -36,8 +50,9 @@ def train_args(root: Path, out: Path, cache: Path, *extra: str) -> list[str]:
             "--device", "cpu", "--regen-every", "1", "--no-progress", *extra]
 
 
-def two_nodes(args_of, logs: Path) -> list[tuple[int, str]]:
-    """(exit status, stderr) of ranks 0 and 1, each its own node, run at once."""
+def two_nodes(args_of, logs: Path, script: str = RANK_MAIN) -> list[tuple[int, str]]:
+    """(exit status, stderr) of ranks 0 and 1, each its own node, run at once (``script`` with the
+    arguments ``args_of(rank)``)."""
     port, procs = str(free_port()), []
     logs.mkdir(parents=True, exist_ok=True)
     for rank in (0, 1):
@@ -45,7 +60,7 @@ def two_nodes(args_of, logs: Path) -> list[tuple[int, str]]:
                "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port,
                "PYTHONPATH": os.pathsep.join([str(REPO)] + [p for p in [os.environ.get("PYTHONPATH")] if p])}
         with open(logs / f"rank{rank}.err", "w") as err:
-            procs.append(subprocess.Popen([sys.executable, "-c", RANK_MAIN, *args_of(rank)], cwd=REPO, env=env,
+            procs.append(subprocess.Popen([sys.executable, "-c", script, *args_of(rank)], cwd=REPO, env=env,
                                           stdout=subprocess.DEVNULL, stderr=err))
     deadline = time.monotonic() + 240
     try:
@@ -62,31 +77,59 @@ def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
-def test_node_local_folders_end_with_the_shared_runs_bytes_and_results(small_root, tmp_path):
-    """--cache-layout auto finds two folders of their own: rank 1's shard reaches rank 0, rank 0 publishes, and
-    rank 1's folder gets the same generation file, byte for byte; the run equals one on a shared folder."""
-    local = two_nodes(lambda r: train_args(small_root, tmp_path / "local", tmp_path / f"node{r}"), tmp_path / "a")
-    assert [rc for rc, _ in local] == [0, 0], local
-    shared = two_nodes(lambda r: train_args(small_root, tmp_path / "shared", tmp_path / "one"), tmp_path / "b")
-    assert [rc for rc, _ in shared] == [0, 0], shared
+@pytest.fixture(scope="module")
+def shared_run(small_root, tmp_path_factory) -> Path:
+    """The reference: the same two ranks on one folder both see (--cache-layout auto finds it shared)."""
+    tmp = tmp_path_factory.mktemp("shared")
+    done = two_nodes(lambda r: train_args(small_root, tmp / "run", tmp / "cache"), tmp / "logs")
+    assert [rc for rc, _ in done] == [0, 0], done
+    return tmp
 
-    node0, node1, one = tmp_path / "node0", tmp_path / "node1", tmp_path / "one"
-    for folder in (node0, node1, one):
+
+def assert_same_as_shared(run: Path, folders: list[Path], shared: Path) -> None:
+    """Every node folder ends with the shared folder's files, byte for byte, and nothing else (no shard,
+    token or temporary); the metrics and final weights are the shared run's, bit for bit."""
+    for folder in (*folders, shared / "cache"):
         assert json.loads((folder / "CURRENT").read_text())["generation"] == 1
         names = sorted(p.name for p in folder.iterdir() if p.name != ".publish.lock")
-        assert names == ["CURRENT", "gen-000001.arrow"], (folder, names)    # no shard, token or temporary left
-    assert (node1 / "gen-000001.arrow").read_bytes() == (node0 / "gen-000001.arrow").read_bytes() \
-        == (one / "gen-000001.arrow").read_bytes()
-
-    a, b = read_jsonl(tmp_path / "local" / "metrics.jsonl"), read_jsonl(tmp_path / "shared" / "metrics.jsonl")
+        assert names == ["CURRENT", "gen-000001.arrow"], (folder, names)
+        assert (folder / "gen-000001.arrow").read_bytes() == (shared / "cache" / "gen-000001.arrow").read_bytes()
+    a, b = read_jsonl(run / "metrics.jsonl"), read_jsonl(shared / "run" / "metrics.jsonl")
     assert [r["cache_generation"] for r in a] == [0, 1] and a[0]["regenerated"] == 1
-    for ra, rb in zip(a, b):
+    for ra, rb in zip(a, b, strict=True):
         for key in ("loss", "train_acc", "images", "cache_generation", "eval"):
             assert ra[key] == rb[key], (ra["epoch"], key)
     assert a[-1]["weight_digests"] == b[-1]["weight_digests"] and len(set(a[-1]["weight_digests"])) == 1
-    wa = torch.load(tmp_path / "local" / "last.pt", weights_only=False)["state_dict"]
-    wb = torch.load(tmp_path / "shared" / "last.pt", weights_only=False)["state_dict"]
+    wa = torch.load(run / "last.pt", weights_only=False)["state_dict"]
+    wb = torch.load(shared / "run" / "last.pt", weights_only=False)["state_dict"]
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_node_local_folders_end_with_the_shared_runs_bytes_and_results(small_root, tmp_path, shared_run):
+    """--cache-layout auto finds two folders of their own: rank 1's shard reaches rank 0, rank 0 publishes, and
+    rank 1's folder gets the same generation file, byte for byte; the run equals one on a shared folder."""
+    local = two_nodes(lambda r: train_args(small_root, tmp_path / "run", tmp_path / f"node{r}"), tmp_path / "logs")
+    assert [rc for rc, _ in local] == [0, 0], local
+    assert_same_as_shared(tmp_path / "run", [tmp_path / "node0", tmp_path / "node1"], shared_run)
+
+
+def test_a_node_local_rebuild_cut_before_its_publish_is_published_on_resume(small_root, tmp_path, shared_run):
+    """Rank 0's publish fails after the epoch's checkpoint: both ranks end with its one line, the shards stay
+    staged (rank 1's in its folder and, sent, in rank 0's); --resume publishes them on both nodes and goes on
+    as the unbroken run on a shared folder."""
+    def args(r: int) -> list[str]:
+        return train_args(small_root, tmp_path / "run", tmp_path / f"node{r}", "--cache-layout", "node-local")
+
+    cut = two_nodes(args, tmp_path / "cut", script=CUT_BEFORE_PUBLISH)
+    for rc, err in cut:
+        assert rc == 2 and "failed on rank 0: cut before the publish" in err, err
+    node0, node1 = tmp_path / "node0", tmp_path / "node1"
+    assert sorted(p.name for p in (node0 / "next-000001").iterdir()) == ["shard-0-of-2.arrow", "shard-1-of-2.arrow"]
+    assert sorted(p.name for p in (node1 / "next-000001").iterdir()) == ["shard-1-of-2.arrow"]
+    assert [json.loads((f / "CURRENT").read_text())["generation"] for f in (node0, node1)] == [0, 0]
+    resumed = two_nodes(lambda r: [*args(r), "--resume"], tmp_path / "resumed")
+    assert [rc for rc, _ in resumed] == [0, 0], resumed
+    assert_same_as_shared(tmp_path / "run", [node0, node1], shared_run)
 
 
 def test_a_shared_layout_that_is_not_shared_is_refused_on_every_rank(small_root, tmp_path):
