@@ -129,8 +129,12 @@ def gather_shards(cache_dir: str | os.PathLike, generation: int, folders: NodeFo
             if rank == r:
                 send_file(mine, sizes[r], 0)
             elif rank == 0:
-                with atomic_file(pending_dir(cache_dir, generation) / f"shard-{r}-of-{world}.arrow") as tmp:
-                    receive_file(tmp, sizes[r], r)
+                incoming = Incoming(sizes[r], r)
+                try:
+                    with atomic_file(pending_dir(cache_dir, generation) / f"shard-{r}-of-{world}.arrow") as tmp:
+                        incoming.into(tmp)
+                finally:
+                    incoming.drain()
 
 
 def share_current(cache_dir: str | os.PathLike, folders: NodeFolders) -> None:
@@ -157,7 +161,12 @@ def share_current(cache_dir: str | os.PathLike, folders: NodeFolders) -> None:
             if rank == 0 and "uniform" not in header:
                 send_file(generation_path(cache_dir, header["generation"]), header["bytes"], r)
             elif rank == r:
-                _install(cache_dir, header, 0)
+                incoming = None if "uniform" in header else Incoming(header["bytes"], 0)
+                try:
+                    _install(cache_dir, header, incoming)
+                finally:
+                    if incoming is not None:
+                        incoming.drain()
 
 
 def _current(cache_dir: Path) -> dict:
@@ -184,21 +193,24 @@ def _holds(cache_dir: Path, header: dict) -> bool:
     return path.is_file() and path.stat().st_size == header["bytes"] and file_crc(path) == header["crc32"]
 
 
-def _install(cache_dir: Path, header: dict, src: int) -> None:
-    """Publish rank ``src``'s generation in this node's folder: the file (received, CRC-checked, renamed
-    into place), then CURRENT, then the pruning rank 0's publish does."""
+def _install(cache_dir: Path, header: dict, incoming: Optional[Incoming]) -> None:
+    """Publish rank 0's current generation (``header``) in this node's folder: the file (``incoming``,
+    CRC-checked, renamed into place), then CURRENT, then the pruning rank 0's publish does."""
     generation, keep = header["generation"], header["keep"]
-    cache_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise BackMixError(f"cannot create cache folder {cache_dir}: {e.strerror}") from None
     with publish_lock(cache_dir):
         if "uniform" in header:
             write_pointer(cache_dir, 0, keep, uniform=header["uniform"])
         else:
             path = generation_path(cache_dir, generation)
             with atomic_file(path) as tmp:
-                crc = receive_file(tmp, header["bytes"], src)
+                crc = incoming.into(tmp)
                 if crc != header["crc32"]:
-                    raise BackMixError(f"the copy of generation {generation} from rank {src} does not match "
-                                       f"its CRC-32 ({crc}, rank {src}'s {header['crc32']}); not published")
+                    raise BackMixError(f"the copy of generation {generation} from rank 0 does not match its "
+                                       f"CRC-32 ({crc}, rank 0's {header['crc32']}); not published")
             fsync_dir(cache_dir)
             write_pointer(cache_dir, generation, keep)
         prune(cache_dir, generation, keep)
@@ -235,7 +247,7 @@ def _buffer(size: int) -> torch.Tensor:
 
 
 def send_file(path: Path, size: int, dst: int) -> None:
-    """Send ``size`` bytes of ``path`` to rank ``dst`` (which calls ``receive_file``), a chunk at a time.
+    """Send ``size`` bytes of ``path`` to rank ``dst`` (which reads them as ``Incoming``), a chunk at a time.
     A read error still sends every chunk (zeros), so the receiver is not left waiting; it is raised after."""
     error = None
     buf = _buffer(size)
@@ -263,22 +275,41 @@ def send_file(path: Path, size: int, dst: int) -> None:
         raise error
 
 
-def receive_file(path: Path, size: int, src: int) -> str:
-    """Write the ``size`` bytes rank ``src`` sends (``send_file``) to ``path``; returns their CRC-32. A write
-    error still receives every chunk, so the sender is not left waiting; it is raised after."""
-    error, crc = None, 0
-    buf = _buffer(size)
-    with open(path, "wb") as f:
-        for offset in range(0, size, CHUNK_BYTES):
-            n = min(CHUNK_BYTES, size - offset)
-            dist.recv(buf[:n], src)
-            chunk = buf[:n].cpu().numpy()
-            crc = zlib.crc32(chunk, crc)
-            if error is None:
-                try:
-                    f.write(chunk)
-                except OSError as e:
-                    error = e
-    if error is not None:
-        raise error
-    return f"{crc:08x}"
+class Incoming:
+    """The ``size`` bytes rank ``src`` sends (``send_file``), a chunk at a time: read once, into a file
+    (``into``), or dropped (``drain``, in a ``finally``) when the receiver failed before reading them, so the
+    sender is never left waiting on it."""
+
+    def __init__(self, size: int, src: int) -> None:
+        self.size, self.src, self.read = size, src, False
+
+    def into(self, path: Optional[Path]) -> str:
+        """Write them to ``path`` (None: nowhere); returns their CRC-32. An error opening or writing the
+        file still receives every chunk, then is raised."""
+        self.read, error, crc = True, None, 0
+        buf = _buffer(self.size)
+        try:
+            f = open(path, "wb") if path is not None else None
+        except OSError as e:
+            f, error = None, e
+        try:
+            for offset in range(0, self.size, CHUNK_BYTES):
+                n = min(CHUNK_BYTES, self.size - offset)
+                dist.recv(buf[:n], self.src)
+                chunk = buf[:n].cpu().numpy()
+                crc = zlib.crc32(chunk, crc)
+                if f is not None and error is None:
+                    try:
+                        f.write(chunk)
+                    except OSError as e:
+                        error = e
+        finally:
+            if f is not None:
+                f.close()
+        if error is not None:
+            raise error
+        return f"{crc:08x}"
+
+    def drain(self) -> None:
+        if not self.read:
+            self.into(None)

@@ -161,3 +161,20 @@ def test_a_node_whose_copy_is_damaged_gets_rank_0s_generation_again(small_root, 
     assert [rc for rc, _ in done] == [0, 0], done
     assert damaged.read_bytes() == (tmp_path / "node0" / "gen-000000.arrow").read_bytes()
     assert (tmp_path / "node1" / "CURRENT").read_text() == (tmp_path / "node0" / "CURRENT").read_text()
+
+
+def test_a_node_that_cannot_take_the_copy_ends_every_rank_with_its_error(small_root, tmp_path):
+    """Rank 1's folder cannot be made (its parent is a file) while rank 0 sends it generation 0: rank 1 still
+    reads every chunk, so neither waits on the other, and both end with rank 1's one line."""
+    from backmix.cam_cache import init_cache
+    from backmix.osr_data.index import ImageIndex
+    init_cache(tmp_path / "node0", ImageIndex.load(small_root / "train"))    # a file to send
+    (tmp_path / "file").write_text("")
+    caches = [tmp_path / "node0", tmp_path / "file" / "node1"]
+    done = two_nodes(lambda r: train_args(small_root, tmp_path / "run", caches[r], "--cache-layout", "node-local"),
+                     tmp_path / "logs")
+    want = (f"backmix: error: cache rebuild in {caches[1]} failed on rank 1: cannot create cache folder "
+            f"{caches[1]}: Not a directory")
+    for rc, err in done:
+        assert rc == 2 and "Traceback" not in err, err
+        assert [line for line in err.splitlines() if line.startswith("backmix: error:")] == [want], err
