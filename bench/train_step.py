@@ -79,7 +79,8 @@ def time_steps(backend: str, method: str, index, *, arch: str, crop: int, canvas
             with precision.autocast():
                 loss = batch.loss(criterion, model(x), clean=r["w_raw"], mixed=r["w_mix"])
             optimizer.zero_grad(set_to_none=True)
-            precision.step(loss, optimizer)
+            precision.backward(loss)
+            precision.step(optimizer)
             sync(device)
             end = time.perf_counter()
             if i >= warmup:

@@ -14,7 +14,9 @@
 #       canvas 256, 224 RandomResizedCrop, batch 256 -> OUTDIR/loader-gpu.json;
 #       how far nvjpeg's canvases are from the CPU decode -> OUTDIR/decode-gpu.json;
 #       backmix bench cache --device cuda (CAM precompute vs inference, in-loop rebuild vs the
-#       separate pass) -> OUTDIR/cache-gpu.json. Each JSON names the GPU ("gpu").
+#       separate pass) -> OUTDIR/cache-gpu.json; backmix bench train (resnet50 at 224, bf16, channels-last,
+#       batch 256, torchvision backend: the plain baseline vs each BackMix recipe, whole training
+#       steps) -> OUTDIR/train-gpu.json. Each JSON names the GPU ("gpu").
 #   (d) nccl: under torchrun --nproc_per_node 1, a one-GPU NCCL process group, an all-reduce, and two
 #       DDP training steps with an in-loop cache rebuild published at the end -> OUTDIR/ddp-gpu.json
 # OUTDIR/summary.txt: each step's exit status (or "skipped" and why). Exit status: 0 when every step
@@ -67,6 +69,8 @@ if [ $DRY = 1 ]; then
   LOADER=(--images 16 --batch-size 8 --batches 2 --warmup 1 --repeat 1 --canvas 64 --crop 56 --workers 1)
   CACHE=(--rows 2000 --arch cnn32 --canvas 40 --batch-size 16 --repeats 1 --loop-images 16 --workers 1)
   DECODE_IMAGES=16
+  TRAIN=(--images 16 --batch-size 4 --steps 2 --warmup 1 --rounds 1 --arch cnn32 --canvas 40 --crop 32 --workers 1
+         --backend reference,torchvision)
 else
   DEVICE=cuda
   WORKERS=$(( $(nproc) > 3 ? $(nproc) - 2 : 1 ))
@@ -80,6 +84,9 @@ else
           --workers "$WORKERS")
   CACHE=(--arch resnet50 --canvas 224 --batch-size 256 --repeats 5 --loop-images 2048 --workers "$WORKERS")
   DECODE_IMAGES=2048
+  # 8 batches of 256 an epoch: 2 warm-up steps and 5 timed ones fit in one
+  TRAIN=(--images 2048 --batch-size 256 --steps 5 --warmup 2 --rounds 2 --arch resnet50 --canvas 256 --crop 224
+         --augment rrc --amp bf16 --workers "$WORKERS" --backend torchvision)
 fi
 
 step cuda-tests 200 "$PY" -m pytest -q -p no:cacheprovider tests/test_cuda.py > "$OUT/test-cuda.log" 2>&1
@@ -106,6 +113,9 @@ print(report["results"])
 PYEOF
 
 step bench-cache 120 "$PY" -m backmix bench cache --device "$DEVICE" "${CACHE[@]}" --json "$OUT/cache-gpu.json"
+
+# What each recipe costs a whole training step (AMP and channels-last on CUDA, as `backmix train`).
+step bench-train 120 "$PY" -m backmix bench train --device "$DEVICE" "${TRAIN[@]}" --json "$OUT/train-gpu.json"
 
 # One rank, one GPU: the NCCL process group, an all-reduce, and two DDP steps whose in-loop rebuild
 # publishes generation 1, as `backmix train` does under torchrun (the dry run: the same on gloo).

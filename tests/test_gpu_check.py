@@ -24,13 +24,14 @@ def test_the_dry_run_does_every_step_and_writes_the_reports(tmp_path):
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     summary = (out / "summary.txt").read_text().splitlines()
     steps = [line.split(":")[0] for line in summary]
-    assert steps == ["install", "cuda-tests", "bench-loader", "decode-difference", "bench-cache", "ddp-gloo", "nccl"]
+    assert steps == ["install", "cuda-tests", "bench-loader", "decode-difference", "bench-cache", "bench-train", "ddp-gloo",
+                     "nccl"]
     assert all(": exit 0," in line for line in summary[:-1])
     assert summary[-1] == "nccl: skipped, no CUDA in the --cpu dry run (its script ran on gloo as ddp-gloo)"
     assert "skipped" in (out / "test-cuda.log").read_text()       # collected, skipped without CUDA
 
     reports = {name: json.loads((out / f"{name}-gpu.json").read_text())
-               for name in ("loader", "decode", "cache", "ddp")}
+               for name in ("loader", "decode", "cache", "ddp", "train")}
     for report in reports.values():
         assert report["dry_run"] is True and report["gpu"] is None and report["host"]
     loader = reports["loader"]
@@ -46,6 +47,10 @@ def test_the_dry_run_does_every_step_and_writes_the_reports(tmp_path):
     ddp = reports["ddp"]
     assert (ddp["backend"], ddp["device"], ddp["world"], ddp["all_reduce"]) == ("gloo", "cpu", 1, [1.0] * 4)
     assert ddp["steps"] == 2 and ddp["published_generation"] == 1
+    train = {(x["backend"], x["method"]): x for x in reports["train"]["results"]}
+    assert set(train) == {(b, m) for b in ("reference", "torchvision")
+                          for m in ("baseline", "baseline-2view", "backmix", "backmix-mixed", "backmix-p50")}
+    assert all(x["images_per_s"] > 0 for x in train.values()) and reports["train"]["config"]["device"] == "cpu"
     regen = reports["cache"]["in_loop_vs_pass"]
     assert regen["device"] == "cpu" and regen["in_loop_vs_pass_ratio"] > 0 and reports["cache"]["precompute"]
 
