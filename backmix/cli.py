@@ -11,7 +11,7 @@ import signal
 import sys
 from typing import Iterator, Optional
 
-from backmix.osr_data.errors import NO_SPACE_ERRNOS, BackMixError, no_space
+from backmix.osr_data.errors import NO_SPACE_ERRNOS, BackMixError, Terminated, no_space
 
 
 # Every command: (group or None, name) -> (one-line summary, "module:function" that registers it).
@@ -137,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
 @contextlib.contextmanager
 def sigterm_as_interrupt() -> Iterator[None]:
     """Inside the block SIGTERM (a service manager, a job scheduler, ``kill``) stops the command as
-    Ctrl-C does: it raises KeyboardInterrupt in this process, so every ``finally`` runs (the atomic
+    Ctrl-C does: it raises ``Terminated`` in this process, so every ``finally`` runs (the atomic
     writers remove their temporaries, the loaders stop their workers) and the command ends with
     ``backmix: interrupted``, exit 130.
 
@@ -152,7 +152,7 @@ def sigterm_as_interrupt() -> Iterator[None]:
         if os.getpid() != owner:
             os.kill(os.getpid(), signum)
             return
-        raise KeyboardInterrupt
+        raise Terminated
 
     try:
         previous = signal.signal(signal.SIGTERM, interrupt)
@@ -174,7 +174,7 @@ def run_command(args) -> int:
     except BackMixError as e:
         print(f"backmix: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, Terminated):
         print("backmix: interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:   # an OSError too: before the clause below

@@ -20,7 +20,7 @@ from typing import Optional
 
 from tqdm import tqdm
 
-from backmix.osr_data.errors import BackMixError, no_space
+from backmix.osr_data.errors import BackMixError, Terminated, no_space
 
 PROGRESS_EVERY = 5    # percent between progress lines when stderr is not a terminal
 STOP_GRACE_S = 3.0    # after SIGTERM, seconds the writer gets before SIGKILL
@@ -69,7 +69,7 @@ def write_in_child(tmp: Path, samples, fields: dict, num_workers: int, progress:
                    desc: str) -> None:
     """Runs FFCV's writer of ``samples`` (an indexed dataset with a ``stop_file``) in a forked child in
     its own process group (with the writer's worker processes); a KeyboardInterrupt here (Ctrl-C, or
-    SIGTERM, turned into one) stops the group: SIGTERM, then SIGKILL after ``STOP_GRACE_S``."""
+    SIGTERM, turned into ``Terminated``) stops the group: SIGTERM, then SIGKILL after ``STOP_GRACE_S``."""
     # The writer's and its workers' stderr goes to a file read here: a full disk is then one line, not
     # a worker's traceback before it; any other failure shows what they said.
     said = tempfile.TemporaryFile()
@@ -87,7 +87,7 @@ def write_in_child(tmp: Path, samples, fields: dict, num_workers: int, progress:
             text = said.read().decode(errors="replace")
         if proc.exitcode is None:
             _stop_group(proc)
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, Terminated):
         _stop_group(proc)
         raise
     finally:
@@ -103,7 +103,7 @@ def write_in_child(tmp: Path, samples, fields: dict, num_workers: int, progress:
 
 
 def _interrupt(signum, frame):
-    raise KeyboardInterrupt
+    raise Terminated
 
 
 def _stop_group(proc) -> None:

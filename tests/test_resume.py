@@ -37,12 +37,17 @@ def same(a, b) -> bool:
     return all((x is None and y is None) or torch.equal(x, y) for x, y in zip(a, b))
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+RECIPES = {"clean+mixed": {}, "mix-prob": {"mix_prob": 0.5}, "two-views": {"backmix": False, "views": 2}}
+
+
+@pytest.mark.parametrize("backend, recipe", [(b, "clean+mixed") for b in BACKENDS]
+                         + [("reference", "mix-prob"), ("reference", "two-views")])
 @pytest.mark.parametrize("cut", [2, 5])
-def test_a_restored_loader_continues_with_the_batch_it_would_have_made(tiny_root, backend, cut):
-    """Epoch 1 of 5 batches, cut after ``cut`` batches: a fresh loader given the state makes the rest."""
+def test_a_restored_loader_continues_with_the_batch_it_would_have_made(tiny_root, backend, recipe, cut):
+    """Epoch 1 of 5 batches, cut after ``cut`` batches: a fresh loader given the state makes the rest
+    (each recipe's stream: a batch is a pure function of the key, its mix draw and second view too)."""
     index = ImageIndex.load(tiny_root)
-    cfg = config()
+    cfg = config(**RECIPES[recipe])
     whole = make_loader(backend, index, cfg, maps_for(index))
     whole.set_epoch(1)
     want = list(whole)

@@ -47,7 +47,7 @@ def read_config_file(path: str | os.PathLike) -> dict:
         if not ok:
             want = " or ".join(t.__name__ for t in allowed) + (" or null" if optional else "")
             raise BackMixError(f"--config {path}: {key} must be {want}, got {quoted(value)}")
-        out[name] = float(value) if float in allowed else value
+        out[name] = float(value) if float in allowed and value is not None else value
     return out
 
 
