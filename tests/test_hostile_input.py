@@ -206,7 +206,7 @@ def lib(root):
                                                   train=False, num_workers=0, device="cpu"), d),
      BackMixError, "test_loader was made for another split than data"),
     (lambda d, t: backmix.evaluate(__import__("backmix.models", fromlist=["x"]).build_model("cnn32", 2), "loader", d),
-     TypeError, "test_loader must be a backmix loader"),
+     TypeError, "test_loader must be a backmix evaluation loader"),
     (lambda d, t: t.set_epoch(-1), BackMixError, "set_epoch: epoch must be a whole number >= 0, got -1"),
     (lambda d, t: backmix.loader(d, seed=2**63), BackMixError, "seed must be a whole number in [0, 2**63)"),
     (lambda d, t: backmix.loader(d, seed=-1), BackMixError, "seed must be a whole number in [0, 2**63)"),
