@@ -1,5 +1,6 @@
-"""Cache folders local to each node (``cam_cache/node_folders.py``): two gloo ranks started as two torchrun
-nodes of one process each (RANK, LOCAL_RANK 0, GROUP_RANK set by hand), each with a --cache folder of its own."""
+"""Cache folders local to each node (``cam_cache/node_folders.py``): two gloo ranks as two nodes of one process
+each, each with a --cache folder of its own: started by ``torchrun --nnodes 2`` (c10d on loopback), and, where a
+test needs to know which node is rank 0, with torchrun's variables set by hand (RANK, LOCAL_RANK 0, GROUP_RANK)."""
 from __future__ import annotations
 
 import json
@@ -73,6 +74,34 @@ def two_nodes(args_of, logs: Path, script: str = RANK_MAIN) -> list[tuple[int, s
     return [(p.returncode, (logs / f"rank{r}.err").read_text()) for r, p in enumerate(procs)]
 
 
+def two_torchrun_nodes(args_of, logs: Path) -> list[tuple[int, str]]:
+    """(exit status, stderr) of two ``torchrun --nnodes 2`` agents on this machine, one process each, that
+    meet through c10d's rendezvous on loopback (which node's process becomes rank 0 is the rendezvous's
+    choice); node n runs the CLI with ``args_of(n)``."""
+    port, procs = str(free_port()), []
+    logs.mkdir(parents=True, exist_ok=True)
+    script = logs / "rank_main.py"
+    script.write_text(RANK_MAIN)
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(REPO)] + [p for p in [os.environ.get("PYTHONPATH")] if p])}
+    for node in (0, 1):
+        with open(logs / f"node{node}.err", "w") as err:
+            procs.append(subprocess.Popen(
+                [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
+                 "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "node-local",
+                 "--max-restarts", "0", "--monitor-interval", "0.5", str(script), *args_of(node)],
+                cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=err))
+    deadline = time.monotonic() + 240
+    try:
+        for p in procs:
+            p.wait(timeout=max(1.0, deadline - time.monotonic()))
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    return [(p.returncode, (logs / f"node{n}.err").read_text()) for n, p in enumerate(procs)]
+
+
 def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
@@ -106,9 +135,11 @@ def assert_same_as_shared(run: Path, folders: list[Path], shared: Path) -> None:
 
 
 def test_node_local_folders_end_with_the_shared_runs_bytes_and_results(small_root, tmp_path, shared_run):
-    """--cache-layout auto finds two folders of their own: rank 1's shard reaches rank 0, rank 0 publishes, and
-    rank 1's folder gets the same generation file, byte for byte; the run equals one on a shared folder."""
-    local = two_nodes(lambda r: train_args(small_root, tmp_path / "run", tmp_path / f"node{r}"), tmp_path / "logs")
+    """Two torchrun nodes, each with a --cache folder of its own: --cache-layout auto finds them apart, rank 1's
+    shard reaches rank 0, rank 0 publishes, and the other node's folder gets the same generation file, byte
+    for byte; the run equals one on a shared folder, bit for bit."""
+    local = two_torchrun_nodes(lambda n: train_args(small_root, tmp_path / "run", tmp_path / f"node{n}"),
+                               tmp_path / "logs")
     assert [rc for rc, _ in local] == [0, 0], local
     assert_same_as_shared(tmp_path / "run", [tmp_path / "node0", tmp_path / "node1"], shared_run)
 
