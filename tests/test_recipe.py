@@ -412,3 +412,32 @@ def test_a_recipe_run_cut_mid_epoch_resumes_to_the_same_weights_and_ema(small_ro
     for key in ("state_dict", "ema_state_dict"):
         assert a[key].keys() == b[key].keys() and all(torch.equal(a[key][k], b[key][k]) for k in a[key]), key
     assert [r["loss"] for r in a["metrics"]] == [r["loss"] for r in b["metrics"]]
+
+
+def test_the_epoch_sinks_carry_validation_energy_and_each_open_test_set(recipe_run, tmp_path):
+    """epochs.csv and TensorBoard hold what metrics.jsonl holds for an epoch: the validation accuracy that
+    selects best.pt, every score of the held-out classes, and the same scores against each --open-test set."""
+    import dataclasses
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from backmix.trainers.run_log import OPEN_FIELDS, RunLog
+    scores = {k: 0.5 + i / 100 for i, k in enumerate(("accuracy",) + OPEN_FIELDS)}
+    record = {"epoch": 1, "loss": 0.7, "train_acc": 0.6, "images_per_s": 9.0, "lr": 0.1, "train_s": 2.0,
+              "val": {"accuracy": 0.75, "loss": 0.9, "images": 12},
+              "eval": {**scores, "open_test": {"faces": {k: v + 0.2 for k, v in scores.items()}}}}
+    for folder in ("faces", "run"):
+        (tmp_path / folder).mkdir()
+    cfg = dataclasses.replace(TrainConfig.load(recipe_run / "config.json"), open_test=[str(tmp_path / "faces")])
+    with RunLog(cfg, enabled=True) as run_log:
+        run_log.open(tmp_path / "run")
+        run_log.epoch_done(record)
+    (row,) = read_csv(tmp_path / "run" / "epochs.csv")
+    assert float(row["val_accuracy"]) == 0.75 and float(row["val_loss"]) == 0.9
+    assert float(row["auroc_energy"]) == scores["auroc_energy"] and float(row["oscr_energy"]) == scores["oscr_energy"]
+    assert float(row["faces/auroc_mls"]) == pytest.approx(scores["auroc_mls"] + 0.2)
+    events = EventAccumulator(str(tmp_path / "run" / "tensorboard"))
+    events.Reload()
+    tags = events.Tags()["scalars"]
+    assert {"val/accuracy", "eval/auroc_energy", "open_test/faces/fpr95_energy"} <= set(tags)
+    assert events.Scalars("val/accuracy")[0].value == pytest.approx(0.75)

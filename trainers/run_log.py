@@ -22,6 +22,7 @@ from tqdm import tqdm
 from backmix.osr_data.errors import BackMixError
 
 from .config import TrainConfig
+from .open_test import open_test_name
 from .run_files import writing
 
 log = logging.getLogger("backmix")
@@ -33,7 +34,15 @@ CLOCK_TICK_S = 0.05   # /proc's start time is in clock ticks (10 ms), the clocks
 
 STEP_FIELDS = ("epoch", "step", "global_step", "loss", "images_per_s", "lr", "data_wait")
 EPOCH_FIELDS = ("epoch", "loss", "train_acc", "images_per_s", "lr", "train_s")
-EVAL_FIELDS = ("accuracy", "auroc_msp", "auroc_mls", "fpr95_msp", "fpr95_mls", "oscr_msp", "oscr_mls")
+EVAL_FIELDS = ("accuracy", "auroc_msp", "auroc_mls", "auroc_energy", "fpr95_msp", "fpr95_mls", "fpr95_energy",
+               "oscr_msp", "oscr_mls", "oscr_energy")
+VAL_FIELDS = ("val_accuracy", "val_loss")    # the validation rows' closed-set accuracy (it selects best.pt), loss
+OPEN_FIELDS = tuple(f for f in EVAL_FIELDS if f != "accuracy")   # per --open-test set, against the known test images
+
+
+def open_set_fields(names) -> tuple[str, ...]:
+    """The epoch row's columns of the ``--open-test`` sets ``names``: "NAME/auroc_msp", ..."""
+    return tuple(f"{name}/{field}" for name in names for field in OPEN_FIELDS)
 PROGRESS_LINES = 10   # without a terminal: a progress line every tenth of an epoch,
 PROGRESS_SECONDS = 10.0   # but at most one per this many seconds (a short epoch has its epoch line alone)
 
@@ -82,6 +91,7 @@ class RunLog:
 
     def __init__(self, cfg: TrainConfig, *, enabled: bool) -> None:
         self.cfg, self.enabled = cfg, enabled
+        self.open_set_names = [open_test_name(folder) for folder in cfg.open_test]
         self.bar_on_terminal = enabled and show_progress(cfg, 0)
         self._stack = ExitStack()
         self._csv: dict[str, csv.DictWriter] = {}
@@ -105,7 +115,8 @@ class RunLog:
         self._stack.callback(log.removeHandler, handler)
         self._stack.callback(handler.close)
         if "csv" in self.cfg.log_sinks:
-            for name, fields in (("steps", STEP_FIELDS), ("epochs", EPOCH_FIELDS + EVAL_FIELDS)):
+            epoch_fields = EPOCH_FIELDS + VAL_FIELDS + EVAL_FIELDS + open_set_fields(self.open_set_names)
+            for name, fields in (("steps", STEP_FIELDS), ("epochs", epoch_fields)):
                 path = run / f"{name}.csv"
                 key, upto = ("global_step", first_step) if name == "steps" else ("epoch", first_epoch)
                 with writing(path):
@@ -157,13 +168,19 @@ class RunLog:
         if not self.enabled:
             return
         row = {k: record[k] for k in EPOCH_FIELDS if k in record}
-        row.update({k: record["eval"][k] for k in EVAL_FIELDS if k in record.get("eval", {})})
+        row.update({f"val_{k}": v for k, v in record.get("val", {}).items() if f"val_{k}" in VAL_FIELDS})
+        ev = record.get("eval", {})
+        row.update({k: ev[k] for k in EVAL_FIELDS if k in ev})
+        for name, metrics in ev.get("open_test", {}).items():
+            row.update({f"{name}/{k}": metrics[k] for k in OPEN_FIELDS if k in metrics})
         self._write("epochs", row)
         if self.tensorboard is not None:
             for key, value in row.items():
                 if key != "epoch":
-                    group = "eval" if key in EVAL_FIELDS else "epoch"
-                    self.tensorboard.add_scalar(f"{group}/{key}", value, record["epoch"])
+                    group = ("eval" if key in EVAL_FIELDS else "val" if key in VAL_FIELDS
+                             else "open_test" if "/" in key else "epoch")
+                    tag = f"val/{key[4:]}" if group == "val" else f"{group}/{key}"
+                    self.tensorboard.add_scalar(tag, value, record["epoch"])
             self.tensorboard.flush()
 
     def epoch(self, epoch: int, steps: int, first_step: int, world: int) -> "EpochProgress":
