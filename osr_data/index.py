@@ -143,6 +143,9 @@ class ImageIndex:
             with contextlib.suppress(OSError):   # a read-only data set is fine: the scan is deterministic
                 index.write()
             return index
+        if not index_file.is_file():
+            raise BackMixError(f"{index_file} is not a file (a folder of that name?): move it out of {root}; "
+                               f"the index is written there")
         index = read_sidecar(root, csv_sha256(index_file), cls)
         if index is None:
             text = index_file.read_bytes()       # parsed and hashed once: the copy is of exactly these

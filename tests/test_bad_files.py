@@ -97,3 +97,15 @@ def test_a_bad_file_behaves_as_in_the_reference(target, bad_folder, on_error, tm
         run(target, index, on_error, tmp_path)
     assert type(e.value) is type(expected)   # DecodeError, or the plain BackMixError of a missing/changed file
     assert str(expected) in str(e.value) and "\n" not in str(e.value)
+
+
+def test_a_folder_named_like_the_index_file_is_one_line(tmp_path):
+    from backmix.osr_data.index import INDEX_NAME, ImageIndex
+    from backmix.osr_data.prepare import write_split
+    rng = np.random.default_rng(0)
+    write_split(tmp_path / "train", rng.integers(0, 256, (4, 8, 8, 3), dtype=np.uint8), np.arange(4) % 2,
+                ("a", "b"))
+    (tmp_path / "train" / INDEX_NAME).unlink()
+    (tmp_path / "train" / INDEX_NAME).mkdir()
+    with pytest.raises(BackMixError, match="is not a file"):
+        ImageIndex.load(tmp_path / "train")
