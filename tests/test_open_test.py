@@ -48,3 +48,21 @@ def test_an_open_test_folder_of_the_data_itself_is_refused_before_the_run_folder
     assert says in err[-1] and err[-1].startswith("backmix: error: ")
     assert not (tmp_path / "run").exists()     # no config, log, cache or lock left behind
 
+
+
+def test_an_open_test_folder_without_its_beton_is_named_before_any_work_under_ffcv(small_root, tmp_path, capsys):
+    """--backend ffcv: the train and test betons exist, the --open-test folder's does not: one line naming that
+    folder and the command that writes its beton, before the run folder is made."""
+    import shutil
+
+    from backmix.cli import main as cli_main
+    root = tmp_path / "data"
+    shutil.copytree(small_root, root)
+    assert cli_main(["data", "write-beton", "--data", str(root), "--canvas", "40"]) == 0
+    shutil.copytree(small_root / "test" / "bee", tmp_path / "others" / "bee")
+    words = _train_words(root, tmp_path / "run", str(tmp_path / "others")) + ["--backend", "ffcv"]
+    capsys.readouterr()
+    assert cli_main(words) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("backmix: error: --backend ffcv reads betons written once, and " + str(tmp_path / "others"))
+    assert "write them with `backmix data write-beton" in err and not (tmp_path / "run").exists()
