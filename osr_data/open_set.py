@@ -14,7 +14,7 @@ from .errors import BackMixError
 from .holdout import split_validation
 from .index import ImageIndex
 from .protocols import SplitList
-from .splits import OpenSetSplit, resolve_split
+from .splits import ALL, OpenSetSplit, resolve_split
 
 
 @dataclass
@@ -44,6 +44,7 @@ def load_data(root: str | os.PathLike, split: str | OpenSetSplit, val_fraction: 
     """The train/test folders of ``root`` and ``split``; ``val_fraction`` of each known class's training
     images (chosen by ``val_seed``) become the validation rows (``backmix.osr_data.holdout``). With
     ``splits`` (``--protocol``/``--splits``) ``split`` is a number into that list."""
+    str_split = str(split).strip() if not isinstance(split, OpenSetSplit) else None
     train_dir, test_dir = data_folders(root)
     train, test = ImageIndex.load(train_dir), ImageIndex.load(test_dir)
     if train.classes != test.classes:
@@ -54,13 +55,15 @@ def load_data(root: str | os.PathLike, split: str | OpenSetSplit, val_fraction: 
             raise BackMixError(f"known class {missing[0]!r} is not in {train_dir} "
                                f"(classes: {', '.join(train.classes)})")
         split = OpenSetSplit(split.known, tuple(c for c in train.classes if c not in split.known))
-    elif splits is not None:
+    elif splits is not None and str(split).strip() != ALL:
         split = splits.resolve(train.classes, split)
     else:
         split = resolve_split(train.classes, split)
-    if len(split.known) < 2 or not split.unknown:
+    # every class known: asked for as "all", or a checkpoint's known classes that are all of them
+    if len(split.known) < 2 or not (split.unknown or str_split in (ALL, None)):
         raise BackMixError(f"an open-set split needs at least 2 known classes and 1 unknown one; got "
-                           f"{len(split.known)} known ({', '.join(split.known)}) of {len(train.classes)} classes")
+                           f"{len(split.known)} known ({', '.join(split.known)}) of {len(train.classes)} classes "
+                           f"(every class known, with unknowns from --open-test folders: --split all)")
     lut = split.label_map(train.classes)
     known_rows, val_rows = split_validation(train.labels, np.flatnonzero(lut[train.labels] >= 0),
                                             val_fraction, val_seed)

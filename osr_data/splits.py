@@ -67,6 +67,9 @@ def random_splits(classes: tuple[str, ...], n_splits: int = 5, n_known: int | No
     return splits
 
 
+ALL = "all"   # the split of every class known
+
+
 def split_number(spec) -> int | None:
     """The split number ``spec`` names ("0", " 3 "), None when it is not ASCII digits: ``str.isdigit`` is
     true of "²" and "٣" too, which ``int`` refuses or reads as another number."""
@@ -76,8 +79,11 @@ def split_number(spec) -> int | None:
 
 def resolve_split(classes: tuple[str, ...], spec: str | int, n_splits: int = 5,
                   seed: int = 0) -> OpenSetSplit:
-    """``spec`` is a split number (``"0"``..) or a comma list of known class names."""
+    """``spec`` is a split number (``"0"``..), a comma list of known class names, or ``"all"``: every class
+    known (the unknowns then come from other folders only, ``--open-test``)."""
     spec = str(spec).strip()
+    if spec == ALL:
+        return OpenSetSplit(tuple(classes), ())
     k = split_number(spec)
     if k is not None:
         if k >= n_splits:

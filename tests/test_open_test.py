@@ -66,3 +66,39 @@ def test_an_open_test_folder_without_its_beton_is_named_before_any_work_under_ff
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("backmix: error: --backend ffcv reads betons written once, and " + str(tmp_path / "others"))
     assert "write them with `backmix data write-beton" in err and not (tmp_path / "run").exists()
+
+
+def test_split_all_knows_every_class_and_scores_only_the_open_test_folders(small_root, tmp_path, capsys, caplog):
+    """--split all: every class of the folder is known; without --open-test a closed-set run that says so and
+    reports accuracy only; with one, its metrics lead the epoch line, summary.json and the closing line (no
+    AUROC of an empty held-out set anywhere)."""
+    import json
+    import logging
+    import shutil
+
+    import backmix
+    from backmix.cli import main as cli_main
+    data = backmix.open_set_data(small_root, split="all")
+    assert data.num_known == 4 and data.split.unknown == () and (data.label_map >= 0).all()
+
+    def words(out, *extra):
+        return ["train", "--data", str(small_root), "--out", str(out), "--epochs", "1", "--width", "0.25",
+                "--batch-size", "16", "--split", "all", "--workers", "0", "--device", "cpu", "--no-progress",
+                "--log", "csv", *extra]
+
+    caplog.set_level(logging.INFO, logger="backmix")
+    assert cli_main(words(tmp_path / "closed")) == 0
+    assert "a closed-set run, reporting accuracy only" in caplog.text
+    last = json.loads((tmp_path / "closed" / "summary.json").read_text())["last"]["test"]
+    assert set(last) == {"accuracy", "num_known", "num_unknown"} and last["num_unknown"] == 0
+    caplog.clear()
+    capsys.readouterr()
+
+    shutil.copytree(small_root / "test" / "bee", tmp_path / "others" / "bee")
+    assert cli_main(words(tmp_path / "open", "--open-test", str(tmp_path / "others"))) == 0
+    assert "closed-set run" not in caplog.text and "vs others: AUROC" in caplog.text
+    summary = json.loads((tmp_path / "open" / "summary.json").read_text())["last"]["test"]
+    assert "auroc_msp" not in summary and summary["open_test"]["others"]["num_unknown"] == 6
+    closing = capsys.readouterr().out.strip().splitlines()[-1]
+    assert "vs others: AUROC (MSP)" in closing and "test accuracy" in closing
+    assert closing.count("AUROC") == 2      # last.pt's and best.pt's, both against the open-test folder

@@ -61,7 +61,10 @@ def register(top) -> None:
     p.add_argument("--warmup-epochs", type=float, default=S,
                    help="linear warm-up before the cosine schedule" + _d("warmup_epochs"))
     split = p.add_mutually_exclusive_group()
-    split.add_argument("--split", default=S, help="open-set split number 0..4" + _d("split"))
+    split.add_argument("--split", default=S,
+                       help="open-set split number 0..4, or all: every class known, unknowns only from --open-test "
+                            "folders (the Semantic Shift Benchmark's setting; without --open-test a closed-set "
+                            "run)" + _d("split"))
     split.add_argument("--known", dest="split", default=S, metavar="A,B,C",
                        help="comma list of known class names instead of a numbered split")
     p.add_argument("--protocol", choices=PROTOCOLS, default=S,
@@ -256,7 +259,8 @@ def run_eval(args) -> int:
         return 0
     print(f"{args.checkpoint} on {args.data}/test: {m['num_known']} known, {m['num_unknown']} unknown images")
     print(f"  closed-set accuracy  {m['accuracy']:.4f}")
-    for unknowns, metrics in (("held-out classes", m), *m.get("open_test", {}).items()):
+    held_out = (("held-out classes", m),) if m["num_unknown"] else ()   # none with every class known
+    for unknowns, metrics in (*held_out, *m.get("open_test", {}).items()):
         print(f"  unknowns: {unknowns} ({metrics['num_unknown']} images)")
         for score, name in SCORES:
             print(f"    {name:24s} AUROC {metrics['auroc_' + score]:.4f}  FPR@95%TPR {metrics['fpr95_' + score]:.4f}  "

@@ -77,7 +77,7 @@ class TrainConfig:
     nesterov: bool = True
     weight_decay: float = 5e-4
     warmup_epochs: float = 1.0        # linear warm-up, then cosine to zero, per step
-    split: str = "0"                  # split number 0..4, or comma list of known class names
+    split: str = "0"                  # split number 0..4, comma list of known class names, or all (every class)
     protocol: Optional[str] = None    # published split list (osr_data/protocols.json): --split indexes it
     splits_file: Optional[str] = None  # a JSON list of known-class name lists: --split indexes it
     val_fraction: float = 0.1         # per-class share of the known training images held out to select best.pt

@@ -82,7 +82,8 @@ def open_set_metrics(logits_known: torch.Tensor | np.ndarray, labels_known: torc
     """Everything the trainer reports, from closed-set logits of known and unknown test images.
 
     ``labels_known`` are closed-set labels (0..K-1). Scores (``SCORES``): maximum softmax
-    probability (MSP), maximum logit (MLS) and energy, each giving AUROC, FPR95 and OSCR.
+    probability (MSP), maximum logit (MLS) and energy, each giving AUROC, FPR95 and OSCR; with no unknown
+    image (every class known) only the accuracy.
     """
     lk = torch.as_tensor(logits_known).double()
     lu = torch.as_tensor(logits_unknown).double()
@@ -98,8 +99,10 @@ def open_set_metrics(logits_known: torch.Tensor | np.ndarray, labels_known: torc
         raise BackMixError(f"labels_known must be closed-set labels in 0..{lk.shape[1] - 1} "
                            f"(one per logit), got {outside[0].item()}")
     correct = (lk.argmax(1) == yk).numpy()
-    known, unknown = open_set_scores(lk), open_set_scores(lu)
     out = {"accuracy": float(correct.mean())}
+    if lu.shape[0] == 0:   # every class known (--split all): nothing to score against here
+        return {**out, "num_known": int(lk.shape[0]), "num_unknown": 0}
+    known, unknown = open_set_scores(lk), open_set_scores(lu)
     for measure, fn in (("auroc", auroc), ("fpr95", fpr_at_tpr), ("oscr", oscr)):
         for score, _ in SCORES:
             args = (known[score], unknown[score]) + ((correct,) if measure == "oscr" else ())

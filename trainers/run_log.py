@@ -82,7 +82,10 @@ def epoch_line(r: dict, epochs: int) -> str:
         parts.append(f"val acc {r['val']['accuracy']:.3f}")
     if "eval" in r:
         e = r["eval"]
-        parts.append(f"test acc {e['accuracy']:.3f} AUROC {e['auroc_msp']:.3f} OSCR {e['oscr_msp']:.3f}")
+        parts.append(f"test acc {e['accuracy']:.3f}" + (f" AUROC {e['auroc_msp']:.3f} OSCR {e['oscr_msp']:.3f}"
+                                                      if "auroc_msp" in e else ""))
+        parts += [f"vs {name}: AUROC {m['auroc_msp']:.3f} OSCR {m['oscr_msp']:.3f}"
+                  for name, m in e.get("open_test", {}).items()]
     return "  ".join(parts)
 
 

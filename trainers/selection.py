@@ -49,6 +49,6 @@ def summary_line(out: str, method: str, arch: str, epochs: int, summary: dict) -
         val = f", val acc {s['val']['accuracy']:.4f}" if s.get("val") else ""
         others = "".join(f"  vs {unknowns}: AUROC (MSP) {m['auroc_msp']:.4f}  OSCR {m['oscr_msp']:.4f}"
                          for unknowns, m in t.get("open_test", {}).items())
-        parts.append(f"{name}.pt (epoch {s['epoch']}{val}): test accuracy {t['accuracy']:.4f}  "
-                     f"AUROC (MSP) {t['auroc_msp']:.4f}  OSCR {t['oscr_msp']:.4f}{others}")
+        held_out = f"  AUROC (MSP) {t['auroc_msp']:.4f}  OSCR {t['oscr_msp']:.4f}" if "auroc_msp" in t else ""
+        parts.append(f"{name}.pt (epoch {s['epoch']}{val}): test accuracy {t['accuracy']:.4f}{held_out}{others}")
     return f"{out}: {method} {arch}, {epochs} epochs: " + "; ".join(parts)

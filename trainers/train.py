@@ -86,6 +86,9 @@ def main(cfg: TrainConfig, *, resume: bool = False, explicit: Optional[set[str]]
 def run(cfg: TrainConfig, device: torch.device, rank: int, world: int, resume: bool, run_log: RunLog) -> dict:
     """The run in ``cfg.run_dir``, its folder held: returns the final evaluation (rank 0; {} elsewhere)."""
     data, open_sets = load_run_data(cfg)
+    if rank == 0 and not data.split.unknown and not open_sets:
+        log.info("every class is known (--split all) and no --open-test folder is given: a closed-set run, "
+                 "reporting accuracy only")
     fingerprint = data_fingerprint(data)
     if rank == 0:
         check_new_run(cfg.run_dir, resume)
