@@ -11,8 +11,16 @@ CAM_c = sum_k w_ck F_k (Zhou et al. 2016) holds for a classifier whose logits ar
   ``forward_head`` is exactly global average pooling (+ that LayerNorm) then that linear
   layer (checked on a random feature map, so no family list goes stale).
 
-Anything else (a class-token head as in ViT, an MLP head as in VGG or MobileNetV3, a
-norm or attention pool inside a timm head) is refused with one line naming the model.
+* timm's vision transformers (ViT, DeiT, with register tokens): the final patch tokens (class,
+  distillation and register tokens dropped) as a map on the patch grid, under the head's class
+  weights (with ``fc_norm``, a LayerNorm over the pooled tokens, folded in as for ConvNeXt). With the
+  class-token pool (ViT's and DeiT's default) no logit is exactly a sum over positions: the map is
+  the head applied to each patch token, the CAM usual for token models;
+* timm's Swin: the last stage's map (channels-last in timm) under the linear classifier of its
+  average-pooling head.
+
+Anything else (torchvision's ViT, an MLP head as in VGG or MobileNetV3, a norm or attention pool
+inside a timm head) is refused with one line naming the model.
 """
 from __future__ import annotations
 
@@ -47,6 +55,9 @@ def features_and_head(model: nn.Module) -> tuple[nn.Module, nn.Linear]:
     if isinstance(model, tv.VisionTransformer):
         _refuse(model, "its class-token head reads one token that attention mixed from all patches, "
                        "so no logit is a sum over positions")
+    token_model = _timm_token_model(model)
+    if token_model is not None:
+        return token_model
     if all(callable(getattr(model, m, None)) for m in ("forward_features", "forward_head", "get_classifier")):
         return _ForwardFeatures(model), _timm_head(model)
     _refuse(model, "its head is not global average pooling + one linear layer (supported: backmix cnn32 and "
@@ -147,3 +158,63 @@ class _ForwardFeatures(nn.Module):
         if f.ndim != 4:
             _refuse(self.model, f"forward_features gives a {f.ndim}-d tensor, not a [B, C, h, w] map")
         return f
+
+
+def _timm_token_model(model: nn.Module) -> "tuple[nn.Module, nn.Linear] | None":
+    """(body, head) of a timm ViT/DeiT or Swin; None for any other model."""
+    try:
+        from timm.models.swin_transformer import SwinTransformer
+        from timm.models.vision_transformer import VisionTransformer
+    except ImportError:
+        return None
+    if isinstance(model, VisionTransformer):
+        if getattr(model, "attn_pool", None) is not None:
+            _refuse(model, "its head pools the tokens by attention (global_pool='map'), not by one linear layer "
+                           "on each of them")
+        head = model.head
+        if not isinstance(head, nn.Linear):
+            _refuse(model, f"its classifier is a {type(head).__name__}, not one linear layer")
+        norm = model.fc_norm
+        return _PatchTokens(model), _fold_layer_norm(norm, head) if isinstance(norm, nn.LayerNorm) else head
+    if isinstance(model, SwinTransformer):
+        head = model.get_classifier()
+        if getattr(getattr(model.head, "global_pool", None), "pool_type", None) != "avg" or not isinstance(
+                head, nn.Linear):
+            _refuse(model, "its head is not average pooling + one linear layer")
+        return _ChannelsLastMap(model), head
+    return None
+
+
+class _PatchTokens(nn.Module):
+    """A timm ViT's final patch tokens as a map [B, D, h, w] on the patch grid (prefix tokens dropped)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = at_input_size(self.model, x)
+        tokens = self.model.forward_features(x)[:, self.model.num_prefix_tokens:]
+        ph, pw = self.model.patch_embed.patch_size
+        h, w = x.shape[-2] // ph, x.shape[-1] // pw
+        return tokens.transpose(1, 2).reshape(x.shape[0], tokens.shape[-1], h, w)
+
+
+class _ChannelsLastMap(nn.Module):
+    """A timm Swin's last feature map, [B, H, W, C] there, as [B, C, H, W]."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.model.forward_features(at_input_size(self.model, x)).permute(0, 3, 1, 2)
+
+
+def at_input_size(model: nn.Module, x: Tensor) -> Tensor:
+    """``x`` resized to the input size a fixed-size model was built for (a CAM is taken of the whole
+    canvas, larger than the crops the model trains on); the map still covers the whole canvas."""
+    size = tuple(getattr(model.patch_embed, "img_size", None) or x.shape[-2:])
+    if tuple(x.shape[-2:]) == size or not getattr(model.patch_embed, "strict_img_size", True):
+        return x
+    return F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True)

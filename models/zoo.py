@@ -18,7 +18,8 @@ if TYPE_CHECKING:
 
 ARCH_HELP = ("cnn32, wrnDEPTH_WIDTH (wrn40_4: WRN-40-4), a torchvision classification model "
              "(resnet18, resnet50, wide_resnet50_2, regnet_y_800mf, efficientnet_b0, convnext_tiny, "
-             "vit_b_16, ...) or timm:NAME")
+             "vit_b_16, ...) or timm:NAME (NAME alone where torchvision has no such model: "
+             "vit_small_patch16_224, deit_tiny_patch16_224, swin_tiny_patch4_window7_224, ...)")
 _WRN = re.compile(r"wrn(\d+)_(\d+)")
 # Auxiliary heads would turn the training output into a tuple; init_weights=False: torch's default
 # initialisation instead of the slow truncated normal (and torchvision's FutureWarning about it).
@@ -47,7 +48,16 @@ def check_arch(arch: str) -> str:
         if not timm.is_model(arch[5:]):
             raise BackMixError(f"model {arch!r}: timm has no model {arch[5:]!r} (see timm.list_models())")
         return arch
+    if _timm_only(arch):
+        return arch
     raise BackMixError(f"unknown model {arch!r} (give {ARCH_HELP})")
+
+
+def _timm_only(arch: str) -> bool:
+    """Whether ``arch`` names a timm model that torchvision does not have (vit_small_patch16_224,
+    deit_tiny_patch16_224, swin_tiny_patch4_window7_224): it may be given without ``timm:``."""
+    import timm
+    return arch not in _torchvision_names() and timm.is_model(arch)
 
 
 def build_model(arch: str, num_classes: int, *, image_size: int | None = None, **kwargs) -> "nn.Module":
@@ -65,6 +75,8 @@ def build_model(arch: str, num_classes: int, *, image_size: int | None = None, *
     wrn = _WRN.fullmatch(arch)
     if wrn:
         return WideResNet(num_classes, depth=int(wrn[1]), widen=int(wrn[2]), **kwargs)
+    if not arch.startswith("timm:") and arch not in ("cnn32",) and not wrn and _timm_only(arch):
+        arch = "timm:" + arch
     try:
         if arch.startswith("timm:"):
             import timm

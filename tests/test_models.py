@@ -122,8 +122,8 @@ def test_convnext_cam_is_the_folded_layernorm_head(arch, norm_and_linear):
     (lambda: build_model("mobilenet_v3_small", 3), "MobileNetV3: its head is not global average pooling"),
     (lambda: build_model("timm:mobilenetv3_small_050", 3),
      "timm:mobilenetv3_small_050: its forward_head is not global average pooling"),
-    (lambda: build_model("timm:vit_tiny_patch16_224", 3),
-     "timm:vit_tiny_patch16_224: its forward_head is not global average pooling"),
+    (lambda: build_model("timm:vit_tiny_patch16_224", 3, global_pool="map", image_size=32),
+     "timm:vit_tiny_patch16_224: its head pools the tokens by attention"),
 ])
 def test_a_head_without_a_cam_is_refused_with_one_line(make, why):
     with pytest.raises(BackMixError, match=f"^cannot take CAMs of {why}") as e:
@@ -234,3 +234,52 @@ def test_timm_model_trains_evaluates_and_builds_the_cache(three_class_root, tmp_
                      str(out / "last.pt"), "--cache", str(tmp_path / "c"), "--workers", "0", "--device", "cpu",
                      "--no-progress"]) == 0
     assert "generation 1 published" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("arch, kwargs", [
+    ("vit_small_patch16_224", dict(patch_size=8, depth=1, num_heads=2, embed_dim=16)),                # class token
+    ("vit_small_patch16_224", dict(patch_size=8, depth=1, num_heads=2, embed_dim=16, reg_tokens=2,
+                                   global_pool="avg", fc_norm=True)),                               # registers, avg
+    ("deit_tiny_patch16_224", dict(patch_size=8, depth=1)),
+    ("swin_tiny_patch4_window7_224", dict(depths=(1, 1), num_heads=(1, 2), embed_dim=8, window_size=4)),
+], ids=["vit", "vit-registers-avg", "deit", "swin"])
+def test_transformer_cams_are_the_head_on_each_patch_token(arch, kwargs):
+    """By hand: a ViT/DeiT's CAM is its head's class weights on the final patch tokens (class and register
+    tokens dropped; a LayerNorm fc_norm folded in), on the patch grid; a Swin's is its linear classifier on
+    the last stage's map."""
+    from backmix.cam_cache import class_activation_maps
+    torch.manual_seed(0)
+    model = build_model(arch, 5, image_size=32, **kwargs).eval()
+    x = torch.randn(2, 3, 32, 32)
+    body, head = features_and_head(model)
+    with torch.no_grad():
+        tokens = model.forward_features(x)
+        if arch.startswith("swin"):
+            grid = tokens.permute(0, 3, 1, 2)                         # [B, H, W, C] in timm
+            weight = model.get_classifier().weight
+        else:
+            patches = tokens[:, model.num_prefix_tokens:]             # class (and register) tokens dropped
+            side = int(patches.shape[1] ** 0.5)
+            grid = patches.transpose(1, 2).reshape(2, -1, side, side)
+            norm = model.fc_norm
+            gamma = norm.weight if isinstance(norm, nn.LayerNorm) else torch.ones(grid.shape[1])
+            weight = model.head.weight * gamma
+        torch.testing.assert_close(body(x), grid)
+        labels = torch.tensor([1, 4])
+        h = grid.shape[2]
+        got = class_activation_maps(body(x), head.weight, labels, grid=h, canvas=h)
+        own = torch.einsum("bchw,bc->bhw", grid, weight[labels])
+        lo, hi = own.amin((1, 2), keepdim=True), own.amax((1, 2), keepdim=True)
+        want = torch.where(hi - lo > 1e-12, (own - lo) / (hi - lo).clamp_min(1e-12), torch.full_like(own, 0.5))
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("arch", ["vit_small_patch16_224", "deit_tiny_patch16_224", "swin_tiny_patch4_window7_224"])
+def test_transformers_train_with_backmix_and_rebuild_the_cache_in_the_loop(three_class_root, tmp_path, arch):
+    out = tmp_path / "run"
+    assert cli_main(["-q", "train", "--data", str(three_class_root), "--out", str(out), "--arch", arch,
+                     "--epochs", "2", "--regen-every", "1", "--known", "a,b", "--batch-size", "6", "--workers", "0",
+                     "--val-fraction", "0", "--device", "cpu", "--no-progress"]) == 0
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert records[0]["regenerated"] == 1 and records[1]["cache_generation"] == 1
+    assert all(np.isfinite(r["loss"]) for r in records) and "auroc_msp" in records[-1]["eval"]
