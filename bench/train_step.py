@@ -98,11 +98,9 @@ def time_steps(backend: str, method: str, index, *, arch: str, crop: int, canvas
 def run_bench_train(data: Optional[Path], backends: list[str], methods: list[str], *, arch: str, crop: int,
                     canvas: int, batch_size: int, workers: int, device: str, amp: str, steps: int, warmup: int,
                     rounds: int, n_images: int, seed: int = 0, augment: str = "crop") -> dict:
-    from backmix.pipeline.bench import ensure_beton, machine
+    from backmix.pipeline.bench import bench_folder, ensure_beton, machine
     from backmix.pipeline.config import choose_device
     from backmix.pipeline.loaders import BACKENDS
-    from backmix.osr_data.benchdata import default_bench_folder, make_bench_folder
-    from backmix.osr_data.index import ImageIndex
 
     for b in backends:
         if b not in BACKENDS:
@@ -117,12 +115,7 @@ def run_bench_train(data: Optional[Path], backends: list[str], methods: list[str
     methods = list(dict.fromkeys(["baseline", *methods]))   # every cost is read against the plain baseline
     if "backmix" in methods and "baseline-2view" not in methods:
         methods.append("baseline-2view")                    # ... and against the baseline of its passes
-    if data is None:
-        data = default_bench_folder(n_images)
-        index = make_bench_folder(data, n_images)
-    else:
-        data = Path(data)
-        index = ImageIndex.load(data / "train" if (data / "train").is_dir() else data)
+    data, index = bench_folder(data, n_images)
     if "ffcv" in backends:
         ensure_beton(index, canvas)
     dev = choose_device(device)

@@ -80,8 +80,6 @@ def run_benchmark(data: Optional[Path], backends: list[str], *, batches: int, wa
                   ray_address: Optional[str] = None, prefetch: Optional[int] = None,
                   canvas_mode: str = "center", augment: str = "crop", on_error: str = "raise") -> dict:
     from backmix.cam_cache.maps import UniformMaps
-    from backmix.osr_data.benchdata import default_bench_folder, make_bench_folder
-    from backmix.osr_data.index import ImageIndex
 
     from .config import LoaderConfig, choose_device
     from .loaders import make_loader
@@ -96,12 +94,7 @@ def run_benchmark(data: Optional[Path], backends: list[str], *, batches: int, wa
     # The Ray options reach the Ray backend alone; without it in the list they are refused.
     ray_options = backend_options("ray" if "ray" in backends else backends[0], ray_address=ray_address,
                                   prefetch=prefetch)
-    if data is None:
-        data = default_bench_folder(n_images)
-        index = make_bench_folder(data, n_images)
-    else:
-        data = Path(data)
-        index = ImageIndex.load(data / "train" if (data / "train").is_dir() else data)
+    data, index = bench_folder(data, n_images)
     if len(index) < batch_size:
         raise BackMixError(f"{index.root} holds {len(index)} images, fewer than one batch of {batch_size}: "
                            "give a smaller --batch-size or more images")
@@ -269,6 +262,18 @@ def plot(report: dict, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, format=check_figure_file(path, "--plot")[1])
     plt.close(fig)
+
+
+def bench_folder(data: Optional[Path], n_images: int):
+    """(folder, its index) a benchmark reads: ``data`` (an image folder, or a prepared root: its train/),
+    else the folder of ``n_images`` bench photos, made once (``--data`` and ``--images``)."""
+    from backmix.osr_data.benchdata import default_bench_folder, make_bench_folder
+    from backmix.osr_data.index import ImageIndex
+    if data is None:
+        data = default_bench_folder(n_images)
+        return data, make_bench_folder(data, n_images)
+    data = Path(data)
+    return data, ImageIndex.load(data / "train" if (data / "train").is_dir() else data)
 
 
 def add_bench_folder_options(p) -> None:

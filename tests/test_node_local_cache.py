@@ -63,7 +63,13 @@ def two_nodes(args_of, logs: Path, script: str = RANK_MAIN) -> list[tuple[int, s
         with open(logs / f"rank{rank}.err", "w") as err:
             procs.append(subprocess.Popen([sys.executable, "-c", script, *args_of(rank)], cwd=REPO, env=env,
                                           stdout=subprocess.DEVNULL, stderr=err))
-    deadline = time.monotonic() + 240
+    wait_all(procs)
+    return [(p.returncode, (logs / f"rank{r}.err").read_text()) for r, p in enumerate(procs)]
+
+
+def wait_all(procs: list, seconds: float = 240) -> None:
+    """Wait for every process; kill those still running after ``seconds`` in all."""
+    deadline = time.monotonic() + seconds
     try:
         for p in procs:
             p.wait(timeout=max(1.0, deadline - time.monotonic()))
@@ -71,7 +77,6 @@ def two_nodes(args_of, logs: Path, script: str = RANK_MAIN) -> list[tuple[int, s
         for p in procs:
             if p.poll() is None:
                 p.kill()
-    return [(p.returncode, (logs / f"rank{r}.err").read_text()) for r, p in enumerate(procs)]
 
 
 def two_torchrun_nodes(args_of, logs: Path) -> list[tuple[int, str]]:
@@ -91,14 +96,7 @@ def two_torchrun_nodes(args_of, logs: Path) -> list[tuple[int, str]]:
                  "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "node-local",
                  "--max-restarts", "0", "--monitor-interval", "0.5", str(script), *args_of(node)],
                 cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=err))
-    deadline = time.monotonic() + 240
-    try:
-        for p in procs:
-            p.wait(timeout=max(1.0, deadline - time.monotonic()))
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
+    wait_all(procs)
     return [(p.returncode, (logs / f"node{n}.err").read_text()) for n, p in enumerate(procs)]
 
 

@@ -174,15 +174,11 @@ def test_baseline_trains_without_a_cache(small_root, tmp_path):
     assert metrics == line["eval"]
 
 
-def test_w_raw_0_trains_on_the_mixed_crops_alone(small_root, tmp_path, monkeypatch):
-    """The authors' recipe: the loader skips the clean crops and the model sees the mixed ones only."""
+def record_training_forwards(monkeypatch) -> list[int]:
+    """The batch size of every training forward pass of the runs that follow (a forward hook on each model
+    the trainer builds)."""
     import backmix.trainers.train as train_mod
-    from backmix.trainers.run_data import loader_config
-    cfg = tiny(small_root, tmp_path / "mixed-only", epochs=1, w_raw=0.0)
-    assert loader_config(cfg, torch.device("cpu"), train=True).clean is False
-    assert loader_config(cfg, torch.device("cpu"), train=False).clean      # evaluation: clean
-    seen = []
-    build = train_mod.build_model
+    seen, build = [], train_mod.build_model
 
     def recording_model(*args, **kw):
         model = build(*args, **kw)
@@ -190,6 +186,16 @@ def test_w_raw_0_trains_on_the_mixed_crops_alone(small_root, tmp_path, monkeypat
         return model
 
     monkeypatch.setattr(train_mod, "build_model", recording_model)
+    return seen
+
+
+def test_w_raw_0_trains_on_the_mixed_crops_alone(small_root, tmp_path, monkeypatch):
+    """The authors' recipe: the loader skips the clean crops and the model sees the mixed ones only."""
+    from backmix.trainers.run_data import loader_config
+    cfg = tiny(small_root, tmp_path / "mixed-only", epochs=1, w_raw=0.0)
+    assert loader_config(cfg, torch.device("cpu"), train=True).clean is False
+    assert loader_config(cfg, torch.device("cpu"), train=False).clean      # evaluation: clean
+    seen = record_training_forwards(monkeypatch)
     main(cfg)
     assert seen and all(n <= cfg.batch_size for n in seen)     # one crop per image, not clean + mixed
     seen.clear()
@@ -202,15 +208,7 @@ def test_w_raw_0_trains_on_the_mixed_crops_alone(small_root, tmp_path, monkeypat
 
 def forwarded_images(monkeypatch, cfg: TrainConfig) -> int:
     """Images the model sees in training forward passes over one run."""
-    import backmix.trainers.train as train_mod
-    seen, build = [], train_mod.build_model
-
-    def recording_model(*args, **kw):
-        model = build(*args, **kw)
-        model.register_forward_pre_hook(lambda m, inp: seen.append(inp[0].shape[0]) if m.training else None)
-        return model
-
-    monkeypatch.setattr(train_mod, "build_model", recording_model)
+    seen = record_training_forwards(monkeypatch)
     main(cfg)
     return sum(seen)
 
