@@ -148,8 +148,10 @@ class RaySource(Source):
                 in_flight.extend((s, self._task.remote(self._dataset, r)) for s, r in islice(steps, 1))
                 yield SourceBatch(step, np.array(rows), None if canvas is None else self._own_copy(canvas), failed)
         finally:
-            for _, ref in in_flight:   # an epoch left part-way: its remaining batches are not wanted
-                ray.cancel(ref)
+            # An epoch left part-way: its remaining batches (--prefetch at most) are not wanted. They are let
+            # finish and dropped, not cancelled: Ray's cancel of a task that is just finishing can abort the
+            # driver process ("Tried to complete task that was not pending", a race fixed upstream later).
+            in_flight.clear()
 
 
 class RayLoader(Loader):
