@@ -56,3 +56,34 @@ def test_the_readme_quick_start_runs_as_written(digits_root, tmp_path, capsys):
     assert "'auroc_msp'" in out[2] and "'accuracy'" in out[2]
     assert (tmp_path / "c" / "gen-000001.arrow").is_file()
     assert not (tmp_path / "c" / "gen-000002.arrow").exists()     # none after the last epoch
+
+
+def readme_commands(text: str) -> list[list[str]]:
+    """The ``backmix ...`` command lines of README's code blocks (continuation lines joined, comments and a
+    ``...`` placeholder line left out), as argument lists."""
+    import re
+    import shlex
+    inside, lines, commands = False, [], []
+    for line in text.splitlines():
+        if line.startswith("```"):
+            inside = not inside
+            continue
+        if inside:
+            lines.append(line)
+    joined = re.sub(r"\\\n\s*", " ", "\n".join(lines))
+    for line in joined.splitlines():
+        for m in re.finditer(r"(?:^|&& |-m )backmix ([^#&|]*)", line.strip()):
+            if "..." not in m.group(1):
+                commands.append(shlex.split(m.group(1)))
+    return commands
+
+
+def test_every_backmix_command_line_of_the_readme_parses():
+    from backmix.cli import build_parser
+    commands = readme_commands((EXAMPLE.parents[1] / "README.md").read_text())
+    assert len(commands) >= 15
+    for words in commands:
+        try:
+            build_parser(words).parse_args(words)
+        except SystemExit as e:
+            assert not e.code, f"README: backmix {' '.join(words)} does not parse"
