@@ -18,6 +18,7 @@ epochs of training) is outside the window; ``backmix bench scale`` times it.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import time
@@ -25,14 +26,12 @@ from pathlib import Path
 from typing import Optional
 
 from backmix.osr_data.errors import BackMixError
-from backmix.trainers.methods import METHODS, forward_passes
+from backmix.trainers.methods import METHODS
 
-RECIPE_FIELDS = ("backmix", "w_raw", "w_mix", "views", "mix_prob")
-
-
-def recipe(method: str) -> dict:
-    """The loss weights and stream of a recipe, with the trainer's defaults for what it leaves out."""
-    return {"backmix": True, "w_raw": 1.0, "w_mix": 1.0, "views": 1, "mix_prob": None, **METHODS[method]}
+def recipe_config(method: str, **fields):
+    """The trainer's config of a recipe (its defaults for what the recipe leaves out)."""
+    from backmix.trainers.config import TrainConfig
+    return TrainConfig(**fields, **METHODS[method])
 
 
 def time_steps(backend: str, method: str, index, *, arch: str, crop: int, canvas: int, batch_size: int,
@@ -44,16 +43,15 @@ def time_steps(backend: str, method: str, index, *, arch: str, crop: int, canvas
     from backmix.cam_cache.maps import UniformMaps
     from backmix.models import build_model
     from backmix.pipeline.bench_stages import sync
-    from backmix.pipeline.config import LoaderConfig
     from backmix.pipeline.loaders import make_loader
-    from backmix.trainers.config import TrainConfig
     from backmix.trainers.precision import Precision
+    from backmix.trainers.run_data import loader_config
 
-    r = recipe(method)
-    config = LoaderConfig(batch_size=batch_size, canvas=canvas, crop=crop, augment=augment, backmix=r["backmix"],
-                          clean=not (r["backmix"] and r["w_raw"] == 0 and r["mix_prob"] is None),
-                          mix_prob=r["mix_prob"], views=r["views"], num_workers=workers, device=device.type,
-                          last_batch="drop", keep_canvas=False, seed=seed)
+    cfg = recipe_config(method, arch=arch, canvas=canvas, crop=crop, augment=augment, batch_size=batch_size,
+                        workers=workers, seed=seed)
+    r = dataclasses.asdict(cfg)
+    # the trainer's loader of the recipe, full batches only (a timed window of whole batches)
+    config = dataclasses.replace(loader_config(cfg, device, train=True), last_batch="drop")
     loader = make_loader(backend, index, config, UniformMaps(len(index), config.grid))
     if len(loader) < warmup + steps:
         loader.close()
@@ -61,7 +59,7 @@ def time_steps(backend: str, method: str, index, *, arch: str, crop: int, canvas
                            f"--warmup {warmup} + --steps {steps}: give fewer steps or more images")
     torch.manual_seed(seed)
     classes = int(index.labels.max()) + 1
-    model = build_model(arch, classes, **TrainConfig(arch=arch, canvas=canvas, crop=crop).model_kwargs).to(device)
+    model = build_model(arch, classes, **cfg.model_kwargs).to(device)
     precision = Precision(device, amp)
     channels_last = device.type == "cuda"
     if channels_last:
@@ -131,8 +129,8 @@ def run_bench_train(data: Optional[Path], backends: list[str], methods: list[str
             rows[(backend, method)].append(row)
     results = []
     for backend, method in pairs:
-        r, rate = recipe(method), rates[(backend, method)]
-        passes = forward_passes(r["backmix"], r["w_raw"], r["views"], r["mix_prob"])
+        rate = rates[(backend, method)]
+        passes = recipe_config(method).forward_passes
         same = "baseline-2view" if passes == 2 else "baseline"
 
         def vs(other: str) -> Optional[float]:
