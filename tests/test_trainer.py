@@ -812,3 +812,30 @@ def test_experiment_on_a_users_folder_pairs_backmix_with_the_baseline_of_its_com
     assert "| baseline-2view | 1 | 2 |" in text and "| backmix-p50 | 1 | 1 |" in text   # passes per image
     with pytest.raises(BackMixError, match="--data and --datasets"):
         run_experiment(tmp_path, ["digits"], 1, overrides, data=small_root)
+
+
+def test_experiment_takes_a_repeated_splits_run_from_the_earlier_split_with_its_known_classes(tmp_path):
+    """The published CIFAR10 splits 0 and 1 know the same six classes: split 1's run is split 0's, copied
+    (never trained twice), and it is what training split 1 itself gives."""
+    from backmix.osr_data.protocols import protocol
+    from backmix.trainers.experiment import run_experiment
+    entries = protocol("cifar10").entries
+    assert set(entries[0][0]) == set(entries[1][0]) and set(entries[2][0]) != set(entries[0][0])
+    classes = protocol("cifar10").classes
+    rng = np.random.default_rng(1)
+    root = tmp_path / "c10"
+    for part, per_class in (("train", 6), ("test", 2)):
+        labels = np.repeat(np.arange(len(classes)), per_class)
+        write_split(root / part, rng.integers(0, 256, (len(labels), 32, 32, 3), dtype=np.uint8), labels, classes)
+    overrides = dict(epochs=1, width=0.25, batch_size=16, device="cpu", protocol="cifar10", val_fraction=0.0)
+    results = run_experiment(tmp_path / "exp", None, 2, overrides, data=root, methods=("baseline",))
+    by_split = {r["split"]: r for r in results}
+    assert sorted(by_split) == [0, 1]
+    assert by_split[1]["same_run_as"] == {"split": 0} and "same_run_as" not in by_split[0]
+    assert by_split[1]["metrics"] == by_split[0]["metrics"]
+    assert not (tmp_path / "exp" / "runs" / "cifar10" / "split1").exists()
+    assert "split 1 of cifar10 seed 0 baseline: the known classes of split 0" in (tmp_path / "exp" / "experiment.log").read_text()
+    own = main(TrainConfig(data=str(root), out=str(tmp_path / "own1"), split="1", protocol="cifar10",
+                           **{k: v for k, v in by_split[0]["config"].items()
+                              if k not in ("data", "out", "split", "protocol")}))
+    assert own == by_split[0]["metrics"]

@@ -30,12 +30,12 @@ from backmix.osr_data.decode import CANVAS_MODES
 from backmix.osr_data.errors import BackMixError
 from backmix.osr_data.filelock import exclusive_lock
 from backmix.osr_data.prepare import prepare
-from backmix.osr_data.protocols import PROTOCOLS
+from backmix.osr_data.protocols import PROTOCOLS, protocol
 from backmix.pipeline.sampling import AUGMENTS
 
 from .config import TrainConfig
-from .experiment_plan import (DEFAULT_PLAN, claim, claimed_by_another, make_plan, plan_runs, plan_text, run_dir,
-                              user_plan)
+from .experiment_plan import (DEFAULT_PLAN, claim, claimed_by_another, make_plan, plan_runs, plan_text,
+                              repeated_splits, run_dir, user_plan)
 from .experiment_report import METHODS, report, run_seed
 from .run_files import append_jsonl, read_jsonl
 from .train import main as train_main
@@ -129,6 +129,30 @@ def progress_log(path: Path):
         log.propagate = saved[1]
 
 
+def known_sets(protocol_name: Optional[str], splits: int) -> dict[int, frozenset]:
+    """Split -> its known class names, for a published split list (none otherwise: random splits differ)."""
+    if not protocol_name:
+        return {}
+    entries = protocol(protocol_name).entries
+    return {k: frozenset(entries[k][0]) for k in range(min(splits, len(entries)))}
+
+
+def copy_repeats(results_path: Path, results: list[dict], repeats: dict, done: set) -> list:
+    """Append, for each repeated split whose earlier run is finished, that run's result under the repeated
+    split's number (marked ``same_run_as``); call under the folder's lock. Returns the runs written."""
+    by_key = {(r["dataset"], r["split"], run_seed(r), r["method"]): r for r in results}
+    written = []
+    for repeat, source in repeats.items():
+        if tuple(repeat) in done or tuple(source) not in by_key:
+            continue
+        record = {**by_key[tuple(source)], "split": repeat.split, "same_run_as": {"split": source.split}}
+        record["config"] = {**record["config"], "split": str(repeat.split)}
+        append_jsonl(results_path, record)
+        results.append(record)
+        written.append(repeat)
+    return written
+
+
 def run_experiment(out: Path, datasets: Optional[list[str]] = None, splits: int = 5,
                    overrides: Optional[dict] = None, *, seeds: Optional[int] = None, keep_runs: bool = False,
                    methods: Optional[tuple[str, ...]] = None, progress: bool = False,
@@ -155,6 +179,7 @@ def run_experiment(out: Path, datasets: Optional[list[str]] = None, splits: int 
     base = {**EXPERIMENT_DEFAULTS, **BUDGETS["quick"], **(overrides or {})}
     asked = TrainConfig(**base).to_dict()   # a bad value is one line now, not after the data sets are prepared
     runs = plan_runs(plan, splits, base.get("seed", 0))
+    repeats = repeated_splits(runs, known_sets(base.get("protocol"), splits))
     plan_desc = plan_text(plan, splits) + "; budget " + ", ".join(f"{f} {base[f]}" for f in BUDGET_FIELDS if base[f] is not None)
     check_output_folder(out, "--out", "an experiment")
     results_path = out / "results.jsonl"
@@ -175,9 +200,14 @@ def run_experiment(out: Path, datasets: Optional[list[str]] = None, splits: int 
                 results = read_results(results_path)
                 check_budget(results, asked, results_path)
                 done = {(r["dataset"], r["split"], run_seed(r), r["method"]) for r in results}
+                for repeat in copy_repeats(results_path, results, repeats, done):
+                    note(out, f"split {repeat.split} of {repeat.dataset} seed {repeat.seed} {repeat.method}: "
+                              f"the known classes of split {repeats[repeat].split}, whose run it takes")
+                    done.add(tuple(repeat))
                 bar.n = sum(tuple(r) in done for r in runs)
                 bar.refresh()
-                run = next((r for r in runs if tuple(r) not in done and not claimed_by_another(out, r)), None)
+                run = next((r for r in runs if tuple(r) not in done and r not in repeats
+                            and not claimed_by_another(out, r)), None)
                 if run is None:
                     break
                 folder = claim(out, run)

@@ -91,6 +91,18 @@ def plan_runs(plan: tuple[PlanEntry, ...], splits: int, first_seed: int = 0) -> 
     return sorted(runs, key=lambda r: (r.seed, r.split, order.index(r.dataset), method_order(r.method)))
 
 
+def repeated_splits(runs: list[Run], known: dict[int, frozenset]) -> dict[Run, Run]:
+    """Runs whose split has the same known classes as an earlier split (``known``: split -> its known
+    class names), each mapped to that earlier split's run of the same data set, seed and method.
+    The published CIFAR10 list has two such splits (0 and 1); a run is a pure function of its known
+    classes and seed, so the earlier run's result is this one's and is not trained again."""
+    first: dict[frozenset, int] = {}
+    for split in sorted(known):
+        first.setdefault(known[split], split)
+    return {r: r._replace(split=first[known[r.split]]) for r in runs
+            if r.split in known and first[known[r.split]] != r.split}
+
+
 def run_dir(out: Path, run: Run) -> Path:
     return out / "runs" / run.dataset / f"split{run.split}" / f"seed{run.seed}" / run.method
 
