@@ -68,7 +68,7 @@ def composite(digit: np.ndarray, background: np.ndarray, rng: np.random.Generato
     """Alpha-blend one 8x8 digit (0..16) onto a square uint8 background at a random place.
 
     Returns the image and the digit's box (y, x, height, width) in its pixels: the ground truth
-    foreground a CAM's top cells are scored against (``backmix.cam_cache.map_quality``)."""
+    foreground a CAM's top cells are scored against (``backmix.bench.map_quality``)."""
     size = background.shape[0]
     alpha = np.asarray(Image.fromarray((digit / 16.0 * 255).astype(np.uint8)).resize(
         (digit_size, digit_size), Image.BILINEAR), dtype=np.float32) / 255.0

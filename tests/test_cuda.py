@@ -116,7 +116,7 @@ NVJPEG_MAX_LEVELS = 48        # largest single-pixel difference
 @pytest.fixture(scope="module")
 def photos(tmp_path_factory):
     """48 bench photos: 500 x 375 (or 375 x 500) JPEGs of q90, 4:2:0, as ImageNet's."""
-    from backmix.osr_data.benchdata import make_bench_folder
+    from backmix.bench.folders import make_bench_folder
     return make_bench_folder(tmp_path_factory.mktemp("photos") / "train", n=48)
 
 
@@ -135,7 +135,7 @@ def jpeg_digits(digits_root, tmp_path_factory):
 
 
 def test_nvjpeg_canvases_are_the_cpu_canvases_within_the_bound(photos):
-    from backmix.pipeline.device_decode import decode_difference
+    from backmix.bench.decode_difference import decode_difference
     for mode in ("center", "stretch"):
         d = decode_difference(photos, np.arange(len(photos)), 224, mode, "cuda")
         assert d["images"] == len(photos)

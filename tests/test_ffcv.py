@@ -310,7 +310,7 @@ def test_a_beton_of_the_other_canvas_mode_is_refused(tiny_root, tiny_center_beto
 @pytest.fixture(scope="module")
 def photos(tmp_path_factory):
     """ImageNet-sized JPEGs: re-encoding them at full size keeps a writer busy for seconds."""
-    from backmix.osr_data.benchdata import make_bench_folder
+    from backmix.bench.folders import make_bench_folder
     out = tmp_path_factory.mktemp("photos") / "photos"
     make_bench_folder(out, n=300)
     return out

@@ -71,7 +71,7 @@ def test_train_and_its_commands_import_no_sklearn_skimage_matplotlib_or_timm_bef
     # scikit-learn (the metrics), scikit-image (bundled photos), matplotlib (sheets) and timm (its models,
     # the recipe) cost seconds of start-up: imported at first use, never by the trainer's modules.
     heavy = ("sklearn", "skimage", "matplotlib", "timm")
-    code = (f"import sys; import backmix.trainers.train, backmix.trainers.scale, backmix.trainers.metrics\n"
+    code = (f"import sys; import backmix.trainers.train, backmix.bench.scale, backmix.trainers.metrics\n"
             f"from backmix.cli import main\ntry: main({argv!r})\nexcept SystemExit: pass\n"
             f"print(sorted(m for m in {heavy!r} if m in sys.modules), file=sys.stderr)")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)

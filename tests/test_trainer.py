@@ -568,8 +568,8 @@ def test_a_failed_publish_on_rank_0_ends_every_rank_with_the_error(small_root, t
 
 
 def test_experiment_pairs_methods_per_split_and_seed(tmp_path, capsys):
-    from backmix.trainers.experiment import run_experiment
-    from backmix.trainers.experiment_report import COLUMNS
+    from backmix.bench.experiment import run_experiment
+    from backmix.bench.experiment_report import COLUMNS
     overrides = {"epochs": 1, "width": 0.25, "device": "cpu", "batch_size": 128}
     results = run_experiment(tmp_path, ["digits"], 1, overrides, seeds=2, methods=("baseline", "backmix-mixed"))
     assert [(r["dataset"], r["split"], r["seed"], r["method"]) for r in results] == [
@@ -624,7 +624,7 @@ def test_experiment_pairs_methods_per_split_and_seed(tmp_path, capsys):
 
 
 def test_the_default_plan_orders_complete_pairs_of_every_data_set_first():
-    from backmix.trainers.experiment_plan import make_plan, plan_runs
+    from backmix.bench.experiment_plan import make_plan, plan_runs
     runs = plan_runs(make_plan(None, None, None), 5)
     assert len(runs) == len(set(runs)) == 5 * (2 * 2 + 1) + 5 * 2 + 5 * 2
     assert [tuple(r) for r in runs[:7]] == [
@@ -640,7 +640,7 @@ def test_the_default_plan_orders_complete_pairs_of_every_data_set_first():
 
 
 def test_experiment_refuses_a_folder_of_runs_without_validation(tmp_path):
-    from backmix.trainers.experiment import run_experiment
+    from backmix.bench.experiment import run_experiment
     old = {"dataset": "digits", "split": 0, "seed": 0, "method": "baseline", "metrics": {},
            "config": {"epochs": 1, "width": 0.25, "lr": 0.05, "arch": "cnn32", "batch_size": 128}}
     (tmp_path / "results.jsonl").write_text(json.dumps(old) + "\n")
@@ -649,7 +649,7 @@ def test_experiment_refuses_a_folder_of_runs_without_validation(tmp_path):
 
 
 def test_experiment_refuses_a_foreign_results_line_and_an_out_that_is_a_file(tmp_path):
-    from backmix.trainers.experiment import run_experiment
+    from backmix.bench.experiment import run_experiment
     overrides = {"epochs": 1, "width": 0.25, "batch_size": 128}
     (tmp_path / "f").write_text("")
     with pytest.raises(BackMixError, match="--out .*f is a file; an experiment needs a folder"):
@@ -661,8 +661,8 @@ def test_experiment_refuses_a_foreign_results_line_and_an_out_that_is_a_file(tmp
 
 
 def test_a_run_claimed_by_a_live_process_is_left_to_it_and_a_dead_claim_is_redone(tmp_path):
-    from backmix.trainers.experiment import run_experiment
-    from backmix.trainers.experiment_plan import Run, run_dir
+    from backmix.bench.experiment import run_experiment
+    from backmix.bench.experiment_plan import Run, run_dir
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     for method, pid in (("baseline", os.getppid()), ("backmix", int(dead.stdout))):
         folder = run_dir(tmp_path, Run("digits", 0, 0, method))
@@ -795,7 +795,7 @@ def test_an_open_test_folder_is_reported_under_its_name(small_root, tmp_path, ca
 
 
 def test_experiment_on_a_users_folder_pairs_backmix_with_the_baseline_of_its_compute(small_root, tmp_path):
-    from backmix.trainers.experiment import run_experiment
+    from backmix.bench.experiment import run_experiment
     overrides = dict(epochs=1, width=0.25, batch_size=16, device="cpu")
     methods = ("baseline", "baseline-2view", "backmix", "backmix-p50")
     results = run_experiment(tmp_path, None, 1, overrides, data=small_root, methods=methods)
@@ -818,7 +818,7 @@ def test_experiment_takes_a_repeated_splits_run_from_the_earlier_split_with_its_
     """The published CIFAR10 splits 0 and 1 know the same six classes: split 1's run is split 0's, copied
     (never trained twice), and it is what training split 1 itself gives."""
     from backmix.osr_data.protocols import protocol
-    from backmix.trainers.experiment import run_experiment
+    from backmix.bench.experiment import run_experiment
     entries = protocol("cifar10").entries
     assert set(entries[0][0]) == set(entries[1][0]) and set(entries[2][0]) != set(entries[0][0])
     classes = protocol("cifar10").classes

@@ -1,4 +1,4 @@
-"""``backmix train``, ``backmix eval`` and ``backmix experiment``."""
+"""``backmix train`` and ``backmix eval``."""
 from __future__ import annotations
 
 import argparse
@@ -20,12 +20,6 @@ S = argparse.SUPPRESS   # an option not given stays out of the namespace: we kno
 
 def _d(name: str) -> str:
     return f" (default: {field_defaults()[name]})"
-
-
-def register_bench(sub) -> None:
-    """``backmix bench scale``: here, as it runs the trainer too."""
-    from .scale import register_bench as reg
-    reg(sub)
 
 
 def register(top) -> None:
@@ -204,9 +198,6 @@ def register(top) -> None:
                    help="an image that does not decode: stop, or skip it and count")
     e.add_argument("--json", action="store_true", help="print the metrics as one JSON object")
     e.set_defaults(func=run_eval)
-
-    from .experiment import register as register_experiment
-    register_experiment(top)
 
 
 def config_from_args(args) -> tuple[TrainConfig, set[str]]:

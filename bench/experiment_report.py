@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .methods import METHODS, forward_passes
+from backmix.trainers.methods import METHODS, forward_passes
 # (results.jsonl key, column title) of the reported metrics, the scores side by side.
 COLUMNS = (("accuracy", "accuracy"), ("auroc_msp", "AUROC (MSP)"), ("auroc_mls", "AUROC (MLS)"),
            ("auroc_energy", "AUROC (energy)"), ("oscr_msp", "OSCR (MSP)"), ("oscr_mls", "OSCR (MLS)"),

@@ -21,13 +21,13 @@ from backmix.osr_data.decode import CANVAS_MODES
 from backmix.osr_data.errors import BackMixError
 from backmix.osr_data.splits import resolve_split
 
-from .backmix import top_k_mask
-from .batch import BackMixBatch
-from .config import ON_ERROR
+from backmix.pipeline.backmix import top_k_mask
+from backmix.pipeline.batch import BackMixBatch
+from backmix.pipeline.config import ON_ERROR
 from .figure_file import check_figure_file
 from .geometry_options import add_geometry_options
-from .loaders import LOCAL_RAY_HELP
-from .sampling import AUGMENTS
+from backmix.pipeline.loaders import LOCAL_RAY_HELP
+from backmix.pipeline.sampling import AUGMENTS
 
 CELL_IN, DPI = 1.5, 100
 COLORBAR_IN = 0.6      # the strip on the right that holds the foreground map's colour bar
@@ -116,8 +116,8 @@ def sheet_for(data: Path, out: Path, *, backend: str = "reference", cache: Optio
     from backmix.cam_cache import ForegroundCache, UniformMaps
     from backmix.osr_data.index import ImageIndex
 
-    from .config import LoaderConfig
-    from .loaders import backend_options, make_loader
+    from backmix.pipeline.config import LoaderConfig
+    from backmix.pipeline.loaders import backend_options, make_loader
 
     options = backend_options(backend, ray_address=ray_address, prefetch=prefetch)
     if n < 2:
@@ -152,7 +152,7 @@ def _split_folder(data: Path) -> Path:
 
 
 def _add_args(p, cache_required: bool) -> None:
-    from .loaders import BACKENDS
+    from backmix.pipeline.loaders import BACKENDS
     p.add_argument("--data", type=Path, required=True, help="prepared root (with train/) or an image folder")
     p.add_argument("--out", type=Path, required=True, help="file to write: a PNG, or the format its extension names (.pdf, .svg, .jpg ...)")
     p.add_argument("--cache", type=Path, required=cache_required, default=None,

@@ -32,12 +32,12 @@ import torch
 from backmix.osr_data.decode import CANVAS_MODES
 from backmix.osr_data.errors import BackMixError
 
-from .bench_stages import decode_ceiling, describe_input, stage_breakdown, sync
-from .beton_location import DEFAULT_MODE, DEFAULT_QUALITY
-from .config import ON_ERROR
+from .stages import decode_ceiling, describe_input, stage_breakdown, sync
+from backmix.pipeline.beton_location import DEFAULT_MODE, DEFAULT_QUALITY
+from backmix.pipeline.config import ON_ERROR
 from .figure_file import check_figure_file
-from .loaders import BACKENDS, LOCAL_RAY_HELP, backend_options
-from .sampling import AUGMENTS
+from backmix.pipeline.loaders import BACKENDS, LOCAL_RAY_HELP, backend_options
+from backmix.pipeline.sampling import AUGMENTS
 
 log = logging.getLogger("backmix")
 
@@ -81,8 +81,8 @@ def run_benchmark(data: Optional[Path], backends: list[str], *, batches: int, wa
                   canvas_mode: str = "center", augment: str = "crop", on_error: str = "raise") -> dict:
     from backmix.cam_cache.maps import UniformMaps
 
-    from .config import LoaderConfig, choose_device
-    from .loaders import make_loader
+    from backmix.pipeline.config import LoaderConfig, choose_device
+    from backmix.pipeline.loaders import make_loader
 
     if not backends:
         raise BackMixError(f"--backend names no backend (choose from {', '.join(BACKENDS)})")
@@ -152,7 +152,7 @@ def run_benchmark(data: Optional[Path], backends: list[str], *, batches: int, wa
     by = {(r["backend"], r["mode"]): r for r in results}
     per_backend = {"reference": stages}
     if any(r["backend"] == "dali" and r.get("images_per_s") for r in results):
-        from .dali_ops import stage_times
+        from .dali_stages import stage_times
         per_backend["dali"] = stage_times(index, LoaderConfig(batch_size=batch_size, canvas=canvas, crop=crop,
                                                               **shape, num_workers=workers, device=device),
                                           max(3, min(batches, 8)))
@@ -187,8 +187,8 @@ def ensure_beton(index, canvas: int, mode: str = DEFAULT_MODE, jpeg_quality: int
     """The FFCV loader's default beton of ``index`` at ``canvas`` (center canvases, ``mode`` storage): FFCV's
     loader reads a beton it never writes, so a benchmark writes it once, explicitly, saying so. None when
     FFCV is not installed (its rows say how to install it)."""
-    from .beton import require_ffcv, write_beton
-    from .beton_location import beton_locations, default_destination, write_command
+    from backmix.pipeline.beton import require_ffcv, write_beton
+    from backmix.pipeline.beton_location import beton_locations, default_destination, write_command
     try:
         require_ffcv()
     except BackMixError:
@@ -267,7 +267,7 @@ def plot(report: dict, path: Path) -> None:
 def bench_folder(data: Optional[Path], n_images: int):
     """(folder, its index) a benchmark reads: ``data`` (an image folder, or a prepared root: its train/),
     else the folder of ``n_images`` bench photos, made once (``--data`` and ``--images``)."""
-    from backmix.osr_data.benchdata import default_bench_folder, make_bench_folder
+    from backmix.bench.folders import default_bench_folder, make_bench_folder
     from backmix.osr_data.index import ImageIndex
     if data is None:
         data = default_bench_folder(n_images)

@@ -32,15 +32,15 @@ import torch
 
 from backmix.device import choose_device
 from backmix.models import build_model, features_and_head
-from backmix.osr_data.benchdata import default_bench_folder, make_bench_folder
+from backmix.bench.folders import default_bench_folder, make_bench_folder
 from backmix.osr_data.decode import decode_canvas
 from backmix.osr_data.normalize import IMAGENET_MEAN, IMAGENET_STD
 
-from .cams import class_activation_maps
-from .precompute import GenerationWriter, publish_generation
-from .rebuild import rebuild_cache
-from .generation_file import write_maps
-from .store import ForegroundCache, generation_path, init_cache, pending_dir, write_pointer
+from backmix.cam_cache.cams import class_activation_maps
+from backmix.cam_cache.precompute import GenerationWriter, publish_generation
+from backmix.cam_cache.rebuild import rebuild_cache
+from backmix.cam_cache.generation_file import write_maps
+from backmix.cam_cache.store import ForegroundCache, generation_path, init_cache, pending_dir, write_pointer
 
 
 def _timed(fn, sync) -> float:

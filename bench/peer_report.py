@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .bench_stages import describe_input
+from .stages import describe_input
 from .figure_file import check_figure_file
 from .peer_loaders import STOCK_NAMES
 
