@@ -8,7 +8,7 @@ than the gaps between methods. Which runs, in which order, and how two processes
 share one folder: ``experiment_plan``. Each finished run is one line of
 DIR/results.jsonl (appended under the folder's lock; results.md is regenerated
 from the file after every run), so an interrupted experiment continues where it
-stopped (its unfinished run restarts from scratch). DIR/experiment.log gets a line
+stopped (its unfinished run resumes from its last checkpoint). DIR/experiment.log gets a line
 as each run starts and ends, and the trainer's progress.
 """
 from __future__ import annotations
@@ -210,17 +210,19 @@ def run_experiment(out: Path, datasets: Optional[list[str]] = None, splits: int 
                             and not claimed_by_another(out, r)), None)
                 if run is None:
                     break
-                folder = claim(out, run)
+                folder, done_before = claim(out, run)
             note(out, f"start {run.dataset} split {run.split} seed {run.seed} {run.method} "
                       f"({len(done)} of {len(runs)} runs done)")
             cfg = TrainConfig(**{**base, "data": str(roots[run.dataset]), "out": str(folder),
                                  "split": str(run.split), "seed": run.seed, **METHODS[run.method],
                                  "progress": False})
             t0 = time.perf_counter()
-            metrics = train_main(cfg)
+            if done_before is not None:
+                note(out, f"resume {run.dataset} split {run.split} seed {run.seed} {run.method} from its checkpoint")
+            metrics = train_main(cfg, resume=done_before is not None)
             summary = json.loads((folder / "summary.json").read_text())
             record = {"dataset": run.dataset, "split": run.split, "seed": run.seed, "method": run.method,
-                      "seconds": time.perf_counter() - t0, "config": cfg.to_dict(), "metrics": metrics,
+                      "seconds": (done_before or 0.0) + time.perf_counter() - t0, "config": cfg.to_dict(), "metrics": metrics,
                       "best": summary["best"]}
             with exclusive_lock(results_path):
                 append_jsonl(results_path, record)

@@ -839,3 +839,29 @@ def test_experiment_takes_a_repeated_splits_run_from_the_earlier_split_with_its_
                            **{k: v for k, v in by_split[0]["config"].items()
                               if k not in ("data", "out", "split", "protocol")}))
     assert own == by_split[0]["metrics"]
+
+
+def test_an_experiment_killed_inside_a_run_resumes_that_run_from_its_checkpoint(small_root, tmp_path):
+    """kill -9 after a run's first epoch checkpoint; the next command resumes it (not from scratch), and its
+    result equals an uninterrupted experiment's bit for bit."""
+    from backmix.bench.experiment import run_experiment
+    overrides = dict(epochs=3, width=0.25, device="cpu")
+    whole = run_experiment(tmp_path / "whole", None, 1, overrides, data=small_root, methods=("baseline",))
+    cmd = [sys.executable, "-m", "backmix", "-q", "experiment", "--out", str(tmp_path / "cut"), "--data",
+           str(small_root), "--splits", "1", "--methods", "baseline", "--epochs", "3", "--width", "0.25",
+           "--device", "cpu"]
+    proc = subprocess.Popen(cmd, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    checkpoint = tmp_path / "cut" / "runs" / small_root.name / "split0" / "seed0" / "baseline" / "last.pt"
+    deadline = time.monotonic() + 300
+    while not checkpoint.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert checkpoint.exists() and not (tmp_path / "cut" / "results.jsonl").exists()
+    cut = run_experiment(tmp_path / "cut", None, 1, overrides, data=small_root, methods=("baseline",))
+    assert cut[0]["metrics"] == whole[0]["metrics"]
+    log_text = (tmp_path / "cut" / "experiment.log").read_text()
+    assert f"resume {small_root.name} split 0 seed 0 baseline from its checkpoint" in log_text
+    after = log_text.split("resume ")[1]
+    assert "epoch 3/3" in after and "epoch 1/3" not in after   # the resumed attempt did not train epoch 1 again
