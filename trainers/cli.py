@@ -63,8 +63,12 @@ def register(top) -> None:
                        help="comma list of known class names instead of a numbered split")
     p.add_argument("--protocol", choices=PROTOCOLS, default=S,
                    help="the published splits of Neal et al. 2018 / ARPL for a folder with those classes (CIFAR10 "
-                        "names; CIFAR10 + CIFAR100 names; TinyImageNet wnids): --split N picks split N; a folder "
-                        "whose classes do not match is refused")
+                        "names; CIFAR10 + CIFAR100 names; TinyImageNet wnids): --split N picks split N; or the "
+                        "Semantic Shift Benchmark (Vaze et al. 2022): ssb-imagenet trains on the 1,000 "
+                        "ImageNet-1k wnid folders, ssb-cub|ssb-aircraft|ssb-scars on the known classes as folders "
+                        "named by the benchmark's 3-digit class index (000, 001, ...), every class known (--split "
+                        "all), and each --open-test folder named easy, medium, hard or medium+hard must hold that "
+                        "published set of unknowns (docs/ssb.md); a folder whose classes do not match is refused")
     p.add_argument("--splits", dest="splits_file", default=S, metavar="FILE",
                    help="JSON list of splits, each a list of known class names (or {\"known\": [...], "
                         "\"unknown\": [...]}): --split N picks split N")
@@ -76,7 +80,9 @@ def register(top) -> None:
     p.add_argument("--open-test", action="append", default=S, metavar="DIR",
                    help="an image folder whose images are all unknown (any class names; e.g. an SSB or OpenOOD "
                         "set, or `backmix data prepare --dataset photo-crops`'s test/): every evaluation also "
-                        "reports each metric against it, under its folder's name; repeatable")
+                        "reports each metric against it, under its folder's name (DIR/test: DIR's name/test); "
+                        "with an ssb-* --protocol, a folder named easy, medium, hard or medium+hard is that "
+                        "published set and must hold its classes; repeatable")
     p.add_argument("--backend", choices=BACKENDS, default=S, help="loader" + _d("backend"))
     p.add_argument("--ray-address", default=S, metavar="auto|HOST:PORT",
                    help=f"--backend ray: the Ray cluster whose CPUs decode (default: {LOCAL_RAY_HELP})")

@@ -12,7 +12,7 @@ from backmix.cam_cache.node_folders import LAYOUTS as CACHE_LAYOUTS
 from backmix.models import check_arch
 from backmix.osr_data.decode import CANVAS_MODES, check_canvas
 from backmix.osr_data.errors import BackMixError
-from backmix.osr_data.protocols import PROTOCOLS
+from backmix.osr_data.protocols import PROTOCOLS, SSB_PROTOCOLS
 from backmix.pipeline.config import DEVICES, ON_ERROR
 from backmix.pipeline.beton_location import MODES as BETON_MODES
 from backmix.pipeline.loaders import BACKENDS, backend_options
@@ -145,6 +145,12 @@ class TrainConfig:
             raise BackMixError(f"unknown --protocol {self.protocol!r} (choose from {', '.join(PROTOCOLS)})")
         if self.protocol and self.splits_file:
             raise BackMixError("--protocol and --splits both name the split list; give one of them")
+        if self.protocol in SSB_PROTOCOLS:
+            # one split, every known class: the default split number asks for it too
+            if str(self.split).strip() not in ("0", "all"):
+                raise BackMixError(f"--protocol {self.protocol} trains on every known class, with the unknowns "
+                                   f"from its --open-test folders: --split all, not {self.split!r}")
+            self.split = "all"
         self.open_test = [str(folder) for folder in self.open_test]
         if self.mix_prob is not None:
             check_number("mix_prob", self.mix_prob)

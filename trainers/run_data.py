@@ -22,8 +22,9 @@ def load_run_data(cfg: TrainConfig) -> tuple[OpenSetData, dict[str, ImageIndex]]
     """(the data, {name: index} of the --open-test folders): every folder the run reads, checked before
     anything is written to the run folder (a refused run leaves nothing behind)."""
     # The validation rows follow the training seed: the methods of one (split, seed) pair share them.
-    data = load_data(cfg.data, cfg.split, cfg.val_fraction, cfg.seed, split_list(cfg.protocol, cfg.splits_file))
-    open_sets = open_test_indexes(cfg.open_test, (data.train, data.test))
+    splits = split_list(cfg.protocol, cfg.splits_file)
+    data = load_data(cfg.data, cfg.split, cfg.val_fraction, cfg.seed, splits)
+    open_sets = open_test_indexes(cfg.open_test, (data.train, data.test), splits)
     if cfg.backend == "ffcv":   # every beton found, or the missing ones named in one line, before any work
         from backmix.pipeline.beton_location import require_betons
         require_betons(cfg.data, [data.train, data.test], cfg.canvas, cfg.canvas_mode, cfg.beton_mode,
