@@ -110,3 +110,14 @@ def test_the_pages_readme_links_to_are_there():
     assert {"cache.md", "loaders.md", "trainer.md", "gpu-check.md", "security.md", "results.md"} <= names
     readme = (EXAMPLE.parents[1] / "README.md").read_text()
     assert [p.name for p in DOCS if f"](docs/{p.name}" not in readme] == []
+
+
+def test_readmes_first_commands_are_what_ci_runs():
+    """README opens with the two commands for a fresh machine; the second is what .ci/run runs."""
+    root = EXAMPLE.parents[1]
+    first_block = (root / "README.md").read_text().split("```bash\n", 1)[1].split("```", 1)[0]
+    commands = [line for line in first_block.splitlines() if line and not line.startswith("#")]
+    assert commands[0].startswith("bash scripts/install.sh && backmix data prepare")
+    install, tests = commands[1].split(" && ")
+    ci = (root / ".ci" / "run").read_text().splitlines()
+    assert install in ci and tests in ci and ci.index(install) < ci.index(tests)
