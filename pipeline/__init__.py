@@ -14,7 +14,7 @@ _EXPORTS = {
     # (the function ``backmix.backmix`` is not exported here: importing the submodule of the same
     # name would shadow it; ``mix_backgrounds`` and ``top_k_mask`` are the kernel)
     "box_size": ".backmix", "mix_backgrounds": ".backmix", "top_k_mask": ".backmix",
-    "BackMixBatch": ".batch", "BatchTransform": ".batch", "LoaderConfig": ".config", "choose_device": ".config",
+    "BackMixBatch": ".batch", "BatchTransform": ".batch", "LoaderConfig": ".config", "choose_device": "backmix.device",
     "BACKENDS": ".loaders", "make_loader": ".loaders", "ReferenceLoader": ".reference",
     "BackMixSampler": ".sampling", "BatchParams": ".sampling", "EpochSampler": ".sampling",
 }
@@ -26,7 +26,9 @@ if TYPE_CHECKING:
                           fill_value, normalize)
     from .backmix import box_size, mix_backgrounds, top_k_mask
     from .batch import BackMixBatch, BatchTransform
-    from .config import LoaderConfig, choose_device
+    from backmix.device import choose_device
+
+    from .config import LoaderConfig
     from .loaders import BACKENDS, make_loader
     from .reference import ReferenceLoader
     from .sampling import BackMixSampler, BatchParams, EpochSampler

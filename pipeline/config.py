@@ -9,9 +9,11 @@ from dataclasses import dataclass, field, fields
 from typing import Optional
 
 import numpy as np
+import torch
 
 from backmix.cam_cache.maps import ForegroundMaps, UniformMaps
 from backmix.device import announce_device, choose_device  # noqa: F401  (re-exported: the loaders' device)
+from backmix.device import parse_device
 from backmix.osr_data.index import ImageIndex
 
 from backmix.osr_data.decode import check_canvas, check_canvas_mode
@@ -22,11 +24,11 @@ from .batch import RowLabels
 from .sampling import LAST_BATCH, BackMixSampler, EpochSampler, check_augment, check_fraction, check_seed, view_seed
 
 ON_ERROR = ("raise", "skip")
-DEVICES = ("auto", "cpu", "cuda")
 
 # What a value of each annotated type may be: numpy's scalars count as numbers; a bool is not a number.
 KINDS = {int: ((int, np.integer), "a whole number (int)"), float: ((int, float, np.integer, np.floating), "a number"),
-         bool: ((bool, np.bool_), "True or False"), str: ((str,), "a string")}
+         bool: ((bool, np.bool_), "True or False"), str: ((str,), "a string"),
+         torch.device: ((torch.device,), "a torch.device")}
 
 
 def _accepts(hint, value) -> bool:
@@ -100,7 +102,8 @@ class LoaderConfig:
     last_batch: str = "keep"     # "keep" (every sample once; equal steps per rank) or "drop" (full batches only)
     num_workers: int = 2
     on_error: str = "raise"      # a file that does not decode: "raise" or "skip" (and count)
-    device: str = "auto"         # "auto" picks CUDA when there is one
+    device: str | torch.device = "auto"   # "auto" (CUDA when there is one), "cpu", "cuda", "cuda:N" or a
+                                          # torch.device; held as the torch.device it names (``parse_device``)
     keep_canvas: bool = True     # batches carry the uint8 canvas; False: only while an in-loop rebuild reads it
     mean: tuple[float, ...] = field(default=IMAGENET_MEAN)
     std: tuple[float, ...] = field(default=IMAGENET_STD)
@@ -133,8 +136,7 @@ class LoaderConfig:
             raise BackMixError(f"views must be 1 or 2, got {self.views!r}")
         if self.views == 2 and self.backmix:
             raise BackMixError("views=2 is the two-view baseline: it needs backmix=False")
-        if self.device not in DEVICES:
-            raise BackMixError(f"device must be one of {DEVICES}, got {self.device!r}")
+        self.device = parse_device(self.device)
         check_seed(self.seed)
         for name in ("mean", "std"):
             values = getattr(self, name)

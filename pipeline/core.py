@@ -24,12 +24,13 @@ import torch
 from torch import Tensor
 
 from backmix.cam_cache.maps import ForegroundMaps
+from backmix.device import choose_device
 from backmix.osr_data.canvas_reads import undecodable
 from backmix.osr_data.errors import BackMixError
 from backmix.osr_data.index import ImageIndex
 
 from .batch import BackMixBatch, BatchTransform, host_masks, to_device
-from .config import LoaderConfig, LoaderPosition, choose_device, loader_inputs
+from .config import LoaderConfig, LoaderPosition, loader_inputs
 from .sampling import BatchParams, mixed_rows
 
 log = logging.getLogger("backmix")

@@ -228,3 +228,13 @@ def test_in_loop_cams_of_gpu_decoded_batches_equal_the_separate_pass(digits_root
     assert not np.all(loop[rows] == 0.5)
     # CAMs taken in other batch compositions may differ by a float32 ulp: at most one float16 step
     assert np.abs(loop - sep).max() <= 2.0 ** -11
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs a second CUDA GPU")
+@pytest.mark.parametrize("backend", ["reference", "torchvision"])
+def test_a_loader_named_cuda_1_serves_on_it_whichever_gpu_is_current(tiny_root, backend):
+    with torch.cuda.device(0):
+        loader = make_loader(backend, ImageIndex.load(tiny_root), LoaderConfig(batch_size=8, device="cuda:1",
+                                                                               num_workers=0))
+        batch = next(iter(loader))
+    assert {t.device for t in (batch.canvas, batch.images, batch.mixed, batch.labels)} == {torch.device("cuda", 1)}

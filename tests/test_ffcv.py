@@ -607,3 +607,22 @@ def test_the_batch_pool_reuses_an_array_only_once_nothing_holds_it():
     del view
     again = pool.take(2)
     assert again[0].base is pool.sets[0][0] and again[1].base is pool.sets[0][1]
+
+
+def test_the_canvases_go_to_the_loaders_gpu(tiny_root, tiny_center_beton, monkeypatch):
+    """FFCV's transfer is told the loader's device exactly (cuda:1, not the current GPU); made where no such
+    GPU exists, the device choice passes the named device on, as it does where the GPU is."""
+    import ffcv.transforms
+    from backmix.pipeline import core
+    cuda_1, seen = torch.device("cuda", 1), []
+
+    class RecordedTransfer(ffcv.transforms.ToDevice):
+        def __init__(self, device, non_blocking=True):
+            seen.append(device)
+            super().__init__(torch.device("cpu"), non_blocking)
+    monkeypatch.setattr(core, "choose_device", lambda request: request)
+    monkeypatch.setattr(ffcv.transforms, "ToDevice", RecordedTransfer)
+    loader = make_loader("ffcv", ImageIndex.load(tiny_root), LoaderConfig(batch_size=4, canvas=64, crop=56,
+                                                                           device="cuda:1"), beton=tiny_center_beton)
+    assert loader.device == cuda_1 and loader.source.mix_in == "torch" and seen == [cuda_1]
+    loader.close()
