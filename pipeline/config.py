@@ -11,16 +11,12 @@ from typing import Optional
 import numpy as np
 import torch
 
-from backmix.cam_cache.maps import ForegroundMaps, UniformMaps
 from backmix.device import announce_device, choose_device  # noqa: F401  (re-exported: the loaders' device)
 from backmix.device import parse_device
-from backmix.osr_data.index import ImageIndex
-
 from backmix.osr_data.decode import check_canvas, check_canvas_mode
 from backmix.osr_data.errors import BackMixError
 
 from .augment import AUTO_AUGMENT_POLICIES, IMAGENET_MEAN, IMAGENET_STD
-from .batch import RowLabels
 from .sampling import LAST_BATCH, BackMixSampler, EpochSampler, check_augment, check_fraction, check_seed, view_seed
 
 ON_ERROR = ("raise", "skip")
@@ -162,32 +158,6 @@ class LoaderConfig:
     def resizes(self) -> bool:
         """Whether training crops are resized (rrc); evaluation is always the centre crop."""
         return self.augment == "rrc" and self.train
-
-
-def loader_inputs(index: ImageIndex, config: LoaderConfig, maps: Optional[ForegroundMaps],
-                  indices: Optional[np.ndarray],
-                  label_map: Optional[np.ndarray] = None) -> tuple[ForegroundMaps, np.ndarray, EpochSampler, RowLabels]:
-    """What every backend derives from its arguments: the maps (generation 0 when none are
-    given), the dataset rows it serves (default: all), their order per epoch, and their labels
-    (closed-set through ``label_map``; a training loader refuses rows of unknown classes)."""
-    maps = maps if maps is not None else UniformMaps(len(index), config.grid)
-    if maps.grid != config.grid:
-        raise BackMixError(f"foreground maps have grid {maps.grid}, the loader expects {config.grid}")
-    # A cache records the canvas its CAMs were taken on; maps of another canvas would misplace the foreground.
-    maps_mode = getattr(maps, "canvas_mode", None)
-    if maps_mode is not None and maps_mode != config.canvas_mode:
-        raise BackMixError(f"foreground maps were made on {maps_mode!r} canvases, the loader makes "
-                           f"{config.canvas_mode!r} ones (--canvas-mode)")
-    rows = np.arange(len(index)) if indices is None else np.asarray(indices, dtype=np.int64)
-    order = EpochSampler(len(rows), config.batch_size, shuffle=config.shuffle, seed=config.seed,
-                         rank=config.rank, world_size=config.world_size, last_batch=config.last_batch)
-    labels = RowLabels(index.labels, label_map)
-    if label_map is not None and config.train:
-        unknown = int((labels.targets[rows] < 0).sum())
-        if unknown:
-            raise BackMixError(f"{unknown} of the {len(rows)} training images belong to classes outside the "
-                               f"label map (unknown classes): a loss cannot take them; pass the known rows")
-    return maps, rows, order, labels
 
 
 def _whole(value) -> int:

@@ -20,7 +20,7 @@ import torch
 
 from backmix.cli import main as cli_main
 from backmix.osr_data.errors import BackMixError
-from backmix.osr_data.prepare import write_split
+from backmix.osr_data.split_folder import write_split
 from backmix.trainers.config import TrainConfig
 from backmix.trainers.train import main
 
@@ -528,7 +528,7 @@ FAILING_PUBLISH = """
 import os, sys
 import backmix.cam_cache.precompute as pre
 from backmix.osr_data.errors import BackMixError
-from backmix.osr_data.prepare import write_split
+from backmix.osr_data.split_folder import write_split
 
 def failing(*args, **kwargs):
     raise BackMixError("injected publish failure")
