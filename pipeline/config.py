@@ -11,12 +11,12 @@ from typing import Optional
 import numpy as np
 import torch
 
-from backmix.device import announce_device, choose_device  # noqa: F401  (re-exported: the loaders' device)
-from backmix.device import parse_device
+from backmix.device import choose_device, parse_device  # noqa: F401  (choose_device: the benchmarks import it from here)
 from backmix.osr_data.decode import check_canvas, check_canvas_mode
 from backmix.osr_data.errors import BackMixError
+from backmix.osr_data.normalize import IMAGENET_MEAN, IMAGENET_STD
 
-from .augment import AUTO_AUGMENT_POLICIES, IMAGENET_MEAN, IMAGENET_STD
+from .augment import AUTO_AUGMENT_POLICIES
 from .sampling import LAST_BATCH, BackMixSampler, EpochSampler, check_augment, check_fraction, check_seed, view_seed
 
 ON_ERROR = ("raise", "skip")

@@ -115,8 +115,6 @@ class Loader(LoaderPosition):
     (a ``Source``; ``options`` go to it); ``label_map`` (dataset label -> 0..K-1) gives the batches
     closed-set labels."""
 
-    backend = "core"
-
     def __init__(self, source_class: type[Source], index: ImageIndex, config: LoaderConfig,
                  maps: Optional[ForegroundMaps] = None, indices: Optional[np.ndarray] = None,
                  label_map: Optional[np.ndarray] = None, **options) -> None:

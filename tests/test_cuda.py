@@ -206,7 +206,7 @@ def test_in_loop_cams_of_gpu_decoded_batches_equal_the_separate_pass(digits_root
     """The training loop's way (the torchvision backend's canvases, on the GPU, fed to the writer) and a
     separate pass on the GPU make the same generation (PNG files: both decode them alike on the CPU)."""
     from backmix.cam_cache import ForegroundCache, GenerationWriter, build_generation, init_cache, rebuild_cache
-    from backmix.osr_data.decode import IMAGENET_MEAN, IMAGENET_STD
+    from backmix.osr_data.normalize import IMAGENET_MEAN, IMAGENET_STD
     index = ImageIndex.load(digits_root / "train")
     rows = np.arange(0, len(index), 3)
     torch.manual_seed(0)

@@ -295,7 +295,7 @@ def test_rrc_mixed_only_equals_the_torch_op(tiny_root, tiny_center_beton):
 
 
 def test_a_beton_of_the_other_canvas_mode_is_refused(tiny_root, tiny_center_beton, tmp_path):
-    from backmix.pipeline.beton import beton_locations
+    from backmix.pipeline.beton_location import beton_locations
     from backmix.pipeline.ffcv import FfcvLoader
     tiny = ImageIndex.load(tiny_root)
     with pytest.raises(BackMixError, match="holds center canvases, the loader makes stretch ones: write it with "

@@ -442,7 +442,7 @@ def frozen(monkeypatch) -> None:
 def test_in_loop_generation_of_a_frozen_model_equals_the_separate_pass(small_root, tmp_path, monkeypatch):
     from backmix.cam_cache import ForegroundCache, build_generation, init_cache
     from backmix.models import build_model, load_model
-    from backmix.pipeline.augment import IMAGENET_MEAN, IMAGENET_STD
+    from backmix.osr_data.normalize import IMAGENET_MEAN, IMAGENET_STD
     from backmix.osr_data.open_set import load_data
 
     frozen(monkeypatch)
