@@ -19,7 +19,7 @@ from .cam_cache.recorder import InLoopRebuild
 from .pipeline import LoaderConfig, make_loader
 from .pipeline.loaders import backend_options
 from .pipeline.sampling import check_seed
-from .pipeline.augment import IMAGENET_MEAN, IMAGENET_STD
+from .osr_data.normalize import IMAGENET_MEAN, IMAGENET_STD
 from .osr_data.protocols import split_list
 from .osr_data.open_set import OpenSetData, load_data
 from .trainers.epoch import evaluate as _evaluate, predict

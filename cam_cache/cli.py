@@ -9,6 +9,7 @@ import json
 import os
 from pathlib import Path
 
+from backmix.device import DEVICE_HELP, device_option
 from backmix.osr_data.options import CANVAS_MODES
 from backmix.osr_data.errors import BackMixError
 
@@ -56,7 +57,7 @@ def register(sub) -> None:
     b.add_argument("--workers", type=int, default=2, help="decoding worker processes")
     b.add_argument("--shard", default=None, metavar="k/N",
                    help="build shard k of N (default: torchrun's RANK/WORLD_SIZE, else 0/1)")
-    b.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto: the GPU when there is one")
+    b.add_argument("--device", type=device_option, default="auto", help=DEVICE_HELP)
     b.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     b.set_defaults(func=run_build)
 

@@ -25,7 +25,6 @@ import torch
 from backmix.osr_data.decode import DecodeError, check_pixels, decode_rgb_bytes, is_jpeg, read_bytes, to_canvas
 
 from .batch import to_device
-from .core import Loader
 from .device_decode import jpeg_canvases
 from .reference import WorkerSource
 
@@ -91,10 +90,3 @@ class TorchvisionSource(WorkerSource):
                 canvases.append(decoded[k])
                 rows.append(item[0])
         return (torch.stack(canvases) if canvases else None), torch.tensor(rows, dtype=torch.int64), failed
-
-
-class TorchvisionLoader(Loader):
-    """``Loader(TorchvisionSource, ...)``; arguments as ``Loader``'s."""
-
-    def __init__(self, index, config, maps=None, indices=None, label_map=None) -> None:
-        super().__init__(TorchvisionSource, index, config, maps, indices, label_map)

@@ -127,7 +127,7 @@ import torch
 import torch.distributed as dist
 import backmix
 from backmix.models import build_model
-from backmix.osr_data.prepare import write_split
+from backmix.osr_data.split_folder import write_split
 backend, device, out = sys.argv[1], sys.argv[2], sys.argv[4]
 root = Path(sys.argv[3])
 if device == "cuda":

@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from backmix.osr_data.decode import IMAGENET_MEAN, IMAGENET_STD
+from backmix.osr_data.normalize import IMAGENET_MEAN, IMAGENET_STD
 from backmix.osr_data.index import ImageIndex
 
 CPU = torch.device("cpu")

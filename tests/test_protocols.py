@@ -9,7 +9,7 @@ import pytest
 from backmix import open_set_data
 from backmix.cli import main as cli_main
 from backmix.osr_data.errors import BackMixError
-from backmix.osr_data.prepare import write_split
+from backmix.osr_data.split_folder import write_split
 from backmix.osr_data.protocols import load_splits_file, protocol
 
 CIFAR10 = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")

@@ -20,7 +20,7 @@ import torch
 
 from backmix.cli import main as cli_main
 from backmix.osr_data.errors import BackMixError
-from backmix.osr_data.prepare import write_split
+from backmix.osr_data.split_folder import write_split
 from backmix.trainers.config import TrainConfig
 from backmix.trainers.train import main
 
@@ -442,7 +442,7 @@ def frozen(monkeypatch) -> None:
 def test_in_loop_generation_of_a_frozen_model_equals_the_separate_pass(small_root, tmp_path, monkeypatch):
     from backmix.cam_cache import ForegroundCache, build_generation, init_cache
     from backmix.models import build_model, load_model
-    from backmix.pipeline.augment import IMAGENET_MEAN, IMAGENET_STD
+    from backmix.osr_data.normalize import IMAGENET_MEAN, IMAGENET_STD
     from backmix.osr_data.open_set import load_data
 
     frozen(monkeypatch)
@@ -528,7 +528,7 @@ FAILING_PUBLISH = """
 import os, sys
 import backmix.cam_cache.precompute as pre
 from backmix.osr_data.errors import BackMixError
-from backmix.osr_data.prepare import write_split
+from backmix.osr_data.split_folder import write_split
 
 def failing(*args, **kwargs):
     raise BackMixError("injected publish failure")

@@ -5,6 +5,7 @@ import argparse
 from pathlib import Path
 
 from backmix.cam_cache.node_folders import LAYOUTS as CACHE_LAYOUTS
+from backmix.device import DEVICE_HELP, device_option
 from backmix.osr_data.options import CANVAS_MODES
 from backmix.osr_data.errors import BackMixError
 from backmix.pipeline.loaders import LOCAL_RAY_HELP, backend_options
@@ -129,7 +130,7 @@ def register(top) -> None:
                    help="under torchrun: shared = every node sees the one --cache folder; node-local = each node "
                         "has its own (rank 0 publishes, the others get copies); auto = find out" + _d("cache_layout"))
     p.add_argument("--seed", type=int, default=S, help=_d("seed").strip())
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default=S, help=_d("device").strip())
+    p.add_argument("--device", type=device_option, default=S, help=DEVICE_HELP + _d("device"))
     p.add_argument("--amp", choices=AMP, default=S, help="mixed precision, CUDA only" + _d("amp"))
     p.add_argument("--workers", type=int, default=S, help="decoding worker processes" + _d("workers"))
     p.add_argument("--eval-every", type=int, default=S,
@@ -198,7 +199,7 @@ def register(top) -> None:
     e.add_argument("--open-test", action="append", default=[], metavar="DIR",
                    help="an image folder whose images are all unknown: the metrics against it too, under its "
                         "folder's name; repeatable")
-    e.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    e.add_argument("--device", type=device_option, default="auto", help=DEVICE_HELP)
     e.add_argument("--workers", type=int, default=2)
     e.add_argument("--on-error", choices=ON_ERROR, default="raise",
                    help="an image that does not decode: stop, or skip it and count")

@@ -12,8 +12,9 @@ from backmix.cam_cache.node_folders import LAYOUTS as CACHE_LAYOUTS
 from backmix.models import check_arch
 from backmix.osr_data.decode import CANVAS_MODES, check_canvas
 from backmix.osr_data.errors import BackMixError
+from backmix.device import check_device_name
 from backmix.osr_data.protocols import PROTOCOLS, SSB_PROTOCOLS
-from backmix.pipeline.config import DEVICES, ON_ERROR
+from backmix.pipeline.config import ON_ERROR
 from backmix.pipeline.beton_location import MODES as BETON_MODES
 from backmix.pipeline.loaders import BACKENDS, backend_options
 from backmix.pipeline.sampling import AUGMENTS
@@ -26,7 +27,7 @@ AMP = ("auto", "bf16", "fp16", "off")
 REGEN = ("loop", "pass")
 AUTO_AUGMENTS = ("none",) + AUTO_AUGMENT_POLICIES
 LOG_SINKS = ("csv", "tensorboard")
-CHOICES = {"auto_augment": AUTO_AUGMENTS, "opt": OPTIMIZERS, "backend": BACKENDS, "amp": AMP, "device": DEVICES,
+CHOICES = {"auto_augment": AUTO_AUGMENTS, "opt": OPTIMIZERS, "backend": BACKENDS, "amp": AMP,
            "on_error": ON_ERROR, "regen": REGEN, "canvas_mode": CANVAS_MODES, "augment": AUGMENTS,
            "beton_mode": BETON_MODES, "cache_layout": CACHE_LAYOUTS}
 
@@ -129,13 +130,14 @@ class TrainConfig:
     def __post_init__(self) -> None:
         check_arch(self.arch)
         for name, value in (("opt", self.opt), ("backend", self.backend), ("amp", self.amp),
-                            ("device", self.device), ("on_error", self.on_error), ("regen", self.regen),
+                            ("on_error", self.on_error), ("regen", self.regen),
                             ("canvas_mode", self.canvas_mode), ("augment", self.augment),
                             ("auto_augment", self.auto_augment),
                             ("beton_mode", self.beton_mode), ("cache_layout", self.cache_layout)):
             choices = CHOICES[name]
             if value not in choices:
                 raise BackMixError(f"unknown {option(name)} {value!r} (choose from {', '.join(choices)})")
+        check_device_name(self.device)
         for name in NUMERIC_RANGES:
             if name != "mix_prob":   # optional: checked below when given
                 check_number(name, getattr(self, name))

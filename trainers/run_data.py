@@ -51,7 +51,7 @@ def loader_config(cfg: TrainConfig, device: torch.device, *, train: bool, rank: 
         box_fraction=cfg.box_fraction, top_k_ratio=cfg.top_k_ratio, seed=cfg.seed,
         shuffle=train, train=train, rank=rank if train else 0, world_size=world if train else 1,
         last_batch="keep", num_workers=cfg.workers,   # under DDP too: every image once, equal steps per rank
-        on_error=cfg.on_error, device=device.type,
+        on_error=cfg.on_error, device=device,
         keep_canvas=False)   # the in-loop rebuild, when it runs, gets the canvases anyway
 
 
