@@ -19,7 +19,6 @@
 from __future__ import annotations
 
 import json
-import platform
 import resource
 import shutil
 import statistics
@@ -33,6 +32,7 @@ import torch
 from backmix.device import choose_device
 from backmix.models import build_model, features_and_head
 from backmix.bench.folders import default_bench_folder, make_bench_folder
+from backmix.bench.machine import machine
 from backmix.osr_data.decode import decode_canvas
 from backmix.osr_data.normalize import IMAGENET_MEAN, IMAGENET_STD
 
@@ -164,8 +164,7 @@ def bench_cache(args) -> dict:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     result = {"precompute_vs_inference_ratio": pre["precompute_vs_inference_ratio"], "precompute": pre,
-              "publish": pub, "in_loop_vs_pass": regen, "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, "
-                                         f"{'CUDA' if torch.cuda.is_available() else 'no GPU'}",
+              "publish": pub, "in_loop_vs_pass": regen, "machine": {**machine(), "torch_threads": torch.get_num_threads()},
               "command": "backmix bench cache " + " ".join(
                   f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()
                   if k in ("rows", "grid", "arch", "canvas", "batch_size", "repeats", "device", "loop_images",
