@@ -29,18 +29,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from backmix.cam_cache.cams import class_activation_maps
+from backmix.cam_cache.generation_file import write_maps
+from backmix.cam_cache.precompute import GenerationWriter, publish_generation
+from backmix.cam_cache.rebuild import rebuild_cache
+from backmix.cam_cache.store import ForegroundCache, generation_path, init_cache, pending_dir, write_pointer
 from backmix.device import choose_device
 from backmix.models import build_model, features_and_head
-from backmix.bench.folders import default_bench_folder, make_bench_folder
-from backmix.bench.machine import machine
 from backmix.osr_data.decode import decode_canvas
 from backmix.osr_data.normalize import IMAGENET_MEAN, IMAGENET_STD
 
-from backmix.cam_cache.cams import class_activation_maps
-from backmix.cam_cache.precompute import GenerationWriter, publish_generation
-from backmix.cam_cache.rebuild import rebuild_cache
-from backmix.cam_cache.generation_file import write_maps
-from backmix.cam_cache.store import ForegroundCache, generation_path, init_cache, pending_dir, write_pointer
+from .folders import default_bench_folder, make_bench_folder
+from .machine import machine
 
 
 def _timed(fn, sync) -> float:

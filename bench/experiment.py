@@ -32,13 +32,13 @@ from backmix.osr_data.filelock import exclusive_lock
 from backmix.osr_data.prepare import prepare
 from backmix.osr_data.protocols import PROTOCOLS, protocol
 from backmix.pipeline.sampling import AUGMENTS
-
 from backmix.trainers.config import TrainConfig
+from backmix.trainers.run_files import append_jsonl, read_jsonl
+from backmix.trainers.train import main as train_main
+
 from .experiment_plan import (DEFAULT_PLAN, claim, claimed_by_another, make_plan, plan_runs, plan_text,
                               repeated_splits, run_dir, user_plan)
 from .experiment_report import METHODS, report, run_seed
-from backmix.trainers.run_files import append_jsonl, read_jsonl
-from backmix.trainers.train import main as train_main
 
 log = logging.getLogger("backmix")
 

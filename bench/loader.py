@@ -29,14 +29,14 @@ import torch
 
 from backmix.osr_data.decode import CANVAS_MODES
 from backmix.osr_data.errors import BackMixError
-
-from .stages import decode_ceiling, describe_input, stage_breakdown, sync
 from backmix.pipeline.beton_location import DEFAULT_MODE, DEFAULT_QUALITY
 from backmix.pipeline.config import ON_ERROR
-from .figure_file import MODE_COLOURS, pyplot, save_figure
-from .machine import machine, machine_line
 from backmix.pipeline.loaders import BACKENDS, LOCAL_RAY_HELP, backend_options
 from backmix.pipeline.sampling import AUGMENTS
+
+from .figure_file import MODE_COLOURS, pyplot, save_figure
+from .machine import machine, machine_line
+from .stages import decode_ceiling, describe_input, stage_breakdown, sync
 
 log = logging.getLogger("backmix")
 
@@ -256,7 +256,7 @@ def plot(report: dict, path: Path) -> None:
 def bench_folder(data: Optional[Path], n_images: int):
     """(folder, its index) a benchmark reads: ``data`` (an image folder, or a prepared root: its train/),
     else the folder of ``n_images`` bench photos, made once (``--data`` and ``--images``)."""
-    from backmix.bench.folders import default_bench_folder, make_bench_folder
+    from .folders import default_bench_folder, make_bench_folder
     from backmix.osr_data.index import ImageIndex
     if data is None:
         data = default_bench_folder(n_images)

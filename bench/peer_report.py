@@ -3,10 +3,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .stages import describe_input
 from .figure_file import MODE_COLOURS, pyplot, save_figure
 from .machine import machine_line
 from .peer_loaders import STOCK_NAMES
+from .stages import describe_input
 
 COLOURS = {None: "tab:gray", **MODE_COLOURS}   # None: a stock loader
 

@@ -173,7 +173,7 @@ def run_peers(args) -> dict:
     images_per_s_rounds, batch_ms_median; backmix's rows also ratio_to_stock (median) and
     ratio_to_stock_rounds, each backmix images/s / stock images/s of the same round; error: the last
     failure's line) and round_records (round, order, load_1min_before/after, results, ratio_to_stock)."""
-    from backmix.bench.folders import default_bench_folder, make_bench_folder
+    from .folders import default_bench_folder, make_bench_folder
     from backmix.osr_data.index import ImageIndex
 
     from backmix.pipeline.beton_location import check_storage

@@ -107,7 +107,7 @@ def run_scale(classes: int, per_class: int, *, backends: list[str], epochs: int 
               on_phase: Optional[Callable[[dict], None]] = None) -> dict:
     """The report (see the module doc); ``on_phase(report)`` is called as each phase ends."""
     from backmix.cam_cache import ForegroundCache, start_cache
-    from backmix.bench.folders import default_scale_folder, make_scale_folder
+    from .folders import default_scale_folder, make_scale_folder
     from backmix.osr_data.index import INDEX_NAME, ImageIndex
     from backmix.osr_data.index_sidecar import SIDECAR_NAME
     from backmix.pipeline.config import LoaderConfig
@@ -282,7 +282,7 @@ def format_table(report: dict) -> str:
 
 
 def register_bench(sub) -> None:
-    from backmix.bench.geometry_options import add_geometry_options
+    from .geometry_options import add_geometry_options
     from backmix.pipeline.loaders import BACKENDS
 
     p = sub.add_parser("scale", help="index, cache, first-batch, memory and rebuild costs on an ImageNet-sized folder",

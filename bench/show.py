@@ -20,14 +20,14 @@ import torch
 from backmix.osr_data.decode import CANVAS_MODES
 from backmix.osr_data.errors import BackMixError
 from backmix.osr_data.splits import resolve_split
-
 from backmix.pipeline.backmix import top_k_mask
 from backmix.pipeline.batch import BackMixBatch
 from backmix.pipeline.config import ON_ERROR
-from .figure_file import check_figure_file, pyplot, save_figure
-from .geometry_options import add_geometry_options
 from backmix.pipeline.loaders import LOCAL_RAY_HELP
 from backmix.pipeline.sampling import AUGMENTS
+
+from .figure_file import check_figure_file, pyplot, save_figure
+from .geometry_options import add_geometry_options
 
 CELL_IN, DPI = 1.5, 100
 COLORBAR_IN = 0.6      # the strip on the right that holds the foreground map's colour bar

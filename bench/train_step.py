@@ -45,7 +45,7 @@ def time_steps(backend: str, method: str, index, *, arch: str, crop: int, canvas
 
     from backmix.cam_cache.maps import UniformMaps
     from backmix.models import build_model
-    from backmix.bench.stages import sync
+    from .stages import sync
     from backmix.pipeline.loaders import make_loader
     from backmix.trainers.precision import Precision
     from backmix.trainers.run_data import loader_config
@@ -99,7 +99,7 @@ def time_steps(backend: str, method: str, index, *, arch: str, crop: int, canvas
 def run_bench_train(data: Optional[Path], backends: list[str], methods: list[str], *, arch: str, crop: int,
                     canvas: int, batch_size: int, workers: int, device: str, amp: str, steps: int, warmup: int,
                     rounds: int, n_images: int, seed: int = 0, augment: str = "crop") -> dict:
-    from backmix.bench.loader import bench_folder, ensure_beton
+    from .loader import bench_folder, ensure_beton
     from backmix.pipeline.config import choose_device
     from backmix.pipeline.loaders import BACKENDS
 
@@ -172,7 +172,7 @@ def format_table(report: dict) -> str:
 
 
 def register(sub) -> None:
-    from backmix.bench.loader import add_bench_folder_options
+    from .loader import add_bench_folder_options
     from backmix.pipeline.sampling import AUGMENTS
 
     p = sub.add_parser("train", help="images/s of whole training steps: the plain baseline vs each BackMix recipe",

@@ -60,7 +60,7 @@ def imported_names(source: str, relative: str) -> list[tuple[int, str, bool]]:
                 level = len(name) - len(name.lstrip("."))
                 name = resolve(package, level, name.lstrip("."))
             found.append((node.lineno, name, node.lineno in table_lines))
-    return found
+    return sorted(found)   # in line order (ast.walk goes breadth first)
 
 
 def violations(source: str, relative: str) -> list[str]:
