@@ -35,7 +35,6 @@ from backmix.osr_data.prepare import prepare
 from backmix.osr_data.protocols import PROTOCOLS, split_list
 from backmix.osr_data.splits import split_number
 from backmix.pipeline.sampling import AUGMENTS
-
 from backmix.trainers.config import TrainConfig
 from backmix.trainers.config_file import write_config_yaml
 from backmix.trainers.run_files import append_jsonl, read_jsonl

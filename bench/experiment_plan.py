@@ -23,8 +23,8 @@ import socket
 from pathlib import Path
 from typing import NamedTuple, Optional
 
-from backmix.osr_data.errors import BackMixError
 from backmix.osr_data.abandoned_temps import process_exists
+from backmix.osr_data.errors import BackMixError
 from backmix.osr_data.prepare import DATASETS
 
 from .experiment_report import METHODS, method_order

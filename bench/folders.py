@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from backmix.osr_data.index import ImageIndex
 from backmix._fs import atomic_folder
+from backmix.osr_data.index import ImageIndex
 
 SIZES = ((500, 375), (375, 500))   # (width, height), landscape 3:1 over portrait
 

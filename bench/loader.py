@@ -19,8 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -31,13 +29,14 @@ import torch
 
 from backmix.osr_data.decode import CANVAS_MODES
 from backmix.osr_data.errors import BackMixError
-
-from .stages import decode_ceiling, describe_input, stage_breakdown, sync
 from backmix.pipeline.beton_location import DEFAULT_MODE, DEFAULT_QUALITY
 from backmix.pipeline.config import ON_ERROR
-from .figure_file import check_figure_file
 from backmix.pipeline.loaders import BACKENDS, LOCAL_RAY_HELP, backend_options
 from backmix.pipeline.sampling import AUGMENTS
+
+from .figure_file import MODE_COLOURS, pyplot, save_figure
+from .machine import machine, machine_line
+from .stages import decode_ceiling, describe_input, stage_breakdown, sync
 
 log = logging.getLogger("backmix")
 
@@ -68,11 +67,6 @@ def time_loader(loader, warmup: int, batches: int, sync: Callable[[], None]) -> 
             t = time.perf_counter()
         epoch += 1
     return times
-
-
-def machine() -> str:
-    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
-    return f"{platform.machine()}, {os.cpu_count()} CPUs, {gpu}, python {platform.python_version()}"
 
 
 def run_benchmark(data: Optional[Path], backends: list[str], *, batches: int, warmup: int, batch_size: int,
@@ -238,16 +232,13 @@ def format_table(report: dict) -> str:
 
 
 def plot(report: dict, path: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     rows = [r for r in report["results"] if r.get("images_per_s")]
     names = {"off": "plain", "on": "BackMix", "on+clean": "BackMix\n+ clean"}
-    colours = {"off": "tab:blue", "on": "tab:orange", "on+clean": "tab:red"}
     labels = [f"{r['backend']}\n{names[r['mode']]}" for r in rows]
     fig, ax = plt.subplots(figsize=(max(5, 0.9 * len(rows) + 2), 3.8), dpi=100)
-    ax.bar(labels, [r["images_per_s"] for r in rows], color=[colours[r["mode"]] for r in rows])
+    ax.bar(labels, [r["images_per_s"] for r in rows], color=[MODE_COLOURS[r["mode"]] for r in rows])
     ax.tick_params(axis="x", labelsize=7)
     dc = report["decode_ceiling"]
     ax.axhline(dc["images_per_s"], color="k", ls="--", lw=1, label=f"decode ceiling of the source files ({dc['decoder']})")
@@ -256,18 +247,16 @@ def plot(report: dict, path: Path) -> None:
     described = describe_input(report["images"], report["decode_ceiling"].get("formats") or {})
     ax.set_title(f"{described}, canvas {c['canvas']} {c.get('canvas_mode', 'stretch')}, crop {c['crop']} "
                  f"{c.get('augment', 'crop')}, batch {c['batch_size']}, "
-                 f"{c['workers']} workers\n{report['machine']}", fontsize=8)
+                 f"{c['workers']} workers\n{machine_line(report['machine'])}", fontsize=8)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, format=check_figure_file(path, "--plot")[1])
-    plt.close(fig)
+    save_figure(fig, path, "--plot")
 
 
 def bench_folder(data: Optional[Path], n_images: int):
     """(folder, its index) a benchmark reads: ``data`` (an image folder, or a prepared root: its train/),
     else the folder of ``n_images`` bench photos, made once (``--data`` and ``--images``)."""
-    from backmix.bench.folders import default_bench_folder, make_bench_folder
+    from .folders import default_bench_folder, make_bench_folder
     from backmix.osr_data.index import ImageIndex
     if data is None:
         data = default_bench_folder(n_images)

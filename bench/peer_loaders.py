@@ -32,7 +32,6 @@ import torch
 
 from backmix.osr_data.decode import IMAGENET_MEAN, IMAGENET_STD
 from backmix.osr_data.index import ImageIndex
-
 from backmix.pipeline.sampling import RRC_RATIO, RRC_SCALE, RRC_TRIES
 
 log = logging.getLogger("backmix")

@@ -28,6 +28,7 @@ from typing import NamedTuple, Optional
 from backmix.osr_data.errors import BackMixError
 
 from .loader import MODES, add_bench_folder_options, ensure_beton
+from .machine import machine
 from .peer_run import FAMILIES, FAMILY_BACKENDS
 
 LIBRARIES = {"ffcv": "FFCV", "dali": "DALI"}   # family -> the library it needs beyond torch
@@ -153,19 +154,6 @@ def _median(values: list) -> Optional[float]:
     return statistics.median(values) if values else None
 
 
-def machine() -> dict:
-    import torch
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    except OSError:
-        pass
-    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return {"cpu": cpu, "cores": os.cpu_count(), "usable_cores": usable, "system": platform.platform(),
-            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
-
-
 def versions() -> dict[str, str]:
     from importlib import metadata
     found = {"python": platform.python_version()}
@@ -178,14 +166,14 @@ def versions() -> dict[str, str]:
 
 
 def run_peers(args) -> dict:
-    """The report (the JSON file): command, machine (cpu, cores, usable_cores, system, gpu), versions,
+    """The report (the JSON file): command, machine (cpu, cores, usable_cores, system, python, gpu), versions,
     data, images, formats (of up to 256 files, from their headers), config, rounds, families (measured),
     skipped ({family: why}), betons ({stock, jpgQ, raw}: path, bytes, what), results (one row per
     configuration: name, family, loader, mode, beton, images_per_s (median over rounds),
     images_per_s_rounds, batch_ms_median; backmix's rows also ratio_to_stock (median) and
     ratio_to_stock_rounds, each backmix images/s / stock images/s of the same round; error: the last
     failure's line) and round_records (round, order, load_1min_before/after, results, ratio_to_stock)."""
-    from backmix.bench.folders import default_bench_folder, make_bench_folder
+    from .folders import default_bench_folder, make_bench_folder
     from backmix.osr_data.index import ImageIndex
 
     from backmix.pipeline.beton_location import check_storage

@@ -19,7 +19,6 @@ import time
 from pathlib import Path
 
 from backmix.osr_data.errors import BackMixError
-
 from backmix.trainers.run_log import FIRST_BATCH_LINE
 
 log = logging.getLogger("backmix")

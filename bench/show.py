@@ -20,14 +20,14 @@ import torch
 from backmix.osr_data.decode import CANVAS_MODES
 from backmix.osr_data.errors import BackMixError
 from backmix.osr_data.splits import resolve_split
-
 from backmix.pipeline.backmix import top_k_mask
 from backmix.pipeline.batch import BackMixBatch
 from backmix.pipeline.config import ON_ERROR
-from .figure_file import check_figure_file
-from .geometry_options import add_geometry_options
 from backmix.pipeline.loaders import LOCAL_RAY_HELP
 from backmix.pipeline.sampling import AUGMENTS
+
+from .figure_file import check_figure_file, pyplot, save_figure
+from .geometry_options import add_geometry_options
 
 CELL_IN, DPI = 1.5, 100
 COLORBAR_IN = 0.6      # the strip on the right that holds the foreground map's colour bar
@@ -53,9 +53,8 @@ def render_sheet(batch: BackMixBatch, maps: np.ndarray, masks: np.ndarray, path:
                  partners: Optional[np.ndarray] = None,
                  mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), title: str = "") -> Path:
     """Write the sheet of ``batch`` (its first len(maps) images) to ``path`` (PNG)."""
+    plt = pyplot()
     import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     from matplotlib.patches import Rectangle
 
     n = len(maps)
@@ -98,11 +97,7 @@ def render_sheet(batch: BackMixBatch, maps: np.ndarray, masks: np.ndarray, path:
     bar = fig.colorbar(scale, cax=fig.add_axes([right + 0.01, row.y0, 0.012 * 8 / max(n, 1), row.height]))
     bar.set_label("foreground", fontsize=6)
     bar.ax.tick_params(labelsize=6)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=DPI, format=check_figure_file(path)[1])
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=DPI)
 
 
 def sheet_for(data: Path, out: Path, *, backend: str = "reference", cache: Optional[Path] = None, n: int = 8,

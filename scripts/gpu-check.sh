@@ -178,7 +178,7 @@ fi
 # Every report names the GPU it ran on and whether this was the --cpu dry run.
 "$PY" - "$OUT" "$DRY" <<'PYEOF'
 import json, pathlib, sys
-from backmix.bench.loader import machine
+from backmix.bench.machine import machine
 import torch
 gpu = torch.cuda.get_device_name() if torch.cuda.is_available() and sys.argv[2] == "0" else None
 for path in sorted(pathlib.Path(sys.argv[1]).glob("*-gpu.json")):

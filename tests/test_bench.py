@@ -322,3 +322,28 @@ def test_show_writes_the_format_its_extension_names_and_refuses_one_it_cannot(sm
     capsys.readouterr()
     assert cli_main(["show", "--data", str(small_root), "--out", str(tmp_path / "s.out")]) == 2
     assert capsys.readouterr().err.startswith("backmix: error: --out ") and not (tmp_path / "s.out").exists()
+
+
+def test_every_report_describes_its_machine_alike():
+    import os
+    import platform
+
+    import torch
+
+    from backmix.bench.machine import machine, machine_line
+    m = machine()
+    assert set(m) == {"cpu", "cores", "usable_cores", "system", "python", "gpu"}
+    assert m["cores"] == os.cpu_count() and 1 <= m["usable_cores"] <= m["cores"]
+    assert m["python"] == platform.python_version() and (m["gpu"] is None) == (not torch.cuda.is_available())
+    assert machine_line({"cpu": "Xeon", "cores": 8, "usable_cores": 2, "system": "Linux", "python": "3.11.7",
+                         "gpu": None}) == "Xeon, 8 cores (2 usable), no GPU, python 3.11.7"
+
+
+def test_a_saved_figure_takes_its_extension_s_format_and_its_folder_is_made(tmp_path):
+    from backmix.bench.figure_file import pyplot, save_figure
+    plt = pyplot()
+    fig, ax = plt.subplots()
+    ax.bar(["a"], [1])
+    path = save_figure(fig, tmp_path / "new" / "plot.svg", "--plot")
+    assert path == tmp_path / "new" / "plot.svg" and path.read_text().lstrip().startswith("<?xml")
+    assert not plt.get_fignums()                 # closed
