@@ -125,13 +125,13 @@ def claimed_by_another(out: Path, run: Run) -> bool:
 
 def claim(out: Path, run: Run) -> tuple[Path, Optional[float]]:
     """Claim ``run`` (call under the experiment's lock, after ``claimed_by_another`` said no) by writing
-    RUN/.claim. An earlier, interrupted attempt that saved a checkpoint (RUN/last.pt) is kept, to be
-    resumed; anything else it left is removed. Returns the folder and the seconds the kept attempt
+    RUN/.claim. An earlier, interrupted attempt that saved a checkpoint (RUN/last.pt beside the run's
+    config.json, both written whole) is kept, to be resumed; anything else it left is removed. Returns the folder and the seconds the kept attempt
     trained up to its checkpoint (from its claim to its last checkpoint; None when there is none)."""
     folder = run_dir(out, run)
     marker, checkpoint = folder / ".claim", folder / "last.pt"
     done_before = None
-    if checkpoint.is_file() and marker.is_file():
+    if checkpoint.is_file() and (folder / "config.json").is_file() and marker.is_file():
         done_before = max(0.0, checkpoint.stat().st_mtime - marker.stat().st_mtime)
         marker.unlink()
     elif folder.exists():

@@ -3,8 +3,9 @@
 Each backend runs in three modes, each a fresh loader with the same
 configuration and worker count: "off" (canvas + clean crop), "on" (canvas +
 mixed crop: BackMix's training stream, as in the authors' code) and "on+clean"
-(canvas + clean + mixed crops, for a loss on both). Each runs ``--warmup``
-batches, then times ``--batches`` batches (epochs roll over as needed):
+(canvas + clean + mixed crops, for a loss on both). Each warms up for
+``--warmup`` batches and the rest of that epoch, then times whole epochs, at
+least ``--batches`` batches (``time_loader``):
 images/s and time per batch (median, p95); ``--repeat`` rounds, interleaved. The breakdown times the torch stages in isolation on the same
 files (read and decode a batch to canvases with the loader's workers, the mix
 kernel, crop/flip/normalise, host-to-device on a GPU), DALI's decode and
@@ -49,22 +50,40 @@ def _percentile(xs: list[float], q: float) -> float:
     return float(np.percentile(np.asarray(xs), q))
 
 
+def spread(values: list) -> Optional[float]:
+    """The largest distance of a round's figure from the median over rounds, as a share of the median."""
+    values = [v for v in values if v is not None]
+    if not values:
+        return None
+    mid = statistics.median(values)
+    return max(abs(v / mid - 1) for v in values)
+
+
 def time_loader(loader, warmup: int, batches: int, sync: Callable[[], None]) -> list[float]:
-    """Seconds per batch for ``batches`` batches after ``warmup``, rolling over epochs."""
+    """Seconds per batch of the timed window: whole epochs, at least ``batches`` batches, after a warm-up
+    of at least ``warmup`` batches that always runs to the end of its epoch. Every loader has then read
+    each file once and compiled what it compiles (page cache, JIT, thread and worker start), and no
+    window cuts an epoch: each timed epoch's start (its workers, its prefetch) is in its first batch's
+    time, as a training epoch pays it, the same for every loader."""
     times: list[float] = []
-    epoch, seen = 0, 0
-    while len(times) < batches:
-        loader.set_epoch(epoch)
+    epoch, seen, warm = 0, 0, False
+    while not warm or len(times) < batches:
+        timed = warm
         t = time.perf_counter()
-        for batch in loader:
+        loader.set_epoch(epoch)
+        delivered = 0
+        for _ in loader:
             sync()
             now = time.perf_counter()
-            if seen >= warmup:
+            if timed:
                 times.append(now - t)
             seen += 1
-            if len(times) >= batches:
-                break
+            delivered += 1
             t = time.perf_counter()
+        if not delivered:
+            raise BackMixError("an epoch of the benchmark's loader gave no batch: give a folder of at least "
+                               "--batch-size images")
+        warm = warm or seen >= warmup
         epoch += 1
     return times
 
@@ -139,6 +158,7 @@ def run_benchmark(data: Optional[Path], backends: list[str], *, batches: int, wa
             t = times[(backend, mode)]
             row.update({"images_per_s": statistics.median(rates[(backend, mode)]),
                         "images_per_s_rounds": rates[(backend, mode)],
+                        "images_per_s_spread": spread(rates[(backend, mode)]),
                         "batch_ms_median": 1e3 * statistics.median(t), "batch_ms_p95": 1e3 * _percentile(t, 95),
                         "batches": len(t), "skipped": skipped.get((backend, mode), 0)})
         results.append(row)
@@ -155,7 +175,7 @@ def run_benchmark(data: Optional[Path], backends: list[str], *, batches: int, wa
         r["breakdown"] = dict(per_backend.get(r["backend"], {}))
         if r["backmix"] and r.get("images_per_s") and plain and plain.get("images_per_s"):
             r["breakdown"]["mix_overhead_ms"] = r["batch_ms_median"] - plain["batch_ms_median"]
-    ratios, spread = {}, {}
+    ratios, ranges = {}, {}
 
     def per_round(a, b):
         ra, rb = rates.get(a), rates.get(b)
@@ -169,12 +189,12 @@ def run_benchmark(data: Optional[Path], backends: list[str], *, batches: int, wa
                 candidates[f"{backend}_{name}_vs_reference_{name}"] = per_round((backend, mode), ("reference", mode))
         for name, values in candidates.items():
             if values:
-                ratios[name], spread[name] = statistics.median(values), [min(values), max(values)]
+                ratios[name], ranges[name] = statistics.median(values), [min(values), max(values)]
     return {"machine": machine(), "data": str(data), "images": len(index),
             "config": {"batch_size": batch_size, "canvas": canvas, "crop": crop, "workers": workers, **shape,
                        "batches": batches, "warmup": warmup, "device": str(dev)},
             "results": results, "decode_ceiling": decode_ceiling(index, workers, on_error=on_error), "ratios": ratios,
-            "ratio_range": spread, "rounds": repeat}
+            "ratio_range": ranges, "rounds": repeat}
 
 
 def ensure_beton(index, canvas: int, mode: str = DEFAULT_MODE, jpeg_quality: int = DEFAULT_QUALITY) -> Optional[Path]:
@@ -198,18 +218,19 @@ def ensure_beton(index, canvas: int, mode: str = DEFAULT_MODE, jpeg_quality: int
 
 
 def format_table(report: dict) -> str:
-    head = ("backend", "BackMix", "images/s", "batch ms (median)", "batch ms (p95)", "mix overhead ms")
+    head = ("backend", "BackMix", "images/s", "spread", "batch ms (median)", "batch ms (p95)", "mix overhead ms")
     rows = []
     for r in report["results"]:
         if r.get("images_per_s") is None:
-            rows.append((r["backend"], r["mode"], "-", "-", "-", r.get("error", "")))
+            rows.append((r["backend"], r["mode"], "-", "-", "-", "-", r.get("error", "")))
             continue
         mix = r["breakdown"].get("mix_overhead_ms")
-        rows.append((r["backend"], r["mode"], f"{r['images_per_s']:.0f}",
+        gap = r.get("images_per_s_spread")
+        rows.append((r["backend"], r["mode"], f"{r['images_per_s']:.0f}", "-" if gap is None else f"±{100 * gap:.0f} %",
                      f"{r['batch_ms_median']:.1f}", f"{r['batch_ms_p95']:.1f}",
                      "" if mix is None else f"{mix:+.1f}"))
     dc = report["decode_ceiling"]
-    rows.append((f"decode ceiling: {dc['decoder']}", "", f"{dc['images_per_s']:.0f}", "", "", ""))
+    rows.append((f"decode ceiling: {dc['decoder']}", "", f"{dc['images_per_s']:.0f}", "", "", "", ""))
     described = describe_input(report["images"], report["decode_ceiling"].get("formats") or {})
     lines = [f"input: {described}, {report['data']}", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -279,8 +300,8 @@ def register_bench(sub) -> None:
                        description=__doc__.split("\n\n", 1)[1])
     add_bench_folder_options(p)
     p.add_argument("--backend", default=",".join(BACKENDS), help="comma list of backends")
-    p.add_argument("--batches", type=int, default=20, help="timed batches per loader")
-    p.add_argument("--warmup", type=int, default=3, help="untimed batches first")
+    p.add_argument("--batches", type=int, default=20, help="timed batches, at least: whole epochs are timed until there are this many")
+    p.add_argument("--warmup", type=int, default=3, help="untimed batches first, at least: the warm-up runs to the end of its epoch")
     p.add_argument("--repeat", type=int, default=1,
                    help="rounds over every loader, interleaved; images/s and ratios are medians over rounds")
     p.add_argument("--batch-size", type=int, default=64)

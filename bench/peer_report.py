@@ -25,24 +25,30 @@ def _spread(values: list, digits: int) -> str:
     return f"{min(values):.{digits}f}-{max(values):.{digits}f}"
 
 
+def _share(spread) -> str:
+    """A round's largest distance from the median, as ± percent ("-": no figure)."""
+    return "-" if spread is None else f"±{100 * spread:.0f} %"
+
+
 def format_table(report: dict) -> str:
     c = report["config"]
     lines = [f"input: {describe_input(report['images'], report['formats'])}, {report['data']}",
              f"{c['crop']} RandomResizedCrop + flip + normalise (backmix: of a {c['canvas']} {c['canvas_mode']} canvas), "
              f"batch {c['batch_size']}, {c['workers']} workers/threads, {c['device']}; {report['rounds']} round(s) of "
-             f"{c['batches']} batches after {c['warmup']} warm-up, each in a fresh process", "",
-             "| family | loader | BackMix | images/s (median) | rounds | / stock (median) | rounds |",
-             "|---|---|---|---:|---:|---:|---:|"]
+             f"whole epochs of at least {c['batches']} batches after a warm-up epoch (at least {c['warmup']} batches), "
+             "each in a fresh process; spread: a round's largest distance from the median", "",
+             "| family | loader | BackMix | images/s (median) | rounds | spread | / stock (median) | rounds | spread |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|"]
     failed = []
     for row in report["results"]:
         rate = "-" if row["images_per_s"] is None else f"{row['images_per_s']:.0f}"
         if row["loader"] == "stock":
-            ratios = ""
+            ratios = " | "
         else:
             ratio = "-" if row["ratio_to_stock"] is None else f"{row['ratio_to_stock']:.2f}"
-            ratios = f"{ratio} | {_spread(row['ratio_to_stock_rounds'], 2)}"
+            ratios = f"{ratio} | {_spread(row['ratio_to_stock_rounds'], 2)} | {_share(row.get('ratio_to_stock_spread'))}"
         lines.append(f"| {row['family']} | {loader_words(row)} | {row['mode'] or ''} | {rate} | "
-                     f"{_spread(row['images_per_s_rounds'], 0)} | {ratios or ' | '} |")
+                     f"{_spread(row['images_per_s_rounds'], 0)} | {_share(row.get('images_per_s_spread'))} | {ratios} |")
         if "error" in row:
             failed.append(f"failed: {row['name']}: {row['error']}")
     lines += [""] + failed

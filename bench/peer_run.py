@@ -79,8 +79,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--crop", type=int, default=224)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    p.add_argument("--batches", type=int, default=20, help="timed batches")
-    p.add_argument("--warmup", type=int, default=3, help="untimed batches first")
+    p.add_argument("--batches", type=int, default=20, help="timed batches, at least: whole epochs are timed until there are this many")
+    p.add_argument("--warmup", type=int, default=3, help="untimed batches first, at least: the warm-up runs to the end of its epoch")
     return p
 
 

@@ -27,7 +27,7 @@ from typing import NamedTuple, Optional
 
 from backmix.osr_data.errors import BackMixError
 
-from .loader import MODES, add_bench_folder_options, ensure_beton
+from .loader import MODES, add_bench_folder_options, ensure_beton, spread
 from .machine import machine
 from .peer_run import FAMILIES, FAMILY_BACKENDS
 
@@ -140,9 +140,10 @@ def summarise(peers: list[Peer], records: list[dict]) -> list[dict]:
         row = {"name": p.name, "family": p.family, "loader": p.loader, "mode": p.mode or None,
                "beton": p.storage or ("stock" if p.family == "ffcv" else None),
                "images_per_s": _median(rates), "images_per_s_rounds": rates,
-               "batch_ms_median": _median(batch_ms)}
+               "images_per_s_spread": spread(rates), "batch_ms_median": _median(batch_ms)}
         if p.loader != "stock":
-            row.update({"ratio_to_stock": _median(ratios), "ratio_to_stock_rounds": ratios})
+            row.update({"ratio_to_stock": _median(ratios), "ratio_to_stock_rounds": ratios,
+                        "ratio_to_stock_spread": spread(ratios)})
         if errors:
             row["error"] = errors[-1]
         rows.append(row)
@@ -170,8 +171,9 @@ def run_peers(args) -> dict:
     data, images, formats (of up to 256 files, from their headers), config, rounds, families (measured),
     skipped ({family: why}), betons ({stock, jpgQ, raw}: path, bytes, what), results (one row per
     configuration: name, family, loader, mode, beton, images_per_s (median over rounds),
-    images_per_s_rounds, batch_ms_median; backmix's rows also ratio_to_stock (median) and
-    ratio_to_stock_rounds, each backmix images/s / stock images/s of the same round; error: the last
+    images_per_s_rounds, images_per_s_spread (the largest |round / median - 1|), batch_ms_median;
+    backmix's rows also ratio_to_stock (median), ratio_to_stock_rounds, each backmix images/s / stock
+    images/s of the same round, and ratio_to_stock_spread; error: the last
     failure's line) and round_records (round, order, load_1min_before/after, results, ratio_to_stock)."""
     from .folders import default_bench_folder, make_bench_folder
     from backmix.osr_data.index import ImageIndex
@@ -234,8 +236,9 @@ def register(sub) -> None:
     p.add_argument("--rounds", type=int, default=5,
                    help="interleaved rounds, each running every configuration once; figures are medians over rounds")
     p.add_argument("--batches", type=int, default=20,
-                   help="timed batches per measurement (more: less weight on the prefetched batches at the start)")
-    p.add_argument("--warmup", type=int, default=3, help="untimed batches first, in each measurement")
+                   help="timed batches per measurement, at least: whole epochs are timed until there are this many")
+    p.add_argument("--warmup", type=int, default=3,
+                   help="untimed batches first in each measurement, at least: the warm-up runs to the end of its epoch")
     p.add_argument("--batch-size", type=int, default=64, help="images per batch, every loader")
     p.add_argument("--canvas", type=int, default=256,
                    help="backmix's loaders: the square canvas (shorter side resized, centre square) the mix works on")

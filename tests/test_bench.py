@@ -52,7 +52,9 @@ def test_bench_loader_command_writes_every_field(bench_folder, tmp_path):
     assert set(rows) == {(b, m) for b in ("reference", "dali") for m in ("off", "on", "on+clean")}
     for row in rows.values():
         assert row["images_per_s"] > 0 and row["batch_ms_p95"] >= row["batch_ms_median"] > 0
-        assert row["batches"] == 4 and len(row["images_per_s_rounds"]) == 2     # 2 batches x 2 rounds
+        # whole epochs: one epoch (3 batches of 8 of the 24 images) reaches --batches 2; x 2 rounds
+        assert row["batches"] == 6 and len(row["images_per_s_rounds"]) == 2
+        assert row["images_per_s_spread"] == max(abs(v / row["images_per_s"] - 1) for v in row["images_per_s_rounds"])
         assert min(row["images_per_s_rounds"]) <= row["images_per_s"] <= max(row["images_per_s_rounds"])
     assert {"read_decode_ms", "canvas_resize_ms", "mix_ms", "augment_ms"} <= set(rows[("reference", "on")]["breakdown"])
     assert "mix_overhead_ms" in rows[("dali", "on")]["breakdown"]
@@ -208,7 +210,8 @@ def test_on_error_raise_or_skip_an_image_that_does_not_decode(broken_photos, tmp
     assert f"skipped {broken}: it does not decode" in caplog.text
     if command[0] == "bench":
         rows = json.loads((tmp_path / "b.json").read_text())["results"]
-        assert {r["mode"]: r["skipped"] for r in rows} == {"off": 1, "on": 1, "on+clean": 1}
+        # left out of each epoch it is read in: the warm-up epoch's and the timed one's
+        assert {r["mode"]: r["skipped"] for r in rows} == {"off": 2, "on": 2, "on+clean": 2}
     else:
         assert Image.open(tmp_path / "sheet.png").format == "PNG"
 
@@ -347,3 +350,25 @@ def test_a_saved_figure_takes_its_extension_s_format_and_its_folder_is_made(tmp_
     path = save_figure(fig, tmp_path / "new" / "plot.svg", "--plot")
     assert path == tmp_path / "new" / "plot.svg" and path.read_text().lstrip().startswith("<?xml")
     assert not plt.get_fignums()                 # closed
+
+
+def test_the_timed_window_is_whole_epochs_after_a_warm_up_that_ends_its_epoch():
+    from backmix.bench.loader import spread, time_loader
+
+    class FiveBatches:
+        def __init__(self):
+            self.epochs = []
+
+        def set_epoch(self, epoch):
+            self.epochs.append(epoch)
+
+        def __iter__(self):
+            return iter(range(5))
+
+    loader = FiveBatches()
+    times = time_loader(loader, warmup=7, batches=6, sync=lambda: None)
+    # warm-up: epoch 0 and all of epoch 1 (7 batches reach into it); timed: epochs 2 and 3, whole
+    assert loader.epochs == [0, 1, 2, 3] and len(times) == 10
+    loader = FiveBatches()
+    assert len(time_loader(loader, warmup=0, batches=1, sync=lambda: None)) == 5 and loader.epochs == [0, 1]
+    assert spread([90.0, 100.0, 120.0]) == pytest.approx(0.2) and spread([None]) is None
