@@ -14,7 +14,7 @@ import torch
 
 from backmix.models.checkpoint import read_checkpoint
 
-from test_trainer import REPO, assert_same_cache_files, cli_args, env, read_jsonl, tiny
+from test_trainer import REPO, assert_same_cache_files, cli_args, env, free_port, read_jsonl, tiny
 
 # 3 epochs of 6 steps (22 training rows, batches of 4); epoch 2 (index 1) rebuilds the cache in the loop.
 OPTIONS = ["--regen", "loop", "--save-every", "1"]
@@ -121,3 +121,55 @@ def test_a_resume_without_the_recorded_cams_it_needs_is_one_line(small_root, tmp
     done = train(cfg, "--resume", check=False)
     assert done.returncode == 2 and "is not the file of recorded CAMs that was saved with the checkpoint" in \
         done.stderr.splitlines()[-1], done.stderr[-3000:]
+
+
+def two_ranks(args: list[str], script: str = "") -> list[subprocess.Popen]:
+    """Rank 0 and 1 of a gloo run, started as torchrun would (each one's exit status its own), finished."""
+    port = str(free_port())
+    procs = [subprocess.Popen([sys.executable, *(["-c", script] if script else ["-m", "backmix"]), *args], cwd=REPO,
+                              env={**env(), "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
+                                   "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port},
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for rank in (0, 1)]
+    try:
+        for p in procs:
+            p.stderr_text = p.communicate(timeout=300)[1]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    return procs
+
+
+@pytest.fixture(scope="module")
+def unbroken_two_ranks(small_root, tmp_path_factory):
+    cfg = tiny(small_root, tmp_path_factory.mktemp("runs") / "straight-ddp", epochs=3, regen_every=2, batch_size=4)
+    done = two_ranks(["-q", *cli_args(cfg), *OPTIONS])
+    assert [p.returncode for p in done] == [0, 0], done[0].stderr_text[-3000:] + done[1].stderr_text[-3000:]
+    return cfg
+
+
+@pytest.mark.parametrize("nth, saved_step", [(1, None), (3, 2)], ids=["step-1", "step-3"])
+def test_two_ranks_killed_inside_a_rebuild_epoch_resume_each_with_its_own_cams(small_root, tmp_path,
+                                                                             unbroken_two_ranks, nth, saved_step):
+    """2 gloo ranks, 3 steps an epoch each (11 rows a rank); both SIGKILLed as their nth batch of the rebuild
+    epoch is recorded. Each rank takes back its own rows and its own BatchNorm statistics (a rank's CAMs
+    use its own, which DDP does not keep equal between steps)."""
+    cfg = tiny(small_root, tmp_path / "killed", epochs=3, regen_every=2, batch_size=4)
+    run = Path(cfg.out)
+    killed = two_ranks([*RECORD, str(nth), "-q", *cli_args(cfg), *OPTIONS], KILL_AT_CALL)
+    assert [p.returncode for p in killed] == [-signal.SIGKILL] * 2, killed[0].stderr_text[-3000:]
+    ckpt = read_checkpoint(run / "last.pt")
+    if saved_step is None:
+        assert ckpt["epoch"] == 1 and not ckpt.get("partial") and len(ckpt["rank_buffers"]) == 2
+    else:
+        assert [(p["loader"]["step"], p["in_loop"]["rows"], p["in_loop"]["file"]) for p in ckpt["partial"]] == [
+            (2, 8, "rank-0-of-2-epoch-1-step-2.arrow"), (2, 8, "rank-1-of-2-epoch-1-step-2.arrow")]
+    resumed = two_ranks(["-q", *cli_args(cfg), *OPTIONS, "--resume"])
+    assert [p.returncode for p in resumed] == [0, 0], resumed[0].stderr_text[-3000:] + resumed[1].stderr_text[-3000:]
+    a, b = read_jsonl(run / "metrics.jsonl"), read_jsonl(Path(unbroken_two_ranks.out) / "metrics.jsonl")
+    assert [r.get("regenerated") for r in a] == [None, 1, None] and a[1]["images"] == 22
+    for ra, rb in zip(a, b):
+        for key in ("loss", "train_acc", "images", "cache_generation", "eval", "weight_digests"):
+            assert ra.get(key) == rb.get(key), (ra["epoch"], key)
+    assert_same_cache_files(run / "cache", Path(unbroken_two_ranks.out) / "cache")
+    assert not (run / "in-loop-cams").exists()

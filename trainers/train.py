@@ -204,7 +204,7 @@ def run_epoch(cfg: TrainConfig, epoch: int, training: Training, data: OpenSetDat
         record.update(regenerated=staged, regen_s=in_loop + time.perf_counter() - t0)
         with on_every_rank(cfg.cache_dir):
             save_epoch_checkpoints(checkpoints, training, progress, record, improved=improved, regen_due=True,
-                                   rank=rank)
+                                   rank=rank, world=world)
         if cams is not None:   # every rank is past the checkpoint: its shard is staged, no file is named
             cams.finish()
         publish_staged(cfg.cache_dir, staged)
@@ -213,7 +213,7 @@ def run_epoch(cfg: TrainConfig, epoch: int, training: Training, data: OpenSetDat
             record["regen_in_loop_s"] = in_loop
     else:
         save_epoch_checkpoints(checkpoints, training, progress, record, improved=improved, regen_due=False,
-                               rank=rank)
+                               rank=rank, world=world)
     barrier(world)
     if epoch + 1 == cfg.epochs and world > 1:
         # DDP keeps the ranks' parameters equal; record each rank's digest so that is checkable.
