@@ -39,8 +39,9 @@ def schema(grid: int, meta: dict[str, object]) -> pa.Schema:
 
 
 def write_maps(path: Path, rows: np.ndarray, labels: np.ndarray, maps: np.ndarray,
-               meta: dict[str, object]) -> None:
-    """Atomically write one Arrow IPC file of ``maps`` (float16 [N, g, g]) for dataset ``rows``."""
+               meta: dict[str, object]) -> str:
+    """Atomically write one Arrow IPC file of ``maps`` (float16 [N, g, g]) for dataset ``rows``; returns
+    the CRC-32 its metadata records."""
     n, g, _ = maps.shape
     maps = np.ascontiguousarray(maps, dtype=np.float16)
     rows, labels = np.ascontiguousarray(rows, np.int64), np.ascontiguousarray(labels, np.int64)
@@ -48,13 +49,14 @@ def write_maps(path: Path, rows: np.ndarray, labels: np.ndarray, maps: np.ndarra
     if bad.any():
         raise BackMixError(f"refusing to write {path}: {int(bad.sum())} map values are NaN or outside [0, 1]")
     flat = pa.array(maps.reshape(-1), type=pa.float16())
+    crc = columns_crc(rows, labels, maps)
     batch = pa.record_batch([pa.array(rows, pa.int64()), pa.array(labels, pa.int64()),
-                             pa.FixedSizeListArray.from_arrays(flat, g * g)],
-                            schema=schema(g, {**meta, "crc32": columns_crc(rows, labels, maps)}))
+                             pa.FixedSizeListArray.from_arrays(flat, g * g)], schema=schema(g, {**meta, "crc32": crc}))
     with atomic_file(path) as tmp:
         with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, batch.schema) as writer:
             writer.write_batch(batch)
     fsync_dir(Path(path).parent)
+    return crc
 
 
 

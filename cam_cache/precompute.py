@@ -149,12 +149,15 @@ class GenerationWriter:
         """bool per dataset row of ``rows``: whether this shard has it already."""
         return self._done[np.asarray(rows, dtype=np.int64)]
 
-    def add(self, rows: np.ndarray, cams: np.ndarray) -> None:
-        """Blend float32 CAMs [B, g, g] of dataset ``rows`` into this shard: (1 - m) S_n + m CAM."""
-        rows = np.asarray(rows, dtype=np.int64)
+    def _check_new(self, rows: np.ndarray) -> None:
         if (self._class_of[rows] < 0).any() or self._done[rows].any() or len(np.unique(rows)) != len(rows):
             raise BackMixError("cache rebuild: a row outside the build, or a row twice "
                                f"(rows {rows[:8].tolist()}...)")
+
+    def add(self, rows: np.ndarray, cams: np.ndarray) -> None:
+        """Blend float32 CAMs [B, g, g] of dataset ``rows`` into this shard: (1 - m) S_n + m CAM."""
+        rows = np.asarray(rows, dtype=np.int64)
+        self._check_new(rows)
         # float32 arithmetic, one rounding to float16 per generation
         new = (1.0 - self.momentum) * self.base.gather(rows) + self.momentum * cams
         self._chunks.append((rows, new.astype(np.float16)))
@@ -199,18 +202,35 @@ class GenerationWriter:
         _check_pending(folder, self.shard[1], self.meta)
         if not self._chunks and self.path.exists():
             part = MappedMaps(self.path)
-            self._chunks.append((np.array(part.rows), np.array(part.maps)))
-            self._done[part.rows] = True
+            self.take(part.rows, part.maps, in_shard_file=True)
+
+    def take(self, rows: np.ndarray, maps: np.ndarray, *, in_shard_file: bool = False) -> None:
+        """Adopt finished float16 maps of dataset ``rows`` of this build as they are (a shard file of it, or
+        the rows an interrupted epoch recorded); ``in_shard_file``: they are this shard's file already."""
+        rows, g = np.asarray(rows, dtype=np.int64), self.base.grid
+        self._check_new(rows)
+        if np.shape(maps) != (len(rows), g, g):
+            raise BackMixError(f"cache rebuild: maps of shape {np.shape(maps)} for {len(rows)} rows of a "
+                               f"{g}x{g} cache")
+        self._chunks.append((np.array(rows), np.array(maps, dtype=np.float16)))
+        self._done[rows] = True
+        self._unwritten = self._unwritten or not in_shard_file
+
+    def held(self) -> tuple[np.ndarray, np.ndarray]:
+        """(rows ascending, their float16 maps [n, g, g]): what this shard holds so far."""
+        rows = np.concatenate([r for r, _ in self._chunks]) if self._chunks else np.empty(0, np.int64)
+        maps = (np.concatenate([m for _, m in self._chunks]) if self._chunks
+                else np.empty((0, self.base.grid, self.base.grid), np.float16))
+        order = np.argsort(rows, kind="stable")
+        self._chunks = [(rows[order], maps[order])] if len(rows) else []   # one copy, however often it is asked
+        return self._chunks[0] if self._chunks else (rows, maps)
 
     def write(self) -> None:
         """Atomically write this shard (its rows ascending); nothing to do for a shard taken over whole."""
         if not self._unwritten and self.path.exists():
             return
-        rows = np.concatenate([r for r, _ in self._chunks]) if self._chunks else np.empty(0, np.int64)
-        maps = (np.concatenate([m for _, m in self._chunks]) if self._chunks
-                else np.empty((0, self.base.grid, self.base.grid), np.float16))
-        order = np.argsort(rows, kind="stable")
-        write_maps(self.path, rows[order], self.index.labels[rows[order]], maps[order], self.meta)
+        rows, maps = self.held()
+        write_maps(self.path, rows, self.index.labels[rows], maps, self.meta)
         self._unwritten = False
 
 

@@ -11,10 +11,11 @@ cache folder of its own, ``node_folders.py`` brings the shards to rank 0 and the
 Between the two the trainer saves its epoch checkpoint (inside ``on_every_rank``),
 so the cache stage never calls back into the trainer. Resume, bitwise on the CPU:
 a kill before that checkpoint (mid-epoch included) leaves generation n current and
-the last checkpoint at the previous epoch: the resumed run repeats the epoch from
-the same weights, RNG state and masks, so the in-loop CAMs, taken at the same
-steps, are the same numbers (the repeat's writer overwrites any shard the killed
-attempt left). A kill after it finds every shard on disk: ``stage_generation``
+the last checkpoint at the previous epoch's end, or at a step of this one that kept
+the CAMs recorded until then (``InLoopRebuild.save_rows``): the resumed run repeats
+the steps after it from the same weights, RNG state and masks, so the in-loop CAMs,
+taken at the same steps, are the same numbers (the repeat's writer overwrites any
+shard the killed attempt left). A kill after it finds every shard on disk: ``stage_generation``
 takes the shard files over and only the publish is left. The in-loop CAMs are
 never recomputed from end-of-epoch weights, which would give other maps.
 

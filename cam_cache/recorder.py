@@ -12,7 +12,9 @@ no rank saw in the block (a loop resumed mid-epoch) are computed there by a pass
 over the current weights, so the generation always covers every row once.
 
 ``backmix train --regen loop`` uses this same recorder, splitting the end in two:
-``stage()``, its checkpoint, ``publish()``. Under DDP a loader that repeats a
+``stage()``, its checkpoint, ``publish()``; its mid-epoch checkpoints keep the rows
+recorded so far beside last.pt (``save_rows``, ``load_rows``: a file in the shard
+format), since the CAMs of past steps cannot be taken again after a resume. Under DDP a loader that repeats a
 sample to give every rank the same number of steps (``EpochSampler``) gets that
 sample's CAM once, from its first step.
 """
@@ -25,6 +27,7 @@ from torch import nn
 
 from backmix.osr_data.errors import BackMixError
 
+from .generation_file import MappedMaps, write_maps
 from .precompute import GenerationWriter
 from .ranks import rank_and_world
 from .rebuild import publish_staged, stage_generation
@@ -86,6 +89,26 @@ loader's ``on_error`` is the pass's: under "skip" a row it skipped keeps its map
         elif new.any():
             keep = np.flatnonzero(new)
             self.writer.add_canvases(batch.canvas[keep], batch.indices[keep])
+
+    def save_rows(self, path) -> dict:
+        """The rows recorded so far, as one Arrow file of the shard format at ``path`` (atomically); returns
+        what to keep to take them back: the row count, the file's CRC-32 and the seconds spent on them."""
+        rows, maps = self.writer.held()
+        crc = write_maps(path, rows, self.writer.index.labels[rows], maps, self.writer.meta)
+        return {"rows": int(len(rows)), "crc32": crc, "cam_s": float(self.cam_seconds)}
+
+    def load_rows(self, path, saved: dict) -> None:
+        """Take back, into a recorder just started, the rows ``save_rows`` wrote to ``path`` (``saved``: what
+        it returned); a file of another build, or another file than the one saved, is refused."""
+        part = MappedMaps(path)
+        if part.meta.get("crc32") != saved.get("crc32") or len(part) != saved.get("rows"):
+            raise BackMixError(f"{path} is not the file of recorded CAMs that was saved with the checkpoint "
+                               f"({len(part)} rows, CRC {part.meta.get('crc32')}; saved: {saved.get('rows')} "
+                               f"rows, CRC {saved.get('crc32')})")
+        if {k: part.meta.get(k) for k in self.writer.meta} != self.writer.meta:
+            raise BackMixError(f"{path} holds CAMs of another cache build (weights, generation, data set or rows)")
+        self.writer.take(part.rows, part.maps)
+        self.writer.cam_seconds = float(saved.get("cam_s", 0.0))
 
     def stop(self) -> None:
         if getattr(self.loader, "recorder", None) is self:

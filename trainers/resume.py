@@ -6,6 +6,11 @@ Saved at an epoch's end, or every ``--save-every`` steps inside one ("partial": 
 position, running sums and RNG), a resumed run continues from it; on the CPU the result equals the
 uninterrupted run's bit for bit. A rebuild epoch's checkpoint also records the cache generation its
 rebuild publishes (``regen_pending``), so a resume can finish a publish the kill cut off.
+
+Under torchrun the BatchNorm running statistics are each rank's own (DDP sends rank 0's at every
+forward, and each rank's batches move its own after), and a rank's CAMs, taken between steps, use
+its own; so every checkpoint of a run of several ranks holds each rank's buffers too, which a
+resume on as many ranks gives back to each.
 """
 from __future__ import annotations
 
@@ -93,12 +98,28 @@ def training_state(training: Training) -> dict:
     return state
 
 
+def own_buffers(model: nn.Module) -> dict:
+    """This rank's buffers (BatchNorm's running statistics), as a checkpoint stores them."""
+    return {name: b.detach().cpu().clone() for name, b in getattr(model, "module", model).named_buffers()}
+
+
+def restore_own_buffers(model: nn.Module, buffers: Optional[dict], path: Path) -> None:
+    """Give this rank back its own buffers (``own_buffers``) saved in ``path``."""
+    own = dict(getattr(model, "module", model).named_buffers())
+    if not isinstance(buffers, dict) or buffers.keys() != own.keys() or \
+            any(not isinstance(v, torch.Tensor) or v.shape != own[k].shape for k, v in buffers.items()):
+        raise BackMixError(f"{path}: a rank's saved BatchNorm statistics do not fit the model")
+    with torch.no_grad():
+        for name, b in own.items():
+            b.copy_(buffers[name])
+
+
 def save_mid_epoch(mine: dict, checkpoints: RunCheckpoints, training: Training, progress: RunProgress, *,
                    epoch: int, maps, rank: int, world: int) -> None:
     """last.pt part-way through ``epoch``: every rank's loader position, sums and RNG (``mine`` is this
     rank's, from ``train_one_epoch``) with the rest; rank 0 writes it. ``maps``: the training loader's
     foreground cache (None without BackMix), whose generation the epoch's masks come from."""
-    parts = exchange(mine, world)
+    parts = exchange({**mine, "buffers": own_buffers(training.model)} if world > 1 else mine, world)
     if rank == 0:
         checkpoints.save("last.pt", training.model, epoch=epoch, **training_state(training),
                          metrics=progress.history, best=progress.best, regen_pending=False,
@@ -106,15 +127,19 @@ def save_mid_epoch(mine: dict, checkpoints: RunCheckpoints, training: Training, 
 
 
 def save_epoch_checkpoints(checkpoints: RunCheckpoints, training: Training, progress: RunProgress,
-                           record: dict, *, improved: bool, regen_due: bool, rank: int) -> None:
+                           record: dict, *, improved: bool, regen_due: bool, rank: int, world: int = 1) -> None:
     """Rank 0 saves the end of epoch ``record["epoch"]``: best.pt first (when ``improved``: the weights
     evaluated, the EMA's with --ema), so a last.pt on disk means every best.pt up to its epoch is
-    there too; then last.pt. A rebuild epoch records the generation its rebuild publishes."""
+    there too; then last.pt. A rebuild epoch records the generation its rebuild publishes. Every rank
+    calls it (under torchrun the ranks send rank 0 their buffers first)."""
+    buffers = exchange(own_buffers(training.model), world) if world > 1 else None
     if rank != 0:
         return
     state = dict(epoch=record["epoch"], **training_state(training), metrics=progress.history + [record],
                  best=progress.best, regen_pending=regen_due,
                  cache_generation=(record["cache_generation"] or 0) + int(regen_due))
+    if buffers is not None:
+        state["rank_buffers"] = buffers
     if improved:
         checkpoints.save("best.pt", training.recipe.eval_model(training.model), **state)
     checkpoints.save("last.pt", training.model, **state)
@@ -171,4 +196,8 @@ def restore_training(training: Training, ckpt: dict, *, rank: int, world: int, p
             raise BackMixError(f"{path} was saved mid-epoch by {len(ckpt['partial'])} rank(s); "
                                f"resume it on as many, not {world}")
         progress.partial = ckpt["partial"][rank]
+    if world > 1:   # each rank's own BatchNorm statistics, when saved by as many ranks (else rank 0's, as loaded)
+        every = [p.get("buffers") for p in ckpt["partial"]] if ckpt.get("partial") else ckpt.get("rank_buffers") or []
+        if len(every) == world and every[rank] is not None:
+            restore_own_buffers(training.model, every[rank], path)
     return progress

@@ -12,15 +12,15 @@ epoch's line to RUN/metrics.jsonl. When e+1 is a multiple of ``regen_every``
 decodes the data again after the epoch; either way every rank stages its shard
 (``backmix.cam_cache.rebuild``), then the checkpoint is saved (recording the generation the rebuild
 publishes), then rank 0 publishes. A run killed before the checkpoint repeats the
-epoch on ``--resume`` (same weights, same masks, so the same in-loop CAMs); one
-killed after it publishes the shards on disk. The stream of masks stays what it
+epoch on ``--resume`` from its last checkpoint (same weights, same masks, so the same
+in-loop CAMs); one killed after it publishes the shards on disk. The stream of masks stays what it
 would have been (see ``backmix.cam_cache.precompute``).
 With ``--save-every N``, last.pt is also written every N steps inside an epoch
 ("partial": each rank's loader position, running sums and RNG), and ``--resume``
 continues from that step: on the CPU the result equals the uninterrupted run's bit
-for bit. A ``--regen loop`` rebuild epoch is the exception: its in-loop CAMs live in
-memory until its shard is written, so it saves no partial checkpoint and a resume
-repeats it (the same numbers again).
+for bit. In a ``--regen loop`` rebuild epoch each such save also writes the CAMs
+each rank recorded so far beside last.pt (``in_loop_cams``), so a resume continues
+that epoch's rebuild too, and publishes the uninterrupted run's generation.
 """
 from __future__ import annotations
 
@@ -42,6 +42,7 @@ from .config import TrainConfig
 from .methods import method_name
 from .distributed import barrier, close_distributed, gather_weight_digests, init_distributed, unwrap, wrap_ddp
 from .epoch import evaluate, predict, train_one_epoch
+from .in_loop_cams import InLoopCams
 from .optim import build_optimizer, build_scheduler
 from .precision import Precision
 from .recipe import Recipe, load_pretrained, sync_batchnorm
@@ -110,6 +111,8 @@ def run(cfg: TrainConfig, device: torch.device, rank: int, world: int, resume: b
         progress = RunProgress()
         if resume:
             progress = restore_training(training, ckpt, rank=rank, world=world, path=cfg.run_dir / "last.pt")
+            if not (progress.partial or {}).get("in_loop"):   # what a kill after a rebuild epoch's end left
+                InLoopCams(cfg.run_dir, rank, world).finish()
             if cfg.backmix and ckpt.get("regen_pending"):
                 finish_pending_rebuild(cfg, training.model, data, device, maps, ckpt, progress, cfg.run_dir, rank)
         if rank == 0:
@@ -176,9 +179,12 @@ def run_epoch(cfg: TrainConfig, epoch: int, training: Training, data: OpenSetDat
     regen_due = rebuild_due(cfg, epoch)
     recorder = loop_recorder(cfg, training.model, loaders.train, epoch + 1, rank) \
         if regen_due and cfg.regen == "loop" else None
-    save = None if recorder is not None else functools.partial(   # in-loop CAMs are in memory: no partial
-        save_mid_epoch, checkpoints=checkpoints, training=training, progress=progress, epoch=epoch, maps=maps,
-        rank=rank, world=world)
+    save = functools.partial(save_mid_epoch, checkpoints=checkpoints, training=training, progress=progress,
+                             epoch=epoch, maps=maps, rank=rank, world=world)
+    cams = InLoopCams(cfg.run_dir, rank, world) if recorder is not None else None
+    if cams is not None:   # the CAMs recorded so far go beside every mid-epoch last.pt, and come back from it
+        cams.resume(recorder, progress.partial, cfg.run_dir / "last.pt")
+        save = cams.saving(recorder, save)
     record = {"epoch": epoch + 1}
     record.update(train_one_epoch(training.model, loaders.train, training.optimizer, training.scheduler, cfg,
                                   training.precision, epoch, rank=rank, world=world, partial=progress.partial,
@@ -198,14 +204,16 @@ def run_epoch(cfg: TrainConfig, epoch: int, training: Training, data: OpenSetDat
         record.update(regenerated=staged, regen_s=in_loop + time.perf_counter() - t0)
         with on_every_rank(cfg.cache_dir):
             save_epoch_checkpoints(checkpoints, training, progress, record, improved=improved, regen_due=True,
-                                   rank=rank)
+                                   rank=rank, world=world)
+        if cams is not None:   # every rank is past the checkpoint: its shard is staged, no file is named
+            cams.finish()
         publish_staged(cfg.cache_dir, staged)
         record["regen_s"] = in_loop + time.perf_counter() - t0          # the publish included
         if recorder is not None:
             record["regen_in_loop_s"] = in_loop
     else:
         save_epoch_checkpoints(checkpoints, training, progress, record, improved=improved, regen_due=False,
-                               rank=rank)
+                               rank=rank, world=world)
     barrier(world)
     if epoch + 1 == cfg.epochs and world > 1:
         # DDP keeps the ranks' parameters equal; record each rank's digest so that is checkable.
