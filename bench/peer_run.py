@@ -17,9 +17,13 @@ import statistics
 import sys
 from pathlib import Path
 
+from backmix.options import add_options
+
 FAMILIES = ("torch", "ffcv", "dali")
 # family -> backmix's backends of that family
 FAMILY_BACKENDS = {"torch": ("reference", "torchvision"), "ffcv": ("ffcv",), "dali": ("dali",)}
+# The stock loaders' ImageNet recipe: RandomResizedCrop to 224 (backmix's loaders: from a 256 canvas).
+PEER_GEOMETRY = {"canvas": 256, "crop": 224}
 
 
 def build(args, device):
@@ -74,11 +78,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--mode", choices=tuple(MODES), default="off", help="backmix loaders: BackMix off, on, on+clean")
     p.add_argument("--data", type=Path, required=True, help="the image folder (an indexed ImageFolder)")
     p.add_argument("--beton", type=Path, default=None, help="FFCV loaders: the beton to read")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--canvas", type=int, default=256, help="backmix loaders: the canvas the crop is taken from")
-    p.add_argument("--crop", type=int, default=224)
-    p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    add_options(p, ("batch_size", "canvas", "crop", "workers", "device"), defaults={**PEER_GEOMETRY, "device": "cpu"})
     p.add_argument("--batches", type=int, default=20, help="timed batches")
     p.add_argument("--warmup", type=int, default=3, help="untimed batches first")
     return p
