@@ -69,7 +69,6 @@ OPTIONS = {
                      lambda: {"type": device_option}),
 }
 GEOMETRY = ("canvas", "crop", "canvas_mode", "augment")
-BACKEND = ("backend", "ray_address", "prefetch", "workers", "on_error")
 
 # What a default of None means, where the help says it in words.
 NONE_MEANS = {"ray_address": ("backmix.pipeline.loaders", "LOCAL_RAY_HELP"),
@@ -91,20 +90,16 @@ def default_of(source: str) -> Any:
     return inspect.signature(owner).parameters[name].default
 
 
-class _Unset:
-    def __repr__(self) -> str:
-        return "the field's default"
-
-
-UNSET = _Unset()
+UNSET = object()   # no default given: the field's
 
 
 def add_option(p, name: str, default: Any = UNSET, *, said: Optional[str] = None, several: bool = False,
                shown: Any = UNSET, aliases: tuple[str, ...] = ()) -> None:
     """Adds the shared option ``name`` to ``p``. ``default``: the command's own (else the field's);
     ``said``: the default in words, for a default (None) the command resolves later; ``several``: a
-    comma list of values instead of one (the benchmarks'); ``shown``: the default the help states where ``default`` is
-    ``argparse.SUPPRESS`` (the option stays out of the namespace when not given)."""
+    comma list of values instead of one (the benchmarks'); ``shown``: the default the help states
+    where ``default`` is ``argparse.SUPPRESS`` (the option stays out of the namespace when not given);
+    ``aliases``: other spellings a command has always accepted."""
     option = OPTIONS[name]
     kwargs = option.kwargs()
     help_text = option.help
@@ -123,7 +118,7 @@ def add_option(p, name: str, default: Any = UNSET, *, said: Optional[str] = None
 
 def add_options(p, names, *, defaults: Optional[dict] = None, said: Optional[dict] = None,
                 only_given: Optional[str] = None) -> None:
-    """Adds the shared options ``names`` (e.g. ``GEOMETRY``, ``BACKEND``) to ``p``, each with the
+    """Adds the shared options ``names`` (e.g. ``GEOMETRY``) to ``p``, each with the
     command's default from ``defaults`` where it has its own, and its default in words from ``said``.
     ``only_given`` ("module:Config"): an option not given stays out of the namespace (the command knows
     what was explicit), and the help states the default of the same-named field of that config."""
@@ -134,7 +129,3 @@ def add_options(p, names, *, defaults: Optional[dict] = None, said: Optional[dic
         else:
             add_option(p, name, defaults.get(name, UNSET), said=said.get(name))
 
-
-def add_geometry_options(p: argparse.ArgumentParser, *, grid: bool = False, **defaults) -> None:
-    """``--canvas`` and ``--crop`` (and ``--grid``), for the commands that build a loader from their own flags."""
-    add_options(p, ("canvas", "crop") + (("grid",) if grid else ()), defaults=defaults)

@@ -281,7 +281,7 @@ def format_table(report: dict) -> str:
 
 
 def register_bench(sub) -> None:
-    from backmix.options import DefaultsFormatter, add_geometry_options, add_option, add_options
+    from backmix.options import DefaultsFormatter, add_option, add_options
     from backmix.pipeline.loaders import BACKENDS
 
     p = sub.add_parser("scale", help="index, cache, first-batch, memory and rebuild costs on an ImageNet-sized folder",
@@ -294,7 +294,7 @@ def register_bench(sub) -> None:
                    help="batches an epoch of each loader, and steps of the training run (a `backmix train` child "
                         "stopped after them); 0: whole epochs, and the trainer in this process with its rebuild")
     add_options(p, ("batch_size", "workers"))
-    add_geometry_options(p)
+    add_options(p, ("canvas", "crop"))
     p.add_argument("--source-images", type=int, default=1024,
                    help="distinct JPEGs (the bench folder of that size) the folder's files link to")
     p.add_argument("--sample-s", type=float, default=0.5, help="seconds between memory samples")

@@ -16,6 +16,7 @@ from backmix.options import OPTIONS, add_option, add_options, default_of
 REPO = Path(__file__).resolve().parent.parent
 SHARED = {option.flag: name for name, option in OPTIONS.items()}
 # What a command or the shared module appends: its default, in words or as ArgumentDefaultsHelpFormatter writes it.
+NOT_SOURCE = {"build", "dist", "tests"}   # a built copy; the tests' own parsers
 DEFAULT_SUFFIX = re.compile(r"( \(default: .*\))+\Z", re.DOTALL)
 
 
@@ -99,8 +100,10 @@ def test_a_default_is_the_config_fields_unless_the_command_gives_its_own():
 def declared_by_hand() -> list[str]:
     """``file:line flag`` of every ``add_argument`` call outside backmix/options.py naming a shared flag."""
     out = []
-    for path in sorted(REPO.rglob("*.py")):
-        if path == REPO / "backmix" / "options.py" or any(part.startswith(".") for part in path.parts):
+    sources = [folder for folder in REPO.iterdir() if folder.is_dir() and folder.name not in NOT_SOURCE
+               and not folder.name.startswith(".")]
+    for path in sorted(p for folder in sources for p in folder.rglob("*.py")):
+        if path == REPO / "backmix" / "options.py":
             continue
         for node in ast.walk(ast.parse(path.read_text(), str(path))):
             if isinstance(node, ast.Call) and getattr(node.func, "attr", None) == "add_argument":
