@@ -5,7 +5,6 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 from backmix.options import DefaultsFormatter, add_options, default_of
@@ -65,7 +64,9 @@ def register(sub) -> None:
 
 def parse_shard(text: str | None) -> tuple[int, int]:
     if text is None:
-        return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+        from .ranks import launched_as
+        rank, world, _ = launched_as()
+        return rank, world
     try:
         k, n = (int(x) for x in text.split("/"))
     except ValueError:

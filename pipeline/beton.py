@@ -40,6 +40,7 @@ from backmix._fs import atomic_file, check_output_file
 from backmix.osr_data.decode import (CANVAS_MODES, DecodeError, check_canvas_mode, decode_rgb, read_canvas,
                                      to_numpy_hwc)
 from backmix.options import DefaultsFormatter, add_options
+from backmix.cam_cache.ranks import launched_as
 from backmix.osr_data.errors import BackMixError
 from backmix.osr_data.filelock import exclusive_lock
 from backmix.osr_data.index import ImageIndex
@@ -104,16 +105,9 @@ def skipped_rows(stored_index: np.ndarray) -> np.ndarray:
     return (-1 - stored_index[stored_index < 0]).astype(np.int64)
 
 
-def _rank() -> int:
-    try:
-        return int(os.environ.get("RANK", "0"))
-    except ValueError:
-        return 0
-
-
 def _wait_for(path: Path, poll_s: float = 1.0) -> None:
     """Another rank writes ``path``: wait until it exists and its writer let go of the lock."""
-    log.info("rank %d: waiting for rank 0 to write %s", _rank(), path)
+    log.info("rank %d: waiting for rank 0 to write %s", launched_as()[0], path)
     while not path.exists():
         time.sleep(poll_s)
     with exclusive_lock(path):
@@ -158,7 +152,7 @@ def write_beton(index: ImageIndex, path: str | os.PathLike, *, canvas: Optional[
         raise BackMixError(f"{index.root} holds no images to write")
     path = check_output_file(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    if _rank() > 0:
+    if launched_as()[0] > 0:
         _wait_for(path)
         return BetonWrite(path, False, [])
     fields = {"image": RGBImageField(write_mode=mode, max_resolution=canvas or max_resolution,
