@@ -254,12 +254,12 @@ def bench_folder(data: Optional[Path], n_images: int):
     """(folder, its index) a benchmark reads: ``data`` (an image folder, or a prepared root: its train/),
     else the folder of ``n_images`` bench photos, made once (``--data`` and ``--images``)."""
     from .folders import default_bench_folder, make_bench_folder
-    from backmix.osr_data.index import ImageIndex
+    from backmix.osr_data.index import ImageIndex, train_folder
     if data is None:
         data = default_bench_folder(n_images)
         return data, make_bench_folder(data, n_images)
     data = Path(data)
-    return data, ImageIndex.load(data / "train" if (data / "train").is_dir() else data)
+    return data, ImageIndex.load(train_folder(data))
 
 
 def add_bench_folder_options(p) -> None:

@@ -174,7 +174,7 @@ def run_peers(args) -> dict:
     ratio_to_stock_rounds, each backmix images/s / stock images/s of the same round; error: the last
     failure's line) and round_records (round, order, load_1min_before/after, results, ratio_to_stock)."""
     from .folders import default_bench_folder, make_bench_folder
-    from backmix.osr_data.index import ImageIndex
+    from backmix.osr_data.index import ImageIndex, train_folder
 
     from backmix.pipeline.beton_location import check_storage
     from backmix.pipeline.config import LoaderConfig, choose_device
@@ -195,7 +195,7 @@ def run_peers(args) -> dict:
     if args.data is None:
         index = make_bench_folder(default_bench_folder(args.images), args.images)
     else:
-        index = ImageIndex.load(args.data / "train" if (args.data / "train").is_dir() else args.data)
+        index = ImageIndex.load(train_folder(args.data))
     if len(index) < args.batch_size:
         raise BackMixError(f"{index.root} holds {len(index)} images, fewer than one batch of {args.batch_size}: "
                            "give a smaller --batch-size or more images")

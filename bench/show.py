@@ -104,7 +104,7 @@ def sheet_for(data: Path, out: Path, *, backend: str = "reference", cache: Optio
     images that do not decode are left out of it, each named in a warning; with ``split``, only the
     known classes of that open-set split, labelled as the trainer labels them)."""
     from backmix.cam_cache import ForegroundCache, UniformMaps
-    from backmix.osr_data.index import ImageIndex
+    from backmix.osr_data.index import ImageIndex, train_folder
 
     from backmix.pipeline.config import LoaderConfig
     from backmix.pipeline.loaders import backend_options, make_loader
@@ -112,7 +112,7 @@ def sheet_for(data: Path, out: Path, *, backend: str = "reference", cache: Optio
     options = backend_options(backend, ray_address=ray_address, prefetch=prefetch)
     if n < 2:
         raise BackMixError("--n must be at least 2: BackMix pairs images of one batch")
-    index = ImageIndex.load(_split_folder(data))
+    index = ImageIndex.load(train_folder(data))
     rows, label_map, known = None, None, ""
     if split is not None:
         open_set = resolve_split(index.classes, split)
@@ -133,12 +133,6 @@ def sheet_for(data: Path, out: Path, *, backend: str = "reference", cache: Optio
              "yellow: where the partner's background box lands")
     return render_sheet(batch, soft, masks, out, boxes=params.boxes, box_hw=config.sampler().box_hw,
                         partners=params.partners, mean=config.mean, std=config.std, title=title)
-
-
-def _split_folder(data: Path) -> Path:
-    """A prepared root (with train/) or an image folder itself."""
-    data = Path(data)
-    return data / "train" if (data / "train").is_dir() else data
 
 
 def _add_args(p, cache_required: bool) -> None:
