@@ -60,7 +60,7 @@ OPTIONS = {
                           "backmix.trainers.config:TrainConfig.ray_address", lambda: {"metavar": "auto|HOST:PORT"}),
     "prefetch": Option("--prefetch", "--backend ray: batches in flight at most",
                        "backmix.trainers.config:TrainConfig.prefetch", lambda: {"type": int}),
-    "workers": Option("--workers", "decoding worker processes (or threads) of every loader",
+    "workers": Option("--workers", "decoding worker processes (or threads)",
                       "backmix.pipeline.config:LoaderConfig.num_workers", lambda: {"type": int}),
     "on_error": Option("--on-error", "an image that does not decode: raise = stop; skip = leave it out, "
                                      "named and counted",
