@@ -15,10 +15,12 @@ from torch import nn
 from .arguments import (check_eval_loader, check_loader_model, check_model, check_root, check_split,
                         check_val_fraction)
 from .cam_cache import ForegroundCache, rebuild_cache
+from .cam_cache.ranks import launched_as
 from .cam_cache.recorder import InLoopRebuild
 from .pipeline import LoaderConfig, make_loader
 from .pipeline.loaders import backend_options
 from .pipeline.sampling import check_seed
+from .models.zoo import unwrap
 from .osr_data.normalize import IMAGENET_MEAN, IMAGENET_STD
 from .osr_data.protocols import split_list
 from .osr_data.open_set import OpenSetData, load_data
@@ -45,7 +47,8 @@ def open_set_data(root: str | os.PathLike, split: str | int = "0", *, val_fracti
 def _dist() -> tuple[int, int]:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    rank, world, _ = launched_as()
+    return rank, world
 
 
 def loader(data: OpenSetData | str | os.PathLike, *, split: str | int | None = None,
@@ -106,7 +109,7 @@ def rebuild(train_loader, model: nn.Module, *, momentum: float = 0.1, progress: 
     if not isinstance(maps, ForegroundCache):
         raise TypeError("rebuild needs a loader made with a cache folder: backmix.loader(..., cache=DIR)")
     cfg = train_loader.config
-    net = getattr(model, "module", model)
+    net = unwrap(model)
     was_training = net.training
     try:
         return rebuild_cache(maps.cache_dir, net.eval(), train_loader.index, canvas=cfg.canvas,

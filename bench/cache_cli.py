@@ -3,7 +3,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from backmix.cam_cache.cli import FMT
+from backmix.cam_cache.cli import FMT, INIT
+from backmix.options import add_option, add_options, default_of
 from backmix.osr_data.errors import BackMixError
 
 
@@ -11,17 +12,16 @@ def register_bench(sub) -> None:
     p = sub.add_parser("cache", help="precompute vs inference throughput, publish time/size, gather latency",
                        formatter_class=FMT)
     p.add_argument("--rows", type=int, default=1_281_167, help="rows of the synthetic cache (ImageNet-1k train)")
-    p.add_argument("--grid", type=int, default=8, help="g of the g x g maps")
+    add_options(p, ("grid",), defaults={"grid": default_of(f"{INIT}.grid")})
     p.add_argument("--arch", default="resnet18",
                    help="model timed for precompute vs plain inference (any --arch of backmix train)")
-    p.add_argument("--canvas", "--image-size", dest="canvas", type=int, default=112,
-                   help="canvas side of the timed batches")
-    p.add_argument("--batch-size", type=int, default=256, help="images per timed forward pass")
+    add_option(p, "canvas", 112, aliases=("--image-size",))   # of the timed batches
+    add_options(p, ("batch_size",), defaults={"batch_size": 256})   # of the timed forward passes
     p.add_argument("--repeats", type=int, default=7, help="timed batches of each path (median)")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto: the GPU when there is one")
+    add_options(p, ("device",))
     p.add_argument("--loop-images", type=int, default=1024,
                    help="bench photos of the in-loop rebuild vs separate pass figure (0: skip it)")
-    p.add_argument("--workers", type=int, default=2, help="decoding worker processes of the separate pass")
+    add_options(p, ("workers",), defaults={"workers": 2})   # of the separate pass (LoaderConfig would import torch)
     p.add_argument("--dir", type=Path, default=None, help="where to write the synthetic cache (default: a temp dir)")
     p.add_argument("--json", type=Path, default=None, help="write the figures here")
     p.set_defaults(func=run_bench)

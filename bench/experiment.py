@@ -28,13 +28,12 @@ from typing import Optional
 from tqdm import tqdm
 
 from backmix._fs import atomic_write_bytes, check_output_folder
-from backmix.osr_data.decode import CANVAS_MODES
+from backmix.options import DefaultsFormatter, add_options
 from backmix.osr_data.errors import BackMixError
 from backmix.osr_data.filelock import exclusive_lock
 from backmix.osr_data.prepare import prepare
 from backmix.osr_data.protocols import PROTOCOLS, split_list
 from backmix.osr_data.splits import split_number
-from backmix.pipeline.sampling import AUGMENTS
 from backmix.trainers.config import TrainConfig
 from backmix.trainers.config_file import write_config_yaml
 from backmix.trainers.run_files import append_jsonl, read_jsonl
@@ -278,7 +277,7 @@ def run_experiment(out: Path, datasets: Optional[list[str]] = None, splits: Opti
 
 def register(top) -> None:
     p = top.add_parser("experiment", help="baseline vs BackMix over data sets, splits and seeds, paired",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                       formatter_class=DefaultsFormatter,
                        description="For each data set, seed and open-set split, train the plain baseline and "
                                    "BackMix with the same seed, budget and validation rows; write "
                                    "DIR/results.jsonl (one line a run; finished runs are skipped when run "
@@ -287,7 +286,8 @@ def register(top) -> None:
                                    "probability (MSP), maximum logit (MLS) and energy) and DIR/experiment.log. "
                                    "The default plan: " + plan_text(DEFAULT_PLAN, 5) + ". Several processes "
                                    "may share one DIR (each claims its next run). Data sets are prepared "
-                                   "under DIR/data if absent.")
+                                   "under DIR/data if absent. --canvas-mode and --augment are part of the "
+                                   "budget: runs of another value in DIR are not mixed in.")
     p.add_argument("--out", type=Path, required=True, help="experiment folder")
     p.add_argument("--datasets", default=None,
                    help="comma list of bundled data sets (default: those of the plan); the plan's runs of them")
@@ -317,15 +317,9 @@ def register(top) -> None:
                    help="cnn32 channel multiplier (default: the budget's)")
     p.add_argument("--lr", type=float, default=argparse.SUPPRESS, help="peak learning rate (default: the budget's)")
     p.add_argument("--arch", default=EXPERIMENT_DEFAULTS["arch"], help="model")
-    p.add_argument("--backend", default="reference", help="loader")
-    p.add_argument("--canvas-mode", choices=CANVAS_MODES, default="center",
-                   help="canvas of each image: center = shorter side resized, centre square; stretch (part of "
-                        "the budget, as --augment is: runs of another value in DIR are not mixed in)")
-    p.add_argument("--augment", choices=AUGMENTS, default="crop",
-                   help="after the mix: crop = random crop + flip; rrc = RandomResizedCrop + flip")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="training device")
-    p.add_argument("--workers", type=int, default=EXPERIMENT_DEFAULTS["workers"],
-                   help="decoding workers (0: decode in the training process; quickest for tiny images)")
+    # 0 workers: decode in the training process, the quickest for the bundled tiny images
+    add_options(p, ("backend", "canvas_mode", "augment", "device", "workers"),
+                defaults={"workers": EXPERIMENT_DEFAULTS["workers"]})
     p.add_argument("--methods", default=None,
                    help=f"comma list of {', '.join(METHODS)} for every data set, instead of the plan's; results "
                         "of other methods already in DIR stay in the table")

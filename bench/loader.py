@@ -17,7 +17,6 @@ beat it (FFCV can: it decodes the canvas-sized copies it stored once).
 """
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import statistics
@@ -28,12 +27,10 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
-from backmix.osr_data.decode import CANVAS_MODES
+from backmix.options import GEOMETRY, DefaultsFormatter, add_option, add_options
 from backmix.osr_data.errors import BackMixError
 from backmix.pipeline.beton_location import DEFAULT_MODE, DEFAULT_QUALITY
-from backmix.pipeline.config import ON_ERROR
-from backmix.pipeline.loaders import BACKENDS, LOCAL_RAY_HELP, backend_options
-from backmix.pipeline.sampling import AUGMENTS
+from backmix.pipeline.loaders import BACKENDS, backend_options
 
 from .figure_file import MODE_COLOURS, pyplot, save_figure
 from .machine import machine, machine_line
@@ -44,6 +41,9 @@ log = logging.getLogger("backmix")
 # What a loader returns in each mode: (BackMix, clean crop). "on" is the authors' training stream
 # (canvas + mixed crop, one model input per image, like "off"); "on+clean" adds the clean crop.
 MODES = {"off": (False, True), "on": (True, False), "on+clean": (True, True)}
+# How every loader benchmark times a loader (``time_loader``), said once for each command's --help.
+BATCHES_HELP = "timed batches, at least: whole epochs are timed until there are this many"
+WARMUP_HELP = "untimed batches first, at least: the warm-up runs to the end of its epoch"
 
 
 def _percentile(xs: list[float], q: float) -> float:
@@ -278,12 +278,12 @@ def bench_folder(data: Optional[Path], n_images: int):
     """(folder, its index) a benchmark reads: ``data`` (an image folder, or a prepared root: its train/),
     else the folder of ``n_images`` bench photos, made once (``--data`` and ``--images``)."""
     from .folders import default_bench_folder, make_bench_folder
-    from backmix.osr_data.index import ImageIndex
+    from backmix.osr_data.index import ImageIndex, train_folder
     if data is None:
         data = default_bench_folder(n_images)
         return data, make_bench_folder(data, n_images)
     data = Path(data)
-    return data, ImageIndex.load(data / "train" if (data / "train").is_dir() else data)
+    return data, ImageIndex.load(train_folder(data))
 
 
 def add_bench_folder_options(p) -> None:
@@ -296,28 +296,16 @@ def add_bench_folder_options(p) -> None:
 
 def register_bench(sub) -> None:
     p = sub.add_parser("loader", help="images/s of each loader with and without BackMix",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                       formatter_class=DefaultsFormatter,
                        description=__doc__.split("\n\n", 1)[1])
     add_bench_folder_options(p)
-    p.add_argument("--backend", default=",".join(BACKENDS), help="comma list of backends")
-    p.add_argument("--batches", type=int, default=20, help="timed batches, at least: whole epochs are timed until there are this many")
-    p.add_argument("--warmup", type=int, default=3, help="untimed batches first, at least: the warm-up runs to the end of its epoch")
+    add_option(p, "backend", ",".join(BACKENDS), several=True)
+    p.add_argument("--batches", type=int, default=20, help=BATCHES_HELP)
+    p.add_argument("--warmup", type=int, default=3, help=WARMUP_HELP)
     p.add_argument("--repeat", type=int, default=1,
                    help="rounds over every loader, interleaved; images/s and ratios are medians over rounds")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--canvas", type=int, default=224)
-    p.add_argument("--crop", type=int, default=192)
-    p.add_argument("--canvas-mode", choices=CANVAS_MODES, default="center",
-                   help="center = shorter side resized, centre square; stretch = both sides resized")
-    p.add_argument("--augment", choices=AUGMENTS, default="crop",
-                   help="after the mix: crop = random crop + flip; rrc = RandomResizedCrop + flip")
-    p.add_argument("--workers", type=int, default=2, help="worker processes/threads, the same for every backend")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    p.add_argument("--ray-address", default=None, metavar="auto|HOST:PORT",
-                   help=f"ray backend: the cluster to join; None: {LOCAL_RAY_HELP}")
-    p.add_argument("--prefetch", type=int, default=None, help="ray backend: batches in flight at most; None: 4")
-    p.add_argument("--on-error", choices=ON_ERROR, default="raise",
-                   help="an image that does not decode: fail, or skip it (each named; counted per row)")
+    add_options(p, ("batch_size", *GEOMETRY, "workers", "device", "ray_address", "prefetch", "on_error"),
+                defaults={"canvas": 224, "crop": 192})   # the bench folder holds ImageNet-sized photos
     p.add_argument("--json", type=Path, default=None, help="write the report here")
     p.add_argument("--plot", type=Path, default=None, help="write a bar chart here, in the format its extension names (PNG without one)")
     p.set_defaults(func=run_bench)

@@ -17,9 +17,13 @@ import statistics
 import sys
 from pathlib import Path
 
+from backmix.options import add_options
+
 FAMILIES = ("torch", "ffcv", "dali")
 # family -> backmix's backends of that family
 FAMILY_BACKENDS = {"torch": ("reference", "torchvision"), "ffcv": ("ffcv",), "dali": ("dali",)}
+# The stock loaders' ImageNet recipe: RandomResizedCrop to 224 (backmix's loaders: from a 256 canvas).
+PEER_GEOMETRY = {"canvas": 256, "crop": 224}
 
 
 def build(args, device):
@@ -37,7 +41,7 @@ def build(args, device):
     from backmix.cam_cache.maps import UniformMaps
     from backmix.osr_data.index import ImageIndex
 
-    from .loader import MODES
+    from .loader import BATCHES_HELP, MODES, WARMUP_HELP
     from backmix.pipeline.config import LoaderConfig
     from backmix.pipeline.loaders import make_loader
 
@@ -67,20 +71,16 @@ def measure(args) -> dict:
 
 
 def parser() -> argparse.ArgumentParser:
-    from .loader import MODES
+    from .loader import BATCHES_HELP, MODES, WARMUP_HELP
     p = argparse.ArgumentParser(prog="python -m backmix.bench.peer_run", description=__doc__.split("\n\n")[0])
     p.add_argument("--family", choices=FAMILIES, required=True)
     p.add_argument("--loader", required=True, help="stock, or a backmix backend of the family")
     p.add_argument("--mode", choices=tuple(MODES), default="off", help="backmix loaders: BackMix off, on, on+clean")
     p.add_argument("--data", type=Path, required=True, help="the image folder (an indexed ImageFolder)")
     p.add_argument("--beton", type=Path, default=None, help="FFCV loaders: the beton to read")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--canvas", type=int, default=256, help="backmix loaders: the canvas the crop is taken from")
-    p.add_argument("--crop", type=int, default=224)
-    p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    p.add_argument("--batches", type=int, default=20, help="timed batches, at least: whole epochs are timed until there are this many")
-    p.add_argument("--warmup", type=int, default=3, help="untimed batches first, at least: the warm-up runs to the end of its epoch")
+    add_options(p, ("batch_size", "canvas", "crop", "workers", "device"), defaults={**PEER_GEOMETRY, "device": "cpu"})
+    p.add_argument("--batches", type=int, default=20, help=BATCHES_HELP)
+    p.add_argument("--warmup", type=int, default=3, help=WARMUP_HELP)
     return p
 
 

@@ -14,7 +14,6 @@ and after each round are recorded.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
@@ -25,11 +24,12 @@ import sys
 from pathlib import Path
 from typing import NamedTuple, Optional
 
+from backmix.options import DefaultsFormatter, add_options
 from backmix.osr_data.errors import BackMixError
 
-from .loader import MODES, add_bench_folder_options, ensure_beton, spread
+from .loader import BATCHES_HELP, MODES, WARMUP_HELP, add_bench_folder_options, ensure_beton, spread
 from .machine import machine
-from .peer_run import FAMILIES, FAMILY_BACKENDS
+from .peer_run import FAMILIES, FAMILY_BACKENDS, PEER_GEOMETRY
 
 LIBRARIES = {"ffcv": "FFCV", "dali": "DALI"}   # family -> the library it needs beyond torch
 
@@ -176,7 +176,7 @@ def run_peers(args) -> dict:
     images/s of the same round, and ratio_to_stock_spread; error: the last
     failure's line) and round_records (round, order, load_1min_before/after, results, ratio_to_stock)."""
     from .folders import default_bench_folder, make_bench_folder
-    from backmix.osr_data.index import ImageIndex
+    from backmix.osr_data.index import ImageIndex, train_folder
 
     from backmix.pipeline.beton_location import check_storage
     from backmix.pipeline.config import LoaderConfig, choose_device
@@ -197,7 +197,7 @@ def run_peers(args) -> dict:
     if args.data is None:
         index = make_bench_folder(default_bench_folder(args.images), args.images)
     else:
-        index = ImageIndex.load(args.data / "train" if (args.data / "train").is_dir() else args.data)
+        index = ImageIndex.load(train_folder(args.data))
     if len(index) < args.batch_size:
         raise BackMixError(f"{index.root} holds {len(index)} images, fewer than one batch of {args.batch_size}: "
                            "give a smaller --batch-size or more images")
@@ -228,7 +228,7 @@ def run_peers(args) -> dict:
 
 def register(sub) -> None:
     p = sub.add_parser("peers", help="backmix's loaders beside the stock torchvision, FFCV and DALI loaders",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                       formatter_class=DefaultsFormatter,
                        description=__doc__.split("\n\n", 1)[1])
     add_bench_folder_options(p)
     p.add_argument("--families", default=",".join(FAMILIES),
@@ -236,16 +236,11 @@ def register(sub) -> None:
     p.add_argument("--rounds", type=int, default=5,
                    help="interleaved rounds, each running every configuration once; figures are medians over rounds")
     p.add_argument("--batches", type=int, default=20,
-                   help="timed batches per measurement, at least: whole epochs are timed until there are this many")
-    p.add_argument("--warmup", type=int, default=3,
-                   help="untimed batches first in each measurement, at least: the warm-up runs to the end of its epoch")
-    p.add_argument("--batch-size", type=int, default=64, help="images per batch, every loader")
-    p.add_argument("--canvas", type=int, default=256,
-                   help="backmix's loaders: the square canvas (shorter side resized, centre square) the mix works on")
-    p.add_argument("--crop", type=int, default=224, help="side of the RandomResizedCrop every loader outputs")
-    p.add_argument("--workers", type=int, default=2, help="worker processes/threads, the same for every loader")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
-                   help="where the batches go (and DALI and FFCV run their GPU recipes); auto: CUDA when there is one")
+                   help=BATCHES_HELP)
+    p.add_argument("--warmup", type=int, default=3, help=WARMUP_HELP)
+    # every loader: the same batch, workers and RandomResizedCrop; backmix's loaders crop from the canvas;
+    # the device is where the batches go (and DALI and FFCV run their GPU recipes)
+    add_options(p, ("batch_size", "canvas", "crop", "workers", "device"), defaults=PEER_GEOMETRY)
     p.add_argument("--jpeg-quality", type=int, default=90,
                    help="JPEG quality of the stock FFCV beton and of backmix's JPEG beton (like for like)")
     p.add_argument("--timeout", type=float, default=600,

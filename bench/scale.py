@@ -25,7 +25,6 @@ writes (and times) it first.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import sys
@@ -282,21 +281,20 @@ def format_table(report: dict) -> str:
 
 
 def register_bench(sub) -> None:
-    from .geometry_options import add_geometry_options
+    from backmix.options import DefaultsFormatter, add_option, add_options
     from backmix.pipeline.loaders import BACKENDS
 
     p = sub.add_parser("scale", help="index, cache, first-batch, memory and rebuild costs on an ImageNet-sized folder",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter, description=__doc__)
+                       formatter_class=DefaultsFormatter, description=__doc__)
     p.add_argument("--classes", type=int, default=1000)
     p.add_argument("--per-class", type=int, default=1281, help="training images a class")
-    p.add_argument("--backend", default=",".join(BACKENDS), help="comma list of backends")
+    add_option(p, "backend", ",".join(BACKENDS), several=True)
     p.add_argument("--epochs", type=int, default=2, help="epochs of each loader (and of training with --batches 0)")
     p.add_argument("--batches", type=int, default=50,
                    help="batches an epoch of each loader, and steps of the training run (a `backmix train` child "
                         "stopped after them); 0: whole epochs, and the trainer in this process with its rebuild")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--workers", type=int, default=2)
-    add_geometry_options(p)
+    add_options(p, ("batch_size", "workers"))
+    add_options(p, ("canvas", "crop"))
     p.add_argument("--source-images", type=int, default=1024,
                    help="distinct JPEGs (the bench folder of that size) the folder's files link to")
     p.add_argument("--sample-s", type=float, default=0.5, help="seconds between memory samples")

@@ -10,24 +10,19 @@ the images the trainer sees, labelled 0..K-1 as it labels them.
 """
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
 import torch
 
-from backmix.osr_data.decode import CANVAS_MODES
+from backmix.options import DefaultsFormatter, add_options
 from backmix.osr_data.errors import BackMixError
 from backmix.osr_data.splits import resolve_split
 from backmix.pipeline.backmix import top_k_mask
 from backmix.pipeline.batch import BackMixBatch
-from backmix.pipeline.config import ON_ERROR
-from backmix.pipeline.loaders import LOCAL_RAY_HELP
-from backmix.pipeline.sampling import AUGMENTS
 
 from .figure_file import check_figure_file, pyplot, save_figure
-from .geometry_options import add_geometry_options
 
 CELL_IN, DPI = 1.5, 100
 COLORBAR_IN = 0.6      # the strip on the right that holds the foreground map's colour bar
@@ -109,7 +104,7 @@ def sheet_for(data: Path, out: Path, *, backend: str = "reference", cache: Optio
     images that do not decode are left out of it, each named in a warning; with ``split``, only the
     known classes of that open-set split, labelled as the trainer labels them)."""
     from backmix.cam_cache import ForegroundCache, UniformMaps
-    from backmix.osr_data.index import ImageIndex
+    from backmix.osr_data.index import ImageIndex, train_folder
 
     from backmix.pipeline.config import LoaderConfig
     from backmix.pipeline.loaders import backend_options, make_loader
@@ -117,7 +112,7 @@ def sheet_for(data: Path, out: Path, *, backend: str = "reference", cache: Optio
     options = backend_options(backend, ray_address=ray_address, prefetch=prefetch)
     if n < 2:
         raise BackMixError("--n must be at least 2: BackMix pairs images of one batch")
-    index = ImageIndex.load(_split_folder(data))
+    index = ImageIndex.load(train_folder(data))
     rows, label_map, known = None, None, ""
     if split is not None:
         open_set = resolve_split(index.classes, split)
@@ -140,48 +135,31 @@ def sheet_for(data: Path, out: Path, *, backend: str = "reference", cache: Optio
                         partners=params.partners, mean=config.mean, std=config.std, title=title)
 
 
-def _split_folder(data: Path) -> Path:
-    """A prepared root (with train/) or an image folder itself."""
-    data = Path(data)
-    return data / "train" if (data / "train").is_dir() else data
-
-
 def _add_args(p, cache_required: bool) -> None:
-    from backmix.pipeline.loaders import BACKENDS
     p.add_argument("--data", type=Path, required=True, help="prepared root (with train/) or an image folder")
     p.add_argument("--out", type=Path, required=True, help="file to write: a PNG, or the format its extension names (.pdf, .svg, .jpg ...)")
     p.add_argument("--cache", type=Path, required=cache_required, default=None,
                    help="foreground cache folder" + ("" if cache_required else " (default: generation 0, 0.5 everywhere)"))
-    p.add_argument("--backend", choices=BACKENDS, default="reference")
+    add_options(p, ("backend",))
     p.add_argument("--n", type=int, default=8, help="images in the sheet")
     p.add_argument("--split", default=None, metavar="N|A,B,C",
                    help="only the known classes of this open-set split (a number 0..4 or a comma list of known "
                         "class names), the images the trainer sees (default: every class of the folder)")
     p.add_argument("--seed", type=int, default=0)
-    add_geometry_options(p, grid=True)
-    p.add_argument("--ray-address", default=None, metavar="auto|HOST:PORT",
-                   help=f"--backend ray: the cluster to join; None: {LOCAL_RAY_HELP}")
-    p.add_argument("--prefetch", type=int, default=None,
-                   help="--backend ray: batches in flight at most; None: 4")
-    p.add_argument("--canvas-mode", choices=CANVAS_MODES, default="center",
-                   help="center = shorter side resized, centre square; stretch = both sides resized")
-    p.add_argument("--augment", choices=AUGMENTS, default="crop",
-                   help="the model input: crop = random crop + flip; rrc = RandomResizedCrop + flip")
-    p.add_argument("--on-error", choices=ON_ERROR, default="raise",
-                   help="an image that does not decode: fail, or leave it out of the sheet (named)")
+    add_options(p, ("canvas", "crop", "grid", "ray_address", "prefetch", "canvas_mode", "augment", "on_error"))
     p.set_defaults(func=run_show)
 
 
 def register(top) -> None:
     p = top.add_parser("show", help="draw one mixed batch as a PNG sheet",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                       formatter_class=DefaultsFormatter,
                        description="Rows: raw canvas, foreground map, top-k mask, mixed model input.")
     _add_args(p, cache_required=False)
 
 
 def register_cache_show(cache_sub) -> None:
     p = cache_sub.add_parser("show", help="draw a cache's maps, masks and a mixed batch as a PNG sheet",
-                             formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                             formatter_class=DefaultsFormatter)
     _add_args(p, cache_required=True)
 
 

@@ -17,7 +17,6 @@ epochs of training) is outside the window; ``backmix bench scale`` times it.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import statistics
@@ -173,22 +172,16 @@ def format_table(report: dict) -> str:
 
 def register(sub) -> None:
     from .loader import add_bench_folder_options
-    from backmix.pipeline.sampling import AUGMENTS
+    from backmix.options import DefaultsFormatter, add_option, add_options
 
     p = sub.add_parser("train", help="images/s of whole training steps: the plain baseline vs each BackMix recipe",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter, description=__doc__.split("\n\n")[1])
+                       formatter_class=DefaultsFormatter, description=__doc__.split("\n\n")[1])
     add_bench_folder_options(p)
-    p.add_argument("--backend", default="reference", help="comma list of backends")
+    add_option(p, "backend", several=True)
     p.add_argument("--methods", default=",".join(METHODS),
                    help="comma list of recipes (baseline, and baseline-2view beside backmix, are always run)")
     p.add_argument("--arch", default="cnn32", help="model (any `backmix train --arch`)")
-    p.add_argument("--canvas", type=int, default=40, help="side of the square canvas the mix works on")
-    p.add_argument("--crop", type=int, default=32, help="side of the crop the model sees")
-    p.add_argument("--augment", choices=AUGMENTS, default="crop",
-                   help="after the mix: crop = random crop + flip; rrc = RandomResizedCrop + flip")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--workers", type=int, default=2, help="decoding workers of every loader")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    add_options(p, ("canvas", "crop", "augment", "batch_size", "workers", "device"))
     p.add_argument("--amp", choices=("auto", "bf16", "fp16", "off"), default="auto", help="CUDA only")
     p.add_argument("--steps", type=int, default=10, help="timed steps, within one epoch")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first, in the same epoch")

@@ -4,33 +4,29 @@
 """
 from __future__ import annotations
 
-import argparse
 import json
-import os
 from pathlib import Path
 
-from backmix.device import DEVICE_HELP, device_option
-from backmix.osr_data.options import CANVAS_MODES
+from backmix.options import DefaultsFormatter, add_options, default_of
 from backmix.osr_data.errors import BackMixError
 
-class FMT(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows defaults, except None (the help says what happens then), flags and required options."""
-
-    def _get_help_string(self, action):
-        if action.default is None or action.required or isinstance(action.default, bool):
-            return action.help
-        return super()._get_help_string(action)
+FMT = DefaultsFormatter
+# The cache's own defaults (those of the function a command calls), read without importing torch:
+# this module registers `cache info` too, whose --help stays fast.
+INIT = "backmix.cam_cache.store:init_cache"
+# The canvas of a checkpoint whose config names none (the loader's default, which this stage, before
+# the pipeline, cannot import).
+CANVAS_WITHOUT_CONFIG = 40
 
 
 def register(sub) -> None:
     p = sub.add_parser("init", help="create generation 0 (0.5 everywhere) for a data folder", formatter_class=FMT)
     p.add_argument("--data", type=Path, required=True, help="image folder (root/<class>/<image>) with index.csv")
     p.add_argument("--cache", type=Path, required=True, help="cache folder")
-    p.add_argument("--grid", type=int, default=8, help="g of the g x g maps")
+    add_options(p, ("grid",), defaults={"grid": default_of(f"{INIT}.grid")})
     p.add_argument("--keep", type=int, default=3, help="generations kept on disk")
-    p.add_argument("--canvas-mode", choices=CANVAS_MODES, default="center",
-                   help="canvases the maps are for: center = shorter side resized + centre crop, "
-                        "stretch = both sides resized (loaders of the other mode are refused)")
+    # the maps are for canvases of this mode: loaders of the other mode are refused
+    add_options(p, ("canvas_mode",), defaults={"canvas_mode": default_of(f"{INIT}.canvas_mode")})
     p.set_defaults(func=run_init)
 
     b = sub.add_parser("build", help="compute the next generation from a checkpoint's CAMs", formatter_class=FMT,
@@ -41,23 +37,22 @@ def register(sub) -> None:
     b.add_argument("--data", type=Path, required=True, help="image folder (train split) with index.csv")
     b.add_argument("--checkpoint", type=Path, required=True, help="model checkpoint")
     b.add_argument("--cache", type=Path, required=True, help="cache folder (created at generation 0 if absent)")
-    b.add_argument("--grid", type=int, default=None,
-                   help="grid of a new cache (default 8); checked against an existing one")
+    add_options(b, ("grid",), defaults={"grid": None},
+                said={"grid": f"an existing cache's, else {default_of(f'{INIT}.grid')}"})
     b.add_argument("--keep", type=int, default=3, help="generations kept on disk (new cache)")
-    b.add_argument("--canvas", type=int, default=None, help="canvas side (default: the checkpoint's config, else 40)")
-    b.add_argument("--canvas-mode", choices=CANVAS_MODES, default=None,
-                   help="canvases the CAMs are taken on (default: the checkpoint's config; stretch for a config "
-                        "that names none, which predates the modes; center without a config); a cache of "
-                        "the other mode is refused")
+    # the CAMs are taken on these canvases; a cache of the other canvas mode is refused
+    add_options(b, ("canvas", "canvas_mode"), defaults={"canvas": None, "canvas_mode": None},
+                said={"canvas": f"the checkpoint's config, else {CANVAS_WITHOUT_CONFIG}",
+                      "canvas_mode": "the checkpoint's config; stretch for a config that names none, which "
+                                     "predates the modes; center without a config"})
     b.add_argument("--momentum", type=float, default=0.1, help="share of the new CAM")
     b.add_argument("--known", default=None, metavar="SPLIT",
                    help="the model's classes: a split number (0..4) or a comma list of class names; rows of "
                         "other classes keep their maps (default: the checkpoint's known_classes, else all)")
-    b.add_argument("--batch-size", type=int, default=128, help="images per forward pass")
-    b.add_argument("--workers", type=int, default=2, help="decoding worker processes")
+    add_options(b, ("batch_size", "workers"), defaults={"batch_size": 128, "workers": 2})   # a pass of forwards, not training batches
     b.add_argument("--shard", default=None, metavar="k/N",
                    help="build shard k of N (default: torchrun's RANK/WORLD_SIZE, else 0/1)")
-    b.add_argument("--device", type=device_option, default="auto", help=DEVICE_HELP)
+    add_options(b, ("device",))
     b.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     b.set_defaults(func=run_build)
 
@@ -69,7 +64,9 @@ def register(sub) -> None:
 
 def parse_shard(text: str | None) -> tuple[int, int]:
     if text is None:
-        return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+        from .ranks import launched_as
+        rank, world, _ = launched_as()
+        return rank, world
     try:
         k, n = (int(x) for x in text.split("/"))
     except ValueError:
@@ -118,11 +115,11 @@ def run_build(args) -> int:
                            f"{args.data} has {index.num_classes}: say which with --known")
     canvas_mode = args.canvas_mode or saved_value(config, "canvas_mode", "stretch" if config else "center",
                                                   args.checkpoint)
-    canvas = args.canvas or saved_value(config, "canvas", 40, args.checkpoint)
+    canvas = args.canvas or saved_value(config, "canvas", CANVAS_WITHOUT_CONFIG, args.checkpoint)
     if args.grid is None and (args.cache / "CURRENT").is_file():
         ForegroundCache(args.cache, index=index)           # an existing cache keeps its grid
     else:
-        init_cache(args.cache, index, grid=args.grid or 8, keep=args.keep, canvas_mode=canvas_mode)
+        init_cache(args.cache, index, grid=args.grid or default_of(f"{INIT}.grid"), keep=args.keep, canvas_mode=canvas_mode)
     generation = build_generation(args.cache, model, index, canvas=canvas, canvas_mode=canvas_mode,
                                   mean=IMAGENET_MEAN, std=IMAGENET_STD,
                                   momentum=args.momentum, label_map=label_map, rows=rows,

@@ -42,7 +42,7 @@ import torch.distributed as dist
 from backmix._fs import atomic_file, fsync_dir
 from backmix.osr_data.errors import BackMixError
 
-from .ranks import exchange, on_every_rank, rank_and_world
+from .ranks import exchange, launched_as, on_every_rank, rank_and_world
 from .store import (ForegroundCache, generation_path, pending_dir, prune, publish_lock, read_pointer, start_cache,
                     write_pointer)
 
@@ -92,7 +92,7 @@ def settle_layout(cache_dir: str | os.PathLike, layout: str) -> NodeFolders:
     except OSError:
         sees = False
     node = os.environ.get("GROUP_RANK") or socket.gethostname()
-    facts = exchange((sees, node, int(os.environ.get("LOCAL_RANK", "0"))), world)
+    facts = exchange((sees, node, launched_as()[2]), world)
     if rank == 0:
         (cache_dir / token).unlink(missing_ok=True)
     if layout == "node-local":

@@ -11,6 +11,21 @@ import torch.distributed as dist
 from backmix.osr_data.errors import BackMixError
 
 
+def launched_as() -> tuple[int, int, int]:
+    """(rank, world size, local rank) that torchrun (or a launcher setting its variables RANK,
+    WORLD_SIZE and LOCAL_RANK) gave this process; (0, 1, 0) when it was started alone. Read here
+    only: every stage asks this function."""
+    values = []
+    for name, alone in (("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0)):
+        text = os.environ.get(name)
+        try:
+            values.append(alone if text is None else int(text))
+        except ValueError:
+            raise BackMixError(f"the environment variable {name} must be a whole number, got {text!r}") from None
+    rank, world, local = values
+    return rank, world, local
+
+
 def rank_and_world() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()

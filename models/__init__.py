@@ -26,7 +26,7 @@ _EXPORTS = {
     "file_digest": ".checkpoint", "load_model": ".checkpoint", "read_checkpoint": ".checkpoint",
     "save_checkpoint": ".checkpoint", "save_safetensors": ".checkpoint",
     "Classifier32": ".nets", "WideResNet": ".nets",
-    "ARCH_HELP": ".zoo", "build_model": ".zoo", "check_arch": ".zoo",
+    "ARCH_HELP": ".zoo", "build_model": ".zoo", "check_arch": ".zoo", "unwrap": ".zoo",
 }
 __all__ = sorted(_EXPORTS)
 __getattr__, __dir__ = lazy_exports(__name__, globals(), _EXPORTS)
@@ -35,4 +35,4 @@ if TYPE_CHECKING:
     from .cam import features_and_head
     from .checkpoint import file_digest, load_model, read_checkpoint, save_checkpoint, save_safetensors
     from .nets import Classifier32, WideResNet
-    from .zoo import ARCH_HELP, build_model, check_arch
+    from .zoo import ARCH_HELP, build_model, check_arch, unwrap

@@ -34,11 +34,12 @@ from torchvision import models as tv
 from backmix.osr_data.errors import BackMixError
 
 from .nets import Classifier32, WideResNet
+from .zoo import unwrap
 
 
 def features_and_head(model: nn.Module) -> tuple[nn.Module, nn.Linear]:
     """(module giving the last feature map [B, C, h, w], the linear layer over its global average)."""
-    model = getattr(model, "module", model)  # DistributedDataParallel
+    model = unwrap(model)
     if isinstance(model, (Classifier32, WideResNet)):
         return model.features, model.fc
     if isinstance(model, tv.ResNet):

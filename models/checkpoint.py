@@ -26,13 +26,13 @@ from backmix.osr_data.errors import BackMixError
 from backmix.osr_data.limits import check_regular_file, quoted
 from backmix._fs import atomic_file
 
-from .zoo import build_model
+from .zoo import build_model, unwrap
 
 
 def save_checkpoint(path: str | os.PathLike, model: nn.Module, *, arch: str, num_classes: int,
                     model_kwargs: dict | None = None, **extra) -> Path:
     """Atomically write {arch, num_classes, model_kwargs, state_dict, **extra}."""
-    state = getattr(model, "module", model).state_dict()
+    state = unwrap(model).state_dict()
     with atomic_file(path) as tmp, open(tmp, "wb") as f:
         # Through a Python file: torch's own writer reports a full disk as a RuntimeError ("unexpected
         # pos"), a Python file as the OSError (ENOSPC) that atomic_file turns into one line.
@@ -46,7 +46,7 @@ def save_safetensors(path: str | os.PathLike, model: nn.Module, *, arch: str, nu
     """Atomically write the weights as ``.safetensors``, arch and classes in its text metadata:
     a file to share that no reader ever unpickles."""
     from safetensors.torch import save_file
-    state = {k: v.detach().cpu().contiguous() for k, v in getattr(model, "module", model).state_dict().items()}
+    state = {k: v.detach().cpu().contiguous() for k, v in unwrap(model).state_dict().items()}
     meta = {"arch": arch, "num_classes": str(num_classes), "model_kwargs": json.dumps(model_kwargs or {}),
             "known_classes": json.dumps(list(known_classes))}
     with atomic_file(path) as tmp:

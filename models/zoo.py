@@ -94,3 +94,9 @@ def build_model(arch: str, num_classes: int, *, image_size: int | None = None, *
     except (AssertionError, TypeError, ValueError) as e:   # a size or option the model's constructor refuses
         raise BackMixError(f"cannot build {arch}" + (f" for {image_size} px inputs" if image_size else "")
                            + f": {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+
+
+def unwrap(model):
+    """The model itself, out of the wrapper that holds it as ``.module`` (DistributedDataParallel, an
+    EMA of its weights): the weights to save, evaluate and take CAMs with."""
+    return getattr(model, "module", model)

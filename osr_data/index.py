@@ -284,6 +284,13 @@ class ImageIndex:
         return self._fingerprint
 
 
+def train_folder(data: str | os.PathLike) -> Path:
+    """The image folder ``data`` names for training: a prepared root's train/ (what ``backmix data
+    prepare`` writes), else ``data`` itself."""
+    data = Path(data)
+    return data / "train" if (data / "train").is_dir() else data
+
+
 def _check_is_split_folder(root: Path) -> None:
     if not root.is_dir():
         raise BackMixError(f"data folder {root} does not exist")

@@ -39,19 +39,20 @@ import numpy as np
 from backmix._fs import atomic_file, check_output_file
 from backmix.osr_data.decode import (CANVAS_MODES, DecodeError, check_canvas_mode, decode_rgb, read_canvas,
                                      to_numpy_hwc)
+from backmix.options import DefaultsFormatter, add_options
+from backmix.cam_cache.ranks import launched_as
 from backmix.osr_data.errors import BackMixError
 from backmix.osr_data.filelock import exclusive_lock
 from backmix.osr_data.index import ImageIndex
 
 from .beton_location import DEFAULT_MODE, DEFAULT_QUALITY, MODES, beton_locations, check_storage, default_destination
 from .beton_process import StopFile, write_in_child
-from .config import ON_ERROR
+from .config import ON_ERROR, LoaderConfig
 
 log = logging.getLogger("backmix")
 
 INSTALL_HINT = ("FFCV is not installed: pip install 'backmix[ffcv]' (needs apt libopencv-dev "
                 "libturbojpeg0-dev pkg-config; scripts/install.sh does both)")
-DEFAULT_CANVAS = 40   # LoaderConfig's
 NOT_A_CANVAS = -1     # the canvas_mode field of images stored at their own size (any loader resizes them)
 
 
@@ -104,16 +105,9 @@ def skipped_rows(stored_index: np.ndarray) -> np.ndarray:
     return (-1 - stored_index[stored_index < 0]).astype(np.int64)
 
 
-def _rank() -> int:
-    try:
-        return int(os.environ.get("RANK", "0"))
-    except ValueError:
-        return 0
-
-
 def _wait_for(path: Path, poll_s: float = 1.0) -> None:
     """Another rank writes ``path``: wait until it exists and its writer let go of the lock."""
-    log.info("rank %d: waiting for rank 0 to write %s", _rank(), path)
+    log.info("rank %d: waiting for rank 0 to write %s", launched_as()[0], path)
     while not path.exists():
         time.sleep(poll_s)
     with exclusive_lock(path):
@@ -158,7 +152,7 @@ def write_beton(index: ImageIndex, path: str | os.PathLike, *, canvas: Optional[
         raise BackMixError(f"{index.root} holds no images to write")
     path = check_output_file(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    if _rank() > 0:
+    if launched_as()[0] > 0:
         _wait_for(path)
         return BetonWrite(path, False, [])
     fields = {"image": RGBImageField(write_mode=mode, max_resolution=canvas or max_resolution,
@@ -186,19 +180,17 @@ def write_beton(index: ImageIndex, path: str | os.PathLike, *, canvas: Optional[
 
 def register_data(sub) -> None:
     p = sub.add_parser("write-beton", help="convert an image folder to an FFCV .beton (once, for the FFCV loader)",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter, description=__doc__)
+                       formatter_class=DefaultsFormatter, description=__doc__)
     p.add_argument("--data", type=Path, required=True,
                    help="image folder (root/<class>/<image>), or a prepared root: its train/ and test/ both")
     p.add_argument("--out", type=Path, default=None,
                    help="file to write, for one image folder (default: PARENT/.backmix-betons/ffcv-<fingerprint>-"
                         "<size>-<mode>.beton beside the image folder, or the same name under ~/.cache/backmix/betons "
                         "when PARENT is read-only; with --canvas both are where the FFCV loader looks)")
-    p.add_argument("--canvas", type=int, default=None,
-                   help=f"store every image resized to this square canvas (the loader's --canvas); "
-                        f"{DEFAULT_CANVAS} when --max-resolution is not given either")
-    p.add_argument("--canvas-mode", choices=CANVAS_MODES, default="center",
-                   help="with --canvas: center = shorter side resized, centre square; stretch = both sides "
-                        "resized (the loader's --canvas-mode)")
+    # every image is stored on the canvas the loader will read (or at its own size: --max-resolution)
+    add_options(p, ("canvas",), defaults={"canvas": None},
+                said={"canvas": f"{LoaderConfig.canvas} when --max-resolution is not given either"})
+    add_options(p, ("canvas_mode",))
     p.add_argument("--max-resolution", type=int, default=None,
                    help="instead of --canvas: store images at their own size, longer side capped at this")
     p.add_argument("--mode", choices=MODES, default=DEFAULT_MODE,
@@ -207,10 +199,9 @@ def register_data(sub) -> None:
     # Not given: DEFAULT_QUALITY under --mode jpg (SUPPRESS: a quality given with raw storage is refused)
     p.add_argument("--jpeg-quality", type=int, default=argparse.SUPPRESS,
                    help=f"--mode jpg only: JPEG quality, 1..100 (default: {DEFAULT_QUALITY})")
-    p.add_argument("--workers", type=int, default=2, help="processes that decode and encode")
-    p.add_argument("--on-error", choices=ON_ERROR, default="raise",
-                   help="an image that does not decode: fail, or store it as a marked blank the loader leaves "
-                        "out (each named, and counted); a file missing or changed since indexing always fails")
+    # --on-error skip stores a marked blank the loader leaves out; a file missing or changed since
+    # indexing always fails
+    add_options(p, ("workers", "on_error"))
     p.add_argument("--force", action="store_true", help="rewrite the beton if it exists")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run_write_beton)
@@ -229,7 +220,7 @@ def run_write_beton(args) -> int:
             raise BackMixError(f"--out names one beton, and {args.data} holds {len(folders)} image folders: "
                                f"leave --out out, or pass --data {folders[0]}")
         check_output_file(args.out)        # before indexing: a bad destination fails at once
-    canvas = args.canvas if args.canvas is not None or args.max_resolution is not None else DEFAULT_CANVAS
+    canvas = args.canvas if args.canvas is not None or args.max_resolution is not None else LoaderConfig.canvas
     if hasattr(args, "jpeg_quality") and args.mode != "jpg":
         raise BackMixError(f"--jpeg-quality is for --mode jpg; --mode {args.mode} stores decoded pixels: add "
                            "--mode jpg or leave --jpeg-quality out")

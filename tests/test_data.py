@@ -463,3 +463,10 @@ def test_persistent_workers_receive_each_epochs_order(tiny_root):
         workers.append([w.pid for w in pooled.source._loader._iterator._workers])
     assert orders[0] != orders[1]                # the second epoch's order reached the same worker
     assert workers[0] == workers[1]
+
+
+def test_a_prepared_root_names_its_train_folder_and_an_image_folder_itself(digits_root, tiny_root):
+    from backmix.osr_data.index import train_folder
+    assert train_folder(digits_root) == digits_root / "train"
+    assert train_folder(str(digits_root / "train")) == digits_root / "train"
+    assert train_folder(tiny_root) == tiny_root

@@ -172,3 +172,19 @@ def test_the_dali_pipeline_runs_on_the_loaders_gpu(loader_on_cuda_1, monkeypatch
     loader = loader_on_cuda_1("dali")
     assert loader.source.gpu and built == [1]
     loader.close()
+
+
+def test_the_launchers_variables_are_read_in_one_place_and_a_bad_one_is_one_line(monkeypatch):
+    from backmix.cam_cache.cli import parse_shard
+    from backmix.cam_cache.ranks import launched_as
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    assert launched_as() == (0, 1, 0) and parse_shard(None) == (0, 1)
+    monkeypatch.setenv("RANK", "3")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert launched_as() == (3, 4, 1) and parse_shard(None) == (3, 4)
+    monkeypatch.setenv("WORLD_SIZE", "four")
+    with pytest.raises(BackMixError) as err:
+        parse_shard(None)
+    assert str(err.value) == "the environment variable WORLD_SIZE must be a whole number, got 'four'"

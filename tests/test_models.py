@@ -283,3 +283,16 @@ def test_transformers_train_with_backmix_and_rebuild_the_cache_in_the_loop(three
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert records[0]["regenerated"] == 1 and records[1]["cache_generation"] == 1
     assert all(np.isfinite(r["loss"]) for r in records) and "auroc_msp" in records[-1]["eval"]
+
+
+def test_a_wrapped_model_is_unwrapped_by_one_function_everywhere():
+    from backmix.models import unwrap
+    net = build_model("cnn32", 3, width=0.25)
+
+    class Wrapper(nn.Module):   # what DistributedDataParallel and an EMA look like from outside
+        def __init__(self, module):
+            super().__init__()
+            self.module = module
+
+    assert unwrap(net) is net and unwrap(Wrapper(net)) is net
+    assert features_and_head(Wrapper(net))[1] is net.fc

@@ -5,18 +5,17 @@ import argparse
 from pathlib import Path
 
 from backmix.cam_cache.node_folders import LAYOUTS as CACHE_LAYOUTS
-from backmix.device import DEVICE_HELP, device_option
-from backmix.osr_data.options import CANVAS_MODES
+from backmix.options import GEOMETRY, DefaultsFormatter, add_options
 from backmix.osr_data.errors import BackMixError
-from backmix.pipeline.loaders import LOCAL_RAY_HELP, backend_options
+from backmix.pipeline.loaders import backend_options
 from backmix.osr_data.protocols import PROTOCOLS
-from backmix.pipeline.sampling import AUGMENTS
 
 from .config import AMP, AUTO_AUGMENTS, BETON_MODES, LOG_SINKS, OPTIMIZERS, REGEN, TrainConfig, field_defaults, option
 from .methods import METHODS, method_fields
 from .metrics import SCORES
 
 S = argparse.SUPPRESS   # an option not given stays out of the namespace: we know what was explicit
+TRAIN = "backmix.trainers.config:TrainConfig"   # the config whose field defaults the help states
 
 
 def _d(name: str) -> str:
@@ -25,10 +24,7 @@ def _d(name: str) -> str:
 
 def register(top) -> None:
     from backmix.models import ARCH_HELP
-    from backmix.pipeline.config import ON_ERROR
-    from backmix.pipeline.loaders import BACKENDS
-
-    fmt = argparse.ArgumentDefaultsHelpFormatter
+    fmt = DefaultsFormatter
     p = top.add_parser("train", help="train an open-set classifier with BackMix (or the plain baseline)",
                        formatter_class=fmt,
                        description="Train on the known classes of DATA/train (less a validation split that "
@@ -47,7 +43,7 @@ def register(top) -> None:
     p.add_argument("--epochs", type=int, default=S, help="epochs" + _d("epochs"))
     p.add_argument("--arch", default=S, metavar="NAME", help=f"model: {ARCH_HELP}" + _d("arch"))
     p.add_argument("--width", type=float, default=S, help="cnn32 channel multiplier" + _d("width"))
-    p.add_argument("--batch-size", type=int, default=S, help="per rank" + _d("batch_size"))
+    add_options(p, ("batch_size",), only_given=TRAIN)
     p.add_argument("--lr", type=float, default=S, help="peak learning rate" + _d("lr"))
     p.add_argument("--opt", choices=OPTIMIZERS, default=S, help="optimizer" + _d("opt"))
     p.add_argument("--nesterov", action=argparse.BooleanOptionalAction, default=S,
@@ -84,10 +80,7 @@ def register(top) -> None:
                         "reports each metric against it, under its folder's name (DIR/test: DIR's name/test); "
                         "with an ssb-* --protocol, a folder named easy, medium, hard or medium+hard is that "
                         "published set and must hold its classes; repeatable")
-    p.add_argument("--backend", choices=BACKENDS, default=S, help="loader" + _d("backend"))
-    p.add_argument("--ray-address", default=S, metavar="auto|HOST:PORT",
-                   help=f"--backend ray: the Ray cluster whose CPUs decode (default: {LOCAL_RAY_HELP})")
-    p.add_argument("--prefetch", type=int, default=S, help="--backend ray: batches in flight at most (default: 4)")
+    add_options(p, ("backend", "ray_address", "prefetch"), only_given=TRAIN)
     p.add_argument("--beton-mode", choices=BETON_MODES, default=S,
                    help="--backend ffcv: the betons to read, raw canvases (the reference loader's stream, bit for "
                         "bit) or jpg ones (smaller; the stream differs by the JPEG loss)" + _d("beton_mode"))
@@ -117,29 +110,21 @@ def register(top) -> None:
                         "after the epoch" + _d("regen"))
     p.add_argument("--momentum", type=float, default=S,
                    help="CAM momentum of a cache rebuild (share of the new map)" + _d("momentum"))
-    p.add_argument("--canvas", type=int, default=S, help="canvas side the mix works on" + _d("canvas"))
-    p.add_argument("--crop", type=int, default=S, help="crop side the model sees" + _d("crop"))
-    p.add_argument("--canvas-mode", choices=CANVAS_MODES, default=S,
-                   help="canvas of each image: center = shorter side resized to the canvas, centre square "
-                        "(the authors'); stretch = both sides resized" + _d("canvas_mode"))
-    p.add_argument("--augment", choices=AUGMENTS, default=S,
-                   help="after the mix: crop = random crop + flip; rrc = RandomResizedCrop of the mixed "
-                        "canvas to the crop size + flip (evaluation: the centre crop)" + _d("augment"))
+    add_options(p, GEOMETRY, only_given=TRAIN)
     p.add_argument("--cache", default=S, help="foreground cache folder to use or share (default: RUN/cache)")
     p.add_argument("--cache-layout", choices=CACHE_LAYOUTS, default=S,
                    help="under torchrun: shared = every node sees the one --cache folder; node-local = each node "
                         "has its own (rank 0 publishes, the others get copies); auto = find out" + _d("cache_layout"))
     p.add_argument("--seed", type=int, default=S, help=_d("seed").strip())
-    p.add_argument("--device", type=device_option, default=S, help=DEVICE_HELP + _d("device"))
+    add_options(p, ("device",), only_given=TRAIN)
     p.add_argument("--amp", choices=AMP, default=S, help="mixed precision, CUDA only" + _d("amp"))
-    p.add_argument("--workers", type=int, default=S, help="decoding worker processes" + _d("workers"))
+    add_options(p, ("workers",), only_given=TRAIN)
     p.add_argument("--eval-every", type=int, default=S,
                    help="evaluate every k epochs (always after the last)" + _d("eval_every"))
     p.add_argument("--save-every", type=int, default=S,
                    help="also save RUN/last.pt every N optimizer steps, mid-epoch, with the loader's position, "
                         "so --resume continues from that step (0: at epoch ends only)" + _d("save_every"))
-    p.add_argument("--on-error", choices=ON_ERROR, default=S,
-                   help="an image that does not decode: stop, or skip it and count" + _d("on_error"))
+    add_options(p, ("on_error",), only_given=TRAIN)
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --out from its last.pt (mid-epoch if it was saved there); "
                         "refused if a field that shapes the model or the data differs")
@@ -190,19 +175,15 @@ def register(top) -> None:
                                    "probability (MSP), maximum logit (MLS) and energy (logsumexp of the logits).")
     e.add_argument("--checkpoint", type=Path, required=True, help="a last.pt or best.pt of `backmix train`")
     e.add_argument("--data", type=Path, required=True, help="prepared data set root holding train/ and test/")
-    e.add_argument("--backend", choices=BACKENDS, default="reference", help="loader")
+    add_options(e, ("backend",))
     e.add_argument("--split", default=None,
                    help="known classes (split number or names); default: those the checkpoint was trained on")
-    e.add_argument("--canvas-mode", choices=CANVAS_MODES, default=None,
-                   help="canvas of each test image (default: the checkpoint's; stretch for a checkpoint "
-                        "older than the modes); evaluation is always the centre crop")
+    add_options(e, ("canvas_mode",), defaults={"canvas_mode": None},
+                said={"canvas_mode": "the checkpoint's; stretch for a checkpoint older than the modes"})
     e.add_argument("--open-test", action="append", default=[], metavar="DIR",
                    help="an image folder whose images are all unknown: the metrics against it too, under its "
                         "folder's name; repeatable")
-    e.add_argument("--device", type=device_option, default="auto", help=DEVICE_HELP)
-    e.add_argument("--workers", type=int, default=2)
-    e.add_argument("--on-error", choices=ON_ERROR, default="raise",
-                   help="an image that does not decode: stop, or skip it and count")
+    add_options(e, ("device", "workers", "on_error"))
     e.add_argument("--json", action="store_true", help="print the metrics as one JSON object")
     e.set_defaults(func=run_eval)
 

@@ -6,21 +6,19 @@ reads the same with or without torchrun.
 from __future__ import annotations
 
 import hashlib
-import os
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from backmix.cam_cache.ranks import exchange
+from backmix.cam_cache.ranks import exchange, launched_as
+from backmix.models.zoo import unwrap
 from backmix.device import choose_device
 
 
 def init_distributed(request: str) -> tuple[torch.device, int, int]:
     """(device, rank, world size); joins the process group when torchrun started us."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local = int(os.environ.get("LOCAL_RANK", "0"))
+    rank, world, local = launched_as()
     device = choose_device(request, cuda_index=local)   # the one device choice of every stage
     cuda = device.type == "cuda"
     if cuda:
@@ -39,10 +37,6 @@ def wrap_ddp(model: nn.Module, device: torch.device, world: int) -> nn.Module:
     if world == 1:
         return model
     return nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    return getattr(model, "module", model)
 
 
 def barrier(world: int) -> None:

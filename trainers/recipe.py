@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from backmix.models.zoo import unwrap
 from backmix.osr_data.errors import BackMixError
 from backmix.osr_data.limits import check_regular_file
 
@@ -40,7 +41,7 @@ class Recipe:
         self.ema = None
         if cfg.ema:
             from timm.utils import ModelEmaV3
-            self.ema = ModelEmaV3(getattr(model, "module", model), decay=cfg.ema)
+            self.ema = ModelEmaV3(unwrap(model), decay=cfg.ema)
 
     def inputs(self, batch, epoch: int, step: int) -> tuple[Tensor, Optional[Tensor]]:
         """(x, soft targets or None) of one forward pass over ``batch.inputs()``: with Mixup/CutMix,
@@ -71,11 +72,11 @@ class Recipe:
 
     def after_step(self, model: nn.Module, global_step: int) -> None:
         if self.ema is not None:
-            self.ema.update(getattr(model, "module", model), step=global_step)
+            self.ema.update(unwrap(model), step=global_step)
 
     def eval_model(self, model: nn.Module) -> nn.Module:
         """The weights evaluated and saved as best.pt: the EMA's, else the model's own."""
-        return self.ema.module if self.ema is not None else getattr(model, "module", model)
+        return self.ema.module if self.ema is not None else unwrap(model)
 
 
 def sync_batchnorm(cfg: TrainConfig, model: nn.Module, device: torch.device, world: int) -> nn.Module:

@@ -32,7 +32,7 @@ from typing import Optional
 
 import torch
 
-from backmix.models import build_model, features_and_head, load_model
+from backmix.models import build_model, features_and_head, load_model, unwrap
 from backmix.osr_data.limits import check_regular_file
 from backmix.osr_data.open_set import OpenSetData
 
@@ -40,7 +40,7 @@ from .accumulation import optimizer_steps
 from .cache_rebuild import finish_pending_rebuild, loop_recorder, rebuild_due, stage_pass
 from .config import TrainConfig
 from .methods import method_name
-from .distributed import barrier, close_distributed, gather_weight_digests, init_distributed, unwrap, wrap_ddp
+from .distributed import barrier, close_distributed, gather_weight_digests, init_distributed, wrap_ddp
 from .epoch import evaluate, predict, train_one_epoch
 from .in_loop_cams import InLoopCams
 from .optim import build_optimizer, build_scheduler
