@@ -73,3 +73,177 @@ def test_crop_from_image_needs_sizes_and_rrc():
         BackMixSampler(canvas=40, crop=32, crop_from="image")
     with pytest.raises(BackMixError, match="crop_from must be one of canvas, image"):
         BackMixSampler(canvas=40, crop=32, augment="rrc", crop_from="photo")
+
+
+# --- the reference stream: crops cut from the whole image ------------------------------------------
+
+# Images whose pixels say where they are: red = row, green = column, blue = 40 * (which image + 1).
+SIZES = [(60, 200), (150, 90), (120, 120), (80, 240), (200, 50), (90, 160)]
+
+
+def coordinate_image(k: int, hw: tuple[int, int]) -> np.ndarray:
+    h, w = hw
+    y, x = np.mgrid[0:h, 0:w]
+    return np.stack([y, x, np.full_like(y, 40 * (k + 1))], axis=-1).astype(np.uint8)
+
+
+@pytest.fixture(scope="module")
+def coordinate_root(tmp_path_factory):
+    from PIL import Image
+    root = tmp_path_factory.mktemp("coords") / "train"
+    for k, hw in enumerate(SIZES):
+        folder = root / ("a" if k % 2 else "b")
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(coordinate_image(k, hw)).save(folder / f"{k}.png")
+    return root
+
+
+def image_config(**kw) -> "LoaderConfig":
+    from backmix.pipeline import LoaderConfig
+    base = dict(batch_size=6, canvas=40, crop=16, augment="rrc", crop_from="image", canvas_mode="stretch",
+                mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0), num_workers=0, device="cpu", shuffle=False)
+    return LoaderConfig(**{**base, **kw})
+
+
+def stream(root, config, backend="reference", maps=None, epochs=(0, 1)):
+    from backmix.osr_data import ImageIndex
+    from backmix.pipeline import make_loader
+    index = ImageIndex.scan(root)
+    loader = make_loader(backend, index, config, maps=maps)
+    try:
+        out = []
+        for epoch in epochs:
+            loader.set_epoch(epoch)
+            out += [(epoch, step, batch) for step, batch in enumerate(loader)]
+        return index, loader, out
+    finally:
+        loader.close()
+
+
+def pixel_sources(start: int, length: int, size: int) -> np.ndarray:
+    """Where output pixel r of a bilinear resize (pixel centres) of ``length`` source pixels samples."""
+    pos = (np.arange(size) + 0.5) * length / size - 0.5
+    return start + np.clip(pos, 0, length - 1)
+
+
+def test_a_clean_crop_is_its_box_of_the_whole_image_resized(coordinate_root):
+    from backmix.osr_data import ImageIndex
+    index = ImageIndex.scan(coordinate_root)
+    real = {i: SIZES[int(index.abspath(i).rsplit("/", 1)[1].split(".")[0])] for i in range(len(index))}
+    config = image_config(backmix=False)
+    _, loader, batches = stream(coordinate_root, config)
+    seen_wide = False
+    for epoch, step, batch in batches:
+        rows = batch.indices.numpy()
+        sizes = np.array([real[r] for r in rows])
+        p = loader.sampler.draw(len(rows), epoch, step, sizes=sizes)
+        crops = batch.images.numpy() * 255.0
+        for k, row in enumerate(rows):
+            (top, left), (h, w) = p.crops[k], p.crop_sizes[k]
+            ys, xs = pixel_sources(top, h, 16), pixel_sources(left, w, 16)
+            if p.flips[k]:
+                xs = xs[::-1]
+            np.testing.assert_allclose(crops[k, 0], np.repeat(ys[:, None], 16, 1), atol=1e-3)
+            np.testing.assert_allclose(crops[k, 1], np.repeat(xs[None, :], 16, 0), atol=1e-3)
+            name = int(index.abspath(row).rsplit("/", 1)[1].split(".")[0])
+            assert np.allclose(crops[k, 2], 40 * (name + 1))
+            seen_wide |= w > min(sizes[k]) or h > min(sizes[k])   # more than a centre canvas could show
+    assert seen_wide
+
+
+def test_the_mix_in_image_pixels_is_the_canvas_mix_on_canvas_sized_images():
+    from backmix.pipeline.backmix import mix_backgrounds, mix_image_backgrounds
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (5, 3, 40, 40), dtype=torch.uint8, generator=g)
+    masks = torch.rand(5, 8, 8, generator=g) < 0.3
+    partners = torch.tensor([1, 2, 3, 4, 0])
+    boxes = torch.randint(0, 31, (5, 4), generator=g)
+    fill = torch.tensor([1, 2, 3], dtype=torch.uint8)
+    want = mix_backgrounds(images, partners, masks, boxes, (10, 10), fill)
+    got = mix_image_backgrounds(images, torch.full((5, 2), 40), partners, masks, boxes, (10, 10), 40, fill)
+    assert torch.equal(got, want)
+
+
+def test_the_mix_in_image_pixels_maps_the_canvas_box_onto_each_image():
+    from backmix.pipeline.backmix import mix_image_backgrounds
+    sizes = torch.tensor([[60, 200], [150, 90], [80, 240]])
+    images = torch.zeros(3, 3, 150, 240, dtype=torch.uint8)
+    for k, (h, w) in enumerate(sizes.tolist()):
+        images[k, :, :h, :w] = torch.from_numpy(coordinate_image(k, (h, w))).permute(2, 0, 1)
+    masks = torch.zeros(3, 8, 8, dtype=torch.bool)
+    masks[:, :4, :] = True            # the top half of every image is foreground
+    partners = torch.tensor([1, 2, 0])
+    boxes = torch.tensor([[20, 4, 0, 30], [16, 0, 12, 8], [28, 30, 30, 2]])   # src_y, src_x, dst_y, dst_x
+    fill = torch.tensor([7, 7, 7], dtype=torch.uint8)
+    out = mix_image_backgrounds(images, sizes, partners, masks, boxes, (10, 10), 40, fill)
+    for i, j in enumerate(partners.tolist()):
+        (h, w), (ph, pw) = sizes[i].tolist(), sizes[j].tolist()
+        y0, y1 = boxes[i, 2] * h // 40, (boxes[i, 2] + 10) * h // 40
+        x0, x1 = boxes[i, 3] * w // 40, (boxes[i, 3] + 10) * w // 40
+        sy0, sy1 = boxes[i, 0] * ph // 40, (boxes[i, 0] + 10) * ph // 40
+        sx0, sx1 = boxes[i, 1] * pw // 40, (boxes[i, 1] + 10) * pw // 40
+        inside = torch.zeros(150, 240, dtype=torch.bool)
+        inside[y0:y1, x0:x1] = True
+        assert torch.equal(out[i][:, ~inside], images[i][:, ~inside])   # untouched outside the box
+        pasted = out[i][:, y0:y1, x0:x1].long()
+        blank = (pasted == 7).all(0)
+        got = pasted[:, ~blank]
+        # Every pasted pixel is the partner's, from its mapped box, in order; the blanks its foreground.
+        assert (got[2] == 40 * (j + 1)).all()
+        assert got[0].min() >= sy0 and got[0].max() < sy1 and got[1].min() >= sx0 and got[1].max() < sx1
+        src_rows = pasted[0][:, 0] if not blank[:, 0].all() else None
+        ys = sy0 + (2 * torch.arange(y1 - y0) + 1) * (sy1 - sy0) // (2 * (y1 - y0))
+        foreground = ys * 8 // ph < 4
+        assert torch.equal(blank.all(1), foreground) and torch.equal(blank.any(1), foreground)
+        assert src_rows is None or torch.equal(src_rows[~foreground], ys[~foreground])
+
+
+def test_the_clean_and_mixed_crops_are_one_box_of_the_whole_and_the_mixed_image(coordinate_root):
+    from backmix.cam_cache import ArrayMaps
+    from backmix.osr_data import ImageIndex
+    from backmix.pipeline.augment import normalize, resized_crop_flip
+    from backmix.pipeline.backmix import mix_image_backgrounds, top_k_mask
+    from backmix.osr_data.canvas_reads import pad_photos
+    from backmix.osr_data.decode import decode_rgb
+    index = ImageIndex.scan(coordinate_root)
+    maps = ArrayMaps(np.random.default_rng(1).random((len(index), 8, 8), dtype=np.float32))
+    config = image_config()
+    _, loader, batches = stream(coordinate_root, config, maps=maps)
+    for epoch, step, batch in batches:
+        rows = batch.indices.numpy()
+        photos = pad_photos([decode_rgb(index.abspath(r)) for r in rows])
+        p = loader.sampler.draw(len(rows), epoch, step, sizes=photos.sizes.numpy())
+        t = {k: torch.from_numpy(v) for k, v in vars(p).items()}
+        masks = top_k_mask(torch.from_numpy(maps.gather(rows)), 0.25, t["tie_break"])
+        mixed = mix_image_backgrounds(photos.pixels, photos.sizes, t["partners"], masks, t["boxes"], (10, 10), 40,
+                                      torch.zeros(3, dtype=torch.uint8))
+        for name, source in (("images", photos.pixels), ("mixed", mixed)):
+            want = normalize(resized_crop_flip(source, t["crops"], t["crop_sizes"], t["flips"], 16),
+                             torch.zeros(3), torch.ones(3))
+            assert torch.equal(getattr(batch, name), want), name
+        assert not torch.equal(batch.images, batch.mixed)
+    # The canvas a batch carries (what the CAMs see) is the whole image stretched.
+    assert batches[0][2].canvas.shape[-2:] == (40, 40)
+
+
+@pytest.mark.parametrize("options", [dict(), dict(backmix=False, views=2), dict(clean=False)])
+def test_workers_finishing_the_batches_make_the_loading_processs_stream(coordinate_root, options):
+    from backmix.cam_cache import ArrayMaps
+    maps = ArrayMaps(np.random.default_rng(4).random((len(SIZES), 8, 8), dtype=np.float32))
+    _, _, want = stream(coordinate_root, image_config(batch_size=4, num_workers=0, **options), maps=maps)
+    _, _, got = stream(coordinate_root, image_config(batch_size=4, num_workers=2, **options), maps=maps)
+    assert len(got) == len(want) == 4
+    for (_, _, g), (_, _, w) in zip(got, want):
+        for name in ("canvas", "images", "mixed", "second", "indices"):
+            x, y = getattr(g, name), getattr(w, name)
+            assert (x is None and y is None) or torch.equal(x, y), name
+
+
+def test_crop_from_image_is_refused_where_it_cannot_be_made():
+    from backmix.pipeline import LoaderConfig
+    with pytest.raises(BackMixError, match="needs canvas_mode='stretch'"):
+        LoaderConfig(augment="rrc", crop_from="image")
+    with pytest.raises(BackMixError, match="needs augment='rrc'"):
+        LoaderConfig(canvas_mode="stretch", crop_from="image")
+    # Evaluation keeps the canvas's centre crop: nothing to cut from the image.
+    assert not image_config(train=False).crops_images and image_config().crops_images
