@@ -112,10 +112,7 @@ class LoaderConfig:
         check_canvas(self.canvas, self.crop, self.grid)
         check_canvas_mode(self.canvas_mode)
         check_augment(self.augment)
-        check_crop_from(self.crop_from, self.augment)
-        if self.crop_from == "image" and self.canvas_mode != "stretch":
-            raise BackMixError("crop_from='image' (--crop-from image) needs canvas_mode='stretch' (--canvas-mode "
-                               "stretch): the foreground grid must cover the whole image the crops are cut from")
+        check_crop_from(self.crop_from, self.augment, self.canvas_mode)
         if self.auto_augment not in ("none",) + AUTO_AUGMENT_POLICIES:
             raise BackMixError(f"auto_augment must be none or one of {', '.join(AUTO_AUGMENT_POLICIES)}, "
                                f"got {self.auto_augment!r}")

@@ -99,12 +99,16 @@ class BatchParams:
                 for k in ("partners", "boxes", "tie_break", "crops", "flips", "crop_sizes")}
 
 
-def check_crop_from(crop_from: str, augment: str = "rrc") -> str:
+def check_crop_from(crop_from: str, augment: str = "rrc", canvas_mode: Optional[str] = None) -> str:
+    """``crop_from`` when it goes with ``augment`` and (when given) ``canvas_mode``; else one line."""
     if crop_from not in CROP_FROM:
         raise BackMixError(f"crop_from must be one of {', '.join(CROP_FROM)}, got {crop_from!r}")
     if crop_from == "image" and augment != "rrc":
         raise BackMixError("crop_from='image' (--crop-from image) draws RandomResizedCrop boxes in the image: "
                            "it needs augment='rrc' (--augment rrc)")
+    if crop_from == "image" and canvas_mode not in (None, "stretch"):
+        raise BackMixError("crop_from='image' (--crop-from image) needs canvas_mode='stretch' (--canvas-mode "
+                           "stretch): the foreground grid must cover the whole image the crops are cut from")
     return crop_from
 
 

@@ -247,3 +247,18 @@ def test_crop_from_image_is_refused_where_it_cannot_be_made():
         LoaderConfig(canvas_mode="stretch", crop_from="image")
     # Evaluation keeps the canvas's centre crop: nothing to cut from the image.
     assert not image_config(train=False).crops_images and image_config().crops_images
+
+
+def test_backmix_train_crop_from_image_reaches_the_training_loader(small_root, tmp_path):
+    from backmix.cli import main as cli_main
+    from backmix.trainers.config import TrainConfig
+    from backmix.trainers.run_data import loader_config
+    run = tmp_path / "run"
+    assert cli_main(["train", "--data", str(small_root), "--out", str(run), "--epochs", "1", "--width", "0.25",
+                     "--batch-size", "8", "--known", "ant,cat", "--workers", "0", "--device", "cpu",
+                     "--no-progress", "--augment", "rrc", "--canvas-mode", "stretch", "--crop-from", "image",
+                     "--regen-every", "1"]) in (0, None)
+    cfg = TrainConfig.load(run / "config.json")
+    assert cfg.crop_from == "image"
+    assert loader_config(cfg, torch.device("cpu"), train=True).crops_images
+    assert not loader_config(cfg, torch.device("cpu"), train=False).crops_images   # evaluation: the canvas

@@ -5,7 +5,7 @@ import argparse
 from pathlib import Path
 
 from backmix.cam_cache.node_folders import LAYOUTS as CACHE_LAYOUTS
-from backmix.osr_data.options import CANVAS_MODES
+from backmix.osr_data.options import CANVAS_MODES, CROP_FROM, CROP_FROM_HELP
 from backmix.osr_data.errors import BackMixError
 from backmix.pipeline.loaders import LOCAL_RAY_HELP, backend_options
 from backmix.osr_data.protocols import PROTOCOLS
@@ -124,6 +124,7 @@ def register(top) -> None:
     p.add_argument("--augment", choices=AUGMENTS, default=S,
                    help="after the mix: crop = random crop + flip; rrc = RandomResizedCrop of the mixed "
                         "canvas to the crop size + flip (evaluation: the centre crop)" + _d("augment"))
+    p.add_argument("--crop-from", choices=CROP_FROM, default=S, help=CROP_FROM_HELP + _d("crop_from"))
     p.add_argument("--cache", default=S, help="foreground cache folder to use or share (default: RUN/cache)")
     p.add_argument("--cache-layout", choices=CACHE_LAYOUTS, default=S,
                    help="under torchrun: shared = every node sees the one --cache folder; node-local = each node "
