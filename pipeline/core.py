@@ -173,7 +173,8 @@ class Loader(LoaderPosition):
             chosen = mixed_rows(self.sampler.seed, self.epoch, cfg.rank, out.step, len(rows), cfg.mix_prob)
             mixed, images = torch.where(to_device(torch.from_numpy(chosen), dev)[:, None, None, None], mixed, images), None
         if self.second_view is not None:
-            second, _ = self.second_view(canvas, rows, epoch=self.epoch, step=out.step, rank=cfg.rank, photos=photos)
+            second, _ = self.second_view(canvas, rows, epoch=self.epoch, step=out.step, rank=cfg.rank,
+                                         photos=photos)
         return BackMixBatch(canvas if self.carries_canvas else None, images, mixed, *self.row_labels.take(rows, dev),
                             second=second)
 
