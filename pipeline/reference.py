@@ -160,8 +160,8 @@ class WorkerSource(Source):
             if isinstance(batch, Finished):
                 yield SourceBatch(step, batch.rows.numpy(), batch.canvas, batch.failed, batch.images, batch.mixed)
                 continue
-            canvas, rows, failed, photos = self.finish(batch)
-            yield SourceBatch(step, rows.numpy(), canvas, failed, photos=photos)
+            canvas, rows, failed, *photos = self.finish(batch)   # a backend's own finish may give no photos
+            yield SourceBatch(step, rows.numpy(), canvas, failed, photos=photos[0] if photos else None)
 
     def close(self) -> None:
         # Shut down here, the copy a forked child inherits is marked shut down and does nothing.
