@@ -262,3 +262,26 @@ def test_backmix_train_crop_from_image_reaches_the_training_loader(small_root, t
     assert cfg.crop_from == "image"
     assert loader_config(cfg, torch.device("cpu"), train=True).crops_images
     assert not loader_config(cfg, torch.device("cpu"), train=False).crops_images   # evaluation: the canvas
+
+
+@pytest.mark.parametrize("backend", ["ffcv", "dali"])
+def test_a_backend_that_cannot_cut_from_the_image_refuses_in_one_line(coordinate_root, backend):
+    from backmix.osr_data import ImageIndex
+    from backmix.pipeline import make_loader
+    index = ImageIndex.scan(coordinate_root)
+    with pytest.raises(BackMixError, match=f"backend '{backend}' cannot cut crops from the whole image "
+                                           r"\(--crop-from image\): its [a-z]+ ") as e:
+        make_loader(backend, index, image_config())
+    assert "\n" not in str(e.value)
+
+
+def test_a_registered_backend_with_its_own_decode_refuses_crops_from_the_image(coordinate_root):
+    from helpers import PilSource
+    from backmix.osr_data import ImageIndex
+    from backmix.pipeline import make_loader
+    index = ImageIndex.scan(coordinate_root)
+    assert PilSource.whole_images_refused
+    with pytest.raises(BackMixError, match="backend 'pil' cannot cut crops from the whole image .*its decode "
+                                           "makes canvases only"):
+        make_loader("pil", index, image_config())
+    make_loader("pil", index, image_config(train=False)).close()   # evaluation: the canvas, as ever
