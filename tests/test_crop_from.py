@@ -285,3 +285,18 @@ def test_a_registered_backend_with_its_own_decode_refuses_crops_from_the_image(c
                                            "makes canvases only"):
         make_loader("pil", index, image_config())
     make_loader("pil", index, image_config(train=False)).close()   # evaluation: the canvas, as ever
+
+
+def test_backmix_loader_takes_crop_from(small_root):
+    import backmix
+    kw = dict(split="ant,cat", batch_size=4, canvas=32, crop=24, num_workers=0, device="cpu", augment="rrc",
+              canvas_mode="stretch")
+    image = backmix.loader(small_root, crop_from="image", **kw)
+    canvas = backmix.loader(small_root, **kw)
+    assert image.config.crop_from == "image" and canvas.config.crop_from == "canvas"
+    a, b = next(iter(image)), next(iter(canvas))
+    assert a.images.shape == b.images.shape == (4, 3, 24, 24)
+    # The 32 x 32 images are their own stretched canvases: the same boxes on the same pixels.
+    assert torch.equal(a.images, b.images) and torch.equal(a.mixed, b.mixed)
+    image.close()
+    canvas.close()
