@@ -2,6 +2,12 @@
 
 - The boxes follow torchvision's ``RandomResizedCrop.get_params`` on the image's size (two-sample
   KS tests at fixed seeds on area, ratio and centre), its central fallback exactly.
+- The reference stream: images whose pixels encode their coordinates prove each crop is its box of
+  the whole image; the mix maps the canvas box onto each image (and is the canvas mix on images of
+  the canvas's size); workers finishing batches make the loading process's stream.
+- The option reaches the loader from ``backmix train`` and ``backmix.loader``; backends that cannot
+  make the stream refuse it in one line. (Ray and torchvision are held to the reference stream in
+  tests/test_ray.py and tests/test_torchvision_loader.py.)
 """
 from __future__ import annotations
 
@@ -300,3 +306,14 @@ def test_backmix_loader_takes_crop_from(small_root):
     assert torch.equal(a.images, b.images) and torch.equal(a.mixed, b.mixed)
     image.close()
     canvas.close()
+
+
+def test_the_batched_resized_crop_a_gpu_runs_reads_padded_images_as_the_cpus_does():
+    from backmix.osr_data.canvas_reads import pad_photos
+    from backmix.pipeline.augment import resized_crop_flip
+    g = torch.Generator().manual_seed(3)
+    photos = pad_photos([torch.randint(0, 256, (3, h, w), dtype=torch.uint8, generator=g) for h, w in SIZES])
+    p = image_sampler(seed=2).draw(len(SIZES), 0, 0, sizes=photos.sizes.numpy())
+    t = {k: torch.from_numpy(getattr(p, k)) for k in ("crops", "crop_sizes", "flips")}
+    args = (photos.pixels, t["crops"], t["crop_sizes"], t["flips"], 16)
+    assert torch.equal(resized_crop_flip(*args, per_image=False), resized_crop_flip(*args, per_image=True))
