@@ -13,9 +13,10 @@ In a training script::
 The stages are subpackages, data flowing one way: ``backmix.osr_data`` (image
 folders, splits) -> ``backmix.models`` (build, checkpoint, CAM heads) ->
 ``backmix.cam_cache`` (foreground maps) -> ``backmix.pipeline`` (loaders) ->
-``backmix.trainers``. In the repository they are top-level folders,
-mapped under the ``backmix`` name by pyproject's package-dir, so installing backmix
-adds no generic top-level packages. Every name is imported on first use:
+``backmix.trainers``. The instruments (benchmarks, the experiment, the viewer) are
+``backmix.bench``, which may use every stage and which no stage imports. In the
+repository each is a top-level folder, mapped under the ``backmix`` name by
+pyproject's package-dir, so installing backmix adds no generic top-level packages. Every name is imported on first use:
 ``import backmix`` (and ``backmix --help``) does not import torch.
 """
 from typing import TYPE_CHECKING

@@ -19,7 +19,7 @@ from .cam_cache.recorder import InLoopRebuild
 from .pipeline import LoaderConfig, make_loader
 from .pipeline.loaders import backend_options
 from .pipeline.sampling import check_seed
-from .pipeline.augment import IMAGENET_MEAN, IMAGENET_STD
+from .osr_data.normalize import IMAGENET_MEAN, IMAGENET_STD
 from .osr_data.protocols import split_list
 from .osr_data.open_set import OpenSetData, load_data
 from .trainers.epoch import evaluate as _evaluate, predict
@@ -34,8 +34,9 @@ def open_set_data(root: str | os.PathLike, split: str | int = "0", *, val_fracti
     ``val_fraction``: that share of each known class's training images (chosen by ``seed``, as
     ``backmix train --val-fraction`` does with its ``--seed``) becomes ``val_rows``, left out of
     ``known_rows`` (what a training loader serves); select checkpoints on it, never on the test folder.
-    ``protocol`` ("cifar10", "cifar+10", "tinyimagenet") or ``splits_file`` (JSON): ``split`` is a
-    number into that list of published splits (``backmix.osr_data.protocols``)."""
+    ``protocol`` ("cifar10", "cifar+10", "cifar+50", "tinyimagenet") or ``splits_file`` (JSON): ``split`` is
+    a number into that list of published splits (``backmix.osr_data.protocols``); the Semantic Shift
+    Benchmark's ("ssb-imagenet", "ssb-cub", "ssb-aircraft", "ssb-scars") have one split, ``"all"``."""
     check_root(root)
     return load_data(root, check_split(split), check_val_fraction(val_fraction), check_seed(seed),
                      split_list(protocol, splits_file))

@@ -17,7 +17,7 @@ from backmix.osr_data.errors import NO_SPACE_ERRNOS, BackMixError, Terminated, n
 # Every command: (group or None, name) -> (one-line summary, "module:function" that registers it).
 # Only the registrar of the command being run is imported, so `backmix --help` and light
 # commands such as `backmix cache info` never import torch. A registrar may add several
-# commands (e.g. train, eval and experiment); they are listed under it.
+# commands (e.g. train and eval); they are listed under it.
 GROUPS = {
     "data": "prepare bundled data sets, convert folders",
     "cache": "build and inspect foreground-map caches",
@@ -31,22 +31,22 @@ COMMANDS = {
     ("cache", "build"): ("compute the next generation from a checkpoint's CAMs", "backmix.cam_cache.cli:register"),
     ("cache", "info"): ("generation, rows, grid, digests and size of a cache", "backmix.cam_cache.cli:register"),
     ("cache", "show"): ("draw a cache's maps, masks and a mixed batch as a PNG sheet",
-                        "backmix.pipeline.cli:register_cache_show"),
+                        "backmix.bench.show:register_cache_show"),
     (None, "train"): ("train an open-set classifier with BackMix (or the plain baseline)",
                       "backmix.trainers.cli:register"),
     (None, "eval"): ("open-set metrics of a checkpoint on a data set's test folder", "backmix.trainers.cli:register"),
     (None, "experiment"): ("baseline vs BackMix over data sets and splits, as one table",
-                           "backmix.trainers.cli:register"),
+                           "backmix.bench.experiment:register"),
     ("bench", "cache"): ("precompute vs inference throughput, publish time/size, gather latency",
-                         "backmix.cam_cache.cli:register_bench"),
-    ("bench", "loader"): ("images/s of each loader with and without BackMix", "backmix.pipeline.cli:register_bench"),
+                         "backmix.bench.cache_cli:register_bench"),
+    ("bench", "loader"): ("images/s of each loader with and without BackMix", "backmix.bench.loader:register_bench"),
     ("bench", "peers"): ("backmix's loaders beside the stock torchvision, FFCV and DALI loaders",
-                         "backmix.pipeline.cli:register_bench_peers"),
+                         "backmix.bench.peers:register"),
     ("bench", "train"): ("images/s of whole training steps: the plain baseline vs each BackMix recipe",
                          "backmix.bench.train_step:register"),
     ("bench", "scale"): ("index, cache, first-batch, memory and rebuild costs on an ImageNet-sized folder",
-                         "backmix.trainers.cli:register_bench"),
-    (None, "show"): ("draw one mixed batch as a PNG sheet", "backmix.pipeline.cli:register"),
+                         "backmix.bench.scale:register_bench"),
+    (None, "show"): ("draw one mixed batch as a PNG sheet", "backmix.bench.show:register"),
 }
 
 

@@ -28,6 +28,9 @@ from typing import Optional
 from backmix.osr_data.errors import BackMixError
 from backmix.trainers.methods import METHODS
 
+from .machine import machine, machine_line
+
+
 def recipe_config(method: str, **fields):
     """The trainer's config of a recipe (its defaults for what the recipe leaves out)."""
     from backmix.trainers.config import TrainConfig
@@ -42,7 +45,7 @@ def time_steps(backend: str, method: str, index, *, arch: str, crop: int, canvas
 
     from backmix.cam_cache.maps import UniformMaps
     from backmix.models import build_model
-    from backmix.pipeline.bench_stages import sync
+    from .stages import sync
     from backmix.pipeline.loaders import make_loader
     from backmix.trainers.precision import Precision
     from backmix.trainers.run_data import loader_config
@@ -96,7 +99,7 @@ def time_steps(backend: str, method: str, index, *, arch: str, crop: int, canvas
 def run_bench_train(data: Optional[Path], backends: list[str], methods: list[str], *, arch: str, crop: int,
                     canvas: int, batch_size: int, workers: int, device: str, amp: str, steps: int, warmup: int,
                     rounds: int, n_images: int, seed: int = 0, augment: str = "crop") -> dict:
-    from backmix.pipeline.bench import bench_folder, ensure_beton, machine
+    from .loader import bench_folder, ensure_beton
     from backmix.pipeline.config import choose_device
     from backmix.pipeline.loaders import BACKENDS
 
@@ -156,7 +159,7 @@ def format_table(report: dict) -> str:
     lines = [f"bench train: {c['arch']} at {c['crop']} px (canvas {c['canvas']}), batch {c['batch_size']}, "
              f"{c['workers']} workers, {c['device']}; {c['steps']} steps after {c['warmup']}, median of "
              f"{c['rounds']} rounds; {report['images']} images in {report['data']}",
-             f"machine: {report['machine']}", "",
+             f"machine: {machine_line(report['machine'])}", "",
              "| backend | recipe | passes/image | images/s | spread | data wait | vs baseline | vs same passes |",
              "|---|---|---:|---:|---:|---:|---:|---:|"]
     ratio = lambda v: "—" if v is None else f"{v:.2f}"   # noqa: E731
@@ -169,7 +172,7 @@ def format_table(report: dict) -> str:
 
 
 def register(sub) -> None:
-    from backmix.pipeline.bench import add_bench_folder_options
+    from .loader import add_bench_folder_options
     from backmix.pipeline.sampling import AUGMENTS
 
     p = sub.add_parser("train", help="images/s of whole training steps: the plain baseline vs each BackMix recipe",

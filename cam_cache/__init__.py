@@ -14,7 +14,7 @@ _EXPORTS = {
     "GenerationWriter": ".precompute", "build_generation": ".precompute", "publish_generation": ".precompute",
     "rebuild_cache": ".rebuild", "stage_generation": ".rebuild", "publish_staged": ".rebuild",
     "InLoopRebuild": ".recorder",
-    "ForegroundCache": ".store", "cache_info": ".store", "init_cache": ".store", "start_cache": ".uniform_generation",
+    "ForegroundCache": ".store", "cache_info": ".store", "init_cache": ".store", "start_cache": ".store",
 }
 __all__ = sorted(_EXPORTS)
 __getattr__, __dir__ = lazy_exports(__name__, globals(), _EXPORTS)
@@ -25,5 +25,4 @@ if TYPE_CHECKING:
     from .precompute import GenerationWriter, build_generation, publish_generation
     from .rebuild import publish_staged, rebuild_cache, stage_generation
     from .recorder import InLoopRebuild
-    from .store import ForegroundCache, cache_info, init_cache
-    from .uniform_generation import start_cache
+    from .store import ForegroundCache, cache_info, init_cache, start_cache

@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from backmix.device import choose_device
+from backmix.device import choose_device, parse_device
 from backmix.models import features_and_head
 from backmix.osr_data.canvas_reads import CanvasDataset, collate_canvases, undecodable
 from backmix.osr_data.index import ImageIndex
@@ -77,12 +77,12 @@ def compute_cams(model: nn.Module, index: ImageIndex, rows: np.ndarray, labels: 
     file is read as the loaders read it (``read_canvas``, ``undecodable``): one missing or changed since
     indexing raises ``BackMixError``; one that does not decode raises ``DecodeError`` under on_error
     "raise", and under "skip" is logged and its map is NaN (no CAM: the caller keeps the row's old map).
-    ``device``: "auto", "cpu", "cuda" or a device (``choose_device``)."""
+    ``device``: "auto", "cpu", "cuda", "cuda:N" or a ``torch.device`` (``choose_device``)."""
     body, head = features_and_head(model)
-    device = choose_device(device)
+    asked = parse_device(device)
     home = next(model.parameters()).device
-    if home.type == device.type:
-        device = home                 # "cuda" for a model on cuda:1 means cuda:1
+    # "cuda" (or "auto") for a model on cuda:1 means cuda:1; a device named with its index is that one.
+    device = choose_device(home if home.type == asked.type and asked.index is None else asked)
     normalise = Normalize(tuple(mean), tuple(std))
     loader = DataLoader(CanvasDataset(index, canvas, canvas_mode), sampler=np.asarray(rows).tolist(),
                         batch_size=batch_size, num_workers=num_workers, collate_fn=collate_canvases,

@@ -1,6 +1,6 @@
-"""``backmix cache init|build|info`` and ``backmix bench cache``.
+"""``backmix cache init|build|info``.
 
-(``backmix cache show`` draws with the mix kernel, so the pipeline stage registers it.)
+(``backmix cache show`` and ``backmix bench cache`` are instruments: ``backmix.bench`` registers them.)
 """
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import json
 import os
 from pathlib import Path
 
+from backmix.device import DEVICE_HELP, device_option
 from backmix.osr_data.options import CANVAS_MODES
 from backmix.osr_data.errors import BackMixError
 
@@ -56,7 +57,7 @@ def register(sub) -> None:
     b.add_argument("--workers", type=int, default=2, help="decoding worker processes")
     b.add_argument("--shard", default=None, metavar="k/N",
                    help="build shard k of N (default: torchrun's RANK/WORLD_SIZE, else 0/1)")
-    b.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto: the GPU when there is one")
+    b.add_argument("--device", type=device_option, default="auto", help=DEVICE_HELP)
     b.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     b.set_defaults(func=run_build)
 
@@ -64,26 +65,6 @@ def register(sub) -> None:
     i.add_argument("--cache", type=Path, required=True, help="cache folder")
     i.add_argument("--json", action="store_true", help="print one JSON object")
     i.set_defaults(func=run_info)
-
-
-def register_bench(sub) -> None:
-    p = sub.add_parser("cache", help="precompute vs inference throughput, publish time/size, gather latency",
-                       formatter_class=FMT)
-    p.add_argument("--rows", type=int, default=1_281_167, help="rows of the synthetic cache (ImageNet-1k train)")
-    p.add_argument("--grid", type=int, default=8, help="g of the g x g maps")
-    p.add_argument("--arch", default="resnet18",
-                   help="model timed for precompute vs plain inference (any --arch of backmix train)")
-    p.add_argument("--canvas", "--image-size", dest="canvas", type=int, default=112,
-                   help="canvas side of the timed batches")
-    p.add_argument("--batch-size", type=int, default=256, help="images per timed forward pass")
-    p.add_argument("--repeats", type=int, default=7, help="timed batches of each path (median)")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto: the GPU when there is one")
-    p.add_argument("--loop-images", type=int, default=1024,
-                   help="bench photos of the in-loop rebuild vs separate pass figure (0: skip it)")
-    p.add_argument("--workers", type=int, default=2, help="decoding worker processes of the separate pass")
-    p.add_argument("--dir", type=Path, default=None, help="where to write the synthetic cache (default: a temp dir)")
-    p.add_argument("--json", type=Path, default=None, help="write the figures here")
-    p.set_defaults(func=run_bench)
 
 
 def parse_shard(text: str | None) -> tuple[int, int]:
@@ -193,12 +174,4 @@ def run_info(args) -> int:
         return 0
     for k, v in info.items():
         print(f"{k:>20}: {v}")
-    return 0
-
-
-def run_bench(args) -> int:
-    from .bench import bench_cache
-    if args.loop_images < 0 or args.workers < 0 or args.repeats < 1:
-        raise BackMixError("--loop-images and --workers must be >= 0 and --repeats >= 1")
-    bench_cache(args)
     return 0

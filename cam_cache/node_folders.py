@@ -42,8 +42,8 @@ import torch.distributed as dist
 from backmix._fs import atomic_file, fsync_dir
 from backmix.osr_data.errors import BackMixError
 
-from .rebuild import exchange, on_every_rank, rank_and_world
-from .store import (ForegroundCache, generation_path, pending_dir, prune, publish_lock, read_pointer,
+from .ranks import exchange, on_every_rank, rank_and_world
+from .store import (ForegroundCache, generation_path, pending_dir, prune, publish_lock, read_pointer, start_cache,
                     write_pointer)
 
 LAYOUTS = ("auto", "shared", "node-local")
@@ -222,7 +222,6 @@ def open_on_every_rank(cache_dir: str | os.PathLike, index, *, grid: int, canvas
     """A run's foreground cache under torch.distributed (or alone; call on every rank): rank 0 starts it in
     its folder (``start_cache``: the existing one, else generation 0), the folders of the other nodes get
     its current generation (``share_current``), and every rank opens the folder of its own node."""
-    from .uniform_generation import start_cache
     rank, world = rank_and_world()
     with on_every_rank(cache_dir) if world > 1 else contextlib.nullcontext():
         if rank == 0:

@@ -46,9 +46,10 @@ from backmix.osr_data.errors import NO_SPACE_ERRNOS, BackMixError, no_space
 from backmix.osr_data.index import ImageIndex
 from backmix.osr_data.normalize import Normalize
 
-from .cams import body_features, class_activation_maps, compute_cams   # compute_cams is looked up here, where tests stub it
-from .store import (ForegroundCache, MappedMaps, build_lock, generation_path, pending_dir, prune,
-                    publish_lock, read_pointer, write_maps, write_pointer)
+from .cams import body_features, class_activation_maps, compute_cams
+from .generation_file import MappedMaps, write_maps
+from .store import (ForegroundCache, build_lock, generation_path, pending_dir, prune, publish_lock, read_pointer,
+                    write_pointer)
 
 log = logging.getLogger("backmix")
 

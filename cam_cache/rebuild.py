@@ -24,9 +24,8 @@ so no rank is left waiting on a failed one.
 """
 from __future__ import annotations
 
-import contextlib
 import os
-from typing import Iterator, Optional, Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
@@ -37,46 +36,9 @@ from backmix.osr_data.errors import BackMixError
 from backmix.osr_data.index import ImageIndex
 
 from . import precompute
+from .node_folders import gather_shards, node_folders, share_current
 from .precompute import GenerationWriter
-
-
-def rank_and_world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def exchange(value, world: int) -> list:
-    """Every rank's ``value`` in rank order, on every rank (one all_gather; just [value] alone)."""
-    if world == 1:
-        return [value]
-    everyone = [None] * world
-    dist.all_gather_object(everyone, value)
-    return everyone
-
-
-def _raise_first(errors: list[Optional[str]]) -> None:
-    first = next((e for e in errors if e), None)
-    if first:
-        raise BackMixError(first)
-
-
-def _failure(cache_dir, rank: int, e: Exception) -> str:
-    why = str(e) if isinstance(e, BackMixError) else f"{type(e).__name__}: {e}"
-    return f"cache rebuild in {cache_dir} failed on rank {rank}: {why.splitlines()[0] if why else ''}"
-
-
-@contextlib.contextmanager
-def on_every_rank(cache_dir: str | os.PathLike) -> Iterator[None]:
-    """Runs the block on every rank, then meets the others: an error in it on any rank is raised on
-    every rank (one line naming the rank), so none waits in a later collective for a failed one."""
-    rank, world = rank_and_world()
-    error = None
-    try:
-        yield
-    except Exception as e:   # noqa: BLE001 -- every failure must reach the other ranks
-        error = _failure(cache_dir, rank, e)
-    _raise_first(exchange(error, world))
+from .ranks import exchange, on_every_rank, rank_and_world, rank_failure
 
 
 def stage_generation(cache_dir: str | os.PathLike, model: nn.Module, index: ImageIndex, *, canvas: int,
@@ -113,7 +75,6 @@ def publish_staged(cache_dir: str | os.PathLike, generation: int) -> int:
     """Rank 0 publishes the staged ``generation``; every rank returns it, or raises rank 0's error. Where
     nodes keep folders of their own (``node_folders``), the shards reach rank 0 first and the published
     generation every node's folder after."""
-    from .node_folders import gather_shards, node_folders, share_current
     rank, world = rank_and_world()
     folders = node_folders(cache_dir)
     gather_shards(cache_dir, generation, folders)
@@ -122,7 +83,7 @@ def publish_staged(cache_dir: str | os.PathLike, generation: int) -> int:
         try:
             outcome = [precompute.publish_generation(cache_dir, generation)]   # looked up late: tests stub it
         except Exception as e:   # noqa: BLE001
-            outcome = [_failure(cache_dir, rank, e)]
+            outcome = [rank_failure(cache_dir, rank, e)]
     if world > 1:
         dist.broadcast_object_list(outcome, src=0)
     if isinstance(outcome[0], str):

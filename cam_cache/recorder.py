@@ -26,7 +26,8 @@ from torch import nn
 from backmix.osr_data.errors import BackMixError
 
 from .precompute import GenerationWriter
-from .rebuild import publish_staged, rank_and_world, stage_generation
+from .ranks import rank_and_world
+from .rebuild import publish_staged, stage_generation
 from .store import ForegroundCache
 
 

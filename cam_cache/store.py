@@ -44,6 +44,7 @@ from backmix.osr_data.errors import BackMixError
 from backmix.osr_data.index import ImageIndex
 
 from .generation_file import MappedMaps, write_maps
+from .uniform_generation import UNIFORM_VALUE, UniformGeneration
 
 POINTER = "CURRENT"
 
@@ -134,8 +135,7 @@ class ForegroundCache:
         return int(ptr["generation"])
 
     def _open(self, generation: int, verify: bool = True) -> None:
-        from .uniform_generation import UniformGeneration
-        mapped = UniformGeneration(self.cache_dir, self._uniform) if generation == 0 and self._uniform \
+        mapped = UniformGeneration(self.cache_dir / POINTER, self._uniform) if generation == 0 and self._uniform \
             else MappedMaps(generation_path(self.cache_dir, generation), verify=verify)
         if self._grid is not None and mapped.grid != self._grid:
             raise BackMixError(f"cache file {mapped.path} has {mapped.grid}x{mapped.grid} maps, "
@@ -216,8 +216,20 @@ def _stat_key(path: Path) -> Optional[tuple]:
 
 def init_cache(cache_dir: str | os.PathLike, index: ImageIndex, *, grid: int = 8,
                keep: int = 3, canvas_mode: str = "center") -> ForegroundCache:
-    """Generation 0 (0.5 everywhere) for ``index`` on ``canvas_mode`` canvases; the existing cache
-    when there is one for it (refused if it is of another grid or canvas mode)."""
+    """Generation 0 (0.5 everywhere) for ``index`` on ``canvas_mode`` canvases, written as a file; the
+    existing cache when there is one for it (refused if it is of another grid or canvas mode)."""
+    return _open_or_start(cache_dir, index, grid, keep, canvas_mode, write_generation_0=True)
+
+
+def start_cache(cache_dir: str | os.PathLike, index: ImageIndex, *, grid: int = 8, keep: int = 3,
+                canvas_mode: str = "center") -> ForegroundCache:
+    """As ``init_cache``, but a new cache's generation 0 is uniform and has no file: CURRENT alone names
+    it (instant at any size; ``uniform_generation.py``)."""
+    return _open_or_start(cache_dir, index, grid, keep, canvas_mode, write_generation_0=False)
+
+
+def _open_or_start(cache_dir: str | os.PathLike, index: ImageIndex, grid: int, keep: int, canvas_mode: str, *,
+                   write_generation_0: bool) -> ForegroundCache:
     from backmix.osr_data.decode import check_canvas_mode
     check_canvas_mode(canvas_mode)
     cache_dir = check_cache_dir(cache_dir)
@@ -232,12 +244,17 @@ def init_cache(cache_dir: str | os.PathLike, index: ImageIndex, *, grid: int = 8
         cache_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise BackMixError(f"cannot create cache folder {cache_dir}: {e.strerror}") from None
-    n = len(index)
-    write_maps(generation_path(cache_dir, 0), np.arange(n), index.labels,
-               np.full((n, grid, grid), 0.5, dtype=np.float16),
-               {"generation": 0, "momentum": 0.0, "checkpoint": "", "dataset": index.fingerprint(),
-                "canvas_mode": canvas_mode})
-    write_pointer(cache_dir, 0, keep)
+    if write_generation_0:
+        n = len(index)
+        write_maps(generation_path(cache_dir, 0), np.arange(n), index.labels,
+                   np.full((n, grid, grid), UNIFORM_VALUE, dtype=np.float16),
+                   {"generation": 0, "momentum": 0.0, "checkpoint": "", "dataset": index.fingerprint(),
+                    "canvas_mode": canvas_mode})
+        write_pointer(cache_dir, 0, keep)
+    else:
+        write_pointer(cache_dir, 0, keep, uniform={"grid": grid, "rows": len(index), "canvas_mode": canvas_mode,
+                                                   "dataset": index.fingerprint(),
+                                                   "index": str(Path(index.root).resolve())})
     return ForegroundCache(cache_dir, index=index, grid=grid, canvas_mode=canvas_mode)
 
 

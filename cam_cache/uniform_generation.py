@@ -1,7 +1,7 @@
-"""Generation 0 without a file: a cache whose CURRENT names generation 0 as uniform.
+"""Generation 0 without a file, as readers see it: a cache whose CURRENT names generation 0 as uniform.
 
 Generation 0 is 0.5 everywhere, so writing it costs a file of the data set's size (184 MB and
-seconds at ImageNet's 1.28 M images) for no information. ``start_cache`` writes only CURRENT,
+seconds at ImageNet's 1.28 M images) for no information. ``start_cache`` (store.py) writes only CURRENT,
 naming generation 0 with what a reader checks (grid, canvas mode, the index's fingerprint and
 rows) and where the labels are (the index's folder, read only when the first rebuild publishes:
 the label column of generation 1). Readers (``ForegroundCache``) then serve a zero-copy
@@ -11,7 +11,6 @@ writes the file, for a cache a user prepares by hand.
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
@@ -20,17 +19,16 @@ from backmix.osr_data.errors import BackMixError
 from backmix.osr_data.index import ImageIndex
 
 from .generation_file import FORMAT
-from .store import (POINTER, ForegroundCache, check_cache_dir, check_grid, generations_on_disk, init_cache,
-                    write_pointer)
 
 UNIFORM_VALUE = 0.5
 
 
 class UniformGeneration:
-    """Generation 0 as a reader sees a generation file (``MappedMaps``'s attributes), with no file."""
+    """Generation 0 as a reader sees a generation file (``MappedMaps``'s attributes), with no file:
+    ``uniform`` is what the cache's pointer file ``pointer`` says of it."""
 
-    def __init__(self, cache_dir: Path, uniform: dict) -> None:
-        self.path = Path(cache_dir) / POINTER
+    def __init__(self, pointer: Path, uniform: dict) -> None:
+        self.path = Path(pointer)
         try:
             self.grid, n = int(uniform["grid"]), int(uniform["rows"])
             self.canvas_mode, self._index_root = str(uniform["canvas_mode"]), str(uniform["index"])
@@ -58,24 +56,3 @@ class UniformGeneration:
 
     def __len__(self) -> int:
         return len(self.maps)
-
-
-def start_cache(cache_dir: str | os.PathLike, index: ImageIndex, *, grid: int = 8, keep: int = 3,
-                canvas_mode: str = "center") -> ForegroundCache:
-    """The cache for ``index``: the existing one (checked as ``init_cache`` checks it), else a new one whose
-    generation 0 is uniform and has no file (CURRENT only: instant at any size)."""
-    from backmix.osr_data.decode import check_canvas_mode
-    check_canvas_mode(canvas_mode)
-    cache_dir = check_cache_dir(cache_dir)
-    check_grid(grid)
-    if cache_dir.is_dir() and ((cache_dir / POINTER).exists() or generations_on_disk(cache_dir)):
-        return init_cache(cache_dir, index, grid=grid, keep=keep, canvas_mode=canvas_mode)
-    if keep < 1:
-        raise BackMixError(f"keep must be at least 1, got {keep}")
-    try:
-        cache_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise BackMixError(f"cannot create cache folder {cache_dir}: {e.strerror}") from None
-    write_pointer(cache_dir, 0, keep, uniform={"grid": grid, "rows": len(index), "canvas_mode": canvas_mode,
-                                               "dataset": index.fingerprint(), "index": str(Path(index.root).resolve())})
-    return ForegroundCache(cache_dir, index=index, grid=grid, canvas_mode=canvas_mode)

@@ -24,12 +24,13 @@ import numpy as np
 from PIL import Image
 
 from .errors import BackMixError
-from .prepare import write_split
+from .split_folder import write_split
 
 # Real photographs bundled with scikit-image (no download needed) and scikit-learn.
 SKIMAGE_PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "stereo_motorcycle", "hubble_deep_field",
                   "retina", "immunohistochemistry", "grass", "gravel", "brick", "camera", "moon", "coins")
 SKLEARN_PHOTOS = ("china.jpg", "flower.jpg")
+BACKGROUND_DIMMING = 0.75   # backgrounds are dimmed so the white strokes stay the brightest thing in an image
 
 
 @lru_cache(maxsize=2)
@@ -56,7 +57,8 @@ def bundled_photos(short_side: int = 96) -> tuple[np.ndarray, ...]:
     return tuple(out)
 
 
-def _crop(photo: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
+def random_crop(photo: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
+    """A random ``size`` x ``size`` crop of ``photo``, mirrored with probability 1/2."""
     h, w = photo.shape[:2]
     y, x = rng.integers(0, h - size + 1), rng.integers(0, w - size + 1)
     crop = photo[y:y + size, x:x + size]
@@ -68,7 +70,7 @@ def composite(digit: np.ndarray, background: np.ndarray, rng: np.random.Generato
     """Alpha-blend one 8x8 digit (0..16) onto a square uint8 background at a random place.
 
     Returns the image and the digit's box (y, x, height, width) in its pixels: the ground truth
-    foreground a CAM's top cells are scored against (``backmix.cam_cache.map_quality``)."""
+    foreground a CAM's top cells are scored against (``backmix.bench.map_quality``)."""
     size = background.shape[0]
     alpha = np.asarray(Image.fromarray((digit / 16.0 * 255).astype(np.uint8)).resize(
         (digit_size, digit_size), Image.BILINEAR), dtype=np.float32) / 255.0
@@ -76,8 +78,7 @@ def composite(digit: np.ndarray, background: np.ndarray, rng: np.random.Generato
     pad = np.pad(alpha, 1)
     halo = np.max([pad[dy:dy + digit_size, dx:dx + digit_size] for dy in range(3) for dx in range(3)], axis=0)
     y, x = rng.integers(0, size - digit_size + 1, 2)
-    # Backgrounds are dimmed so the white strokes stay the brightest thing in the image.
-    out = background.astype(np.float32) * 0.75
+    out = background.astype(np.float32) * BACKGROUND_DIMMING
     region = out[y:y + digit_size, x:x + digit_size]
     region *= 1.0 - halo[..., None]
     region[:] = region * (1.0 - alpha[..., None]) + 255.0 * alpha[..., None]
@@ -115,7 +116,7 @@ def digits_on_photos(prior: float = 0.5, seed: int = 0, size: int = 32) -> dict[
                 if train:  # "otherwise" means another photograph than the class's own
                     while p == class_photo[c]:
                         p = rng.integers(len(photos))
-            image, box = composite(digits.images[r], _crop(photos[p], size, rng), rng)
+            image, box = composite(digits.images[r], random_crop(photos[p], size, rng), rng)
             out.append(image)
             used.append(p)
             boxes.append(box)

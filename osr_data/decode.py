@@ -12,7 +12,7 @@ from torchvision.transforms.v2 import functional as TF
 
 from .errors import BackMixError
 from .limits import MAX_IMAGE_ASPECT, MAX_IMAGE_PIXELS
-from .normalize import IMAGENET_MEAN, IMAGENET_STD  # noqa: F401  (their old home: osr_data/normalize.py holds them)
+from .normalize import IMAGENET_MEAN, IMAGENET_STD  # noqa: F401  (the peer benchmarks import them from here)
 
 # torchvision 0.29 marks its libjpeg-turbo/libpng decoders deprecated in favour of
 # torchcodec; they remain the fastest CPU decoders installed here, so keep them quiet.

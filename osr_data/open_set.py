@@ -55,12 +55,14 @@ def load_data(root: str | os.PathLike, split: str | OpenSetSplit, val_fraction: 
             raise BackMixError(f"known class {missing[0]!r} is not in {train_dir} "
                                f"(classes: {', '.join(train.classes)})")
         split = OpenSetSplit(split.known, tuple(c for c in train.classes if c not in split.known))
-    elif splits is not None and str(split).strip() != ALL:
+    elif splits is not None:
         split = splits.resolve(train.classes, split)
     else:
         split = resolve_split(train.classes, split)
-    # every class known: asked for as "all", or a checkpoint's known classes that are all of them
-    if len(split.known) < 2 or not (split.unknown or str_split in (ALL, None)):
+    # every class known: asked for as "all", a protocol's one split, or a checkpoint's known classes that
+    # are all of them
+    every_known = str_split in (ALL, None) or (splits is not None and splits.every_known)
+    if len(split.known) < 2 or not (split.unknown or every_known):
         raise BackMixError(f"an open-set split needs at least 2 known classes and 1 unknown one; got "
                            f"{len(split.known)} known ({', '.join(split.known)}) of {len(train.classes)} classes "
                            f"(every class known, with unknowns from --open-test folders: --split all)")

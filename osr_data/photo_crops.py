@@ -14,11 +14,10 @@ from pathlib import Path
 
 import numpy as np
 
-from .composite import SKIMAGE_PHOTOS, SKLEARN_PHOTOS, _crop, bundled_photos
-from .prepare import write_split
+from .composite import BACKGROUND_DIMMING, SKIMAGE_PHOTOS, SKLEARN_PHOTOS, bundled_photos, random_crop
+from .split_folder import write_split
 
 CROPS_PER_PHOTO = 12          # per split: 192 test and 192 train images
-BACKGROUND_DIMMING = 0.75     # digits-on-photos dims its backgrounds so the strokes stay brightest
 
 
 def photo_names() -> tuple[str, ...]:
@@ -29,7 +28,7 @@ def photo_crops(seed: int = 0, size: int = 32, per_photo: int = CROPS_PER_PHOTO)
     """(uint8 images [N, size, size, 3], photograph labels [N]): ``per_photo`` random crops of each."""
     rng = np.random.default_rng([seed, 0xB6])
     photos = bundled_photos()
-    images = [(_crop(p, size, rng).astype(np.float32) * BACKGROUND_DIMMING).round().astype(np.uint8)
+    images = [(random_crop(p, size, rng).astype(np.float32) * BACKGROUND_DIMMING).round().astype(np.uint8)
               for p in photos for _ in range(per_photo)]
     return np.stack(images), np.repeat(np.arange(len(photos)), per_photo)
 

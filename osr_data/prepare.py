@@ -19,7 +19,7 @@ from PIL import Image
 from backmix._fs import atomic_folder
 
 from .errors import BackMixError
-from .index import ImageIndex
+from .split_folder import write_split
 
 SPLITS = ("train", "test")
 
@@ -37,19 +37,6 @@ def digits_arrays(size: int = 32, seed: int = 0):
     tr, te = train_test_split(idx, test_size=0.3, stratify=digits.target, random_state=seed)
     names = tuple(f"digit_{d}" for d in range(10))
     return big[np.sort(tr)], digits.target[np.sort(tr)], big[np.sort(te)], digits.target[np.sort(te)], names
-
-
-def write_split(root: Path, images: np.ndarray, labels: np.ndarray, names: tuple[str, ...],
-                fmt: str = "png", quality: int = 95) -> ImageIndex:
-    root.mkdir(parents=True, exist_ok=True)
-    for name in names:
-        (root / name).mkdir(exist_ok=True)
-    for i, (im, lab) in enumerate(zip(images, labels)):
-        path = root / names[lab] / f"{i:06d}.{fmt}"
-        Image.fromarray(im).save(path, quality=quality) if fmt == "jpg" else Image.fromarray(im).save(path)
-    index = ImageIndex.scan(root)
-    index.write()
-    return index
 
 
 def prepare_digits(out: Path, seed: int = 0, **_) -> None:

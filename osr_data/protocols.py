@@ -4,29 +4,41 @@ A splits file is JSON: a list with one entry per split, each either a list of
 known class names (every other class of the folder is unknown) or
 ``{"known": [...], "unknown": [...]}`` (then the folder must hold exactly those
 classes). ``protocols.json`` beside this module ships the five splits of CIFAR10,
-CIFAR+10 and TinyImageNet of Neal et al. 2018 as ARPL publishes them, written as
+CIFAR+10, CIFAR+50 and TinyImageNet of Neal et al. 2018 as ARPL publishes them, written as
 class names (its ``source`` fields say how); ``--protocol NAME`` picks one of them,
-and refuses a folder whose classes are not the protocol's.
+and refuses a folder whose classes are not the protocol's. The Semantic Shift Benchmark's
+protocols (``ssb.py``) have one split, every known class, and check the ``--open-test`` folders
+named after their published unknown sets.
 """
 from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
 from .errors import BackMixError
 from .limits import MAX_SPLITS_BYTES, read_bounded
-from .splits import OpenSetSplit, split_number
+from .splits import ALL, OpenSetSplit, split_number
+from .ssb import SSB_PROTOCOLS, ssb_lists
 
 PROTOCOLS_FILE = Path(__file__).with_name("protocols.json")
-PROTOCOLS = ("cifar10", "cifar+10", "tinyimagenet")
+PROTOCOLS = ("cifar10", "cifar+10", "cifar+50", "tinyimagenet") + SSB_PROTOCOLS
 
 
 def _names(names: list[str], most: int = 4) -> str:
     shown = ", ".join(map(repr, names[:most]))
     return shown + (f" and {len(names) - most} more" if len(names) > most else "")
+
+
+def _mismatch(want: tuple[str, ...], have: tuple[str, ...]) -> str:
+    """"missing A, B; not in it C": how the classes ``have`` differ from ``want`` ("" when they do not)."""
+    wanted, held = set(want), set(have)
+    missing = [c for c in want if c not in held]
+    extra = [c for c in have if c not in wanted]
+    return "; ".join(part for part in (f"missing {_names(missing)}" if missing else "",
+                                       f"not in it {_names(extra)}" if extra else "") if part)
 
 
 @dataclass(frozen=True)
@@ -35,9 +47,22 @@ class SplitList:
     source: str                                   # "--protocol cifar10" or "--splits FILE", for messages
     entries: tuple[tuple[tuple[str, ...], Optional[tuple[str, ...]]], ...]
     classes: Optional[tuple[str, ...]] = None     # a protocol's whole class list: the folder must equal it
+    every_known: bool = False                     # one split, every class known: --split all (or 0)
+    # published sets of unknowns, by the --open-test folder name that stands for each ("easy", "hard")
+    open_sets: dict = field(default_factory=dict)
 
     def resolve(self, classes: tuple[str, ...], split: str) -> OpenSetSplit:
-        """Split number ``split`` on a folder with ``classes``; one line when they do not match."""
+        """Split number ``split`` (or ``all``: every class known) on a folder with ``classes``; one line when
+        they do not match."""
+        spec = str(split).strip()
+        if spec == ALL or self.every_known:
+            if self.every_known and spec not in (ALL, "0"):
+                raise BackMixError(f"{self.source} trains on every known class, with the unknowns from its "
+                                   f"--open-test folders: --split all, not {split!r}")
+            if self.classes is not None and set(self.classes) != set(classes):
+                raise BackMixError(f"the folder's classes do not match {self.source} split {spec}: "
+                                   + _mismatch(self.classes, classes))
+            return OpenSetSplit(tuple(classes), ())
         k = split_number(split)
         if k is None or k >= len(self.entries):
             raise BackMixError(f"with {self.source}, --split is a split number 0..{len(self.entries) - 1}, "
@@ -45,16 +70,22 @@ class SplitList:
         known, unknown = self.entries[k]
         want = self.classes or (known + unknown if unknown is not None else None)
         if want is not None and set(want) != set(classes):
-            missing = [c for c in want if c not in classes]
-            extra = [c for c in classes if c not in want]
             raise BackMixError(f"the folder's classes do not match {self.source} split {split}: "
-                               + "; ".join(part for part in (f"missing {_names(missing)}" if missing else "",
-                                                             f"not in it {_names(extra)}" if extra else "") if part))
+                               + _mismatch(want, classes))
         missing = [c for c in known if c not in classes]
         if missing:
             raise BackMixError(f"the folder's classes do not match {self.source} split {split}: "
                                f"missing {_names(missing)}")
         return OpenSetSplit(tuple(c for c in classes if c in known), tuple(c for c in classes if c not in known))
+
+    def check_open_set(self, name: str, folder: str, classes: tuple[str, ...]) -> None:
+        """An --open-test folder reported as ``name`` ("easy", or "easy/test" for DIR/easy/test) that stands for
+        one of the published sets of unknowns must hold exactly that set's classes: one line when not."""
+        key = name.split("/")[0].lower()
+        want = self.open_sets.get(key)
+        if want is not None and set(want) != set(classes):
+            raise BackMixError(f"--open-test {folder} does not hold the {key} unknowns of {self.source}: "
+                               + _mismatch(want, classes))
 
 
 def _entries(data, where: str) -> tuple:
@@ -87,10 +118,13 @@ def load_splits_file(path: str | os.PathLike) -> SplitList:
 
 
 def protocol(name: str) -> SplitList:
-    """``--protocol NAME``: the published splits shipped in protocols.json."""
+    """``--protocol NAME``: the published splits shipped in protocols.json (ssb.json for the SSB's)."""
     if name not in PROTOCOLS:
         raise BackMixError(f"unknown --protocol {name!r} (choose from {', '.join(PROTOCOLS)})")
-    shipped = json.loads(PROTOCOLS_FILE.read_text())[name]
+    if name in SSB_PROTOCOLS:
+        known, open_sets = ssb_lists(name)
+        return SplitList(f"--protocol {name}", ((known, None),), known, every_known=True, open_sets=open_sets)
+    shipped = json.loads(read_bounded(PROTOCOLS_FILE, "--protocol", MAX_SPLITS_BYTES).decode("utf-8"))[name]
     classes = tuple(shipped["classes"]) if "classes" in shipped else None
     return SplitList(f"--protocol {name}", _entries(shipped["splits"], str(PROTOCOLS_FILE)), classes)
 

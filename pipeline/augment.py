@@ -12,9 +12,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-# The normalisation lives in the data stage, where the CAM pass reads it too; re-exported here.
-from backmix.osr_data.normalize import (IMAGENET_MEAN, IMAGENET_STD, Normalize, new_batch, normalize,  # noqa: F401
-                                        normalize_constants)
+from backmix.osr_data.normalize import IMAGENET_MEAN, Normalize, new_batch, normalize  # noqa: F401  (Normalize: the benchmarks import it from here)
 
 from .backmix import box_size, mix_backgrounds, mix_image_backgrounds, top_k_mask
 

@@ -13,9 +13,9 @@ import torch
 from torch import Tensor
 
 from backmix.cam_cache.maps import ForegroundMaps
+from backmix.osr_data.normalize import IMAGENET_MEAN, IMAGENET_STD, Normalize
 
-from .augment import (IMAGENET_MEAN, IMAGENET_STD, AutoAugment, BackMix, Normalize, RandomCropFlip,
-                      RandomResizedCropFlip, auto_augment_seed)
+from .augment import AutoAugment, BackMix, RandomCropFlip, RandomResizedCropFlip, auto_augment_seed
 from .backmix import box_size, top_k_mask
 from .sampling import BackMixSampler
 

@@ -43,8 +43,7 @@ from backmix.osr_data.errors import BackMixError
 from backmix.osr_data.filelock import exclusive_lock
 from backmix.osr_data.index import ImageIndex
 
-from .beton_location import (DEFAULT_MODE, DEFAULT_QUALITY, MODES, beton_locations, check_storage,  # noqa: F401
-                             default_destination, find_beton)
+from .beton_location import DEFAULT_MODE, DEFAULT_QUALITY, MODES, beton_locations, check_storage, default_destination
 from .beton_process import StopFile, write_in_child
 from .config import ON_ERROR
 

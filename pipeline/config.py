@@ -9,25 +9,23 @@ from dataclasses import dataclass, field, fields
 from typing import Optional
 
 import numpy as np
+import torch
 
-from backmix.cam_cache.maps import ForegroundMaps, UniformMaps
-from backmix.device import announce_device, choose_device  # noqa: F401  (re-exported: the loaders' device)
-from backmix.osr_data.index import ImageIndex
-
+from backmix.device import choose_device, parse_device  # noqa: F401  (choose_device: the benchmarks import it from here)
 from backmix.osr_data.decode import check_canvas, check_canvas_mode
 from backmix.osr_data.errors import BackMixError
+from backmix.osr_data.normalize import IMAGENET_MEAN, IMAGENET_STD
 
-from .augment import AUTO_AUGMENT_POLICIES, IMAGENET_MEAN, IMAGENET_STD
-from .batch import RowLabels
+from .augment import AUTO_AUGMENT_POLICIES
 from .sampling import (LAST_BATCH, BackMixSampler, EpochSampler, check_augment, check_crop_from, check_fraction,
                        check_seed, view_seed)
 
 ON_ERROR = ("raise", "skip")
-DEVICES = ("auto", "cpu", "cuda")
 
 # What a value of each annotated type may be: numpy's scalars count as numbers; a bool is not a number.
 KINDS = {int: ((int, np.integer), "a whole number (int)"), float: ((int, float, np.integer, np.floating), "a number"),
-         bool: ((bool, np.bool_), "True or False"), str: ((str,), "a string")}
+         bool: ((bool, np.bool_), "True or False"), str: ((str,), "a string"),
+         torch.device: ((torch.device,), "a torch.device")}
 
 
 def _accepts(hint, value) -> bool:
@@ -102,7 +100,8 @@ class LoaderConfig:
     last_batch: str = "keep"     # "keep" (every sample once; equal steps per rank) or "drop" (full batches only)
     num_workers: int = 2
     on_error: str = "raise"      # a file that does not decode: "raise" or "skip" (and count)
-    device: str = "auto"         # "auto" picks CUDA when there is one
+    device: str | torch.device = "auto"   # "auto" (CUDA when there is one), "cpu", "cuda", "cuda:N" or a
+                                          # torch.device; held as the torch.device it names (``parse_device``)
     keep_canvas: bool = True     # batches carry the uint8 canvas; False: only while an in-loop rebuild reads it
     mean: tuple[float, ...] = field(default=IMAGENET_MEAN)
     std: tuple[float, ...] = field(default=IMAGENET_STD)
@@ -136,8 +135,7 @@ class LoaderConfig:
             raise BackMixError(f"views must be 1 or 2, got {self.views!r}")
         if self.views == 2 and self.backmix:
             raise BackMixError("views=2 is the two-view baseline: it needs backmix=False")
-        if self.device not in DEVICES:
-            raise BackMixError(f"device must be one of {DEVICES}, got {self.device!r}")
+        self.device = parse_device(self.device)
         check_seed(self.seed)
         for name in ("mean", "std"):
             values = getattr(self, name)
@@ -169,32 +167,6 @@ class LoaderConfig:
         """Whether training crops are cut from the whole images (crop_from "image"): sources must hand
         the core each batch's whole images (``SourceBatch.photos``)."""
         return self.crop_from == "image" and self.train
-
-
-def loader_inputs(index: ImageIndex, config: LoaderConfig, maps: Optional[ForegroundMaps],
-                  indices: Optional[np.ndarray],
-                  label_map: Optional[np.ndarray] = None) -> tuple[ForegroundMaps, np.ndarray, EpochSampler, RowLabels]:
-    """What every backend derives from its arguments: the maps (generation 0 when none are
-    given), the dataset rows it serves (default: all), their order per epoch, and their labels
-    (closed-set through ``label_map``; a training loader refuses rows of unknown classes)."""
-    maps = maps if maps is not None else UniformMaps(len(index), config.grid)
-    if maps.grid != config.grid:
-        raise BackMixError(f"foreground maps have grid {maps.grid}, the loader expects {config.grid}")
-    # A cache records the canvas its CAMs were taken on; maps of another canvas would misplace the foreground.
-    maps_mode = getattr(maps, "canvas_mode", None)
-    if maps_mode is not None and maps_mode != config.canvas_mode:
-        raise BackMixError(f"foreground maps were made on {maps_mode!r} canvases, the loader makes "
-                           f"{config.canvas_mode!r} ones (--canvas-mode)")
-    rows = np.arange(len(index)) if indices is None else np.asarray(indices, dtype=np.int64)
-    order = EpochSampler(len(rows), config.batch_size, shuffle=config.shuffle, seed=config.seed,
-                         rank=config.rank, world_size=config.world_size, last_batch=config.last_batch)
-    labels = RowLabels(index.labels, label_map)
-    if label_map is not None and config.train:
-        unknown = int((labels.targets[rows] < 0).sum())
-        if unknown:
-            raise BackMixError(f"{unknown} of the {len(rows)} training images belong to classes outside the "
-                               f"label map (unknown classes): a loss cannot take them; pass the known rows")
-    return maps, rows, order, labels
 
 
 def _whole(value) -> int:

@@ -23,18 +23,45 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from backmix.cam_cache.maps import ForegroundMaps
+from backmix.cam_cache.maps import ForegroundMaps, UniformMaps
+from backmix.device import choose_device
 from backmix.osr_data.canvas_reads import Photos, undecodable
 from backmix.osr_data.errors import BackMixError
 from backmix.osr_data.index import ImageIndex
 
-from .batch import BackMixBatch, BatchTransform, host_masks, to_device
-from .config import LoaderConfig, LoaderPosition, choose_device, loader_inputs
-from .sampling import BatchParams, mixed_rows
+from .batch import BackMixBatch, BatchTransform, RowLabels, host_masks, to_device
+from .config import LoaderConfig, LoaderPosition
+from .sampling import BatchParams, EpochSampler, mixed_rows
 
 log = logging.getLogger("backmix")
 
 Plan = list[tuple[int, np.ndarray]]   # (step, dataset rows) of each batch still to make this epoch
+
+
+def loader_inputs(index: ImageIndex, config: LoaderConfig, maps: Optional[ForegroundMaps],
+                  indices: Optional[np.ndarray],
+                  label_map: Optional[np.ndarray] = None) -> tuple[ForegroundMaps, np.ndarray, EpochSampler, RowLabels]:
+    """What every backend derives from its arguments: the maps (generation 0 when none are
+    given), the dataset rows it serves (default: all), their order per epoch, and their labels
+    (closed-set through ``label_map``; a training loader refuses rows of unknown classes)."""
+    maps = maps if maps is not None else UniformMaps(len(index), config.grid)
+    if maps.grid != config.grid:
+        raise BackMixError(f"foreground maps have grid {maps.grid}, the loader expects {config.grid}")
+    # A cache records the canvas its CAMs were taken on; maps of another canvas would misplace the foreground.
+    maps_mode = getattr(maps, "canvas_mode", None)
+    if maps_mode is not None and maps_mode != config.canvas_mode:
+        raise BackMixError(f"foreground maps were made on {maps_mode!r} canvases, the loader makes "
+                           f"{config.canvas_mode!r} ones (--canvas-mode)")
+    rows = np.arange(len(index)) if indices is None else np.asarray(indices, dtype=np.int64)
+    order = EpochSampler(len(rows), config.batch_size, shuffle=config.shuffle, seed=config.seed,
+                         rank=config.rank, world_size=config.world_size, last_batch=config.last_batch)
+    labels = RowLabels(index.labels, label_map)
+    if label_map is not None and config.train:
+        unknown = int((labels.targets[rows] < 0).sum())
+        if unknown:
+            raise BackMixError(f"{unknown} of the {len(rows)} training images belong to classes outside the "
+                               f"label map (unknown classes): a loss cannot take them; pass the known rows")
+    return maps, rows, order, labels
 
 
 class SourceBatch(NamedTuple):
@@ -93,8 +120,6 @@ class Loader(LoaderPosition):
     """Yields ``BackMixBatch`` for the images ``indices`` (default: all) of ``index`` from ``source_class``
     (a ``Source``; ``options`` go to it); ``label_map`` (dataset label -> 0..K-1) gives the batches
     closed-set labels."""
-
-    backend = "core"
 
     def __init__(self, source_class: type[Source], index: ImageIndex, config: LoaderConfig,
                  maps: Optional[ForegroundMaps] = None, indices: Optional[np.ndarray] = None,

@@ -16,7 +16,6 @@ from __future__ import annotations
 from collections import defaultdict
 from typing import Optional
 
-import numpy as np
 import torch
 from torch import Tensor
 from torchvision.io import ImageReadMode, decode_jpeg
@@ -68,27 +67,3 @@ def jpeg_canvases(blobs: list[Tensor], paths: list[str], size: int, mode: str,
                   device: torch.device) -> list[Optional[Tensor]]:
     """The canvas (uint8 [3, size, size] on ``device``) of each JPEG's bytes; None: it does not decode."""
     return canvases_of(decode_on_device(blobs, paths, device), size, mode)
-
-
-def decode_difference(index, rows, size: int, mode: str, device, batch_size: int = 64) -> dict:
-    """How far this module's canvases on ``device`` are from the reference decode's (``decode_canvas`` on
-    the CPU), over the JPEGs among ``rows`` of ``index``: the largest and the mean absolute difference in
-    levels (0-255) and the 99.9th percentile. What tests/test_cuda.py bounds and scripts/gpu-check.sh
-    records. (A measurement: it reads the canvases back to the host, as no loader does.)"""
-    from backmix.osr_data.decode import decode_canvas, is_jpeg, read_bytes
-
-    device = torch.device(device)
-    diffs = []
-    for start in range(0, len(rows), batch_size):
-        paths = [index.abspath(int(i)) for i in rows[start:start + batch_size]]
-        blobs = [read_bytes(p) for p in paths]
-        jpegs = [(b, p) for b, p in zip(blobs, paths) if is_jpeg(b)]
-        canvases = jpeg_canvases([b for b, _ in jpegs], [p for _, p in jpegs], size, mode, device)
-        for canvas, (_, path) in zip(canvases, jpegs):
-            if canvas is not None:
-                diffs.append((canvas.cpu().int() - decode_canvas(path, size, mode).int()).abs().flatten())
-    if not diffs:
-        return {"images": 0}
-    d = torch.cat(diffs).numpy()
-    return {"images": len(diffs), "device": str(device), "canvas": size, "canvas_mode": mode,
-            "max_abs": int(d.max()), "mean_abs": float(d.mean()), "p999_abs": float(np.percentile(d, 99.9))}

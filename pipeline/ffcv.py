@@ -38,8 +38,9 @@ import torch
 from backmix.osr_data.decode import CANVAS_MODES
 from backmix.osr_data.errors import BackMixError
 from backmix.osr_data.index import INDEX_NAME, ImageIndex
+from backmix.osr_data.normalize import normalize_constants
 
-from .augment import fill_value, normalize_constants
+from .augment import fill_value
 from .batch_pool import BatchPool
 from .beton import NOT_A_CANVAS, require_ffcv, skipped_rows
 from .beton_location import DEFAULT_MODE, DEFAULT_QUALITY, find_beton, write_command

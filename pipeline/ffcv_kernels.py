@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .augment import normalize
+from backmix.osr_data.normalize import normalize
 
 _KERNELS: dict = {}
 

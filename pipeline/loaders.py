@@ -92,6 +92,6 @@ def backend_options(backend: str, *, ray_address: Optional[str] = None, prefetch
 
 
 # What a Ray started here (no --ray-address) exposes, for every command's --ray-address help: its node
-# address is loopback, but Ray's own servers listen on every interface (README, Security).
+# address is loopback, but Ray's own servers listen on every interface (docs/security.md).
 LOCAL_RAY_HELP = ("start Ray on this machine with --workers CPUs: its node address is 127.0.0.1, but Ray's "
-                  "servers listen on every interface, behind Ray's token authentication (README: Security)")
+                  "servers listen on every interface, behind Ray's token authentication (docs/security.md)")

@@ -26,7 +26,7 @@ import torch
 
 from backmix.osr_data.errors import BackMixError
 
-from .core import Loader, Source, SourceBatch
+from .core import Source, SourceBatch
 from backmix.osr_data.canvas_reads import CanvasDataset, Photos, collate_canvases, collate_photos
 
 log = logging.getLogger("backmix")
@@ -159,10 +159,3 @@ class RaySource(Source):
             # finish and dropped, not cancelled: Ray's cancel of a task that is just finishing can abort the
             # driver process ("Tried to complete task that was not pending", a race fixed upstream later).
             in_flight.clear()
-
-
-class RayLoader(Loader):
-    """``Loader(RaySource, ...)``; arguments as ``Loader``'s, and ``address``, ``prefetch`` as ``RaySource``'s."""
-
-    def __init__(self, index, config, maps=None, indices=None, label_map=None, **options) -> None:
-        super().__init__(RaySource, index, config, maps, indices, label_map, **options)

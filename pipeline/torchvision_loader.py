@@ -31,7 +31,6 @@ from backmix.osr_data.canvas_reads import pad_photos
 from backmix.osr_data.decode import DecodeError, check_pixels, decode_rgb_bytes, is_jpeg, read_bytes, to_canvas
 
 from .batch import to_device
-from .core import Loader
 from .device_decode import canvases_of, decode_on_device, jpeg_canvases
 from .reference import FinishingDataset, WorkerSource
 
@@ -145,9 +144,3 @@ class TorchvisionSource(WorkerSource):
         canvases = torch.stack(canvases_of(images, cfg.canvas, cfg.canvas_mode))
         return canvases, torch.tensor(rows, dtype=torch.int64), failed, pad_photos(images)
 
-
-class TorchvisionLoader(Loader):
-    """``Loader(TorchvisionSource, ...)``; arguments as ``Loader``'s."""
-
-    def __init__(self, index, config, maps=None, indices=None, label_map=None) -> None:
-        super().__init__(TorchvisionSource, index, config, maps, indices, label_map)

@@ -101,8 +101,8 @@ step bench-loader 150 "$PY" -m backmix bench loader --device "$DEVICE" --backend
 step decode-difference 45 "$PY" - "$DECODE_IMAGES" "$DEVICE" "$OUT/decode-gpu.json" <<'PYEOF'
 import json, sys
 import numpy as np
-from backmix.osr_data.benchdata import default_bench_folder, make_bench_folder
-from backmix.pipeline.device_decode import decode_difference
+from backmix.bench.folders import default_bench_folder, make_bench_folder
+from backmix.bench.decode_difference import decode_difference
 n, device, out = int(sys.argv[1]), sys.argv[2], sys.argv[3]
 index = make_bench_folder(default_bench_folder(n), n)
 report = {"what": "|canvas of the torchvision backend's decode on DEVICE - reference CPU canvas|, levels 0-255",
@@ -127,7 +127,7 @@ import torch
 import torch.distributed as dist
 import backmix
 from backmix.models import build_model
-from backmix.osr_data.prepare import write_split
+from backmix.osr_data.split_folder import write_split
 backend, device, out = sys.argv[1], sys.argv[2], sys.argv[4]
 root = Path(sys.argv[3])
 if device == "cuda":
@@ -178,7 +178,7 @@ fi
 # Every report names the GPU it ran on and whether this was the --cpu dry run.
 "$PY" - "$OUT" "$DRY" <<'PYEOF'
 import json, pathlib, sys
-from backmix.pipeline.bench import machine
+from backmix.bench.machine import machine
 import torch
 gpu = torch.cuda.get_device_name() if torch.cuda.is_available() and sys.argv[2] == "0" else None
 for path in sorted(pathlib.Path(sys.argv[1]).glob("*-gpu.json")):

@@ -1,5 +1,5 @@
 """The cases of ``scripts/probe.py``: hostile input to every command and to the library, beyond the
-list of issue 20 (which has tests of its own). ``{D}`` is the case's own folder, ``{S}`` the shared
+cases the test suite holds. ``{D}`` is the case's own folder, ``{S}`` the shared
 one: S/data (4 classes, train/ and test/), S/run/best.pt (trained 1 epoch on ant,cat), S/cache."""
 from __future__ import annotations
 

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from backmix.osr_data.index import ImageIndex
-from backmix.osr_data.prepare import prepare, write_split
+from backmix.osr_data.prepare import prepare
+from backmix.osr_data.split_folder import write_split
 
 
 @pytest.fixture(scope="session")

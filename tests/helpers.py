@@ -63,7 +63,7 @@ def state_after(loader, epoch: int, cut: int) -> dict:
 
 def random_image_root(root, classes, train_per_class: int, test_per_class: int, seed: int = 0):
     """root/train and root/test of random 32x32 RGB images, ``*_per_class`` a class of ``classes``."""
-    from backmix.osr_data.prepare import write_split
+    from backmix.osr_data.split_folder import write_split
 
     rng = np.random.default_rng(seed)
     for split, per_class in (("train", train_per_class), ("test", test_per_class)):

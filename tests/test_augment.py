@@ -153,7 +153,8 @@ def test_the_mixed_crop_made_from_the_clean_one_is_the_mixed_canvases_crop_bit_f
     box (``resized_crops_clean_and_mixed``): exactly the crop of the mixed canvas (normalised or not),
     boxes at the edges, resampled up and down, mirrored or not, the lone image of a batch too."""
     from backmix.pipeline import fill_value, mix_backgrounds, top_k_mask
-    from backmix.pipeline.augment import Normalize, resized_crops_clean_and_mixed
+    from backmix.osr_data.normalize import Normalize
+    from backmix.pipeline.augment import resized_crops_clean_and_mixed
     gen = torch.Generator().manual_seed(canvas + crop)
     for n in (31, 1):
         images = torch.randint(0, 256, (n, 3, canvas, canvas), dtype=torch.uint8, generator=gen)

@@ -101,7 +101,7 @@ def test_a_bad_file_behaves_as_in_the_reference(target, bad_folder, on_error, tm
 
 def test_a_folder_named_like_the_index_file_is_one_line(tmp_path):
     from backmix.osr_data.index import INDEX_NAME, ImageIndex
-    from backmix.osr_data.prepare import write_split
+    from backmix.osr_data.split_folder import write_split
     rng = np.random.default_rng(0)
     write_split(tmp_path / "train", rng.integers(0, 256, (4, 8, 8, 3), dtype=np.uint8), np.arange(4) % 2,
                 ("a", "b"))

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from backmix.osr_data.benchdata import make_bench_folder
+from backmix.bench.folders import make_bench_folder
 from backmix.osr_data.index import ImageIndex
 
 
@@ -96,7 +96,7 @@ def test_bench_loader_rejects_bad_arguments(bench_folder):
 
 
 def test_show_sheet_has_the_expected_size(digits_root, tmp_path):
-    from backmix.pipeline.show import sheet_size
+    from backmix.bench.show import sheet_size
     out = tmp_path / "sheet.png"
     r = backmix("show", "--data", str(digits_root), "--out", str(out), "--n", "6")
     assert r.returncode == 0, r.stderr
@@ -105,7 +105,7 @@ def test_show_sheet_has_the_expected_size(digits_root, tmp_path):
 
 def test_show_with_a_split_draws_the_known_classes_partners_and_a_colour_bar(digits_root, tmp_path, monkeypatch):
     from backmix.osr_data.splits import resolve_split
-    from backmix.pipeline import show
+    from backmix.bench import show
     drawn = {}
     real = show.render_sheet
 
@@ -283,8 +283,8 @@ def test_bench_scale_bounded_logs_each_phase_writes_json_as_it_goes_and_cleans_u
 def test_bounded_train_times_the_first_batch_before_the_first_step_and_the_run_log_says_it(small_root, tmp_path):
     """``bench scale``'s training child: the "first batch in hand" line comes before the first step's
     line, both are timed, and the run's train.log keeps the start-up line for the user."""
-    from backmix.trainers.scale import MemoryPeaks
-    from backmix.trainers.scale_train import bounded_train, train_args
+    from backmix.bench.scale import MemoryPeaks
+    from backmix.bench.scale_train import bounded_train, train_args
 
     run = tmp_path / "run"
     got = bounded_train(train_args(small_root, run, tmp_path / "cache", batch_size=8, canvas=32, crop=32,
@@ -322,3 +322,28 @@ def test_show_writes_the_format_its_extension_names_and_refuses_one_it_cannot(sm
     capsys.readouterr()
     assert cli_main(["show", "--data", str(small_root), "--out", str(tmp_path / "s.out")]) == 2
     assert capsys.readouterr().err.startswith("backmix: error: --out ") and not (tmp_path / "s.out").exists()
+
+
+def test_every_report_describes_its_machine_alike():
+    import os
+    import platform
+
+    import torch
+
+    from backmix.bench.machine import machine, machine_line
+    m = machine()
+    assert set(m) == {"cpu", "cores", "usable_cores", "system", "python", "gpu"}
+    assert m["cores"] == os.cpu_count() and 1 <= m["usable_cores"] <= m["cores"]
+    assert m["python"] == platform.python_version() and (m["gpu"] is None) == (not torch.cuda.is_available())
+    assert machine_line({"cpu": "Xeon", "cores": 8, "usable_cores": 2, "system": "Linux", "python": "3.11.7",
+                         "gpu": None}) == "Xeon, 8 cores (2 usable), no GPU, python 3.11.7"
+
+
+def test_a_saved_figure_takes_its_extension_s_format_and_its_folder_is_made(tmp_path):
+    from backmix.bench.figure_file import pyplot, save_figure
+    plt = pyplot()
+    fig, ax = plt.subplots()
+    ax.bar(["a"], [1])
+    path = save_figure(fig, tmp_path / "new" / "plot.svg", "--plot")
+    assert path == tmp_path / "new" / "plot.svg" and path.read_text().lstrip().startswith("<?xml")
+    assert not plt.get_fignums()                 # closed

@@ -327,10 +327,17 @@ def test_a_full_disk_at_the_checkpoint_write_is_one_line_and_leaves_no_temporary
     assert not (run / "last.pt").exists() and not (run / "best.pt").exists()
 
 
-def test_every_bound_is_defined_once_and_listed_in_the_readmes_bad_input_table():
+def test_every_bound_is_defined_once_and_listed_in_readme_and_the_security_page():
     from backmix.osr_data import limits
     bounds = [v for v in vars(limits).values() if isinstance(v, limits.Limit)]
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    table = readme[readme.index("## Bad input"):readme.index("**Security.**")]
+    root = Path(__file__).resolve().parents[1]
+    readme = (root / "README.md").read_text()
+    readme_table = readme.split("## Bad input", 1)[1].split("\n## ", 1)[0]
+    security = (root / "docs" / "security.md").read_text()
+    limits_table = security.split("## Limits and environment variables", 1)[1].split("\n## ", 1)[0]
     assert len({b.env for b in bounds}) == len(bounds) == 5
-    assert [b.env for b in bounds if f"`{b.env}`" not in table] == []
+    assert [b.env for b in bounds if f"`{b.env}`" not in readme_table] == []
+    for b in bounds:    # the security page's table gives each variable's default as the code has it
+        row = next(line for line in limits_table.splitlines() if line.startswith(f"| `{b.env}` |"))
+        default = row.split("|")[2].strip()
+        assert default in (f"{b.default:,}", f"{b.default >> 20} MiB"), (b.env, default)

@@ -116,7 +116,7 @@ NVJPEG_MAX_LEVELS = 48        # largest single-pixel difference
 @pytest.fixture(scope="module")
 def photos(tmp_path_factory):
     """48 bench photos: 500 x 375 (or 375 x 500) JPEGs of q90, 4:2:0, as ImageNet's."""
-    from backmix.osr_data.benchdata import make_bench_folder
+    from backmix.bench.folders import make_bench_folder
     return make_bench_folder(tmp_path_factory.mktemp("photos") / "train", n=48)
 
 
@@ -135,7 +135,7 @@ def jpeg_digits(digits_root, tmp_path_factory):
 
 
 def test_nvjpeg_canvases_are_the_cpu_canvases_within_the_bound(photos):
-    from backmix.pipeline.device_decode import decode_difference
+    from backmix.bench.decode_difference import decode_difference
     for mode in ("center", "stretch"):
         d = decode_difference(photos, np.arange(len(photos)), 224, mode, "cuda")
         assert d["images"] == len(photos)
@@ -206,7 +206,7 @@ def test_in_loop_cams_of_gpu_decoded_batches_equal_the_separate_pass(digits_root
     """The training loop's way (the torchvision backend's canvases, on the GPU, fed to the writer) and a
     separate pass on the GPU make the same generation (PNG files: both decode them alike on the CPU)."""
     from backmix.cam_cache import ForegroundCache, GenerationWriter, build_generation, init_cache, rebuild_cache
-    from backmix.osr_data.decode import IMAGENET_MEAN, IMAGENET_STD
+    from backmix.osr_data.normalize import IMAGENET_MEAN, IMAGENET_STD
     index = ImageIndex.load(digits_root / "train")
     rows = np.arange(0, len(index), 3)
     torch.manual_seed(0)
@@ -228,3 +228,13 @@ def test_in_loop_cams_of_gpu_decoded_batches_equal_the_separate_pass(digits_root
     assert not np.all(loop[rows] == 0.5)
     # CAMs taken in other batch compositions may differ by a float32 ulp: at most one float16 step
     assert np.abs(loop - sep).max() <= 2.0 ** -11
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs a second CUDA GPU")
+@pytest.mark.parametrize("backend", ["reference", "torchvision"])
+def test_a_loader_named_cuda_1_serves_on_it_whichever_gpu_is_current(tiny_root, backend):
+    with torch.cuda.device(0):
+        loader = make_loader(backend, ImageIndex.load(tiny_root), LoaderConfig(batch_size=8, device="cuda:1",
+                                                                               num_workers=0))
+        batch = next(iter(loader))
+    assert {t.device for t in (batch.canvas, batch.images, batch.mixed, batch.labels)} == {torch.device("cuda", 1)}

@@ -271,7 +271,7 @@ RRC_ATOL = 1e-4   # normalised units (1 grey level ~ 0.017): DALI's float linear
 @pytest.fixture(scope="module")
 def odd_root(tmp_path_factory):
     """Smooth 37x53 images: odd sizes, so the centre crop's corner is a half pixel that rounds to even."""
-    from backmix.osr_data.prepare import write_split
+    from backmix.osr_data.split_folder import write_split
     yy, xx = np.mgrid[0:37, 0:53]
     images = np.stack([((np.sin(yy / 5 + k) + np.cos(xx / 7 + k)) * 60 + 128).astype(np.uint8) for k in range(12)])
     root = tmp_path_factory.mktemp("odd") / "train"

@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 import backmix
@@ -78,12 +79,45 @@ def readme_commands(text: str) -> list[list[str]]:
     return commands
 
 
-def test_every_backmix_command_line_of_the_readme_parses():
+DOCS = sorted((EXAMPLE.parents[1] / "docs").glob("*.md"))
+# The command lines each page's code blocks hold at least (a page not listed may hold none).
+COMMANDS_AT_LEAST = {"README.md": 2, "cache.md": 4, "data.md": 4, "loaders.md": 3, "results.md": 17,
+                     "trainer.md": 9}
+
+
+def assert_every_command_parses(page: Path) -> None:
     from backmix.cli import build_parser
-    commands = readme_commands((EXAMPLE.parents[1] / "README.md").read_text())
-    assert len(commands) >= 15
+    commands = readme_commands(page.read_text())
+    assert len(commands) >= COMMANDS_AT_LEAST.get(page.name, 0), f"{page.name}: {len(commands)} command lines"
     for words in commands:
         try:
             build_parser(words).parse_args(words)
         except SystemExit as e:
-            assert not e.code, f"README: backmix {' '.join(words)} does not parse"
+            assert not e.code, f"{page.name}: backmix {' '.join(words)} does not parse"
+
+
+def test_every_backmix_command_line_of_the_readme_parses():
+    assert_every_command_parses(EXAMPLE.parents[1] / "README.md")
+
+
+@pytest.mark.parametrize("page", DOCS, ids=[p.name for p in DOCS])
+def test_every_backmix_command_line_of_a_docs_page_parses(page):
+    assert_every_command_parses(page)
+
+
+def test_the_pages_readme_links_to_are_there():
+    names = {p.name for p in DOCS}
+    assert {"cache.md", "loaders.md", "trainer.md", "gpu-check.md", "security.md", "results.md"} <= names
+    readme = (EXAMPLE.parents[1] / "README.md").read_text()
+    assert [p.name for p in DOCS if f"](docs/{p.name}" not in readme] == []
+
+
+def test_readmes_first_commands_are_what_ci_runs():
+    """README opens with the two commands for a fresh machine; the second is what .ci/run runs."""
+    root = EXAMPLE.parents[1]
+    first_block = (root / "README.md").read_text().split("```bash\n", 1)[1].split("```", 1)[0]
+    commands = [line for line in first_block.splitlines() if line and not line.startswith("#")]
+    assert commands[0].startswith("bash scripts/install.sh && backmix data prepare")
+    install, tests = commands[1].split(" && ")
+    ci = (root / ".ci" / "run").read_text().splitlines()
+    assert install in ci and tests in ci and ci.index(install) < ci.index(tests)

@@ -295,7 +295,7 @@ def test_rrc_mixed_only_equals_the_torch_op(tiny_root, tiny_center_beton):
 
 
 def test_a_beton_of_the_other_canvas_mode_is_refused(tiny_root, tiny_center_beton, tmp_path):
-    from backmix.pipeline.beton import beton_locations
+    from backmix.pipeline.beton_location import beton_locations
     from backmix.pipeline.ffcv import FfcvLoader
     tiny = ImageIndex.load(tiny_root)
     with pytest.raises(BackMixError, match="holds center canvases, the loader makes stretch ones: write it with "
@@ -310,7 +310,7 @@ def test_a_beton_of_the_other_canvas_mode_is_refused(tiny_root, tiny_center_beto
 @pytest.fixture(scope="module")
 def photos(tmp_path_factory):
     """ImageNet-sized JPEGs: re-encoding them at full size keeps a writer busy for seconds."""
-    from backmix.osr_data.benchdata import make_bench_folder
+    from backmix.bench.folders import make_bench_folder
     out = tmp_path_factory.mktemp("photos") / "photos"
     make_bench_folder(out, n=300)
     return out
@@ -607,3 +607,22 @@ def test_the_batch_pool_reuses_an_array_only_once_nothing_holds_it():
     del view
     again = pool.take(2)
     assert again[0].base is pool.sets[0][0] and again[1].base is pool.sets[0][1]
+
+
+def test_the_canvases_go_to_the_loaders_gpu(tiny_root, tiny_center_beton, monkeypatch):
+    """FFCV's transfer is told the loader's device exactly (cuda:1, not the current GPU); made where no such
+    GPU exists, the device choice passes the named device on, as it does where the GPU is."""
+    import ffcv.transforms
+    from backmix.pipeline import core
+    cuda_1, seen = torch.device("cuda", 1), []
+
+    class RecordedTransfer(ffcv.transforms.ToDevice):
+        def __init__(self, device, non_blocking=True):
+            seen.append(device)
+            super().__init__(torch.device("cpu"), non_blocking)
+    monkeypatch.setattr(core, "choose_device", lambda request: request)
+    monkeypatch.setattr(ffcv.transforms, "ToDevice", RecordedTransfer)
+    loader = make_loader("ffcv", ImageIndex.load(tiny_root), LoaderConfig(batch_size=4, canvas=64, crop=56,
+                                                                           device="cuda:1"), beton=tiny_center_beton)
+    assert loader.device == cuda_1 and loader.source.mix_in == "torch" and seen == [cuda_1]
+    loader.close()

@@ -1,9 +1,9 @@
-"""Map quality (cam_cache/map_quality.py) on tiny constructed maps, and the digit boxes of
+"""Map quality (bench/map_quality.py) on tiny constructed maps, and the digit boxes of
 digits-on-photos (osr_data/composite.py) it is scored against."""
 import numpy as np
 import pytest
 
-from backmix.cam_cache.map_quality import cell_overlap, score_maps, top_k_weights
+from backmix.bench.map_quality import cell_overlap, score_maps, top_k_weights
 
 
 def test_cell_overlap_is_the_share_of_each_cell_inside_the_box():
@@ -83,7 +83,7 @@ def test_uniform_maps_score_chance_on_any_box(ratio):
 
 
 def test_patch_leak_counts_the_object_left_unblanked_under_the_patch():
-    from backmix.cam_cache.map_quality import patch_leak
+    from backmix.bench.map_quality import patch_leak
     # 4 x 4 canvas = image, 2 x 2 grid, patch of 2 x 2 (box fraction 0.5): 3 x 3 corners.
     # Object: the top-left cell. Map 1 blanks it (its top cell): nothing leaks. Map 2 blanks another
     # cell: a patch at corner (y, x) holds (2 - y) * (2 - x) object pixels, y, x in 0..2.
@@ -94,7 +94,7 @@ def test_patch_leak_counts_the_object_left_unblanked_under_the_patch():
 
 
 def test_patch_leak_scales_the_box_to_the_canvas():
-    from backmix.cam_cache.map_quality import patch_leak
+    from backmix.bench.map_quality import patch_leak
     # The whole 2 x 2 image is the object, on an 8 x 8 canvas; nothing blanked is impossible (k >= 1):
     # one of 4 cells blanked, so 3/4 of every patch that lies in the other cells leaks.
     maps = np.array([[[0.875, 0.125], [0.125, 0.125]]])

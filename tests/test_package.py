@@ -27,6 +27,16 @@ def test_the_wheel_installs_only_the_backmix_package(tmp_path):
         assert f"backmix/{stage}/__init__.py" in names
 
 
+def test_the_image_copies_every_folder_the_distribution_installs():
+    # a folder of pyproject's package-dir that docker/Dockerfile leaves out fails the image's pip install
+    import tomllib
+    folders = set(tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["package-dir"].values())
+    copied = {line.split()[1] for line in (REPO / "docker" / "Dockerfile").read_text().splitlines()
+              if line.startswith("COPY ")}
+    assert folders == {"backmix", "osr_data", "models", "cam_cache", "pipeline", "trainers", "bench"}
+    assert folders <= copied, folders - copied
+
+
 def test_stage_packages_are_not_importable_by_their_folder_names_outside_the_repo(tmp_path):
     for name in ("pipeline", "trainers", "cam_cache", "osr_data", "models"):
         r = subprocess.run([sys.executable, "-c", f"import {name}"], capture_output=True, text=True, cwd=tmp_path)
@@ -71,7 +81,7 @@ def test_train_and_its_commands_import_no_sklearn_skimage_matplotlib_or_timm_bef
     # scikit-learn (the metrics), scikit-image (bundled photos), matplotlib (sheets) and timm (its models,
     # the recipe) cost seconds of start-up: imported at first use, never by the trainer's modules.
     heavy = ("sklearn", "skimage", "matplotlib", "timm")
-    code = (f"import sys; import backmix.trainers.train, backmix.trainers.scale, backmix.trainers.metrics\n"
+    code = (f"import sys; import backmix.trainers.train, backmix.bench.scale, backmix.trainers.metrics\n"
             f"from backmix.cli import main\ntry: main({argv!r})\nexcept SystemExit: pass\n"
             f"print(sorted(m for m in {heavy!r} if m in sys.modules), file=sys.stderr)")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)

@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from backmix.osr_data.decode import IMAGENET_MEAN, IMAGENET_STD
+from backmix.osr_data.normalize import IMAGENET_MEAN, IMAGENET_STD
 from backmix.osr_data.index import ImageIndex
 
 CPU = torch.device("cpu")
@@ -34,7 +34,7 @@ def one_epoch(loader) -> list:
 
 
 def test_stock_torch_loader_yields_normalised_crops(tiny_root):
-    from backmix.pipeline.peer_loaders import torch_stock
+    from backmix.bench.peer_loaders import torch_stock
     batches = one_epoch(torch_stock(tiny_root, batch_size=8, workers=0, crop=32, device=CPU))
     assert len(batches) == 3        # 24 images, full batches only
     for batch in batches:
@@ -42,7 +42,7 @@ def test_stock_torch_loader_yields_normalised_crops(tiny_root):
 
 
 def test_stock_dali_loader_yields_normalised_crops(tiny_root):
-    from backmix.pipeline.peer_loaders import dali_stock
+    from backmix.bench.peer_loaders import dali_stock
     batches = one_epoch(dali_stock(tiny_root, batch_size=8, workers=1, crop=32, device=CPU))
     assert len(batches) == 3        # 24 images, full batches only
     for batch in batches:
@@ -52,7 +52,7 @@ def test_stock_dali_loader_yields_normalised_crops(tiny_root):
 def test_stock_ffcv_beton_is_written_once_by_ffcv_and_read_by_its_recipe(tiny_root, tmp_path):
     from ffcv.reader import Reader
 
-    from backmix.pipeline.peer_loaders import ffcv_stock, write_stock_beton
+    from backmix.bench.peer_loaders import ffcv_stock, write_stock_beton
     folder = tmp_path / "train"
     shutil.copytree(tiny_root, folder)
     beton = write_stock_beton(ImageIndex.load(folder), jpeg_quality=90, workers=1)
@@ -80,7 +80,7 @@ TINY = ["--batch-size", "8", "--canvas", "40", "--crop", "32", "--workers", "1",
 
 def test_peers_command_measures_in_fresh_processes_and_skips_missing_libraries(tiny_root, tmp_path, capsys,
                                                                                monkeypatch):
-    from backmix.pipeline import bench_peers
+    from backmix.bench import peers as bench_peers
 
     # FFCV and DALI as if not installed: the families are one line each, and the torch one still runs.
     for name in ("ffcv", "nvidia.dali"):
@@ -114,7 +114,7 @@ def test_peers_command_measures_in_fresh_processes_and_skips_missing_libraries(t
 
 
 def test_peers_ratios_and_medians_come_from_the_interleaved_rounds(tiny_root, tmp_path, capsys, monkeypatch):
-    from backmix.pipeline import bench_peers
+    from backmix.bench import peers as bench_peers
 
     calls = []
 

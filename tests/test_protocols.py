@@ -9,7 +9,7 @@ import pytest
 from backmix import open_set_data
 from backmix.cli import main as cli_main
 from backmix.osr_data.errors import BackMixError
-from backmix.osr_data.prepare import write_split
+from backmix.osr_data.split_folder import write_split
 from backmix.osr_data.protocols import load_splits_file, protocol
 
 CIFAR10 = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
@@ -50,6 +50,17 @@ def test_the_shipped_lists_of_cifar_plus_10_and_tinyimagenet_are_well_formed():
                for known, unknown in tiny.entries)
 
 
+def test_cifar_plus_50_is_arpls_list_written_as_names():
+    plus50, plus10 = protocol("cifar+50"), protocol("cifar+10")
+    assert len(plus50.entries) == 5 and plus50.classes is None
+    for (known, unknown), (known10, unknown10) in zip(plus50.entries, plus10.entries):
+        assert known == known10 and set(known) <= set(CIFAR10) and len(unknown) == len(set(unknown)) == 50
+        assert not set(unknown) & set(CIFAR10) and unknown[-10:] == unknown10   # ARPL's +50 lists end in the +10 ones
+    # ARPL split.py, splits_2020["cifar100-50"][0][:5] = [27, 94, 29, 77, 88] in CIFAR100's fine-label order
+    assert plus50.entries[0][1][:5] == ("crocodile", "wardrobe", "dinosaur", "snail", "tiger")
+    assert plus50.entries[4][0] == ("automobile", "airplane", "truck", "ship")
+
+
 def test_a_folder_whose_classes_do_not_match_the_protocol_is_one_line(digits_root, cifar_names_root, tmp_path, capsys):
     args = ["train", "--data", str(digits_root), "--out", str(tmp_path / "run"), "--protocol", "cifar10",
             "--split", "2", "--device", "cpu", "--workers", "0"]
@@ -63,6 +74,11 @@ def test_a_folder_whose_classes_do_not_match_the_protocol_is_one_line(digits_roo
     with pytest.raises(BackMixError, match="missing 'dolphin', 'couch'"):
         open_set_data(cifar_names_root, 0, protocol="cifar+10")
     assert not (tmp_path / "run" / "last.pt").exists()
+
+
+def test_split_all_under_a_protocol_checks_the_folder_too(digits_root):
+    with pytest.raises(BackMixError, match="do not match --protocol cifar10 split all: missing 'airplane'"):
+        open_set_data(digits_root, "all", protocol="cifar10")
 
 
 def test_splits_file_picks_the_known_classes_and_refuses_bad_files(tmp_path, capsys):

@@ -220,7 +220,7 @@ def test_a_broken_file_is_skipped_and_counted(cluster, folder_with_a_broken_file
 
 
 def test_bench_times_ray_beside_the_reference_loader(cluster, tiny_root):
-    from backmix.pipeline.bench import run_benchmark
+    from backmix.bench.loader import run_benchmark
 
     report = run_benchmark(tiny_root, ["reference", "ray"], batches=2, warmup=1, batch_size=8, canvas=40, crop=32,
                            workers=1, device="cpu", n_images=24, prefetch=2)

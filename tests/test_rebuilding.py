@@ -16,7 +16,7 @@ import backmix
 from backmix.cam_cache import ForegroundCache, build_generation, init_cache
 from backmix.models import build_model
 from backmix.osr_data.errors import BackMixError
-from backmix.pipeline.augment import IMAGENET_MEAN, IMAGENET_STD
+from backmix.osr_data.normalize import IMAGENET_MEAN, IMAGENET_STD
 from backmix.trainers.config import TrainConfig
 from backmix.trainers.epoch import epoch_seed
 from backmix.trainers.optim import build_optimizer, build_scheduler

@@ -24,7 +24,8 @@ def config(**kw):
 @pytest.fixture(scope="module", autouse=True)
 def tiny_beton(tiny_root):
     """The FFCV loader reads a beton written once, on purpose: the tiny folder's, at the config's canvas."""
-    from backmix.pipeline.beton import beton_locations, write_beton
+    from backmix.pipeline.beton import write_beton
+    from backmix.pipeline.beton_location import beton_locations
     index = ImageIndex.load(tiny_root)
     write_beton(index, beton_locations(index, config().canvas)[0], canvas=config().canvas, progress=False)
 

@@ -18,7 +18,7 @@ from PIL import Image
 
 from backmix.cam_cache import ArrayMaps
 from backmix.osr_data import BackMixError, ImageIndex
-from backmix.osr_data.benchdata import make_bench_folder
+from backmix.bench.folders import make_bench_folder
 from backmix.osr_data.decode import DecodeError
 from backmix.pipeline import LoaderConfig, make_loader
 

@@ -20,7 +20,7 @@ import torch
 
 from backmix.cli import main as cli_main
 from backmix.osr_data.errors import BackMixError
-from backmix.osr_data.prepare import write_split
+from backmix.osr_data.split_folder import write_split
 from backmix.trainers.config import TrainConfig
 from backmix.trainers.train import main
 
@@ -442,7 +442,7 @@ def frozen(monkeypatch) -> None:
 def test_in_loop_generation_of_a_frozen_model_equals_the_separate_pass(small_root, tmp_path, monkeypatch):
     from backmix.cam_cache import ForegroundCache, build_generation, init_cache
     from backmix.models import build_model, load_model
-    from backmix.pipeline.augment import IMAGENET_MEAN, IMAGENET_STD
+    from backmix.osr_data.normalize import IMAGENET_MEAN, IMAGENET_STD
     from backmix.osr_data.open_set import load_data
 
     frozen(monkeypatch)
@@ -528,7 +528,7 @@ FAILING_PUBLISH = """
 import os, sys
 import backmix.cam_cache.precompute as pre
 from backmix.osr_data.errors import BackMixError
-from backmix.osr_data.prepare import write_split
+from backmix.osr_data.split_folder import write_split
 
 def failing(*args, **kwargs):
     raise BackMixError("injected publish failure")
@@ -568,8 +568,8 @@ def test_a_failed_publish_on_rank_0_ends_every_rank_with_the_error(small_root, t
 
 
 def test_experiment_pairs_methods_per_split_and_seed(tmp_path, capsys):
-    from backmix.trainers.experiment import run_experiment
-    from backmix.trainers.experiment_report import COLUMNS
+    from backmix.bench.experiment import run_experiment
+    from backmix.bench.experiment_report import COLUMNS
     overrides = {"epochs": 1, "width": 0.25, "device": "cpu", "batch_size": 128}
     results = run_experiment(tmp_path, ["digits"], 1, overrides, seeds=2, methods=("baseline", "backmix-mixed"))
     assert [(r["dataset"], r["split"], r["seed"], r["method"]) for r in results] == [
@@ -624,7 +624,7 @@ def test_experiment_pairs_methods_per_split_and_seed(tmp_path, capsys):
 
 
 def test_the_default_plan_orders_complete_pairs_of_every_data_set_first():
-    from backmix.trainers.experiment_plan import make_plan, plan_runs
+    from backmix.bench.experiment_plan import make_plan, plan_runs
     runs = plan_runs(make_plan(None, None, None), 5)
     assert len(runs) == len(set(runs)) == 5 * (2 * 2 + 1) + 5 * 2 + 5 * 2
     assert [tuple(r) for r in runs[:7]] == [
@@ -640,7 +640,7 @@ def test_the_default_plan_orders_complete_pairs_of_every_data_set_first():
 
 
 def test_experiment_refuses_a_folder_of_runs_without_validation(tmp_path):
-    from backmix.trainers.experiment import run_experiment
+    from backmix.bench.experiment import run_experiment
     old = {"dataset": "digits", "split": 0, "seed": 0, "method": "baseline", "metrics": {},
            "config": {"epochs": 1, "width": 0.25, "lr": 0.05, "arch": "cnn32", "batch_size": 128}}
     (tmp_path / "results.jsonl").write_text(json.dumps(old) + "\n")
@@ -649,7 +649,7 @@ def test_experiment_refuses_a_folder_of_runs_without_validation(tmp_path):
 
 
 def test_experiment_refuses_a_foreign_results_line_and_an_out_that_is_a_file(tmp_path):
-    from backmix.trainers.experiment import run_experiment
+    from backmix.bench.experiment import run_experiment
     overrides = {"epochs": 1, "width": 0.25, "batch_size": 128}
     (tmp_path / "f").write_text("")
     with pytest.raises(BackMixError, match="--out .*f is a file; an experiment needs a folder"):
@@ -661,8 +661,8 @@ def test_experiment_refuses_a_foreign_results_line_and_an_out_that_is_a_file(tmp
 
 
 def test_a_run_claimed_by_a_live_process_is_left_to_it_and_a_dead_claim_is_redone(tmp_path):
-    from backmix.trainers.experiment import run_experiment
-    from backmix.trainers.experiment_plan import Run, run_dir
+    from backmix.bench.experiment import run_experiment
+    from backmix.bench.experiment_plan import Run, run_dir
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     for method, pid in (("baseline", os.getppid()), ("backmix", int(dead.stdout))):
         folder = run_dir(tmp_path, Run("digits", 0, 0, method))
@@ -795,7 +795,7 @@ def test_an_open_test_folder_is_reported_under_its_name(small_root, tmp_path, ca
 
 
 def test_experiment_on_a_users_folder_pairs_backmix_with_the_baseline_of_its_compute(small_root, tmp_path):
-    from backmix.trainers.experiment import run_experiment
+    from backmix.bench.experiment import run_experiment
     overrides = dict(epochs=1, width=0.25, batch_size=16, device="cpu")
     methods = ("baseline", "baseline-2view", "backmix", "backmix-p50")
     results = run_experiment(tmp_path, None, 1, overrides, data=small_root, methods=methods)
@@ -818,7 +818,7 @@ def test_experiment_takes_a_repeated_splits_run_from_the_earlier_split_with_its_
     """The published CIFAR10 splits 0 and 1 know the same six classes: split 1's run is split 0's, copied
     (never trained twice), and it is what training split 1 itself gives."""
     from backmix.osr_data.protocols import protocol
-    from backmix.trainers.experiment import run_experiment
+    from backmix.bench.experiment import run_experiment
     entries = protocol("cifar10").entries
     assert set(entries[0][0]) == set(entries[1][0]) and set(entries[2][0]) != set(entries[0][0])
     classes = protocol("cifar10").classes
@@ -839,3 +839,29 @@ def test_experiment_takes_a_repeated_splits_run_from_the_earlier_split_with_its_
                            **{k: v for k, v in by_split[0]["config"].items()
                               if k not in ("data", "out", "split", "protocol")}))
     assert own == by_split[0]["metrics"]
+
+
+def test_an_experiment_killed_inside_a_run_resumes_that_run_from_its_checkpoint(small_root, tmp_path):
+    """kill -9 after a run's first epoch checkpoint; the next command resumes it (not from scratch), and its
+    result equals an uninterrupted experiment's bit for bit."""
+    from backmix.bench.experiment import run_experiment
+    overrides = dict(epochs=3, width=0.25, device="cpu")
+    whole = run_experiment(tmp_path / "whole", None, 1, overrides, data=small_root, methods=("baseline",))
+    cmd = [sys.executable, "-m", "backmix", "-q", "experiment", "--out", str(tmp_path / "cut"), "--data",
+           str(small_root), "--splits", "1", "--methods", "baseline", "--epochs", "3", "--width", "0.25",
+           "--device", "cpu"]
+    proc = subprocess.Popen(cmd, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    checkpoint = tmp_path / "cut" / "runs" / small_root.name / "split0" / "seed0" / "baseline" / "last.pt"
+    deadline = time.monotonic() + 300
+    while not checkpoint.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert checkpoint.exists() and not (tmp_path / "cut" / "results.jsonl").exists()
+    cut = run_experiment(tmp_path / "cut", None, 1, overrides, data=small_root, methods=("baseline",))
+    assert cut[0]["metrics"] == whole[0]["metrics"]
+    log_text = (tmp_path / "cut" / "experiment.log").read_text()
+    assert f"resume {small_root.name} split 0 seed 0 baseline from its checkpoint" in log_text
+    after = log_text.split("resume ")[1]
+    assert "epoch 3/3" in after and "epoch 1/3" not in after   # the resumed attempt did not train epoch 1 again

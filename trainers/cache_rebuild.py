@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from backmix.osr_data.open_set import OpenSetData
-from backmix.pipeline.augment import IMAGENET_MEAN, IMAGENET_STD
+from backmix.osr_data.normalize import IMAGENET_MEAN, IMAGENET_STD
 
 from .config import TrainConfig
 from .distributed import unwrap

@@ -1,10 +1,11 @@
-"""``backmix train``, ``backmix eval`` and ``backmix experiment``."""
+"""``backmix train`` and ``backmix eval``."""
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
 from backmix.cam_cache.node_folders import LAYOUTS as CACHE_LAYOUTS
+from backmix.device import DEVICE_HELP, device_option
 from backmix.osr_data.options import CANVAS_MODES, CROP_FROM, CROP_FROM_HELP
 from backmix.osr_data.errors import BackMixError
 from backmix.pipeline.loaders import LOCAL_RAY_HELP, backend_options
@@ -20,12 +21,6 @@ S = argparse.SUPPRESS   # an option not given stays out of the namespace: we kno
 
 def _d(name: str) -> str:
     return f" (default: {field_defaults()[name]})"
-
-
-def register_bench(sub) -> None:
-    """``backmix bench scale``: here, as it runs the trainer too."""
-    from .scale import register_bench as reg
-    reg(sub)
 
 
 def register(top) -> None:
@@ -69,8 +64,12 @@ def register(top) -> None:
                        help="comma list of known class names instead of a numbered split")
     p.add_argument("--protocol", choices=PROTOCOLS, default=S,
                    help="the published splits of Neal et al. 2018 / ARPL for a folder with those classes (CIFAR10 "
-                        "names; CIFAR10 + CIFAR100 names; TinyImageNet wnids): --split N picks split N; a folder "
-                        "whose classes do not match is refused")
+                        "names; CIFAR10 + CIFAR100 names; TinyImageNet wnids): --split N picks split N; or the "
+                        "Semantic Shift Benchmark (Vaze et al. 2022): ssb-imagenet trains on the 1,000 "
+                        "ImageNet-1k wnid folders, ssb-cub|ssb-aircraft|ssb-scars on the known classes as folders "
+                        "named by the benchmark's 3-digit class index (000, 001, ...), every class known (--split "
+                        "all), and each --open-test folder named easy, medium, hard or medium+hard must hold that "
+                        "published set of unknowns (docs/ssb.md); a folder whose classes do not match is refused")
     p.add_argument("--splits", dest="splits_file", default=S, metavar="FILE",
                    help="JSON list of splits, each a list of known class names (or {\"known\": [...], "
                         "\"unknown\": [...]}): --split N picks split N")
@@ -82,7 +81,9 @@ def register(top) -> None:
     p.add_argument("--open-test", action="append", default=S, metavar="DIR",
                    help="an image folder whose images are all unknown (any class names; e.g. an SSB or OpenOOD "
                         "set, or `backmix data prepare --dataset photo-crops`'s test/): every evaluation also "
-                        "reports each metric against it, under its folder's name; repeatable")
+                        "reports each metric against it, under its folder's name (DIR/test: DIR's name/test); "
+                        "with an ssb-* --protocol, a folder named easy, medium, hard or medium+hard is that "
+                        "published set and must hold its classes; repeatable")
     p.add_argument("--backend", choices=BACKENDS, default=S, help="loader" + _d("backend"))
     p.add_argument("--ray-address", default=S, metavar="auto|HOST:PORT",
                    help=f"--backend ray: the Ray cluster whose CPUs decode (default: {LOCAL_RAY_HELP})")
@@ -130,7 +131,7 @@ def register(top) -> None:
                    help="under torchrun: shared = every node sees the one --cache folder; node-local = each node "
                         "has its own (rank 0 publishes, the others get copies); auto = find out" + _d("cache_layout"))
     p.add_argument("--seed", type=int, default=S, help=_d("seed").strip())
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default=S, help=_d("device").strip())
+    p.add_argument("--device", type=device_option, default=S, help=DEVICE_HELP + _d("device"))
     p.add_argument("--amp", choices=AMP, default=S, help="mixed precision, CUDA only" + _d("amp"))
     p.add_argument("--workers", type=int, default=S, help="decoding worker processes" + _d("workers"))
     p.add_argument("--eval-every", type=int, default=S,
@@ -199,15 +200,12 @@ def register(top) -> None:
     e.add_argument("--open-test", action="append", default=[], metavar="DIR",
                    help="an image folder whose images are all unknown: the metrics against it too, under its "
                         "folder's name; repeatable")
-    e.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    e.add_argument("--device", type=device_option, default="auto", help=DEVICE_HELP)
     e.add_argument("--workers", type=int, default=2)
     e.add_argument("--on-error", choices=ON_ERROR, default="raise",
                    help="an image that does not decode: stop, or skip it and count")
     e.add_argument("--json", action="store_true", help="print the metrics as one JSON object")
     e.set_defaults(func=run_eval)
-
-    from .experiment import register as register_experiment
-    register_experiment(top)
 
 
 def config_from_args(args) -> tuple[TrainConfig, set[str]]:

@@ -12,8 +12,9 @@ from backmix.cam_cache.node_folders import LAYOUTS as CACHE_LAYOUTS
 from backmix.models import check_arch
 from backmix.osr_data.decode import CANVAS_MODES, check_canvas
 from backmix.osr_data.errors import BackMixError
-from backmix.osr_data.protocols import PROTOCOLS
-from backmix.pipeline.config import DEVICES, ON_ERROR
+from backmix.device import check_device_name
+from backmix.osr_data.protocols import PROTOCOLS, SSB_PROTOCOLS
+from backmix.pipeline.config import ON_ERROR
 from backmix.pipeline.beton_location import MODES as BETON_MODES
 from backmix.pipeline.loaders import BACKENDS, backend_options
 from backmix.pipeline.sampling import AUGMENTS, check_crop_from
@@ -26,7 +27,7 @@ AMP = ("auto", "bf16", "fp16", "off")
 REGEN = ("loop", "pass")
 AUTO_AUGMENTS = ("none",) + AUTO_AUGMENT_POLICIES
 LOG_SINKS = ("csv", "tensorboard")
-CHOICES = {"auto_augment": AUTO_AUGMENTS, "opt": OPTIMIZERS, "backend": BACKENDS, "amp": AMP, "device": DEVICES,
+CHOICES = {"auto_augment": AUTO_AUGMENTS, "opt": OPTIMIZERS, "backend": BACKENDS, "amp": AMP,
            "on_error": ON_ERROR, "regen": REGEN, "canvas_mode": CANVAS_MODES, "augment": AUGMENTS,
            "beton_mode": BETON_MODES, "cache_layout": CACHE_LAYOUTS}
 
@@ -130,13 +131,14 @@ class TrainConfig:
     def __post_init__(self) -> None:
         check_arch(self.arch)
         for name, value in (("opt", self.opt), ("backend", self.backend), ("amp", self.amp),
-                            ("device", self.device), ("on_error", self.on_error), ("regen", self.regen),
+                            ("on_error", self.on_error), ("regen", self.regen),
                             ("canvas_mode", self.canvas_mode), ("augment", self.augment),
                             ("auto_augment", self.auto_augment),
                             ("beton_mode", self.beton_mode), ("cache_layout", self.cache_layout)):
             choices = CHOICES[name]
             if value not in choices:
                 raise BackMixError(f"unknown {option(name)} {value!r} (choose from {', '.join(choices)})")
+        check_device_name(self.device)
         for name in NUMERIC_RANGES:
             if name != "mix_prob":   # optional: checked below when given
                 check_number(name, getattr(self, name))
@@ -147,6 +149,12 @@ class TrainConfig:
             raise BackMixError(f"unknown --protocol {self.protocol!r} (choose from {', '.join(PROTOCOLS)})")
         if self.protocol and self.splits_file:
             raise BackMixError("--protocol and --splits both name the split list; give one of them")
+        if self.protocol in SSB_PROTOCOLS:
+            # one split, every known class: the default split number asks for it too
+            if str(self.split).strip() not in ("0", "all"):
+                raise BackMixError(f"--protocol {self.protocol} trains on every known class, with the unknowns "
+                                   f"from its --open-test folders: --split all, not {self.split!r}")
+            self.split = "all"
         self.open_test = [str(folder) for folder in self.open_test]
         if self.mix_prob is not None:
             check_number("mix_prob", self.mix_prob)

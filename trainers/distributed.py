@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from backmix.cam_cache.rebuild import exchange
+from backmix.cam_cache.ranks import exchange
 from backmix.device import choose_device
 
 

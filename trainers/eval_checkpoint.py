@@ -10,6 +10,7 @@ from typing import Optional
 from backmix.models import load_model, read_checkpoint
 from backmix.osr_data.errors import BackMixError
 from backmix.osr_data.open_set import load_data
+from backmix.osr_data.protocols import SSB_PROTOCOLS, protocol
 from backmix.osr_data.splits import OpenSetSplit
 from backmix.pipeline.loaders import make_loader
 
@@ -40,7 +41,9 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, data_root: str | os.PathL
         data = load_data(data_root, OpenSetSplit(tuple(ckpt["known_classes"]), ()))
     else:
         raise BackMixError(f"checkpoint {checkpoint} does not name its known classes; pass --split")
-    open_sets = open_test_indexes(list(open_test), (data.train, data.test))
+    # the run's published sets of unknowns: an --open-test folder named after one must hold its classes
+    published = protocol(saved["protocol"]) if saved.get("protocol") in SSB_PROTOCOLS else None
+    open_sets = open_test_indexes(list(open_test), (data.train, data.test), published)
     model, _ = load_model(checkpoint, num_classes=data.num_known)
     use_ema_weights(model, ckpt, checkpoint)
     given = {"backend": backend, "device": device, "workers": workers, "progress": progress, "on_error": on_error,

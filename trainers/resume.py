@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from backmix.cam_cache.rebuild import exchange
+from backmix.cam_cache.ranks import exchange
 from backmix.osr_data.errors import BackMixError
 
 from .config import TrainConfig, option

@@ -22,8 +22,9 @@ def load_run_data(cfg: TrainConfig) -> tuple[OpenSetData, dict[str, ImageIndex]]
     """(the data, {name: index} of the --open-test folders): every folder the run reads, checked before
     anything is written to the run folder (a refused run leaves nothing behind)."""
     # The validation rows follow the training seed: the methods of one (split, seed) pair share them.
-    data = load_data(cfg.data, cfg.split, cfg.val_fraction, cfg.seed, split_list(cfg.protocol, cfg.splits_file))
-    open_sets = open_test_indexes(cfg.open_test, (data.train, data.test))
+    splits = split_list(cfg.protocol, cfg.splits_file)
+    data = load_data(cfg.data, cfg.split, cfg.val_fraction, cfg.seed, splits)
+    open_sets = open_test_indexes(cfg.open_test, (data.train, data.test), splits)
     if cfg.backend == "ffcv":   # every beton found, or the missing ones named in one line, before any work
         from backmix.pipeline.beton_location import require_betons
         require_betons(cfg.data, [data.train, data.test], cfg.canvas, cfg.canvas_mode, cfg.beton_mode,
@@ -51,7 +52,7 @@ def loader_config(cfg: TrainConfig, device: torch.device, *, train: bool, rank: 
         box_fraction=cfg.box_fraction, top_k_ratio=cfg.top_k_ratio, seed=cfg.seed,
         shuffle=train, train=train, rank=rank if train else 0, world_size=world if train else 1,
         last_batch="keep", num_workers=cfg.workers,   # under DDP too: every image once, equal steps per rank
-        on_error=cfg.on_error, device=device.type,
+        on_error=cfg.on_error, device=device,
         keep_canvas=False)   # the in-loop rebuild, when it runs, gets the canvases anyway
 
 

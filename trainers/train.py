@@ -187,7 +187,8 @@ def run_epoch(cfg: TrainConfig, epoch: int, training: Training, data: OpenSetDat
     record["cache_generation"] = maps.generation if maps is not None else None
     improved = evaluate_epoch(cfg, epoch, training, data, loaders, record, progress, rank)
     if regen_due:
-        from backmix.cam_cache.rebuild import on_every_rank, publish_staged
+        from backmix.cam_cache.ranks import on_every_rank
+        from backmix.cam_cache.rebuild import publish_staged
         t0 = time.perf_counter()
         in_loop = recorder.cam_seconds if recorder is not None else 0.0
         staged = recorder.stage() if recorder is not None else \

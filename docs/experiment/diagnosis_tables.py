@@ -8,7 +8,7 @@ paired: each diagnostic run (a results.jsonl row rerun with one override, diagno
 variant named after its override, (1) against the experiment's baseline of the same data set, split
 and seed, beside the experiment's own variant on the same pairs, and (2) against the experiment's run
 of the same method (the override's effect alone). Reruns without an override show whether a rerun
-reproduces the experiment's metrics. Formatting is the experiment's (trainers/experiment_report.py).
+reproduces the experiment's metrics. Formatting is the experiment's (bench/experiment_report.py).
 
 budget: per data set and method, from every run's metrics.jsonl under RUNS_ROOT (the experiment's
 runs/ folder): the validation accuracy at epochs 10/20/25/30, the best epoch, the train accuracy at
@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from backmix.trainers.experiment_report import paired_table
+from backmix.bench.experiment_report import paired_table
 
 
 def read_jsonl(path) -> list[dict]:

@@ -9,7 +9,7 @@ digit box; every scored image is checked pixel for pixel against the file the ru
 a wrong --prior or seed is refused rather than scored. Scored rows: the run's training rows
 (known classes less the validation split). Per generation: the epoch it was built after, the
 validation accuracy there, and precision / recall of the top-k cells
-(``backmix.cam_cache.map_quality``) over all images and apart for the images on their class's
+(``backmix.bench.map_quality``) over all images and apart for the images on their class's
 own photograph (the background shortcut) and on another one; and the leak: the share of a pasted
 patch (the run's box) that is the partner's digit left un-blanked, and what a box of 0.5 would carry.
 """
@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from backmix.cam_cache.map_quality import patch_leak, score_maps
+from backmix.bench.map_quality import patch_leak, score_maps
 from backmix.cam_cache.store import MappedMaps
 from backmix.osr_data.composite import digits_on_photos
 from backmix.osr_data.errors import BackMixError

@@ -19,7 +19,6 @@
 from __future__ import annotations
 
 import json
-import platform
 import resource
 import shutil
 import statistics
@@ -30,17 +29,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from backmix.cam_cache.cams import class_activation_maps
+from backmix.cam_cache.generation_file import write_maps
+from backmix.cam_cache.precompute import GenerationWriter, publish_generation
+from backmix.cam_cache.rebuild import rebuild_cache
+from backmix.cam_cache.store import ForegroundCache, generation_path, init_cache, pending_dir, write_pointer
 from backmix.device import choose_device
 from backmix.models import build_model, features_and_head
-from backmix.osr_data.benchdata import default_bench_folder, make_bench_folder
 from backmix.osr_data.decode import decode_canvas
 from backmix.osr_data.normalize import IMAGENET_MEAN, IMAGENET_STD
 
-from .cams import class_activation_maps
-from .precompute import GenerationWriter, publish_generation
-from .rebuild import rebuild_cache
-from .generation_file import write_maps
-from .store import ForegroundCache, generation_path, init_cache, pending_dir, write_pointer
+from .folders import default_bench_folder, make_bench_folder
+from .machine import machine
 
 
 def _timed(fn, sync) -> float:
@@ -164,8 +164,7 @@ def bench_cache(args) -> dict:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     result = {"precompute_vs_inference_ratio": pre["precompute_vs_inference_ratio"], "precompute": pre,
-              "publish": pub, "in_loop_vs_pass": regen, "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, "
-                                         f"{'CUDA' if torch.cuda.is_available() else 'no GPU'}",
+              "publish": pub, "in_loop_vs_pass": regen, "machine": {**machine(), "torch_threads": torch.get_num_threads()},
               "command": "backmix bench cache " + " ".join(
                   f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()
                   if k in ("rows", "grid", "arch", "canvas", "batch_size", "repeats", "device", "loop_images",

@@ -3,11 +3,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .bench_stages import describe_input
-from .figure_file import check_figure_file
+from .figure_file import MODE_COLOURS, pyplot, save_figure
+from .machine import machine_line
 from .peer_loaders import STOCK_NAMES
+from .stages import describe_input
 
-COLOURS = {None: "tab:gray", "off": "tab:blue", "on": "tab:orange", "on+clean": "tab:red"}
+COLOURS = {None: "tab:gray", **MODE_COLOURS}   # None: a stock loader
 
 
 def loader_words(row: dict) -> str:
@@ -48,8 +49,7 @@ def format_table(report: dict) -> str:
     if report["betons"]:
         lines.append("betons on disk: " + "; ".join(f"{name} ({b['what']}) {b['bytes'] / 1e6:.1f} MB"
                                                     for name, b in report["betons"].items()))
-    m = report["machine"]
-    lines.append(f"machine: {m['cpu']}, {m['cores']} cores ({m['usable_cores']} usable), {m['gpu'] or 'no GPU'}")
+    lines.append(f"machine: {machine_line(report['machine'])}")
     lines.append("load (1 min) before -> after each round: " + ", ".join(
         f"{r['load_1min_before']:.1f} -> {r['load_1min_after']:.1f}" for r in report["round_records"]))
     lines += [f"skipped: {why}" for why in report["skipped"].values()]
@@ -60,9 +60,7 @@ def format_table(report: dict) -> str:
 
 def plot(report: dict, path: Path) -> None:
     """images/s per configuration (bar: the median; dots: the rounds), grouped by family."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     rows = report["results"]
     x, ticks, groups, pos = [], [], {}, 0.0
@@ -84,12 +82,10 @@ def plot(report: dict, path: Path) -> None:
         ax.annotate(family, (sum(xs) / len(xs), 1.0), xycoords=("data", "axes fraction"), ha="center", va="bottom",
                     fontsize=9, fontweight="bold")
     ax.set_ylabel("images/s")
-    c, m = report["config"], report["machine"]
+    c = report["config"]
     ax.set_title(f"{describe_input(report['images'], report['formats'])}, {c['crop']} RRC (backmix: {c['canvas']} canvas), "
                  f"batch {c['batch_size']}, {c['workers']} workers, {c['device']}; bars: median of {report['rounds']} "
-                 f"round(s), dots: rounds\n{m['cpu']}, {m['usable_cores']} cores, {m['gpu'] or 'no GPU'}",
+                 f"round(s), dots: rounds\n{machine_line(report['machine'])}",
                  fontsize=7, pad=16)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, format=check_figure_file(path, "--plot")[1])
-    plt.close(fig)
+    save_figure(fig, path, "--plot")

@@ -40,6 +40,8 @@ import psutil
 
 from backmix.osr_data.errors import BackMixError
 
+from .machine import machine, machine_line
+
 log = logging.getLogger("backmix")
 
 
@@ -105,16 +107,15 @@ def run_scale(classes: int, per_class: int, *, backends: list[str], epochs: int 
               on_phase: Optional[Callable[[dict], None]] = None) -> dict:
     """The report (see the module doc); ``on_phase(report)`` is called as each phase ends."""
     from backmix.cam_cache import ForegroundCache, start_cache
-    from backmix.osr_data.benchdata import default_scale_folder, make_scale_folder
+    from .folders import default_scale_folder, make_scale_folder
     from backmix.osr_data.index import INDEX_NAME, ImageIndex
     from backmix.osr_data.index_sidecar import SIDECAR_NAME
-    from backmix.pipeline.bench import machine
     from backmix.pipeline.config import LoaderConfig
     from backmix.pipeline.loaders import BACKENDS, make_loader
 
-    from .config import TrainConfig
+    from backmix.trainers.config import TrainConfig
     from .scale_train import bounded_train, train_args
-    from .train import main as train_main
+    from backmix.trainers.train import main as train_main
 
     done = on_phase or (lambda report: None)
     for b in backends:
@@ -237,7 +238,7 @@ def _train_run(train_main, cfg, sample_s: float) -> dict:
 
 
 def format_table(report: dict) -> str:
-    lines = [f"{report['images']} images ({report['classes']} classes x {report['per_class']}), {report['machine']}",
+    lines = [f"{report['images']} images ({report['classes']} classes x {report['per_class']}), {machine_line(report['machine'])}",
              "", "| step | seconds |", "|---|---|"]
     for key, name in (("folder_build_s", "build the folder (hard links; once)"),
                       ("index_s", "index (scan + write index.csv and index.arrow)"),
@@ -281,7 +282,7 @@ def format_table(report: dict) -> str:
 
 
 def register_bench(sub) -> None:
-    from backmix.pipeline.geometry_options import add_geometry_options
+    from .geometry_options import add_geometry_options
     from backmix.pipeline.loaders import BACKENDS
 
     p = sub.add_parser("scale", help="index, cache, first-batch, memory and rebuild costs on an ImageNet-sized folder",

@@ -40,8 +40,8 @@ def stage_breakdown(index, config, batches: int, device: torch.device) -> dict[s
     from backmix.cam_cache.maps import UniformMaps
     from backmix.osr_data.decode import decode_rgb, to_canvas
 
-    from .augment import BackMix, Normalize, RandomCropFlip, RandomResizedCropFlip
-    from .batch import same_crop_twice
+    from backmix.pipeline.augment import BackMix, Normalize, RandomCropFlip, RandomResizedCropFlip
+    from backmix.pipeline.batch import same_crop_twice
     from backmix.osr_data.canvas_reads import CanvasDataset, collate_canvases
 
     b = config.batch_size

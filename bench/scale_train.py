@@ -19,8 +19,7 @@ import time
 from pathlib import Path
 
 from backmix.osr_data.errors import BackMixError
-
-from .run_log import FIRST_BATCH_LINE
+from backmix.trainers.run_log import FIRST_BATCH_LINE
 
 log = logging.getLogger("backmix")
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .methods import METHODS, forward_passes
+from backmix.trainers.methods import METHODS, forward_passes
 # (results.jsonl key, column title) of the reported metrics, the scores side by side.
 COLUMNS = (("accuracy", "accuracy"), ("auroc_msp", "AUROC (MSP)"), ("auroc_mls", "AUROC (MLS)"),
            ("auroc_energy", "AUROC (energy)"), ("oscr_msp", "OSCR (MSP)"), ("oscr_mls", "OSCR (MLS)"),
@@ -100,10 +100,23 @@ def results_table(results: list[dict]) -> str:
     return "\n".join(rows) + "\n"
 
 
+def scored_sets(results: list[dict]) -> list[dict]:
+    """The report's rows: each run against its split's held-out classes (when it has any), and against each
+    ``--open-test`` set as the data set "DATA vs SET" (the same closed-set accuracy, that set's unknowns)."""
+    rows = []
+    for r in results:
+        if all(key in r["metrics"] for key, _ in COLUMNS):
+            rows.append(r)
+        for name, m in sorted(r["metrics"].get("open_test", {}).items()):
+            rows.append({**r, "dataset": f"{r['dataset']} vs {name}", "metrics": m})
+    return rows
+
+
 def report(results: list[dict], status: str = "") -> str:
     """results.md: ``status`` (how much of the plan has run), each BackMix variant against the baseline of
     its own compute, then against the plain baseline, every pair, then each method on its own."""
     text = status
+    results = scored_sets(results)
     if any(r["method"].startswith("backmix") for r in results) and any(r["method"] == "baseline-2view" for r in results):
         text += ("At equal compute: each BackMix variant − the baseline of the same forward passes per image "
                  "(clean + mixed: two passes, against baseline-2view; mixed only and mix prob: one pass, "

@@ -20,14 +20,14 @@ import torch
 from backmix.osr_data.decode import CANVAS_MODES
 from backmix.osr_data.errors import BackMixError
 from backmix.osr_data.splits import resolve_split
+from backmix.pipeline.backmix import top_k_mask
+from backmix.pipeline.batch import BackMixBatch
+from backmix.pipeline.config import ON_ERROR
+from backmix.pipeline.loaders import LOCAL_RAY_HELP
+from backmix.pipeline.sampling import AUGMENTS
 
-from .backmix import top_k_mask
-from .batch import BackMixBatch
-from .config import ON_ERROR
-from .figure_file import check_figure_file
+from .figure_file import check_figure_file, pyplot, save_figure
 from .geometry_options import add_geometry_options
-from .loaders import LOCAL_RAY_HELP
-from .sampling import AUGMENTS
 
 CELL_IN, DPI = 1.5, 100
 COLORBAR_IN = 0.6      # the strip on the right that holds the foreground map's colour bar
@@ -53,9 +53,8 @@ def render_sheet(batch: BackMixBatch, maps: np.ndarray, masks: np.ndarray, path:
                  partners: Optional[np.ndarray] = None,
                  mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), title: str = "") -> Path:
     """Write the sheet of ``batch`` (its first len(maps) images) to ``path`` (PNG)."""
+    plt = pyplot()
     import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     from matplotlib.patches import Rectangle
 
     n = len(maps)
@@ -98,11 +97,7 @@ def render_sheet(batch: BackMixBatch, maps: np.ndarray, masks: np.ndarray, path:
     bar = fig.colorbar(scale, cax=fig.add_axes([right + 0.01, row.y0, 0.012 * 8 / max(n, 1), row.height]))
     bar.set_label("foreground", fontsize=6)
     bar.ax.tick_params(labelsize=6)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=DPI, format=check_figure_file(path)[1])
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=DPI)
 
 
 def sheet_for(data: Path, out: Path, *, backend: str = "reference", cache: Optional[Path] = None, n: int = 8,
@@ -116,8 +111,8 @@ def sheet_for(data: Path, out: Path, *, backend: str = "reference", cache: Optio
     from backmix.cam_cache import ForegroundCache, UniformMaps
     from backmix.osr_data.index import ImageIndex
 
-    from .config import LoaderConfig
-    from .loaders import backend_options, make_loader
+    from backmix.pipeline.config import LoaderConfig
+    from backmix.pipeline.loaders import backend_options, make_loader
 
     options = backend_options(backend, ray_address=ray_address, prefetch=prefetch)
     if n < 2:
@@ -152,7 +147,7 @@ def _split_folder(data: Path) -> Path:
 
 
 def _add_args(p, cache_required: bool) -> None:
-    from .loaders import BACKENDS
+    from backmix.pipeline.loaders import BACKENDS
     p.add_argument("--data", type=Path, required=True, help="prepared root (with train/) or an image folder")
     p.add_argument("--out", type=Path, required=True, help="file to write: a PNG, or the format its extension names (.pdf, .svg, .jpg ...)")
     p.add_argument("--cache", type=Path, required=cache_required, default=None,

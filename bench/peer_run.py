@@ -1,5 +1,5 @@
 """One measurement of ``backmix bench peers``, in the fresh process it runs in:
-``python -m backmix.pipeline.peer_run --family F --loader L [--mode M] ...``.
+``python -m backmix.bench.peer_run --family F --loader L [--mode M] ...``.
 
 Builds one loader (a family's stock loader, ``peer_loaders``, or a backmix backend with BackMix off, on
 or on + clean, ``--augment rrc``), times ``--batches`` batches after ``--warmup`` with the loader
@@ -37,9 +37,9 @@ def build(args, device):
     from backmix.cam_cache.maps import UniformMaps
     from backmix.osr_data.index import ImageIndex
 
-    from .bench import MODES
-    from .config import LoaderConfig
-    from .loaders import make_loader
+    from .loader import MODES
+    from backmix.pipeline.config import LoaderConfig
+    from backmix.pipeline.loaders import make_loader
 
     backmix, clean = MODES[args.mode]
     config = LoaderConfig(batch_size=args.batch_size, canvas=args.canvas, crop=args.crop, augment="rrc",
@@ -54,9 +54,9 @@ def build(args, device):
 
 
 def measure(args) -> dict:
-    from .bench import time_loader
-    from .bench_stages import sync
-    from .config import choose_device
+    from .loader import time_loader
+    from .stages import sync
+    from backmix.pipeline.config import choose_device
 
     device = choose_device(args.device)
     loader = build(args, device)
@@ -67,8 +67,8 @@ def measure(args) -> dict:
 
 
 def parser() -> argparse.ArgumentParser:
-    from .bench import MODES
-    p = argparse.ArgumentParser(prog="python -m backmix.pipeline.peer_run", description=__doc__.split("\n\n")[0])
+    from .loader import MODES
+    p = argparse.ArgumentParser(prog="python -m backmix.bench.peer_run", description=__doc__.split("\n\n")[0])
     p.add_argument("--family", choices=FAMILIES, required=True)
     p.add_argument("--loader", required=True, help="stock, or a backmix backend of the family")
     p.add_argument("--mode", choices=tuple(MODES), default="off", help="backmix loaders: BackMix off, on, on+clean")

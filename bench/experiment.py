@@ -8,7 +8,7 @@ than the gaps between methods. Which runs, in which order, and how two processes
 share one folder: ``experiment_plan``. Each finished run is one line of
 DIR/results.jsonl (appended under the folder's lock; results.md is regenerated
 from the file after every run), so an interrupted experiment continues where it
-stopped (its unfinished run restarts from scratch). DIR/experiment.log gets a line
+stopped (its unfinished run resumes from its last checkpoint). DIR/experiment.log gets a line
 as each run starts and ends, and the trainer's progress.
 """
 from __future__ import annotations
@@ -19,6 +19,8 @@ import json
 import logging
 import os
 import shutil
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Optional
@@ -30,15 +32,17 @@ from backmix.osr_data.decode import CANVAS_MODES
 from backmix.osr_data.errors import BackMixError
 from backmix.osr_data.filelock import exclusive_lock
 from backmix.osr_data.prepare import prepare
-from backmix.osr_data.protocols import PROTOCOLS, protocol
+from backmix.osr_data.protocols import PROTOCOLS, split_list
+from backmix.osr_data.splits import split_number
 from backmix.pipeline.sampling import AUGMENTS
+from backmix.trainers.config import TrainConfig
+from backmix.trainers.config_file import write_config_yaml
+from backmix.trainers.run_files import append_jsonl, read_jsonl
+from backmix.trainers.train import main as train_main
 
-from .config import TrainConfig
 from .experiment_plan import (DEFAULT_PLAN, claim, claimed_by_another, make_plan, plan_runs, plan_text,
                               repeated_splits, run_dir, user_plan)
 from .experiment_report import METHODS, report, run_seed
-from .run_files import append_jsonl, read_jsonl
-from .train import main as train_main
 
 log = logging.getLogger("backmix")
 
@@ -50,7 +54,7 @@ EXPERIMENT_DEFAULTS = dict(arch="cnn32", batch_size=64, regen_every=2, eval_ever
                            protocol=None)
 # A folder's finished runs are reused only under the same budget: these fields must match (runs of
 # before the validation split have no val_fraction, so they are never mixed with runs selected on it).
-BUDGET_FIELDS = ("epochs", "width", "lr", "arch", "batch_size", "val_fraction", "protocol")
+BUDGET_FIELDS = ("epochs", "width", "lr", "arch", "batch_size", "val_fraction", "protocol", "splits_file")
 # The loader's geometry is part of what a run learnt from (the crops it saw, the boxes it pasted): runs
 # of another augment or canvas are another experiment, however equal their budget.
 GEOMETRY_FIELDS = ("augment", "canvas_mode", "canvas", "crop", "grid", "box_fraction", "top_k_ratio")
@@ -129,12 +133,26 @@ def progress_log(path: Path):
         log.propagate = saved[1]
 
 
-def known_sets(protocol_name: Optional[str], splits: int) -> dict[int, frozenset]:
-    """Split -> its known class names, for a published split list (none otherwise: random splits differ)."""
-    if not protocol_name:
+def train_under_torchrun(cfg: TrainConfig, nproc: int, resume: bool) -> dict:
+    """One run as ``torchrun --standalone --nproc-per-node N -m backmix train --config RUN/asked.yaml``; its
+    metrics are those RUN/summary.json gives for the last epoch (what ``train_main`` returns in-process)."""
+    asked = Path(cfg.out) / "asked.yaml"
+    write_config_yaml(asked, cfg)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+           "-m", "backmix", "-q", "train", "--config", str(asked)] + (["--resume"] if resume else [])
+    done = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    if done.returncode != 0:
+        said = [line for line in done.stderr.splitlines() if line.startswith("backmix: error: ")]
+        raise BackMixError(f"the torchrun of {cfg.out} failed (exit status {done.returncode})"
+                           + (f": {said[-1].removeprefix('backmix: error: ')}" if said else ""))
+    return json.loads((Path(cfg.out) / "summary.json").read_text())["last"]["test"]
+
+
+def known_sets(listed, splits: int) -> dict[int, frozenset]:
+    """Split -> its known class names, for a split list (none for random splits: they differ)."""
+    if listed is None:
         return {}
-    entries = protocol(protocol_name).entries
-    return {k: frozenset(entries[k][0]) for k in range(min(splits, len(entries)))}
+    return {k: frozenset(listed.entries[k][0]) for k in range(min(splits, len(listed.entries)))}
 
 
 def copy_repeats(results_path: Path, results: list[dict], repeats: dict, done: set) -> list:
@@ -153,18 +171,20 @@ def copy_repeats(results_path: Path, results: list[dict], repeats: dict, done: s
     return written
 
 
-def run_experiment(out: Path, datasets: Optional[list[str]] = None, splits: int = 5,
+def run_experiment(out: Path, datasets: Optional[list[str]] = None, splits: Optional[int] = 5,
                    overrides: Optional[dict] = None, *, seeds: Optional[int] = None, keep_runs: bool = False,
                    methods: Optional[tuple[str, ...]] = None, progress: bool = False,
-                   data: Optional[Path] = None) -> list[dict]:
+                   data: Optional[Path] = None, nproc_per_node: int = 1) -> list[dict]:
     """Train every run of the plan (``experiment_plan``) not yet in OUT/results.jsonl; write OUT/results.md.
     Returns every run in results.jsonl.
 
     Seeds are ``overrides["seed"]`` (default 0) plus each plan entry's offsets; ``seeds``/``methods``
     replace the default plan's by the same ones for every data set. ``data``: a prepared root of the
     user's instead of the bundled data sets (named by ``overrides["protocol"]`` when given, else by
-    its folder), every method by default. Safe to run in several processes on one OUT: each claims
-    its next run under the folder's lock.
+    its folder), every method by default; its splits may come from ``overrides["protocol"]`` or
+    ``overrides["splits_file"]`` (``splits`` None: all of the list's). ``nproc_per_node`` > 1: each run
+    is a ``torchrun`` of ``backmix train`` with that many processes. Safe to run in several processes
+    on one OUT: each claims its next run under the folder's lock.
     """
     out = Path(out)
     if data is not None:
@@ -174,13 +194,18 @@ def run_experiment(out: Path, datasets: Optional[list[str]] = None, splits: int 
         plan = user_plan(name, seeds, methods)
     else:
         plan = make_plan(datasets, seeds, methods)
-    if not 1 <= splits <= 5:
-        raise BackMixError(f"--splits must lie in 1..5, got {splits}")
     base = {**EXPERIMENT_DEFAULTS, **BUDGETS["quick"], **(overrides or {})}
     asked = TrainConfig(**base).to_dict()   # a bad value is one line now, not after the data sets are prepared
+    listed = split_list(base.get("protocol"), base.get("splits_file"))
+    most = len(listed.entries) if listed is not None else 5
+    splits = most if splits is None else splits
+    if not 1 <= splits <= most:
+        raise BackMixError(f"--splits must lie in 1..{most}, got {splits}")
+    if not 1 <= nproc_per_node <= 1024:
+        raise BackMixError(f"--nproc-per-node must lie in 1..1024, got {nproc_per_node}")
     runs = plan_runs(plan, splits, base.get("seed", 0))
-    repeats = repeated_splits(runs, known_sets(base.get("protocol"), splits))
-    plan_desc = plan_text(plan, splits) + "; budget " + ", ".join(f"{f} {base[f]}" for f in BUDGET_FIELDS if base[f] is not None)
+    repeats = repeated_splits(runs, known_sets(listed, splits))
+    plan_desc = plan_text(plan, splits) + "; budget " + ", ".join(f"{f} {asked[f]}" for f in BUDGET_FIELDS if asked[f] is not None)
     check_output_folder(out, "--out", "an experiment")
     results_path = out / "results.jsonl"
     check_budget(read_results(results_path), asked, results_path)
@@ -210,17 +235,23 @@ def run_experiment(out: Path, datasets: Optional[list[str]] = None, splits: int 
                             and not claimed_by_another(out, r)), None)
                 if run is None:
                     break
-                folder = claim(out, run)
+                folder, done_before = claim(out, run)
             note(out, f"start {run.dataset} split {run.split} seed {run.seed} {run.method} "
                       f"({len(done)} of {len(runs)} runs done)")
             cfg = TrainConfig(**{**base, "data": str(roots[run.dataset]), "out": str(folder),
                                  "split": str(run.split), "seed": run.seed, **METHODS[run.method],
                                  "progress": False})
             t0 = time.perf_counter()
-            metrics = train_main(cfg)
+            if done_before is not None:
+                note(out, f"resume {run.dataset} split {run.split} seed {run.seed} {run.method} from its checkpoint")
+            if nproc_per_node > 1:
+                metrics = train_under_torchrun(cfg, nproc_per_node, resume=done_before is not None)
+            else:
+                metrics = train_main(cfg, resume=done_before is not None)
             summary = json.loads((folder / "summary.json").read_text())
             record = {"dataset": run.dataset, "split": run.split, "seed": run.seed, "method": run.method,
-                      "seconds": time.perf_counter() - t0, "config": cfg.to_dict(), "metrics": metrics,
+                      "seconds": (done_before or 0.0) + time.perf_counter() - t0, "nproc_per_node": nproc_per_node,
+                      "config": cfg.to_dict(), "metrics": metrics,
                       "best": summary["best"]}
             with exclusive_lock(results_path):
                 append_jsonl(results_path, record)
@@ -266,7 +297,14 @@ def register(top) -> None:
     p.add_argument("--protocol", choices=PROTOCOLS, default=None,
                    help="with --data: the published split list whose splits 0..N-1 are run (e.g. cifar10, the "
                         "ARPL splits); it also names the data set in the report")
-    p.add_argument("--splits", type=int, default=5, help="splits 0..N-1 of each data set")
+    p.add_argument("--splits", default=None, metavar="N|FILE",
+                   help="N: splits 0..N-1 of each data set (default: 5, or all of the --protocol list's); FILE "
+                        "(with --data): a JSON split list, as `backmix train --splits FILE` reads, all its splits")
+    p.add_argument("--open-test", action="append", default=[], metavar="DIR",
+                   help="a folder of unknown classes every run is also scored against (repeatable; see `backmix "
+                        "train --help`); the report gives each set its own rows, \"DATA vs NAME\" (NAME: the folder's name)")
+    p.add_argument("--nproc-per-node", type=int, default=1, metavar="N",
+                   help="run each training under torchrun with N processes on this machine")
     p.add_argument("--seeds", type=int, default=None,
                    help="training seeds --seed..--seed+N-1 for every data set and method, instead of the plan's; "
                         "each (split, seed) is one paired comparison")
@@ -309,7 +347,16 @@ def run_cli(args) -> int:
         if args.data is None:
             raise BackMixError("--protocol names the splits of a --data folder: give --data too")
         overrides["protocol"] = args.protocol
+    splits = 5 if args.splits is None and not args.protocol else args.splits
+    if args.splits is not None and split_number(args.splits) is None:   # a file of splits
+        if args.data is None or args.protocol:
+            raise BackMixError("--splits FILE names the splits of a --data folder: give --data, and not --protocol")
+        overrides["splits_file"], splits = str(args.splits), None
+    elif args.splits is not None:
+        splits = split_number(args.splits)
+    if args.open_test:
+        overrides["open_test"] = list(args.open_test)
     methods = tuple(m.strip() for m in args.methods.split(",") if m.strip()) if args.methods else None
-    run_experiment(args.out, datasets, args.splits, overrides, seeds=args.seeds, keep_runs=args.keep_runs,
-                   methods=methods, progress=not args.quiet, data=args.data)
+    run_experiment(args.out, datasets, splits, overrides, seeds=args.seeds, keep_runs=args.keep_runs,
+                   methods=methods, progress=not args.quiet, data=args.data, nproc_per_node=args.nproc_per_node)
     return 0

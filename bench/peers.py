@@ -1,12 +1,12 @@
 """``backmix bench peers``: backmix's loaders beside each family's stock loader, on the same folder.
 
 For each installed family (torch, FFCV, DALI), its stock loader as its own documentation recommends
-(pipeline/peer_loaders.py) beside backmix's backends of that family (torch: reference and torchvision;
+(bench/peer_loaders.py) beside backmix's backends of that family (torch: reference and torchvision;
 FFCV: a JPEG beton at the stock beton's quality, and a raw one; DALI) with BackMix off, on (the mixed
 crop alone) and on+clean (clean and mixed crops, the trainer's default stream). All take the same
 folder, a RandomResizedCrop to --crop (backmix's of its --canvas canvas), flip and normalise, the same
 batch size, workers/threads and device. Each measurement runs in a fresh process
-(``python -m backmix.pipeline.peer_run``) and times --batches batches after --warmup; rounds
+(``python -m backmix.bench.peer_run``) and times --batches batches after --warmup; rounds
 interleave them: round r runs every configuration once, in an order rotated by r, so drift on a shared
 machine hits them alike. A ratio to stock (backmix images/s / stock images/s, the same family) is taken
 within each round, then the median over rounds. The machine, the versions and the 1-minute load before
@@ -27,7 +27,8 @@ from typing import NamedTuple, Optional
 
 from backmix.osr_data.errors import BackMixError
 
-from .bench import MODES, add_bench_folder_options, ensure_beton
+from .loader import MODES, add_bench_folder_options, ensure_beton
+from .machine import machine
 from .peer_run import FAMILIES, FAMILY_BACKENDS
 
 LIBRARIES = {"ffcv": "FFCV", "dali": "DALI"}   # family -> the library it needs beyond torch
@@ -50,8 +51,8 @@ class Peer(NamedTuple):
 
 def missing_library(family: str) -> Optional[str]:
     """The library ``family`` needs that is not installed (None: all there)."""
-    from .beton import require_ffcv
-    from .loaders import require_dali
+    from backmix.pipeline.beton import require_ffcv
+    from backmix.pipeline.loaders import require_dali
     try:
         {"torch": lambda: None, "ffcv": require_ffcv, "dali": require_dali}[family]()
     except BackMixError:
@@ -80,7 +81,7 @@ def prepare_betons(index, canvas: int, jpeg_quality: int, workers: int) -> dict[
 def measure(peer: Peer, setup: dict, timeout: float) -> dict:
     """``peer_run``'s result for ``peer`` in a fresh process, or {"error": its one line}. The child runs in
     its own session: on a timeout or Ctrl-C it and its workers are killed together."""
-    cmd = [sys.executable, "-m", "backmix.pipeline.peer_run", "--family", peer.family, "--loader", peer.loader,
+    cmd = [sys.executable, "-m", "backmix.bench.peer_run", "--family", peer.family, "--loader", peer.loader,
            "--mode", peer.mode or "off", "--data", setup["data"], "--batch-size", str(setup["batch_size"]),
            "--canvas", str(setup["canvas"]), "--crop", str(setup["crop"]), "--workers", str(setup["workers"]),
            "--device", setup["device"], "--batches", str(setup["batches"]), "--warmup", str(setup["warmup"])]
@@ -153,19 +154,6 @@ def _median(values: list) -> Optional[float]:
     return statistics.median(values) if values else None
 
 
-def machine() -> dict:
-    import torch
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    except OSError:
-        pass
-    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return {"cpu": cpu, "cores": os.cpu_count(), "usable_cores": usable, "system": platform.platform(),
-            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
-
-
 def versions() -> dict[str, str]:
     from importlib import metadata
     found = {"python": platform.python_version()}
@@ -178,18 +166,18 @@ def versions() -> dict[str, str]:
 
 
 def run_peers(args) -> dict:
-    """The report (the JSON file): command, machine (cpu, cores, usable_cores, system, gpu), versions,
+    """The report (the JSON file): command, machine (cpu, cores, usable_cores, system, python, gpu), versions,
     data, images, formats (of up to 256 files, from their headers), config, rounds, families (measured),
     skipped ({family: why}), betons ({stock, jpgQ, raw}: path, bytes, what), results (one row per
     configuration: name, family, loader, mode, beton, images_per_s (median over rounds),
     images_per_s_rounds, batch_ms_median; backmix's rows also ratio_to_stock (median) and
     ratio_to_stock_rounds, each backmix images/s / stock images/s of the same round; error: the last
     failure's line) and round_records (round, order, load_1min_before/after, results, ratio_to_stock)."""
-    from backmix.osr_data.benchdata import default_bench_folder, make_bench_folder
+    from .folders import default_bench_folder, make_bench_folder
     from backmix.osr_data.index import ImageIndex
 
-    from .beton_location import check_storage
-    from .config import LoaderConfig, choose_device
+    from backmix.pipeline.beton_location import check_storage
+    from backmix.pipeline.config import LoaderConfig, choose_device
 
     families = list(dict.fromkeys(f.strip() for f in args.families.split(",") if f.strip()))
     unknown = [f for f in families if f not in FAMILIES]
@@ -226,7 +214,7 @@ def run_peers(args) -> dict:
         setup["betons"] = prepare_betons(index, args.canvas, args.jpeg_quality, args.workers)
     peers = [p for family in measured for p in peers_of(family, args.jpeg_quality)]
     records = run_rounds(peers, setup, args.rounds, args.timeout)
-    from .bench_stages import file_formats
+    from .stages import file_formats
     formats = file_formats([Path(index.abspath(i)).read_bytes() for i in range(min(256, len(index)))])
     ran_as_backmix = sys.argv[0].endswith(("backmix", "__main__.py"))
     return {"command": "backmix " + " ".join(sys.argv[1:]) if ran_as_backmix else None,

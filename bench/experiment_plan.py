@@ -1,6 +1,6 @@
 """Which runs ``backmix experiment`` trains, in which order, and how processes share them.
 
-The default plan is the finished experiment of issue 24 (item 5): digits-on-photos
+The default plan is the finished digits experiment: digits-on-photos
 with 5 splits x 2 seeds x (baseline, backmix) plus the authors' mixed-only loss on
 the first seed, and 5 splits x 1 seed x (baseline, backmix) on digits and on
 digits-on-photos written with a stronger class-background prior (0.8). Runs are
@@ -11,7 +11,8 @@ Several processes may work on one experiment folder (the same command twice, or 
 with its own ``--datasets``): a process claims a run before training it by writing
 RUN/.claim (its pid and host) under the folder's lock, and skips runs that are
 finished (in results.jsonl) or claimed by a live process. A claim whose process is
-gone (killed) is taken over and its run started again.
+gone (killed) is taken over: its run resumes from its last checkpoint (the trainer's
+``--resume``, bit for bit), or starts again when it saved none.
 """
 from __future__ import annotations
 
@@ -22,8 +23,8 @@ import socket
 from pathlib import Path
 from typing import NamedTuple, Optional
 
-from backmix.osr_data.errors import BackMixError
 from backmix.osr_data.abandoned_temps import process_exists
+from backmix.osr_data.errors import BackMixError
 from backmix.osr_data.prepare import DATASETS
 
 from .experiment_report import METHODS, method_order
@@ -122,12 +123,22 @@ def claimed_by_another(out: Path, run: Run) -> bool:
     return holder.get("pid") != os.getpid() and process_exists(int(holder.get("pid", -1)))
 
 
-def claim(out: Path, run: Run) -> Path:
-    """Claim ``run`` (call under the experiment's lock, after ``claimed_by_another`` said no): what an
-    earlier, interrupted attempt left in its folder is removed, then RUN/.claim is written."""
+def claim(out: Path, run: Run) -> tuple[Path, Optional[float]]:
+    """Claim ``run`` (call under the experiment's lock, after ``claimed_by_another`` said no) by writing
+    RUN/.claim. An earlier, interrupted attempt that saved a checkpoint (RUN/last.pt) is kept, to be
+    resumed; anything else it left is removed. Returns the folder and the seconds the kept attempt
+    trained up to its checkpoint (from its claim to its last checkpoint; None when there is none)."""
     folder = run_dir(out, run)
-    if folder.exists():
+    marker, checkpoint = folder / ".claim", folder / "last.pt"
+    done_before = None
+    if checkpoint.is_file() and marker.is_file():
+        done_before = max(0.0, checkpoint.stat().st_mtime - marker.stat().st_mtime)
+        marker.unlink()
+    elif folder.exists():
         shutil.rmtree(folder)
-    folder.mkdir(parents=True)
-    (folder / ".claim").write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname()}))
-    return folder
+    folder.mkdir(parents=True, exist_ok=True)
+    marker.write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname()}))
+    if done_before is not None:   # the claim's time stands for when the run started, across attempts
+        started = marker.stat().st_mtime - done_before
+        os.utime(marker, (started, started))
+    return folder, done_before

@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .index import ImageIndex
 from backmix._fs import atomic_folder
+from backmix.osr_data.index import ImageIndex
 
 SIZES = ((500, 375), (375, 500))   # (width, height), landscape 3:1 over portrait
 
@@ -28,7 +28,7 @@ def default_bench_folder(n: int) -> Path:
 
 def make_bench_folder(out: str | os.PathLike, n: int = 1024, seed: int = 0, quality: int = 90) -> ImageIndex:
     """Write ``n`` JPEGs to ``out/<photo>/<i>.jpg`` with index.csv; reuse the folder if it is there."""
-    from .composite import SKIMAGE_PHOTOS, SKLEARN_PHOTOS, bundled_photos
+    from backmix.osr_data.composite import SKIMAGE_PHOTOS, SKLEARN_PHOTOS, bundled_photos
 
     out = Path(out)
     if (out / "index.csv").exists():
@@ -73,7 +73,7 @@ def make_scale_folder(out: str | os.PathLike, classes: int = 1000, per_class: in
     the index files are left to the first ``ImageIndex.load``, whose time is what a benchmark measures."""
     from tqdm import tqdm
 
-    from .errors import BackMixError
+    from backmix.osr_data.errors import BackMixError
 
     if classes < 2 or per_class < 1 or test_per_class < 1 or source_images < 1:
         raise BackMixError(f"--classes must be >= 2, --per-class and --source-images >= 1, got {classes}, "

@@ -32,8 +32,7 @@ import torch
 
 from backmix.osr_data.decode import IMAGENET_MEAN, IMAGENET_STD
 from backmix.osr_data.index import ImageIndex
-
-from .sampling import RRC_RATIO, RRC_SCALE, RRC_TRIES
+from backmix.pipeline.sampling import RRC_RATIO, RRC_SCALE, RRC_TRIES
 
 log = logging.getLogger("backmix")
 
@@ -75,7 +74,7 @@ def torch_stock(folder: str | Path, *, batch_size: int, workers: int, crop: int,
 def stock_beton_path(index: ImageIndex, jpeg_quality: int) -> Path:
     """Where the stock beton of ``index`` is (or goes): beside the folder as backmix's betons are, or in
     the user's cache; named apart from backmix's, whose fields differ."""
-    from .beton_location import beton_locations, default_destination
+    from backmix.pipeline.beton_location import beton_locations, default_destination
 
     storage = {"mode": "jpg", "max_resolution": STOCK_MAX_RESOLUTION, "jpeg_quality": jpeg_quality}
     places = [p.with_name("stock-" + p.name) for p in beton_locations(index, None, **storage)]
@@ -96,7 +95,7 @@ def write_stock_beton(index: ImageIndex, jpeg_quality: int, workers: int) -> Pat
 
     from backmix._fs import atomic_file, check_output_file
 
-    from .beton_process import write_in_child   # FFCV's writer, stoppable, in a child
+    from backmix.pipeline.beton_process import write_in_child   # FFCV's writer, stoppable, in a child
 
     path = check_output_file(stock_beton_path(index, jpeg_quality))
     fields = {"image": RGBImageField(write_mode="jpg", max_resolution=STOCK_MAX_RESOLUTION, jpeg_quality=jpeg_quality),

@@ -19,8 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -31,13 +29,14 @@ import torch
 
 from backmix.osr_data.decode import CANVAS_MODES
 from backmix.osr_data.errors import BackMixError
+from backmix.pipeline.beton_location import DEFAULT_MODE, DEFAULT_QUALITY
+from backmix.pipeline.config import ON_ERROR
+from backmix.pipeline.loaders import BACKENDS, LOCAL_RAY_HELP, backend_options
+from backmix.pipeline.sampling import AUGMENTS
 
-from .bench_stages import decode_ceiling, describe_input, stage_breakdown, sync
-from .beton_location import DEFAULT_MODE, DEFAULT_QUALITY
-from .config import ON_ERROR
-from .figure_file import check_figure_file
-from .loaders import BACKENDS, LOCAL_RAY_HELP, backend_options
-from .sampling import AUGMENTS
+from .figure_file import MODE_COLOURS, pyplot, save_figure
+from .machine import machine, machine_line
+from .stages import decode_ceiling, describe_input, stage_breakdown, sync
 
 log = logging.getLogger("backmix")
 
@@ -70,19 +69,14 @@ def time_loader(loader, warmup: int, batches: int, sync: Callable[[], None]) -> 
     return times
 
 
-def machine() -> str:
-    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
-    return f"{platform.machine()}, {os.cpu_count()} CPUs, {gpu}, python {platform.python_version()}"
-
-
 def run_benchmark(data: Optional[Path], backends: list[str], *, batches: int, warmup: int, batch_size: int,
                   canvas: int, crop: int, workers: int, device: str, n_images: int, repeat: int = 1,
                   ray_address: Optional[str] = None, prefetch: Optional[int] = None,
                   canvas_mode: str = "center", augment: str = "crop", on_error: str = "raise") -> dict:
     from backmix.cam_cache.maps import UniformMaps
 
-    from .config import LoaderConfig, choose_device
-    from .loaders import make_loader
+    from backmix.pipeline.config import LoaderConfig, choose_device
+    from backmix.pipeline.loaders import make_loader
 
     if not backends:
         raise BackMixError(f"--backend names no backend (choose from {', '.join(BACKENDS)})")
@@ -152,7 +146,7 @@ def run_benchmark(data: Optional[Path], backends: list[str], *, batches: int, wa
     by = {(r["backend"], r["mode"]): r for r in results}
     per_backend = {"reference": stages}
     if any(r["backend"] == "dali" and r.get("images_per_s") for r in results):
-        from .dali_ops import stage_times
+        from .dali_stages import stage_times
         per_backend["dali"] = stage_times(index, LoaderConfig(batch_size=batch_size, canvas=canvas, crop=crop,
                                                               **shape, num_workers=workers, device=device),
                                           max(3, min(batches, 8)))
@@ -187,8 +181,8 @@ def ensure_beton(index, canvas: int, mode: str = DEFAULT_MODE, jpeg_quality: int
     """The FFCV loader's default beton of ``index`` at ``canvas`` (center canvases, ``mode`` storage): FFCV's
     loader reads a beton it never writes, so a benchmark writes it once, explicitly, saying so. None when
     FFCV is not installed (its rows say how to install it)."""
-    from .beton import require_ffcv, write_beton
-    from .beton_location import beton_locations, default_destination, write_command
+    from backmix.pipeline.beton import require_ffcv, write_beton
+    from backmix.pipeline.beton_location import beton_locations, default_destination, write_command
     try:
         require_ffcv()
     except BackMixError:
@@ -238,16 +232,13 @@ def format_table(report: dict) -> str:
 
 
 def plot(report: dict, path: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     rows = [r for r in report["results"] if r.get("images_per_s")]
     names = {"off": "plain", "on": "BackMix", "on+clean": "BackMix\n+ clean"}
-    colours = {"off": "tab:blue", "on": "tab:orange", "on+clean": "tab:red"}
     labels = [f"{r['backend']}\n{names[r['mode']]}" for r in rows]
     fig, ax = plt.subplots(figsize=(max(5, 0.9 * len(rows) + 2), 3.8), dpi=100)
-    ax.bar(labels, [r["images_per_s"] for r in rows], color=[colours[r["mode"]] for r in rows])
+    ax.bar(labels, [r["images_per_s"] for r in rows], color=[MODE_COLOURS[r["mode"]] for r in rows])
     ax.tick_params(axis="x", labelsize=7)
     dc = report["decode_ceiling"]
     ax.axhline(dc["images_per_s"], color="k", ls="--", lw=1, label=f"decode ceiling of the source files ({dc['decoder']})")
@@ -256,18 +247,16 @@ def plot(report: dict, path: Path) -> None:
     described = describe_input(report["images"], report["decode_ceiling"].get("formats") or {})
     ax.set_title(f"{described}, canvas {c['canvas']} {c.get('canvas_mode', 'stretch')}, crop {c['crop']} "
                  f"{c.get('augment', 'crop')}, batch {c['batch_size']}, "
-                 f"{c['workers']} workers\n{report['machine']}", fontsize=8)
+                 f"{c['workers']} workers\n{machine_line(report['machine'])}", fontsize=8)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, format=check_figure_file(path, "--plot")[1])
-    plt.close(fig)
+    save_figure(fig, path, "--plot")
 
 
 def bench_folder(data: Optional[Path], n_images: int):
     """(folder, its index) a benchmark reads: ``data`` (an image folder, or a prepared root: its train/),
     else the folder of ``n_images`` bench photos, made once (``--data`` and ``--images``)."""
-    from backmix.osr_data.benchdata import default_bench_folder, make_bench_folder
+    from .folders import default_bench_folder, make_bench_folder
     from backmix.osr_data.index import ImageIndex
     if data is None:
         data = default_bench_folder(n_images)
