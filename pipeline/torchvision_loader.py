@@ -91,8 +91,8 @@ class TorchvisionSource(WorkerSource):
         return FinishingDataset(self.loader.index, cfg.canvas, cfg.canvas_mode, encoded, None, cfg.rank)
 
     def finish(self, batch: EncodedBatch):
-        """(canvas on the device, rows, failed in batch order, as the reference's workers report them,
-        and the whole images when the crops are cut from them, else None)."""
+        """(canvas on the device, rows, failed in batch order, as the reference's workers report them),
+        and the whole images when the crops are cut from them."""
         loader, cfg = self.loader, self.loader.config
         if cfg.crops_images:
             return self._finish_whole(batch)
@@ -113,7 +113,7 @@ class TorchvisionSource(WorkerSource):
             else:
                 canvases.append(decoded[k])
                 rows.append(item[0])
-        return (torch.stack(canvases) if canvases else None), torch.tensor(rows, dtype=torch.int64), failed, None
+        return (torch.stack(canvases) if canvases else None), torch.tensor(rows, dtype=torch.int64), failed
 
     def _finish_whole(self, batch: EncodedBatch):
         """``finish`` of a batch of files' bytes (``encoded``): each decoded whole, JPEGs on the device."""
