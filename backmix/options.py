@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 from backmix.device import DEVICE_HELP, device_option
-from backmix.osr_data.options import CANVAS_MODES
+from backmix.osr_data.options import CANVAS_MODES, CROP_FROM, CROP_FROM_HELP
 
 
 class DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -52,6 +52,8 @@ OPTIONS = {
     "augment": Option("--augment", "after the mix: crop = random crop + flip; rrc = RandomResizedCrop of the mixed "
                                    "canvas to the crop size + flip (evaluation: the centre crop)",
                       "backmix.pipeline.config:LoaderConfig.augment", _choices("backmix.pipeline.sampling", "AUGMENTS")),
+    "crop_from": Option("--crop-from", CROP_FROM_HELP, "backmix.pipeline.config:LoaderConfig.crop_from",
+                        lambda: {"choices": CROP_FROM}),
     "grid": Option("--grid", "g of the g x g foreground maps",
                    "backmix.pipeline.config:LoaderConfig.grid", lambda: {"type": int}),
     "backend": Option("--backend", "loader backend (a benchmark: a comma list of them, each measured)",

@@ -5,30 +5,60 @@ A worker never raises for a file: it hands the error back (``read_canvas``'s "re
 process that iterates applies the policy where the user sees it, in one line."""
 from __future__ import annotations
 
+from typing import NamedTuple, Optional
+
 from torch.utils.data import Dataset
 
 import torch
 
-from .decode import DecodeError, decode_canvas, read_canvas
+from .decode import DecodeError, decode_canvas, decode_rgb, read_canvas, to_canvas
 from .errors import BackMixError
+
+
+class Photos(NamedTuple):
+    """A batch of whole images of any sizes: each at the top left of its slot in ``pixels``, the rest
+    zeros (no crop box reaches it); ``sizes`` stays on the host, where the crop boxes are drawn."""
+    pixels: torch.Tensor   # uint8 [n, 3, H, W]: H, W the batch's largest height and width
+    sizes: torch.Tensor    # int64 [n, 2]: each image's height and width
+
+
+def pad_photos(images: list) -> Photos:
+    """``Photos`` of uint8 [3, h, w] images (on any one device)."""
+    sizes = torch.tensor([tuple(im.shape[-2:]) for im in images], dtype=torch.int64).reshape(-1, 2)
+    height, width = (int(v) for v in sizes.max(0).values)
+    pixels = torch.zeros((len(images), 3, height, width), dtype=torch.uint8, device=images[0].device)
+    for slot, image in zip(pixels, images):
+        slot[:, :image.shape[-2], :image.shape[-1]] = image
+    return Photos(pixels, sizes)
+
+
+def decode_canvas_and_image(path: str, size: int, mode: str) -> tuple:
+    """(canvas, the whole image) of one file: ``CanvasDataset``'s read when crops come from the image."""
+    image = decode_rgb(path)
+    return to_canvas(image, size, mode), image
 
 
 class CanvasDataset(Dataset):
     """dataset row -> (canvas, row), or the error of a file that failed (``read_canvas``'s "return"):
     what a worker runs per file. ``decode(path, size, mode)``: default ``decode_canvas``.
+    ``whole``: also the whole image, (canvas, row, image), for crops cut from the image; ``decode``
+    then returns (canvas, image) (default ``decode_canvas_and_image``).
 
     Workers only read the index's column buffers (no per-row Python objects), so its pages stay
     shared with the main process instead of being copied into each worker."""
 
-    def __init__(self, index, canvas: int, mode: str, decode=None) -> None:
-        self.index, self.canvas, self.mode, self.decode = index, canvas, mode, decode or decode_canvas
+    def __init__(self, index, canvas: int, mode: str, decode=None, whole: bool = False) -> None:
+        self.index, self.canvas, self.mode, self.whole = index, canvas, mode, whole
+        self.decode = decode or (decode_canvas_and_image if whole else decode_canvas)
 
     def __len__(self) -> int:
         return len(self.index)
 
     def __getitem__(self, row: int):
         out = read_canvas(self.index, row, self.canvas, self.mode, on_error="return", decode=self.decode)
-        return out if isinstance(out, Exception) else (out, row)
+        if isinstance(out, Exception):
+            return out
+        return (out[0], row, out[1]) if self.whole else (out, row)
 
 
 def collate_canvases(items: list):
@@ -37,6 +67,13 @@ def collate_canvases(items: list):
     failed = [it for it in items if not isinstance(it, tuple)]
     canvas = torch.stack([g[0] for g in good]) if good else None
     return canvas, torch.tensor([g[1] for g in good], dtype=torch.int64), failed
+
+
+def collate_photos(items: list) -> Optional[Photos]:
+    """The whole images of ``CanvasDataset(whole=True)`` items that decoded, padded (``pad_photos``);
+    None when there are none, or the items carry no whole image."""
+    images = [it[2] for it in items if isinstance(it, tuple) and len(it) == 3]
+    return pad_photos(images) if images else None
 
 
 def undecodable(failed: list, on_error: str) -> list[DecodeError]:

@@ -14,7 +14,7 @@ from torch import Tensor
 
 from backmix.osr_data.normalize import IMAGENET_MEAN, Normalize, new_batch, normalize  # noqa: F401  (Normalize: the benchmarks import it from here)
 
-from .backmix import box_size, mix_backgrounds, top_k_mask
+from .backmix import box_size, mix_backgrounds, mix_image_backgrounds, top_k_mask
 
 
 def crop_flip(images: Tensor, offsets: Tensor, flips: Tensor, size: int, per_image: Optional[bool] = None) -> Tensor:
@@ -167,6 +167,14 @@ class BackMix:
         return mix_backgrounds(canvases, p["partners"], masks, p["boxes"],
                                box_size(tuple(canvases.shape[-2:]), self.box_fraction),
                                fill_value(self.mean).to(canvases.device))
+
+    def of_images(self, images: Tensor, sizes: Tensor, maps: Tensor, p: dict[str, Tensor], canvas: int) -> Tensor:
+        """The mix of whole images (``mix_image_backgrounds``): p's boxes on each image's stretched
+        ``canvas``; sizes int64 [B, 2] on the images' device."""
+        masks = top_k_mask(maps, self.top_k_ratio, p["tie_break"])
+        return mix_image_backgrounds(images, sizes, p["partners"], masks, p["boxes"],
+                                     box_size((canvas, canvas), self.box_fraction), canvas,
+                                     fill_value(self.mean).to(images.device))
 
 
 @dataclass(frozen=True)

@@ -78,3 +78,48 @@ def backmix(images: Tensor, maps: Tensor, partners: Tensor, tie_break: Tensor, b
             *, top_k_ratio: float, box_hw: tuple[int, int], fill: Tensor) -> Tensor:
     """Soft maps in, mixed images out: ``top_k_mask`` then ``mix_backgrounds``."""
     return mix_backgrounds(images, partners, top_k_mask(maps, top_k_ratio, tie_break), boxes, box_hw, fill)
+
+
+def stretched_span(starts: Tensor, length: int, sizes: Tensor, canvas: int) -> tuple[Tensor, Tensor]:
+    """(first, end) int64 [B]: the pixels of an image ``sizes`` [B] long that the canvas pixels
+    starts .. starts + length - 1 of its stretched canvas (``canvas`` long) cover; at least one."""
+    first = starts * sizes // canvas
+    return first, torch.maximum((starts + length) * sizes // canvas, first + 1)
+
+
+def mix_image_backgrounds(images: Tensor, sizes: Tensor, partners: Tensor, masks: Tensor, boxes: Tensor,
+                          box_hw: tuple[int, int], canvas: int, fill: Tensor) -> Tensor:
+    """``mix_backgrounds`` in each image's own pixels, for crops cut from the whole image.
+
+    images: [B, C, H, W], image i at the top left, ``sizes[i]`` = (height, width) of it (int64 [B, 2], on
+    the images' device); the rest is never read. The grid and the boxes (``boxes``, ``box_hw``: in
+    ``canvas`` pixels) live on each image's stretched canvas, as a stretched canvas's grid covers the
+    whole image: the target's box covers the pixels of the target its canvas box covers
+    (``stretched_span``), and each of them takes the nearest pixel of the partner's box (the one
+    under its centre), blank where that pixel's grid cell of the partner is foreground."""
+    b = images.shape[0]
+    if b < 2:  # a lone image has no partner; it stays as it is
+        return images.clone()
+    g, (bh, bw), dev = masks.shape[-1], box_hw, images.device
+    j = partners
+    height, width = sizes[:, 0], sizes[:, 1]
+    ty0, ty1 = stretched_span(boxes[:, 2], bh, height, canvas)
+    tx0, tx1 = stretched_span(boxes[:, 3], bw, width, canvas)
+    sy0, sy1 = stretched_span(boxes[:, 0], bh, height[j], canvas)
+    sx0, sx1 = stretched_span(boxes[:, 1], bw, width[j], canvas)
+    th, tw = ty1 - ty0, tx1 - tx0
+    ry = torch.arange(int(th.max()), device=dev)[None, :]              # [1, R]
+    rx = torch.arange(int(tw.max()), device=dev)[None, :]              # [1, Q]
+    # The partner pixel under the centre of target pixel r of n: first + floor((r + 1/2) * m / n).
+    src_y = torch.minimum(sy0[:, None] + (2 * ry + 1) * (sy1 - sy0)[:, None] // (2 * th[:, None]), sy1[:, None] - 1)
+    src_x = torch.minimum(sx0[:, None] + (2 * rx + 1) * (sx1 - sx0)[:, None] // (2 * tw[:, None]), sx1[:, None] - 1)
+    jj = j[:, None, None]
+    patch = images[jj, :, src_y[:, :, None], src_x[:, None, :]]                       # [B, R, Q, C]
+    cell_y = (src_y * g // height[j][:, None])[:, :, None]
+    cell_x = (src_x * g // width[j][:, None])[:, None, :]
+    patch = torch.where(masks[jj, cell_y, cell_x][..., None], fill.to(images.dtype), patch)
+    inside = (ry[:, :, None] < th[:, None, None]) & (rx[:, None, :] < tw[:, None, None])  # [B, R, Q]
+    i, y, x = inside.nonzero(as_tuple=True)
+    out = images.clone()
+    out[i, :, ty0[i] + y, tx0[i] + x] = patch[i, y, x]
+    return out

@@ -20,6 +20,7 @@ from .backmix import box_size, top_k_mask
 from .sampling import BackMixSampler
 
 if TYPE_CHECKING:
+    from backmix.osr_data.canvas_reads import Photos
     from .config import LoaderConfig
 
 
@@ -104,21 +105,28 @@ class BatchTransform:
         return cls(maps, config.sampler(), backmix=config.backmix, mean=config.mean, std=config.std,
                    train=config.train, clean=config.clean, auto_augment=config.auto_augment)
 
-    def params(self, batch_size: int, epoch: int, step: int, rank: int, device) -> dict[str, Tensor]:
-        p = self.sampler.draw(batch_size, epoch, step, rank, train=self.train)
+    def params(self, batch_size: int, epoch: int, step: int, rank: int, device,
+               sizes: Optional[np.ndarray] = None) -> dict[str, Tensor]:
+        p = self.sampler.draw(batch_size, epoch, step, rank, train=self.train, sizes=sizes)
         return {k: to_device(v, device) for k, v in p.torch().items()}
 
+    @property
+    def crops_images(self) -> bool:
+        """Whether the crops are cut from the whole images (``Photos``), not from the canvases."""
+        return self.sampler.crops_images(self.train)
+
     def __call__(self, canvas: Tensor, rows: np.ndarray, *, epoch: int, step: int,
-                 rank: int = 0, maps: Optional[np.ndarray] = None) -> tuple[Optional[Tensor], Optional[Tensor]]:
+                 rank: int = 0, maps: Optional[np.ndarray] = None,
+                 photos: Optional["Photos"] = None) -> tuple[Optional[Tensor], Optional[Tensor]]:
         """(images, mixed) of a batch's canvases (on any device); ``rows``: its dataset indices, on the
         host, where the maps are gathered (no device-to-host read per batch). ``maps``: the rows' soft
-        maps gathered already (a worker finishing the batch is handed them), instead of ``self.maps``."""
+        maps gathered already (a worker finishing the batch is handed them), instead of ``self.maps``.
+        ``photos``: the batch's whole images, which the crops are cut from when ``crops_images``
+        (then mixed in their own pixels; the canvases are not read)."""
+        if self.crops_images:
+            return self._of_images(photos, rows, epoch=epoch, step=step, rank=rank, maps=maps)
         p = self.params(canvas.shape[0], epoch, step, rank, canvas.device)
-
-        def finish(crops: Tensor, copies: int = 1) -> Tensor:
-            if self.auto_augment is not None:
-                crops = self.auto_augment(crops, auto_augment_seed(self.sampler.seed, epoch, rank, step), copies)
-            return self.normalize(crops)
+        finish = self._finisher(epoch, rank, step)
 
         images = mixed = None
         if self.enabled:
@@ -134,6 +142,33 @@ class BatchTransform:
                 mixed = finish(self.crop(mixed, p))
         else:
             images = finish(self.crop(canvas, p))
+        return images, mixed
+
+    def _finisher(self, epoch: int, rank: int, step: int):
+        """What follows the crop: the auto augmentation (when asked for), then the normalisation."""
+        def finish(crops: Tensor, copies: int = 1) -> Tensor:
+            if self.auto_augment is not None:
+                crops = self.auto_augment(crops, auto_augment_seed(self.sampler.seed, epoch, rank, step), copies)
+            return self.normalize(crops)
+        return finish
+
+    def _of_images(self, photos: Optional["Photos"], rows: np.ndarray, *, epoch: int, step: int, rank: int,
+                   maps: Optional[np.ndarray]) -> tuple[Optional[Tensor], Optional[Tensor]]:
+        """``__call__`` with the crops cut from the whole images: the boxes drawn in each image's size."""
+        if photos is None:
+            raise ValueError("crops cut from the image (crop_from='image') need the batch's whole images (photos)")
+        pixels, dev = photos.pixels, photos.pixels.device
+        p = self.params(pixels.shape[0], epoch, step, rank, dev, sizes=photos.sizes.numpy())
+        finish = self._finisher(epoch, rank, step)
+
+        if not self.enabled:
+            return finish(self.crop(pixels, p)), None
+        soft = self.maps.gather(as_index_array(rows)) if maps is None else maps
+        mixed = self.mix.of_images(pixels, to_device(photos.sizes, dev), to_device(torch.from_numpy(soft), dev), p,
+                                   self.sampler.canvas)
+        if not self.clean:
+            return None, finish(self.crop(mixed, p))
+        images, mixed = finish(self.crop(torch.cat([pixels, mixed]), same_crop_twice(p)), 2).chunk(2)
         return images, mixed
 
     def _crops_the_box_again(self, canvas: Tensor) -> bool:

@@ -17,7 +17,8 @@ from backmix.osr_data.errors import BackMixError
 from backmix.osr_data.normalize import IMAGENET_MEAN, IMAGENET_STD
 
 from .augment import AUTO_AUGMENT_POLICIES
-from .sampling import LAST_BATCH, BackMixSampler, EpochSampler, check_augment, check_fraction, check_seed, view_seed
+from .sampling import (LAST_BATCH, BackMixSampler, EpochSampler, check_augment, check_crop_from, check_fraction,
+                       check_seed, view_seed)
 
 ON_ERROR = ("raise", "skip")
 
@@ -81,6 +82,7 @@ class LoaderConfig:
     crop: int = 32               # side of the random crop the model sees
     canvas_mode: str = "center"  # "center": resize the shorter side, centre square; "stretch": both sides
     augment: str = "crop"        # after the mix: "crop" (random crop + flip) or "rrc" (RandomResizedCrop + flip)
+    crop_from: str = "canvas"    # rrc's training crops: from the "canvas", or from the whole "image" (its own pixels)
     auto_augment: str = "none"   # training, after the crop: "trivialaugment" or "randaugment" (torchvision v2)
     grid: int = 8                # g of the g x g foreground maps
     backmix: bool = True
@@ -109,6 +111,7 @@ class LoaderConfig:
         check_canvas(self.canvas, self.crop, self.grid)
         check_canvas_mode(self.canvas_mode)
         check_augment(self.augment)
+        check_crop_from(self.crop_from, self.augment, self.canvas_mode)
         if self.auto_augment not in ("none",) + AUTO_AUGMENT_POLICIES:
             raise BackMixError(f"auto_augment must be none or one of {', '.join(AUTO_AUGMENT_POLICIES)}, "
                                f"got {self.auto_augment!r}")
@@ -152,12 +155,18 @@ class LoaderConfig:
         """The draws of view ``view`` of each image (view 1: the two-view baseline's second crop)."""
         return BackMixSampler(canvas=self.canvas, crop=self.crop, grid=self.grid,
                               box_fraction=self.box_fraction, top_k_ratio=self.top_k_ratio,
-                              seed=view_seed(self.seed, view), augment=self.augment)
+                              seed=view_seed(self.seed, view), augment=self.augment, crop_from=self.crop_from)
 
     @property
     def resizes(self) -> bool:
         """Whether training crops are resized (rrc); evaluation is always the centre crop."""
         return self.augment == "rrc" and self.train
+
+    @property
+    def crops_images(self) -> bool:
+        """Whether training crops are cut from the whole images (crop_from "image"): sources must hand
+        the core each batch's whole images (``SourceBatch.photos``)."""
+        return self.crop_from == "image" and self.train
 
 
 def _whole(value) -> int:

@@ -25,7 +25,7 @@ from torch import Tensor
 
 from backmix.cam_cache.maps import ForegroundMaps, UniformMaps
 from backmix.device import choose_device
-from backmix.osr_data.canvas_reads import undecodable
+from backmix.osr_data.canvas_reads import Photos, undecodable
 from backmix.osr_data.errors import BackMixError
 from backmix.osr_data.index import ImageIndex
 
@@ -74,6 +74,8 @@ class SourceBatch(NamedTuple):
                                       # file missing or changed since indexing
     images: Optional[Tensor] = None   # fused sources: the clean crops (float [n, 3, s, s])
     mixed: Optional[Tensor] = None    # fused sources: the mixed crops
+    photos: Optional[Photos] = None   # crops cut from the image (``LoaderConfig.crops_images``): the whole
+                                      # images the core cuts them from (host or device)
 
 
 def canvases_fit(canvas: Tensor, n: int, size: int) -> bool:
@@ -91,6 +93,10 @@ class Source:
     the plan yet), then ``open()`` once the loader knows its rows (``loader.dataset_indices``)."""
 
     kind = "decode"
+    # Why this backend cannot hand the core whole images (``SourceBatch.photos``) for crops cut from the
+    # image (``LoaderConfig.crops_images``); None: it can. A loader refuses the option with this reason
+    # rather than serve the canvas stream.
+    whole_images_refused: Optional[str] = "it hands the loader canvases only"
 
     def __init__(self, loader: "Loader") -> None:
         self.loader = loader
@@ -122,6 +128,10 @@ class Loader(LoaderPosition):
         self.backend = getattr(source_class, "name", source_class.__name__)
         self.device = choose_device(config.device)
         self._start_position()
+        refused = source_class.whole_images_refused
+        if config.crops_images and refused:
+            raise BackMixError(f"backend {getattr(source_class, 'name', source_class.__name__)!r} cannot cut crops "
+                               f"from the whole image (--crop-from image): {refused}")
         self.source = source_class(self, **options)
         rows = self.source.rows(np.arange(len(index)) if indices is None else np.asarray(indices, dtype=np.int64))
         self.maps, self.dataset_indices, self.epoch_sampler, self.row_labels = loader_inputs(
@@ -176,9 +186,11 @@ class Loader(LoaderPosition):
         rows, dev = np.asarray(out.rows, dtype=np.int64), self.device
         if out.canvas is not None:
             self.check_canvas(out.canvas, len(rows))
+        photos = None if out.photos is None else Photos(to_device(out.photos.pixels, dev), out.photos.sizes)
         if out.images is None and out.mixed is None:   # canvases only: the core finishes the batch
             canvas = to_device(out.canvas, dev)
-            images, mixed = self.transform(canvas, rows, epoch=self.epoch, step=out.step, rank=self.config.rank)
+            images, mixed = self.transform(canvas, rows, epoch=self.epoch, step=out.step, rank=self.config.rank,
+                                           photos=photos)
         else:
             canvas, images, mixed = (None if t is None else to_device(t, dev) for t in (out.canvas, out.images, out.mixed))
         cfg, second = self.config, None
@@ -186,7 +198,8 @@ class Loader(LoaderPosition):
             chosen = mixed_rows(self.sampler.seed, self.epoch, cfg.rank, out.step, len(rows), cfg.mix_prob)
             mixed, images = torch.where(to_device(torch.from_numpy(chosen), dev)[:, None, None, None], mixed, images), None
         if self.second_view is not None:
-            second, _ = self.second_view(canvas, rows, epoch=self.epoch, step=out.step, rank=cfg.rank)
+            second, _ = self.second_view(canvas, rows, epoch=self.epoch, step=out.step, rank=cfg.rank,
+                                         photos=photos)
         return BackMixBatch(canvas if self.carries_canvas else None, images, mixed, *self.row_labels.take(rows, dev),
                             second=second)
 

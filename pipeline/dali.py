@@ -122,6 +122,11 @@ class DaliSource(Source):
 
     name = "dali"
     kind = "fused"
+    # What crops cut from the image would need: each image's size before its batch's draw (from the file
+    # header), the boxes sliced from the decoded image (fn.decoders.image_slice) and the mix's lent box
+    # resized to each target's box: the pipeline draws and mixes on canvases only.
+    whole_images_refused = ("its pipeline draws the boxes before it decodes and mixes canvases only: it would "
+                            "need each image's size from its header and the box sliced from the decoded image")
 
     def __init__(self, loader) -> None:
         super().__init__(loader)

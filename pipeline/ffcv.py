@@ -186,6 +186,10 @@ class FfcvSource(Source):
     """
 
     name = "ffcv"
+    # What crops cut from the image would need: each image whole in the beton (not its canvas) and
+    # decoded whole into the batch with its size, for the core to cut the box from.
+    whole_images_refused = ("its betons store each image as its canvas, and its decoders make canvases: it "
+                            "would need betons of whole images decoded whole, each with its size")
 
     def __init__(self, loader, *, beton: Optional[str | Path] = None, mix_in: str = "auto",
                  beton_mode: str = DEFAULT_MODE, jpeg_quality: int = DEFAULT_QUALITY) -> None:

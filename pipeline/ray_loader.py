@@ -27,7 +27,7 @@ import torch
 from backmix.osr_data.errors import BackMixError
 
 from .core import Source, SourceBatch
-from backmix.osr_data.canvas_reads import CanvasDataset, collate_canvases
+from backmix.osr_data.canvas_reads import CanvasDataset, Photos, collate_canvases, collate_photos
 
 log = logging.getLogger("backmix")
 
@@ -104,8 +104,11 @@ def canvas_batch(dataset: list, rows: np.ndarray):
         while len(_DATASETS) > _DATASETS_KEPT:
             _DATASETS.popitem(last=False)
     data = _DATASETS[key]
-    canvas, rows, failed = collate_canvases([data[i] for i in rows.tolist()])
-    return (None if canvas is None else canvas.numpy()), rows.numpy(), failed
+    items = [data[i] for i in rows.tolist()]
+    canvas, rows, failed = collate_canvases(items)
+    photos = collate_photos(items)   # the whole images too, when crops are cut from them
+    return ((None if canvas is None else canvas.numpy()), rows.numpy(), failed,
+            None if photos is None else (photos.pixels.numpy(), photos.sizes.numpy()))
 
 
 class RaySource(Source):
@@ -116,6 +119,7 @@ class RaySource(Source):
     """
 
     name = "ray"
+    whole_images_refused = None   # crops cut from the image: its tasks read the whole image too
 
     def __init__(self, loader, *, address: Optional[str] = None, prefetch: Optional[int] = None) -> None:
         super().__init__(loader)
@@ -126,7 +130,7 @@ class RaySource(Source):
     def open(self) -> None:
         cfg = self.loader.config
         self._ray = ray = join_ray(self.address, max(1, cfg.num_workers))
-        self._dataset = [ray.put(CanvasDataset(self.loader.index, cfg.canvas, cfg.canvas_mode))]
+        self._dataset = [ray.put(CanvasDataset(self.loader.index, cfg.canvas, cfg.canvas_mode, whole=cfg.crops_images))]
         # SPREAD: the batches go round the nodes instead of filling the driver's node first.
         self._task = ray.remote(num_cpus=1, max_retries=TASK_RETRIES, scheduling_strategy="SPREAD")(canvas_batch)
 
@@ -144,9 +148,12 @@ class RaySource(Source):
         try:
             while in_flight:
                 step, ref = in_flight.popleft()
-                canvas, rows, failed = ray.get(ref)
+                canvas, rows, failed, photos = ray.get(ref)
                 in_flight.extend((s, self._task.remote(self._dataset, r)) for s, r in islice(steps, 1))
-                yield SourceBatch(step, np.array(rows), None if canvas is None else self._own_copy(canvas), failed)
+                if photos is not None:
+                    photos = Photos(self._own_copy(photos[0]), torch.from_numpy(np.array(photos[1])))
+                yield SourceBatch(step, np.array(rows), None if canvas is None else self._own_copy(canvas), failed,
+                                  photos=photos)
         finally:
             # An epoch left part-way: its remaining batches (--prefetch at most) are not wanted. They are let
             # finish and dropped, not cancelled: Ray's cancel of a task that is just finishing can abort the

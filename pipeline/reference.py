@@ -13,7 +13,7 @@ from typing import Iterator, NamedTuple, Optional
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from backmix.osr_data.canvas_reads import CanvasDataset, collate_canvases
+from backmix.osr_data.canvas_reads import CanvasDataset, collate_canvases, collate_photos, decode_canvas_and_image
 from backmix.osr_data.decode import decode_canvas
 
 from .core import Loader, Plan, Source, SourceBatch, canvases_fit
@@ -45,8 +45,9 @@ class FinishingDataset(CanvasDataset):
     """``CanvasDataset`` that, given a ``BatchKey`` and a ``transform`` (``BatchTransform``), also finishes
     the batch in the worker (``Finished``); other keys get the canvases, as ``CanvasDataset``'s."""
 
-    def __init__(self, index, canvas: int, mode: str, decode=None, transform=None, rank: int = 0) -> None:
-        super().__init__(index, canvas, mode, decode)
+    def __init__(self, index, canvas: int, mode: str, decode=None, transform=None, rank: int = 0,
+                 whole: bool = False) -> None:
+        super().__init__(index, canvas, mode, decode, whole)
         self.transform, self.rank = transform, rank
 
     def __getitems__(self, key: list):
@@ -61,13 +62,15 @@ class FinishingDataset(CanvasDataset):
         maps = None
         if key.maps is not None:   # the soft maps of the rows that decoded
             maps = key.maps[[k for k, it in enumerate(items) if isinstance(it, tuple)]]
-        images, mixed = self.transform(canvas, rows.numpy(), epoch=key.epoch, step=key.step, rank=self.rank, maps=maps)
+        images, mixed = self.transform(canvas, rows.numpy(), epoch=key.epoch, step=key.step, rank=self.rank, maps=maps,
+                                       photos=collate_photos(items))
         return Finished(canvas if key.keep_canvas else None, rows, failed, images, mixed)
 
 
 def collate_or_pass(items):
-    """The DataLoader's collate: ``collate_canvases``; a batch the worker finished passes as it is."""
-    return items if isinstance(items, Finished) else collate_canvases(items)
+    """The DataLoader's collate: ``collate_canvases`` and ``collate_photos``; a batch the worker finished
+    passes as it is."""
+    return items if isinstance(items, Finished) else (*collate_canvases(items), collate_photos(items))
 
 
 class _Batches(torch.utils.data.Sampler):
@@ -95,31 +98,48 @@ class WorkerSource(Source):
     """Decodes in ``config.num_workers`` DataLoader workers (0: in the loading process)."""
 
     name = "reference"
+    whole_images_refused = None   # crops cut from the image: its workers read the whole image too
     pin_memory = True    # canvases bound for a GPU come from pinned memory
     finishes_batches = True   # on the CPU, the workers also mix, crop and normalise (``finish_in_workers``)
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        # A backend with its own decode but the inherited whole-image read would cut crops from pixels
+        # its decode never made: it refuses crops cut from the image until it reads the image itself.
+        if "decode" in vars(cls) and "decode_whole" not in vars(cls) and "whole_images_refused" not in vars(cls):
+            cls.whole_images_refused = "its decode makes canvases only (it has no decode_whole)"
 
     @property
     def finish_in_workers(self) -> bool:
         """On a CPU device with workers, each worker finishes its batch (mix, crop, flip, normalise: a
         pure function of (seed, epoch, rank, step) and the rows' maps) in parallel with the others,
         instead of the loading process doing every batch's in turn; on a GPU the device does it."""
-        loader = self.loader
-        return self.finishes_batches and loader.config.num_workers > 0 and loader.device.type == "cpu"
+        loader, cfg = self.loader, self.loader.config
+        # (the two-view baseline's second crop of whole images is cut where the batch is delivered)
+        return (self.finishes_batches and cfg.num_workers > 0 and loader.device.type == "cpu"
+                and not (cfg.crops_images and cfg.views == 2))
 
     def decode(self, path: str, size: int, mode: str) -> torch.Tensor:
         """One file -> uint8 [3, size, size]: the canvas (raises ``DecodeError`` when it does not decode)."""
         return decode_canvas(path, size, mode)
 
+    def decode_whole(self, path: str, size: int, mode: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """One file -> (canvas, the whole image uint8 [3, H, W]): the read when crops are cut from the
+        image (``LoaderConfig.crops_images``)."""
+        return decode_canvas_and_image(path, size, mode)
+
     def dataset(self) -> Dataset:
-        """What the workers run per row (``CanvasDataset`` over ``decode``)."""
+        """What the workers run per row (``CanvasDataset`` over ``decode``, or ``decode_whole``)."""
         cfg = self.loader.config
         transform = self.loader.transform if self.finish_in_workers else None
-        return FinishingDataset(self.loader.index, cfg.canvas, cfg.canvas_mode, self.decode, transform, cfg.rank)
+        decode = self.decode_whole if cfg.crops_images else self.decode
+        return FinishingDataset(self.loader.index, cfg.canvas, cfg.canvas_mode, decode, transform, cfg.rank,
+                                whole=cfg.crops_images)
 
     collate = staticmethod(collate_or_pass)   # runs in the worker
 
     def finish(self, batch) -> tuple:
-        """In the loading process: ``collate``'s output -> (canvas, rows, failed)."""
+        """In the loading process: ``collate``'s output -> (canvas, rows, failed, photos or None)."""
         return batch
 
     def open(self) -> None:
@@ -140,8 +160,8 @@ class WorkerSource(Source):
             if isinstance(batch, Finished):
                 yield SourceBatch(step, batch.rows.numpy(), batch.canvas, batch.failed, batch.images, batch.mixed)
                 continue
-            canvas, rows, failed = self.finish(batch)
-            yield SourceBatch(step, rows.numpy(), canvas, failed)
+            canvas, rows, failed, *photos = self.finish(batch)   # a backend's own finish may give no photos
+            yield SourceBatch(step, rows.numpy(), canvas, failed, photos=photos[0] if photos else None)
 
     def close(self) -> None:
         # Shut down here, the copy a forked child inherits is marked shut down and does nothing.

@@ -9,11 +9,13 @@ batch, and a resumed run makes the batches it would have made.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import numpy as np
 import torch
 
 from backmix.osr_data.errors import BackMixError
+from backmix.osr_data.options import CROP_FROM
 
 from .backmix import box_size
 
@@ -88,7 +90,7 @@ class BatchParams:
     partners: np.ndarray    # [B]
     boxes: np.ndarray       # [B, 4] src_y, src_x, dst_y, dst_x
     tie_break: np.ndarray   # [B, g*g]
-    crops: np.ndarray       # [B, 2] top-left corner of the crop in the canvas
+    crops: np.ndarray       # [B, 2] top-left corner of the crop in the canvas (crop_from "image": in the image)
     flips: np.ndarray       # bool [B]
     crop_sizes: np.ndarray  # [B, 2] height, width of the crop in the canvas (the crop size unless rrc)
 
@@ -97,31 +99,54 @@ class BatchParams:
                 for k in ("partners", "boxes", "tie_break", "crops", "flips", "crop_sizes")}
 
 
+def check_crop_from(crop_from: str, augment: str = "rrc", canvas_mode: Optional[str] = None) -> str:
+    """``crop_from`` when it goes with ``augment`` and (when given) ``canvas_mode``; else one line."""
+    if crop_from not in CROP_FROM:
+        raise BackMixError(f"crop_from must be one of {', '.join(CROP_FROM)}, got {crop_from!r}")
+    if crop_from == "image" and augment != "rrc":
+        raise BackMixError("crop_from='image' (--crop-from image) draws RandomResizedCrop boxes in the image: "
+                           "it needs augment='rrc' (--augment rrc)")
+    if crop_from == "image" and canvas_mode not in (None, "stretch"):
+        raise BackMixError("crop_from='image' (--crop-from image) needs canvas_mode='stretch' (--canvas-mode "
+                           "stretch): the foreground grid must cover the whole image the crops are cut from")
+    return crop_from
+
+
 def check_augment(augment: str) -> str:
     if augment not in AUGMENTS:
         raise BackMixError(f"augment must be one of {', '.join(AUGMENTS)}, got {augment!r}")
     return augment
 
 
-def resized_crop_boxes(rng: np.random.Generator, b: int, size: int) -> tuple[np.ndarray, np.ndarray]:
-    """(corners [B, 2], sizes [B, 2]): torchvision ``RandomResizedCrop.get_params`` on a size x size
-    canvas for B images at once. Each image draws ``RRC_TRIES`` candidates together and keeps the
-    first that fits; an image with none takes torchvision's fallback (on a square canvas: all of it)."""
-    area = float(size * size)
+def resized_crop_boxes(rng: np.random.Generator, b: int, heights, widths) -> tuple[np.ndarray, np.ndarray]:
+    """(corners [B, 2], sizes [B, 2]): torchvision ``RandomResizedCrop.get_params`` for B images at once,
+    image i being heights[i] x widths[i] pixels (ints: every image that size). Each image draws
+    ``RRC_TRIES`` candidates together and keeps the first that fits; an image with none takes
+    torchvision's fallback: the central crop of the whole image, its ratio clamped to ``RRC_RATIO``
+    (on a square canvas: all of it)."""
+    height = np.broadcast_to(np.asarray(heights, dtype=np.int64), (b,))[:, None]
+    width = np.broadcast_to(np.asarray(widths, dtype=np.int64), (b,))[:, None]
+    area = (height * width).astype(np.float64)
     target = area * rng.uniform(*RRC_SCALE, (b, RRC_TRIES))
     aspect = np.exp(rng.uniform(np.log(RRC_RATIO[0]), np.log(RRC_RATIO[1]), (b, RRC_TRIES)))
     # np.round rounds half to even, as Python's round() in torchvision does.
     w = np.round(np.sqrt(target * aspect)).astype(np.int64)
     h = np.round(np.sqrt(target / aspect)).astype(np.int64)
-    fits = (w > 0) & (w <= size) & (h > 0) & (h <= size)
+    fits = (w > 0) & (w <= width) & (h > 0) & (h <= height)
     first = fits.argmax(axis=1)
     rows = np.arange(b)
     found = fits[rows, first]
-    h = np.where(found, h[rows, first], size)
-    w = np.where(found, w[rows, first], size)
-    # A fallback image gets the whole canvas: its corner draw is over [0, 1), i.e. 0.
-    top = rng.integers(0, size - h + 1)
-    left = rng.integers(0, size - w + 1)
+    height, width = height[:, 0], width[:, 0]
+    in_ratio = width / height
+    narrow, wide = in_ratio < min(RRC_RATIO), in_ratio > max(RRC_RATIO)
+    fallback_h = np.where(narrow, np.round(width / min(RRC_RATIO)).astype(np.int64), height)
+    fallback_w = np.where(wide, np.round(height * max(RRC_RATIO)).astype(np.int64), width)
+    h = np.where(found, h[rows, first], fallback_h)
+    w = np.where(found, w[rows, first], fallback_w)
+    # Every image draws its corner (a fallback's draw is then replaced by the centre), so the draws
+    # after these do not depend on which images fell back.
+    top = np.where(found, rng.integers(0, height - h + 1), (height - h) // 2)
+    left = np.where(found, rng.integers(0, width - w + 1), (width - w) // 2)
     return np.stack([top, left], axis=1).astype(np.int64), np.stack([h, w], axis=1).astype(np.int64)
 
 
@@ -156,16 +181,24 @@ class BackMixSampler:
     """Draws ``BatchParams``; state is (seed, sizes, ratios) and nothing else."""
 
     def __init__(self, *, canvas: int, crop: int, grid: int = 8, box_fraction: float = 0.25,
-                 top_k_ratio: float = 0.25, seed: int = 0, augment: str = "crop") -> None:
+                 top_k_ratio: float = 0.25, seed: int = 0, augment: str = "crop", crop_from: str = "canvas") -> None:
         self.canvas, self.crop, self.grid, self.seed = canvas, crop, grid, seed
         self.augment = check_augment(augment)
+        self.crop_from = check_crop_from(crop_from, augment)
         self.box_fraction = check_fraction("box fraction", box_fraction)
         self.top_k_ratio = check_fraction("top-k ratio", top_k_ratio)
         self.box_hw = box_size((canvas, canvas), self.box_fraction)
 
-    def draw(self, batch_size: int, epoch: int, step: int, rank: int = 0, *, train: bool = True) -> BatchParams:
+    def crops_images(self, train: bool = True) -> bool:
+        """Whether the draw's crops are boxes in each image's own pixels (crop_from "image", training):
+        evaluation keeps the canvas's centre crop."""
+        return self.crop_from == "image" and train
+
+    def draw(self, batch_size: int, epoch: int, step: int, rank: int = 0, *, train: bool = True,
+             sizes: Optional[np.ndarray] = None) -> BatchParams:
         """train=False (evaluation): the same draw, with the centre crop (torchvision CenterCrop's
-        corner), no flip and no resize."""
+        corner), no flip and no resize. ``sizes``: int [B, 2], each image's height and width, which
+        the RandomResizedCrop boxes of crop_from "image" are drawn in (``crops_images``)."""
         b, g, (bh, bw) = batch_size, self.grid, self.box_hw
         rng = np.random.default_rng([self.seed, epoch, rank, step, 0xBAC])
         # A random cycle through the batch: nobody is their own partner and
@@ -185,5 +218,12 @@ class BackMixSampler:
             flips = np.zeros_like(flips)
         elif self.augment == "rrc":
             # Drawn after everything else, so that "crop" keeps its stream.
-            crops, crop_sizes = resized_crop_boxes(rng, b, self.canvas)
+            if self.crops_images(train):
+                if sizes is None or np.shape(sizes) != (b, 2):
+                    raise ValueError(f"crop_from='image' draws boxes in each image: sizes must be [{b}, 2] "
+                                     f"(height, width), got {None if sizes is None else np.shape(sizes)}")
+                sizes = np.asarray(sizes, dtype=np.int64)
+                crops, crop_sizes = resized_crop_boxes(rng, b, sizes[:, 0], sizes[:, 1])
+            else:
+                crops, crop_sizes = resized_crop_boxes(rng, b, self.canvas, self.canvas)
         return BatchParams(partners, boxes, tie_break, crops, flips, crop_sizes)

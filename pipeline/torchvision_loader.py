@@ -15,6 +15,11 @@ the reference loader does, and join the batch on the device.
 On the CPU its stream equals the reference loader's bit for bit (the same
 libjpeg-turbo decode and the same resize); on a GPU nvjpeg and the GPU resize
 may differ by a few levels per pixel (``tests/test_cuda.py`` holds the bound).
+
+When the crops are cut from the whole image (``LoaderConfig.crops_images``) the
+workers hand on every file's bytes; the loading process decodes them (JPEGs on
+the device, the other formats on the CPU), keeps the whole images (``Photos``)
+and makes the canvases from them, where they are.
 """
 from __future__ import annotations
 
@@ -22,11 +27,12 @@ from typing import NamedTuple, Optional
 
 import torch
 
+from backmix.osr_data.canvas_reads import pad_photos
 from backmix.osr_data.decode import DecodeError, check_pixels, decode_rgb_bytes, is_jpeg, read_bytes, to_canvas
 
 from .batch import to_device
-from .device_decode import jpeg_canvases
-from .reference import WorkerSource
+from .device_decode import canvases_of, decode_on_device, jpeg_canvases
+from .reference import FinishingDataset, WorkerSource
 
 
 def encoded_or_canvas(path: str, size: int, mode: str) -> torch.Tensor:
@@ -37,6 +43,14 @@ def encoded_or_canvas(path: str, size: int, mode: str) -> torch.Tensor:
         check_pixels(path, data.numpy().tobytes())   # the header only: no gigapixel decode on the device
         return data
     return to_canvas(decode_rgb_bytes(data, path), size, mode)
+
+
+def encoded(path: str, size: int, mode: str) -> torch.Tensor:
+    """What a worker reads per file when the crops are cut from the whole image: its bytes (uint8 [N]),
+    whatever the format, its size checked from the header."""
+    data = read_bytes(path)
+    check_pixels(path, data.numpy().tobytes())
+    return data
 
 
 class EncodedBatch(NamedTuple):
@@ -64,14 +78,24 @@ class TorchvisionSource(WorkerSource):
     loader's device (see the module doc)."""
 
     name = "torchvision"
+    whole_images_refused = None   # crops cut from the image: it decodes the whole image anyway
     pin_memory = False   # nvjpeg reads bytes from ordinary host memory: a pin would be a copy more
     finishes_batches = False   # the loading process decodes, so it finishes the batch too
     decode = staticmethod(encoded_or_canvas)
     collate = staticmethod(pack_items)
 
+    def dataset(self):
+        cfg = self.loader.config
+        if not cfg.crops_images:
+            return super().dataset()
+        return FinishingDataset(self.loader.index, cfg.canvas, cfg.canvas_mode, encoded, None, cfg.rank)
+
     def finish(self, batch: EncodedBatch):
-        """(canvas on the device, rows, failed in batch order, as the reference's workers report them)."""
+        """(canvas on the device, rows, failed in batch order, as the reference's workers report them),
+        and the whole images when the crops are cut from them."""
         loader, cfg = self.loader, self.loader.config
+        if cfg.crops_images:
+            return self._finish_whole(batch)
         good = [k for k, it in enumerate(batch.items) if isinstance(it, tuple)]
         jpegs = [k for k in good if batch.items[k][1]]
         others = [k for k in good if not batch.items[k][1]]
@@ -90,3 +114,33 @@ class TorchvisionSource(WorkerSource):
                 canvases.append(decoded[k])
                 rows.append(item[0])
         return (torch.stack(canvases) if canvases else None), torch.tensor(rows, dtype=torch.int64), failed
+
+    def _finish_whole(self, batch: EncodedBatch):
+        """``finish`` of a batch of files' bytes (``encoded``): each decoded whole, JPEGs on the device."""
+        loader, cfg = self.loader, self.loader.config
+        good = [k for k, it in enumerate(batch.items) if isinstance(it, tuple)]
+        blobs = dict(zip(good, torch.split(batch.jpeg_bytes, batch.jpeg_sizes)))
+        paths = {k: loader.index.abspath(batch.items[k][0]) for k in good}
+        jpegs = [k for k in good if is_jpeg(blobs[k])]
+        decoded: dict = dict(zip(jpegs, decode_on_device([blobs[k] for k in jpegs], [paths[k] for k in jpegs],
+                                                         loader.device)))
+        for k in good:
+            if k not in decoded:   # another format: the CPU decoder the reference's workers use
+                try:
+                    decoded[k] = to_device(decode_rgb_bytes(blobs[k], paths[k]), loader.device)
+                except DecodeError as e:
+                    decoded[k] = e
+        images, rows, failed = [], [], []
+        for k, item in enumerate(batch.items):
+            if not isinstance(item, tuple):
+                failed.append(item)
+            elif decoded[k] is None or isinstance(decoded[k], DecodeError):
+                failed.append(decoded[k] or DecodeError(paths[k]))
+            else:
+                images.append(decoded[k])
+                rows.append(item[0])
+        if not images:
+            return None, torch.tensor(rows, dtype=torch.int64), failed, None
+        canvases = torch.stack(canvases_of(images, cfg.canvas, cfg.canvas_mode))
+        return canvases, torch.tensor(rows, dtype=torch.int64), failed, pad_photos(images)
+

@@ -112,8 +112,8 @@ def epochs(loader, n: int = 2) -> list:
 class NodeRecordingDataset(CanvasDataset):
     """The loader's dataset; it also notes which node read each row."""
 
-    def __init__(self, index, canvas, mode, folder: Path) -> None:
-        super().__init__(index, canvas, mode)
+    def __init__(self, index, canvas, mode, folder: Path, **kw) -> None:
+        super().__init__(index, canvas, mode, **kw)
         self.folder = folder
 
     def __getitem__(self, i: int):
@@ -124,8 +124,8 @@ class NodeRecordingDataset(CanvasDataset):
 class StallsOnce(CanvasDataset):
     """The loader's dataset, but the first read of row ``victim`` writes its worker's pid and stalls."""
 
-    def __init__(self, index, canvas, mode, victim: int, marker: Path) -> None:
-        super().__init__(index, canvas, mode)
+    def __init__(self, index, canvas, mode, victim: int, marker: Path, **kw) -> None:
+        super().__init__(index, canvas, mode, **kw)
         self.victim, self.marker = victim, marker
 
     def __getitem__(self, i: int):
@@ -135,11 +135,15 @@ class StallsOnce(CanvasDataset):
         return super().__getitem__(i)
 
 
-@pytest.mark.parametrize("kw", [dict(), dict(clean=False), dict(backmix=False)])
+IMAGE_CROPS = dict(augment="rrc", canvas_mode="stretch", crop_from="image")   # crops cut from the whole image
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(clean=False), dict(backmix=False), IMAGE_CROPS,
+                                dict(IMAGE_CROPS, backmix=False)])
 def test_batches_equal_the_reference_loader_on_two_nodes(cluster, tiny_root, tmp_path, monkeypatch, kw):
     index = ImageIndex.load(tiny_root)
     maps = random_maps(len(index), 0)
-    monkeypatch.setattr(ray_loader, "CanvasDataset", lambda idx, canvas, mode: NodeRecordingDataset(idx, canvas, mode, tmp_path))
+    monkeypatch.setattr(ray_loader, "CanvasDataset", lambda idx, canvas, mode, **kw: NodeRecordingDataset(idx, canvas, mode, tmp_path, **kw))
     got = epochs(make_loader("ray", index, config(**kw), maps, prefetch=3))
     assert_same_stream(got, epochs(ReferenceLoader(index, config(**kw), maps)))
     assert len(got) == 6
@@ -152,7 +156,7 @@ def test_a_worker_killed_mid_epoch_costs_a_retry_not_a_batch(cluster, tiny_root,
     maps = random_maps(len(index), 1)
     victim = int(ReferenceLoader(index, config(), maps).epoch_sampler.batches(0)[1][0])   # epoch 0, step 1
     marker = tmp_path / "victim-pid"
-    monkeypatch.setattr(ray_loader, "CanvasDataset", lambda idx, canvas, mode: StallsOnce(idx, canvas, mode, victim, marker))
+    monkeypatch.setattr(ray_loader, "CanvasDataset", lambda idx, canvas, mode, **kw: StallsOnce(idx, canvas, mode, victim, marker, **kw))
     killed = []
 
     def kill_the_stalled_worker():

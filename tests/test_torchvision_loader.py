@@ -68,8 +68,12 @@ def assert_same_stream(got, want):
 
 @pytest.mark.parametrize("kw", [dict(), dict(canvas_mode="stretch", augment="rrc", num_workers=1),
                                 dict(clean=False), dict(auto_augment="trivialaugment"),
-                                dict(train=False, shuffle=False, backmix=False)],
-                         ids=["center-crop", "stretch-rrc-worker", "mixed-only", "auto-augment", "evaluation"])
+                                dict(train=False, shuffle=False, backmix=False),
+                                dict(canvas_mode="stretch", augment="rrc", crop_from="image"),
+                                dict(canvas_mode="stretch", augment="rrc", crop_from="image", num_workers=1,
+                                     backmix=False, views=2)],
+                         ids=["center-crop", "stretch-rrc-worker", "mixed-only", "auto-augment", "evaluation",
+                              "crop-from-image", "crop-from-image-two-views-worker"])
 def test_its_stream_is_the_reference_loaders_bit_for_bit(photo_root, kw):
     index = ImageIndex.load(photo_root)
     cfg = config(**kw)
@@ -150,12 +154,14 @@ def photos_with_a_broken_jpeg(photo_root, tmp_path):
     return root, str(victim)
 
 
-def test_a_broken_jpeg_is_named_or_skipped_as_the_reference_loader_does(photos_with_a_broken_jpeg):
+@pytest.mark.parametrize("kw", [dict(), dict(canvas_mode="stretch", augment="rrc", crop_from="image")],
+                         ids=["canvas", "crop-from-image"])
+def test_a_broken_jpeg_is_named_or_skipped_as_the_reference_loader_does(photos_with_a_broken_jpeg, kw):
     root, victim = photos_with_a_broken_jpeg
     index = ImageIndex.load(root)
     with pytest.raises(DecodeError, match=f"image {victim} does not decode"):
-        stream("torchvision", index, config())
-    cfg = config(on_error="skip")
+        stream("torchvision", index, config(**kw))
+    cfg = config(on_error="skip", **kw)
     got, loader = stream("torchvision", index, cfg)
     want, reference = stream("reference", index, cfg)
     assert_same_stream(got, want)

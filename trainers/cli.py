@@ -110,7 +110,7 @@ def register(top) -> None:
                         "after the epoch" + _d("regen"))
     p.add_argument("--momentum", type=float, default=S,
                    help="CAM momentum of a cache rebuild (share of the new map)" + _d("momentum"))
-    add_options(p, GEOMETRY, only_given=TRAIN)
+    add_options(p, (*GEOMETRY, "crop_from"), only_given=TRAIN)
     p.add_argument("--cache", default=S, help="foreground cache folder to use or share (default: RUN/cache)")
     p.add_argument("--cache-layout", choices=CACHE_LAYOUTS, default=S,
                    help="under torchrun: shared = every node sees the one --cache folder; node-local = each node "

@@ -17,7 +17,7 @@ from backmix.osr_data.protocols import PROTOCOLS, SSB_PROTOCOLS
 from backmix.pipeline.config import ON_ERROR
 from backmix.pipeline.beton_location import MODES as BETON_MODES
 from backmix.pipeline.loaders import BACKENDS, backend_options
-from backmix.pipeline.sampling import AUGMENTS
+from backmix.pipeline.sampling import AUGMENTS, check_crop_from
 from backmix.pipeline.augment import AUTO_AUGMENT_POLICIES
 
 from .methods import forward_passes
@@ -99,6 +99,7 @@ class TrainConfig:
     crop: int = 32
     canvas_mode: str = "center"       # center: shorter side resized + centre crop (the authors'); stretch
     augment: str = "crop"             # after the mix: crop (random crop + flip) or rrc (RandomResizedCrop + flip)
+    crop_from: str = "canvas"         # rrc's training crops: from the canvas (the authors'), or the whole image
     grid: int = 8
     box_fraction: float = 0.25
     top_k_ratio: float = 0.25
@@ -143,6 +144,7 @@ class TrainConfig:
                 check_number(name, getattr(self, name))
         self.grad_accum_steps = int(self.grad_accum_steps)   # a config file's 2.0 counts batches as 2 does
         check_canvas(self.canvas, self.crop, self.grid)
+        check_crop_from(self.crop_from, self.augment, self.canvas_mode)
         if self.protocol is not None and self.protocol not in PROTOCOLS:
             raise BackMixError(f"unknown --protocol {self.protocol!r} (choose from {', '.join(PROTOCOLS)})")
         if self.protocol and self.splits_file:

@@ -44,7 +44,8 @@ def loader_config(cfg: TrainConfig, device: torch.device, *, train: bool, rank: 
     return LoaderConfig(
         batch_size=cfg.batch_size if train else max(cfg.batch_size, 256),
         canvas=cfg.canvas, crop=cfg.crop, grid=cfg.grid, backmix=cfg.backmix and train,
-        canvas_mode=cfg.canvas_mode, augment=cfg.augment, auto_augment=cfg.auto_augment if train else "none",
+        canvas_mode=cfg.canvas_mode, augment=cfg.augment, crop_from=cfg.crop_from,
+        auto_augment=cfg.auto_augment if train else "none",
         # no clean crops if no loss reads them; a mix probability picks between both
         clean=not (cfg.backmix and train and cfg.w_raw == 0 and cfg.mix_prob is None),
         mix_prob=cfg.mix_prob if cfg.backmix and train else None, views=cfg.views if train else 1,
