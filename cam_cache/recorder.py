@@ -25,6 +25,7 @@ from typing import Optional
 import numpy as np
 from torch import nn
 
+from backmix.models import unwrap
 from backmix.osr_data.errors import BackMixError
 
 from .generation_file import MappedMaps, write_maps
@@ -50,7 +51,7 @@ loader's ``on_error`` is the pass's: under "skip" a row it skipped keeps its map
         if enabled and not isinstance(maps, ForegroundCache):
             raise BackMixError("an in-loop rebuild needs a loader made with a cache folder: "
                                "backmix.loader(..., cache=DIR)")
-        self.loader, self.model, self.enabled = loader, getattr(model, "module", model), enabled
+        self.loader, self.model, self.enabled = loader, unwrap(model), enabled
         self.momentum, self.batch_size, self.progress = momentum, batch_size, progress
         self.checkpoint_digest = checkpoint_digest
         self.writer: Optional[GenerationWriter] = None

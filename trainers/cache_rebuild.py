@@ -14,11 +14,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from backmix.models import unwrap
 from backmix.osr_data.open_set import OpenSetData
 from backmix.osr_data.normalize import IMAGENET_MEAN, IMAGENET_STD
 
 from .config import TrainConfig
-from .distributed import unwrap
 from .resume import RunProgress
 from .run_files import read_jsonl
 from .run_log import show_progress

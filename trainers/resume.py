@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from backmix.cam_cache.ranks import exchange
+from backmix.models import unwrap
 from backmix.osr_data.errors import BackMixError
 
 from .config import TrainConfig, option
@@ -100,12 +101,12 @@ def training_state(training: Training) -> dict:
 
 def own_buffers(model: nn.Module) -> dict:
     """This rank's buffers (BatchNorm's running statistics), as a checkpoint stores them."""
-    return {name: b.detach().cpu().clone() for name, b in getattr(model, "module", model).named_buffers()}
+    return {name: b.detach().cpu().clone() for name, b in unwrap(model).named_buffers()}
 
 
 def restore_own_buffers(model: nn.Module, buffers: Optional[dict], path: Path) -> None:
     """Give this rank back its own buffers (``own_buffers``) saved in ``path``."""
-    own = dict(getattr(model, "module", model).named_buffers())
+    own = dict(unwrap(model).named_buffers())
     if not isinstance(buffers, dict) or buffers.keys() != own.keys() or \
             any(not isinstance(v, torch.Tensor) or v.shape != own[k].shape for k, v in buffers.items()):
         raise BackMixError(f"{path}: a rank's saved BatchNorm statistics do not fit the model")
