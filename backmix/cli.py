@@ -9,6 +9,7 @@ import logging
 import os
 import signal
 import sys
+import threading
 from typing import Iterator, Optional
 
 from backmix.osr_data.errors import NO_SPACE_ERRNOS, BackMixError, Terminated, no_space
@@ -134,6 +135,22 @@ def main(argv: list[str] | None = None) -> int:
         gc.unfreeze()   # a process that calls main again (tests, a notebook) may collect them after all
 
 
+def quiet_stopped_sharer(hook):
+    """``threading.excepthook`` once the command is stopping: a thread of multiprocessing's resource
+    sharer (which hands a worker's tensors over by file descriptor) fails its handshake with a worker
+    that was just stopped, and only that is left unprinted: the command's one line says what happened."""
+    sharer = os.path.join("multiprocessing", "resource_sharer.py")
+
+    def excepthook(args):
+        tb = args.exc_traceback
+        while tb is not None:
+            if tb.tb_frame.f_code.co_filename.endswith(sharer):
+                return
+            tb = tb.tb_next
+        hook(args)
+    return excepthook
+
+
 @contextlib.contextmanager
 def sigterm_as_interrupt() -> Iterator[None]:
     """Inside the block SIGTERM (a service manager, a job scheduler, ``kill``) stops the command as
@@ -152,6 +169,7 @@ def sigterm_as_interrupt() -> Iterator[None]:
         if os.getpid() != owner:
             os.kill(os.getpid(), signum)
             return
+        threading.excepthook = quiet_stopped_sharer(threading.excepthook)
         raise Terminated
 
     try:

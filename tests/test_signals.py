@@ -151,3 +151,29 @@ def test_sigterm_during_data_prepare_removes_its_temporary_folder(tmp_path):
     proc.send_signal(signal.SIGTERM)
     assert_interrupted(proc, children)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_stopping_command_leaves_the_resource_sharers_failed_handshake_unprinted():
+    """Stopping workers mid-handshake fails a thread of multiprocessing's resource sharer; that thread's
+    traceback is not printed once the command stops, any other thread's still is."""
+    import os
+    import threading
+    from backmix.cli import quiet_stopped_sharer
+
+    printed = []
+    hook = quiet_stopped_sharer(printed.append)
+
+    def failure_in(filename):
+        code = compile("def serve():\n    raise EOFError('the worker went away')\n", filename, "exec")
+        space = {}
+        exec(code, space)
+        try:
+            space["serve"]()
+        except EOFError as e:
+            return threading.ExceptHookArgs((EOFError, e, e.__traceback__, None))
+
+    hook(failure_in(os.path.join("lib", "multiprocessing", "resource_sharer.py")))
+    assert printed == []
+    other = failure_in(os.path.join("lib", "something_else.py"))
+    hook(other)
+    assert printed == [other]
