@@ -91,7 +91,8 @@ def time_loader(loader, warmup: int, batches: int, sync: Callable[[], None]) -> 
 def run_benchmark(data: Optional[Path], backends: list[str], *, batches: int, warmup: int, batch_size: int,
                   canvas: int, crop: int, workers: int, device: str, n_images: int, repeat: int = 1,
                   ray_address: Optional[str] = None, prefetch: Optional[int] = None,
-                  canvas_mode: str = "center", augment: str = "crop", on_error: str = "raise") -> dict:
+                  canvas_mode: str = "center", augment: str = "crop", on_error: str = "raise",
+                  crop_from: str = "canvas") -> dict:
     from backmix.cam_cache.maps import UniformMaps
 
     from backmix.pipeline.config import LoaderConfig, choose_device
@@ -136,7 +137,7 @@ def run_benchmark(data: Optional[Path], backends: list[str], *, batches: int, wa
         backmix, clean = MODES[mode]
         config = LoaderConfig(batch_size=batch_size, canvas=canvas, crop=crop, **shape, backmix=backmix,
                               clean=clean, num_workers=workers, device=device, last_batch="drop",
-                              on_error=on_error)
+                              on_error=on_error, crop_from=crop_from)
         try:
             loader = make_loader(backend, index, config, UniformMaps(len(index), config.grid),
                                  **(ray_options if backend == "ray" else {}))
@@ -192,7 +193,7 @@ def run_benchmark(data: Optional[Path], backends: list[str], *, batches: int, wa
                 ratios[name], ranges[name] = statistics.median(values), [min(values), max(values)]
     return {"machine": machine(), "data": str(data), "images": len(index),
             "config": {"batch_size": batch_size, "canvas": canvas, "crop": crop, "workers": workers, **shape,
-                       "batches": batches, "warmup": warmup, "device": str(dev)},
+                       "batches": batches, "warmup": warmup, "device": str(dev), "crop_from": crop_from},
             "results": results, "decode_ceiling": decode_ceiling(index, workers, on_error=on_error), "ratios": ratios,
             "ratio_range": ranges, "rounds": repeat}
 
@@ -304,7 +305,7 @@ def register_bench(sub) -> None:
     p.add_argument("--warmup", type=int, default=3, help=WARMUP_HELP)
     p.add_argument("--repeat", type=int, default=1,
                    help="rounds over every loader, interleaved; images/s and ratios are medians over rounds")
-    add_options(p, ("batch_size", *GEOMETRY, "workers", "device", "ray_address", "prefetch", "on_error"),
+    add_options(p, ("batch_size", *GEOMETRY, "crop_from", "workers", "device", "ray_address", "prefetch", "on_error"),
                 defaults={"canvas": 224, "crop": 192})   # the bench folder holds ImageNet-sized photos
     p.add_argument("--json", type=Path, default=None, help="write the report here")
     p.add_argument("--plot", type=Path, default=None, help="write a bar chart here, in the format its extension names (PNG without one)")
@@ -322,7 +323,7 @@ def run_bench(args) -> int:
                            device=args.device, n_images=args.images, repeat=args.repeat,
                            ray_address=args.ray_address, prefetch=args.prefetch,
                            canvas_mode=args.canvas_mode, augment=args.augment,
-                           on_error=args.on_error)
+                           on_error=args.on_error, crop_from=args.crop_from)
     report["command"] = "backmix " + " ".join(sys.argv[1:]) if sys.argv[0].endswith("backmix") else \
         "backmix bench loader " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()
                                            if k in ("backend", "batches", "warmup", "batch_size", "canvas",

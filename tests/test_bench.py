@@ -372,3 +372,17 @@ def test_the_timed_window_is_whole_epochs_after_a_warm_up_that_ends_its_epoch():
     loader = FiveBatches()
     assert len(time_loader(loader, warmup=0, batches=1, sync=lambda: None)) == 5 and loader.epochs == [0, 1]
     assert spread([90.0, 100.0, 120.0]) == pytest.approx(0.2) and spread([None]) is None
+
+
+def test_bench_loader_times_crops_from_the_whole_image_and_names_a_backend_that_refuses(bench_folder, tmp_path):
+    out = tmp_path / "bench.json"
+    r = backmix("bench", "loader", "--data", str(bench_folder), "--backend", "reference,dali", "--batches", "1",
+                "--warmup", "0", "--batch-size", "8", "--canvas", "64", "--crop", "56", "--workers", "1",
+                "--augment", "rrc", "--canvas-mode", "stretch", "--crop-from", "image", "--json", str(out))
+    assert r.returncode == 0, r.stderr
+    report = json.loads(out.read_text())
+    assert report["config"]["crop_from"] == "image"
+    rows = {(x["backend"], x["mode"]): x for x in report["results"]}
+    assert all(rows[("reference", m)]["images_per_s"] > 0 for m in ("off", "on", "on+clean"))
+    assert all(rows[("dali", m)]["images_per_s"] is None and "crop" in rows[("dali", m)]["error"]
+               for m in ("off", "on", "on+clean"))
