@@ -8,20 +8,19 @@ Layout of a cache folder::
 
 Each generation file holds one record batch with columns ``index`` (int64,
 the dataset row), ``label`` (int64) and ``map`` (fixed-size list of g*g
-float16; format 1 stored ``label`` as int32 and is still read). Float16
+float16). Float16
 keeps ImageNet's 1.28 M maps of 8 x 8 under 200 MB; the momentum arithmetic
 is done in float32 and rounded once per generation. The schema metadata
 names the format, generation, base generation, grid, canvas mode (the canvases
-the CAMs were taken on; a file that names none is of "stretch" canvases, the only
-mode before there were two), momentum, the digest of
+the CAMs were taken on), momentum, the digest of
 the checkpoint that made it and the fingerprint of the dataset index; a
 shard also names the digest of the build's rows and classes, so a restart
 reuses only shards of the very same build.
 
 Every file is written to a temporary name, fsync'd and renamed, and CURRENT
 moves only after the generation file is in place, so a crash at any moment
-leaves the previous generation current and readable. Format 3 adds a CRC-32
-of the three columns' bytes to the metadata, checked when a process first opens
+leaves the previous generation current and readable. The metadata holds a CRC-32
+of the three columns' bytes, checked when a process first opens
 the file, and every written map must be finite and in [0, 1]: a file damaged
 in place is refused instead of carried into the next generation. A folder
 whose CURRENT was deleted is recovered from its newest intact generation by

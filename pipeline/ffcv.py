@@ -336,9 +336,11 @@ def _canvas_decoder(reader, beton: Path, cfg):
 
     names = list(reader.handlers)
     image_meta = reader.metadata[f"f{names.index('image')}"]
-    # A beton older than the canvas modes holds stretched canvases.
-    stored_modes = (reader.metadata[f"f{names.index('canvas_mode')}"] if "canvas_mode" in names
-                    else np.full(reader.num_samples, CANVAS_MODES.index("stretch")))
+    if "canvas_mode" not in names:
+        raise BackMixError(f"{beton} was written by an earlier backmix (no canvas mode field): "
+                           f"`backmix data write-beton --canvas {cfg.canvas} --canvas-mode {cfg.canvas_mode}` "
+                           "rewrites it")
+    stored_modes = reader.metadata[f"f{names.index('canvas_mode')}"]
     at_canvas = bool(((image_meta["height"] == cfg.canvas) & (image_meta["width"] == cfg.canvas)).all())
     stored = {CANVAS_MODES[int(m)] for m in np.unique(stored_modes) if m != NOT_A_CANVAS}
     if at_canvas and stored - {cfg.canvas_mode}:

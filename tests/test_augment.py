@@ -233,7 +233,14 @@ def test_a_cache_records_its_canvas_mode_and_refuses_the_other(tiny_root, tmp_pa
     assert make_loader("reference", index, config(canvas_mode="stretch"), cache) is not None
 
 
-def test_a_cache_file_without_a_canvas_mode_is_of_stretched_canvases(tmp_path):
+def test_a_cache_file_without_a_canvas_mode_is_refused_in_one_line(tmp_path):
     path = generation_path(tmp_path, 0)
     write_maps(path, np.arange(3), np.zeros(3, np.int64), np.full((3, 8, 8), 0.5, np.float16), {"generation": 0})
+    with pytest.raises(BackMixError, match=r"cache file .* was written by an earlier backmix \(backmix-foreground-"
+                                           r"cache/3, no canvas mode\): delete its cache folder; `backmix cache "
+                                           r"init` rewrites it$") as e:
+        MappedMaps(path)
+    assert "\n" not in str(e.value)
+    write_maps(path, np.arange(3), np.zeros(3, np.int64), np.full((3, 8, 8), 0.5, np.float16),
+               {"generation": 0, "canvas_mode": "stretch"})
     assert MappedMaps(path).canvas_mode == "stretch"

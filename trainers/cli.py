@@ -179,7 +179,7 @@ def register(top) -> None:
     e.add_argument("--split", default=None,
                    help="known classes (split number or names); default: those the checkpoint was trained on")
     add_options(e, ("canvas_mode",), defaults={"canvas_mode": None},
-                said={"canvas_mode": "the checkpoint's; stretch for a checkpoint older than the modes"})
+                said={"canvas_mode": "the checkpoint's"})
     e.add_argument("--open-test", action="append", default=[], metavar="DIR",
                    help="an image folder whose images are all unknown: the metrics against it too, under its "
                         "folder's name; repeatable")

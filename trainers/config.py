@@ -215,9 +215,11 @@ class TrainConfig:
         unknown = set(d) - names
         if unknown:
             raise BackMixError(f"config has unknown keys: {', '.join(sorted(unknown))}")
-        # A config written before there were canvas modes was trained on stretched canvases, and one
-        # written before the validation split trained on every known training image.
-        return cls(**{"canvas_mode": "stretch", "val_fraction": 0.0, **d})
+        missing = [k for k in ("canvas_mode", "val_fraction") if k not in d]
+        if missing:
+            raise BackMixError(f"config was written by an earlier backmix (it has no {missing[0]}): "
+                               "`backmix train` writes a run of this one")
+        return cls(**d)
 
     @classmethod
     def load(cls, path: Path) -> "TrainConfig":
@@ -225,6 +227,8 @@ class TrainConfig:
             return cls.from_dict(json.loads(Path(path).read_text()))
         except (OSError, json.JSONDecodeError) as e:
             raise BackMixError(f"cannot read run config {path}: {e}") from None
+        except BackMixError as e:
+            raise BackMixError(f"run config {path}: {e}") from None
 
 
 def field_defaults() -> dict:
