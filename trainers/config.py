@@ -15,7 +15,7 @@ from backmix.osr_data.errors import BackMixError
 from backmix.device import check_device_name
 from backmix.osr_data.protocols import PROTOCOLS, SSB_PROTOCOLS
 from backmix.pipeline.config import ON_ERROR
-from backmix.pipeline.beton_location import MODES as BETON_MODES
+from backmix.pipeline.beton_location import STORAGES as BETON_STORAGES
 from backmix.pipeline.loaders import BACKENDS, backend_options
 from backmix.pipeline.sampling import AUGMENTS, check_crop_from
 from backmix.pipeline.augment import AUTO_AUGMENT_POLICIES
@@ -29,7 +29,7 @@ AUTO_AUGMENTS = ("none",) + AUTO_AUGMENT_POLICIES
 LOG_SINKS = ("csv", "tensorboard")
 CHOICES = {"auto_augment": AUTO_AUGMENTS, "opt": OPTIMIZERS, "backend": BACKENDS, "amp": AMP,
            "on_error": ON_ERROR, "regen": REGEN, "canvas_mode": CANVAS_MODES, "augment": AUGMENTS,
-           "beton_mode": BETON_MODES, "cache_layout": CACHE_LAYOUTS}
+           "beton_mode": BETON_STORAGES, "cache_layout": CACHE_LAYOUTS}
 
 
 # Every numeric field and the values it accepts (besides being a finite number).
