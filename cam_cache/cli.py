@@ -92,7 +92,8 @@ def run_build(args) -> int:
     from backmix.osr_data.index import ImageIndex
     from backmix.osr_data.normalize import IMAGENET_MEAN, IMAGENET_STD
 
-    from backmix.models import file_digest, load_model
+    from backmix.models import load_model
+    from backmix.osr_data.file_digest import file_digest
     from .precompute import build_generation
     from .store import ForegroundCache, init_cache
 

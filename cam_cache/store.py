@@ -40,6 +40,7 @@ import numpy as np
 
 from backmix._fs import atomic_write_bytes, fsync_dir
 from backmix.osr_data.errors import BackMixError
+from backmix.osr_data.filelock import refusing_lock
 from backmix.osr_data.index import ImageIndex
 
 from .generation_file import MappedMaps, write_maps
@@ -239,10 +240,7 @@ def _open_or_start(cache_dir: str | os.PathLike, index: ImageIndex, grid: int, k
         recover_pointer(cache_dir, keep)
     if (cache_dir / POINTER).exists():
         return ForegroundCache(cache_dir, index=index, grid=grid, canvas_mode=canvas_mode)
-    try:
-        cache_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise BackMixError(f"cannot create cache folder {cache_dir}: {e.strerror}") from None
+    make_cache_folder(cache_dir)
     if write_generation_0:
         n = len(index)
         write_maps(generation_path(cache_dir, 0), np.arange(n), index.labels,
@@ -277,6 +275,13 @@ def recover_pointer(cache_dir: Path, keep: int) -> int:
                        "delete the folder and start again")
 
 
+def make_cache_folder(cache_dir: Path) -> None:
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise BackMixError(f"cannot create cache folder {cache_dir}: {e.strerror}") from None
+
+
 @contextlib.contextmanager
 def publish_lock(cache_dir: Path):
     """One publisher at a time; flock is released by the kernel if the process dies."""
@@ -291,12 +296,8 @@ def build_lock(cache_dir: Path, shard: tuple[int, int]):
     line instead of racing the first to the publish and losing its files."""
     k, n = shard
     path = Path(cache_dir) / f".build-{k}-of-{n}.lock"
-    with open(path, "w") as lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise BackMixError(f"another build of shard {k}/{n} of {cache_dir} is running (it holds {path}); "
-                               "wait for it to finish, then run again if you need one more generation") from None
+    with refusing_lock(path, f"another build of shard {k}/{n} of {cache_dir} is running (it holds {path}); "
+                             "wait for it to finish, then run again if you need one more generation"):
         yield
 
 

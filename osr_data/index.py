@@ -39,7 +39,8 @@ from backmix._fs import atomic_write_bytes
 
 from .errors import BackMixError
 from .index_paths import IndexPaths
-from .index_sidecar import csv_sha256, read_sidecar, write_sidecar
+from .file_digest import file_digest
+from .index_sidecar import read_sidecar, write_sidecar
 from .untrusted_paths import check_rows_inside, stat_entry, utf8_names
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
@@ -144,7 +145,7 @@ class ImageIndex:
         if not index_file.is_file():
             raise BackMixError(f"{index_file} is not a file (a folder of that name?): move it out of {root}; "
                                f"the index is written there")
-        index = read_sidecar(root, csv_sha256(index_file), cls)
+        index = read_sidecar(root, file_digest(index_file), cls)
         if index is None:
             text = index_file.read_bytes()       # parsed and hashed once: the copy is of exactly these
             index = cls._read(root, index_file, text)

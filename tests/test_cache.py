@@ -263,7 +263,8 @@ def test_two_shards_equal_one_process(tmp_path, index, model):
 def test_two_concurrent_processes_equal_one(tmp_path, tiny_root):
     """Two `backmix cache build --shard k/2` processes at once: both race to publish, one generation results,
     equal row for row to a 1-process build."""
-    from backmix.models import file_digest, load_model
+    from backmix.models import load_model
+    from backmix.osr_data.file_digest import file_digest
     from backmix.osr_data.normalize import IMAGENET_MEAN, IMAGENET_STD
     torch.manual_seed(1)
     ckpt = save_checkpoint(tmp_path / "m.pt", build_model("cnn32", 3, width=0.25), arch="cnn32", num_classes=3,

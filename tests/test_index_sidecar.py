@@ -9,7 +9,8 @@ import pytest
 from backmix.osr_data.errors import BackMixError
 from backmix.osr_data.index import INDEX_NAME, ImageIndex
 from backmix.osr_data.index_paths import IndexPaths
-from backmix.osr_data.index_sidecar import SIDECAR_NAME, csv_sha256, write_sidecar
+from backmix.osr_data.file_digest import file_digest
+from backmix.osr_data.index_sidecar import SIDECAR_NAME, write_sidecar
 from backmix.osr_data.untrusted_paths import first_row_outside
 
 
@@ -115,7 +116,7 @@ def _forged(root, *, paths=None, labels=None, classes=None, fingerprint=None):
                         good.labels if labels is None else np.asarray(labels, np.int64),
                         classes or good.classes, good.sizes, good.mtimes)
     forged._fingerprint = fingerprint
-    write_sidecar(forged, csv_sha256(root / INDEX_NAME))
+    write_sidecar(forged, file_digest(root / INDEX_NAME))
 
 
 DAMAGE = {
