@@ -20,6 +20,17 @@ from backmix.osr_data.errors import NO_SPACE_ERRNOS, BackMixError, no_space
 
 
 @contextlib.contextmanager
+def full_disk_names(path: Path) -> Iterator[None]:
+    """A full disk (or quota) met in the block is one line naming ``path``, the output it was for."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno in NO_SPACE_ERRNOS:
+            raise no_space(e, writing=path) from None
+        raise
+
+
+@contextlib.contextmanager
 def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
     """Yields a temporary name beside ``path`` for the block to write; then fsyncs it and renames it
     onto ``path``, so readers never see half a file. If the block raises, the temporary file goes; a
@@ -28,14 +39,11 @@ def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
     remove_abandoned_temps(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        yield tmp
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as e:
-        if e.errno in NO_SPACE_ERRNOS:
-            raise no_space(e, writing=path) from None
-        raise
+        with full_disk_names(path):
+            yield tmp
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -53,14 +61,11 @@ def atomic_folder(out: Path) -> Iterator[Path]:
     (killed with -9) is removed here. It is made with ``os.mkdir``, so the umask sets its mode."""
     tmp = _make_temp_folder(out)
     try:
-        yield tmp
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except OSError as e:
-        if e.errno in NO_SPACE_ERRNOS:
-            raise no_space(e, writing=out) from None
-        raise
+        with full_disk_names(out):
+            yield tmp
+            if out.exists():
+                shutil.rmtree(out)
+            os.replace(tmp, out)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

@@ -79,7 +79,7 @@ def publish_and_gather(rows: int, grid: int, folder: Path, gathers: int = 2000) 
     folder.mkdir(parents=True, exist_ok=True)
     maps = np.full((rows, grid, grid), 0.5, dtype=np.float16)
     labels = rng.integers(0, 1000, rows)
-    meta = {"generation": 0, "momentum": 0.0, "checkpoint": "", "dataset": "synthetic"}
+    meta = {"generation": 0, "momentum": 0.0, "checkpoint": "", "dataset": "synthetic", "canvas_mode": "center"}
     write_maps(generation_path(folder, 0), np.arange(rows), labels, maps, meta)
     write_pointer(folder, 0, keep=2)
     pending_dir(folder, 1).mkdir()

@@ -51,14 +51,16 @@ BUDGETS = {"quick": dict(epochs=10, width=0.5, lr=0.05),
            "converged": dict(epochs=30, width=0.5, lr=0.05)}
 EXPERIMENT_DEFAULTS = dict(arch="cnn32", batch_size=64, regen_every=2, eval_every=0, workers=0, val_fraction=0.1,
                            protocol=None)
-# A folder's finished runs are reused only under the same budget: these fields must match (runs of
-# before the validation split have no val_fraction, so they are never mixed with runs selected on it).
+# A folder's finished runs are reused only under the same budget: these fields must match.
 BUDGET_FIELDS = ("epochs", "width", "lr", "arch", "batch_size", "val_fraction", "protocol", "splits_file")
 # The loader's geometry is part of what a run learnt from (the crops it saw, the boxes it pasted): runs
 # of another augment or canvas are another experiment, however equal their budget.
 GEOMETRY_FIELDS = ("augment", "canvas_mode", "canvas", "crop", "grid", "box_fraction", "top_k_ratio")
 # What a line of results.jsonl holds: a line without these is not a run this command wrote.
 RESULT_KEYS = {"dataset": str, "split": int, "method": str, "config": dict, "metrics": dict}
+# What an earlier backmix's lines lack: the run's seed, and its config's validation share, views and
+# mix probability (the budget check and the report read them).
+LATER_RESULT_KEYS, LATER_CONFIG_KEYS = ("seed",), ("val_fraction", "views", "mix_prob")
 
 
 def check_budget(results: list[dict], cfg: dict, results_path: Path) -> None:
@@ -82,6 +84,11 @@ def read_results(path: Path) -> list[dict]:
         if wrong is not None:
             raise BackMixError(f"{path}: result {number} is not a run of `backmix experiment` (its {wrong!r} is "
                                "missing or of another type); remove that line or choose another --out")
+        lacks = [k for k in LATER_RESULT_KEYS if k not in r] + [f"config.{k}" for k in LATER_CONFIG_KEYS
+                                                               if k not in r["config"]]
+        if lacks:
+            raise BackMixError(f"{path}: result {number} was written by an earlier backmix (it has no {lacks[0]}): "
+                               "`backmix experiment` with another --out rewrites it")
     return results
 
 

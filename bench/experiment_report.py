@@ -17,7 +17,7 @@ COLUMNS = (("accuracy", "accuracy"), ("auroc_msp", "AUROC (MSP)"), ("auroc_mls",
 
 
 def run_seed(record: dict) -> int:
-    return record.get("seed", record["config"]["seed"])   # lines written before --seeds carry it in config
+    return record["seed"]
 
 
 def method_order(method: str) -> int:
@@ -29,9 +29,9 @@ def mean_std(values: np.ndarray) -> tuple[float, float]:
 
 
 def passes(record: dict) -> int:
-    """Forward/backward passes per training image of a run (lines written before the field lack views)."""
+    """Forward/backward passes per training image of a run."""
     c = record["config"]
-    return forward_passes(c["backmix"], c["w_raw"], c.get("views", 1), c.get("mix_prob"))
+    return forward_passes(c["backmix"], c["w_raw"], c["views"], c["mix_prob"])
 
 
 def matched_baseline(runs_passes: int) -> str:

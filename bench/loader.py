@@ -29,7 +29,7 @@ import torch
 
 from backmix.options import GEOMETRY, DefaultsFormatter, add_option, add_options
 from backmix.osr_data.errors import BackMixError
-from backmix.pipeline.beton_location import DEFAULT_MODE, DEFAULT_QUALITY
+from backmix.pipeline.beton_location import DEFAULT_QUALITY, DEFAULT_STORAGE
 from backmix.pipeline.loaders import BACKENDS, backend_options
 
 from .figure_file import MODE_COLOURS, pyplot, save_figure
@@ -198,8 +198,8 @@ def run_benchmark(data: Optional[Path], backends: list[str], *, batches: int, wa
             "ratio_range": ranges, "rounds": repeat}
 
 
-def ensure_beton(index, canvas: int, mode: str = DEFAULT_MODE, jpeg_quality: int = DEFAULT_QUALITY) -> Optional[Path]:
-    """The FFCV loader's default beton of ``index`` at ``canvas`` (center canvases, ``mode`` storage): FFCV's
+def ensure_beton(index, canvas: int, storage: str = DEFAULT_STORAGE, jpeg_quality: int = DEFAULT_QUALITY) -> Optional[Path]:
+    """The FFCV loader's default beton of ``index`` at ``canvas`` (center canvases, ``storage`` pixels): FFCV's
     loader reads a beton it never writes, so a benchmark writes it once, explicitly, saying so. None when
     FFCV is not installed (its rows say how to install it)."""
     from backmix.pipeline.beton import require_ffcv, write_beton
@@ -208,13 +208,13 @@ def ensure_beton(index, canvas: int, mode: str = DEFAULT_MODE, jpeg_quality: int
         require_ffcv()
     except BackMixError:
         return None
-    storage = {"mode": mode, "jpeg_quality": jpeg_quality}
-    found = [path for path in beton_locations(index, canvas, **storage) if path.exists()]
+    beton = {"storage": storage, "jpeg_quality": jpeg_quality}
+    found = [path for path in beton_locations(index, canvas, **beton) if path.exists()]
     if found:
         return found[0]
-    out = default_destination(index, canvas, **storage)
-    log.info("writing the FFCV beton once (`%s`): %s", write_command(index.root, canvas, "center", mode, jpeg_quality), out)
-    write_beton(index, out, canvas=canvas, **storage)
+    out = default_destination(index, canvas, **beton)
+    log.info("writing the FFCV beton once (`%s`): %s", write_command(index.root, canvas, "center", storage, jpeg_quality), out)
+    write_beton(index, out, canvas=canvas, **beton)
     return out
 
 

@@ -76,7 +76,7 @@ def stock_beton_path(index: ImageIndex, jpeg_quality: int) -> Path:
     the user's cache; named apart from backmix's, whose fields differ."""
     from backmix.pipeline.beton_location import beton_locations, default_destination
 
-    storage = {"mode": "jpg", "max_resolution": STOCK_MAX_RESOLUTION, "jpeg_quality": jpeg_quality}
+    storage = {"storage": "jpg", "max_resolution": STOCK_MAX_RESOLUTION, "jpeg_quality": jpeg_quality}
     places = [p.with_name("stock-" + p.name) for p in beton_locations(index, None, **storage)]
     found = [p for p in places if p.exists()]
     if found:

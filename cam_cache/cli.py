@@ -43,8 +43,7 @@ def register(sub) -> None:
     # the CAMs are taken on these canvases; a cache of the other canvas mode is refused
     add_options(b, ("canvas", "canvas_mode"), defaults={"canvas": None, "canvas_mode": None},
                 said={"canvas": f"the checkpoint's config, else {CANVAS_WITHOUT_CONFIG}",
-                      "canvas_mode": "the checkpoint's config; stretch for a config that names none, which "
-                                     "predates the modes; center without a config"})
+                      "canvas_mode": "the checkpoint's config; center without a config"})
     b.add_argument("--momentum", type=float, default=0.1, help="share of the new CAM")
     b.add_argument("--known", default=None, metavar="SPLIT",
                    help="the model's classes: a split number (0..4) or a comma list of class names; rows of "
@@ -93,7 +92,8 @@ def run_build(args) -> int:
     from backmix.osr_data.index import ImageIndex
     from backmix.osr_data.normalize import IMAGENET_MEAN, IMAGENET_STD
 
-    from backmix.models import file_digest, load_model
+    from backmix.models import load_model
+    from backmix.osr_data.file_digest import file_digest
     from .precompute import build_generation
     from .store import ForegroundCache, init_cache
 
@@ -113,8 +113,10 @@ def run_build(args) -> int:
     elif ckpt["num_classes"] != index.num_classes:
         raise BackMixError(f"checkpoint {args.checkpoint} has {ckpt['num_classes']} classes and names none; "
                            f"{args.data} has {index.num_classes}: say which with --known")
-    canvas_mode = args.canvas_mode or saved_value(config, "canvas_mode", "stretch" if config else "center",
-                                                  args.checkpoint)
+    if config and "canvas_mode" not in config and not args.canvas_mode:
+        raise BackMixError(f"checkpoint {args.checkpoint} was written by an earlier backmix (its config has no "
+                           "canvas_mode): give --canvas-mode, or `backmix train` writes a checkpoint of this one")
+    canvas_mode = args.canvas_mode or saved_value(config, "canvas_mode", "center", args.checkpoint)
     canvas = args.canvas or saved_value(config, "canvas", CANVAS_WITHOUT_CONFIG, args.checkpoint)
     if args.grid is None and (args.cache / "CURRENT").is_file():
         ForegroundCache(args.cache, index=index)           # an existing cache keeps its grid

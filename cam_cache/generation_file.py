@@ -2,8 +2,8 @@
 
 The file holds one record batch with columns ``index`` (int64, the dataset row), ``label`` (int64)
 and ``map`` (fixed-size list of g*g float16); the schema metadata names the format, the grid and
-what ``store`` records about the generation, and (format 3) a CRC-32 of the three columns' bytes,
-checked when a process first opens the file. Every written map must be finite and in [0, 1].
+what ``store`` records about the generation (its canvas mode among it), and a CRC-32 of the three
+columns' bytes, checked when a process first opens the file. Every written map must be finite and in [0, 1].
 """
 from __future__ import annotations
 
@@ -16,10 +16,8 @@ import pyarrow as pa
 from backmix._fs import atomic_file, fsync_dir
 from backmix.osr_data.errors import BackMixError
 
-FORMAT = "backmix-foreground-cache/3"
-READABLE_FORMATS = ("backmix-foreground-cache/1", "backmix-foreground-cache/2", FORMAT)
-# The canvas mode of a file whose metadata names none: it predates "center".
-LEGACY_CANVAS_MODE = "stretch"
+FORMAT_NAME = "backmix-foreground-cache/"
+FORMAT = FORMAT_NAME + "3"
 
 
 def columns_crc(rows: np.ndarray, labels: np.ndarray, maps: np.ndarray) -> str:
@@ -81,7 +79,12 @@ class MappedMaps:
             raise BackMixError(f"cache file {self.path} is truncated or not an Arrow cache file "
                                f"({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
         meta = {k.decode(): v.decode() for k, v in (batch.schema.metadata or {}).items()}
-        if meta.get("format") not in READABLE_FORMATS or batch.schema.names[:3] != ["index", "label", "map"]:
+        written_as = meta.get("format", "")
+        if written_as.startswith(FORMAT_NAME) and (written_as != FORMAT or "canvas_mode" not in meta):
+            raise BackMixError(f"cache file {self.path} was written by an earlier backmix ({written_as}, "
+                               f"{meta.get('canvas_mode', 'no')} canvas mode): delete its cache folder; "
+                               "`backmix cache init` rewrites it")
+        if written_as != FORMAT or batch.schema.names[:3] != ["index", "label", "map"]:
             raise BackMixError(f"cache file {self.path} was not written by backmix "
                                f"(format {meta.get('format')!r})")
         try:
@@ -90,12 +93,12 @@ class MappedMaps:
             raise BackMixError(f"cache file {self.path} names no grid in its metadata") from None
         g2 = self.grid * self.grid
         types = [batch.schema.field(i).type for i in range(3)]
-        if (types[0] != pa.int64() or types[1] not in (pa.int32(), pa.int64())
+        if (types[0] != pa.int64() or types[1] != pa.int64()
                 or types[2] != pa.list_(pa.float16(), g2) or batch.column("map").null_count):
             raise BackMixError(f"cache file {self.path} has columns {', '.join(map(str, types))}, "
                                f"not int64, int64, fixed_size_list<float16>[{g2}]")
         self.meta = meta
-        self.canvas_mode = meta.get("canvas_mode", LEGACY_CANVAS_MODE)
+        self.canvas_mode = meta["canvas_mode"]
         self.maps = _view(batch.column("map").values, np.float16, len(batch) * g2).reshape(
             len(batch), self.grid, self.grid)
         self.rows = _view(batch.column("index"), np.int64, len(batch))

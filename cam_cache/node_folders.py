@@ -43,8 +43,8 @@ from backmix._fs import atomic_file, fsync_dir
 from backmix.osr_data.errors import BackMixError
 
 from .ranks import exchange, launched_as, on_every_rank, rank_and_world
-from .store import (ForegroundCache, generation_path, pending_dir, prune, publish_lock, read_pointer, start_cache,
-                    write_pointer)
+from .store import (ForegroundCache, generation_path, make_cache_folder, pending_dir, prune, publish_lock, read_pointer,
+                    start_cache, write_pointer)
 
 LAYOUTS = ("auto", "shared", "node-local")
 CHUNK_BYTES = 8 << 20
@@ -197,10 +197,7 @@ def _install(cache_dir: Path, header: dict, incoming: Optional[Incoming]) -> Non
     """Publish rank 0's current generation (``header``) in this node's folder: the file (``incoming``,
     CRC-checked, renamed into place), then CURRENT, then the pruning rank 0's publish does."""
     generation, keep = header["generation"], header["keep"]
-    try:
-        cache_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise BackMixError(f"cannot create cache folder {cache_dir}: {e.strerror}") from None
+    make_cache_folder(cache_dir)
     with publish_lock(cache_dir):
         if "uniform" in header:
             write_pointer(cache_dir, 0, keep, uniform=header["uniform"])

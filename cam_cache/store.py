@@ -8,20 +8,19 @@ Layout of a cache folder::
 
 Each generation file holds one record batch with columns ``index`` (int64,
 the dataset row), ``label`` (int64) and ``map`` (fixed-size list of g*g
-float16; format 1 stored ``label`` as int32 and is still read). Float16
+float16). Float16
 keeps ImageNet's 1.28 M maps of 8 x 8 under 200 MB; the momentum arithmetic
 is done in float32 and rounded once per generation. The schema metadata
 names the format, generation, base generation, grid, canvas mode (the canvases
-the CAMs were taken on; a file that names none is of "stretch" canvases, the only
-mode before there were two), momentum, the digest of
+the CAMs were taken on), momentum, the digest of
 the checkpoint that made it and the fingerprint of the dataset index; a
 shard also names the digest of the build's rows and classes, so a restart
 reuses only shards of the very same build.
 
 Every file is written to a temporary name, fsync'd and renamed, and CURRENT
 moves only after the generation file is in place, so a crash at any moment
-leaves the previous generation current and readable. Format 3 adds a CRC-32
-of the three columns' bytes to the metadata, checked when a process first opens
+leaves the previous generation current and readable. The metadata holds a CRC-32
+of the three columns' bytes, checked when a process first opens
 the file, and every written map must be finite and in [0, 1]: a file damaged
 in place is refused instead of carried into the next generation. A folder
 whose CURRENT was deleted is recovered from its newest intact generation by
@@ -41,6 +40,7 @@ import numpy as np
 
 from backmix._fs import atomic_write_bytes, fsync_dir
 from backmix.osr_data.errors import BackMixError
+from backmix.osr_data.filelock import refusing_lock
 from backmix.osr_data.index import ImageIndex
 
 from .generation_file import MappedMaps, write_maps
@@ -240,10 +240,7 @@ def _open_or_start(cache_dir: str | os.PathLike, index: ImageIndex, grid: int, k
         recover_pointer(cache_dir, keep)
     if (cache_dir / POINTER).exists():
         return ForegroundCache(cache_dir, index=index, grid=grid, canvas_mode=canvas_mode)
-    try:
-        cache_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise BackMixError(f"cannot create cache folder {cache_dir}: {e.strerror}") from None
+    make_cache_folder(cache_dir)
     if write_generation_0:
         n = len(index)
         write_maps(generation_path(cache_dir, 0), np.arange(n), index.labels,
@@ -278,6 +275,13 @@ def recover_pointer(cache_dir: Path, keep: int) -> int:
                        "delete the folder and start again")
 
 
+def make_cache_folder(cache_dir: Path) -> None:
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise BackMixError(f"cannot create cache folder {cache_dir}: {e.strerror}") from None
+
+
 @contextlib.contextmanager
 def publish_lock(cache_dir: Path):
     """One publisher at a time; flock is released by the kernel if the process dies."""
@@ -292,12 +296,8 @@ def build_lock(cache_dir: Path, shard: tuple[int, int]):
     line instead of racing the first to the publish and losing its files."""
     k, n = shard
     path = Path(cache_dir) / f".build-{k}-of-{n}.lock"
-    with open(path, "w") as lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise BackMixError(f"another build of shard {k}/{n} of {cache_dir} is running (it holds {path}); "
-                               "wait for it to finish, then run again if you need one more generation") from None
+    with refusing_lock(path, f"another build of shard {k}/{n} of {cache_dir} is running (it holds {path}); "
+                             "wait for it to finish, then run again if you need one more generation"):
         yield
 
 

@@ -23,7 +23,7 @@ from backmix._lazy import lazy_exports
 
 _EXPORTS = {
     "features_and_head": ".cam",
-    "file_digest": ".checkpoint", "load_model": ".checkpoint", "read_checkpoint": ".checkpoint",
+    "load_model": ".checkpoint", "read_checkpoint": ".checkpoint",
     "save_checkpoint": ".checkpoint", "save_safetensors": ".checkpoint",
     "Classifier32": ".nets", "WideResNet": ".nets",
     "ARCH_HELP": ".zoo", "build_model": ".zoo", "check_arch": ".zoo", "unwrap": ".zoo",
@@ -33,6 +33,6 @@ __getattr__, __dir__ = lazy_exports(__name__, globals(), _EXPORTS)
 
 if TYPE_CHECKING:
     from .cam import features_and_head
-    from .checkpoint import file_digest, load_model, read_checkpoint, save_checkpoint, save_safetensors
+    from .checkpoint import load_model, read_checkpoint, save_checkpoint, save_safetensors
     from .nets import Classifier32, WideResNet
     from .zoo import ARCH_HELP, build_model, check_arch, unwrap

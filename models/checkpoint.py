@@ -12,7 +12,6 @@ is refused with one line naming the file and the first foreign object. A ``.safe
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import pickle
@@ -203,10 +202,3 @@ def check_shapes(ckpt: dict, path) -> None:
         raise BackMixError(f"checkpoint {path}: its weights do not fit its arch, num_classes and model_kwargs "
                            f"({quoted(ckpt.get('model_kwargs') or {})}): {shown}")
 
-
-def file_digest(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()

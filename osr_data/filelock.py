@@ -1,4 +1,5 @@
-"""One process at a time: an exclusive flock on ``.NAME.lock`` beside a path.
+"""One process at a time: an exclusive flock, waited for (``exclusive_lock``) or refused
+(``refusing_lock``).
 
 The kernel releases a flock when its holder dies, so a killed process never leaves a
 stale lock behind.
@@ -12,7 +13,25 @@ import os
 from pathlib import Path
 from typing import Iterator
 
+from .errors import BackMixError
+
 log = logging.getLogger("backmix")
+
+
+@contextlib.contextmanager
+def refusing_lock(lock: Path, held_elsewhere: str) -> Iterator[None]:
+    """An exclusive flock on the file ``lock`` for the block; while another process holds it, this one
+    is refused in one line, ``held_elsewhere`` (which names what runs and what to do)."""
+    try:
+        f = open(lock, "a")
+    except OSError as e:
+        raise BackMixError(f"cannot write {lock}: {e.strerror or e}") from None
+    with f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise BackMixError(held_elsewhere) from None
+        yield
 
 
 @contextlib.contextmanager

@@ -39,14 +39,13 @@ from backmix._fs import atomic_write_bytes
 
 from .errors import BackMixError
 from .index_paths import IndexPaths
-from .index_sidecar import csv_sha256, read_sidecar, write_sidecar
+from .file_digest import file_digest
+from .index_sidecar import read_sidecar, write_sidecar
 from .untrusted_paths import check_rows_inside, stat_entry, utf8_names
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 INDEX_NAME = "index.csv"
 COLUMNS = ("path", "label", "size", "mtime_ns")
-# Index files written before size and mtime were recorded: read, then stat once and rewritten.
-OLD_COLUMNS = ("path", "label")
 
 
 class ImageIndex:
@@ -146,30 +145,29 @@ class ImageIndex:
         if not index_file.is_file():
             raise BackMixError(f"{index_file} is not a file (a folder of that name?): move it out of {root}; "
                                f"the index is written there")
-        index = read_sidecar(root, csv_sha256(index_file), cls)
+        index = read_sidecar(root, file_digest(index_file), cls)
         if index is None:
             text = index_file.read_bytes()       # parsed and hashed once: the copy is of exactly these
-            index, current = cls._read(root, index_file, text)
+            index = cls._read(root, index_file, text)
             with contextlib.suppress(OSError):   # a read-only data set reads its CSV every time
-                if current:
-                    write_sidecar(index, hashlib.sha256(text).hexdigest())
-                else:                            # an old index file, rewritten once with sizes and mtimes
-                    index.write()
+                write_sidecar(index, hashlib.sha256(text).hexdigest())
             import pyarrow as pa
             pa.default_memory_pool().release_unused()    # the parser's and the check's buffers, not the index's
         index._check_folders(index_file)
         return index
 
     @classmethod
-    def _read(cls, root: Path, index_file: Path, text: bytes) -> tuple["ImageIndex", bool]:
-        """(the index in ``text``, the bytes of ``index_file``; whether they are of the current format: an
-        old file's rows are stat'ed for their sizes and mtimes, and it is for the caller to rewrite)."""
+    def _read(cls, root: Path, index_file: Path, text: bytes) -> "ImageIndex":
+        """The index in ``text``, the bytes of ``index_file``."""
         import pyarrow as pa
         from pyarrow import csv as pacsv
 
         first = io.TextIOWrapper(io.BytesIO(text), newline="", errors="replace").readline()   # not UTF-8: no index
         header = next(csv.reader([first]), [])
-        if tuple(header) not in (COLUMNS, OLD_COLUMNS):
+        if tuple(header) == ("path", "label"):   # before sizes and mtimes were recorded
+            raise BackMixError(f"{index_file} was written by an earlier backmix (no size and mtime columns): "
+                               "delete it; the next `backmix` command that reads the folder rewrites it")
+        if tuple(header) != COLUMNS:
             raise BackMixError(f"{index_file} is not an index file (expected header '{','.join(COLUMNS)}')")
         types = {"path": pa.large_string(), "label": pa.int64(), "size": pa.int64(), "mtime_ns": pa.int64()}
         try:
@@ -186,19 +184,7 @@ class ImageIndex:
         paths = IndexPaths.from_arrow(path_array)
         labels = columns["label"].to_numpy()
         classes = _classes_of_rows(path_array, paths, labels, index_file)
-        if tuple(header) == OLD_COLUMNS:
-            index = cls(root, paths, labels, classes, np.zeros(len(labels), np.int64), np.zeros(len(labels), np.int64))
-            index._stat_all(index_file)
-            return index, False
-        return cls(root, paths, labels, classes, columns["size"].to_numpy(), columns["mtime_ns"].to_numpy()), True
-
-    def _stat_all(self, index_file: Path) -> None:
-        for i in range(len(self)):
-            try:
-                st = os.stat(self.abspath(i))
-            except FileNotFoundError:
-                raise _listed_but_missing(self.abspath(i), index_file) from None
-            self.sizes[i], self.mtimes[i] = st.st_size, st.st_mtime_ns
+        return cls(root, paths, labels, classes, columns["size"].to_numpy(), columns["mtime_ns"].to_numpy())
 
     def _check_folders(self, index_file: Path) -> None:
         """Every listed file exists; no class folder or image is newer than the index. One listing per

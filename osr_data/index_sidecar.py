@@ -19,7 +19,6 @@ Missing, stale, of another format version, unreadable or damaged: ``read_sidecar
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from pathlib import Path
@@ -37,14 +36,6 @@ FORMAT = "backmix-index/1"     # changed when what the file holds changes: an ol
 META_KEY = b"backmix"
 COMPRESSION = "zstd"           # the file's buffers; Arrow's reader decompresses whatever a file says
 COLUMNS = ("path", "label", "size", "mtime_ns")
-
-
-def csv_sha256(index_file: Path) -> str:
-    h = hashlib.sha256()
-    with open(index_file, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def write_sidecar(index, csv_digest: str) -> None:

@@ -118,14 +118,14 @@ def resized_crop_flip(images: Tensor, corners: Tensor, sizes: Tensor, flips: Ten
 
 def resized_crops_clean_and_mixed(canvas: Tensor, mixed: Tensor, corners: Tensor, sizes: Tensor, flips: Tensor,
                                   size: int, boxes: Tensor, box_hw: tuple[int, int],
-                                  finish: Optional[Callable[[Tensor], Tensor]] = None) -> tuple[Tensor, Tensor]:
-    """(``finish(resized_crop_flip(canvas))``, the same of ``mixed``), bit for bit, on the CPU, where
+                                  after_crop: Optional[Callable[[Tensor], Tensor]] = None) -> tuple[Tensor, Tensor]:
+    """(``after_crop(resized_crop_flip(canvas))``, the same of ``mixed``), bit for bit, on the CPU, where
     ``mixed`` is ``canvas`` but inside each image's pasted box (``boxes[:, 2:]``, ``box_hw``) and
-    ``finish`` a per-pixel float op in place (the normalisation) or None: the mixed crop is the clean one
-    copied, with only the output pixels that read the box resampled (and finished) from ``mixed``. Every
+    ``after_crop`` a per-pixel float op in place (the normalisation) or None: the mixed crop is the clean
+    one copied, with only the output pixels that read the box resampled (then ``after_crop``) from ``mixed``. Every
     pixel is its own blend of four source pixels, in the same float32 operations in the same order, so a
     window computes exactly what the whole crop does there."""
-    finish = finish or (lambda x: x)
+    after_crop = after_crop or (lambda x: x)
     shape = (*canvas.shape[:2], size, size)
     clean, out = new_batch(shape, torch.float32, canvas.device), new_batch(shape, torch.float32, canvas.device)
     tables = resize_tables(corners, sizes, flips, size)
@@ -134,7 +134,7 @@ def resized_crops_clean_and_mixed(canvas: Tensor, mixed: Tensor, corners: Tensor
     for i, (x, width, dy, dx) in enumerate(zip(corners[:, 1].tolist(), sizes[:, 1].tolist(), dys, dxs)):
         # Image by image, so the copy reads a crop still in the cache (a whole batch's is 38 MB at 224).
         _resized_crop_into(clean[i], canvas[i], x, width, [t[i] for t in tables])
-        clean[i].copy_(finish(clean[i:i + 1])[0])
+        clean[i].copy_(after_crop(clean[i:i + 1])[0])
         out[i].copy_(clean[i])
         # The output rows and columns that read the box: one run each (the tables are monotone).
         rows = (((y0[i] >= dy) & (y0[i] < dy + bh)) | ((y1[i] >= dy) & (y1[i] < dy + bh))).nonzero()
@@ -146,7 +146,7 @@ def resized_crops_clean_and_mixed(canvas: Tensor, mixed: Tensor, corners: Tensor
         start = int(torch.minimum(left_x, right_x).min())
         image = mixed[i, :, :, start:int(torch.maximum(left_x, right_x).max()) + 1]
         window = _resample(image, y0[i, r], y1[i, r], wy[i, r], left_x - start, right_x - start, wx[i, c])
-        out[i, :, r, c].copy_(finish(window[None])[0].transpose(1, 2))
+        out[i, :, r, c].copy_(after_crop(window[None])[0].transpose(1, 2))
     return clean, out
 
 
@@ -194,10 +194,11 @@ class RandomResizedCropFlip:
         return resized_crop_flip(images, p["crops"], p["crop_sizes"], p["flips"], self.size)
 
     def clean_and_mixed(self, canvas: Tensor, mixed: Tensor, p: dict[str, Tensor], box_hw: tuple[int, int],
-                        finish: Optional[Callable[[Tensor], Tensor]] = None) -> tuple[Tensor, Tensor]:
-        """(finish(self(canvas, p)), finish(self(mixed, p))) of canvases ``mixed`` differs from only in p's boxes."""
+                        after_crop: Optional[Callable[[Tensor], Tensor]] = None) -> tuple[Tensor, Tensor]:
+        """(after_crop(self(canvas, p)), after_crop(self(mixed, p))) of canvases ``mixed`` differs from only in
+        p's boxes."""
         return resized_crops_clean_and_mixed(canvas, mixed, p["crops"], p["crop_sizes"], p["flips"], self.size,
-                                             p["boxes"], box_hw, finish)
+                                             p["boxes"], box_hw, after_crop)
 
 
 AUTO_AUGMENT_POLICIES = ("trivialaugment", "randaugment")

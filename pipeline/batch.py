@@ -120,13 +120,13 @@ class BatchTransform:
                  photos: Optional["Photos"] = None) -> tuple[Optional[Tensor], Optional[Tensor]]:
         """(images, mixed) of a batch's canvases (on any device); ``rows``: its dataset indices, on the
         host, where the maps are gathered (no device-to-host read per batch). ``maps``: the rows' soft
-        maps gathered already (a worker finishing the batch is handed them), instead of ``self.maps``.
+        maps gathered already (a worker transforming the batch is handed them), instead of ``self.maps``.
         ``photos``: the batch's whole images, which the crops are cut from when ``crops_images``
         (then mixed in their own pixels; the canvases are not read)."""
         if self.crops_images:
             return self._of_images(photos, rows, epoch=epoch, step=step, rank=rank, maps=maps)
         p = self.params(canvas.shape[0], epoch, step, rank, canvas.device)
-        finish = self._finisher(epoch, rank, step)
+        after_crop = self._after_crop(epoch, rank, step)
 
         images = mixed = None
         if self.enabled:
@@ -137,20 +137,20 @@ class BatchTransform:
                 images, mixed = self.crop.clean_and_mixed(
                     canvas, mixed, p, box_size(tuple(canvas.shape[-2:]), self.mix.box_fraction), self.normalize)
             elif self.clean:
-                images, mixed = finish(self.crop(torch.cat([canvas, mixed]), same_crop_twice(p)), 2).chunk(2)
+                images, mixed = after_crop(self.crop(torch.cat([canvas, mixed]), same_crop_twice(p)), 2).chunk(2)
             else:
-                mixed = finish(self.crop(mixed, p))
+                mixed = after_crop(self.crop(mixed, p))
         else:
-            images = finish(self.crop(canvas, p))
+            images = after_crop(self.crop(canvas, p))
         return images, mixed
 
-    def _finisher(self, epoch: int, rank: int, step: int):
+    def _after_crop(self, epoch: int, rank: int, step: int):
         """What follows the crop: the auto augmentation (when asked for), then the normalisation."""
-        def finish(crops: Tensor, copies: int = 1) -> Tensor:
+        def after_crop(crops: Tensor, copies: int = 1) -> Tensor:
             if self.auto_augment is not None:
                 crops = self.auto_augment(crops, auto_augment_seed(self.sampler.seed, epoch, rank, step), copies)
             return self.normalize(crops)
-        return finish
+        return after_crop
 
     def _of_images(self, photos: Optional["Photos"], rows: np.ndarray, *, epoch: int, step: int, rank: int,
                    maps: Optional[np.ndarray]) -> tuple[Optional[Tensor], Optional[Tensor]]:
@@ -159,16 +159,16 @@ class BatchTransform:
             raise ValueError("crops cut from the image (crop_from='image') need the batch's whole images (photos)")
         pixels, dev = photos.pixels, photos.pixels.device
         p = self.params(pixels.shape[0], epoch, step, rank, dev, sizes=photos.sizes.numpy())
-        finish = self._finisher(epoch, rank, step)
+        after_crop = self._after_crop(epoch, rank, step)
 
         if not self.enabled:
-            return finish(self.crop(pixels, p)), None
+            return after_crop(self.crop(pixels, p)), None
         soft = self.maps.gather(as_index_array(rows)) if maps is None else maps
         mixed = self.mix.of_images(pixels, to_device(photos.sizes, dev), to_device(torch.from_numpy(soft), dev), p,
                                    self.sampler.canvas)
         if not self.clean:
-            return None, finish(self.crop(mixed, p))
-        images, mixed = finish(self.crop(torch.cat([pixels, mixed]), same_crop_twice(p)), 2).chunk(2)
+            return None, after_crop(self.crop(mixed, p))
+        images, mixed = after_crop(self.crop(torch.cat([pixels, mixed]), same_crop_twice(p)), 2).chunk(2)
         return images, mixed
 
     def _crops_the_box_again(self, canvas: Tensor) -> bool:

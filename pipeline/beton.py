@@ -45,7 +45,7 @@ from backmix.osr_data.errors import BackMixError
 from backmix.osr_data.filelock import exclusive_lock
 from backmix.osr_data.index import ImageIndex
 
-from .beton_location import DEFAULT_MODE, DEFAULT_QUALITY, MODES, beton_locations, check_storage, default_destination
+from .beton_location import DEFAULT_QUALITY, DEFAULT_STORAGE, STORAGES, beton_locations, check_storage, default_destination
 from .beton_process import StopFile, write_in_child
 from .config import ON_ERROR, LoaderConfig
 
@@ -123,7 +123,7 @@ class BetonWrite(NamedTuple):
 
 
 def write_beton(index: ImageIndex, path: str | os.PathLike, *, canvas: Optional[int] = None,
-                max_resolution: Optional[int] = None, mode: str = DEFAULT_MODE, jpeg_quality: int = DEFAULT_QUALITY,
+                max_resolution: Optional[int] = None, storage: str = DEFAULT_STORAGE, jpeg_quality: int = DEFAULT_QUALITY,
                 num_workers: int = 2, progress: Optional[bool] = None, canvas_mode: str = "center",
                 on_error: str = "raise", force: bool = False) -> BetonWrite:
     """Write ``index`` to ``path`` (fields image, label, index, canvas_mode).
@@ -140,7 +140,7 @@ def write_beton(index: ImageIndex, path: str | os.PathLike, *, canvas: Optional[
     from ffcv.reader import Reader
 
     check_canvas_mode(canvas_mode)
-    check_storage(mode, jpeg_quality)
+    check_storage(storage, jpeg_quality)
     if on_error not in ON_ERROR:
         raise BackMixError(f"--on-error must be one of {ON_ERROR}, got {on_error!r}")
     if canvas is not None and max_resolution is not None:
@@ -155,7 +155,7 @@ def write_beton(index: ImageIndex, path: str | os.PathLike, *, canvas: Optional[
     if launched_as()[0] > 0:
         _wait_for(path)
         return BetonWrite(path, False, [])
-    fields = {"image": RGBImageField(write_mode=mode, max_resolution=canvas or max_resolution,
+    fields = {"image": RGBImageField(write_mode=storage, max_resolution=canvas or max_resolution,
                                      jpeg_quality=jpeg_quality),
               "label": IntField(), "index": IntField(), "canvas_mode": IntField()}
     with exclusive_lock(path):
@@ -193,7 +193,7 @@ def register_data(sub) -> None:
     add_options(p, ("canvas_mode",))
     p.add_argument("--max-resolution", type=int, default=None,
                    help="instead of --canvas: store images at their own size, longer side capped at this")
-    p.add_argument("--mode", choices=MODES, default=DEFAULT_MODE,
+    p.add_argument("--mode", dest="storage", choices=STORAGES, default=DEFAULT_STORAGE,
                    help="raw = decoded pixels (the FFCV stream equals the reference loader's); jpg = JPEGs at "
                         "--jpeg-quality (smaller; the stream differs by the JPEG loss; train with --beton-mode jpg)")
     # Not given: DEFAULT_QUALITY under --mode jpg (SUPPRESS: a quality given with raw storage is refused)
@@ -221,11 +221,11 @@ def run_write_beton(args) -> int:
                                f"leave --out out, or pass --data {folders[0]}")
         check_output_file(args.out)        # before indexing: a bad destination fails at once
     canvas = args.canvas if args.canvas is not None or args.max_resolution is not None else LoaderConfig.canvas
-    if hasattr(args, "jpeg_quality") and args.mode != "jpg":
-        raise BackMixError(f"--jpeg-quality is for --mode jpg; --mode {args.mode} stores decoded pixels: add "
+    if hasattr(args, "jpeg_quality") and args.storage != "jpg":
+        raise BackMixError(f"--jpeg-quality is for --mode jpg; --mode {args.storage} stores decoded pixels: add "
                            "--mode jpg or leave --jpeg-quality out")
     args.jpeg_quality = getattr(args, "jpeg_quality", DEFAULT_QUALITY)
-    check_storage(args.mode, args.jpeg_quality)
+    check_storage(args.storage, args.jpeg_quality)
     for folder in folders:
         _write_one(args, ImageIndex.load(folder), canvas)
     return 0
@@ -234,13 +234,13 @@ def run_write_beton(args) -> int:
 def _write_one(args, index: ImageIndex, canvas: Optional[int]) -> None:
     out = args.out
     if out is None:
-        storage = dict(mode=args.mode, max_resolution=args.max_resolution, canvas_mode=args.canvas_mode,
+        where = dict(storage=args.storage, max_resolution=args.max_resolution, canvas_mode=args.canvas_mode,
                        jpeg_quality=args.jpeg_quality)
-        out = default_destination(index, canvas, **storage)
-        if out == beton_locations(index, canvas, **storage)[1]:
+        out = default_destination(index, canvas, **where)
+        if out == beton_locations(index, canvas, **where)[1]:
             log.info("%s is read-only: writing the beton to %s (the FFCV loader looks there too)",
                      index.root.parent, out)
-    done = write_beton(index, out, canvas=canvas, max_resolution=args.max_resolution, mode=args.mode,
+    done = write_beton(index, out, canvas=canvas, max_resolution=args.max_resolution, storage=args.storage,
                        canvas_mode=args.canvas_mode, jpeg_quality=args.jpeg_quality, num_workers=args.workers,
                        progress=False if args.no_progress else None, on_error=args.on_error, force=args.force)
     if not done.written:
@@ -249,6 +249,6 @@ def _write_one(args, index: ImageIndex, canvas: Optional[int]) -> None:
     skipped = done.skipped
     size = f"{canvas}x{canvas} {args.canvas_mode}" if canvas else f"longer side <= {args.max_resolution or 'any'}"
     extra = f", {len(skipped)} skipped" if skipped else ""
-    storage = f"jpg {args.jpeg_quality}" if args.mode == "jpg" else args.mode
+    storage = f"jpg {args.jpeg_quality}" if args.storage == "jpg" else args.storage
     print(f"wrote {out} ({len(index) - len(skipped)} images{extra}, {size}, {storage}, "
           f"{out.stat().st_size / 1e6:.1f} MB)")

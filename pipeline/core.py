@@ -177,17 +177,17 @@ class Loader(LoaderPosition):
                 if len(out.rows) == 0:
                     continue          # every file of the step failed: the step is used up
                 self.next_step = out.step + 1
-                yield self.deliver(self._finish(out))
+                yield self.deliver(self._build_batch(out))
         finally:
             batches.close()           # a source left part-way (an error, a break) cleans up now
         self.next_step = len(self)
 
-    def _finish(self, out: SourceBatch) -> BackMixBatch:
+    def _build_batch(self, out: SourceBatch) -> BackMixBatch:
         rows, dev = np.asarray(out.rows, dtype=np.int64), self.device
         if out.canvas is not None:
             self.check_canvas(out.canvas, len(rows))
         photos = None if out.photos is None else Photos(to_device(out.photos.pixels, dev), out.photos.sizes)
-        if out.images is None and out.mixed is None:   # canvases only: the core finishes the batch
+        if out.images is None and out.mixed is None:   # canvases only: the core transforms the batch
             canvas = to_device(out.canvas, dev)
             images, mixed = self.transform(canvas, rows, epoch=self.epoch, step=out.step, rank=self.config.rank,
                                            photos=photos)

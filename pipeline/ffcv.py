@@ -43,7 +43,7 @@ from backmix.osr_data.normalize import normalize_constants
 from .augment import fill_value
 from .batch_pool import BatchPool
 from .beton import NOT_A_CANVAS, require_ffcv, skipped_rows
-from .beton_location import DEFAULT_MODE, DEFAULT_QUALITY, find_beton, write_command
+from .beton_location import DEFAULT_QUALITY, DEFAULT_STORAGE, find_beton, write_command
 from .core import Loader, Plan, Source, SourceBatch
 from .ffcv_kernels import (compile_mix_kernel, compile_resized_crop_kernel, normalize_table, resize_scratch,
                            span_scales)
@@ -192,7 +192,7 @@ class FfcvSource(Source):
                             "would need betons of whole images decoded whole, each with its size")
 
     def __init__(self, loader, *, beton: Optional[str | Path] = None, mix_in: str = "auto",
-                 beton_mode: str = DEFAULT_MODE, jpeg_quality: int = DEFAULT_QUALITY) -> None:
+                 beton_mode: str = DEFAULT_STORAGE, jpeg_quality: int = DEFAULT_QUALITY) -> None:
         super().__init__(loader)
         require_ffcv()
         from ffcv.pipeline.compiler import Compiler
@@ -230,7 +230,7 @@ class FfcvSource(Source):
 
     def open(self) -> None:
         from ffcv.fields.decoders import IntDecoder
-        from ffcv.loader import Loader as FfcvLoaderOfFfcv, OrderOption
+        from ffcv import loader as ffcv_loader
 
         loader, cfg = self.loader, self.loader.config
         self._check_files_unchanged()
@@ -243,9 +243,9 @@ class FfcvSource(Source):
             from ffcv.transforms import ToDevice, ToTensor, ToTorchImage
             image = [self.decoder, ToTensor(), ToDevice(loader.device, non_blocking=True),
                      ToTorchImage(channels_last=True)]
-        self._ffcv = FfcvLoaderOfFfcv(
+        self._ffcv = ffcv_loader.Loader(
             str(self.beton), batch_size=cfg.batch_size, num_workers=max(1, cfg.num_workers),
-            order=OrderOption.SEQUENTIAL, indices=loader.dataset_indices, drop_last=False,
+            order=ffcv_loader.OrderOption.SEQUENTIAL, indices=loader.dataset_indices, drop_last=False,
             batches_ahead=BATCHES_AHEAD, pipelines={"image": image, "label": [IntDecoder()],
                                                     "index": [IntDecoder()], "canvas_mode": None})
         # FFCV's Loader takes only its own order options, so the plan's order replaces its traversal
@@ -336,9 +336,11 @@ def _canvas_decoder(reader, beton: Path, cfg):
 
     names = list(reader.handlers)
     image_meta = reader.metadata[f"f{names.index('image')}"]
-    # A beton older than the canvas modes holds stretched canvases.
-    stored_modes = (reader.metadata[f"f{names.index('canvas_mode')}"] if "canvas_mode" in names
-                    else np.full(reader.num_samples, CANVAS_MODES.index("stretch")))
+    if "canvas_mode" not in names:
+        raise BackMixError(f"{beton} was written by an earlier backmix (no canvas mode field): "
+                           f"`backmix data write-beton --canvas {cfg.canvas} --canvas-mode {cfg.canvas_mode}` "
+                           "rewrites it")
+    stored_modes = reader.metadata[f"f{names.index('canvas_mode')}"]
     at_canvas = bool(((image_meta["height"] == cfg.canvas) & (image_meta["width"] == cfg.canvas)).all())
     stored = {CANVAS_MODES[int(m)] for m in np.unique(stored_modes) if m != NOT_A_CANVAS}
     if at_canvas and stored - {cfg.canvas_mode}:

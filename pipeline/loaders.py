@@ -83,8 +83,8 @@ def backend_options(backend: str, *, ray_address: Optional[str] = None, prefetch
         check_options(ray_address, DEFAULT_PREFETCH if prefetch is None else prefetch)
         return {"address": ray_address, "prefetch": prefetch}
     if backend == "ffcv":
-        from .beton_location import DEFAULT_MODE, DEFAULT_QUALITY, check_storage
-        options = {"beton_mode": beton_mode or DEFAULT_MODE,
+        from .beton_location import DEFAULT_QUALITY, DEFAULT_STORAGE, check_storage
+        options = {"beton_mode": beton_mode or DEFAULT_STORAGE,
                    "jpeg_quality": DEFAULT_QUALITY if jpeg_quality is None else jpeg_quality}
         check_storage(options["beton_mode"], options["jpeg_quality"])
         return options

@@ -3,7 +3,7 @@
 ``DataLoader`` workers read each file to a canvas (``read_canvas``); the loader core mixes,
 crops, flips and normalises the whole batch at once on the chosen device (``BatchTransform``).
 ``WorkerSource`` is also the base of any backend that only decodes: override ``decode`` (one
-file -> uint8 canvas); or ``dataset``, ``collate`` and ``finish`` to hand the loading process
+file -> uint8 canvas); or ``dataset``, ``collate`` and ``canvases_of`` to hand the loading process
 something else (the torchvision backend hands JPEG bytes and decodes them on the device).
 """
 from __future__ import annotations
@@ -20,7 +20,7 @@ from .core import Loader, Plan, Source, SourceBatch, canvases_fit
 
 
 class BatchKey(list):
-    """A batch's rows as the DataLoader hands them to a worker, with what the worker needs to finish
+    """A batch's rows as the DataLoader hands them to a worker, with what the worker needs to transform
     the batch itself: the epoch, the step, the rows' soft maps (gathered in the loading process, so
     a worker never holds a stale cache generation) and whether to hand the canvas back too."""
 
@@ -32,8 +32,9 @@ class BatchKey(list):
         return BatchKey, (list(self), self.epoch, self.step, self.maps, self.keep_canvas)
 
 
-class Finished(NamedTuple):
-    """A batch a worker finished: ``collate_canvases``'s fields and the transform's."""
+class TransformedBatch(NamedTuple):
+    """A batch a worker transformed (mixed, cropped, flipped, normalised): ``collate_canvases``'s fields
+    and the transform's."""
     canvas: Optional[torch.Tensor]
     rows: torch.Tensor
     failed: list
@@ -41,9 +42,9 @@ class Finished(NamedTuple):
     mixed: Optional[torch.Tensor]
 
 
-class FinishingDataset(CanvasDataset):
-    """``CanvasDataset`` that, given a ``BatchKey`` and a ``transform`` (``BatchTransform``), also finishes
-    the batch in the worker (``Finished``); other keys get the canvases, as ``CanvasDataset``'s."""
+class TransformingDataset(CanvasDataset):
+    """``CanvasDataset`` that, given a ``BatchKey`` and a ``transform`` (``BatchTransform``), also transforms
+    the batch in the worker (``TransformedBatch``); other keys get the canvases, as ``CanvasDataset``'s."""
 
     def __init__(self, index, canvas: int, mode: str, decode=None, transform=None, rank: int = 0,
                  whole: bool = False) -> None:
@@ -56,21 +57,21 @@ class FinishingDataset(CanvasDataset):
             return items
         canvas, rows, failed = collate_canvases(items)
         if canvas is None:
-            return Finished(None, rows, failed, None, None)
+            return TransformedBatch(None, rows, failed, None, None)
         if not canvases_fit(canvas, len(rows), self.canvas):
-            return items   # unfinished: the loading process refuses them in one line (``Loader.check_canvas``)
+            return items   # untransformed: the loading process refuses them in one line (``Loader.check_canvas``)
         maps = None
         if key.maps is not None:   # the soft maps of the rows that decoded
             maps = key.maps[[k for k, it in enumerate(items) if isinstance(it, tuple)]]
         images, mixed = self.transform(canvas, rows.numpy(), epoch=key.epoch, step=key.step, rank=self.rank, maps=maps,
                                        photos=collate_photos(items))
-        return Finished(canvas if key.keep_canvas else None, rows, failed, images, mixed)
+        return TransformedBatch(canvas if key.keep_canvas else None, rows, failed, images, mixed)
 
 
 def collate_or_pass(items):
-    """The DataLoader's collate: ``collate_canvases`` and ``collate_photos``; a batch the worker finished
+    """The DataLoader's collate: ``collate_canvases`` and ``collate_photos``; a batch the worker transformed
     passes as it is."""
-    return items if isinstance(items, Finished) else (*collate_canvases(items), collate_photos(items))
+    return items if isinstance(items, TransformedBatch) else (*collate_canvases(items), collate_photos(items))
 
 
 class _Batches(torch.utils.data.Sampler):
@@ -84,7 +85,7 @@ class _Batches(torch.utils.data.Sampler):
         # A generator: the DataLoader draws each batch's key just before it sends it to a worker.
         loader = self.source.loader
         for step, rows in self.source.plan:
-            if not self.source.finish_in_workers:
+            if not self.source.transform_in_workers:
                 yield rows.tolist()
                 continue
             maps = loader.maps.gather(rows) if loader.config.backmix else None
@@ -100,7 +101,7 @@ class WorkerSource(Source):
     name = "reference"
     whole_images_refused = None   # crops cut from the image: its workers read the whole image too
     pin_memory = True    # canvases bound for a GPU come from pinned memory
-    finishes_batches = True   # on the CPU, the workers also mix, crop and normalise (``finish_in_workers``)
+    workers_transform = True   # on the CPU, the workers also mix, crop and normalise (``transform_in_workers``)
 
     def __init_subclass__(cls, **kwargs) -> None:
         super().__init_subclass__(**kwargs)
@@ -110,13 +111,13 @@ class WorkerSource(Source):
             cls.whole_images_refused = "its decode makes canvases only (it has no decode_whole)"
 
     @property
-    def finish_in_workers(self) -> bool:
-        """On a CPU device with workers, each worker finishes its batch (mix, crop, flip, normalise: a
+    def transform_in_workers(self) -> bool:
+        """On a CPU device with workers, each worker transforms its batch (mix, crop, flip, normalise: a
         pure function of (seed, epoch, rank, step) and the rows' maps) in parallel with the others,
         instead of the loading process doing every batch's in turn; on a GPU the device does it."""
         loader, cfg = self.loader, self.loader.config
         # (the two-view baseline's second crop of whole images is cut where the batch is delivered)
-        return (self.finishes_batches and cfg.num_workers > 0 and loader.device.type == "cpu"
+        return (self.workers_transform and cfg.num_workers > 0 and loader.device.type == "cpu"
                 and not (cfg.crops_images and cfg.views == 2))
 
     def decode(self, path: str, size: int, mode: str) -> torch.Tensor:
@@ -131,14 +132,14 @@ class WorkerSource(Source):
     def dataset(self) -> Dataset:
         """What the workers run per row (``CanvasDataset`` over ``decode``, or ``decode_whole``)."""
         cfg = self.loader.config
-        transform = self.loader.transform if self.finish_in_workers else None
+        transform = self.loader.transform if self.transform_in_workers else None
         decode = self.decode_whole if cfg.crops_images else self.decode
-        return FinishingDataset(self.loader.index, cfg.canvas, cfg.canvas_mode, decode, transform, cfg.rank,
+        return TransformingDataset(self.loader.index, cfg.canvas, cfg.canvas_mode, decode, transform, cfg.rank,
                                 whole=cfg.crops_images)
 
     collate = staticmethod(collate_or_pass)   # runs in the worker
 
-    def finish(self, batch) -> tuple:
+    def canvases_of(self, batch) -> tuple:
         """In the loading process: ``collate``'s output -> (canvas, rows, failed, photos or None)."""
         return batch
 
@@ -157,10 +158,10 @@ class WorkerSource(Source):
     def batches(self, plan: Plan) -> Iterator[SourceBatch]:
         self.plan = plan
         for (step, _), batch in zip(plan, self._loader):
-            if isinstance(batch, Finished):
+            if isinstance(batch, TransformedBatch):
                 yield SourceBatch(step, batch.rows.numpy(), batch.canvas, batch.failed, batch.images, batch.mixed)
                 continue
-            canvas, rows, failed, *photos = self.finish(batch)   # a backend's own finish may give no photos
+            canvas, rows, failed, *photos = self.canvases_of(batch)   # a backend's own may give no photos
             yield SourceBatch(step, rows.numpy(), canvas, failed, photos=photos[0] if photos else None)
 
     def close(self) -> None:

@@ -32,7 +32,7 @@ from backmix.osr_data.decode import DecodeError, check_pixels, decode_rgb_bytes,
 
 from .batch import to_device
 from .device_decode import canvases_of, decode_on_device, jpeg_canvases
-from .reference import FinishingDataset, WorkerSource
+from .reference import TransformingDataset, WorkerSource
 
 
 def encoded_or_canvas(path: str, size: int, mode: str) -> torch.Tensor:
@@ -80,7 +80,7 @@ class TorchvisionSource(WorkerSource):
     name = "torchvision"
     whole_images_refused = None   # crops cut from the image: it decodes the whole image anyway
     pin_memory = False   # nvjpeg reads bytes from ordinary host memory: a pin would be a copy more
-    finishes_batches = False   # the loading process decodes, so it finishes the batch too
+    workers_transform = False   # the loading process decodes, so it transforms the batch too
     decode = staticmethod(encoded_or_canvas)
     collate = staticmethod(pack_items)
 
@@ -88,14 +88,14 @@ class TorchvisionSource(WorkerSource):
         cfg = self.loader.config
         if not cfg.crops_images:
             return super().dataset()
-        return FinishingDataset(self.loader.index, cfg.canvas, cfg.canvas_mode, encoded, None, cfg.rank)
+        return TransformingDataset(self.loader.index, cfg.canvas, cfg.canvas_mode, encoded, None, cfg.rank)
 
-    def finish(self, batch: EncodedBatch):
+    def canvases_of(self, batch: EncodedBatch):
         """(canvas on the device, rows, failed in batch order, as the reference's workers report them),
         and the whole images when the crops are cut from them."""
         loader, cfg = self.loader, self.loader.config
         if cfg.crops_images:
-            return self._finish_whole(batch)
+            return self._images_of(batch)
         good = [k for k, it in enumerate(batch.items) if isinstance(it, tuple)]
         jpegs = [k for k in good if batch.items[k][1]]
         others = [k for k in good if not batch.items[k][1]]
@@ -115,8 +115,8 @@ class TorchvisionSource(WorkerSource):
                 rows.append(item[0])
         return (torch.stack(canvases) if canvases else None), torch.tensor(rows, dtype=torch.int64), failed
 
-    def _finish_whole(self, batch: EncodedBatch):
-        """``finish`` of a batch of files' bytes (``encoded``): each decoded whole, JPEGs on the device."""
+    def _images_of(self, batch: EncodedBatch):
+        """``canvases_of`` of a batch of files' bytes (``encoded``): each decoded whole, JPEGs on the device."""
         loader, cfg = self.loader, self.loader.config
         good = [k for k, it in enumerate(batch.items) if isinstance(it, tuple)]
         blobs = dict(zip(good, torch.split(batch.jpeg_bytes, batch.jpeg_sizes)))

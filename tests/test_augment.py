@@ -164,12 +164,12 @@ def test_the_mixed_crop_made_from_the_clean_one_is_the_mixed_canvases_crop_bit_f
                                            [0, canvas - sampler.box_hw[1]], [canvas - sampler.box_hw[0], 0]])[:n]
         masks = top_k_mask(torch.rand(n, 8, 8, generator=gen), 0.25, p["tie_break"])
         mixed = mix_backgrounds(images, p["partners"], masks, p["boxes"], sampler.box_hw, fill_value((0.5,) * 3))
-        for finish in (None, Normalize()):
+        for after_crop in (None, Normalize()):
             clean, mixed_crops = resized_crops_clean_and_mixed(images, mixed, p["crops"], p["crop_sizes"], p["flips"],
-                                                               crop, p["boxes"], sampler.box_hw, finish)
-            finish = finish or (lambda x: x)
-            assert torch.equal(clean, finish(resized_crop_flip(images, p["crops"], p["crop_sizes"], p["flips"], crop)))
-            assert torch.equal(mixed_crops, finish(resized_crop_flip(mixed, p["crops"], p["crop_sizes"], p["flips"], crop)))
+                                                               crop, p["boxes"], sampler.box_hw, after_crop)
+            after_crop = after_crop or (lambda x: x)
+            crop_of = lambda x: after_crop(resized_crop_flip(x, p["crops"], p["crop_sizes"], p["flips"], crop))
+            assert torch.equal(clean, crop_of(images)) and torch.equal(mixed_crops, crop_of(mixed))
             assert n == 1 or not torch.equal(mixed_crops, clean)
 
 
@@ -233,7 +233,14 @@ def test_a_cache_records_its_canvas_mode_and_refuses_the_other(tiny_root, tmp_pa
     assert make_loader("reference", index, config(canvas_mode="stretch"), cache) is not None
 
 
-def test_a_cache_file_without_a_canvas_mode_is_of_stretched_canvases(tmp_path):
+def test_a_cache_file_without_a_canvas_mode_is_refused_in_one_line(tmp_path):
     path = generation_path(tmp_path, 0)
     write_maps(path, np.arange(3), np.zeros(3, np.int64), np.full((3, 8, 8), 0.5, np.float16), {"generation": 0})
+    with pytest.raises(BackMixError, match=r"cache file .* was written by an earlier backmix \(backmix-foreground-"
+                                           r"cache/3, no canvas mode\): delete its cache folder; `backmix cache "
+                                           r"init` rewrites it$") as e:
+        MappedMaps(path)
+    assert "\n" not in str(e.value)
+    write_maps(path, np.arange(3), np.zeros(3, np.int64), np.full((3, 8, 8), 0.5, np.float16),
+               {"generation": 0, "canvas_mode": "stretch"})
     assert MappedMaps(path).canvas_mode == "stretch"

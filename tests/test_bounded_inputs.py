@@ -285,15 +285,23 @@ def test_a_checkpoint_whose_contents_do_not_fit_is_one_line_naming_the_file(root
         with pytest.raises(BackMixError) as e:
             load_model(path)
         assert str(e.value).startswith(f"checkpoint {path}{says}"), str(e.value)
-    bad_canvas = _checkpoint_with(tmp_path, checkpoint, config={"canvas": -5})
-    assert cli_main(["eval", "--checkpoint", str(bad_canvas), "--data", str(root), "--device", "cpu",
-                     "--workers", "0"]) == 2
-    one_line(capsys.readouterr().err, f"checkpoint {bad_canvas}: its config: canvas (-5) and crop (32) sizes must be "
-                                      "positive")
-    assert cli_main(["cache", "build", "--checkpoint", str(bad_canvas), "--data", str(root / "train"), "--cache",
-                     str(tmp_path / "cache"), "--device", "cpu", "--workers", "0", "--no-progress"]) == 2
-    one_line(capsys.readouterr().err.replace("backmix: mixing on cpu\n", ""),
-             f"checkpoint {bad_canvas}: its config: canvas must be a whole number >= 1, got -5")
+    earlier = {"canvas": 40}   # a config of before the canvas modes
+    bad_canvas = {"canvas": -5, "canvas_mode": "center", "val_fraction": 0.1}
+    for config, by_eval, by_build in (
+            (earlier, "its config: config was written by an earlier backmix (it has no canvas_mode): `backmix "
+                      "train` writes a run of this one",
+             " was written by an earlier backmix (its config has no canvas_mode): give --canvas-mode, or `backmix "
+             "train` writes a checkpoint of this one"),
+            (bad_canvas, "its config: canvas (-5) and crop (32) sizes must be positive",
+             ": its config: canvas must be a whole number >= 1, got -5")):
+        path = _checkpoint_with(tmp_path, checkpoint, config=config)
+        assert cli_main(["eval", "--checkpoint", str(path), "--data", str(root), "--device", "cpu",
+                         "--workers", "0"]) == 2
+        one_line(capsys.readouterr().err, f"checkpoint {path}: {by_eval}")
+        assert cli_main(["cache", "build", "--checkpoint", str(path), "--data", str(root / "train"), "--cache",
+                         str(tmp_path / "cache"), "--device", "cpu", "--workers", "0", "--no-progress"]) == 2
+        one_line(capsys.readouterr().err.replace("backmix: mixing on cpu\n", ""),
+                 f"checkpoint {path}{by_build}")
     assert not (tmp_path / "cache").exists()
 
 

@@ -123,7 +123,7 @@ def _big_cache(folder: Path, rows: int) -> None:
     folder.mkdir()
     maps = np.random.default_rng(0).random((rows, 8, 8), dtype=np.float32).astype(np.float16)
     write_maps(generation_path(folder, 0), np.arange(rows), np.zeros(rows, int), maps,
-               {"generation": 0, "momentum": 0, "checkpoint": "", "dataset": "x"})
+               {"generation": 0, "momentum": 0, "checkpoint": "", "dataset": "x", "canvas_mode": "center"})
     write_pointer(folder, 0, keep=3)
 
 
@@ -263,7 +263,8 @@ def test_two_shards_equal_one_process(tmp_path, index, model):
 def test_two_concurrent_processes_equal_one(tmp_path, tiny_root):
     """Two `backmix cache build --shard k/2` processes at once: both race to publish, one generation results,
     equal row for row to a 1-process build."""
-    from backmix.models import file_digest, load_model
+    from backmix.models import load_model
+    from backmix.osr_data.file_digest import file_digest
     from backmix.osr_data.normalize import IMAGENET_MEAN, IMAGENET_STD
     torch.manual_seed(1)
     ckpt = save_checkpoint(tmp_path / "m.pt", build_model("cnn32", 3, width=0.25), arch="cnn32", num_classes=3,
@@ -335,7 +336,7 @@ def test_truncated_and_foreign_files_err(tmp_path, index):
         ForegroundCache(tmp_path / "nothing")
 
 
-def test_wrong_columns_and_format_one(tmp_path, index):
+def test_wrong_columns_and_an_earlier_format(tmp_path, index):
     import pyarrow as pa
     from backmix.cam_cache.generation_file import schema
     init_cache(tmp_path / "c", index)
@@ -346,12 +347,12 @@ def test_wrong_columns_and_format_one(tmp_path, index):
                            pa.FixedSizeListArray.from_arrays(pa.array(np.zeros(n * 64, np.float32)), 64)],
                           schema=pa.schema([("index", pa.int64()), ("label", pa.int64()),
                                             ("map", pa.list_(pa.float32(), 64))],
-                                           metadata=schema(8, {}).metadata))
+                                           metadata=schema(8, {"canvas_mode": "center"}).metadata))
     with pa.ipc.new_file(str(path), bad.schema) as w:
         w.write_batch(bad)
     with pytest.raises(BackMixError, match=f"cache file {path} has columns"):
         ForegroundCache(tmp_path / "c")
-    # Format 1 (int32 labels) is still read.
+    # Format 1 (int32 labels, no canvas mode) is an earlier layout: refused, naming the command.
     old = pa.record_batch([pa.array(np.arange(n)), pa.array(index.labels, pa.int32()),
                            pa.FixedSizeListArray.from_arrays(pa.array(np.full(n * 64, 0.25, np.float16)), 64)],
                           schema=pa.schema([("index", pa.int64()), ("label", pa.int32()),
@@ -360,8 +361,10 @@ def test_wrong_columns_and_format_one(tmp_path, index):
                                                      "dataset": index.fingerprint(), "generation": "0"}))
     with pa.ipc.new_file(str(path), old.schema) as w:
         w.write_batch(old)
-    cache = ForegroundCache(tmp_path / "c", index=index, grid=8)
-    assert np.all(cache.gather(np.arange(5)) == 0.25) and cache.labels.dtype == np.int64
+    with pytest.raises(BackMixError, match=f"cache file {path} was written by an earlier backmix "
+                                           r"\(backmix-foreground-cache/1, no canvas mode\): delete its cache "
+                                           "folder; `backmix cache init` rewrites it"):
+        ForegroundCache(tmp_path / "c", index=index, grid=8)
 
 
 def test_stale_shard_of_other_weights_is_recomputed(tmp_path, index, model):

@@ -282,13 +282,17 @@ def test_a_file_overwritten_after_indexing_stops_the_loader(tiny_root, tmp_path,
     assert "\n" not in str(e.value)
 
 
-def test_an_old_index_file_is_upgraded_once(tiny_root, tmp_path):
+def test_an_index_file_of_an_earlier_layout_is_refused_in_one_line(tiny_root, tmp_path):
     root = copy_of(tiny_root, tmp_path)
     rows = (root / "index.csv").read_text().splitlines()
     (root / "index.csv").write_text("\n".join(",".join(r.split(",")[:2]) for r in rows) + "\n")
     assert (root / "index.csv").read_text().startswith("path,label\ncat/000000.png,0\n")
-    index = ImageIndex.load(root)
-    assert index.fingerprint() == ImageIndex.load(tiny_root).fingerprint()
+    with pytest.raises(BackMixError, match=r"index.csv was written by an earlier backmix \(no size and mtime "
+                                           r"columns\): delete it; the next `backmix` command that reads the "
+                                           r"folder rewrites it$"):
+        ImageIndex.load(root)
+    (root / "index.csv").unlink()
+    assert ImageIndex.load(root).fingerprint() == ImageIndex.load(tiny_root).fingerprint()
     assert (root / "index.csv").read_text().splitlines() == rows
 
 

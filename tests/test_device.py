@@ -137,7 +137,7 @@ def loader_on_cuda_1(monkeypatch, tiny_root):
 
 def test_the_reference_source_serves_the_loaders_gpu(loader_on_cuda_1):
     loader = loader_on_cuda_1("reference")
-    assert loader.source._loader.pin_memory and not loader.source.finish_in_workers   # the GPU finishes batches
+    assert loader.source._loader.pin_memory and not loader.source.transform_in_workers   # the GPU transforms batches
     loader.close()
 
 
@@ -151,7 +151,7 @@ def test_the_torchvision_source_decodes_on_the_loaders_gpu(loader_on_cuda_1, mon
     monkeypatch.setattr(torchvision_loader, "to_device", lambda t, device: seen.append(("other", device)) or t)
     batch = torchvision_loader.EncodedBatch([(0, True), (1, False)], torch.zeros(10, dtype=torch.uint8), [10],
                                             torch.zeros(1, 3, 40, 40, dtype=torch.uint8))
-    canvases, rows, failed = loader.source.finish(batch)
+    canvases, rows, failed = loader.source.canvases_of(batch)
     assert seen == [("jpeg", CUDA_1), ("other", CUDA_1)]
     assert canvases.shape == (2, 3, 40, 40) and rows.tolist() == [0, 1] and failed == []
     loader.close()

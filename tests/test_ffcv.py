@@ -253,7 +253,7 @@ FFCV_RRC_ATOL = 3e-5   # normalised units (2e-3 grey levels): the torch op's flo
 def tiny_center_beton(tiny_root, tmp_path_factory):
     """The tiny folder's 64 x 64 "center" canvases, raw: the reference loader's canvases exactly."""
     return write_beton(ImageIndex.load(tiny_root), tmp_path_factory.mktemp("beton") / "tiny-center.beton",
-                       canvas=64, mode="raw", canvas_mode="center", progress=False).path
+                       canvas=64, storage="raw", canvas_mode="center", progress=False).path
 
 
 def test_rrc_equals_the_reference_and_the_torch_op(tiny_root, tiny_center_beton):

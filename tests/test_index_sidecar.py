@@ -9,7 +9,8 @@ import pytest
 from backmix.osr_data.errors import BackMixError
 from backmix.osr_data.index import INDEX_NAME, ImageIndex
 from backmix.osr_data.index_paths import IndexPaths
-from backmix.osr_data.index_sidecar import SIDECAR_NAME, csv_sha256, write_sidecar
+from backmix.osr_data.file_digest import file_digest
+from backmix.osr_data.index_sidecar import SIDECAR_NAME, write_sidecar
 from backmix.osr_data.untrusted_paths import first_row_outside
 
 
@@ -26,9 +27,7 @@ def columns(index):
 
 def csv_only(root):
     """The index as read from index.csv alone (what the copy must equal)."""
-    index, current = ImageIndex._read(root, root / INDEX_NAME, (root / INDEX_NAME).read_bytes())
-    assert current
-    return index
+    return ImageIndex._read(root, root / INDEX_NAME, (root / INDEX_NAME).read_bytes())
 
 
 def from_the_copy_only(monkeypatch):
@@ -57,13 +56,17 @@ def test_writing_the_index_writes_its_copy(root, monkeypatch):
     assert columns(ImageIndex.load(root)) == columns(scanned)
 
 
-def test_an_old_index_file_is_upgraded_with_a_copy_of_the_new_one(root, monkeypatch):
+def test_an_index_file_of_an_earlier_layout_is_refused_beside_a_copy_of_the_current_one(root, monkeypatch):
+    current = columns(ImageIndex.load(root))             # the copy of the current index.csv is beside it
     rows = (root / INDEX_NAME).read_text().splitlines()
     (root / INDEX_NAME).write_text("\n".join(",".join(r.split(",")[:2]) for r in rows) + "\n")
-    upgraded = ImageIndex.load(root)
-    assert (root / INDEX_NAME).read_text().splitlines() == rows
+    with pytest.raises(BackMixError, match="was written by an earlier backmix \\(no size and mtime columns\\): "
+                                           "delete it; the next `backmix` command that reads the folder rewrites it$"):
+        ImageIndex.load(root)
+    (root / INDEX_NAME).unlink()
+    assert columns(ImageIndex.load(root)) == current and (root / INDEX_NAME).read_text().splitlines() == rows
     from_the_copy_only(monkeypatch)
-    assert columns(ImageIndex.load(root)) == columns(upgraded)
+    assert columns(ImageIndex.load(root)) == current
 
 
 def test_an_edit_with_the_same_size_and_mtime_makes_the_copy_stale(root):
@@ -113,7 +116,7 @@ def _forged(root, *, paths=None, labels=None, classes=None, fingerprint=None):
                         good.labels if labels is None else np.asarray(labels, np.int64),
                         classes or good.classes, good.sizes, good.mtimes)
     forged._fingerprint = fingerprint
-    write_sidecar(forged, csv_sha256(root / INDEX_NAME))
+    write_sidecar(forged, file_digest(root / INDEX_NAME))
 
 
 DAMAGE = {

@@ -639,12 +639,17 @@ def test_the_default_plan_orders_complete_pairs_of_every_data_set_first():
         make_plan(["mnist"], None, None)
 
 
-def test_experiment_refuses_a_folder_of_runs_without_validation(tmp_path):
+def test_experiment_refuses_a_folder_of_runs_of_an_earlier_layout(tmp_path):
     from backmix.bench.experiment import run_experiment
     old = {"dataset": "digits", "split": 0, "seed": 0, "method": "baseline", "metrics": {},
            "config": {"epochs": 1, "width": 0.25, "lr": 0.05, "arch": "cnn32", "batch_size": 128}}
     (tmp_path / "results.jsonl").write_text(json.dumps(old) + "\n")
-    with pytest.raises(BackMixError, match="holds runs of another budget \\(val_fraction None there, 0.1 asked\\)"):
+    with pytest.raises(BackMixError, match="results.jsonl: result 1 was written by an earlier backmix \\(it has no "
+                                           "config.val_fraction\\): `backmix experiment` with another --out rewrites it$"):
+        run_experiment(tmp_path, ["digits"], 1, {"epochs": 1, "width": 0.25, "batch_size": 128})
+    del old["seed"]
+    (tmp_path / "results.jsonl").write_text(json.dumps(old) + "\n")
+    with pytest.raises(BackMixError, match="result 1 was written by an earlier backmix \\(it has no seed\\)"):
         run_experiment(tmp_path, ["digits"], 1, {"epochs": 1, "width": 0.25, "batch_size": 128})
 
 

@@ -184,3 +184,16 @@ def test_compile_trains_on_the_cpu_and_its_run_resumes(small_root, tmp_path, mon
     model, done = load_model(Path(cfg.out) / "last.pt", arch="cnn32", num_classes=2)
     assert done["epoch"] == 2 and done["config"]["compile"] is True
     assert [r["epoch"] for r in read_jsonl(Path(cfg.out) / "metrics.jsonl")] == [1, 2]
+
+
+def test_a_run_config_of_an_earlier_layout_is_refused_in_one_line(tmp_path):
+    import json
+    from backmix.osr_data.errors import BackMixError
+    saved = TrainConfig().to_dict()
+    assert TrainConfig.from_dict(saved) == TrainConfig()
+    for lacking in ("canvas_mode", "val_fraction"):
+        path = tmp_path / f"{lacking}.json"
+        path.write_text(json.dumps({k: v for k, v in saved.items() if k != lacking}))
+        with pytest.raises(BackMixError, match=f"^run config {path}: config was written by an earlier backmix "
+                                               f"\\(it has no {lacking}\\): `backmix train` writes a run of this one$"):
+            TrainConfig.load(path)

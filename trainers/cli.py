@@ -10,7 +10,7 @@ from backmix.osr_data.errors import BackMixError
 from backmix.pipeline.loaders import backend_options
 from backmix.osr_data.protocols import PROTOCOLS
 
-from .config import AMP, AUTO_AUGMENTS, BETON_MODES, LOG_SINKS, OPTIMIZERS, REGEN, TrainConfig, field_defaults, option
+from .config import AMP, AUTO_AUGMENTS, BETON_STORAGES, LOG_SINKS, OPTIMIZERS, REGEN, TrainConfig, field_defaults, option
 from .methods import METHODS, method_fields
 from .metrics import SCORES
 
@@ -81,7 +81,7 @@ def register(top) -> None:
                         "with an ssb-* --protocol, a folder named easy, medium, hard or medium+hard is that "
                         "published set and must hold its classes; repeatable")
     add_options(p, ("backend", "ray_address", "prefetch"), only_given=TRAIN)
-    p.add_argument("--beton-mode", choices=BETON_MODES, default=S,
+    p.add_argument("--beton-mode", choices=BETON_STORAGES, default=S,
                    help="--backend ffcv: the betons to read, raw canvases (the reference loader's stream, bit for "
                         "bit) or jpg ones (smaller; the stream differs by the JPEG loss)" + _d("beton_mode"))
     p.add_argument("--jpeg-quality", type=int, default=S,
@@ -179,7 +179,7 @@ def register(top) -> None:
     e.add_argument("--split", default=None,
                    help="known classes (split number or names); default: those the checkpoint was trained on")
     add_options(e, ("canvas_mode",), defaults={"canvas_mode": None},
-                said={"canvas_mode": "the checkpoint's; stretch for a checkpoint older than the modes"})
+                said={"canvas_mode": "the checkpoint's"})
     e.add_argument("--open-test", action="append", default=[], metavar="DIR",
                    help="an image folder whose images are all unknown: the metrics against it too, under its "
                         "folder's name; repeatable")

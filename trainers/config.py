@@ -15,7 +15,7 @@ from backmix.osr_data.errors import BackMixError
 from backmix.device import check_device_name
 from backmix.osr_data.protocols import PROTOCOLS, SSB_PROTOCOLS
 from backmix.pipeline.config import ON_ERROR
-from backmix.pipeline.beton_location import MODES as BETON_MODES
+from backmix.pipeline.beton_location import STORAGES as BETON_STORAGES
 from backmix.pipeline.loaders import BACKENDS, backend_options
 from backmix.pipeline.sampling import AUGMENTS, check_crop_from
 from backmix.pipeline.augment import AUTO_AUGMENT_POLICIES
@@ -29,7 +29,7 @@ AUTO_AUGMENTS = ("none",) + AUTO_AUGMENT_POLICIES
 LOG_SINKS = ("csv", "tensorboard")
 CHOICES = {"auto_augment": AUTO_AUGMENTS, "opt": OPTIMIZERS, "backend": BACKENDS, "amp": AMP,
            "on_error": ON_ERROR, "regen": REGEN, "canvas_mode": CANVAS_MODES, "augment": AUGMENTS,
-           "beton_mode": BETON_MODES, "cache_layout": CACHE_LAYOUTS}
+           "beton_mode": BETON_STORAGES, "cache_layout": CACHE_LAYOUTS}
 
 
 # Every numeric field and the values it accepts (besides being a finite number).
@@ -215,9 +215,11 @@ class TrainConfig:
         unknown = set(d) - names
         if unknown:
             raise BackMixError(f"config has unknown keys: {', '.join(sorted(unknown))}")
-        # A config written before there were canvas modes was trained on stretched canvases, and one
-        # written before the validation split trained on every known training image.
-        return cls(**{"canvas_mode": "stretch", "val_fraction": 0.0, **d})
+        missing = [k for k in ("canvas_mode", "val_fraction") if k not in d]
+        if missing:
+            raise BackMixError(f"config was written by an earlier backmix (it has no {missing[0]}): "
+                               "`backmix train` writes a run of this one")
+        return cls(**d)
 
     @classmethod
     def load(cls, path: Path) -> "TrainConfig":
@@ -225,6 +227,8 @@ class TrainConfig:
             return cls.from_dict(json.loads(Path(path).read_text()))
         except (OSError, json.JSONDecodeError) as e:
             raise BackMixError(f"cannot read run config {path}: {e}") from None
+        except BackMixError as e:
+            raise BackMixError(f"run config {path}: {e}") from None
 
 
 def field_defaults() -> dict:

@@ -8,12 +8,11 @@ the holder dies, however it dies, so a killed run never blocks its own ``--resum
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import os
 from pathlib import Path
 from typing import Iterator
 
-from backmix.osr_data.errors import BackMixError
+from backmix.osr_data.filelock import refusing_lock
 
 LOCK_NAME = ".run.lock"
 
@@ -23,16 +22,8 @@ def hold_run_folder(run: Path, made_here: bool = False) -> Iterator[None]:
     """Hold ``run``'s lock for the block. ``made_here``: the folder was made for this run, so a run refused
     before it wrote anything (bad data, say) removes it again rather than leaving an empty folder behind."""
     path = Path(run) / LOCK_NAME
-    try:
-        f = open(path, "a")
-    except OSError as e:
-        raise BackMixError(f"cannot write {path}: {e.strerror or e}") from None
-    with f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise BackMixError(f"another backmix train is running in {run} (it holds {path}); wait for it to "
-                               "end or choose another --out") from None
+    with refusing_lock(path, f"another backmix train is running in {run} (it holds {path}); wait for it to "
+                             "end or choose another --out"):
         try:
             yield
         finally:
