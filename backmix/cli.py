@@ -183,24 +183,39 @@ def sigterm_as_interrupt() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
+def interrupted_during(error: BaseException) -> bool:
+    """True when ``error`` was raised while an interrupt (Ctrl-C, SIGTERM) unwound the command: code that
+    cannot be stopped half way (torch.save's zip writer) may raise its own error in its place."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, (KeyboardInterrupt, Terminated)):
+            return True
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return False
+
+
 def run_command(args) -> int:
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
                         format="backmix: %(message)s", stream=sys.stderr)
     try:
         with sigterm_as_interrupt():
             return int(args.func(args) or 0)
-    except BackMixError as e:
-        print(f"backmix: error: {e}", file=sys.stderr)
-        return 2
     except (KeyboardInterrupt, Terminated):
         print("backmix: interrupted", file=sys.stderr)
         return 130
-    except BrokenPipeError:   # an OSError too: before the clause below
-        # The reader went away (`backmix cache info | head`): stop quietly, as coreutils do.
-        sys.stdout = None
-        return 141
-    except OSError as e:
-        if e.errno not in NO_SPACE_ERRNOS:
-            raise
-        print(f"backmix: error: {no_space(e)}", file=sys.stderr)
-        return 2
+    except Exception as e:
+        if interrupted_during(e):
+            print("backmix: interrupted", file=sys.stderr)
+            return 130
+        if isinstance(e, BackMixError):
+            print(f"backmix: error: {e}", file=sys.stderr)
+            return 2
+        if isinstance(e, BrokenPipeError):   # an OSError too: before the check below
+            # The reader went away (`backmix cache info | head`): stop quietly, as coreutils do.
+            sys.stdout = None
+            return 141
+        if isinstance(e, OSError) and e.errno in NO_SPACE_ERRNOS:
+            print(f"backmix: error: {no_space(e)}", file=sys.stderr)
+            return 2
+        raise

@@ -177,3 +177,26 @@ def test_a_stopping_command_leaves_the_resource_sharers_failed_handshake_unprint
     other = failure_in(os.path.join("lib", "something_else.py"))
     hook(other)
     assert printed == [other]
+
+
+def test_an_error_raised_while_an_interrupt_unwinds_the_command_is_still_interrupted(capsys):
+    """torch.save's zip writer, stopped by SIGTERM half way, raises its own RuntimeError in place of the
+    interrupt: the command still ends with its one line and 130; an error of its own is still raised."""
+    import argparse
+    from backmix.cli import run_command
+    from backmix.osr_data.errors import Terminated
+
+    def stopped_mid_write(args):
+        try:
+            raise Terminated
+        except Terminated:
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 455744 vs 455632")
+
+    assert run_command(argparse.Namespace(quiet=True, func=stopped_mid_write)) == 130
+    assert capsys.readouterr().err == "backmix: interrupted\n"
+
+    def broken(args):
+        raise RuntimeError("a bug")
+
+    with pytest.raises(RuntimeError, match="a bug"):
+        run_command(argparse.Namespace(quiet=True, func=broken))
