@@ -3,7 +3,6 @@ report, and each run under torchrun (--nproc-per-node)."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -14,14 +13,7 @@ import pytest
 from backmix.cli import main as cli_main
 from backmix.osr_data.prepare import write_split
 
-REPO = Path(__file__).resolve().parents[1]
-
-
-def env() -> dict:
-    e = dict(os.environ)
-    e["PYTHONPATH"] = os.pathsep.join([str(REPO)] + [p for p in [e.get("PYTHONPATH")] if p])
-    e["OMP_NUM_THREADS"] = "1"
-    return e
+from test_trainer import env   # the subprocess environment the trainer's tests run commands with
 
 
 @pytest.fixture(scope="module")
