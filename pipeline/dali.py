@@ -1,31 +1,27 @@
-"""The DALI backend: a fused source (``pipeline/core.py``) whose one DALI pipeline decodes, resizes,
-mixes, crops, flips and normalises each batch.
+"""The DALI backend: a fused source (``pipeline/core.py``) whose one DALI pipeline decodes, mixes,
+crops, flips and normalises each batch, decoding only the image regions its crops show.
 
 The loader core owns the plan, position, maps, ``on_error``, labels and device; every random choice
 and the masks come from ``Loader.inputs``, fed in per batch through one ``fn.external_source``, so
-the stream is ReferenceLoader's, except that DALI's
-resize is not bit-identical to torchvision's (|diff| <= 1 grey level on the
-digits). The mix itself is exact: given the canvases DALI decoded (returned as
-``canvas``), ``mixed`` equals ``mix_backgrounds`` then ``crop_flip`` then
-``normalize``, up to crop_mirror_normalize's float rounding (|diff| < 1e-5;
-it computes (x - 255 m) / (255 s)).
+the stream is ReferenceLoader's within a resize's difference (the bounds: tests/test_dali.py).
 
-Canvas modes: "stretch" resizes both sides; "center" resamples only CenterCrop's square of
-torchvision's resized image (shorter side = canvas, from the file header; ``decode_to_canvas``), so
-the canvas is within a grey level of ``to_canvas``'s. With ``--augment rrc`` the
-crop is the sampler's box sliced from the (mixed) canvas and resized alone in
-float (linear, no antialiasing): ``resized_crop_flip``'s arithmetic to 1e-4.
-The canvas is an output of the pipeline only while the loader wants it (``Loader.wants_canvas``).
+No canvas is made for the crops. A box on the canvas is a region of the image (the canvas is a scaled
+square of it: "center" the shorter side resized and the centre square, "stretch" both sides resized;
+``canvas_to_image``), so each crop decodes only its box's image region (fn.decoders.image_slice; the
+image's size from its header, fn.peek_image_shape) and resizes it once to the crop (``decode_box``).
+The plain crop samples the canvas's own pixel grid (within a few grey levels of the reference); a
+resized crop is resized once where the reference resizes twice.
 
-The mix as DALI ops (target i borrows from partner j = partners[i]):
-  host     the top-k cells of each image's g x g map (``top_k_mask``; tiny), and for
-           each image j the corner of the box it lends: the source corner of its borrower
-  lent     image j cuts that box from its canvas and blanks its own foreground in it
-           (nearest-upsampled mask; uint8 arithmetic on the box only), then
-           ``permute_batch`` hands the box to its borrower
-  mixed    ``multi_paste`` of two inputs: the target's canvas, then the lent box at
-           the target's destination corner
-A batch of one is left as it is, as the kernel does: its own box goes back in place.
+The mix (target i borrows from partner j = partners[i]), as DALI ops:
+  host     the top-k cells of each image's g x g map (``top_k_mask``; tiny), and per target the
+           rectangle of its crop whose pixel centres fall in its pasted box (``lend_boxes``)
+  lent     the partner's file (``permute_batch``) decodes only the region under that rectangle
+           (the box moved by src - dst on its canvas), resized to the rectangle, and blanks its
+           foreground: the partner's mask sampled at each pixel's centre (nearest)
+  mixed    ``multi_paste`` of the target's clean crop, then the lent rectangle
+CPU and GPU ("mixed" decoder) run the same graph. A batch of one is left as it is, as the kernel.
+The canvas, only while the loader wants it (``Loader.wants_canvas``: batches carry it, or an in-loop
+rebuild reads it), is decoded whole as before (``decode_to_canvas``); the crops never read it.
 """
 from __future__ import annotations
 
@@ -44,7 +40,7 @@ from backmix.osr_data.errors import BackMixError
 
 from .augment import fill_value
 from .core import Loader, Plan, Source, SourceBatch
-from .dali_ops import PREFETCH, crop_normalize, crop_where, decode_to_canvas
+from .dali_ops import PREFETCH, decode_box, decode_to_canvas
 
 log = logging.getLogger("backmix")
 
@@ -152,22 +148,14 @@ class DaliSource(Source):
         return read_canvas(index, row, cfg.canvas, cfg.canvas_mode, "return", _file_bytes)
 
     def pipeline_inputs(self, step: int, ids: np.ndarray) -> tuple:
-        """The batch's params (``Loader.inputs``) as DALI inputs (lists of numpy arrays)."""
-        cfg, b = self.loader.config, len(ids)
+        """The batch's params (``Loader.inputs``) as DALI inputs (lists of numpy arrays), as
+        ``crop_boxes`` and ``lend_boxes`` lay them out."""
+        cfg = self.loader.config
         p, masks = self.loader.inputs(step, ids)
-        out = (list(p.flips.astype(np.int32)),) + crop_where(p, cfg)
+        out = (list(p.flips.astype(np.int32)),) + crop_boxes(p)
         if not cfg.backmix:
             return out
-        src, dst = p.boxes[:, 0:2], p.boxes[:, 2:4]
-        if b < 2:
-            dst = src   # as the kernel, a lone image is left as it is: its own box pasted back in place
-        # Image j lends its box to the target i with partners[i] == j, cut at that target's source corner.
-        lend_at = np.empty_like(src)
-        lend_at[p.partners] = src
-        out_anchors = np.zeros((b, 2, 2), dtype=np.int32)    # paste 0: the canvas at (0, 0)
-        out_anchors[:, 1] = dst                               # paste 1: the box at the destination
-        return out + (list(masks.astype(np.uint8)[..., None]), list(p.partners.astype(np.int32)),
-                      list(lend_at.astype(np.int32)), list(out_anchors))
+        return out + lend_boxes(p, masks, self.loader.sampler.box_hw, cfg.crop)
 
     # ----------------------------------------------------------------- the pipeline
 
@@ -176,50 +164,50 @@ class DaliSource(Source):
         from nvidia.dali import fn, pipeline_def, types
 
         cfg = self.loader.config
-        s = cfg.canvas
-        bh, bw = self.loader.sampler.box_hw
-        # The canvas leaves the pipeline only when batches carry it: its transpose and copy out cost
-        # about a tenth of a batch. An iteration that wants otherwise builds a new pipeline (``batches``).
+        s, c = cfg.canvas, cfg.crop
+        # The canvas leaves the pipeline only when batches carry it: its decode, transpose and copy out
+        # cost about a batch's crops. An iteration that wants otherwise builds a new pipeline (``batches``).
         self._with_canvas = with_canvas = self.loader.wants_canvas
         gpu = self.gpu
+        device = "gpu" if gpu else "cpu"
         # Locals only: the pipeline keeps its definition, which must not hold the loader.
-        feeder, fill_rgb = self._feeder, fill_value(cfg.mean).numpy().reshape(1, 1, 3)
-        paste_shapes = np.array([[s, s], [bh, bw]], dtype=np.int32)   # the canvas, then the box
+        feeder, fill_rgb = self._feeder, fill_value(cfg.mean).numpy().astype(np.float32).reshape(1, 1, 3)
         cell = s // cfg.grid
-        box_cells = types.Constant(np.array([bh / cell, bw / cell], dtype=np.float32))
+        norm = {"mean": [255.0 * m for m in cfg.mean], "std": [255.0 * v for v in cfg.std],
+                "dtype": types.FLOAT, "output_layout": "CHW"}
 
         @pipeline_def(batch_size=cfg.batch_size, num_threads=max(1, cfg.num_workers),
                       device_id=self.loader.device.index if gpu else None,
                       prefetch_queue_depth=PREFETCH, seed=cfg.seed, exec_dynamic=True)
         def backmix_pipeline():
-            n_in = 8 if cfg.backmix else 4
+            n_in = 3 + 6 * cfg.backmix
             inputs = fn.external_source(source=feeder, num_outputs=n_in, batch=True,
-                                        layout=[""] * 4 + ["HWC", "", "", ""][:n_in - 4])
-            files, flips, *where = inputs[:4]   # where: the crops' places (``crop_where``)
-            canvas = decode_to_canvas(files, s, gpu, cfg.canvas_mode)
-
-            outs = [fn.transpose(canvas, perm=[2, 0, 1])] if with_canvas else []
+                                        layout=[""] * 6 + ["HWC", "", ""] if cfg.backmix else [""] * 3)
+            files, flips, box = inputs[:3]
+            shape = fn.peek_image_shape(files, adjust_orientation=False)   # H, W, C on the host, from the header
+            outs = []
+            if with_canvas:
+                outs.append(fn.transpose(decode_to_canvas(files, s, gpu, cfg.canvas_mode), perm=[2, 0, 1]))
+            clean = decode_box(files, shape, box, c, s, cfg.canvas_mode, gpu)
             if cfg.clean:
-                outs.append(crop_normalize(canvas, flips, where, cfg))
+                outs.append(fn.crop_mirror_normalize(clean, mirror=flips, **norm))
             if cfg.backmix:
-                masks, partners, lend_at, out_anchors = inputs[4:]
+                partners, lend_box, shown, masks, paste_shapes, out_anchors = inputs[3:]
+                # The partner's pixels under the pasted box as the crop shows them (``lend_boxes``):
+                # only that region of the partner's image is decoded, and resized once.
+                lender = fn.permute_batch(files, indices=partners)
+                lent = decode_box(lender, fn.peek_image_shape(lender, adjust_orientation=False),
+                                  lend_box, shown, s, cfg.canvas_mode, gpu)
                 if gpu:
                     masks = masks.gpu()
-                one = types.Constant(1, dtype=types.UINT8)
-                fill = types.Constant(fill_rgb, dtype=types.UINT8)
-                # Each image cuts the box it lends (at its borrower's source corner) and blanks
-                # its own foreground in it: box-sized work only, and no mask needs permuting.
-                # The lent box of the nearest-upsampled mask, sampled straight from the g x g grid:
-                # box pixel (y, x) reads cell floor((corner + (y, x) + 0.5) / cell), as the full resize would.
-                corner = fn.cast(lend_at, dtype=types.FLOAT) / float(cell)
-                fg = fn.resize(masks, size=[bh, bw], roi_start=corner, roi_end=corner + box_cells,
-                               interp_type=types.INTERP_NN, antialias=False)
-                rgb = fn.slice(canvas, lend_at, [bh, bw], axis_names="HW")
-                lent = fn.permute_batch(rgb * (one - fg) + fill * fg, indices=partners)
-                # Two pastes into one output: the target's canvas, then the borrowed box at its destination.
-                mixed = fn.multi_paste(canvas, lent, shapes=types.Constant(paste_shapes),
-                                       out_anchors=out_anchors, output_size=[s, s])
-                outs.append(crop_normalize(mixed, flips, where, cfg))
+                # The partner's foreground cell under each lent pixel's centre (nearest), blanked to the fill.
+                cells = lend_box / float(cell)
+                fg = fn.resize(masks, size=shown, roi_start=cells[0:2], roi_end=cells[0:2] + cells[2:4],
+                               roi_relative=False, interp_type=types.INTERP_NN, antialias=False)
+                fill = types.Constant(fill_rgb, dtype=types.FLOAT, device=device)
+                lent = lent + fn.cast(fg, dtype=types.FLOAT) * (fill - lent)
+                mixed = fn.multi_paste(clean, lent, shapes=paste_shapes, out_anchors=out_anchors, output_size=[c, c])
+                outs.append(fn.crop_mirror_normalize(mixed, mirror=flips, **norm))
             return tuple(outs)
 
         pipe = backmix_pipeline()
@@ -305,6 +293,46 @@ class DaliSource(Source):
         out = torch.empty(tuple(t.shape()), dtype=dtype, device=device)
         feed_ndarray(t, out, cuda_stream=torch.cuda.current_stream(device))
         return out
+
+
+def crop_boxes(p) -> tuple:
+    """Each image's crop box on the canvas (float32 [4]: y, x, height, width), as a DALI input."""
+    return (list(np.concatenate([p.crops, p.crop_sizes], axis=1).astype(np.float32)),)
+
+
+def lend_boxes(p, masks: np.ndarray, box_hw: tuple, crop: int) -> tuple:
+    """What the mixed crop of target i takes from its partner j = partners[i], as DALI inputs.
+
+    Crop pixel u (of ``crop``) shows the canvas pixel under its centre, cy + (u + 1/2) h / crop (the
+    nearest; the reference's linear resize blends it with its neighbour): the pixels whose centre lies
+    in the pasted box (dst) form the rectangle [u0, u1) x [v0, v1) of the crop, which shows j's pixels
+    moved by the box's offset (src - dst). Returned: partners (int32); that rectangle's extent on j's
+    canvas (float32 [4]: y, x, height, width; the only part of j decoded) and its size (float32 [2], at
+    least 1: what it is resized to); j's top-k mask (uint8 g x g x 1); and the paste of the crop then
+    the rectangle (shapes and corners, int32 [2, 2]; an empty rectangle pastes nothing). A batch of one
+    is not mixed, as the kernel."""
+    b, bhw = len(p.partners), np.array(box_hw, dtype=np.float64)
+    corner, size = p.crops.astype(np.float64), p.crop_sizes.astype(np.float64)
+    src, dst = p.boxes[:, 0:2].astype(np.float64), p.boxes[:, 2:4].astype(np.float64)
+    step = size / crop   # canvas pixels per crop pixel
+    first = np.clip(np.ceil((dst - corner) / step - 0.5), 0, crop).astype(np.int64)
+    end = np.clip(np.ceil((dst + bhw - corner) / step - 0.5), 0, crop).astype(np.int64)
+    shown = (end - first).clip(0)
+    if b < 2:
+        shown[:] = 0
+    empty = (shown == 0).any(axis=1, keepdims=True)
+    shown = np.where(empty, 0, shown)
+    # On j's canvas: the rectangle's extent (within half a crop pixel of the source box); any region of
+    # it when empty (nothing of it is pasted, but DALI resizes something).
+    at = np.where(empty, src, corner + first * step + src - dst)
+    extent = np.where(empty, 1.0, shown * step)
+    shapes = np.zeros((b, 2, 2), dtype=np.int32)
+    shapes[:, 0], shapes[:, 1] = crop, shown
+    anchors = np.zeros((b, 2, 2), dtype=np.int32)
+    anchors[:, 1] = np.where(empty, 0, first)
+    f32 = lambda a: list(a.astype(np.float32))   # noqa: E731
+    return (list(p.partners.astype(np.int32)), f32(np.concatenate([at, extent], axis=1)), f32(shown.clip(1)),
+            list(masks[p.partners].astype(np.uint8)[..., None]), list(shapes), list(anchors))
 
 
 def _decode_error(path: str) -> Optional[DecodeError]:

@@ -1,6 +1,7 @@
 """DALI graph pieces the loader and the benchmark share: the decode to a canvas as DALI ops
 (``decode_to_canvas``, torchvision's canvas within a grey level), the crop, flip and normalise
-(``crop_normalize``)."""
+(``crop_normalize``), and the decode of only the image region under a box of the canvas, resized once
+to the crop (``canvas_to_image``, ``decode_box``)."""
 from __future__ import annotations
 
 import numpy as np
@@ -50,6 +51,46 @@ def decode_to_canvas(files, size: int, gpu: bool, mode: str = "center", stages: 
     scale = hw / resized
     return fn.resize(images, size=[size, size], roi_start=corner * scale, roi_end=(corner + size) * scale,
                      roi_relative=False, antialias=True, interp_type=types.INTERP_LINEAR)
+
+
+def canvas_to_image(shape, size: int, mode: str):
+    """DALI ops: (offset, scale), float [2] (y, x) per sample, such that canvas point p (continuous
+    coordinates) lies at image point (p + offset) * scale. ``shape``: fn.peek_image_shape's H, W, C.
+    "stretch" scales each side by side / size; "center" is ``decode_to_canvas``'s geometry: the
+    resized image's centre square, the corner rounded as torchvision's CenterCrop."""
+    from nvidia.dali import fn, types
+    from nvidia.dali import math as dmath
+
+    hw = fn.cast(shape[0:2], dtype=types.FLOAT)
+    if mode == "stretch":
+        return hw * 0.0, hw / float(size)
+    h, w = hw[0], hw[1]
+    resized = fn.stack(dmath.max(dmath.floor(size * h / w), float(size)),
+                       dmath.max(dmath.floor(size * w / h), float(size)))
+    return round_half_even((resized - size) / 2.0), hw / resized
+
+
+def decode_box(files, shape, box, out, size: int, mode: str, gpu: bool):
+    """DALI ops: the canvas box ``box`` (float [4]: y, x, height, width in canvas pixels) of each image
+    as float HWC ``out`` (an int, or float [2] per sample), decoding only the image region under it and
+    resizing that once, linear and antialiased. A margin of one filter support is decoded around the
+    region so that its edge pixels are filtered as inside the whole image."""
+    from nvidia.dali import fn, types
+    from nvidia.dali import math as dmath
+
+    offset, scale = canvas_to_image(shape, size, mode)
+    hw = fn.cast(shape[0:2], dtype=types.FLOAT)
+    start = (box[0:2] + offset) * scale
+    end = (box[0:2] + box[2:4] + offset) * scale
+    # The antialiasing filter's radius in image pixels: the box's image extent per output pixel.
+    margin = dmath.ceil((end - start) / out) + 1.0
+    lo = dmath.clamp(dmath.floor(start) - margin, 0.0, hw - 1.0)
+    hi = dmath.clamp(dmath.ceil(end) + margin, lo + 1.0, hw)
+    region = fn.decoders.image_slice(files, lo, hi - lo, device="mixed" if gpu else "cpu",
+                                     axis_names="HW", normalized_anchor=False, normalized_shape=False,
+                                     output_type=types.RGB, adjust_orientation=False, jpeg_fancy_upsampling=True)
+    return fn.resize(region, size=[out, out] if isinstance(out, int) else out, roi_start=start - lo, roi_end=end - lo,
+                     roi_relative=False, antialias=True, interp_type=types.INTERP_LINEAR, dtype=types.FLOAT)
 
 
 def crop_where(p: BatchParams, config: LoaderConfig) -> tuple:

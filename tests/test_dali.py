@@ -20,6 +20,11 @@ from backmix.pipeline import (EpochSampler, LoaderConfig, ReferenceLoader, crop_
 from backmix.pipeline.dali import DaliLoader
 
 ATOL = 1e-5   # crop_mirror_normalize computes (x - 255 m) / (255 s) in float32; torch (x / 255 - m) / s
+# The crops are decoded from the image region under each box and resized once; the reference resizes the whole
+# image to the canvas, then cuts (and resizes) the crop. Bounds in grey levels, per pixel, against the
+# reference's arithmetic on torchvision's canvases (before: 1e-5 against the kernel on DALI's own canvases,
+# which then were cut from a whole decoded canvas).
+CROP_GREY = 3    # the plain crop: the same sampling grid; DALI's resize vs torchvision's (measured max 1)
 
 
 def config(**kw):
@@ -28,20 +33,31 @@ def config(**kw):
     return LoaderConfig(**base)
 
 
-def expected(batch, maps, cfg, epoch, step, rank=0):
-    """The reference's arithmetic applied to the canvases DALI decoded: (images, mixed)."""
+def expected(index, batch, maps, cfg, epoch, step, rank=0):
+    """The reference's arithmetic on torchvision's canvases of the batch: (images, mixed)."""
     sampler = cfg.sampler()
     p = sampler.draw(len(batch.indices), epoch, step, rank).torch()
     if not cfg.train:
         p["crops"][:] = (cfg.canvas - cfg.crop) // 2
         p["flips"][:] = False
+    canvas = torch.stack([decode_canvas(index.abspath(int(i)), cfg.canvas, cfg.canvas_mode) for i in batch.indices])
     mean, std = torch.tensor(cfg.mean), torch.tensor(cfg.std)
-    images = normalize(crop_flip(batch.canvas, p["crops"], p["flips"], cfg.crop), mean, std)
+    images = normalize(crop_flip(canvas, p["crops"], p["flips"], cfg.crop), mean, std)
     if not cfg.backmix:
         return images, None
     masks = top_k_mask(torch.from_numpy(maps.gather(batch.indices.numpy())), cfg.top_k_ratio, p["tie_break"])
-    mixed = mix_backgrounds(batch.canvas, p["partners"], masks, p["boxes"], sampler.box_hw, fill_value(cfg.mean))
+    mixed = mix_backgrounds(canvas, p["partners"], masks, p["boxes"], sampler.box_hw, fill_value(cfg.mean))
     return images, normalize(crop_flip(mixed, p["crops"], p["flips"], cfg.crop), mean, std)
+
+
+def grey_levels(got, want, cfg):
+    """|got - want| of normalised crops [B, 3, H, W] in grey levels (0..255)."""
+    return (got - want).abs() * 255 * torch.tensor(cfg.std).view(1, 3, 1, 1)
+
+
+def assert_near(got, want, cfg, grey=CROP_GREY):
+    assert got.shape == want.shape and got.dtype == want.dtype
+    assert grey_levels(got, want, cfg).max() <= grey
 
 
 def random_maps(n, grid=8, seed=0):
@@ -70,10 +86,10 @@ def test_batches_equal_the_kernel_on_dalis_canvases(digits_root, caplog):
         # DALI's antialiased resize is close to torchvision's, not equal.
         ref = torch.stack([decode_canvas(index.abspath(int(i)), 40) for i in known[pos]])
         assert (ref.int() - b.canvas.int()).abs().max() <= 8
-        images, mixed = expected(b, maps, cfg, 2, step)
+        images, mixed = expected(index, b, maps, cfg, 2, step)
         assert b.images.dtype == b.mixed.dtype == torch.float32
-        torch.testing.assert_close(b.images, images, rtol=0, atol=ATOL)
-        torch.testing.assert_close(b.mixed, mixed, rtol=0, atol=ATOL)
+        assert_near(b.images, images, cfg)
+        assert_near(b.mixed, mixed, cfg)
         assert not torch.equal(b.mixed, b.images)
 
 
@@ -86,9 +102,9 @@ def test_other_sizes_and_ratios_equal_the_kernel(tiny_root):
     for epoch in range(3):
         loader.set_epoch(epoch)
         for step, b in enumerate(loader):
-            images, mixed = expected(b, maps, cfg, epoch, step)
-            torch.testing.assert_close(b.images, images, rtol=0, atol=ATOL)
-            torch.testing.assert_close(b.mixed, mixed, rtol=0, atol=ATOL)
+            images, mixed = expected(index, b, maps, cfg, epoch, step)
+            assert_near(b.images, images, cfg)
+            assert_near(b.mixed, mixed, cfg)
 
 
 def test_mixed_only_equals_the_kernel(tiny_root):
@@ -99,8 +115,8 @@ def test_mixed_only_equals_the_kernel(tiny_root):
     assert [len(b.indices) for b in batches] == [10, 10, 4]
     for step, b in enumerate(batches):
         assert b.images is None
-        _, mixed = expected(b, maps, cfg, 0, step)
-        torch.testing.assert_close(b.mixed, mixed, rtol=0, atol=ATOL)
+        _, mixed = expected(index, b, maps, cfg, 0, step)
+        assert_near(b.mixed, mixed, cfg)
 
 
 def test_same_order_as_the_reference_loader(tiny_root):
@@ -121,9 +137,9 @@ def test_a_lone_last_image_is_not_mixed(tiny_root):
     batches = list(loader)
     assert [len(b.indices) for b in batches] == [23, 1]
     for step, b in enumerate(batches):
-        images, mixed = expected(b, maps, cfg, 1, step)
-        torch.testing.assert_close(b.mixed, mixed, rtol=0, atol=ATOL)
-        torch.testing.assert_close(b.images, images, rtol=0, atol=ATOL)
+        images, mixed = expected(index, b, maps, cfg, 1, step)
+        assert_near(b.mixed, mixed, cfg)
+        assert_near(b.images, images, cfg)
     torch.testing.assert_close(batches[1].mixed, batches[1].images, rtol=0, atol=0)
 
 
@@ -138,7 +154,7 @@ def test_two_shards_split_an_epoch(tiny_root, last_batch):
         loader.set_epoch(1)
         batches = list(loader)
         for step, b in enumerate(batches):   # the params are the rank's own
-            torch.testing.assert_close(b.mixed, expected(b, maps, cfg, 1, step, rank)[1], rtol=0, atol=ATOL)
+            assert_near(b.mixed, expected(index, b, maps, cfg, 1, step, rank)[1], cfg)
         seen.append(torch.cat([b.indices for b in batches]))
     every = torch.cat(seen).sort().values
     if last_batch == "keep":
@@ -165,14 +181,14 @@ def test_a_new_map_generation_is_used_from_the_next_epoch(tiny_root):
     loader = DaliLoader(index, cfg, maps)
     a = next(iter(loader))
     p = cfg.sampler().draw(24, 0, 0).torch()
-    torch.testing.assert_close(a.mixed, expected(a, maps, cfg, 0, 0)[1], rtol=0, atol=ATOL)
+    assert_near(a.mixed, expected(index, a, maps, cfg, 0, 0)[1], cfg)
     maps.next_maps = np.zeros_like(first)
     maps.next_maps[:, -2:, :] = 1.0       # foreground: the bottom two rows
     b = next(iter(loader))                # same epoch, so same params: only the maps changed
     assert maps.generation == 1
     new_masks = top_k_mask(torch.from_numpy(maps.maps), 0.25, p["tie_break"])
     assert new_masks[:, -2:, :].all() and not new_masks[:, :2, :].any()
-    torch.testing.assert_close(b.mixed, expected(b, maps, cfg, 0, 0)[1], rtol=0, atol=ATOL)
+    assert_near(b.mixed, expected(index, b, maps, cfg, 0, 0)[1], cfg)
     assert torch.equal(a.canvas, b.canvas) and not torch.equal(a.mixed, b.mixed)
 
 
@@ -181,16 +197,16 @@ def test_without_backmix_there_is_no_mixed_batch(tiny_root):
     cfg = config(backmix=False)
     b = next(iter(DaliLoader(index, cfg)))
     assert b.mixed is None and b.images.shape == (8, 3, 32, 32)
-    torch.testing.assert_close(b.images, expected(b, None, cfg, 0, 0)[0], rtol=0, atol=ATOL)
+    assert_near(b.images, expected(index, b, None, cfg, 0, 0)[0], cfg)
 
 
 def test_evaluation_mode_is_centre_crop_without_flip(tiny_root):
     index = ImageIndex.load(tiny_root)
     cfg = config(train=False, shuffle=False)
     b = next(iter(DaliLoader(index, cfg)))
-    want = normalize(b.canvas[:, :, 4:36, 4:36], torch.tensor(cfg.mean), torch.tensor(cfg.std))
-    torch.testing.assert_close(b.images, want, rtol=0, atol=ATOL)
-    torch.testing.assert_close(b.mixed, expected(b, UniformMaps(24, 8), cfg, 0, 0)[1], rtol=0, atol=ATOL)
+    canvas = torch.stack([decode_canvas(index.abspath(int(i)), 40) for i in b.indices])
+    assert_near(b.images, normalize(canvas[:, :, 4:36, 4:36], torch.tensor(cfg.mean), torch.tensor(cfg.std)), cfg)
+    assert_near(b.mixed, expected(index, b, UniformMaps(24, 8), cfg, 0, 0)[1], cfg)
 
 
 def test_an_epoch_left_part_way_does_not_leak_into_the_next(tiny_root):
@@ -219,7 +235,7 @@ def test_a_broken_file_is_skipped_and_counted(folder_with_a_broken_file):
         seen = torch.cat([b.indices for b in batches])
         assert loader.skipped == epoch + 1 and len(seen) == 23 and 9 not in seen.tolist()
         for step, b in enumerate(batches):   # the short batch is mixed with params drawn for its size
-            torch.testing.assert_close(b.mixed, expected(b, maps, cfg, epoch, step)[1], rtol=0, atol=ATOL)
+            assert_near(b.mixed, expected(index, b, maps, cfg, epoch, step)[1], cfg)
 
 
 def test_a_missing_file_stops_the_loader_whatever_on_error(folder_with_a_broken_file):
@@ -265,7 +281,11 @@ def test_a_forked_child_does_not_hang_on_inherited_pipelines(tiny_root):
     gc.collect()
 
 
-RRC_ATOL = 1e-4   # normalised units (1 grey level ~ 0.017): DALI's float linear resize vs the torch op's table
+# A resized crop: the reference resizes twice (image to canvas, antialiased; box to crop, linear), DALI once
+# (image region to crop, antialiased when it shrinks). On these noise images (upscaled to the canvas) the two
+# differ by up to RRC_GREY per pixel (measured 112; before: 1e-4 normalised units against the torch op on DALI's
+# canvases); the photographs' test below bounds the means.
+RRC_GREY = 160
 
 
 @pytest.fixture(scope="module")
@@ -302,9 +322,9 @@ def test_stretch_canvas_is_torchvisions_within_the_resize_tolerance(tiny_root):
 
 @pytest.mark.parametrize("kw", [dict(canvas=64, crop=56), dict(canvas=48, crop=17, clean=False),
                                 dict(canvas=40, crop=32, batch_size=12, grid=4)])
-def test_rrc_equals_the_torch_op_on_dalis_canvases(tiny_root, kw):
-    """Images and mixed images are ``BatchTransform``'s (mix, resized crop, flip, normalise) of the canvases
-    DALI decoded, to RRC_ATOL."""
+def test_rrc_is_the_torch_op_on_torchvisions_canvases_within_the_resize_bound(tiny_root, kw):
+    """Images and mixed images are ``BatchTransform``'s (mix, resized crop, flip, normalise) of the reference's
+    canvases, within RRC_GREY."""
     from backmix.pipeline import BatchTransform
     index = ImageIndex.load(tiny_root)
     maps = random_maps(len(index), kw.get("grid", 8))
@@ -312,19 +332,24 @@ def test_rrc_equals_the_torch_op_on_dalis_canvases(tiny_root, kw):
     transform = BatchTransform.for_config(maps, cfg)
     loader = DaliLoader(index, cfg, maps)
     loader.set_epoch(1)
+    worst = 0.0
     for step, b in enumerate(loader):
-        images, mixed = transform(b.canvas, b.indices.numpy(), epoch=1, step=step)
+        canvas = torch.stack([decode_canvas(index.abspath(int(i)), cfg.canvas) for i in b.indices])
+        images, mixed = transform(canvas, b.indices.numpy(), epoch=1, step=step)
         assert (b.images is None) == (images is None) == (not cfg.clean)
         for got, ref in ((b.images, images), (b.mixed, mixed)):
-            assert got is None or (got.shape == ref.shape and (got - ref).abs().max() <= RRC_ATOL)
+            if got is not None:
+                assert got.shape == ref.shape
+                worst = max(worst, float(grey_levels(got, ref, cfg).max()))
+    assert worst <= RRC_GREY
 
 
 def test_rrc_evaluation_is_the_centre_crop(tiny_root):
     index = ImageIndex.load(tiny_root)
     cfg = config(canvas=64, crop=56, augment="rrc", train=False, backmix=False, shuffle=False)
     b = next(iter(DaliLoader(index, cfg)))
-    want = normalize(b.canvas[:, :, 4:60, 4:60], torch.tensor(cfg.mean), torch.tensor(cfg.std))
-    assert (b.images - want).abs().max() <= ATOL
+    canvas = torch.stack([decode_canvas(index.abspath(int(i)), 64) for i in b.indices])
+    assert_near(b.images, normalize(canvas[:, :, 4:60, 4:60], torch.tensor(cfg.mean), torch.tensor(cfg.std)), cfg)
 
 
 def test_exif_orientation_is_ignored_as_by_the_reference_loader(tmp_path):
@@ -377,3 +402,39 @@ def test_without_the_canvas_the_crops_are_the_same(tiny_root, augment):
             if step + 1 == attach_at:
                 lean.recorder = recorder    # from the next batch on, batches carry the canvas
         assert step == 5
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory):
+    """48 JPEGs of the bundled photographs at ImageNet's size (500 x 375 and 375 x 500)."""
+    from backmix.bench.folders import make_bench_folder
+    out = tmp_path_factory.mktemp("bench") / "photos"
+    make_bench_folder(out, n=48, seed=0)
+    return out
+
+
+# The stream against the reference loader's on photographs (canvas 256, crop 224), in grey levels per pixel:
+# (bound on the mean over the epoch, on any one crop's mean, on any pixel). Measured on 64 photos, all four
+# cases, clean and mixed: the plain crop 0.28 / 0.30 / 4.9 (the same sampling grid: JPEG decoders, DALI's
+# resize vs torchvision's); the resized crop 1.5 / 5.4 / 141 (resized once, not twice: upscaled boxes differ
+# at sharp edges, and the reference's linear resize blends the pasted box and the blanked cells into their
+# neighbours where DALI takes the nearest canvas pixel's).
+PHOTO_BOUNDS = {"crop": (1.0, 1.5, 12.0), "rrc": (3.0, 12.0, 224.0)}
+
+
+@pytest.mark.parametrize("canvas_mode", ["center", "stretch"])
+@pytest.mark.parametrize("augment", ["crop", "rrc"])
+def test_photos_are_the_reference_stream_within_the_stated_bound(photos, augment, canvas_mode):
+    index = ImageIndex.load(photos)
+    maps = random_maps(len(index), seed=4)
+    cfg = config(batch_size=16, canvas=256, crop=224, augment=augment, canvas_mode=canvas_mode, seed=1)
+    ref = list(ReferenceLoader(index, config(batch_size=16, canvas=256, crop=224, augment=augment,
+                                             canvas_mode=canvas_mode, seed=1, num_workers=0), maps))
+    got = list(DaliLoader(index, cfg, maps))
+    mean_bound, crop_bound, pixel_bound = PHOTO_BOUNDS[augment]
+    for name in ("images", "mixed"):
+        diff = torch.cat([grey_levels(getattr(g, name), getattr(r, name), cfg) for g, r in zip(got, ref)])
+        per_crop = diff.flatten(1).mean(1)
+        assert len(per_crop) == len(index)
+        assert diff.mean() <= mean_bound and per_crop.max() <= crop_bound and diff.max() <= pixel_bound
+        assert diff.mean() > 0   # not the canvas path: a different decoder and resize are at work
