@@ -156,12 +156,13 @@ class Loader(LoaderPosition):
         takes CAMs from it."""
         return self.config.keep_canvas or self.recorder is not None
 
-    def inputs(self, step: int, rows: np.ndarray) -> tuple[BatchParams, np.ndarray]:
+    def inputs(self, step: int, rows: np.ndarray, sizes: Optional[np.ndarray] = None) -> tuple[BatchParams, np.ndarray]:
         """(params, masks) of the batch of dataset ``rows`` at ``step``: what a fused source mixes with.
         masks: bool [n, g, g], the top-k cells of each row's current map (all False where nothing is
-        mixed: without BackMix, or for a lone image, which has no partner)."""
+        mixed: without BackMix, or for a lone image, which has no partner). ``sizes``: int [n, 2], each
+        image's height and width, for crops cut from the image (``LoaderConfig.crops_images``)."""
         cfg = self.config
-        p = self.sampler.draw(len(rows), self.epoch, step, cfg.rank, train=cfg.train)
+        p = self.sampler.draw(len(rows), self.epoch, step, cfg.rank, train=cfg.train, sizes=sizes)
         if cfg.backmix and len(rows) > 1:
             masks = host_masks(self.maps, rows, self.sampler.top_k_ratio, p.tie_break)
         else:

@@ -25,6 +25,7 @@ rebuild reads it), is decoded whole as before (``decode_to_canvas``); the crops 
 """
 from __future__ import annotations
 
+import io
 import logging
 import os
 import weakref
@@ -34,11 +35,13 @@ from typing import Iterator, NamedTuple, Optional
 
 import numpy as np
 import torch
+from PIL import Image
 
 from backmix.osr_data.decode import DecodeError, decode_rgb, read_bytes, read_canvas
 from backmix.osr_data.errors import BackMixError
 
 from .augment import fill_value
+from .backmix import stretched_span
 from .core import Loader, Plan, Source, SourceBatch
 from .dali_ops import PREFETCH, decode_box, decode_to_canvas
 
@@ -108,7 +111,7 @@ class _Feeder:
             ids = np.asarray(good, dtype=np.int64)
             self.fed.append(_Fed(step, planned, ids, failed))
             if good:   # DALI takes no empty batch: a step none of whose files could be read is not fed
-                return (data,) + source.pipeline_inputs(step, ids)
+                return (data,) + source.pipeline_inputs(step, ids, data)
         raise StopIteration
 
 
@@ -121,8 +124,7 @@ class DaliSource(Source):
     # What crops cut from the image would need: each image's size before its batch's draw (from the file
     # header), the boxes sliced from the decoded image (fn.decoders.image_slice) and the mix's lent box
     # resized to each target's box: the pipeline draws and mixes on canvases only.
-    whole_images_refused = ("its pipeline draws the boxes before it decodes and mixes canvases only: it would "
-                            "need each image's size from its header and the box sliced from the decoded image")
+    whole_images_refused = None   # crops cut from the image: the boxes are image regions, decoded as any box
 
     def __init__(self, loader) -> None:
         super().__init__(loader)
@@ -147,15 +149,25 @@ class DaliSource(Source):
             return self.bad_rows[row]
         return read_canvas(index, row, cfg.canvas, cfg.canvas_mode, "return", _file_bytes)
 
-    def pipeline_inputs(self, step: int, ids: np.ndarray) -> tuple:
+    def pipeline_inputs(self, step: int, ids: np.ndarray, files: list) -> tuple:
         """The batch's params (``Loader.inputs``) as DALI inputs (lists of numpy arrays), as
-        ``crop_boxes`` and ``lend_boxes`` lay them out."""
-        cfg = self.loader.config
-        p, masks = self.loader.inputs(step, ids)
+        ``crop_boxes`` and ``lend_boxes`` lay them out. Crops cut from the image are drawn in each
+        image's size, read from its file's header."""
+        cfg, box_hw = self.loader.config, self.loader.sampler.box_hw
+        sizes = np.array([header_size(f) for f in files], dtype=np.int64) if cfg.crops_images else None
+        p, masks = self.loader.inputs(step, ids, sizes)
         out = (list(p.flips.astype(np.int32)),) + crop_boxes(p)
         if not cfg.backmix:
             return out
-        return out + lend_boxes(p, masks, self.loader.sampler.box_hw, cfg.crop)
+        src, dst = p.boxes[:, 0:2], p.boxes[:, 2:4]
+        if sizes is None:   # the box on the canvases; the partner's grid cells are canvas // grid pixels
+            cells = np.full((len(ids), 2), 1.0 / (cfg.canvas // cfg.grid))
+            spans = (dst, dst + box_hw, src, src + box_hw)
+        else:               # the box in the images' pixels their stretched canvases' box covers (``stretched_span``)
+            theirs = sizes[p.partners]
+            cells = cfg.grid / theirs
+            spans = image_spans(p.boxes, box_hw, sizes, theirs, cfg.canvas)
+        return out + lend_boxes(p, masks, cfg.crop, spans, cells)
 
     # ----------------------------------------------------------------- the pipeline
 
@@ -165,6 +177,7 @@ class DaliSource(Source):
 
         cfg = self.loader.config
         s, c = cfg.canvas, cfg.crop
+        mode = "image" if cfg.crops_images else cfg.canvas_mode   # where the crop boxes are
         # The canvas leaves the pipeline only when batches carry it: its decode, transpose and copy out
         # cost about a batch's crops. An iteration that wants otherwise builds a new pipeline (``batches``).
         self._with_canvas = with_canvas = self.loader.wants_canvas
@@ -172,7 +185,6 @@ class DaliSource(Source):
         device = "gpu" if gpu else "cpu"
         # Locals only: the pipeline keeps its definition, which must not hold the loader.
         feeder, fill_rgb = self._feeder, fill_value(cfg.mean).numpy().astype(np.float32).reshape(1, 1, 3)
-        cell = s // cfg.grid
         norm = {"mean": [255.0 * m for m in cfg.mean], "std": [255.0 * v for v in cfg.std],
                 "dtype": types.FLOAT, "output_layout": "CHW"}
 
@@ -180,29 +192,28 @@ class DaliSource(Source):
                       device_id=self.loader.device.index if gpu else None,
                       prefetch_queue_depth=PREFETCH, seed=cfg.seed, exec_dynamic=True)
         def backmix_pipeline():
-            n_in = 3 + 6 * cfg.backmix
+            n_in = 3 + 7 * cfg.backmix
             inputs = fn.external_source(source=feeder, num_outputs=n_in, batch=True,
-                                        layout=[""] * 6 + ["HWC", "", ""] if cfg.backmix else [""] * 3)
+                                        layout=[""] * 7 + ["HWC", "", ""] if cfg.backmix else [""] * 3)
             files, flips, box = inputs[:3]
             shape = fn.peek_image_shape(files, adjust_orientation=False)   # H, W, C on the host, from the header
             outs = []
             if with_canvas:
                 outs.append(fn.transpose(decode_to_canvas(files, s, gpu, cfg.canvas_mode), perm=[2, 0, 1]))
-            clean = decode_box(files, shape, box, c, s, cfg.canvas_mode, gpu)
+            clean = decode_box(files, shape, box, c, s, mode, gpu)
             if cfg.clean:
                 outs.append(fn.crop_mirror_normalize(clean, mirror=flips, **norm))
             if cfg.backmix:
-                partners, lend_box, shown, masks, paste_shapes, out_anchors = inputs[3:]
+                partners, lend_box, shown, cells, masks, paste_shapes, out_anchors = inputs[3:]
                 # The partner's pixels under the pasted box as the crop shows them (``lend_boxes``):
                 # only that region of the partner's image is decoded, and resized once.
                 lender = fn.permute_batch(files, indices=partners)
                 lent = decode_box(lender, fn.peek_image_shape(lender, adjust_orientation=False),
-                                  lend_box, shown, s, cfg.canvas_mode, gpu)
+                                  lend_box, shown, s, mode, gpu)
                 if gpu:
                     masks = masks.gpu()
                 # The partner's foreground cell under each lent pixel's centre (nearest), blanked to the fill.
-                cells = lend_box / float(cell)
-                fg = fn.resize(masks, size=shown, roi_start=cells[0:2], roi_end=cells[0:2] + cells[2:4],
+                fg = fn.resize(masks, size=shown, roi_start=cells[0:2], roi_end=cells[2:4],
                                roi_relative=False, interp_type=types.INTERP_NN, antialias=False)
                 fill = types.Constant(fill_rgb, dtype=types.FLOAT, device=device)
                 lent = lent + fn.cast(fg, dtype=types.FLOAT) * (fill - lent)
@@ -300,38 +311,60 @@ def crop_boxes(p) -> tuple:
     return (list(np.concatenate([p.crops, p.crop_sizes], axis=1).astype(np.float32)),)
 
 
-def lend_boxes(p, masks: np.ndarray, box_hw: tuple, crop: int) -> tuple:
+def header_size(data: np.ndarray) -> tuple[int, int]:
+    """(height, width) of an encoded image, from its header (pixels as stored, as the decoders)."""
+    with Image.open(io.BytesIO(data.tobytes())) as im:
+        return im.height, im.width
+
+
+def image_spans(boxes: np.ndarray, box_hw: tuple, sizes: np.ndarray, theirs: np.ndarray, canvas: int) -> tuple:
+    """(t0, t1, s0, s1), int [B, 2]: the pixels of each target (sizes) and of its partner (theirs) that the
+    target and source boxes on their stretched canvases cover, as ``mix_image_backgrounds`` pastes them."""
+    bhw = torch.tensor(box_hw)
+    def span(corners, hw):
+        first, end = stretched_span(torch.from_numpy(corners), bhw, torch.from_numpy(hw), canvas)
+        return first.numpy(), end.numpy()
+    t0, t1 = span(boxes[:, 2:4], sizes)
+    s0, s1 = span(boxes[:, 0:2], theirs)
+    return t0, t1, s0, s1
+
+
+def lend_boxes(p, masks: np.ndarray, crop: int, spans: tuple, cells: np.ndarray) -> tuple:
     """What the mixed crop of target i takes from its partner j = partners[i], as DALI inputs.
 
-    Crop pixel u (of ``crop``) shows the canvas pixel under its centre, cy + (u + 1/2) h / crop (the
-    nearest; the reference's linear resize blends it with its neighbour): the pixels whose centre lies
-    in the pasted box (dst) form the rectangle [u0, u1) x [v0, v1) of the crop, which shows j's pixels
-    moved by the box's offset (src - dst). Returned: partners (int32); that rectangle's extent on j's
-    canvas (float32 [4]: y, x, height, width; the only part of j decoded) and its size (float32 [2], at
-    least 1: what it is resized to); j's top-k mask (uint8 g x g x 1); and the paste of the crop then
-    the rectangle (shapes and corners, int32 [2, 2]; an empty rectangle pastes nothing). A batch of one
-    is not mixed, as the kernel."""
-    b, bhw = len(p.partners), np.array(box_hw, dtype=np.float64)
+    ``spans`` (t0, t1, s0, s1; [B, 2] each, y and x): the pasted box's pixels [t0, t1) in the target
+    (where its crop is: the canvas, or the image) and the pixels [s0, s1) of the partner they show,
+    stretched onto them. ``cells``: float [B, 2], grid cells per partner pixel. Crop pixel u shows the
+    pixel under its centre, cy + (u + 1/2) h / crop (the nearest; the reference's linear resize blends
+    it with its neighbour): those in [t0, t1) form the rectangle [u0, u1) x [v0, v1) of the crop, which
+    shows the partner's pixels there. Returned: partners (int32); that rectangle's extent in the
+    partner (float32 [4]: y, x, height, width; the only part of it decoded) and its size (float32 [2],
+    at least 1: what it is resized to); the extent in the partner's grid cells (float32 [4]: y0, x0, y1,
+    x1) and its top-k mask (uint8 g x g x 1); and the paste of the crop then the rectangle (shapes and
+    corners, int32 [2, 2]; an empty rectangle pastes nothing). A batch of one is not mixed, as the kernel."""
+    b = len(p.partners)
     corner, size = p.crops.astype(np.float64), p.crop_sizes.astype(np.float64)
-    src, dst = p.boxes[:, 0:2].astype(np.float64), p.boxes[:, 2:4].astype(np.float64)
-    step = size / crop   # canvas pixels per crop pixel
-    first = np.clip(np.ceil((dst - corner) / step - 0.5), 0, crop).astype(np.int64)
-    end = np.clip(np.ceil((dst + bhw - corner) / step - 0.5), 0, crop).astype(np.int64)
+    t0, t1, s0, s1 = (np.asarray(a, dtype=np.float64) for a in spans)
+    step = size / crop   # pixels per crop pixel
+    first = np.clip(np.ceil((t0 - corner) / step - 0.5), 0, crop).astype(np.int64)
+    end = np.clip(np.ceil((t1 - corner) / step - 0.5), 0, crop).astype(np.int64)
     shown = (end - first).clip(0)
     if b < 2:
         shown[:] = 0
     empty = (shown == 0).any(axis=1, keepdims=True)
     shown = np.where(empty, 0, shown)
-    # On j's canvas: the rectangle's extent (within half a crop pixel of the source box); any region of
-    # it when empty (nothing of it is pasted, but DALI resizes something).
-    at = np.where(empty, src, corner + first * step + src - dst)
-    extent = np.where(empty, 1.0, shown * step)
+    # In the partner: the rectangle's extent (within half a crop pixel of the source box); any region
+    # of it when empty (nothing of it is pasted, but DALI resizes something).
+    ratio = (s1 - s0) / (t1 - t0)
+    at = np.where(empty, s0, s0 + (corner + first * step - t0) * ratio)
+    extent = np.where(empty, 1.0, shown * step * ratio)
     shapes = np.zeros((b, 2, 2), dtype=np.int32)
     shapes[:, 0], shapes[:, 1] = crop, shown
     anchors = np.zeros((b, 2, 2), dtype=np.int32)
     anchors[:, 1] = np.where(empty, 0, first)
     f32 = lambda a: list(a.astype(np.float32))   # noqa: E731
     return (list(p.partners.astype(np.int32)), f32(np.concatenate([at, extent], axis=1)), f32(shown.clip(1)),
+            f32(np.concatenate([at * cells, (at + extent) * cells], axis=1)),
             list(masks[p.partners].astype(np.uint8)[..., None]), list(shapes), list(anchors))
 
 

@@ -57,11 +57,14 @@ def canvas_to_image(shape, size: int, mode: str):
     """DALI ops: (offset, scale), float [2] (y, x) per sample, such that canvas point p (continuous
     coordinates) lies at image point (p + offset) * scale. ``shape``: fn.peek_image_shape's H, W, C.
     "stretch" scales each side by side / size; "center" is ``decode_to_canvas``'s geometry: the
-    resized image's centre square, the corner rounded as torchvision's CenterCrop."""
+    resized image's centre square, the corner rounded as torchvision's CenterCrop; "image": the box
+    is in the image's own pixels."""
     from nvidia.dali import fn, types
     from nvidia.dali import math as dmath
 
     hw = fn.cast(shape[0:2], dtype=types.FLOAT)
+    if mode == "image":   # boxes in the image's own pixels (crops cut from the image)
+        return hw * 0.0, hw * 0.0 + 1.0
     if mode == "stretch":
         return hw * 0.0, hw / float(size)
     h, w = hw[0], hw[1]

@@ -270,7 +270,7 @@ def test_backmix_train_crop_from_image_reaches_the_training_loader(small_root, t
     assert not loader_config(cfg, torch.device("cpu"), train=False).crops_images   # evaluation: the canvas
 
 
-@pytest.mark.parametrize("backend", ["ffcv", "dali"])
+@pytest.mark.parametrize("backend", ["ffcv"])
 def test_a_backend_that_cannot_cut_from_the_image_refuses_in_one_line(coordinate_root, backend):
     from backmix.osr_data import ImageIndex
     from backmix.pipeline import make_loader
