@@ -184,7 +184,7 @@ class DaliSource(Source):
         gpu = self.gpu
         device = "gpu" if gpu else "cpu"
         # Locals only: the pipeline keeps its definition, which must not hold the loader.
-        feeder, fill_rgb = self._feeder, fill_value(cfg.mean).numpy().astype(np.float32).reshape(1, 1, 3)
+        feeder, fill_rgb = self._feeder, fill_value(cfg.mean).numpy().reshape(1, 1, 3)
         norm = {"mean": [255.0 * m for m in cfg.mean], "std": [255.0 * v for v in cfg.std],
                 "dtype": types.FLOAT, "output_layout": "CHW"}
 
@@ -215,8 +215,9 @@ class DaliSource(Source):
                 # The partner's foreground cell under each lent pixel's centre (nearest), blanked to the fill.
                 fg = fn.resize(masks, size=shown, roi_start=cells[0:2], roi_end=cells[2:4],
                                roi_relative=False, interp_type=types.INTERP_NN, antialias=False)
-                fill = types.Constant(fill_rgb, dtype=types.FLOAT, device=device)
-                lent = lent + fn.cast(fg, dtype=types.FLOAT) * (fill - lent)
+                one = types.Constant(1, dtype=types.UINT8)
+                fill = types.Constant(fill_rgb, dtype=types.UINT8, device=device)
+                lent = lent * (one - fg) + fill * fg
                 mixed = fn.multi_paste(clean, lent, shapes=paste_shapes, out_anchors=out_anchors, output_size=[c, c])
                 outs.append(fn.crop_mirror_normalize(mixed, mirror=flips, **norm))
             return tuple(outs)

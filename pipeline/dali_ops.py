@@ -75,7 +75,7 @@ def canvas_to_image(shape, size: int, mode: str):
 
 def decode_box(files, shape, box, out, size: int, mode: str, gpu: bool):
     """DALI ops: the canvas box ``box`` (float [4]: y, x, height, width in canvas pixels) of each image
-    as float HWC ``out`` (an int, or float [2] per sample), decoding only the image region under it and
+    as uint8 HWC ``out`` (an int, or float [2] per sample), decoding only the image region under it and
     resizing that once, linear and antialiased. A margin of one filter support is decoded around the
     region so that its edge pixels are filtered as inside the whole image."""
     from nvidia.dali import fn, types
@@ -93,7 +93,7 @@ def decode_box(files, shape, box, out, size: int, mode: str, gpu: bool):
                                      axis_names="HW", normalized_anchor=False, normalized_shape=False,
                                      output_type=types.RGB, adjust_orientation=False, jpeg_fancy_upsampling=True)
     return fn.resize(region, size=[out, out] if isinstance(out, int) else out, roi_start=start - lo, roi_end=end - lo,
-                     roi_relative=False, antialias=True, interp_type=types.INTERP_LINEAR, dtype=types.FLOAT)
+                     roi_relative=False, antialias=True, interp_type=types.INTERP_LINEAR)
 
 
 def crop_where(p: BatchParams, config: LoaderConfig) -> tuple:
