@@ -1,5 +1,6 @@
-"""DALI's stages timed apart (``backmix bench loader``'s breakdown of the dali backend): its decode, its
-canvas resize and its crop, each pipeline built from the loader's own graph pieces (``dali_ops``)."""
+"""DALI's stages timed apart (``backmix bench loader``'s breakdown of the dali backend), each pipeline
+built from the loader's own graph pieces (``dali_ops``, ``dali_graphs``): the canvas graph's whole
+decode, canvas resize and crop, and the region graph's crops, which decode only their boxes' regions."""
 from __future__ import annotations
 
 import time
@@ -8,14 +9,18 @@ import numpy as np
 
 from backmix.osr_data.index import ImageIndex
 from backmix.pipeline.config import LoaderConfig, choose_device
-from backmix.pipeline.dali_ops import PREFETCH, crop_normalize, crop_where, decode_to_canvas
+from backmix.pipeline.dali_graphs import crop_boxes
+from backmix.pipeline.dali_ops import (PREFETCH, crop_normalize, crop_where, decode_box, decode_to_canvas,
+                                       decode_whole)
 
 
 def stage_times(index: ImageIndex, config: LoaderConfig, batches: int) -> dict[str, float]:
-    """Milliseconds per batch of DALI's decode, its canvas resize and its crop (crop, flip, normalise,
-    at the sampler's boxes), each pipeline alone on the loader's files, threads and device; a stage's
-    time is the difference of the pipelines up to it and up to the one before."""
-    from nvidia.dali import fn, pipeline_def
+    """Milliseconds per batch, each pipeline alone on the loader's files, threads and device. The canvas
+    graph: ``decode_ms`` the whole decode, ``resize_ms`` the canvas resize after it, ``crop_ms`` the
+    crop, flip and normalise after that (each the difference of a pipeline and the one before). The
+    region graph: ``region_crop_ms`` the clean crops at the sampler's boxes, their regions decoded alone,
+    resized, flipped and normalised (what a batch without canvases costs before the mix)."""
+    from nvidia.dali import fn, pipeline_def, types
 
     device = choose_device(config.device)
     gpu = device.type == "cuda"
@@ -23,9 +28,11 @@ def stage_times(index: ImageIndex, config: LoaderConfig, batches: int) -> dict[s
     rows = np.arange(min(len(index), b * max(1, batches)))
     files = [np.fromfile(index.abspath(int(i)), dtype=np.uint8) for i in rows]
     sampler = config.sampler()
-    out = {}
-    for stages in ("decode", "decode,resize", "decode,resize,crop"):
-        crops = stages.endswith("crop")
+    norm = {"mean": [255.0 * m for m in config.mean], "std": [255.0 * v for v in config.std],
+            "dtype": types.FLOAT, "output_layout": "CHW"}
+    out, n_inputs = {}, {"decode": 1, "canvas": 1, "canvas crops": 4, "region crops": 3}
+    for stage in ("decode", "canvas", "canvas crops", "region crops"):
+        crops = stage.endswith("crops")
 
         def batch_inputs(info):
             start = (info.iteration * b) % len(files)
@@ -33,16 +40,25 @@ def stage_times(index: ImageIndex, config: LoaderConfig, batches: int) -> dict[s
             if not crops:   # the files alone: DALI warns of outputs a pipeline does not read
                 return (batch,)
             p = sampler.draw(b, 0, info.iteration, train=config.train)
-            return (batch, list(p.flips.astype(np.int32)), *crop_where(p, config))
+            where = crop_where(p, config) if stage == "canvas crops" else crop_boxes(p)
+            return (batch, list(p.flips.astype(np.int32))) + tuple(where)
 
         @pipeline_def(batch_size=b, num_threads=max(1, config.num_workers),
                       device_id=device.index if gpu else None,
                       prefetch_queue_depth=PREFETCH, exec_dynamic=True)
         def timing_pipeline():
-            files_in, *rest = fn.external_source(source=batch_inputs, num_outputs=4 if crops else 1, batch=True,
+            files_in, *rest = fn.external_source(source=batch_inputs, num_outputs=n_inputs[stage], batch=True,
                                                  batch_info=True)
-            canvas = decode_to_canvas(files_in, config.canvas, gpu, config.canvas_mode, stages)
-            return crop_normalize(canvas, rest[0], rest[1:], config) if crops else canvas
+            if stage == "decode":
+                return decode_whole(files_in, gpu)
+            if stage == "canvas":
+                return decode_to_canvas(files_in, config.canvas, gpu, config.canvas_mode)
+            if stage == "canvas crops":
+                canvas = decode_to_canvas(files_in, config.canvas, gpu, config.canvas_mode)
+                return crop_normalize(canvas, rest[0], rest[1:], config)
+            shape = fn.peek_image_shape(files_in, adjust_orientation=False)
+            crop = decode_box(files_in, shape, rest[1], config.crop, config.canvas, config.canvas_mode, gpu)
+            return fn.crop_mirror_normalize(crop, mirror=rest[0], **norm)
 
         pipe = timing_pipeline()
         pipe.build()
@@ -50,7 +66,7 @@ def stage_times(index: ImageIndex, config: LoaderConfig, batches: int) -> dict[s
         t = time.perf_counter()
         for _ in range(batches):
             pipe.run()
-        out[stages] = 1e3 * (time.perf_counter() - t) / batches
+        out[stage] = 1e3 * (time.perf_counter() - t) / batches
         del pipe
-    return {"decode_ms": out["decode"], "resize_ms": out["decode,resize"] - out["decode"],
-            "crop_ms": out["decode,resize,crop"] - out["decode,resize"]}
+    return {"decode_ms": out["decode"], "resize_ms": out["canvas"] - out["decode"],
+            "crop_ms": out["canvas crops"] - out["canvas"], "region_crop_ms": out["region crops"]}

@@ -1,27 +1,13 @@
 """The DALI backend: a fused source (``pipeline/core.py``) whose one DALI pipeline decodes, mixes,
-crops, flips and normalises each batch, decoding only the image regions its crops show.
+crops, flips and normalises each batch.
 
 The loader core owns the plan, position, maps, ``on_error``, labels and device; every random choice
-and the masks come from ``Loader.inputs``, fed in per batch through one ``fn.external_source``, so
-the stream is ReferenceLoader's within a resize's difference (the bounds: tests/test_dali.py).
-
-No canvas is made for the crops. A box on the canvas is a region of the image (the canvas is a scaled
-square of it: "center" the shorter side resized and the centre square, "stretch" both sides resized;
-``canvas_to_image``), so each crop decodes only its box's image region (fn.decoders.image_slice; the
-image's size from its header, fn.peek_image_shape) and resizes it once to the crop (``decode_box``).
-The plain crop samples the canvas's own pixel grid (within a few grey levels of the reference); a
-resized crop is resized once where the reference resizes twice.
-
-The mix (target i borrows from partner j = partners[i]), as DALI ops:
-  host     the top-k cells of each image's g x g map (``top_k_mask``; tiny), and per target the
-           rectangle of its crop whose pixel centres fall in its pasted box (``lend_boxes``)
-  lent     the partner's file (``permute_batch``) decodes only the region under that rectangle
-           (the box moved by src - dst on its canvas), resized to the rectangle, and blanks its
-           foreground: the partner's mask sampled at each pixel's centre (nearest)
-  mixed    ``multi_paste`` of the target's clean crop, then the lent rectangle
-CPU and GPU ("mixed" decoder) run the same graph. A batch of one is left as it is, as the kernel.
-The canvas, only while the loader wants it (``Loader.wants_canvas``: batches carry it, or an in-loop
-rebuild reads it), is decoded whole as before (``decode_to_canvas``); the crops never read it.
+and the masks come from ``Loader.inputs``, fed in per batch through one ``fn.external_source``. The
+pipeline is one of two graphs (``dali_graphs``): while canvases are made (batches carry them, or an
+in-loop rebuild reads them) the crops are cut from them, the reference's arithmetic on DALI's
+canvases; otherwise each crop decodes only its box's image region and resizes it once, within a
+stated bound of the reference's stream (the bounds: tests/test_dali.py). CPU and GPU ("mixed"
+decoder) run the same graphs.
 """
 from __future__ import annotations
 
@@ -40,10 +26,9 @@ from PIL import Image
 from backmix.osr_data.decode import DecodeError, decode_rgb, read_bytes, read_canvas
 from backmix.osr_data.errors import BackMixError
 
-from .augment import fill_value
-from .backmix import stretched_span
 from .core import Loader, Plan, Source, SourceBatch
-from .dali_ops import PREFETCH, decode_box, decode_to_canvas
+from .dali_graphs import choose_graph
+from .dali_ops import PREFETCH
 
 log = logging.getLogger("backmix")
 
@@ -121,9 +106,6 @@ class DaliSource(Source):
 
     name = "dali"
     kind = "fused"
-    # What crops cut from the image would need: each image's size before its batch's draw (from the file
-    # header), the boxes sliced from the decoded image (fn.decoders.image_slice) and the mix's lent box
-    # resized to each target's box: the pipeline draws and mixes on canvases only.
     whole_images_refused = None   # crops cut from the image: the boxes are image regions, decoded as any box
 
     def __init__(self, loader) -> None:
@@ -150,77 +132,33 @@ class DaliSource(Source):
         return read_canvas(index, row, cfg.canvas, cfg.canvas_mode, "return", _file_bytes)
 
     def pipeline_inputs(self, step: int, ids: np.ndarray, files: list) -> tuple:
-        """The batch's params (``Loader.inputs``) as DALI inputs (lists of numpy arrays), as
-        ``crop_boxes`` and ``lend_boxes`` lay them out. Crops cut from the image are drawn in each
-        image's size, read from its file's header."""
-        cfg, box_hw = self.loader.config, self.loader.sampler.box_hw
+        """The batch's params and masks (``Loader.inputs``) as the current graph's DALI inputs. Crops cut
+        from the image are drawn in each image's size, read from its file's header."""
+        cfg = self.loader.config
         sizes = np.array([header_size(f) for f in files], dtype=np.int64) if cfg.crops_images else None
         p, masks = self.loader.inputs(step, ids, sizes)
-        out = (list(p.flips.astype(np.int32)),) + crop_boxes(p)
-        if not cfg.backmix:
-            return out
-        src, dst = p.boxes[:, 0:2], p.boxes[:, 2:4]
-        if sizes is None:   # the box on the canvases; the partner's grid cells are canvas // grid pixels
-            cells = np.full((len(ids), 2), 1.0 / (cfg.canvas // cfg.grid))
-            spans = (dst, dst + box_hw, src, src + box_hw)
-        else:               # the box in the images' pixels their stretched canvases' box covers (``stretched_span``)
-            theirs = sizes[p.partners]
-            cells = cfg.grid / theirs
-            spans = image_spans(p.boxes, box_hw, sizes, theirs, cfg.canvas)
-        return out + lend_boxes(p, masks, cfg.crop, spans, cells)
+        return self._graph.inputs(p, masks, sizes)
 
     # ----------------------------------------------------------------- the pipeline
 
-
     def _build(self):
-        from nvidia.dali import fn, pipeline_def, types
+        from nvidia.dali import fn, pipeline_def
 
         cfg = self.loader.config
-        s, c = cfg.canvas, cfg.crop
-        mode = "image" if cfg.crops_images else cfg.canvas_mode   # where the crop boxes are
-        # The canvas leaves the pipeline only when batches carry it: its decode, transpose and copy out
-        # cost about a batch's crops. An iteration that wants otherwise builds a new pipeline (``batches``).
-        self._with_canvas = with_canvas = self.loader.wants_canvas
-        gpu = self.gpu
-        device = "gpu" if gpu else "cpu"
+        # The canvas leaves the pipeline only when batches carry it: making it and copying it out cost
+        # about a batch's crops. An iteration that wants otherwise builds a new pipeline (``batches``).
+        self._with_canvas = self.loader.wants_canvas
         # Locals only: the pipeline keeps its definition, which must not hold the loader.
-        feeder, fill_rgb = self._feeder, fill_value(cfg.mean).numpy().reshape(1, 1, 3)
-        norm = {"mean": [255.0 * m for m in cfg.mean], "std": [255.0 * v for v in cfg.std],
-                "dtype": types.FLOAT, "output_layout": "CHW"}
+        self._graph = graph = choose_graph(cfg, self.loader.sampler.box_hw, self.gpu, self._with_canvas)
+        feeder = self._feeder
 
         @pipeline_def(batch_size=cfg.batch_size, num_threads=max(1, cfg.num_workers),
-                      device_id=self.loader.device.index if gpu else None,
+                      device_id=self.loader.device.index if self.gpu else None,
                       prefetch_queue_depth=PREFETCH, seed=cfg.seed, exec_dynamic=True)
         def backmix_pipeline():
-            n_in = 3 + 7 * cfg.backmix
-            inputs = fn.external_source(source=feeder, num_outputs=n_in, batch=True,
-                                        layout=[""] * 7 + ["HWC", "", ""] if cfg.backmix else [""] * 3)
-            files, flips, box = inputs[:3]
-            shape = fn.peek_image_shape(files, adjust_orientation=False)   # H, W, C on the host, from the header
-            outs = []
-            if with_canvas:
-                outs.append(fn.transpose(decode_to_canvas(files, s, gpu, cfg.canvas_mode), perm=[2, 0, 1]))
-            clean = decode_box(files, shape, box, c, s, mode, gpu)
-            if cfg.clean:
-                outs.append(fn.crop_mirror_normalize(clean, mirror=flips, **norm))
-            if cfg.backmix:
-                partners, lend_box, shown, cells, masks, paste_shapes, out_anchors = inputs[3:]
-                # The partner's pixels under the pasted box as the crop shows them (``lend_boxes``):
-                # only that region of the partner's image is decoded, and resized once.
-                lender = fn.permute_batch(files, indices=partners)
-                lent = decode_box(lender, fn.peek_image_shape(lender, adjust_orientation=False),
-                                  lend_box, shown, s, mode, gpu)
-                if gpu:
-                    masks = masks.gpu()
-                # The partner's foreground cell under each lent pixel's centre (nearest), blanked to the fill.
-                fg = fn.resize(masks, size=shown, roi_start=cells[0:2], roi_end=cells[2:4],
-                               roi_relative=False, interp_type=types.INTERP_NN, antialias=False)
-                one = types.Constant(1, dtype=types.UINT8)
-                fill = types.Constant(fill_rgb, dtype=types.UINT8, device=device)
-                lent = lent * (one - fg) + fill * fg
-                mixed = fn.multi_paste(clean, lent, shapes=paste_shapes, out_anchors=out_anchors, output_size=[c, c])
-                outs.append(fn.crop_mirror_normalize(mixed, mirror=flips, **norm))
-            return tuple(outs)
+            files, *inputs = fn.external_source(source=feeder, num_outputs=1 + graph.n_inputs(), batch=True,
+                                                layout=[""] + graph.layout())
+            return graph.outputs(files, inputs)
 
         pipe = backmix_pipeline()
         pipe.build()
@@ -307,66 +245,10 @@ class DaliSource(Source):
         return out
 
 
-def crop_boxes(p) -> tuple:
-    """Each image's crop box on the canvas (float32 [4]: y, x, height, width), as a DALI input."""
-    return (list(np.concatenate([p.crops, p.crop_sizes], axis=1).astype(np.float32)),)
-
-
 def header_size(data: np.ndarray) -> tuple[int, int]:
     """(height, width) of an encoded image, from its header (pixels as stored, as the decoders)."""
     with Image.open(io.BytesIO(data.tobytes())) as im:
         return im.height, im.width
-
-
-def image_spans(boxes: np.ndarray, box_hw: tuple, sizes: np.ndarray, theirs: np.ndarray, canvas: int) -> tuple:
-    """(t0, t1, s0, s1), int [B, 2]: the pixels of each target (sizes) and of its partner (theirs) that the
-    target and source boxes on their stretched canvases cover, as ``mix_image_backgrounds`` pastes them."""
-    bhw = torch.tensor(box_hw)
-    def span(corners, hw):
-        first, end = stretched_span(torch.from_numpy(corners), bhw, torch.from_numpy(hw), canvas)
-        return first.numpy(), end.numpy()
-    t0, t1 = span(boxes[:, 2:4], sizes)
-    s0, s1 = span(boxes[:, 0:2], theirs)
-    return t0, t1, s0, s1
-
-
-def lend_boxes(p, masks: np.ndarray, crop: int, spans: tuple, cells: np.ndarray) -> tuple:
-    """What the mixed crop of target i takes from its partner j = partners[i], as DALI inputs.
-
-    ``spans`` (t0, t1, s0, s1; [B, 2] each, y and x): the pasted box's pixels [t0, t1) in the target
-    (where its crop is: the canvas, or the image) and the pixels [s0, s1) of the partner they show,
-    stretched onto them. ``cells``: float [B, 2], grid cells per partner pixel. Crop pixel u shows the
-    pixel under its centre, cy + (u + 1/2) h / crop (the nearest; the reference's linear resize blends
-    it with its neighbour): those in [t0, t1) form the rectangle [u0, u1) x [v0, v1) of the crop, which
-    shows the partner's pixels there. Returned: partners (int32); that rectangle's extent in the
-    partner (float32 [4]: y, x, height, width; the only part of it decoded) and its size (float32 [2],
-    at least 1: what it is resized to); the extent in the partner's grid cells (float32 [4]: y0, x0, y1,
-    x1) and its top-k mask (uint8 g x g x 1); and the paste of the crop then the rectangle (shapes and
-    corners, int32 [2, 2]; an empty rectangle pastes nothing). A batch of one is not mixed, as the kernel."""
-    b = len(p.partners)
-    corner, size = p.crops.astype(np.float64), p.crop_sizes.astype(np.float64)
-    t0, t1, s0, s1 = (np.asarray(a, dtype=np.float64) for a in spans)
-    step = size / crop   # pixels per crop pixel
-    first = np.clip(np.ceil((t0 - corner) / step - 0.5), 0, crop).astype(np.int64)
-    end = np.clip(np.ceil((t1 - corner) / step - 0.5), 0, crop).astype(np.int64)
-    shown = (end - first).clip(0)
-    if b < 2:
-        shown[:] = 0
-    empty = (shown == 0).any(axis=1, keepdims=True)
-    shown = np.where(empty, 0, shown)
-    # In the partner: the rectangle's extent (within half a crop pixel of the source box); any region
-    # of it when empty (nothing of it is pasted, but DALI resizes something).
-    ratio = (s1 - s0) / (t1 - t0)
-    at = np.where(empty, s0, s0 + (corner + first * step - t0) * ratio)
-    extent = np.where(empty, 1.0, shown * step * ratio)
-    shapes = np.zeros((b, 2, 2), dtype=np.int32)
-    shapes[:, 0], shapes[:, 1] = crop, shown
-    anchors = np.zeros((b, 2, 2), dtype=np.int32)
-    anchors[:, 1] = np.where(empty, 0, first)
-    f32 = lambda a: list(a.astype(np.float32))   # noqa: E731
-    return (list(p.partners.astype(np.int32)), f32(np.concatenate([at, extent], axis=1)), f32(shown.clip(1)),
-            f32(np.concatenate([at * cells, (at + extent) * cells], axis=1)),
-            list(masks[p.partners].astype(np.uint8)[..., None]), list(shapes), list(anchors))
 
 
 def _decode_error(path: str) -> Optional[DecodeError]:

@@ -1,7 +1,8 @@
-"""DALI graph pieces the loader and the benchmark share: the decode to a canvas as DALI ops
-(``decode_to_canvas``, torchvision's canvas within a grey level), the crop, flip and normalise
-(``crop_normalize``), and the decode of only the image region under a box of the canvas, resized once
-to the crop (``canvas_to_image``, ``decode_box``)."""
+"""DALI graph pieces the loader's graphs (``dali_graphs``) and the benchmark share: the whole decode
+(``decode_whole``); the canvas made from it (``decode_to_canvas``, torchvision's canvas within a grey
+level); the crop, flip and normalise of a canvas (``crop_normalize``); the image region under a box of
+the canvas, decoded alone or sliced from the whole decode, resized once (``canvas_to_image``,
+``decode_box``)."""
 from __future__ import annotations
 
 import numpy as np
@@ -21,21 +22,25 @@ def round_half_even(x):
     odd = whole - 2.0 * dmath.floor(whole / 2.0)  # 1 when ``whole`` is odd
     return whole + half * odd
 
+def decode_whole(files, gpu: bool):
+    """DALI ops: encoded files -> their whole images, uint8 HWC RGB, pixels as stored (EXIF orientation
+    not applied, as the reference loader decodes them)."""
+    from nvidia.dali import fn, types
 
-def decode_to_canvas(files, size: int, gpu: bool, mode: str = "center", stages: str = "decode,resize"):
+    return fn.decoders.image(files, device="mixed" if gpu else "cpu", output_type=types.RGB, adjust_orientation=False,
+                             jpeg_fancy_upsampling=True)
+
+def decode_to_canvas(files, size: int, gpu: bool, mode: str = "center", images=None):
     """DALI ops: encoded files -> uint8 HWC canvases of size x size, antialiased, in canvas ``mode`` as
     ``osr_data.decode.to_canvas``: "stretch" resizes both sides; "center" is torchvision's Resize (the
     shorter side to ``size``, the longer to int(size * long / short), from the file's header) then
     CenterCrop, computed as one resize of the centre square's source region: only the canvas's pixels
-    are resampled (the longer side's cut-off ends never are). stages="decode" stops after decoding
-    (for the benchmark)."""
+    are resampled (the longer side's cut-off ends never are). ``images``: the files already decoded
+    (``decode_whole``), when the graph uses them for more than the canvas."""
     from nvidia.dali import fn, types
     from nvidia.dali import math as dmath
 
-    # adjust_orientation=False: pixels as stored, as the reference loader decodes them (EXIF not applied)
-    images = fn.decoders.image(files, device="mixed" if gpu else "cpu", output_type=types.RGB, adjust_orientation=False)
-    if stages == "decode":
-        return images
+    images = decode_whole(files, gpu) if images is None else images
     if mode == "stretch":
         return fn.resize(images, size=[size, size], mode="stretch", antialias=True,
                          interp_type=types.INTERP_LINEAR)
@@ -51,7 +56,6 @@ def decode_to_canvas(files, size: int, gpu: bool, mode: str = "center", stages: 
     scale = hw / resized
     return fn.resize(images, size=[size, size], roi_start=corner * scale, roi_end=(corner + size) * scale,
                      roi_relative=False, antialias=True, interp_type=types.INTERP_LINEAR)
-
 
 def canvas_to_image(shape, size: int, mode: str):
     """DALI ops: (offset, scale), float [2] (y, x) per sample, such that canvas point p (continuous
@@ -72,12 +76,12 @@ def canvas_to_image(shape, size: int, mode: str):
                        dmath.max(dmath.floor(size * w / h), float(size)))
     return round_half_even((resized - size) / 2.0), hw / resized
 
-
-def decode_box(files, shape, box, out, size: int, mode: str, gpu: bool):
+def decode_box(files, shape, box, out, size: int, mode: str, gpu: bool, images=None):
     """DALI ops: the canvas box ``box`` (float [4]: y, x, height, width in canvas pixels) of each image
-    as uint8 HWC ``out`` (an int, or float [2] per sample), decoding only the image region under it and
-    resizing that once, linear and antialiased. A margin of one filter support is decoded around the
-    region so that its edge pixels are filtered as inside the whole image."""
+    as uint8 HWC ``out`` (an int, or float [2] per sample), resized once, linear and antialiased. Only
+    the image region under the box is decoded; or, given ``images`` (the files decoded whole, when the
+    graph makes their canvases too), the region is sliced from them. A margin of one filter support
+    is taken around the region so that its edge pixels are filtered as inside the whole image."""
     from nvidia.dali import fn, types
     from nvidia.dali import math as dmath
 
@@ -89,9 +93,12 @@ def decode_box(files, shape, box, out, size: int, mode: str, gpu: bool):
     margin = dmath.ceil((end - start) / out) + 1.0
     lo = dmath.clamp(dmath.floor(start) - margin, 0.0, hw - 1.0)
     hi = dmath.clamp(dmath.ceil(end) + margin, lo + 1.0, hw)
-    region = fn.decoders.image_slice(files, lo, hi - lo, device="mixed" if gpu else "cpu",
-                                     axis_names="HW", normalized_anchor=False, normalized_shape=False,
-                                     output_type=types.RGB, adjust_orientation=False, jpeg_fancy_upsampling=True)
+    where = {"axis_names": "HW", "normalized_anchor": False, "normalized_shape": False}
+    if images is None:
+        region = fn.decoders.image_slice(files, lo, hi - lo, device="mixed" if gpu else "cpu", **where,
+                                         output_type=types.RGB, adjust_orientation=False, jpeg_fancy_upsampling=True)
+    else:
+        region = fn.slice(images, lo, hi - lo, **where)
     return fn.resize(region, size=[out, out] if isinstance(out, int) else out, roi_start=start - lo, roi_end=end - lo,
                      roi_relative=False, antialias=True, interp_type=types.INTERP_LINEAR)
 

@@ -374,7 +374,7 @@ def test_the_timed_window_is_whole_epochs_after_a_warm_up_that_ends_its_epoch():
     assert spread([90.0, 100.0, 120.0]) == pytest.approx(0.2) and spread([None]) is None
 
 
-def test_bench_loader_times_crops_from_the_whole_image_and_names_a_backend_that_refuses(bench_folder, tmp_path):
+def test_bench_loader_times_crops_from_the_whole_image(bench_folder, tmp_path):
     out = tmp_path / "bench.json"
     r = backmix("bench", "loader", "--data", str(bench_folder), "--backend", "reference,dali", "--batches", "1",
                 "--warmup", "0", "--batch-size", "8", "--canvas", "64", "--crop", "56", "--workers", "1",
@@ -383,6 +383,4 @@ def test_bench_loader_times_crops_from_the_whole_image_and_names_a_backend_that_
     report = json.loads(out.read_text())
     assert report["config"]["crop_from"] == "image"
     rows = {(x["backend"], x["mode"]): x for x in report["results"]}
-    assert all(rows[("reference", m)]["images_per_s"] > 0 for m in ("off", "on", "on+clean"))
-    assert all(rows[("dali", m)]["images_per_s"] is None and "crop" in rows[("dali", m)]["error"]
-               for m in ("off", "on", "on+clean"))
+    assert all(rows[(b, m)]["images_per_s"] > 0 for b in ("reference", "dali") for m in ("off", "on", "on+clean"))

@@ -19,11 +19,12 @@ from backmix.pipeline import (EpochSampler, LoaderConfig, ReferenceLoader, crop_
                       make_loader, mix_backgrounds, normalize, top_k_mask)
 from backmix.pipeline.dali import DaliLoader
 
-ATOL = 1e-5   # crop_mirror_normalize computes (x - 255 m) / (255 s) in float32; torch (x / 255 - m) / s
-# The crops are decoded from the image region under each box and resized once; the reference resizes the whole
-# image to the canvas, then cuts (and resizes) the crop. Bounds in grey levels, per pixel, against the
-# reference's arithmetic on torchvision's canvases (before: 1e-5 against the kernel on DALI's own canvases,
-# which then were cut from a whole decoded canvas).
+# The canvas graph (batches carry the canvas) cuts the crops from DALI's canvases: the reference's arithmetic
+# on them, to crop_mirror_normalize's rounding (it computes (x - 255 m) / (255 s) in float32; torch (x / 255 - m) / s).
+ATOL = 1e-5
+# The region graph decodes the image region under each box and resizes it once; the reference resizes the
+# whole image to the canvas, then cuts (and resizes) the crop. Bound in grey levels, per pixel, against the
+# reference's arithmetic on torchvision's canvases.
 CROP_GREY = 3    # the plain crop: the same sampling grid; DALI's resize vs torchvision's (measured max 1)
 
 
@@ -33,14 +34,22 @@ def config(**kw):
     return LoaderConfig(**base)
 
 
+@pytest.fixture(params=[True, False], ids=["canvas-graph", "region-graph"])
+def keep_canvas(request):
+    """Which of the two DALI graphs a loader runs: batches that carry the canvas are cut from it."""
+    return request.param
+
+
 def expected(index, batch, maps, cfg, epoch, step, rank=0):
-    """The reference's arithmetic on torchvision's canvases of the batch: (images, mixed)."""
+    """The reference's arithmetic on the batch's canvases, DALI's own when the batch carries them,
+    else torchvision's: (images, mixed)."""
     sampler = cfg.sampler()
     p = sampler.draw(len(batch.indices), epoch, step, rank).torch()
     if not cfg.train:
         p["crops"][:] = (cfg.canvas - cfg.crop) // 2
         p["flips"][:] = False
-    canvas = torch.stack([decode_canvas(index.abspath(int(i)), cfg.canvas, cfg.canvas_mode) for i in batch.indices])
+    canvas = batch.canvas if batch.canvas is not None else torch.stack(
+        [decode_canvas(index.abspath(int(i)), cfg.canvas, cfg.canvas_mode) for i in batch.indices])
     mean, std = torch.tensor(cfg.mean), torch.tensor(cfg.std)
     images = normalize(crop_flip(canvas, p["crops"], p["flips"], cfg.crop), mean, std)
     if not cfg.backmix:
@@ -56,19 +65,23 @@ def grey_levels(got, want, cfg):
 
 
 def assert_near(got, want, cfg, grey=CROP_GREY):
+    """The canvas graph's crops are the arithmetic on its canvases; the region graph's within ``grey``."""
     assert got.shape == want.shape and got.dtype == want.dtype
-    assert grey_levels(got, want, cfg).max() <= grey
+    if cfg.keep_canvas:
+        torch.testing.assert_close(got, want, rtol=0, atol=ATOL)
+    else:
+        assert grey_levels(got, want, cfg).max() <= grey
 
 
 def random_maps(n, grid=8, seed=0):
     return ArrayMaps(np.random.default_rng(seed).random((n, grid, grid), dtype=np.float32))
 
 
-def test_batches_equal_the_kernel_on_dalis_canvases(digits_root, caplog):
+def test_batches_are_the_reference_stream(digits_root, caplog, keep_canvas):
     index = ImageIndex.load(digits_root / "train")
     known = np.flatnonzero(index.labels < 4)[:45]         # a subset of rows, as for the known classes
     maps = random_maps(len(index))
-    cfg = config(batch_size=16)
+    cfg = config(batch_size=16, keep_canvas=keep_canvas)
     with caplog.at_level(logging.INFO, logger="backmix"):
         loader = make_loader("dali", index, cfg, maps, known)
     assert loader.backend == "dali" and loader.device == torch.device("cpu")
@@ -81,11 +94,14 @@ def test_batches_equal_the_kernel_on_dalis_canvases(digits_root, caplog):
     for step, (b, pos) in enumerate(zip(batches, order)):
         assert b.indices.tolist() == known[pos].tolist()
         assert b.labels.tolist() == index.labels[known[pos]].tolist()
-        assert b.canvas.dtype == torch.uint8 and b.canvas.shape == (len(pos), 3, 40, 40)
-        assert b.canvas.is_contiguous()
-        # DALI's antialiased resize is close to torchvision's, not equal.
-        ref = torch.stack([decode_canvas(index.abspath(int(i)), 40) for i in known[pos]])
-        assert (ref.int() - b.canvas.int()).abs().max() <= 8
+        if keep_canvas:
+            assert b.canvas.dtype == torch.uint8 and b.canvas.shape == (len(pos), 3, 40, 40)
+            assert b.canvas.is_contiguous()
+            # DALI's antialiased resize is close to torchvision's, not equal.
+            ref = torch.stack([decode_canvas(index.abspath(int(i)), 40) for i in known[pos]])
+            assert (ref.int() - b.canvas.int()).abs().max() <= 8
+        else:
+            assert b.canvas is None
         images, mixed = expected(index, b, maps, cfg, 2, step)
         assert b.images.dtype == b.mixed.dtype == torch.float32
         assert_near(b.images, images, cfg)
@@ -93,11 +109,12 @@ def test_batches_equal_the_kernel_on_dalis_canvases(digits_root, caplog):
         assert not torch.equal(b.mixed, b.images)
 
 
-def test_other_sizes_and_ratios_equal_the_kernel(tiny_root):
+def test_other_sizes_and_ratios_are_the_reference_stream(tiny_root, keep_canvas):
     # An odd crop and box: every crop corner 0..31 must come out of crop_mirror_normalize exactly.
     index = ImageIndex.load(tiny_root)
     maps = random_maps(24, grid=16, seed=1)
-    cfg = config(batch_size=12, canvas=64, crop=33, grid=16, box_fraction=0.3, top_k_ratio=0.4, seed=7)
+    cfg = config(batch_size=12, canvas=64, crop=33, grid=16, box_fraction=0.3, top_k_ratio=0.4, seed=7,
+                 keep_canvas=keep_canvas)
     loader = DaliLoader(index, cfg, maps)
     for epoch in range(3):
         loader.set_epoch(epoch)
@@ -107,10 +124,10 @@ def test_other_sizes_and_ratios_equal_the_kernel(tiny_root):
             assert_near(b.mixed, mixed, cfg)
 
 
-def test_mixed_only_equals_the_kernel(tiny_root):
+def test_mixed_only_is_the_reference_stream(tiny_root, keep_canvas):
     index = ImageIndex.load(tiny_root)
     maps = random_maps(24, seed=2)
-    cfg = config(batch_size=10, clean=False)
+    cfg = config(batch_size=10, clean=False, keep_canvas=keep_canvas)
     batches = list(DaliLoader(index, cfg, maps))
     assert [len(b.indices) for b in batches] == [10, 10, 4]
     for step, b in enumerate(batches):
@@ -128,10 +145,10 @@ def test_same_order_as_the_reference_loader(tiny_root):
     assert [b.labels.tolist() for b in dali] == [b.labels.tolist() for b in ref]
 
 
-def test_a_lone_last_image_is_not_mixed(tiny_root):
+def test_a_lone_last_image_is_not_mixed(tiny_root, keep_canvas):
     index = ImageIndex.load(tiny_root)                      # 24 images: batches of 23 and 1
     maps = random_maps(24)
-    cfg = config(batch_size=23)
+    cfg = config(batch_size=23, keep_canvas=keep_canvas)
     loader = DaliLoader(index, cfg, maps)
     loader.set_epoch(1)
     batches = list(loader)
@@ -144,12 +161,12 @@ def test_a_lone_last_image_is_not_mixed(tiny_root):
 
 
 @pytest.mark.parametrize("last_batch", ["keep", "drop"])
-def test_two_shards_split_an_epoch(tiny_root, last_batch):
+def test_two_shards_split_an_epoch(tiny_root, last_batch, keep_canvas):
     index = ImageIndex.load(tiny_root)
     maps = random_maps(24)
     seen = []
     for rank in range(2):
-        cfg = config(batch_size=5, rank=rank, world_size=2, last_batch=last_batch)
+        cfg = config(batch_size=5, rank=rank, world_size=2, last_batch=last_batch, keep_canvas=keep_canvas)
         loader = DaliLoader(index, cfg, maps)
         loader.set_epoch(1)
         batches = list(loader)
@@ -192,19 +209,19 @@ def test_a_new_map_generation_is_used_from_the_next_epoch(tiny_root):
     assert torch.equal(a.canvas, b.canvas) and not torch.equal(a.mixed, b.mixed)
 
 
-def test_without_backmix_there_is_no_mixed_batch(tiny_root):
+def test_without_backmix_there_is_no_mixed_batch(tiny_root, keep_canvas):
     index = ImageIndex.load(tiny_root)
-    cfg = config(backmix=False)
+    cfg = config(backmix=False, keep_canvas=keep_canvas)
     b = next(iter(DaliLoader(index, cfg)))
     assert b.mixed is None and b.images.shape == (8, 3, 32, 32)
     assert_near(b.images, expected(index, b, None, cfg, 0, 0)[0], cfg)
 
 
-def test_evaluation_mode_is_centre_crop_without_flip(tiny_root):
+def test_evaluation_mode_is_centre_crop_without_flip(tiny_root, keep_canvas):
     index = ImageIndex.load(tiny_root)
-    cfg = config(train=False, shuffle=False)
+    cfg = config(train=False, shuffle=False, keep_canvas=keep_canvas)
     b = next(iter(DaliLoader(index, cfg)))
-    canvas = torch.stack([decode_canvas(index.abspath(int(i)), 40) for i in b.indices])
+    canvas = b.canvas if keep_canvas else torch.stack([decode_canvas(index.abspath(int(i)), 40) for i in b.indices])
     assert_near(b.images, normalize(canvas[:, :, 4:36, 4:36], torch.tensor(cfg.mean), torch.tensor(cfg.std)), cfg)
     assert_near(b.mixed, expected(index, b, UniformMaps(24, 8), cfg, 0, 0)[1], cfg)
 
@@ -322,33 +339,34 @@ def test_stretch_canvas_is_torchvisions_within_the_resize_tolerance(tiny_root):
 
 @pytest.mark.parametrize("kw", [dict(canvas=64, crop=56), dict(canvas=48, crop=17, clean=False),
                                 dict(canvas=40, crop=32, batch_size=12, grid=4)])
-def test_rrc_is_the_torch_op_on_torchvisions_canvases_within_the_resize_bound(tiny_root, kw):
-    """Images and mixed images are ``BatchTransform``'s (mix, resized crop, flip, normalise) of the reference's
-    canvases, within RRC_GREY."""
+def test_rrc_is_the_torch_op_on_the_canvases(tiny_root, kw, keep_canvas):
+    """Images and mixed images are ``BatchTransform``'s (mix, resized crop, flip, normalise) of the batch's
+    canvases (the canvas graph), or of the reference's within RRC_GREY (the region graph)."""
     from backmix.pipeline import BatchTransform
     index = ImageIndex.load(tiny_root)
     maps = random_maps(len(index), kw.get("grid", 8))
-    cfg = config(augment="rrc", seed=3, **kw)
+    cfg = config(augment="rrc", seed=3, keep_canvas=keep_canvas, **kw)
     transform = BatchTransform.for_config(maps, cfg)
     loader = DaliLoader(index, cfg, maps)
     loader.set_epoch(1)
     worst = 0.0
     for step, b in enumerate(loader):
-        canvas = torch.stack([decode_canvas(index.abspath(int(i)), cfg.canvas) for i in b.indices])
+        canvas = b.canvas if keep_canvas else torch.stack([decode_canvas(index.abspath(int(i)), cfg.canvas)
+                                                           for i in b.indices])
         images, mixed = transform(canvas, b.indices.numpy(), epoch=1, step=step)
         assert (b.images is None) == (images is None) == (not cfg.clean)
         for got, ref in ((b.images, images), (b.mixed, mixed)):
             if got is not None:
                 assert got.shape == ref.shape
                 worst = max(worst, float(grey_levels(got, ref, cfg).max()))
-    assert worst <= RRC_GREY
+    assert worst <= (ATOL * 255 if keep_canvas else RRC_GREY)
 
 
-def test_rrc_evaluation_is_the_centre_crop(tiny_root):
+def test_rrc_evaluation_is_the_centre_crop(tiny_root, keep_canvas):
     index = ImageIndex.load(tiny_root)
-    cfg = config(canvas=64, crop=56, augment="rrc", train=False, backmix=False, shuffle=False)
+    cfg = config(canvas=64, crop=56, augment="rrc", train=False, backmix=False, shuffle=False, keep_canvas=keep_canvas)
     b = next(iter(DaliLoader(index, cfg)))
-    canvas = torch.stack([decode_canvas(index.abspath(int(i)), 64) for i in b.indices])
+    canvas = b.canvas if keep_canvas else torch.stack([decode_canvas(index.abspath(int(i)), 64) for i in b.indices])
     assert_near(b.images, normalize(canvas[:, :, 4:60, 4:60], torch.tensor(cfg.mean), torch.tensor(cfg.std)), cfg)
 
 
@@ -382,10 +400,10 @@ def test_a_closed_loader_builds_a_new_pipeline_when_iterated_again(tiny_root):
 
 
 @pytest.mark.parametrize("augment", ["crop", "rrc"])
-def test_without_the_canvas_the_crops_are_the_same(tiny_root, augment):
-    """keep_canvas=False: no canvas leaves the pipeline, the crops are bit for bit those of a loader that
-    keeps it; once something reads the canvas (an in-loop rebuild's recorder), even part-way through an
-    epoch, the batches carry it."""
+def test_a_loader_without_the_canvas_switches_graphs_when_something_reads_it(tiny_root, augment):
+    """keep_canvas=False: no canvas leaves the pipeline (the region graph); once something reads the
+    canvas (an in-loop rebuild's recorder), even part-way through an epoch, the batches carry it and
+    are bit for bit those of a loader that keeps it (the canvas graph)."""
     index = ImageIndex.load(tiny_root)
     maps = random_maps(len(index))
     kw = dict(batch_size=4, canvas=48, crop=40, augment=augment, seed=5)
@@ -397,8 +415,11 @@ def test_without_the_canvas_the_crops_are_the_same(tiny_root, augment):
         lean.set_epoch(epoch)
         for step, (a, b) in enumerate(zip(kept, lean)):
             assert a.indices.tolist() == b.indices.tolist()
-            assert torch.equal(a.images, b.images) and torch.equal(a.mixed, b.mixed)
-            assert (b.canvas is None) if epoch == 0 and step < attach_at else torch.equal(a.canvas, b.canvas)
+            if epoch == 0 and step < attach_at:
+                assert b.canvas is None and not torch.equal(a.images, b.images)   # the other graph
+            else:
+                assert torch.equal(a.canvas, b.canvas)
+                assert torch.equal(a.images, b.images) and torch.equal(a.mixed, b.mixed)
             if step + 1 == attach_at:
                 lean.recorder = recorder    # from the next batch on, batches carry the canvas
         assert step == 5
@@ -431,7 +452,7 @@ def test_photos_are_the_reference_stream_within_the_stated_bound(photos, augment
     maps = random_maps(len(index), seed=4)
     kw = dict(batch_size=16, canvas=256, crop=224, canvas_mode=canvas_mode, seed=1,
               augment="rrc" if augment == "image" else augment, crop_from="image" if augment == "image" else "canvas")
-    cfg = config(**kw)
+    cfg = config(keep_canvas=False, **kw)   # the region graph
     assert cfg.crops_images == (augment == "image")
     ref = list(ReferenceLoader(index, config(num_workers=0, **kw), maps))
     got = list(DaliLoader(index, cfg, maps))
@@ -442,3 +463,18 @@ def test_photos_are_the_reference_stream_within_the_stated_bound(photos, augment
         assert len(per_crop) == len(index)
         assert diff.mean() <= mean_bound and per_crop.max() <= crop_bound and diff.max() <= pixel_bound
         assert diff.mean() > 0   # not the canvas path: a different decoder and resize are at work
+
+
+def test_photos_cut_from_the_whole_decode_or_their_regions_alone_are_the_same_crops(photos):
+    """Crops cut from the image: a loader that keeps the canvas decodes each JPEG whole once and slices
+    the crops' regions from it; one that does not decodes only those regions: the same pixels, so the
+    same crops bit for bit."""
+    index = ImageIndex.load(photos)
+    maps = random_maps(len(index), seed=2)
+    kw = dict(batch_size=16, canvas=256, crop=224, canvas_mode="stretch", augment="rrc", crop_from="image", seed=3)
+    kept = list(DaliLoader(index, config(**kw), maps))
+    lean = list(DaliLoader(index, config(keep_canvas=False, **kw), maps))
+    assert len(kept) == len(lean) == 3
+    for a, b in zip(kept, lean):
+        assert a.canvas is not None and b.canvas is None
+        assert torch.equal(a.images, b.images) and torch.equal(a.mixed, b.mixed)

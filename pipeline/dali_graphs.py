@@ -1,0 +1,219 @@
+"""The DALI backend's two graphs: what each batch's host inputs are (``inputs``: the batch's params and
+masks from ``Loader.inputs`` as lists of numpy arrays) and the DALI ops that make its outputs from them
+(``outputs``). ``DaliSource`` builds one pipeline of one graph, chosen by ``choose_graph``:
+
+- ``CanvasGraph`` whenever canvases are made (batches carry them, or an in-loop rebuild reads them) and
+  the crops are cut from the canvas: each file is decoded and resized to its canvas once, the mix and
+  the crops work on the canvas. Given DALI's canvases, its output is the reference's arithmetic exactly
+  (crop_mirror_normalize's float rounding aside).
+- ``RegionGraph`` otherwise: no canvas is made for the crops. A box on the canvas is a region of the
+  image (the canvas is a scaled square of it), so each crop decodes only its box's image region and
+  resizes it once; crops cut from the image (``LoaderConfig.crops_images``) are such regions too. When
+  canvases are wanted as well, each file is decoded whole once and the regions are sliced from it.
+
+The mix (target i borrows from partner j = partners[i]) in both: each image j cuts what it lends from
+its own pixels and blanks its own foreground in it (box-sized work, no mask permuted), then
+``permute_batch`` hands it to its borrower and ``multi_paste`` lays it over the target. A batch of one
+is left as it is, as the kernel."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .augment import fill_value
+from .backmix import stretched_span
+from .config import LoaderConfig
+from .dali_ops import crop_normalize, crop_where, decode_box, decode_to_canvas, decode_whole
+
+
+def choose_graph(config: LoaderConfig, box_hw: tuple, gpu: bool, with_canvas: bool):
+    """The graph of a pipeline whose batches carry the canvas (``with_canvas``) or not."""
+    graph = CanvasGraph if with_canvas and not config.crops_images else RegionGraph
+    return graph(config, box_hw, gpu, with_canvas)
+
+
+class _Graph:
+    def __init__(self, config: LoaderConfig, box_hw: tuple, gpu: bool, with_canvas: bool) -> None:
+        self.config, self.box_hw, self.gpu, self.with_canvas = config, tuple(box_hw), gpu, with_canvas
+        self.fill_rgb = fill_value(config.mean).numpy().reshape(1, 1, 3)
+
+    def blank(self, lent, fg):
+        """DALI ops: uint8 pixels ``lent`` with the foreground ``fg`` (uint8 0/1, same H, W) set to the fill."""
+        from nvidia.dali import types
+
+        one = types.Constant(1, dtype=types.UINT8)
+        fill = types.Constant(self.fill_rgb, dtype=types.UINT8, device="gpu" if self.gpu else "cpu")
+        return lent * (one - fg) + fill * fg
+
+
+class CanvasGraph(_Graph):
+    """Decode, canvas, mix on the canvas, crop (``crop_normalize``)."""
+
+    def n_inputs(self) -> int:
+        return 7 if self.config.backmix else 3
+
+    def layout(self) -> list:
+        return [""] * 3 + (["HWC", "", "", ""] if self.config.backmix else [])
+
+    def inputs(self, p, masks: np.ndarray, sizes) -> tuple:
+        """flips, the crops' places (``crop_where``); with BackMix the masks, partners, each image's lent
+        box corner (its borrower's source corner) and the two pastes' corners (canvas, then the box)."""
+        b = len(p.partners)
+        out = (list(p.flips.astype(np.int32)),) + crop_where(p, self.config)
+        if not self.config.backmix:
+            return out
+        src, dst = p.boxes[:, 0:2], p.boxes[:, 2:4]
+        if b < 2:
+            dst = src   # as the kernel, a lone image is left as it is: its own box pasted back in place
+        lend_at = np.empty_like(src)
+        lend_at[p.partners] = src
+        out_anchors = np.zeros((b, 2, 2), dtype=np.int32)
+        out_anchors[:, 1] = dst
+        return out + (list(masks.astype(np.uint8)[..., None]), list(p.partners.astype(np.int32)),
+                      list(lend_at.astype(np.int32)), list(out_anchors))
+
+    def outputs(self, files, inputs) -> tuple:
+        from nvidia.dali import fn, types
+
+        cfg, (bh, bw) = self.config, self.box_hw
+        s = cfg.canvas
+        flips, *where = inputs[0:3]
+        canvas = decode_to_canvas(files, s, self.gpu, cfg.canvas_mode)
+        outs = [fn.transpose(canvas, perm=[2, 0, 1])] if self.with_canvas else []
+        if cfg.clean:
+            outs.append(crop_normalize(canvas, flips, where, cfg))
+        if cfg.backmix:
+            masks, partners, lend_at, out_anchors = inputs[3:]
+            if self.gpu:
+                masks = masks.gpu()
+            # The lent box of the nearest-upsampled mask, sampled straight from the g x g grid: box
+            # pixel (y, x) reads cell floor((corner + (y, x) + 0.5) / cell), as the full resize would.
+            cell = s // cfg.grid
+            corner = fn.cast(lend_at, dtype=types.FLOAT) / float(cell)
+            box_cells = types.Constant(np.array([bh / cell, bw / cell], dtype=np.float32))
+            fg = fn.resize(masks, size=[bh, bw], roi_start=corner, roi_end=corner + box_cells,
+                           interp_type=types.INTERP_NN, antialias=False)
+            rgb = fn.slice(canvas, lend_at, [bh, bw], axis_names="HW")
+            lent = fn.permute_batch(self.blank(rgb, fg), indices=partners)
+            shapes = types.Constant(np.array([[s, s], [bh, bw]], dtype=np.int32))   # the canvas, then the box
+            mixed = fn.multi_paste(canvas, lent, shapes=shapes, out_anchors=out_anchors, output_size=[s, s])
+            outs.append(crop_normalize(mixed, flips, where, cfg))
+        return tuple(outs)
+
+
+class RegionGraph(_Graph):
+    """Each crop (and each lent rectangle) from its own image region, resized once (``decode_box``)."""
+
+    def n_inputs(self) -> int:
+        return 9 if self.config.backmix else 2
+
+    def layout(self) -> list:
+        return [""] * 6 + ["HWC", "", ""] if self.config.backmix else [""] * 2
+
+    def inputs(self, p, masks: np.ndarray, sizes) -> tuple:
+        """flips, the crop boxes; with BackMix what each image lends (``lend_boxes``). ``sizes``: int
+        [B, 2], each image's height and width, for crops cut from the image (else None)."""
+        cfg, box_hw = self.config, self.box_hw
+        out = (list(p.flips.astype(np.int32)),) + crop_boxes(p)
+        if not cfg.backmix:
+            return out
+        src, dst = p.boxes[:, 0:2], p.boxes[:, 2:4]
+        if sizes is None:   # the box on the canvases; the partner's grid cells are canvas // grid pixels
+            cells = np.full((len(p.partners), 2), 1.0 / (cfg.canvas // cfg.grid))
+            spans = (dst, dst + box_hw, src, src + box_hw)
+        else:               # the box in the images' pixels their stretched canvases' box covers (``stretched_span``)
+            theirs = sizes[p.partners]
+            cells = cfg.grid / theirs
+            spans = image_spans(p.boxes, box_hw, sizes, theirs, cfg.canvas)
+        return out + lend_boxes(p, masks, cfg.crop, spans, cells)
+
+    def outputs(self, files, inputs) -> tuple:
+        from nvidia.dali import fn, types
+
+        cfg, gpu = self.config, self.gpu
+        s, c = cfg.canvas, cfg.crop
+        mode = "image" if cfg.crops_images else cfg.canvas_mode   # where the crop boxes are
+        norm = {"mean": [255.0 * m for m in cfg.mean], "std": [255.0 * v for v in cfg.std],
+                "dtype": types.FLOAT, "output_layout": "CHW"}
+        flips, box = inputs[0:2]
+        shape = fn.peek_image_shape(files, adjust_orientation=False)   # H, W, C on the host, from the header
+        outs, images = [], None
+        if self.with_canvas:   # decoded whole once: the canvas and the regions come from that decode
+            images = decode_whole(files, gpu)
+            outs.append(fn.transpose(decode_to_canvas(files, s, gpu, cfg.canvas_mode, images), perm=[2, 0, 1]))
+        clean = decode_box(files, shape, box, c, s, mode, gpu, images)
+        if cfg.clean:
+            outs.append(fn.crop_mirror_normalize(clean, mirror=flips, **norm))
+        if cfg.backmix:
+            partners, lend_box, shown, cells, masks, paste_shapes, out_anchors = inputs[2:]
+            lent = decode_box(files, shape, lend_box, shown, s, mode, gpu, images)
+            if gpu:
+                masks = masks.gpu()
+            # The lender's foreground cell under each lent pixel's centre (nearest).
+            fg = fn.resize(masks, size=shown, roi_start=cells[0:2], roi_end=cells[2:4],
+                           roi_relative=False, interp_type=types.INTERP_NN, antialias=False)
+            lent = fn.permute_batch(self.blank(lent, fg), indices=partners)
+            mixed = fn.multi_paste(clean, lent, shapes=paste_shapes, out_anchors=out_anchors, output_size=[c, c])
+            outs.append(fn.crop_mirror_normalize(mixed, mirror=flips, **norm))
+        return tuple(outs)
+
+
+def crop_boxes(p) -> tuple:
+    """Each image's crop box on the canvas (float32 [4]: y, x, height, width), as a DALI input."""
+    return (list(np.concatenate([p.crops, p.crop_sizes], axis=1).astype(np.float32)),)
+
+
+def image_spans(boxes: np.ndarray, box_hw: tuple, sizes: np.ndarray, theirs: np.ndarray, canvas: int) -> tuple:
+    """(t0, t1, s0, s1), int [B, 2]: the pixels of each target (sizes) and of its partner (theirs) that the
+    target and source boxes on their stretched canvases cover, as ``mix_image_backgrounds`` pastes them."""
+    bhw = torch.tensor(box_hw)
+
+    def span(corners, hw):
+        first, end = stretched_span(torch.from_numpy(corners), bhw, torch.from_numpy(hw), canvas)
+        return first.numpy(), end.numpy()
+
+    t0, t1 = span(boxes[:, 2:4], sizes)
+    s0, s1 = span(boxes[:, 0:2], theirs)
+    return t0, t1, s0, s1
+
+
+def lend_boxes(p, masks: np.ndarray, crop: int, spans: tuple, cells: np.ndarray) -> tuple:
+    """What the mixed crop of target i takes from its partner j = partners[i], as DALI inputs.
+
+    ``spans`` (t0, t1, s0, s1; [B, 2] each, y and x): the pasted box's pixels [t0, t1) in the target
+    (where its crop is: the canvas, or the image) and the pixels [s0, s1) of the partner they show,
+    stretched onto them. ``cells``: float [B, 2], grid cells per partner pixel. Crop pixel u shows the
+    pixel under its centre, cy + (u + 1/2) h / crop (the nearest; the reference's linear resize blends
+    it with its neighbour): those in [t0, t1) form the rectangle [u0, u1) x [v0, v1) of the crop, which
+    shows the partner's pixels there. Returned: partners (int32); in lender order (entry j for the
+    target that borrows from image j, so that each image cuts from its own pixels and the small lent
+    rectangles are what is permuted), that rectangle's extent in the lender (float32 [4]: y, x, height,
+    width; the only part of it read) and its size (float32 [2], at least 1: what it is resized to), the
+    extent in the lender's grid cells (float32 [4]: y0, x0, y1, x1) and the lender's top-k mask (uint8
+    g x g x 1); then, in target order, the paste of the crop then the rectangle (shapes and corners,
+    int32 [2, 2]; an empty rectangle pastes nothing). A batch of one is not mixed, as the kernel."""
+    b = len(p.partners)
+    corner, size = p.crops.astype(np.float64), p.crop_sizes.astype(np.float64)
+    t0, t1, s0, s1 = (np.asarray(a, dtype=np.float64) for a in spans)
+    step = size / crop   # pixels per crop pixel
+    first = np.clip(np.ceil((t0 - corner) / step - 0.5), 0, crop).astype(np.int64)
+    end = np.clip(np.ceil((t1 - corner) / step - 0.5), 0, crop).astype(np.int64)
+    shown = (end - first).clip(0)
+    if b < 2:
+        shown[:] = 0
+    empty = (shown == 0).any(axis=1, keepdims=True)
+    shown = np.where(empty, 0, shown)
+    # In the partner: the rectangle's extent (within half a crop pixel of the source box); any region
+    # of it when empty (nothing of it is pasted, but DALI resizes something).
+    ratio = (s1 - s0) / (t1 - t0)
+    at = np.where(empty, s0, s0 + (corner + first * step - t0) * ratio)
+    extent = np.where(empty, 1.0, shown * step * ratio)
+    shapes = np.zeros((b, 2, 2), dtype=np.int32)
+    shapes[:, 0], shapes[:, 1] = crop, shown
+    anchors = np.zeros((b, 2, 2), dtype=np.int32)
+    anchors[:, 1] = np.where(empty, 0, first)
+    lender = np.argsort(p.partners)   # the target that borrows from each image (partners is a permutation)
+    f32 = lambda a: list(a[lender].astype(np.float32))   # noqa: E731
+    return (list(p.partners.astype(np.int32)), f32(np.concatenate([at, extent], axis=1)), f32(shown.clip(1)),
+            f32(np.concatenate([at * cells, (at + extent) * cells], axis=1)),
+            list(masks.astype(np.uint8)[..., None]), list(shapes), list(anchors))
