@@ -6,7 +6,7 @@
                            │   (BatchTransform)                 │ closed-set labels, device transfer,
                            │ kind "fused": images and mixed     │ the in-loop rebuild's hook
                            │   made by the source's own ops     │
-                           │   from Loader.inputs(step, rows)   │
+                           │   from LoaderView.inputs(step,rows)│
 
 The plan is the epoch's list of (step, dataset rows), from the resume step on. A source turns it
 into one ``SourceBatch`` per step that has any image left, in step order, and reports the files
@@ -87,10 +87,12 @@ def canvases_fit(canvas: Tensor, n: int, size: int) -> bool:
 class Source:
     """A backend: turns the plan into ``SourceBatch``es. ``kind`` "decode": canvases only (the core
     mixes, crops and normalises them); "fused": also ``images`` and ``mixed``, made by the source's
-    own ops from ``loader.inputs(step, rows)`` and held to ``BatchTransform`` by the tests.
+    own ops from ``LoaderView.inputs(step, rows)`` and held to ``BatchTransform`` by the tests.
 
-    Made in two phases: ``__init__`` (options checked, files opened; it may not read the maps or
-    the plan yet), then ``open()`` once the loader knows its rows (``loader.dataset_indices``)."""
+    A source gets what it needs as arguments: ``__init__`` the index, config, device and its own
+    options (checked, files opened); ``rows`` the dataset rows asked for; ``open`` the rows it serves
+    and a read-only ``LoaderView`` of the loader; ``batches`` each epoch's plan. It writes nothing of
+    the loader's."""
 
     kind = "decode"
     # Why this backend cannot hand the core whole images (``SourceBatch.photos``) for crops cut from the
@@ -98,22 +100,58 @@ class Source:
     # rather than serve the canvas stream.
     whole_images_refused: Optional[str] = "it hands the loader canvases only"
 
-    def __init__(self, loader: "Loader") -> None:
-        self.loader = loader
+    def __init__(self, index: ImageIndex, config: LoaderConfig, device: torch.device) -> None:
+        self.index, self.config, self.device = index, config, device
 
     def rows(self, rows: np.ndarray) -> np.ndarray:
         """The rows this source can serve of those asked for (a beton leaves out images it could not
-        store; the source counts them in ``loader.skipped``)."""
+        store); the loader counts the rest as skipped."""
         return rows
 
-    def open(self) -> None:
-        """Start what makes batches (workers, pipelines); the loader's rows and maps are known."""
+    def open(self, rows: np.ndarray, view: "LoaderView") -> None:
+        """Start what makes batches (workers, pipelines): ``rows`` are the dataset rows served, ``view``
+        what the source may read of the loader from now on."""
+        self.dataset_rows, self.view = rows, view
 
     def batches(self, plan: Plan) -> Iterator[SourceBatch]:
         raise NotImplementedError
 
     def close(self) -> None:
         """Stop workers now (see ``Loader.close``)."""
+
+
+class LoaderView:
+    """What a source reads of its loader while it serves batches, and nothing else: the epoch being
+    served, whether canvases are wanted, each batch's params and masks, the rows' soft maps, the
+    batch transform (for workers that transform their own batches) and the mix's box size."""
+
+    __slots__ = ("_loader",)
+
+    def __init__(self, loader: "Loader") -> None:
+        self._loader = loader
+
+    @property
+    def epoch(self) -> int:
+        return self._loader.epoch
+
+    @property
+    def wants_canvas(self) -> bool:
+        return self._loader.wants_canvas
+
+    @property
+    def transform(self) -> BatchTransform:
+        return self._loader.transform
+
+    @property
+    def box_hw(self) -> tuple[int, int]:
+        return self._loader.sampler.box_hw
+
+    def inputs(self, step: int, rows: np.ndarray, sizes: Optional[np.ndarray] = None) -> tuple[BatchParams, np.ndarray]:
+        return self._loader.inputs(step, rows, sizes)
+
+    def maps_of(self, rows: np.ndarray) -> np.ndarray:
+        """float32 [n, g, g]: the current soft maps of dataset ``rows``."""
+        return self._loader.maps.gather(rows)
 
 
 class Loader(LoaderPosition):
@@ -132,8 +170,10 @@ class Loader(LoaderPosition):
         if config.crops_images and refused:
             raise BackMixError(f"backend {getattr(source_class, 'name', source_class.__name__)!r} cannot cut crops "
                                f"from the whole image (--crop-from image): {refused}")
-        self.source = source_class(self, **options)
-        rows = self.source.rows(np.arange(len(index)) if indices is None else np.asarray(indices, dtype=np.int64))
+        self.source = source_class(index, config, self.device, **options)
+        asked = np.arange(len(index)) if indices is None else np.asarray(indices, dtype=np.int64)
+        rows = self.source.rows(asked)
+        self.skipped += len(asked) - len(rows)
         self.maps, self.dataset_indices, self.epoch_sampler, self.row_labels = loader_inputs(
             index, config, maps, rows, label_map)
         self.transform = BatchTransform.for_config(self.maps, config)
@@ -142,7 +182,7 @@ class Loader(LoaderPosition):
         self.second_view = BatchTransform(self.maps, config.sampler(view=1), backmix=False, mean=config.mean,
                                           std=config.std, train=config.train, auto_augment=config.auto_augment
                                           ) if config.views == 2 else None
-        self.source.open()
+        self.source.open(self.dataset_indices, LoaderView(self))
 
     @property
     def wants_canvas(self) -> bool:

@@ -2,7 +2,7 @@
 crops, flips and normalises each batch.
 
 The loader core owns the plan, position, maps, ``on_error``, labels and device; every random choice
-and the masks come from ``Loader.inputs``, fed in per batch through one ``fn.external_source``. The
+and the masks come from ``LoaderView.inputs``, fed in per batch through one ``fn.external_source``. The
 pipeline is one of two graphs (``dali_graphs``): while canvases are made (batches carry them, or an
 in-loop rebuild reads them) the crops are cut from them, the reference's arithmetic on DALI's
 canvases; otherwise each crop decodes only its box's image region and resizes it once, within a
@@ -65,7 +65,7 @@ class _Feeder:
 
     It reads the batch's files with the one checked read (``read_canvas``: a file missing or changed
     since indexing is an error the core raises) on the source's ``readers`` pool, one thread per
-    worker, and takes the batch's params and masks from ``Loader.inputs``; every pixel is DALI's."""
+    worker, and takes the batch's params and masks from ``LoaderView.inputs``; every pixel is DALI's."""
 
     def __init__(self, source: "DaliSource") -> None:
         # Weak: the pipeline holds this callback, and a source <-> pipeline cycle would leave the
@@ -108,35 +108,36 @@ class DaliSource(Source):
     kind = "fused"
     whole_images_refused = None   # crops cut from the image: the boxes are image regions, decoded as any box
 
-    def __init__(self, loader) -> None:
-        super().__init__(loader)
-        cfg = loader.config
+    def __init__(self, index, config, device) -> None:
+        super().__init__(index, config, device)
+        cfg = config
         if cfg.auto_augment != "none" and cfg.train:
             raise BackMixError("auto_augment runs in the torch batch transform: use the reference, torchvision, ffcv or ray loader")
-        self.gpu = loader.device.type == "cuda"
+        self.gpu = device.type == "cuda"
         log.info("DALI pipeline on %s", "gpu" if self.gpu else "cpu")
         # Rows DALI failed to decode, with torchvision's error (the reference's message): dropped at feed time from then on.
         self.bad_rows: dict[int, DecodeError] = {}
         self.readers = ThreadPoolExecutor(max(1, cfg.num_workers), thread_name_prefix="backmix-read")
         self._feeder = _Feeder(self)
 
-    def open(self) -> None:
+    def open(self, rows, view) -> None:
+        super().open(rows, view)
         self._pipe = self._build()
         self._clean = True   # the pipeline holds no batch of an earlier iteration
 
     def read(self, row: int):
         """The bytes of dataset row ``row``, or the error that makes it fail (``read_canvas``'s "return")."""
-        index, cfg = self.loader.index, self.loader.config
+        index, cfg = self.index, self.config
         if row in self.bad_rows:
             return self.bad_rows[row]
         return read_canvas(index, row, cfg.canvas, cfg.canvas_mode, "return", _file_bytes)
 
     def pipeline_inputs(self, step: int, ids: np.ndarray, files: list) -> tuple:
-        """The batch's params and masks (``Loader.inputs``) as the current graph's DALI inputs. Crops cut
+        """The batch's params and masks (``LoaderView.inputs``) as the current graph's DALI inputs. Crops cut
         from the image are drawn in each image's size, read from its file's header."""
-        cfg = self.loader.config
+        cfg = self.config
         sizes = np.array([header_size(f) for f in files], dtype=np.int64) if cfg.crops_images else None
-        p, masks = self.loader.inputs(step, ids, sizes)
+        p, masks = self.view.inputs(step, ids, sizes)
         return self._graph.inputs(p, masks, sizes)
 
     # ----------------------------------------------------------------- the pipeline
@@ -144,16 +145,16 @@ class DaliSource(Source):
     def _build(self):
         from nvidia.dali import fn, pipeline_def
 
-        cfg = self.loader.config
+        cfg = self.config
         # The canvas leaves the pipeline only when batches carry it: making it and copying it out cost
         # about a batch's crops. An iteration that wants otherwise builds a new pipeline (``batches``).
-        self._with_canvas = self.loader.wants_canvas
+        self._with_canvas = self.view.wants_canvas
         # Locals only: the pipeline keeps its definition, which must not hold the loader.
-        self._graph = graph = choose_graph(cfg, self.loader.sampler.box_hw, self.gpu, self._with_canvas)
+        self._graph = graph = choose_graph(cfg, self.view.box_hw, self.gpu, self._with_canvas)
         feeder = self._feeder
 
         @pipeline_def(batch_size=cfg.batch_size, num_threads=max(1, cfg.num_workers),
-                      device_id=self.loader.device.index if self.gpu else None,
+                      device_id=self.device.index if self.gpu else None,
                       prefetch_queue_depth=PREFETCH, seed=cfg.seed, exec_dynamic=True)
         def backmix_pipeline():
             files, *inputs = fn.external_source(source=feeder, num_outputs=1 + graph.n_inputs(), batch=True,
@@ -168,7 +169,7 @@ class DaliSource(Source):
     # ----------------------------------------------------------------- iteration
 
     def batches(self, plan: Plan) -> Iterator[SourceBatch]:
-        if not self._clean or self._with_canvas != self.loader.wants_canvas:
+        if not self._clean or self._with_canvas != self.view.wants_canvas:
             # An iteration left part-way: DALI has pulled batches of it ahead, which a reset cannot drop;
             # or the canvas is wanted now and was not (an in-loop rebuild attached), or the other way round.
             self._pipe = self._build()
@@ -176,7 +177,7 @@ class DaliSource(Source):
         feeder.start(plan)
         self._clean = False
         while True:
-            if self.loader.wants_canvas and not self._with_canvas:
+            if self.view.wants_canvas and not self._with_canvas:
                 self._refeed()   # a rebuild attached part-way: the batches in flight again, with the canvas
             try:
                 outs = self._pipe.run()
@@ -192,7 +193,7 @@ class DaliSource(Source):
             fed = feeder.fed.popleft()
             crops = [self._to_torch(tl, torch.float32) for tl in outs[int(self._with_canvas):]]
             canvas = self._to_torch(outs[0], torch.uint8) if self._with_canvas else None
-            cfg = self.loader.config
+            cfg = self.config
             images, mixed = crops[0] if cfg.clean else None, crops[-1] if cfg.backmix else None
             yield SourceBatch(fed.step, fed.ids, canvas, fed.failed, images, mixed)
 
@@ -216,7 +217,7 @@ class DaliSource(Source):
         fed = next((f for f in feeder.fed if len(f.ids)), None)
         if fed is None:
             raise error
-        index = self.loader.index
+        index = self.index
         bad = {int(i): e for i in fed.ids if (e := _decode_error(index.abspath(int(i)))) is not None}
         if not bad:
             why = " ".join(str(error).split())[:300] or type(error).__name__
@@ -239,7 +240,7 @@ class DaliSource(Source):
             return torch.from_numpy(np.asarray(tl.as_tensor()))
         from nvidia.dali.plugin.pytorch import feed_ndarray
         t = tl.as_tensor()
-        device = self.loader.device
+        device = self.device
         out = torch.empty(tuple(t.shape()), dtype=dtype, device=device)
         feed_ndarray(t, out, cuda_stream=torch.cuda.current_stream(device))
         return out

@@ -1,5 +1,5 @@
 """The DALI backend's two graphs: what each batch's host inputs are (``inputs``: the batch's params and
-masks from ``Loader.inputs`` as lists of numpy arrays) and the DALI ops that make its outputs from them
+masks from ``LoaderView.inputs`` as lists of numpy arrays) and the DALI ops that make its outputs from them
 (``outputs``). ``DaliSource`` builds one pipeline of one graph, chosen by ``choose_graph``:
 
 - ``CanvasGraph`` whenever canvases are made (batches carry them, or an in-loop rebuild reads them) and

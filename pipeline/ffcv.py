@@ -14,7 +14,7 @@ replaced by the core's plan, flattened, so FFCV cuts exactly the plan's batches.
 Mix ("fused" kind, on the CPU). An FFCV ``Operation`` after the decoder runs the numba kernels of
 ``ffcv_kernels`` (compiled by FFCV's ``Compiler``: parallel over the batch, GIL released, on FFCV's
 own thread, ahead of the training loop). It finds its batch's step from the sample indices FFCV
-hands it, takes that step's params and masks from ``Loader.inputs`` and writes the crop/flip/normalised
+hands it, takes that step's params and masks from ``LoaderView.inputs`` and writes the crop/flip/normalised
 clean and mixed images (float32; each only when asked for) into buffers it declares to FFCV
 (``AllocationQuery``); the decoded canvases pass through, copied out (CHW) only for batches that
 carry them (``Loader.wants_canvas``). Normalising is a lookup in a table made by
@@ -90,13 +90,12 @@ def _mix_operation(source: "FfcvSource"):
     from ffcv.pipeline.allocation_query import AllocationQuery
     from ffcv.pipeline.operation import Operation
 
-    loader = source.loader
-    cfg = loader.config
+    cfg, view = source.config, source.view
     clean = cfg.clean or not cfg.backmix
     lut = normalize_table(cfg.mean, cfg.std)
     scale, shift = (t.numpy() for t in normalize_constants(torch.tensor(cfg.mean), torch.tensor(cfg.std)))
     fill = fill_value(cfg.mean).numpy().copy()   # writable: one kernel signature whatever torch hands out
-    bh, bw = loader.sampler.box_hw
+    bh, bw = view.box_hw
     cell = cfg.canvas // cfg.grid
     u8, f32 = np.dtype("u1"), np.dtype("f4")
     outputs = clean + cfg.backmix
@@ -125,7 +124,7 @@ def _mix_operation(source: "FfcvSource"):
 
             def run(images, buffers, indices):
                 rows = np.asarray(indices, dtype=np.int64)
-                p, masks = loader.inputs(source.step_of(rows), rows)
+                p, masks = view.inputs(source.step_of(rows), rows)
                 planes = crops.take(len(rows))
                 # The clean crop, then the mixed one; one array twice when only one is asked for.
                 first, second = planes[0], planes[-1]
@@ -146,7 +145,7 @@ def _mix_operation(source: "FfcvSource"):
             return op
 
         def declare_state_and_memory(self, previous_state):
-            # Not jitted: the op calls back into Python (``Loader.inputs``) before its compiled kernel.
+            # Not jitted: the op calls back into Python (``LoaderView.inputs``) before its compiled kernel.
             return replace(previous_state, jit_mode=False), memory
 
     return BackMixOperation()
@@ -191,15 +190,15 @@ class FfcvSource(Source):
     whole_images_refused = ("its betons store each image as its canvas, and its decoders make canvases: it "
                             "would need betons of whole images decoded whole, each with its size")
 
-    def __init__(self, loader, *, beton: Optional[str | Path] = None, mix_in: str = "auto",
+    def __init__(self, index, config, device, *, beton: Optional[str | Path] = None, mix_in: str = "auto",
                  beton_mode: str = DEFAULT_STORAGE, jpeg_quality: int = DEFAULT_QUALITY) -> None:
-        super().__init__(loader)
+        super().__init__(index, config, device)
         require_ffcv()
         from ffcv.pipeline.compiler import Compiler
 
         if mix_in not in MIX_IN:
             raise BackMixError(f"mix_in must be one of {MIX_IN}, got {mix_in!r}")
-        index, cfg = loader.index, loader.config
+        cfg = config
         self.beton = Path(beton) if beton else find_beton(index, cfg.canvas, cfg.canvas_mode, beton_mode, jpeg_quality)
         self.explicit_beton, self.beton_mode, self.jpeg_quality = bool(beton), beton_mode, jpeg_quality
         if not self.beton.exists():
@@ -211,7 +210,7 @@ class FfcvSource(Source):
             raise BackMixError(f"{self.beton} holds {len(self.blank)} image(s) that did not decode, e.g. "
                                f"{index.abspath(int(self.blank[0]))}: pass on_error='skip' to leave them out")
         if mix_in == "auto":   # auto augment is torchvision's ops: the torch transform
-            mix_in = ("torch" if loader.device.type == "cuda" or not Compiler.is_enabled
+            mix_in = ("torch" if device.type == "cuda" or not Compiler.is_enabled
                       or cfg.auto_augment != "none" else "ffcv")
         if mix_in == "ffcv" and cfg.auto_augment != "none" and cfg.train:
             raise BackMixError("auto_augment runs in the torch batch transform: use mix_in='torch' or 'auto'")
@@ -224,28 +223,28 @@ class FfcvSource(Source):
     def rows(self, rows: np.ndarray) -> np.ndarray:
         kept = np.isin(rows, self.blank, invert=True)
         for row in rows[~kept]:
-            log.warning("skipped %s: it did not decode when the beton was written", self.loader.index.abspath(int(row)))
-        self.loader.skipped += int((~kept).sum())
+            log.warning("skipped %s: it did not decode when the beton was written", self.index.abspath(int(row)))
         return rows[kept]
 
-    def open(self) -> None:
+    def open(self, rows, view) -> None:
         from ffcv.fields.decoders import IntDecoder
         from ffcv import loader as ffcv_loader
 
-        loader, cfg = self.loader, self.loader.config
+        super().open(rows, view)
+        cfg = self.config
         self._check_files_unchanged()
-        self._step = np.full(len(loader.index), -1, dtype=np.int64)   # dataset row -> its step, this iteration
+        self._step = np.full(len(self.index), -1, dtype=np.int64)   # dataset row -> its step, this iteration
         if self.kind == "fused":
             image = [self.decoder, _mix_operation(self)]
         else:
             # FFCV's own transfer (pinned, asynchronous on its CUDA stream), then a [B, 3, S, S] view
             # (channels-last memory) of its device buffer, which the torch kernel reads.
             from ffcv.transforms import ToDevice, ToTensor, ToTorchImage
-            image = [self.decoder, ToTensor(), ToDevice(loader.device, non_blocking=True),
+            image = [self.decoder, ToTensor(), ToDevice(self.device, non_blocking=True),
                      ToTorchImage(channels_last=True)]
         self._ffcv = ffcv_loader.Loader(
             str(self.beton), batch_size=cfg.batch_size, num_workers=max(1, cfg.num_workers),
-            order=ffcv_loader.OrderOption.SEQUENTIAL, indices=loader.dataset_indices, drop_last=False,
+            order=ffcv_loader.OrderOption.SEQUENTIAL, indices=rows, drop_last=False,
             batches_ahead=BATCHES_AHEAD, pipelines={"image": image, "label": [IntDecoder()],
                                                     "index": [IntDecoder()], "canvas_mode": None})
         # FFCV's Loader takes only its own order options, so the plan's order replaces its traversal
@@ -256,15 +255,15 @@ class FfcvSource(Source):
         """The beton was written from the index's files (its default name holds the index's fingerprint,
         the files' sizes and mtimes included): a file changed since is refused, as the reference loader
         refuses it at its read, rather than trained on as the beton's old pixels."""
-        loader, cfg = self.loader, self.loader.config
-        changed = loader.index.first_changed(loader.dataset_indices)
+        index, cfg = self.index, self.config
+        changed = index.first_changed(self.dataset_rows)
         if changed is None:
             return
-        rewrite = write_command(loader.index.root, cfg.canvas, cfg.canvas_mode, self.beton_mode, self.jpeg_quality)
+        rewrite = write_command(index.root, cfg.canvas, cfg.canvas_mode, self.beton_mode, self.jpeg_quality)
         if self.explicit_beton:
             rewrite += f" --out {self.beton} --force"
-        raise BackMixError(f"image {loader.index.abspath(changed)} is gone or changed after "
-                           f"{loader.index.root / INDEX_NAME} was written, so {self.beton} no longer holds it: "
+        raise BackMixError(f"image {index.abspath(changed)} is gone or changed after "
+                           f"{index.root / INDEX_NAME} was written, so {self.beton} no longer holds it: "
                            f"delete that index file, then rewrite the beton with `{rewrite}`")
 
     def sample_order(self, epoch: int) -> np.ndarray:
@@ -292,9 +291,9 @@ class FfcvSource(Source):
                 else:
                     # The canvas is copied out only when a batch must carry it (``Loader.wants_canvas``), asked
                     # here, not in the op: a recorder attached part-way gets the batches already in flight too.
-                    canvas = self._canvas(out[0][:len(rows)]) if self.loader.wants_canvas else None
+                    canvas = self._canvas(out[0][:len(rows)]) if self.view.wants_canvas else None
                     crops = [self._own(x) for x in out[1:]]
-                    cfg = self.loader.config
+                    cfg = self.config
                     yield SourceBatch(step, rows, canvas, [], crops[0] if cfg.clean else None,
                                       crops[-1] if cfg.backmix else None)
             if self._failure is not None:
@@ -325,7 +324,7 @@ class FfcvSource(Source):
     def _own(self, x: np.ndarray) -> torch.Tensor:
         """A crop of the op as a tensor: its pool's array itself on the CPU (``BatchPool``: the batch owns
         it, no copy), a copy on a GPU (the transfer; the pool's array is free once it returns)."""
-        device = self.loader.device
+        device = self.device
         return torch.from_numpy(x) if device.type == "cpu" else torch.from_numpy(x).to(device)
 
 

@@ -121,23 +121,24 @@ class RaySource(Source):
     name = "ray"
     whole_images_refused = None   # crops cut from the image: its tasks read the whole image too
 
-    def __init__(self, loader, *, address: Optional[str] = None, prefetch: Optional[int] = None) -> None:
-        super().__init__(loader)
+    def __init__(self, index, config, device, *, address: Optional[str] = None, prefetch: Optional[int] = None) -> None:
+        super().__init__(index, config, device)
         self.address = address
         self.prefetch = DEFAULT_PREFETCH if prefetch is None else prefetch
         check_options(self.address, self.prefetch)
 
-    def open(self) -> None:
-        cfg = self.loader.config
+    def open(self, rows, view) -> None:
+        super().open(rows, view)
+        cfg = self.config
         self._ray = ray = join_ray(self.address, max(1, cfg.num_workers))
-        self._dataset = [ray.put(CanvasDataset(self.loader.index, cfg.canvas, cfg.canvas_mode, whole=cfg.crops_images))]
+        self._dataset = [ray.put(CanvasDataset(self.index, cfg.canvas, cfg.canvas_mode, whole=cfg.crops_images))]
         # SPREAD: the batches go round the nodes instead of filling the driver's node first.
         self._task = ray.remote(num_cpus=1, max_retries=TASK_RETRIES, scheduling_strategy="SPREAD")(canvas_batch)
 
     def _own_copy(self, canvas: np.ndarray) -> torch.Tensor:
         """Ray's arrays are read-only views of its object store: the batch gets its own copy, in
         pinned memory when it goes on to a GPU (as the reference's ``pin_memory``)."""
-        out = torch.empty(canvas.shape, dtype=torch.uint8, pin_memory=self.loader.device.type == "cuda")
+        out = torch.empty(canvas.shape, dtype=torch.uint8, pin_memory=self.device.type == "cuda")
         out.numpy()[...] = canvas
         return out
 

@@ -83,13 +83,13 @@ class _Batches(torch.utils.data.Sampler):
 
     def __iter__(self):
         # A generator: the DataLoader draws each batch's key just before it sends it to a worker.
-        loader = self.source.loader
-        for step, rows in self.source.plan:
-            if not self.source.transform_in_workers:
+        source, view = self.source, self.source.view
+        for step, rows in source.plan:
+            if not source.transform_in_workers:
                 yield rows.tolist()
                 continue
-            maps = loader.maps.gather(rows) if loader.config.backmix else None
-            yield BatchKey(rows.tolist(), loader.epoch, step, maps, loader.wants_canvas)
+            maps = view.maps_of(rows) if source.config.backmix else None
+            yield BatchKey(rows.tolist(), view.epoch, step, maps, view.wants_canvas)
 
     def __len__(self) -> int:
         return len(self.source.plan)
@@ -115,9 +115,9 @@ class WorkerSource(Source):
         """On a CPU device with workers, each worker transforms its batch (mix, crop, flip, normalise: a
         pure function of (seed, epoch, rank, step) and the rows' maps) in parallel with the others,
         instead of the loading process doing every batch's in turn; on a GPU the device does it."""
-        loader, cfg = self.loader, self.loader.config
+        cfg = self.config
         # (the two-view baseline's second crop of whole images is cut where the batch is delivered)
-        return (self.workers_transform and cfg.num_workers > 0 and loader.device.type == "cpu"
+        return (self.workers_transform and cfg.num_workers > 0 and self.device.type == "cpu"
                 and not (cfg.crops_images and cfg.views == 2))
 
     def decode(self, path: str, size: int, mode: str) -> torch.Tensor:
@@ -131,10 +131,10 @@ class WorkerSource(Source):
 
     def dataset(self) -> Dataset:
         """What the workers run per row (``CanvasDataset`` over ``decode``, or ``decode_whole``)."""
-        cfg = self.loader.config
-        transform = self.loader.transform if self.transform_in_workers else None
+        cfg = self.config
+        transform = self.view.transform if self.transform_in_workers else None
         decode = self.decode_whole if cfg.crops_images else self.decode
-        return TransformingDataset(self.loader.index, cfg.canvas, cfg.canvas_mode, decode, transform, cfg.rank,
+        return TransformingDataset(self.index, cfg.canvas, cfg.canvas_mode, decode, transform, cfg.rank,
                                 whole=cfg.crops_images)
 
     collate = staticmethod(collate_or_pass)   # runs in the worker
@@ -143,12 +143,13 @@ class WorkerSource(Source):
         """In the loading process: ``collate``'s output -> (canvas, rows, failed, photos or None)."""
         return batch
 
-    def open(self) -> None:
-        cfg = self.loader.config
+    def open(self, rows, view) -> None:
+        super().open(rows, view)
+        cfg = self.config
         self.plan: Plan = []
         self._loader = DataLoader(
             self.dataset(), batch_sampler=_Batches(self), num_workers=cfg.num_workers, collate_fn=self.collate,
-            pin_memory=self.pin_memory and self.loader.device.type == "cuda",
+            pin_memory=self.pin_memory and self.device.type == "cuda",
             # Forked once, not every epoch: no re-fork cost, no fresh copies.
             persistent_workers=cfg.num_workers > 0,
             # Its own generator: starting an epoch draws a worker seed from it, which must not move

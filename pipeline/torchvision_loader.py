@@ -85,31 +85,31 @@ class TorchvisionSource(WorkerSource):
     collate = staticmethod(pack_items)
 
     def dataset(self):
-        cfg = self.loader.config
+        cfg = self.config
         if not cfg.crops_images:
             return super().dataset()
-        return TransformingDataset(self.loader.index, cfg.canvas, cfg.canvas_mode, encoded, None, cfg.rank)
+        return TransformingDataset(self.index, cfg.canvas, cfg.canvas_mode, encoded, None, cfg.rank)
 
     def canvases_of(self, batch: EncodedBatch):
         """(canvas on the device, rows, failed in batch order, as the reference's workers report them),
         and the whole images when the crops are cut from them."""
-        loader, cfg = self.loader, self.loader.config
+        cfg = self.config
         if cfg.crops_images:
             return self._images_of(batch)
         good = [k for k, it in enumerate(batch.items) if isinstance(it, tuple)]
         jpegs = [k for k in good if batch.items[k][1]]
         others = [k for k in good if not batch.items[k][1]]
-        paths = [loader.index.abspath(batch.items[k][0]) for k in jpegs]
+        paths = [self.index.abspath(batch.items[k][0]) for k in jpegs]
         blobs = list(torch.split(batch.jpeg_bytes, batch.jpeg_sizes))      # views of the one buffer
-        decoded = dict(zip(jpegs, jpeg_canvases(blobs, paths, cfg.canvas, cfg.canvas_mode, loader.device)))
+        decoded = dict(zip(jpegs, jpeg_canvases(blobs, paths, cfg.canvas, cfg.canvas_mode, self.device)))
         if others:   # canvases the workers decoded: one transfer for all of them
-            decoded.update(zip(others, to_device(batch.canvases, loader.device)))
+            decoded.update(zip(others, to_device(batch.canvases, self.device)))
         canvases, rows, failed = [], [], []
         for k, item in enumerate(batch.items):
             if not isinstance(item, tuple):
                 failed.append(item)            # the error of a file that failed in the worker
             elif decoded[k] is None:
-                failed.append(DecodeError(loader.index.abspath(item[0])))
+                failed.append(DecodeError(self.index.abspath(item[0])))
             else:
                 canvases.append(decoded[k])
                 rows.append(item[0])
@@ -117,17 +117,17 @@ class TorchvisionSource(WorkerSource):
 
     def _images_of(self, batch: EncodedBatch):
         """``canvases_of`` of a batch of files' bytes (``encoded``): each decoded whole, JPEGs on the device."""
-        loader, cfg = self.loader, self.loader.config
+        cfg = self.config
         good = [k for k, it in enumerate(batch.items) if isinstance(it, tuple)]
         blobs = dict(zip(good, torch.split(batch.jpeg_bytes, batch.jpeg_sizes)))
-        paths = {k: loader.index.abspath(batch.items[k][0]) for k in good}
+        paths = {k: self.index.abspath(batch.items[k][0]) for k in good}
         jpegs = [k for k in good if is_jpeg(blobs[k])]
         decoded: dict = dict(zip(jpegs, decode_on_device([blobs[k] for k in jpegs], [paths[k] for k in jpegs],
-                                                         loader.device)))
+                                                         self.device)))
         for k in good:
             if k not in decoded:   # another format: the CPU decoder the reference's workers use
                 try:
-                    decoded[k] = to_device(decode_rgb_bytes(blobs[k], paths[k]), loader.device)
+                    decoded[k] = to_device(decode_rgb_bytes(blobs[k], paths[k]), self.device)
                 except DecodeError as e:
                     decoded[k] = e
         images, rows, failed = [], [], []

@@ -576,10 +576,10 @@ def test_an_error_in_ffcvs_thread_is_raised_not_waited_for(index, beton, monkeyp
     ffcv = FfcvLoader(index, config, UniformMaps(len(index), 8), ROWS, beton=beton)
     inputs = ffcv.inputs
 
-    def broken(step, rows):
+    def broken(step, rows, sizes=None):
         if step == 3:
             raise RuntimeError("no maps for step 3")
-        return inputs(step, rows)
+        return inputs(step, rows, sizes)
 
     monkeypatch.setattr(ffcv, "inputs", broken)
     seen = []
