@@ -45,6 +45,7 @@ from backmix.osr_data.errors import BackMixError
 from .augment import fill_value
 from .core import Loader, Plan, Source, SourceBatch
 from .dali_ops import PREFETCH, crop_normalize, crop_where, decode_to_canvas
+from .loaders import check_backend_config
 
 log = logging.getLogger("backmix")
 
@@ -131,8 +132,7 @@ class DaliSource(Source):
     def __init__(self, loader) -> None:
         super().__init__(loader)
         cfg = loader.config
-        if cfg.auto_augment != "none" and cfg.train:
-            raise BackMixError("auto_augment runs in the torch batch transform: use the reference, torchvision, ffcv or ray loader")
+        check_backend_config(self.name, cfg)
         self.gpu = loader.device.type == "cuda"
         log.info("DALI pipeline on %s", "gpu" if self.gpu else "cpu")
         # Rows DALI failed to decode, with torchvision's error (the reference's message): dropped at feed time from then on.
