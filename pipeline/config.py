@@ -102,7 +102,7 @@ class LoaderConfig:
     on_error: str = "raise"      # a file that does not decode: "raise" or "skip" (and count)
     device: str | torch.device = "auto"   # "auto" (CUDA when there is one), "cpu", "cuda", "cuda:N" or a
                                           # torch.device; held as the torch.device it names (``parse_device``)
-    keep_canvas: bool = True     # batches carry the uint8 canvas; False: only while an in-loop rebuild reads it
+    keep_canvas: bool = True     # batches carry the uint8 canvas; False: only when asked (``Loader.keep_canvases``)
     mean: tuple[float, ...] = field(default=IMAGENET_MEAN)
     std: tuple[float, ...] = field(default=IMAGENET_STD)
 
@@ -192,14 +192,6 @@ class LoaderPosition:
 
     epoch_sampler: EpochSampler
     dataset_indices: np.ndarray
-    recorder = None   # an in-loop rebuild (``backmix.rebuilding``) that sees each batch before it is yielded
-
-    def deliver(self, batch):
-        """Every batch a loader yields passes here: an attached in-loop rebuild takes its CAMs first, with
-        the weights of the step that will train on it."""
-        if self.recorder is not None:
-            self.recorder.record(batch)
-        return batch
 
     def _start_position(self) -> None:
         self.epoch, self.skipped = 0, 0   # skipped: files that did not decode, so far
