@@ -5,8 +5,9 @@ In a training script::
     import backmix
     data = backmix.open_set_data("data/digits", split=0)
     train = backmix.loader(data, cache="runs/cache")        # the BackMix stream of the known classes
-    with backmix.rebuilding(train, model):                   # next foreground maps from this epoch's CAMs
+    with backmix.rebuilding(train, model) as rebuild:        # next foreground maps from this epoch's CAMs
         for batch in train:                                  # (set_epoch(e) before each epoch)
+            rebuild.record(batch)                            # its CAMs, before the step that trains on it
             x, y = batch.inputs()                            # clean + mixed crops, closed-set labels
     backmix.evaluate(model, backmix.loader(data, train=False), data)   # accuracy, AUROC, OSCR
 

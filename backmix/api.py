@@ -124,8 +124,8 @@ def rebuild(train_loader, model: nn.Module, *, momentum: float = 0.1, progress: 
 
 def rebuilding(loader, model: nn.Module, *, momentum: float = 0.1, enabled: bool = True,
                progress: bool = False) -> InLoopRebuild:
-    """``with rebuilding(train_loader, model):`` around an epoch's loop: the CAMs of each batch as it is
-    trained on, published as the cache's next generation when the block ends (on every rank under
+    """``with rebuilding(train_loader, model) as rebuild:`` around an epoch's loop, which calls
+    ``rebuild.record(batch)`` with each batch before its step: the CAMs of each batch as it is trained on, published as the cache's next generation when the block ends (on every rank under
     torch.distributed: each stages its shard, rank 0 publishes, an error on any rank is raised on
     all). ``enabled=False`` does nothing (e.g. no rebuild after the last epoch). Each ``with`` block
     of the same object publishes the next generation. ``model`` is checked as ``rebuild`` checks it."""

@@ -1,11 +1,11 @@
-"""The in-loop rebuild for any training loop: ``with backmix.rebuilding(train_loader, model):``
+"""The in-loop rebuild for any training loop: ``with backmix.rebuilding(train_loader, model) as rebuild:``
 (``backmix/api.py``, which checks the model first, makes an ``InLoopRebuild``).
 
-While the block runs, the loader hands every batch it yields to the recorder first
-(``LoaderPosition.deliver``), which takes the CAMs of the batch's un-augmented
-canvases with the model's weights of that moment, i.e. those of the step that
-trains on the batch (the loop gets the batch, then steps). No image is decoded a
-second time, no RNG is drawn, and the model's train/eval mode is kept. When the
+While the block runs, the loader's batches carry their canvases (``Loader.keep_canvases``) and the loop
+hands each batch it trains on to ``rebuild.record(batch)`` before its step, which takes the CAMs of the
+batch's un-augmented canvases with the model's weights of that moment, i.e. those of the step that
+trains on the batch. The loader knows nothing of the recorder: it only keeps the canvases. No image is
+decoded a second time, no RNG is drawn, and the model's train/eval mode is kept. When the
 block ends without an error, every rank stages its shard and rank 0 publishes
 (``cam_cache/rebuild.py``); the loader uses the new maps from its next epoch. Rows
 no rank saw in the block (a loop resumed mid-epoch) are computed there by a pass
@@ -20,6 +20,8 @@ sample's CAM once, from its first step.
 """
 from __future__ import annotations
 
+import logging
+import weakref
 from typing import Optional
 
 import numpy as np
@@ -34,10 +36,16 @@ from .ranks import rank_and_world
 from .rebuild import publish_staged, stage_generation
 from .store import ForegroundCache
 
+log = logging.getLogger("backmix")
+
+# The loaders an in-loop rebuild records from now, here rather than on the loader (which knows only that
+# its canvases are kept): two rebuilds of one loader's epoch would each publish a generation.
+_RECORDING: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
 
 class InLoopRebuild:
-    """Records the CAMs of the batches ``loader`` yields while started; ``stage`` + ``publish`` (or the
-    end of a ``with`` block) make them the cache's next generation.
+    """Records the CAMs of the batches of ``loader`` that the loop hands to ``record`` while started;
+    ``stage`` + ``publish`` (or the end of a ``with`` block) make them the cache's next generation.
 
     enabled False: a no-op (a loop can write ``with rebuilding(..., enabled=epoch + 1 < epochs)``).
     checkpoint_digest names the weights in the shard files (a resume reuses only shards of the same
@@ -57,6 +65,9 @@ loader's ``on_error`` is the pass's: under "skip" a row it skipped keeps its map
         self.writer: Optional[GenerationWriter] = None
         self.staged: Optional[int] = None
         self.generation: Optional[int] = None     # what ``publish`` made current
+        self._recording = False
+        self._recorded = 0                        # batches handed to ``record`` and rows taken back since ``start``
+        self._canvases_before = False             # whether the loader kept its canvases before ``start``
 
     @property
     def cam_seconds(self) -> float:
@@ -67,7 +78,7 @@ loader's ``on_error`` is the pass's: under "skip" a row it skipped keeps its map
         """Records a new generation: each ``with`` block of one object publishes its own (the next)."""
         if not self.enabled:
             return self
-        if getattr(self.loader, "recorder", None) is not None:
+        if self.loader in _RECORDING:
             raise BackMixError("the loader already records an in-loop rebuild")
         self.staged = self.generation = None
         cfg, maps = self.loader.config, self.loader.maps
@@ -77,12 +88,25 @@ loader's ``on_error`` is the pass's: under "skip" a row it skipped keeps its map
                                        label_map=self.loader.row_labels.label_map, rows=self.loader.dataset_indices,
                                        shard=rank_and_world(), checkpoint_digest=digest,
                                        canvas_mode=cfg.canvas_mode, on_error=cfg.on_error)
-        self.loader.recorder = self
+        _RECORDING[self.loader] = self
+        self._canvases_before = self.loader.carries_canvas
+        self.loader.keep_canvases(True)
+        self._recording, self._recorded = True, 0
         return self
 
     def record(self, batch) -> None:
-        """The CAMs of ``batch``'s canvases with the current weights (rows already recorded are skipped:
-        a sample a DDP loader repeats to even out the ranks' steps)."""
+        """The CAMs of ``batch``'s canvases with the current weights: the loop calls it with each batch of
+        the loader, before the step that trains on it (rows already recorded are skipped: a sample a DDP
+        loader repeats to even out the ranks' steps). Disabled: nothing."""
+        if not self.enabled:
+            return
+        if not self._recording:
+            raise BackMixError("record(batch) outside the in-loop rebuild's block: call it inside "
+                               "`with backmix.rebuilding(loader, model) as rebuild:`")
+        if batch.canvas is None:
+            raise BackMixError("the batch carries no canvas: start the in-loop rebuild before iterating the "
+                               "loader")
+        self._recorded += 1
         rows = batch.indices.cpu().numpy()
         new = ~self.writer.holds(rows)
         if new.all():
@@ -109,15 +133,21 @@ loader's ``on_error`` is the pass's: under "skip" a row it skipped keeps its map
         if {k: part.meta.get(k) for k in self.writer.meta} != self.writer.meta:
             raise BackMixError(f"{path} holds CAMs of another cache build (weights, generation, data set or rows)")
         self.writer.take(part.rows, part.maps)
+        self._recorded += len(part.rows)
         self.writer.cam_seconds = float(saved.get("cam_s", 0.0))
 
     def stop(self) -> None:
-        if getattr(self.loader, "recorder", None) is self:
-            self.loader.recorder = None
+        if self._recording:
+            self._recording = False
+            self.loader.keep_canvases(self._canvases_before)
+            _RECORDING.pop(self.loader, None)
 
     def stage(self) -> int:
         """Every rank writes its shard (rows no rank saw are computed by a pass); returns the generation."""
         self.stop()
+        if not self._recorded:   # legitimate only for a loop resumed at its epoch's end
+            log.warning("no batch reached the in-loop rebuild: every row's CAM comes from a pass over the "
+                        "weights of now (a loop hands each batch to rebuild.record(batch), before its step)")
         cfg = self.loader.config
         self.staged = stage_generation(self.writer.cache_dir, self.model, self.loader.index, canvas=cfg.canvas,
                                        mean=cfg.mean, std=cfg.std, writer=self.writer, batch_size=self.batch_size,

@@ -39,13 +39,12 @@ def main() -> None:
     for epoch in range(args.epochs):
         train.set_epoch(epoch)
         rebuild = (epoch + 1) % args.rebuild_every == 0 and epoch + 1 < args.epochs   # none after the last
-        with backmix.rebuilding(train, model, enabled=rebuild):
+        with backmix.rebuilding(train, model, enabled=rebuild) as cams:
             for batch in train:
+                cams.record(batch)                    # its CAMs, with the weights of the step that trains on it
                 x, y = batch.inputs()                 # clean + mixed crops, closed-set labels
                 loss = torch.nn.functional.cross_entropy(net(x), y)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
+                opt.zero_grad(set_to_none=True); loss.backward(); opt.step()
                 sched.step()
         if rank == 0:
             print(f"epoch {epoch + 1}: loss {loss.item():.3f}, masks from generation {train.maps.generation}")

@@ -96,7 +96,7 @@ from .options import CANVAS_MODES  # noqa: E402  (defined where the command line
 
 def check_canvas_mode(mode: str) -> str:
     if mode not in CANVAS_MODES:
-        raise BackMixError(f"canvas mode must be one of {', '.join(CANVAS_MODES)}, got {mode!r}")
+        raise BackMixError(f"--canvas-mode (canvas_mode) must be one of {', '.join(CANVAS_MODES)}, got {mode!r}")
     return mode
 
 

@@ -17,8 +17,8 @@ from backmix.osr_data.errors import BackMixError
 from backmix.osr_data.normalize import IMAGENET_MEAN, IMAGENET_STD
 
 from .augment import AUTO_AUGMENT_POLICIES
-from .sampling import (LAST_BATCH, BackMixSampler, EpochSampler, check_augment, check_crop_from, check_fraction,
-                       check_seed, view_seed)
+from .sampling import (BackMixSampler, EpochSampler, check_augment, check_batch_size, check_crop_from, check_fraction,
+                       check_last_batch, check_seed, view_seed)
 
 ON_ERROR = ("raise", "skip")
 
@@ -102,41 +102,44 @@ class LoaderConfig:
     on_error: str = "raise"      # a file that does not decode: "raise" or "skip" (and count)
     device: str | torch.device = "auto"   # "auto" (CUDA when there is one), "cpu", "cuda", "cuda:N" or a
                                           # torch.device; held as the torch.device it names (``parse_device``)
-    keep_canvas: bool = True     # batches carry the uint8 canvas; False: only while an in-loop rebuild reads it
+    keep_canvas: bool = True     # batches carry the uint8 canvas; False: only when asked (``Loader.keep_canvases``)
     mean: tuple[float, ...] = field(default=IMAGENET_MEAN)
     std: tuple[float, ...] = field(default=IMAGENET_STD)
 
     def __post_init__(self) -> None:
+        # Every rule of a loader's arguments is checked here, once: ``backmix train`` builds its loaders'
+        # configs from its options (``trainers.config.loader_config``) and reports these same lines,
+        # which name the command line's flag beside the argument.
         check_field_types(self)
         check_canvas(self.canvas, self.crop, self.grid)
         check_canvas_mode(self.canvas_mode)
         check_augment(self.augment)
         check_crop_from(self.crop_from, self.augment, self.canvas_mode)
         if self.auto_augment not in ("none",) + AUTO_AUGMENT_POLICIES:
-            raise BackMixError(f"auto_augment must be none or one of {', '.join(AUTO_AUGMENT_POLICIES)}, "
-                               f"got {self.auto_augment!r}")
-        check_fraction("box fraction", self.box_fraction)
-        check_fraction("top-k ratio", self.top_k_ratio)
-        if self.batch_size < 1:
-            raise BackMixError(f"batch size must be at least 1, got {self.batch_size}")
+            raise BackMixError(f"--auto-augment (auto_augment) must be none or one of "
+                               f"{', '.join(AUTO_AUGMENT_POLICIES)}, got {self.auto_augment!r}")
+        check_fraction("box_fraction", self.box_fraction)
+        check_fraction("top_k_ratio", self.top_k_ratio)
+        check_batch_size(self.batch_size)
         if self.on_error not in ON_ERROR:
-            raise BackMixError(f"on_error must be one of {ON_ERROR}, got {self.on_error!r}")
-        if self.last_batch not in LAST_BATCH:
-            raise BackMixError(f"last_batch must be one of {LAST_BATCH}, got {self.last_batch!r}")
+            raise BackMixError(f"--on-error (on_error) must be one of {', '.join(ON_ERROR)}, got {self.on_error!r}")
+        check_last_batch(self.last_batch)
         if not (self.clean or self.backmix):
             raise BackMixError("a loader without BackMix must return the clean images (clean=True)")
         if self.mix_prob is not None:
-            if not 0 <= self.mix_prob <= 1:
-                raise BackMixError(f"mix_prob must lie in [0, 1], got {self.mix_prob}")
+            # 0 would never mix: that is the loader without BackMix
+            if not 0 < self.mix_prob <= 1:
+                raise BackMixError(f"--mix-prob (mix_prob) must lie in (0, 1], got {self.mix_prob}")
             if not (self.backmix and self.clean):
-                raise BackMixError("mix_prob picks each image's mixed or clean crop: it needs backmix=True "
-                                   "and clean=True")
-        if self.views not in (1, 2) or isinstance(self.views, bool):
+                raise BackMixError("--mix-prob (mix_prob) picks each image's mixed or clean crop: it needs "
+                                   "backmix=True (not --no-backmix) and clean=True")
+        if self.views not in (1, 2):
             raise BackMixError(f"views must be 1 or 2, got {self.views!r}")
         if self.views == 2 and self.backmix:
-            raise BackMixError("views=2 is the two-view baseline: it needs backmix=False")
+            raise BackMixError("views=2 is the two-view baseline (--method baseline-2view): it needs "
+                               "backmix=False (--no-backmix)")
         self.device = parse_device(self.device)
-        check_seed(self.seed)
+        check_seed(self.seed, "--seed (seed)")
         for name in ("mean", "std"):
             values = getattr(self, name)
             # The batches are normalised in float32: x / std there must stay finite too.
@@ -149,7 +152,7 @@ class LoaderConfig:
                                    f"{', each above 0 with a reciprocal finite in float32' if name == 'std' else ''}"
                                    f", got {values!r}")
         if self.num_workers < 0:
-            raise BackMixError(f"num_workers must be >= 0, got {self.num_workers}")
+            raise BackMixError(f"--workers (num_workers) must be >= 0, got {self.num_workers}")
 
     def sampler(self, view: int = 0) -> BackMixSampler:
         """The draws of view ``view`` of each image (view 1: the two-view baseline's second crop)."""
@@ -189,14 +192,6 @@ class LoaderPosition:
 
     epoch_sampler: EpochSampler
     dataset_indices: np.ndarray
-    recorder = None   # an in-loop rebuild (``backmix.rebuilding``) that sees each batch before it is yielded
-
-    def deliver(self, batch):
-        """Every batch a loader yields passes here: an attached in-loop rebuild takes its CAMs first, with
-        the weights of the step that will train on it."""
-        if self.recorder is not None:
-            self.recorder.record(batch)
-        return batch
 
     def _start_position(self) -> None:
         self.epoch, self.skipped = 0, 0   # skipped: files that did not decode, so far

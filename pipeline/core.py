@@ -4,7 +4,7 @@
                            │ kind "decode": uint8 canvases;     │ position (epoch, step; state_dict),
                            │   the core mixes them              │ maps.refresh() each epoch, on_error,
                            │   (BatchTransform)                 │ closed-set labels, device transfer,
-                           │ kind "fused": images and mixed     │ the in-loop rebuild's hook
+                           │ kind "fused": images and mixed     │ the canvases when wanted
                            │   made by the source's own ops     │
                            │   from LoaderView.inputs(step,rows)│
 
@@ -166,6 +166,7 @@ class Loader(LoaderPosition):
         self.backend = getattr(source_class, "name", source_class.__name__)
         self.device = choose_device(config.device)
         self._start_position()
+        self._canvases_kept = False   # ``keep_canvases``
         refused = source_class.whole_images_refused
         if config.crops_images and refused:
             raise BackMixError(f"backend {getattr(source_class, 'name', source_class.__name__)!r} cannot cut crops "
@@ -192,9 +193,17 @@ class Loader(LoaderPosition):
 
     @property
     def carries_canvas(self) -> bool:
-        """Whether batches carry the canvas: asked for (``config.keep_canvas``), or an in-loop rebuild
-        takes CAMs from it."""
-        return self.config.keep_canvas or self.recorder is not None
+        """Whether batches carry the canvas: asked for by the config (``config.keep_canvas``) or since
+        (``keep_canvases``)."""
+        return self.config.keep_canvas or self._canvases_kept
+
+    def keep_canvases(self, keep: bool = True) -> None:
+        """Whether batches carry their uint8 canvases from here on (they do anyway with ``config.keep_canvas``): an
+        in-loop rebuild (``backmix.rebuilding``) asks before the epoch whose batches it reads. Asked part-way
+        through an epoch, every later batch carries it (a source makes the batches it made ahead again)."""
+        if not isinstance(keep, (bool, np.bool_)):
+            raise TypeError(f"keep_canvases: keep must be True or False, not {type(keep).__name__}")
+        self._canvases_kept = bool(keep)
 
     def inputs(self, step: int, rows: np.ndarray, sizes: Optional[np.ndarray] = None) -> tuple[BatchParams, np.ndarray]:
         """(params, masks) of the batch of dataset ``rows`` at ``step``: what a fused source mixes with.
@@ -218,7 +227,7 @@ class Loader(LoaderPosition):
                 if len(out.rows) == 0:
                     continue          # every file of the step failed: the step is used up
                 self.next_step = out.step + 1
-                yield self.deliver(self._build_batch(out))
+                yield self._build_batch(out)
         finally:
             batches.close()           # a source left part-way (an error, a break) cleans up now
         self.next_step = len(self)

@@ -29,6 +29,7 @@ from backmix.osr_data.errors import BackMixError
 from .core import Loader, Plan, Source, SourceBatch
 from .dali_graphs import choose_graph
 from .dali_ops import PREFETCH
+from .loaders import check_backend_config
 
 log = logging.getLogger("backmix")
 
@@ -111,8 +112,7 @@ class DaliSource(Source):
     def __init__(self, index, config, device) -> None:
         super().__init__(index, config, device)
         cfg = config
-        if cfg.auto_augment != "none" and cfg.train:
-            raise BackMixError("auto_augment runs in the torch batch transform: use the reference, torchvision, ffcv or ray loader")
+        check_backend_config(self.name, cfg)
         self.gpu = device.type == "cuda"
         log.info("DALI pipeline on %s", "gpu" if self.gpu else "cpu")
         # Rows DALI failed to decode, with torchvision's error (the reference's message): dropped at feed time from then on.

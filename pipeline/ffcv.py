@@ -290,7 +290,7 @@ class FfcvSource(Source):
                     yield SourceBatch(step, rows, out.clone(memory_format=torch.contiguous_format), [])
                 else:
                     # The canvas is copied out only when a batch must carry it (``Loader.wants_canvas``), asked
-                    # here, not in the op: a recorder attached part-way gets the batches already in flight too.
+                    # here, not in the op: canvases wanted part-way come with the batches already in flight too.
                     canvas = self._canvas(out[0][:len(rows)]) if self.view.wants_canvas else None
                     crops = [self._own(x) for x in out[1:]]
                     cfg = self.config

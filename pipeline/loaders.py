@@ -39,6 +39,14 @@ def register_backend(name: str, source: type) -> None:
     SOURCES[name] = source
 
 
+def check_backend_config(backend: str, config: LoaderConfig) -> None:
+    """What a backend refuses of a valid config, checked where its loader is made and by ``backmix train``
+    before any work: DALI's pipeline has no step for auto-augment, which runs in the torch batch transform."""
+    if backend == "dali" and config.train and config.auto_augment != "none":
+        raise BackMixError("--auto-augment (auto_augment) runs in the torch batch transform: use --backend "
+                           "reference, torchvision, ffcv or ray, not dali")
+
+
 def require_dali() -> None:
     """One line naming the install command when the optional DALI backend is missing."""
     try:

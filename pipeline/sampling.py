@@ -44,12 +44,10 @@ class EpochSampler:
 
     def __init__(self, num_samples: int, batch_size: int, *, shuffle: bool = True, seed: int = 0,
                  rank: int = 0, world_size: int = 1, last_batch: str = "keep") -> None:
-        if batch_size < 1:
-            raise BackMixError(f"batch size must be at least 1, got {batch_size}")
+        check_batch_size(batch_size)
         if not 0 <= rank < world_size:
             raise BackMixError(f"rank {rank} is outside world size {world_size}")
-        if last_batch not in LAST_BATCH:
-            raise BackMixError(f"last_batch must be one of {LAST_BATCH}, got {last_batch!r}")
+        check_last_batch(last_batch)
         if num_samples < 1:
             raise BackMixError("the loader has no samples")
         self.num_samples, self.batch_size = num_samples, batch_size
@@ -114,8 +112,20 @@ def check_crop_from(crop_from: str, augment: str = "rrc", canvas_mode: Optional[
 
 def check_augment(augment: str) -> str:
     if augment not in AUGMENTS:
-        raise BackMixError(f"augment must be one of {', '.join(AUGMENTS)}, got {augment!r}")
+        raise BackMixError(f"--augment (augment) must be one of {', '.join(AUGMENTS)}, got {augment!r}")
     return augment
+
+
+def check_batch_size(batch_size: int) -> int:
+    if batch_size < 1:
+        raise BackMixError(f"--batch-size (batch_size) must be at least 1, got {batch_size}")
+    return batch_size
+
+
+def check_last_batch(last_batch: str) -> str:
+    if last_batch not in LAST_BATCH:
+        raise BackMixError(f"last_batch must be one of {', '.join(LAST_BATCH)}, got {last_batch!r}")
+    return last_batch
 
 
 def resized_crop_boxes(rng: np.random.Generator, b: int, heights, widths) -> tuple[np.ndarray, np.ndarray]:
@@ -172,8 +182,9 @@ def check_seed(seed: int, name: str = "seed") -> int:
 
 
 def check_fraction(name: str, value: float) -> float:
+    """``value`` of argument ``name`` (the command line's --name too) when it lies in (0, 1)."""
     if not 0.0 < float(value) < 1.0:
-        raise BackMixError(f"{name} must lie in (0, 1), got {value}")
+        raise BackMixError(f"{'--' + name.replace('_', '-')} ({name}) must lie in (0, 1), got {value}")
     return float(value)
 
 
@@ -185,8 +196,8 @@ class BackMixSampler:
         self.canvas, self.crop, self.grid, self.seed = canvas, crop, grid, seed
         self.augment = check_augment(augment)
         self.crop_from = check_crop_from(crop_from, augment)
-        self.box_fraction = check_fraction("box fraction", box_fraction)
-        self.top_k_ratio = check_fraction("top-k ratio", top_k_ratio)
+        self.box_fraction = check_fraction("box_fraction", box_fraction)
+        self.top_k_ratio = check_fraction("top_k_ratio", top_k_ratio)
         self.box_hw = box_size((canvas, canvas), self.box_fraction)
 
     def crops_images(self, train: bool = True) -> bool:

@@ -150,6 +150,7 @@ opt = torch.optim.SGD(net.parameters(), lr=0.05)
 losses = []
 with backmix.rebuilding(train, model, progress=False) as rebuild:
     for batch in train:
+        rebuild.record(batch)
         x, y = batch.inputs()
         loss = torch.nn.functional.cross_entropy(net(x), y)
         opt.zero_grad(set_to_none=True)

@@ -60,7 +60,7 @@ def cases() -> list[Case]:
                              "for e in range(2):\n"
                              "    tr.set_epoch(e)\n"
                              "    with r:\n"
-                             "        [b for b in tr]\n"
+                             "        [r.record(b) for b in tr]\n"
                              "    out.append(r.generation)\n"
                              "print('generations', out)\n")),
     ]

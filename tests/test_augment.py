@@ -44,9 +44,9 @@ def test_centre_canvas_is_torchvision_resize_and_centre_crop(hw, size):
 def test_centre_is_the_default_and_a_bad_mode_is_named():
     image = torch.zeros(3, 40, 48, dtype=torch.uint8)
     assert torch.equal(to_canvas(image, 32), to_canvas(image, 32, "center"))
-    with pytest.raises(BackMixError, match="canvas mode must be one of center, stretch"):
+    with pytest.raises(BackMixError, match=r"--canvas-mode \(canvas_mode\) must be one of center, stretch"):
         to_canvas(image, 32, "squash")
-    with pytest.raises(BackMixError, match="augment must be one of crop, rrc"):
+    with pytest.raises(BackMixError, match=r"--augment \(augment\) must be one of crop, rrc"):
         LoaderConfig(augment="cutout")
 
 

@@ -402,14 +402,13 @@ def test_a_closed_loader_builds_a_new_pipeline_when_iterated_again(tiny_root):
 @pytest.mark.parametrize("augment", ["crop", "rrc"])
 def test_a_loader_without_the_canvas_switches_graphs_when_something_reads_it(tiny_root, augment):
     """keep_canvas=False: no canvas leaves the pipeline (the region graph); once something reads the
-    canvas (an in-loop rebuild's recorder), even part-way through an epoch, the batches carry it and
-    are bit for bit those of a loader that keeps it (the canvas graph)."""
+    canvases (``keep_canvases``: an in-loop rebuild), even part-way through an epoch, the batches carry
+    them and are bit for bit those of a loader that keeps them (the canvas graph)."""
     index = ImageIndex.load(tiny_root)
     maps = random_maps(len(index))
     kw = dict(batch_size=4, canvas=48, crop=40, augment=augment, seed=5)
     kept = DaliLoader(index, config(**kw), maps)
     lean = DaliLoader(index, config(keep_canvas=False, **kw), maps)
-    recorder = type("Recorder", (), {"record": lambda self, batch: None})()
     for epoch, attach_at in ((0, 3), (1, 0)):
         kept.set_epoch(epoch)
         lean.set_epoch(epoch)
@@ -421,7 +420,7 @@ def test_a_loader_without_the_canvas_switches_graphs_when_something_reads_it(tin
                 assert torch.equal(a.canvas, b.canvas)
                 assert torch.equal(a.images, b.images) and torch.equal(a.mixed, b.mixed)
             if step + 1 == attach_at:
-                lean.recorder = recorder    # from the next batch on, batches carry the canvas
+                lean.keep_canvases()        # from the next batch on, batches carry the canvas
         assert step == 5
 
 

@@ -136,8 +136,9 @@ opt, epochs = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9), 2
 for epoch in range(epochs):
     train.set_epoch(epoch)
     steps = 0
-    with backmix.rebuilding(train, model, enabled=epoch + 1 < epochs):
+    with backmix.rebuilding(train, model, enabled=epoch + 1 < epochs) as rebuild:
         for batch in train:
+            rebuild.record(batch)
             x, y = mixup(*batch.inputs())
             loss = torch.sum(-y * torch.log_softmax(model(x), dim=1), dim=1).mean()
             opt.zero_grad(); loss.backward(); opt.step()

@@ -538,34 +538,26 @@ def test_the_kernels_resize_tables_are_the_torch_ops_bit_for_bit():
             np.testing.assert_array_equal(g, w)
 
 
-class _Canvases:
-    """A recorder (``Loader.recorder``) that keeps the canvases it is shown."""
-
-    def __init__(self) -> None:
-        self.seen = []
-
-    def record(self, batch) -> None:
-        self.seen.append(batch.canvas)
-
-
-def test_a_rebuild_attached_part_way_gets_the_canvases_of_the_batches_in_flight(index, beton):
-    """Without keep_canvas no canvas leaves the loader; once a recorder is attached (after FFCV has made the
-    next batches ahead), every later batch carries its canvas, the reference's exactly."""
+def test_canvases_asked_for_part_way_come_with_the_batches_in_flight(index, beton):
+    """Without keep_canvas no canvas leaves the loader; once the canvases are asked for (``keep_canvases``, as
+    an in-loop rebuild does; here after FFCV has made the next batches ahead), every later batch carries its
+    canvas, the reference's exactly."""
     from backmix.pipeline.ffcv import FfcvLoader
     config = LoaderConfig(batch_size=50, num_workers=2, seed=6, keep_canvas=False)
     maps = UniformMaps(len(index), 8)
     ffcv = FfcvLoader(index, config, maps, ROWS, beton=beton)
     ref = ReferenceLoader(index, LoaderConfig(**{**vars(config), "keep_canvas": True}), maps, ROWS)
-    recorder = _Canvases()
+    seen = []
     for step, (a, b) in enumerate(zip(ffcv, ref, strict=True)):
         if step < 2:
             assert a.canvas is None
         else:
-            assert torch.equal(a.canvas, b.canvas) and torch.equal(recorder.seen[-1], b.canvas)
+            seen.append(a.canvas)
+            assert torch.equal(a.canvas, b.canvas)
         assert torch.equal(a.mixed, b.mixed) and torch.equal(a.images, b.images)
         if step == 1:
-            ffcv.recorder = recorder
-    assert len(recorder.seen) == len(ref) - 2
+            ffcv.keep_canvases()
+    assert len(seen) == len(ref) - 2
 
 
 def test_an_error_in_ffcvs_thread_is_raised_not_waited_for(index, beton, monkeypatch):

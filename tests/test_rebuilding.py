@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import socket
 import subprocess
@@ -48,6 +49,7 @@ def test_own_loop_publishes_the_generation_backmix_train_regen_loop_does(small_r
         torch.manual_seed(epoch_seed(cfg.seed, 0, 0))   # dropout, as the trainer seeds it
         with backmix.rebuilding(train, model) as rec:
             for batch in train:
+                rec.record(batch)
                 x, _ = batch.inputs()
                 loss = batch.loss(criterion, model(x))
                 opt.zero_grad(set_to_none=True)
@@ -56,13 +58,47 @@ def test_own_loop_publishes_the_generation_backmix_train_regen_loop_does(small_r
                 sched.step()
     finally:
         torch.use_deterministic_algorithms(deterministic)
-    assert rec.generation == 1 and rec.cam_seconds > 0 and train.recorder is None
+    assert rec.generation == 1 and rec.cam_seconds > 0 and not refers_to(train, rec)
     own = ForegroundCache(tmp_path / "own", index=data.train)
     trained = ForegroundCache(cfg.cache_dir, index=data.train)      # epoch 1 rebuilt, the last one not
     assert own.generation == trained.generation == 1
     assert np.array_equal(np.asarray(own.maps), np.asarray(trained.maps))
     known = data.label_map[data.train.labels] >= 0
     assert not np.all(np.asarray(own.maps)[known] == 0.5)          # the known rows moved
+
+
+def refers_to(loader, recorder) -> bool:
+    """Whether any attribute of ``loader`` (its source's included) is ``recorder``."""
+    return any(value is recorder for owner in (loader, loader.source) for value in vars(owner).values())
+
+
+def test_the_loop_hands_the_batches_to_the_rebuild_and_the_loader_only_keeps_the_canvases(small_root, tmp_path,
+                                                                                         caplog):
+    data = backmix.open_set_data(small_root, split="ant,cat")
+    train = backmix.loader(data, cache=tmp_path / "c", batch_size=8, num_workers=0, device="cpu", keep_canvas=False)
+    model = build_model("cnn32", data.num_known, width=0.25)
+    assert next(iter(train)).canvas is None
+    train.set_epoch(1)
+    with backmix.rebuilding(train, model) as rec:
+        assert train.carries_canvas and not refers_to(train, rec)
+        with pytest.raises(BackMixError, match="already records an in-loop rebuild"):
+            backmix.rebuilding(train, model).start()
+        for batch in train:
+            assert batch.canvas is not None
+            rec.record(batch)
+    assert rec.generation == 1 and not train.carries_canvas and next(iter(train)).canvas is None
+    with pytest.raises(BackMixError, match="outside the in-loop rebuild's block"):
+        rec.record(batch)
+    with backmix.rebuilding(train, model, enabled=False) as off:   # disabled: record does nothing
+        for batch in train:
+            off.record(batch)
+            assert batch.canvas is None
+    assert ForegroundCache(tmp_path / "c", index=data.train).generation == 1
+    # A loop that hands it no batch: the pass takes every row's CAM, and says so.
+    train.set_epoch(2)
+    with caplog.at_level(logging.WARNING, logger="backmix"), backmix.rebuilding(train, model) as rec:
+        assert sum(len(b.labels) for b in train) == len(data.known_rows)
+    assert rec.generation == 2 and "no batch reached the in-loop rebuild" in caplog.text
 
 
 def test_disabled_or_failed_blocks_publish_nothing(small_root, tmp_path):
@@ -72,10 +108,10 @@ def test_disabled_or_failed_blocks_publish_nothing(small_root, tmp_path):
     with backmix.rebuilding(train, model, enabled=False):
         n = sum(1 for _ in train)
     assert n == 3 and train.maps.generation == 0
-    with pytest.raises(RuntimeError, match="stop"), backmix.rebuilding(train, model):
-        next(iter(train))
+    with pytest.raises(RuntimeError, match="stop"), backmix.rebuilding(train, model) as rec:
+        rec.record(next(iter(train)))
         raise RuntimeError("stop")
-    assert train.recorder is None and json.loads((tmp_path / "c" / "CURRENT").read_text())["generation"] == 0
+    assert not refers_to(train, rec) and json.loads((tmp_path / "c" / "CURRENT").read_text())["generation"] == 0
     with pytest.raises(BackMixError, match="cache folder"):
         backmix.rebuilding(backmix.loader(data, batch_size=8, num_workers=0, device="cpu"), model)
 
@@ -99,6 +135,7 @@ train.set_epoch(1)
 seen = []
 with backmix.rebuilding(train, model) as rec:
     for batch in train:
+        rec.record(batch)
         seen += batch.indices.tolist()
 rank = torch.distributed.get_rank()
 json.dump({"seen": seen, "steps": len(train), "repeats": train.epoch_sampler.repeats,

@@ -210,7 +210,7 @@ def test_a_bad_config_file_is_one_line(small_root, tmp_path, capsys, text, messa
     (["--mixup", "nan"], "--mixup must be a finite number >= 0, got nan"),
     (["--log-every", "-1"], "--log-every must be a finite number >= 0, got -1"),
     (["--log", "csv,wandb"], "unknown --log sink 'wandb'"),
-    (["--auto-augment", "trivialaugment", "--backend", "dali"], "--auto-augment runs in the torch batch transform"),
+    (["--auto-augment", "trivialaugment", "--backend", "dali"], "--auto-augment (auto_augment) runs in the torch batch transform"),
     ([], "--data is required"),
 ])
 def test_bad_recipe_options_are_one_line(small_root, tmp_path, capsys, extra, message):
@@ -382,7 +382,7 @@ def test_the_loader_applies_auto_augment_to_training_batches_only(tiny_root):
     assert torch.equal(again.images, augmented.images) and torch.equal(again.mixed, augmented.mixed)
     evaluation = first_batch(auto_augment="trivialaugment", train=False, shuffle=False, backmix=False)
     assert torch.equal(evaluation.images, first_batch(train=False, shuffle=False, backmix=False).images)
-    with pytest.raises(BackMixError, match="auto_augment must be none or one of trivialaugment, randaugment"):
+    with pytest.raises(BackMixError, match=r"--auto-augment \(auto_augment\) must be none or one of trivialaugment, randaugment"):
         LoaderConfig(auto_augment="autoaugment")
 
 

@@ -125,9 +125,9 @@ def test_a_broken_file_is_skipped_and_counted(folder_with_a_broken_file):
     assert loader.skipped == 1 and len(seen) == 23 and 9 not in seen.tolist()
 
 
-@pytest.mark.parametrize("kw, message", [(dict(box_fraction=0.0), "box fraction must lie in"),
-                                         (dict(box_fraction=1.5), "box fraction must lie in"),
-                                         (dict(top_k_ratio=1.0), "top-k ratio must lie in"),
+@pytest.mark.parametrize("kw, message", [(dict(box_fraction=0.0), r"--box-fraction \(box_fraction\) must lie in"),
+                                         (dict(box_fraction=1.5), r"--box-fraction \(box_fraction\) must lie in"),
+                                         (dict(top_k_ratio=1.0), r"--top-k-ratio \(top_k_ratio\) must lie in"),
                                          (dict(canvas=36), "multiple of the grid"),
                                          (dict(crop=48), "larger than the canvas")])
 def test_bad_ratios_and_sizes_are_named(kw, message):

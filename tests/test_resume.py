@@ -179,6 +179,6 @@ def test_two_views_are_two_independent_clean_crops_of_each_image(tiny_root):
                            0.3 * ce(logits[:n], b.labels) + 2.0 * ce(logits[n:], b.labels))
     assert differ >= 0.8 * len(index)   # a crop and flip of 9 x 9 x 2 choices repeats rarely
     for bad, message in ((dict(views=2), "backmix=False"), (dict(views=3, backmix=False), "views must be"),
-                         (dict(mix_prob=0.5, backmix=False), "needs backmix"), (dict(mix_prob=1.5), r"\[0, 1\]")):
+                         (dict(mix_prob=0.5, backmix=False), "needs backmix"), (dict(mix_prob=1.5), r"\(0, 1\]")):
         with pytest.raises(BackMixError, match=message):
             config(**bad)

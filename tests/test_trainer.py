@@ -704,7 +704,7 @@ def test_two_experiment_processes_share_one_folder_without_repeating_a_run(tmp_p
     (["--lr", "0"], "--lr must be a finite number > 0, got 0.0"),
     (["--width", "inf"], "--width must be a finite number > 0, got inf"),
     (["--warmup-epochs", "-1"], "--warmup-epochs must be a finite number >= 0, got -1.0"),
-    (["--seed", "-1"], "--seed must be a finite number in [0, 2**63), got -1"),
+    (["--seed", "-1"], "--seed (seed) must be a whole number in [0, 2**63), got -1"),
     (["--weight-decay", "-0.1"], "--weight-decay must be a finite number >= 0, got -0.1"),
     (["--momentum", "1.5"], "--momentum must be a finite number in [0, 1], got 1.5"),
     (["--save-every", "-2"], "--save-every must be a finite number >= 0, got -2"),

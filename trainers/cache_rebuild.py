@@ -50,8 +50,8 @@ def stage_pass(cfg: TrainConfig, model: nn.Module, data: OpenSetData, device: to
 
 
 def loop_recorder(cfg: TrainConfig, model: nn.Module, loader, epoch: int, rank: int):
-    """The in-loop rebuild of rebuild epoch ``epoch`` (1-based), started: it takes the CAMs of every batch
-    ``loader`` yields (the library's ``backmix.rebuilding``, split into stage and publish here)."""
+    """The in-loop rebuild of rebuild epoch ``epoch`` (1-based), started: the epoch's loop hands it every batch
+    of ``loader`` (the library's ``backmix.rebuilding``, split into stage and publish here)."""
     from backmix.cam_cache.recorder import InLoopRebuild
     return InLoopRebuild(loader, model, momentum=cfg.momentum, checkpoint_digest=rebuild_tag(cfg, epoch),
                          batch_size=max(cfg.batch_size, 128), progress=show_progress(cfg, rank)).start()

@@ -8,16 +8,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+import torch
 from backmix.cam_cache.node_folders import LAYOUTS as CACHE_LAYOUTS
 from backmix.models import check_arch
-from backmix.osr_data.decode import CANVAS_MODES, check_canvas
 from backmix.osr_data.errors import BackMixError
 from backmix.device import check_device_name
 from backmix.osr_data.protocols import PROTOCOLS, SSB_PROTOCOLS
-from backmix.pipeline.config import ON_ERROR
+from backmix.pipeline.config import LoaderConfig
 from backmix.pipeline.beton_location import STORAGES as BETON_STORAGES
-from backmix.pipeline.loaders import BACKENDS, backend_options
-from backmix.pipeline.sampling import AUGMENTS, check_crop_from
+from backmix.pipeline.loaders import BACKENDS, backend_options, check_backend_config
 from backmix.pipeline.augment import AUTO_AUGMENT_POLICIES
 
 from .methods import forward_passes
@@ -27,27 +26,26 @@ AMP = ("auto", "bf16", "fp16", "off")
 REGEN = ("loop", "pass")
 AUTO_AUGMENTS = ("none",) + AUTO_AUGMENT_POLICIES
 LOG_SINKS = ("csv", "tensorboard")
-CHOICES = {"auto_augment": AUTO_AUGMENTS, "opt": OPTIMIZERS, "backend": BACKENDS, "amp": AMP,
-           "on_error": ON_ERROR, "regen": REGEN, "canvas_mode": CANVAS_MODES, "augment": AUGMENTS,
-           "beton_mode": BETON_STORAGES, "cache_layout": CACHE_LAYOUTS}
+# The options of the run itself; the loader's (--augment, --on-error, ...) are LoaderConfig's to check.
+CHOICES = {"opt": OPTIMIZERS, "backend": BACKENDS, "amp": AMP, "regen": REGEN, "beton_mode": BETON_STORAGES,
+           "cache_layout": CACHE_LAYOUTS}
 
 
-# Every numeric field and the values it accepts (besides being a finite number).
+# Every numeric field of the run itself and the values it accepts (besides being a finite number); the
+# loader's (--batch-size, --seed, --workers, --mix-prob, ...) are LoaderConfig's to check.
 def _at_least(low):
     return lambda v: v >= low, f">= {low}"
 
 
 _POSITIVE = (lambda v: v > 0, "> 0")
-_FRACTION = (lambda v: 0 < v < 1, "in (0, 1)")
 NUMERIC_RANGES = {
-    "epochs": _at_least(1), "width": _POSITIVE, "batch_size": _at_least(1), "lr": _POSITIVE,
+    "epochs": _at_least(1), "width": _POSITIVE, "lr": _POSITIVE,
     "sgd_momentum": (lambda v: 0 <= v < 1, "in [0, 1)"), "weight_decay": _at_least(0),
     "warmup_epochs": _at_least(0), "w_raw": _at_least(0), "w_mix": _at_least(0), "regen_every": _at_least(0),
-    "momentum": (lambda v: 0 <= v <= 1, "in [0, 1]"), "box_fraction": _FRACTION, "top_k_ratio": _FRACTION,
-    "seed": (lambda v: 0 <= v < 2 ** 63, "in [0, 2**63)"), "workers": _at_least(0), "eval_every": _at_least(0),
+    "momentum": (lambda v: 0 <= v <= 1, "in [0, 1]"), "eval_every": _at_least(0),
     "save_every": _at_least(0), "jpeg_quality": (lambda v: v == int(v) and 1 <= v <= 100, "in 1..100"), "val_fraction": (lambda v: 0 <= v < 1, "in [0, 1)"), "log_every": _at_least(0), "label_smoothing": (lambda v: 0 <= v < 1, "in [0, 1)"),
     "ema": (lambda v: v == 0 or 0 < v < 1, "in (0, 1), or 0 for none"), "clip_grad": _at_least(0),
-    "mixup": _at_least(0), "cutmix": _at_least(0), "mix_prob": (lambda v: 0 < v <= 1, "in (0, 1]"),
+    "mixup": _at_least(0), "cutmix": _at_least(0),
     "grad_accum_steps": (lambda v: v == int(v) and v >= 1, ">= 1, a whole one"),
 }
 
@@ -130,21 +128,14 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         check_arch(self.arch)
-        for name, value in (("opt", self.opt), ("backend", self.backend), ("amp", self.amp),
-                            ("on_error", self.on_error), ("regen", self.regen),
-                            ("canvas_mode", self.canvas_mode), ("augment", self.augment),
-                            ("auto_augment", self.auto_augment),
-                            ("beton_mode", self.beton_mode), ("cache_layout", self.cache_layout)):
-            choices = CHOICES[name]
+        for name, choices in CHOICES.items():
+            value = getattr(self, name)
             if value not in choices:
                 raise BackMixError(f"unknown {option(name)} {value!r} (choose from {', '.join(choices)})")
         check_device_name(self.device)
         for name in NUMERIC_RANGES:
-            if name != "mix_prob":   # optional: checked below when given
-                check_number(name, getattr(self, name))
+            check_number(name, getattr(self, name))
         self.grad_accum_steps = int(self.grad_accum_steps)   # a config file's 2.0 counts batches as 2 does
-        check_canvas(self.canvas, self.crop, self.grid)
-        check_crop_from(self.crop_from, self.augment, self.canvas_mode)
         if self.protocol is not None and self.protocol not in PROTOCOLS:
             raise BackMixError(f"unknown --protocol {self.protocol!r} (choose from {', '.join(PROTOCOLS)})")
         if self.protocol and self.splits_file:
@@ -156,24 +147,21 @@ class TrainConfig:
                                    f"from its --open-test folders: --split all, not {self.split!r}")
             self.split = "all"
         self.open_test = [str(folder) for folder in self.open_test]
-        if self.mix_prob is not None:
-            check_number("mix_prob", self.mix_prob)
-            if not self.backmix:
-                raise BackMixError("--mix-prob picks each image's mixed or clean crop: it needs BackMix")
-        if self.views not in (1, 2) or isinstance(self.views, bool):
-            raise BackMixError(f"--views must be 1 or 2, got {self.views!r}")
-        if self.views == 2 and self.backmix:
-            raise BackMixError("two clean views are the compute-matched baseline: --method baseline-2view "
-                               "(without BackMix)")
         if self.w_raw == 0 and not (self.backmix and self.w_mix > 0):
             raise BackMixError("--w-raw 0 trains on the mixed images only: it needs BackMix and --w-mix > 0")
         for sink in self.log_sinks:
             if sink not in LOG_SINKS:
                 raise BackMixError(f"unknown --log sink {sink!r} (give a comma list of {', '.join(LOG_SINKS)})")
-        if self.auto_augment != "none" and self.backend == "dali":
-            raise BackMixError("--auto-augment runs in the torch batch transform: use --backend reference, "
-                               "ffcv or ray, not dali")
         self.loader_options()   # checks the Ray options
+        self.check_loader()
+
+    def check_loader(self) -> None:
+        """The loader's options, by the rules of the loaders themselves: the training loader's config as the
+        run will build it (``loader_config``), and what the backend refuses of it."""
+        try:
+            check_backend_config(self.backend, loader_config(self, torch.device("cpu"), train=True))
+        except TypeError as e:   # a config file's value of another type: one line, as the others
+            raise BackMixError(str(e)) from None
 
     @property
     def log_sinks(self) -> list[str]:
@@ -229,6 +217,25 @@ class TrainConfig:
             raise BackMixError(f"cannot read run config {path}: {e}") from None
         except BackMixError as e:
             raise BackMixError(f"run config {path}: {e}") from None
+
+
+def loader_config(cfg: TrainConfig, device: torch.device, *, train: bool, rank: int = 0,
+                  world: int = 1) -> LoaderConfig:
+    """The config of a run's training (``train``) or evaluation loader."""
+    return LoaderConfig(
+        batch_size=cfg.batch_size if train else max(cfg.batch_size, 256),
+        canvas=cfg.canvas, crop=cfg.crop, grid=cfg.grid, backmix=cfg.backmix and train,
+        canvas_mode=cfg.canvas_mode, augment=cfg.augment, crop_from=cfg.crop_from,
+        auto_augment=cfg.auto_augment if train else "none",
+        # no clean crops if no loss reads them; a mix probability picks between both
+        clean=not (cfg.backmix and train and cfg.w_raw == 0 and cfg.mix_prob is None),
+        # given as asked (the loader refuses it without BackMix); evaluation crops are clean
+        mix_prob=cfg.mix_prob if train else None, views=cfg.views if train else 1,
+        box_fraction=cfg.box_fraction, top_k_ratio=cfg.top_k_ratio, seed=cfg.seed,
+        shuffle=train, train=train, rank=rank if train else 0, world_size=world if train else 1,
+        last_batch="keep", num_workers=cfg.workers,   # under DDP too: every image once, equal steps per rank
+        on_error=cfg.on_error, device=device,
+        keep_canvas=False)   # the in-loop rebuild, when it runs, gets the canvases anyway
 
 
 def field_defaults() -> dict:

@@ -30,14 +30,15 @@ def epoch_seed(seed: int, epoch: int, rank: int) -> int:
 def train_one_epoch(model: nn.Module, loader, optimizer, scheduler, cfg: TrainConfig, precision: Precision,
                     epoch: int, *, rank: int = 0, world: int = 1, partial: Optional[dict] = None,
                     save: Optional[Callable[[dict], None]] = None, recipe: Optional[Recipe] = None,
-                    run_log: Optional[RunLog] = None, forward: Optional[nn.Module] = None) -> dict:
+                    run_log: Optional[RunLog] = None, forward: Optional[nn.Module] = None,
+                    recorder=None) -> dict:
     """One pass over the loader; loss = w_raw * CE(clean) + w_mix * CE(mixed) (``BackMixBatch.loss``);
     train accuracy is on the first part the batch has.
 
     partial: this rank's part of a mid-epoch checkpoint (loader position, running sums, seconds, RNG):
     the epoch continues where it was cut. save(partial) is called every ``cfg.save_every`` steps
-    (not at an epoch's last step: the epoch's own checkpoint follows). A rebuild epoch's in-loop
-    CAMs are taken by the recorder attached to the loader (``backmix.cam_cache.recorder``).
+    (not at an epoch's last step: the epoch's own checkpoint follows). ``recorder``: a rebuild epoch's
+    in-loop rebuild, started (``backmix.cam_cache.recorder``), handed each batch before its step.
     ``recipe``: label smoothing, Mixup/CutMix and the EMA (default: plain cross-entropy);
     ``run_log``: the step lines and progress (default: a progress bar on a terminal); ``forward``: the
     module the forward calls (default ``model``; e.g. ``torch.compile(model)``, the same parameters)."""
@@ -64,6 +65,8 @@ def train_one_epoch(model: nn.Module, loader, optimizer, scheduler, cfg: TrainCo
     for i, batch in enumerate(loader, first):
         waited = time.perf_counter() - ready   # the share of the step spent waiting for data
         run_log.batch_in_hand()
+        if recorder is not None:   # its CAMs with the weights of the step that trains on the batch
+            recorder.record(batch)
         # One forward over the clean and the mixed crops (BatchNorm sees both together).
         x, targets = recipe.inputs(batch, epoch, scheduler.last_epoch)
         n = batch.labels.shape[0]

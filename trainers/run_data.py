@@ -11,10 +11,9 @@ from backmix.osr_data.errors import BackMixError
 from backmix.osr_data.index import ImageIndex
 from backmix.osr_data.open_set import OpenSetData, load_data
 from backmix.osr_data.protocols import split_list
-from backmix.pipeline.config import LoaderConfig
 from backmix.pipeline.loaders import make_loader
 
-from .config import TrainConfig
+from .config import TrainConfig, loader_config
 from .open_test import open_test_indexes
 
 
@@ -37,23 +36,6 @@ def load_run_data(cfg: TrainConfig) -> tuple[OpenSetData, dict[str, ImageIndex]]
 def data_fingerprint(data: OpenSetData) -> str:
     """Names the data set a run trains on: a resume must find the same one (it may have moved)."""
     return hashlib.sha256((data.train.fingerprint() + data.test.fingerprint()).encode()).hexdigest()
-
-
-def loader_config(cfg: TrainConfig, device: torch.device, *, train: bool, rank: int = 0,
-                  world: int = 1) -> LoaderConfig:
-    return LoaderConfig(
-        batch_size=cfg.batch_size if train else max(cfg.batch_size, 256),
-        canvas=cfg.canvas, crop=cfg.crop, grid=cfg.grid, backmix=cfg.backmix and train,
-        canvas_mode=cfg.canvas_mode, augment=cfg.augment, crop_from=cfg.crop_from,
-        auto_augment=cfg.auto_augment if train else "none",
-        # no clean crops if no loss reads them; a mix probability picks between both
-        clean=not (cfg.backmix and train and cfg.w_raw == 0 and cfg.mix_prob is None),
-        mix_prob=cfg.mix_prob if cfg.backmix and train else None, views=cfg.views if train else 1,
-        box_fraction=cfg.box_fraction, top_k_ratio=cfg.top_k_ratio, seed=cfg.seed,
-        shuffle=train, train=train, rank=rank if train else 0, world_size=world if train else 1,
-        last_batch="keep", num_workers=cfg.workers,   # under DDP too: every image once, equal steps per rank
-        on_error=cfg.on_error, device=device,
-        keep_canvas=False)   # the in-loop rebuild, when it runs, gets the canvases anyway
 
 
 def open_test_loaders(cfg: TrainConfig, device: torch.device, open_sets: dict[str, ImageIndex]) -> dict:

@@ -188,7 +188,8 @@ def run_epoch(cfg: TrainConfig, epoch: int, training: Training, data: OpenSetDat
     record = {"epoch": epoch + 1}
     record.update(train_one_epoch(training.model, loaders.train, training.optimizer, training.scheduler, cfg,
                                   training.precision, epoch, rank=rank, world=world, partial=progress.partial,
-                                  save=save, recipe=training.recipe, run_log=run_log, forward=training.forward))
+                                  save=save, recipe=training.recipe, run_log=run_log, forward=training.forward,
+                                  recorder=recorder))
     progress.partial = None
     record["cache_generation"] = maps.generation if maps is not None else None
     improved = evaluate_epoch(cfg, epoch, training, data, loaders, record, progress, rank)
