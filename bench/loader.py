@@ -113,7 +113,7 @@ def run_benchmark(data: Optional[Path], backends: list[str], *, batches: int, wa
         raise BackMixError(f"{index.root} holds {len(index)} images, fewer than one batch of {batch_size}: "
                            "give a smaller --batch-size or more images")
     if "ffcv" in backends:
-        ensure_beton(index, canvas)
+        ensure_beton(index, canvas, canvas_mode=canvas_mode, whole_images=crop_from == "image")
     dev = choose_device(device)
     shape = {"canvas_mode": canvas_mode, "augment": augment}   # every loader's canvas and augmentation
     # The torch stages first, and the backends in a fixed order (reference, DALI, FFCV): a process
@@ -198,23 +198,26 @@ def run_benchmark(data: Optional[Path], backends: list[str], *, batches: int, wa
             "ratio_range": ranges, "rounds": repeat}
 
 
-def ensure_beton(index, canvas: int, storage: str = DEFAULT_STORAGE, jpeg_quality: int = DEFAULT_QUALITY) -> Optional[Path]:
-    """The FFCV loader's default beton of ``index`` at ``canvas`` (center canvases, ``storage`` pixels): FFCV's
-    loader reads a beton it never writes, so a benchmark writes it once, explicitly, saying so. None when
-    FFCV is not installed (its rows say how to install it)."""
+def ensure_beton(index, canvas: int, storage: str = DEFAULT_STORAGE, jpeg_quality: int = DEFAULT_QUALITY,
+                 canvas_mode: str = "center", whole_images: bool = False) -> Optional[Path]:
+    """The FFCV loader's default beton of ``index`` at ``canvas`` (``canvas_mode`` canvases, ``storage``
+    pixels; with each image's file: ``whole_images``): FFCV's loader reads a beton it never writes, so a
+    benchmark writes it once, explicitly, saying so. None when FFCV is not installed (its rows say how to
+    install it)."""
     from backmix.pipeline.beton import require_ffcv, write_beton
     from backmix.pipeline.beton_location import beton_locations, default_destination, write_command
     try:
         require_ffcv()
     except BackMixError:
         return None
-    beton = {"storage": storage, "jpeg_quality": jpeg_quality}
+    beton = {"storage": storage, "jpeg_quality": jpeg_quality, "canvas_mode": canvas_mode}
     found = [path for path in beton_locations(index, canvas, **beton) if path.exists()]
     if found:
         return found[0]
     out = default_destination(index, canvas, **beton)
-    log.info("writing the FFCV beton once (`%s`): %s", write_command(index.root, canvas, "center", storage, jpeg_quality), out)
-    write_beton(index, out, canvas=canvas, **beton)
+    log.info("writing the FFCV beton once (`%s`): %s",
+             write_command(index.root, canvas, canvas_mode, storage, jpeg_quality, whole_images), out)
+    write_beton(index, out, canvas=canvas, whole_images=whole_images, **beton)
     return out
 
 

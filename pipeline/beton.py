@@ -1,16 +1,16 @@
 """``backmix data write-beton``: an image folder as an FFCV .beton, once, on purpose, for many trainings.
 
-Each sample holds the image, its label, its dataset index (the row of the
-index file) and the canvas mode it was stored in. With ``--canvas S`` every image is
-stored as the S x S canvas of ``--canvas-mode`` (what the FFCV loader with ``--canvas S``
-and that mode reads as is; a loader of the other mode refuses it); without it, at
-its own size with the longer side capped at ``--max-resolution``, and the
-loader resizes it to its canvas. "raw" mode (the default) stores the decoded pixels
-(large; at the canvas size they are the reference loader's canvases exactly, so the
-FFCV stream is the reference one), "jpg" mode JPEGs at ``--jpeg-quality`` (small;
-FFCV decodes them, and the stream differs by the JPEG loss). Where betons go by
-default (beside the image folder, never inside it) is ``pipeline/beton_location.py``;
-``--data`` a prepared root writes the betons of its train/ and test/ both.
+Each sample holds the image, its label, its dataset index (the row of the index file) and the canvas
+mode it was stored in; with ``--whole-images`` also the image's file, its bytes as they are (what a
+loader with ``--crop-from image`` decodes whole and cuts its crops from). With ``--canvas S`` every
+image is stored as the S x S canvas of ``--canvas-mode`` (what the FFCV loader with ``--canvas S``
+and that mode reads as is; a loader of the other mode refuses it); without it, at its own size with
+the longer side capped at ``--max-resolution``, and the loader resizes it to its canvas. "raw" mode
+(the default) stores the decoded pixels (large; at the canvas size they are the reference loader's
+canvases exactly, so the FFCV stream is the reference one), "jpg" mode JPEGs at ``--jpeg-quality``
+(small; FFCV decodes them, and the stream differs by the JPEG loss). Where betons go by default
+(beside the image folder, never inside it) is ``pipeline/beton_location.py``; ``--data`` a prepared
+root writes the betons of its train/ and test/ both.
 
 The loader never writes a beton itself (ImageNet's takes ~17 minutes): this
 command does, once. It writes under a temporary name and renames when
@@ -37,8 +37,8 @@ from typing import NamedTuple, Optional
 import numpy as np
 
 from backmix._fs import atomic_file, check_output_file
-from backmix.osr_data.decode import (CANVAS_MODES, DecodeError, check_canvas_mode, decode_rgb, read_canvas,
-                                     to_numpy_hwc)
+from backmix.osr_data.decode import (CANVAS_MODES, DecodeError, check_canvas_mode, decode_rgb_bytes, read_bytes,
+                                     read_canvas, to_canvas, to_numpy_hwc)
 from backmix.options import DefaultsFormatter, add_options
 from backmix.cam_cache.ranks import launched_as
 from backmix.osr_data.errors import BackMixError
@@ -54,6 +54,7 @@ log = logging.getLogger("backmix")
 INSTALL_HINT = ("FFCV is not installed: pip install 'backmix[ffcv]' (needs apt libopencv-dev "
                 "libturbojpeg0-dev pkg-config; scripts/install.sh does both)")
 NOT_A_CANVAS = -1     # the canvas_mode field of images stored at their own size (any loader resizes them)
+FILE_FIELD = "file"   # a beton written with --whole-images: each image's file, its bytes as they are
 
 
 def require_ffcv() -> None:
@@ -65,18 +66,19 @@ def require_ffcv() -> None:
 
 
 class _Samples:
-    """What FFCV's writer processes read: (HWC uint8 image, label, dataset index, canvas mode) per row,
-    each file read as the loaders read it (``read_canvas``).
+    """What FFCV's writer processes read: (HWC uint8 image, label, dataset index, canvas mode), and with
+    ``whole_images`` the file's bytes, per row; each file read once, as the loaders read it
+    (``read_canvas``), so the bytes stored are the bytes the stored image was decoded from.
 
     FFCV's writer waits forever for a worker that raised, so a row that does not decode comes back
-    as a blank (canvas-sized: a canvas beton stays uniform) with index -1 - row, reported after the
-    write (and, with ``--on-error skip``, left out by the loader). A file missing or changed since
+    as a blank (canvas-sized: a canvas beton stays uniform; no file bytes) with index -1 - row, reported
+    after the write (and, with ``--on-error skip``, left out by the loader). A file missing or changed since
     indexing stops the write whatever ``--on-error`` says: the worker leaves the loaders' one-line
     error in ``stop_file`` and raises, which ends the write (``write_in_child``).
     """
 
-    def __init__(self, index: ImageIndex, canvas: Optional[int], canvas_mode: str) -> None:
-        self.index, self.canvas, self.canvas_mode = index, canvas, canvas_mode
+    def __init__(self, index: ImageIndex, canvas: Optional[int], canvas_mode: str, whole_images: bool = False) -> None:
+        self.index, self.canvas, self.canvas_mode, self.whole_images = index, canvas, canvas_mode, whole_images
         self.mode_code = CANVAS_MODES.index(canvas_mode) if canvas else NOT_A_CANVAS
         self.stop_file = StopFile()
 
@@ -84,20 +86,41 @@ class _Samples:
         return len(self.index)
 
     def __getitem__(self, i: int):
-        image = read_canvas(self.index, i, self.canvas, self.canvas_mode, on_error="return",
-                            decode=None if self.canvas else _whole_image)
-        if isinstance(image, DecodeError):
+        read = read_canvas(self.index, i, self.canvas, self.canvas_mode, on_error="return", decode=self._decode)
+        if isinstance(read, DecodeError):
             side = self.canvas or 1
-            return np.zeros((side, side, 3), np.uint8), -1, -1 - i, self.mode_code
-        if isinstance(image, BackMixError):
-            self.stop_file.say(str(image))
-            raise image
-        return to_numpy_hwc(image), int(self.index.labels[i]), i, self.mode_code
+            blank = np.zeros((side, side, 3), np.uint8), -1, -1 - i, self.mode_code
+            # One byte, not none: FFCV gives an empty allocation the next one's address, which would then
+            # be read as empty.
+            return (*blank, np.zeros(1, np.uint8)) if self.whole_images else blank
+        if isinstance(read, BackMixError):
+            self.stop_file.say(str(read))
+            raise read
+        image, data = read
+        sample = to_numpy_hwc(image), int(self.index.labels[i]), i, self.mode_code
+        return (*sample, data.numpy()) if self.whole_images else sample
+
+    def _decode(self, path: str, size: Optional[int], mode: str):
+        """(the image to store: its canvas, or the whole image when stored at its own size (FFCV caps the
+        longer side), the file's bytes)."""
+        data = read_bytes(path)
+        image = decode_rgb_bytes(data, path)
+        return (to_canvas(image, size, mode) if size else image), data
 
 
-def _whole_image(path: str, size: Optional[int], mode: str):
-    """``read_canvas``'s decode for images stored at their own size (FFCV caps the longer side)."""
-    return decode_rgb(path)
+def require_image_files(betons: list[Path], rewrite: str) -> None:
+    """Betons read with crops cut from the image: each must hold the image files (``--whole-images``);
+    else one line naming the first without them and ``rewrite``, the command that writes them."""
+    require_ffcv()
+    from ffcv.reader import Reader
+    for path in betons:
+        try:
+            fields = Reader(str(path)).handlers
+        except (ValueError, KeyError, AssertionError, OSError) as e:
+            raise BackMixError(f"{path} is not a backmix beton ({e})") from None
+        if FILE_FIELD not in fields:
+            raise BackMixError(f"--crop-from image reads the image files a beton holds, and {path} holds none: "
+                               f"rewrite the betons with `{rewrite}`")
 
 
 def skipped_rows(stored_index: np.ndarray) -> np.ndarray:
@@ -125,18 +148,19 @@ class BetonWrite(NamedTuple):
 def write_beton(index: ImageIndex, path: str | os.PathLike, *, canvas: Optional[int] = None,
                 max_resolution: Optional[int] = None, storage: str = DEFAULT_STORAGE, jpeg_quality: int = DEFAULT_QUALITY,
                 num_workers: int = 2, progress: Optional[bool] = None, canvas_mode: str = "center",
-                on_error: str = "raise", force: bool = False) -> BetonWrite:
-    """Write ``index`` to ``path`` (fields image, label, index, canvas_mode).
+                on_error: str = "raise", force: bool = False, whole_images: bool = False) -> BetonWrite:
+    """Write ``index`` to ``path`` (fields image, label, index, canvas_mode; and file, with ``whole_images``).
 
     canvas: store every image as its canvas x canvas canvas in ``canvas_mode``; else at its own
     size, the longer side capped at ``max_resolution`` (None: as is). progress: None = a bar on a
     terminal, lines otherwise. on_error "skip": images that do not decode are stored as marked
     blanks (the loader leaves them out) and named in the result. force False: a beton already at
-    ``path`` is kept (a second writer, having waited for the first, finds it there).
+    ``path`` is kept (a second writer, having waited for the first, finds it there). whole_images: also
+    each image's file, its bytes (``FILE_FIELD``), for loaders that cut crops from the whole image.
     Under torchrun (RANK > 0) this process only waits for rank 0's beton.
     """
     require_ffcv()
-    from ffcv.fields import IntField, RGBImageField
+    from ffcv.fields import BytesField, IntField, RGBImageField
     from ffcv.reader import Reader
 
     check_canvas_mode(canvas_mode)
@@ -157,12 +181,13 @@ def write_beton(index: ImageIndex, path: str | os.PathLike, *, canvas: Optional[
         return BetonWrite(path, False, [])
     fields = {"image": RGBImageField(write_mode=storage, max_resolution=canvas or max_resolution,
                                      jpeg_quality=jpeg_quality),
-              "label": IntField(), "index": IntField(), "canvas_mode": IntField()}
+              "label": IntField(), "index": IntField(), "canvas_mode": IntField(),
+              **({FILE_FIELD: BytesField()} if whole_images else {})}
     with exclusive_lock(path):
         if path.exists() and not force:
             return BetonWrite(path, False, [])
         with atomic_file(path) as tmp:
-            write_in_child(tmp, _Samples(index, canvas, canvas_mode), fields, num_workers, progress,
+            write_in_child(tmp, _Samples(index, canvas, canvas_mode, whole_images), fields, num_workers, progress,
                             f"writing {path.name}")
             failed = skipped_rows(Reader(str(tmp)).metadata["f2"])
             if len(failed) and on_error == "raise":
@@ -202,6 +227,9 @@ def register_data(sub) -> None:
     # --on-error skip stores a marked blank the loader leaves out; a file missing or changed since
     # indexing always fails
     add_options(p, ("workers", "on_error"))
+    p.add_argument("--whole-images", action="store_true",
+                   help="also store each image's file as it is (its bytes), which the FFCV loader decodes whole to "
+                        "cut crops from the image (--crop-from image)")
     p.add_argument("--force", action="store_true", help="rewrite the beton if it exists")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run_write_beton)
@@ -242,13 +270,14 @@ def _write_one(args, index: ImageIndex, canvas: Optional[int]) -> None:
                      index.root.parent, out)
     done = write_beton(index, out, canvas=canvas, max_resolution=args.max_resolution, storage=args.storage,
                        canvas_mode=args.canvas_mode, jpeg_quality=args.jpeg_quality, num_workers=args.workers,
-                       progress=False if args.no_progress else None, on_error=args.on_error, force=args.force)
+                       progress=False if args.no_progress else None, on_error=args.on_error, force=args.force,
+                       whole_images=args.whole_images)
     if not done.written:
         print(f"already written: {out} (--force rewrites it)")
         return
     skipped = done.skipped
     size = f"{canvas}x{canvas} {args.canvas_mode}" if canvas else f"longer side <= {args.max_resolution or 'any'}"
-    extra = f", {len(skipped)} skipped" if skipped else ""
+    extra = (f", {len(skipped)} skipped" if skipped else "") + (", with their files" if args.whole_images else "")
     storage = f"jpg {args.jpeg_quality}" if args.storage == "jpg" else args.storage
     print(f"wrote {out} ({len(index) - len(skipped)} images{extra}, {size}, {storage}, "
           f"{out.stat().st_size / 1e6:.1f} MB)")

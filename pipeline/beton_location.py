@@ -62,9 +62,12 @@ def default_destination(index: ImageIndex, canvas: Optional[int], **options) -> 
     return beside if writable_folder(folder) else cached
 
 
-def write_command(data: str | os.PathLike, canvas: int, canvas_mode: str, storage: str, jpeg_quality: int) -> str:
+def write_command(data: str | os.PathLike, canvas: int, canvas_mode: str, storage: str, jpeg_quality: int,
+                  whole_images: bool = False) -> str:
+    """The command that writes the beton; ``whole_images``: one with each image's file (--crop-from image)."""
     jpg = f" --mode jpg --jpeg-quality {jpeg_quality}" if storage == "jpg" else ""
-    return f"backmix data write-beton --data {data} --canvas {canvas} --canvas-mode {canvas_mode}{jpg}"
+    whole = " --whole-images" if whole_images else ""
+    return f"backmix data write-beton --data {data} --canvas {canvas} --canvas-mode {canvas_mode}{jpg}{whole}"
 
 
 def _describe(canvas: int, canvas_mode: str, storage: str, jpeg_quality: int) -> str:
@@ -72,7 +75,7 @@ def _describe(canvas: int, canvas_mode: str, storage: str, jpeg_quality: int) ->
 
 
 def find_beton(index: ImageIndex, canvas: int, canvas_mode: str = "center", storage: str = DEFAULT_STORAGE,
-               jpeg_quality: int = DEFAULT_QUALITY) -> Path:
+               jpeg_quality: int = DEFAULT_QUALITY, whole_images: bool = False) -> Path:
     """The default beton the FFCV loader reads for ``index`` at ``canvas``; says the command when none exists."""
     check_storage(storage, jpeg_quality)
     places = beton_locations(index, canvas, storage, canvas_mode=canvas_mode, jpeg_quality=jpeg_quality)
@@ -81,13 +84,15 @@ def find_beton(index: ImageIndex, canvas: int, canvas_mode: str = "center", stor
             return path
     raise BackMixError(f"no FFCV beton of {index.root} at {_describe(canvas, canvas_mode, storage, jpeg_quality)} "
                        f"(looked in {places[0].parent} and {places[1].parent}): write it once with "
-                       f"`{write_command(index.root, canvas, canvas_mode, storage, jpeg_quality)}`")
+                       f"`{write_command(index.root, canvas, canvas_mode, storage, jpeg_quality, whole_images)}`")
 
 
 def require_betons(root: str | os.PathLike, indexes: Sequence[ImageIndex], canvas: int, canvas_mode: str,
-                   storage: str = DEFAULT_STORAGE, jpeg_quality: int = DEFAULT_QUALITY) -> list[Path]:
+                   storage: str = DEFAULT_STORAGE, jpeg_quality: int = DEFAULT_QUALITY,
+                   whole_images: bool = False) -> list[Path]:
     """The betons of every folder of a prepared ``root`` a run reads (train and test), looked up before
-    any work; the missing ones in one line, with the one command that writes them all."""
+    any work; the missing ones in one line, with the one command that writes them all (with each image's
+    file: ``whole_images``; ``beton.require_image_files`` checks the ones found hold them)."""
     check_storage(storage, jpeg_quality)
     found, missing = [], []
     for index in indexes:
@@ -100,5 +105,6 @@ def require_betons(root: str | os.PathLike, indexes: Sequence[ImageIndex], canva
         raise BackMixError(f"--backend ffcv reads betons written once, and {' and '.join(str(i.root) for i in missing)} "
                            f"{'has' if len(missing) == 1 else 'have'} none at "
                            f"{_describe(canvas, canvas_mode, storage, jpeg_quality)} (looked in {where[0].parent} and "
-                           f"{where[1].parent}): write them with `{write_command(root, canvas, canvas_mode, storage, jpeg_quality)}`")
+                           f"{where[1].parent}): write them with "
+                           f"`{write_command(root, canvas, canvas_mode, storage, jpeg_quality, whole_images)}`")
     return found

@@ -24,10 +24,19 @@ bit) and arithmetic, to 3e-5 (fastmath).
 
 "decode" kind (a GPU, ``mix_in="torch"``, or numba switched off): the operation is left out; FFCV's
 ``ToTensor`` and ``ToDevice`` move the canvases and the core's ``BatchTransform`` mixes them there.
+
+Crops cut from the image (``--crop-from image``, always "decode" kind). A beton written with ``write-beton
+--whole-images`` also holds each image's file, its bytes as they were indexed. An op on the index field
+reads each batch's files out of a read-only map of the beton, decodes each whole with the reference's
+decoder and stretches it to its canvas: the reference's read, so the stream is the reference's bit for
+bit; the core cuts, mixes and normalises the crops from those whole images (``SourceBatch.photos``). A
+beton without the files is refused in one line naming the command that writes them; one whose files are
+not as long as the index recorded them, or lie past its end, too.
 """
 from __future__ import annotations
 
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 from typing import Iterator, Optional
@@ -35,14 +44,15 @@ from typing import Iterator, Optional
 import numpy as np
 import torch
 
-from backmix.osr_data.decode import CANVAS_MODES
+from backmix.osr_data.canvas_reads import pad_photos
+from backmix.osr_data.decode import CANVAS_MODES, decode_rgb_bytes, to_canvas
 from backmix.osr_data.errors import BackMixError
 from backmix.osr_data.index import INDEX_NAME, ImageIndex
 from backmix.osr_data.normalize import normalize_constants
 
 from .augment import fill_value
 from .batch_pool import BatchPool
-from .beton import NOT_A_CANVAS, require_ffcv, skipped_rows
+from .beton import FILE_FIELD, NOT_A_CANVAS, require_ffcv, skipped_rows
 from .beton_location import DEFAULT_QUALITY, DEFAULT_STORAGE, find_beton, write_command
 from .core import Loader, Plan, Source, SourceBatch
 from .ffcv_kernels import (compile_mix_kernel, compile_resized_crop_kernel, normalize_table, resize_scratch,
@@ -86,6 +96,21 @@ def _resize_decoder(canvas_mode: str):
     return ResizeRGBImageDecoder
 
 
+def _guarded(source: "FfcvSource", run):
+    """``run(data, buffers, rows)`` as an FFCV op: an exception it raises ends only the iteration, which
+    ``batches`` raises as one line at that batch; left to FFCV it would end FFCV's thread and leave the
+    loop waiting on it."""
+    def op(data, buffers, indices):
+        rows = np.asarray(indices, dtype=np.int64)
+        try:
+            return run(data, buffers, rows)
+        except Exception as error:
+            source.fail(error, rows)
+            return (data,)   # not used: ``batches`` raises at this batch
+    op.with_indices = True
+    return op
+
+
 def _mix_operation(source: "FfcvSource"):
     from ffcv.pipeline.allocation_query import AllocationQuery
     from ffcv.pipeline.operation import Operation
@@ -115,15 +140,7 @@ def _mix_operation(source: "FfcvSource"):
             # Compiled here, after FFCV's loader has set its thread count (prange or range).
             kernel = compile_resized_crop_kernel() if cfg.resizes else compile_mix_kernel()
 
-            def op(images, buffers, indices):
-                try:
-                    return run(images, buffers, indices)
-                except Exception as error:   # raised, FFCV's thread would end and leave the loop waiting on it
-                    source.fail(error, np.asarray(indices, dtype=np.int64))
-                    return (images,)   # not used: ``batches`` raises at this batch
-
-            def run(images, buffers, indices):
-                rows = np.asarray(indices, dtype=np.int64)
+            def run(images, buffers, rows):
                 p, masks = view.inputs(source.step_of(rows), rows)
                 planes = crops.take(len(rows))
                 # The clean crop, then the mixed one; one array twice when only one is asked for.
@@ -141,14 +158,45 @@ def _mix_operation(source: "FfcvSource"):
                 # The decoded canvases go out as they are (FFCV's slot of them, kept until that slot is
                 # reused): ``batches`` copies them out only when the loader wants the canvas then.
                 return (images, *planes)
-            op.with_indices = True
-            return op
+            return _guarded(source, run)
 
         def declare_state_and_memory(self, previous_state):
             # Not jitted: the op calls back into Python (``LoaderView.inputs``) before its compiled kernel.
             return replace(previous_state, jit_mode=False), memory
 
     return BackMixOperation()
+
+
+def _whole_image_operation(source: "FfcvSource"):
+    from ffcv.pipeline.operation import Operation
+
+    index, cfg = source.index, source.config
+
+    class WholeImageOperation(Operation):
+        """The batch's dataset rows (FFCV's decoded index field) -> (those rows, canvases uint8 [B, 3, S, S],
+        ``Photos``): each row's file read from the beton (``FfcvSource.file_bytes``, out of a read-only map
+        of it: no buffer sized for the largest file), decoded whole by the reference's decoder and stretched to its
+        canvas, the reference's read (``decode_canvas_and_image``) bit for bit. Run from FFCV's thread, ahead
+        of the training loop, on ``num_workers`` threads (torch's decode and resize release the GIL); the
+        core cuts and mixes the crops (``BatchTransform``)."""
+
+        def generate_code(self):
+            pool = ThreadPoolExecutor(max(1, cfg.num_workers), thread_name_prefix="backmix-ffcv-decode")
+
+            def read(row):
+                image = decode_rgb_bytes(source.file_bytes(row), index.abspath(int(row)))
+                return to_canvas(image, cfg.canvas, cfg.canvas_mode), image
+
+            def run(ids, _, __):
+                rows = np.asarray(ids).reshape(-1).astype(np.int64)   # a copy: ``ids`` is FFCV's buffer
+                canvases, images = zip(*pool.map(read, rows))
+                return rows, torch.stack(canvases), pad_photos(list(images))
+            return _guarded(source, run)
+
+        def declare_state_and_memory(self, previous_state):
+            return replace(previous_state, jit_mode=False), None
+
+    return WholeImageOperation()
 
 
 def _open_beton(path: Path, index: ImageIndex):
@@ -185,10 +233,8 @@ class FfcvSource(Source):
     """
 
     name = "ffcv"
-    # What crops cut from the image would need: each image whole in the beton (not its canvas) and
-    # decoded whole into the batch with its size, for the core to cut the box from.
-    whole_images_refused = ("its betons store each image as its canvas, and its decoders make canvases: it "
-                            "would need betons of whole images decoded whole, each with its size")
+    # Crops cut from the image: from a beton that holds each image's file (``write-beton --whole-images``).
+    whole_images_refused = None
 
     def __init__(self, index, config, device, *, beton: Optional[str | Path] = None, mix_in: str = "auto",
                  beton_mode: str = DEFAULT_STORAGE, jpeg_quality: int = DEFAULT_QUALITY) -> None:
@@ -199,16 +245,21 @@ class FfcvSource(Source):
         if mix_in not in MIX_IN:
             raise BackMixError(f"mix_in must be one of {MIX_IN}, got {mix_in!r}")
         cfg = config
-        self.beton = Path(beton) if beton else find_beton(index, cfg.canvas, cfg.canvas_mode, beton_mode, jpeg_quality)
+        self.beton = Path(beton) if beton else find_beton(index, cfg.canvas, cfg.canvas_mode, beton_mode, jpeg_quality,
+                                                          cfg.crops_images)
         self.explicit_beton, self.beton_mode, self.jpeg_quality = bool(beton), beton_mode, jpeg_quality
         if not self.beton.exists():
-            raise BackMixError(f"beton {self.beton} does not exist; write it with `backmix data write-beton "
-                               f"--data {index.root} --canvas {cfg.canvas} --canvas-mode {cfg.canvas_mode} "
-                               f"--out {self.beton}`")
+            raise BackMixError(f"beton {self.beton} does not exist; write it with `{self._write_command()}`")
         reader, self.blank = _open_beton(self.beton, index)
         if len(self.blank) and cfg.on_error == "raise":
             raise BackMixError(f"{self.beton} holds {len(self.blank)} image(s) that did not decode, e.g. "
                                f"{index.abspath(int(self.blank[0]))}: pass on_error='skip' to leave them out")
+        if cfg.crops_images:   # the FFCV op mixes canvases; crops cut from the image are the core's
+            if mix_in == "ffcv":
+                raise BackMixError("crops cut from the image (crop_from='image') are mixed by the torch batch "
+                                   "transform: use mix_in='torch' or 'auto'")
+            mix_in = "torch"
+            self.file_spans = _file_spans(reader, self.beton, index, self._write_command(force=True))
         if mix_in == "auto":   # auto augment is torchvision's ops: the torch transform
             mix_in = ("torch" if device.type == "cuda" or not Compiler.is_enabled
                       or cfg.auto_augment != "none" else "ffcv")
@@ -216,7 +267,7 @@ class FfcvSource(Source):
             raise BackMixError("auto_augment runs in the torch batch transform: use mix_in='torch' or 'auto'")
         self.mix_in = mix_in
         self.kind = "fused" if mix_in == "ffcv" else "decode"
-        self.decoder = _canvas_decoder(reader, self.beton, cfg)
+        self.decoder = None if cfg.crops_images else _canvas_decoder(reader, self.beton, cfg)
         self.plan: Plan = []
         self._epoch, self._failure = None, None   # FFCV's epoch iterator; what ended its thread early
 
@@ -234,19 +285,24 @@ class FfcvSource(Source):
         cfg = self.config
         self._check_files_unchanged()
         self._step = np.full(len(self.index), -1, dtype=np.int64)   # dataset row -> its step, this iteration
-        if self.kind == "fused":
-            image = [self.decoder, _mix_operation(self)]
+        if cfg.crops_images:   # the files are read from the beton by the op on the index field
+            self._files = np.memmap(self.beton, np.uint8, mode="r")
+            pipelines = {"image": None, "index": [IntDecoder(), _whole_image_operation(self)]}
+        elif self.kind == "fused":
+            pipelines = {"image": [self.decoder, _mix_operation(self)]}
         else:
             # FFCV's own transfer (pinned, asynchronous on its CUDA stream), then a [B, 3, S, S] view
             # (channels-last memory) of its device buffer, which the torch kernel reads.
             from ffcv.transforms import ToDevice, ToTensor, ToTorchImage
-            image = [self.decoder, ToTensor(), ToDevice(self.device, non_blocking=True),
-                     ToTorchImage(channels_last=True)]
+            pipelines = {"image": [self.decoder, ToTensor(), ToDevice(self.device, non_blocking=True),
+                                   ToTorchImage(channels_last=True)]}
+        # A field the pipelines leave out would be decoded by FFCV's default (the files too: never).
+        pipelines = {FILE_FIELD: None, "label": [IntDecoder()], "index": [IntDecoder()], "canvas_mode": None,
+                     **pipelines}
         self._ffcv = ffcv_loader.Loader(
             str(self.beton), batch_size=cfg.batch_size, num_workers=max(1, cfg.num_workers),
             order=ffcv_loader.OrderOption.SEQUENTIAL, indices=rows, drop_last=False,
-            batches_ahead=BATCHES_AHEAD, pipelines={"image": image, "label": [IntDecoder()],
-                                                    "index": [IntDecoder()], "canvas_mode": None})
+            batches_ahead=BATCHES_AHEAD, pipelines=pipelines)
         # FFCV's Loader takes only its own order options, so the plan's order replaces its traversal
         # order once it is built: FFCV asks it for each iteration's rows (``sample_order``).
         self._ffcv.traversal_order = self
@@ -255,16 +311,26 @@ class FfcvSource(Source):
         """The beton was written from the index's files (its default name holds the index's fingerprint,
         the files' sizes and mtimes included): a file changed since is refused, as the reference loader
         refuses it at its read, rather than trained on as the beton's old pixels."""
-        index, cfg = self.index, self.config
+        index = self.index
         changed = index.first_changed(self.dataset_rows)
         if changed is None:
             return
-        rewrite = write_command(index.root, cfg.canvas, cfg.canvas_mode, self.beton_mode, self.jpeg_quality)
-        if self.explicit_beton:
-            rewrite += f" --out {self.beton} --force"
+        rewrite = self._write_command(force=self.explicit_beton)
         raise BackMixError(f"image {index.abspath(changed)} is gone or changed after "
                            f"{index.root / INDEX_NAME} was written, so {self.beton} no longer holds it: "
                            f"delete that index file, then rewrite the beton with `{rewrite}`")
+
+    def _write_command(self, force: bool = False) -> str:
+        """The command that writes this loader's beton (``force``: again, over the one there)."""
+        cfg = self.config
+        command = write_command(self.index.root, cfg.canvas, cfg.canvas_mode, self.beton_mode, self.jpeg_quality,
+                                cfg.crops_images)
+        return command + (f" --out {self.beton}" if self.explicit_beton else "") + (" --force" if force else "")
+
+    def file_bytes(self, row: int) -> torch.Tensor:
+        """uint8 [N]: the file of dataset ``row`` as the beton holds it (a copy out of the map)."""
+        start, length = self.file_spans[row]
+        return torch.from_numpy(np.array(self._files[start:start + length]))
 
     def sample_order(self, epoch: int) -> np.ndarray:
         """FFCV's traversal order: the plan's rows, flattened (FFCV cuts them into the plan's batches).
@@ -278,13 +344,18 @@ class FfcvSource(Source):
         return int(self._step[rows[0]])
 
     def batches(self, plan: Plan) -> Iterator[SourceBatch]:
-        self.plan, self._failure = plan, None
+        self.plan, self._failure, cfg = plan, None, self.config
         self._epoch = epoch = iter(self._ffcv)
         done = False
         try:
-            for (step, _), (out, _, ids) in zip(plan, epoch):
+            for (step, _), fields in zip(plan, epoch):
                 if self._failure is not None and step >= self._failure[0]:
                     self._raise_failure()
+                if cfg.crops_images:   # (label, the op's (rows, canvases, Photos)), made for this batch
+                    rows, canvas, photos = fields[1]
+                    yield SourceBatch(step, rows, canvas, [], photos=photos)
+                    continue
+                out, _, ids = fields
                 rows = np.asarray(ids).reshape(-1).astype(np.int64)   # a copy: ``ids`` is FFCV's buffer too
                 if self.kind == "decode":   # out: on the device already; cloned out of FFCV's buffer
                     yield SourceBatch(step, rows, out.clone(memory_format=torch.contiguous_format), [])
@@ -293,7 +364,6 @@ class FfcvSource(Source):
                     # here, not in the op: canvases wanted part-way come with the batches already in flight too.
                     canvas = self._canvas(out[0][:len(rows)]) if self.view.wants_canvas else None
                     crops = [self._own(x) for x in out[1:]]
-                    cfg = self.config
                     yield SourceBatch(step, rows, canvas, [], crops[0] if cfg.clean else None,
                                       crops[-1] if cfg.backmix else None)
             if self._failure is not None:
@@ -326,6 +396,28 @@ class FfcvSource(Source):
         it, no copy), a copy on a GPU (the transfer; the pool's array is free once it returns)."""
         device = self.device
         return torch.from_numpy(x) if device.type == "cpu" else torch.from_numpy(x).to(device)
+
+
+def _file_spans(reader, beton: Path, index: ImageIndex, rewrite: str) -> np.ndarray:
+    """int64 [N, 2]: where each image's file lies in a beton written with ``--whole-images`` (offset,
+    length). Each one stored lies inside the beton and is as long as the index recorded that file: a
+    beton never makes the loader read past its end or hold more than the image folder's own files."""
+    from ffcv.fields import BytesField
+
+    names = list(reader.handlers)
+    if FILE_FIELD not in names or not isinstance(reader.handlers[FILE_FIELD], BytesField):
+        raise BackMixError(f"{beton} holds no image files, which crops cut from the image (--crop-from image) "
+                           f"are decoded from: rewrite it with `{rewrite}`")
+    meta = reader.metadata[f"f{names.index(FILE_FIELD)}"]
+    spans = np.stack([meta["ptr"], meta["size"]], axis=1).astype(np.int64)   # uint64 past 2**63: negative
+    stored = reader.metadata[f"f{names.index('index')}"] >= 0
+    start, length = spans.T
+    inside = (start >= 0) & (length == index.sizes) & (length <= beton.stat().st_size - start)
+    if not (inside | ~stored).all():
+        row = int(np.flatnonzero(stored & ~inside)[0])
+        raise BackMixError(f"{beton} does not hold the file of {index.abspath(row)} as {index.root / INDEX_NAME} "
+                           f"records it: rewrite it with `{rewrite}`")
+    return spans
 
 
 def _canvas_decoder(reader, beton: Path, cfg):

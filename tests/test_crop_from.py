@@ -5,8 +5,10 @@
 - The reference stream: images whose pixels encode their coordinates prove each crop is its box of
   the whole image; the mix maps the canvas box onto each image (and is the canvas mix on images of
   the canvas's size); workers finishing batches make the loading process's stream.
-- The option reaches the loader from ``backmix train`` and ``backmix.loader``; backends that cannot
-  make the stream refuse it in one line. (Ray and torchvision are held to the reference stream in
+- FFCV, from a beton written with ``--whole-images`` (each image's file), makes the reference stream bit
+  for bit; a beton without the files, or whose files are not the indexed ones, is refused in one line.
+- The option reaches the loader from ``backmix train`` and ``backmix.loader``; a registered backend that
+  cannot make the stream refuses it in one line. (Ray and torchvision are held to the reference stream in
   tests/test_ray.py and tests/test_torchvision_loader.py.)
 """
 from __future__ import annotations
@@ -111,11 +113,11 @@ def image_config(**kw) -> "LoaderConfig":
     return LoaderConfig(**{**base, **kw})
 
 
-def stream(root, config, backend="reference", maps=None, epochs=(0, 1)):
+def stream(root, config, backend="reference", maps=None, epochs=(0, 1), **options):
     from backmix.osr_data import ImageIndex
     from backmix.pipeline import make_loader
     index = ImageIndex.scan(root)
-    loader = make_loader(backend, index, config, maps=maps)
+    loader = make_loader(backend, index, config, maps=maps, **options)
     try:
         out = []
         for epoch in epochs:
@@ -270,15 +272,114 @@ def test_backmix_train_crop_from_image_reaches_the_training_loader(small_root, t
     assert not loader_config(cfg, torch.device("cpu"), train=False).crops_images   # evaluation: the canvas
 
 
-@pytest.mark.parametrize("backend", ["ffcv"])
-def test_a_backend_that_cannot_cut_from_the_image_refuses_in_one_line(coordinate_root, backend):
+# --- FFCV: a beton that holds each image's file ---------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def whole_beton(coordinate_root):
+    """The coordinate images' beton as ``write-beton --whole-images`` writes it by default (where the
+    FFCV loader looks): stretched raw canvases and each image's file."""
+    from backmix.cli import main as cli_main
+    from backmix.osr_data import ImageIndex
+    from backmix.pipeline.beton_location import find_beton
+    assert cli_main(["data", "write-beton", "--data", str(coordinate_root), "--canvas", "40", "--canvas-mode",
+                     "stretch", "--whole-images", "--no-progress"]) == 0
+    return find_beton(ImageIndex.scan(coordinate_root), 40, "stretch")
+
+
+# The canvas path reads the same beton's canvases as ever (``mix_in="torch"``: the torch op, bit for bit).
+@pytest.mark.parametrize("options, ffcv_options",
+                         [(dict(), {}), (dict(backmix=False, views=2), {}), (dict(clean=False, keep_canvas=True), {}),
+                          (dict(num_workers=2), {}), (dict(crop_from="canvas", keep_canvas=True), dict(mix_in="torch"))],
+                         ids=["crop-from-image", "two-views", "mixed-only-canvas", "two-decode-threads",
+                              "canvas-from-the-same-beton"])
+def test_ffcv_from_a_beton_with_the_files_makes_the_reference_stream(coordinate_root, whole_beton, options,
+                                                                     ffcv_options):
+    from backmix.cam_cache import ArrayMaps
+    maps = ArrayMaps(np.random.default_rng(4).random((len(SIZES), 8, 8), dtype=np.float32))
+    config = image_config(batch_size=4, **options)
+    _, loader, got = stream(coordinate_root, config, "ffcv", maps=maps, **ffcv_options)
+    _, _, want = stream(coordinate_root, config, maps=maps)
+    assert loader.source.beton == whole_beton and loader.source.kind == "decode"
+    assert len(got) == len(want) == 4
+    for (_, _, g), (_, _, w) in zip(got, want):
+        for name in ("canvas", "images", "mixed", "second", "indices", "labels"):
+            x, y = getattr(g, name), getattr(w, name)
+            assert (x is None and y is None) or torch.equal(x, y), name
+    assert any(getattr(got[0][2], name) is not None for name in ("canvas", "second"))
+
+
+def test_ffcv_refuses_a_beton_without_the_files_naming_the_command_that_writes_them(coordinate_root, tmp_path):
+    from backmix.osr_data import ImageIndex
+    from backmix.pipeline import make_loader
+    from backmix.pipeline.beton import write_beton
+    index = ImageIndex.scan(coordinate_root)
+    beton = write_beton(index, tmp_path / "canvases.beton", canvas=40, canvas_mode="stretch", progress=False).path
+    with pytest.raises(BackMixError, match=f"{beton} holds no image files, .* rewrite it with `backmix data "
+                                           f"write-beton --data {coordinate_root} --canvas 40 --canvas-mode stretch "
+                                           f"--whole-images --out {beton} --force`") as e:
+        make_loader("ffcv", index, image_config(), beton=beton)
+    assert "\n" not in str(e.value)
+    make_loader("ffcv", index, image_config(crop_from="canvas"), beton=beton).close()   # canvases: as ever
+    with pytest.raises(BackMixError, match="are mixed by the torch batch transform: use mix_in='torch' or 'auto'"):
+        make_loader("ffcv", index, image_config(), beton=beton, mix_in="ffcv")
+
+
+def test_backmix_train_backend_ffcv_crop_from_image_names_the_option_then_trains(small_root, tmp_path, capsys):
+    """Without betons, then with betons of canvases only: one line naming ``--whole-images`` each time, before
+    any work; with them, a run."""
+    import shutil
+    from backmix.cli import main as cli_main
+    root = tmp_path / "data"
+    shutil.copytree(small_root, root, ignore=shutil.ignore_patterns(".backmix-betons"))
+    words = ["train", "--data", str(root), "--out", str(tmp_path / "run"), "--epochs", "1", "--width", "0.25",
+             "--batch-size", "8", "--known", "ant,cat", "--workers", "0", "--device", "cpu", "--no-progress",
+             "--augment", "rrc", "--canvas-mode", "stretch", "--crop-from", "image", "--backend", "ffcv"]
+    write = ["data", "write-beton", "--data", str(root), "--canvas", "40", "--canvas-mode", "stretch", "--no-progress"]
+
+    def one_line_error() -> str:
+        capsys.readouterr()
+        assert cli_main(words) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith("backmix: error: "), err
+        return err
+
+    assert f"write them with `backmix data write-beton --data {root} --canvas 40 --canvas-mode stretch " \
+           "--whole-images`" in one_line_error()
+    assert cli_main(write) == 0
+    assert f"holds none: rewrite the betons with `backmix data write-beton --data {root} --canvas 40 --canvas-mode " \
+           "stretch --whole-images --force`" in one_line_error()
+    assert not (tmp_path / "run").exists()
+    assert cli_main(write + ["--whole-images", "--force"]) == 0
+    assert cli_main(words) in (0, None)
+    assert (tmp_path / "run" / "last.pt").exists()
+
+
+def test_ffcv_refuses_a_beton_whose_files_are_not_the_indexed_ones(coordinate_root, whole_beton, tmp_path):
+    """A beton is a user file: a file's length must be the indexed one and its bytes inside the beton, or
+    the loader would read past the beton's end or hold whatever length it claims."""
+    from ffcv.reader import Reader
+    from ffcv.types import HeaderType
     from backmix.osr_data import ImageIndex
     from backmix.pipeline import make_loader
     index = ImageIndex.scan(coordinate_root)
-    with pytest.raises(BackMixError, match=f"backend '{backend}' cannot cut crops from the whole image "
-                                           r"\(--crop-from image\): its [a-z]+ ") as e:
-        make_loader(backend, index, image_config())
-    assert "\n" not in str(e.value)
+    index.sizes = index.sizes.copy()
+    index.sizes[2] += 1
+    with pytest.raises(BackMixError, match=f"does not hold the file of {index.abspath(2)} as .*index.csv records "
+                                           "it: rewrite it with `backmix data write-beton"):
+        make_loader("ffcv", index, image_config(), beton=whole_beton)
+    # A file's address past the beton's end (and one so large it would wrap), its length the indexed one.
+    reader = Reader(str(whole_beton))
+    victim = ImageIndex.scan(coordinate_root).abspath(3)
+    for address in (whole_beton.stat().st_size - 10, 2 ** 64 - 5):
+        bad = tmp_path / "bad.beton"
+        bad.write_bytes(whole_beton.read_bytes())
+        meta = np.memmap(bad, reader.metadata_type, "r+", HeaderType.itemsize + reader.field_descriptors.nbytes,
+                         (reader.num_samples,))
+        meta["f4"]["ptr"][3] = address
+        meta.flush()
+        del meta
+        with pytest.raises(BackMixError, match=f"does not hold the file of {victim}"):
+            make_loader("ffcv", ImageIndex.scan(coordinate_root), image_config(), beton=bad)
 
 
 def test_a_registered_backend_with_its_own_decode_refuses_crops_from_the_image(coordinate_root):

@@ -25,9 +25,14 @@ def load_run_data(cfg: TrainConfig) -> tuple[OpenSetData, dict[str, ImageIndex]]
     data = load_data(cfg.data, cfg.split, cfg.val_fraction, cfg.seed, splits)
     open_sets = open_test_indexes(cfg.open_test, (data.train, data.test), splits)
     if cfg.backend == "ffcv":   # every beton found, or the missing ones named in one line, before any work
-        from backmix.pipeline.beton_location import require_betons
-        require_betons(cfg.data, [data.train, data.test], cfg.canvas, cfg.canvas_mode, cfg.beton_mode,
-                       int(cfg.jpeg_quality))
+        from backmix.pipeline.beton import require_image_files
+        from backmix.pipeline.beton_location import require_betons, write_command
+        whole = cfg.crop_from == "image"   # the training loader reads each image's file from its beton
+        betons = require_betons(cfg.data, [data.train, data.test], cfg.canvas, cfg.canvas_mode, cfg.beton_mode,
+                                int(cfg.jpeg_quality), whole)
+        if whole:
+            require_image_files(betons, write_command(cfg.data, cfg.canvas, cfg.canvas_mode, cfg.beton_mode,
+                                                      int(cfg.jpeg_quality), whole) + " --force")
         for index in open_sets.values():
             require_betons(index.root, [index], cfg.canvas, cfg.canvas_mode, cfg.beton_mode, int(cfg.jpeg_quality))
     return data, open_sets
