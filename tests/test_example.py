@@ -143,7 +143,8 @@ for epoch in range(epochs):
             loss = torch.sum(-y * torch.log_softmax(model(x), dim=1), dim=1).mean()
             opt.zero_grad(); loss.backward(); opt.step()
             steps += 1
-    print(f"rank {dist.get_rank()} epoch {epoch + 1}: {steps} steps of {x.shape[0]}", flush=True)
+    # one write of the whole line: the two ranks share the pipe
+    print(f"rank {dist.get_rank()} epoch {epoch + 1}: {steps} steps of {x.shape[0]}\\n", end="", flush=True)
 dist.destroy_process_group()
 '''
 
