@@ -39,36 +39,35 @@ class Option:
     kwargs: Callable[[], dict] = dict
 
 
+LOADER, TRAINER = "backmix.pipeline.config:LoaderConfig.", "backmix.trainers.config:TrainConfig."
+
+
+def _int() -> dict:
+    return {"type": int}
+
+
 OPTIONS = {
-    "batch_size": Option("--batch-size", "images per batch (under torchrun: per rank)",
-                         "backmix.pipeline.config:LoaderConfig.batch_size", lambda: {"type": int}),
-    "canvas": Option("--canvas", "side of the square canvas the mix works on",
-                     "backmix.pipeline.config:LoaderConfig.canvas", lambda: {"type": int}),
-    "crop": Option("--crop", "side of the random crop the model sees",
-                   "backmix.pipeline.config:LoaderConfig.crop", lambda: {"type": int}),
+    "batch_size": Option("--batch-size", "images per batch (under torchrun: per rank)", LOADER + "batch_size", _int),
+    "canvas": Option("--canvas", "side of the square canvas the mix works on", LOADER + "canvas", _int),
+    "crop": Option("--crop", "side of the random crop the model sees", LOADER + "crop", _int),
     "canvas_mode": Option("--canvas-mode", "canvas of each image: center = shorter side resized to the canvas, "
                                            "centre square (the authors'); stretch = both sides resized",
-                          "backmix.pipeline.config:LoaderConfig.canvas_mode", lambda: {"choices": CANVAS_MODES}),
+                          LOADER + "canvas_mode", lambda: {"choices": CANVAS_MODES}),
     "augment": Option("--augment", "after the mix: crop = random crop + flip; rrc = RandomResizedCrop of the mixed "
                                    "canvas to the crop size + flip (evaluation: the centre crop)",
-                      "backmix.pipeline.config:LoaderConfig.augment", _choices("backmix.pipeline.sampling", "AUGMENTS")),
-    "crop_from": Option("--crop-from", CROP_FROM_HELP, "backmix.pipeline.config:LoaderConfig.crop_from",
-                        lambda: {"choices": CROP_FROM}),
-    "grid": Option("--grid", "g of the g x g foreground maps",
-                   "backmix.pipeline.config:LoaderConfig.grid", lambda: {"type": int}),
+                      LOADER + "augment", _choices("backmix.pipeline.sampling", "AUGMENTS")),
+    "crop_from": Option("--crop-from", CROP_FROM_HELP, LOADER + "crop_from", lambda: {"choices": CROP_FROM}),
+    "grid": Option("--grid", "g of the g x g foreground maps", LOADER + "grid", _int),
     "backend": Option("--backend", "loader backend (a benchmark: a comma list of them, each measured)",
-                      "backmix.trainers.config:TrainConfig.backend", _choices("backmix.pipeline.loaders", "BACKENDS")),
-    "ray_address": Option("--ray-address", "--backend ray: the Ray cluster whose CPUs decode",
-                          "backmix.trainers.config:TrainConfig.ray_address", lambda: {"metavar": "auto|HOST:PORT"}),
-    "prefetch": Option("--prefetch", "--backend ray: batches in flight at most",
-                       "backmix.trainers.config:TrainConfig.prefetch", lambda: {"type": int}),
-    "workers": Option("--workers", "decoding worker processes (or threads)",
-                      "backmix.pipeline.config:LoaderConfig.num_workers", lambda: {"type": int}),
+                      TRAINER + "backend", _choices("backmix.pipeline.loaders", "BACKENDS")),
+    "ray_address": Option("--ray-address", "--backend ray: the Ray cluster whose CPUs decode", TRAINER + "ray_address",
+                          lambda: {"metavar": "auto|HOST:PORT"}),
+    "prefetch": Option("--prefetch", "--backend ray: batches in flight at most", TRAINER + "prefetch", _int),
+    "workers": Option("--workers", "decoding worker processes (or threads)", LOADER + "num_workers", _int),
     "on_error": Option("--on-error", "an image that does not decode: raise = stop; skip = leave it out, "
                                      "named and counted",
-                       "backmix.pipeline.config:LoaderConfig.on_error", _choices("backmix.pipeline.config", "ON_ERROR")),
-    "device": Option("--device", DEVICE_HELP, "backmix.device:choose_device.request",
-                     lambda: {"type": device_option}),
+                       LOADER + "on_error", _choices("backmix.pipeline.config", "ON_ERROR")),
+    "device": Option("--device", DEVICE_HELP, "backmix.device:choose_device.request", lambda: {"type": device_option}),
 }
 GEOMETRY = ("canvas", "crop", "canvas_mode", "augment")
 
