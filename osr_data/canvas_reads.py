@@ -11,7 +11,7 @@ from torch.utils.data import Dataset
 
 import torch
 
-from .decode import DecodeError, decode_canvas, decode_rgb, read_canvas, to_canvas
+from .decode import DecodeError, decode_canvas, decode_rgb, decode_rgb_bytes, read_canvas, to_canvas
 from .errors import BackMixError
 
 
@@ -32,9 +32,10 @@ def pad_photos(images: list) -> Photos:
     return Photos(pixels, sizes)
 
 
-def decode_canvas_and_image(path: str, size: int, mode: str) -> tuple:
-    """(canvas, the whole image) of one file: ``CanvasDataset``'s read when crops come from the image."""
-    image = decode_rgb(path)
+def decode_canvas_and_image(path: str, size: int, mode: str, data=None) -> tuple:
+    """(canvas, the whole image) of one file: ``CanvasDataset``'s read when crops come from the image.
+    ``data``: the file's bytes already read (uint8 [N], e.g. from a beton); else read from ``path``."""
+    image = decode_rgb(path) if data is None else decode_rgb_bytes(data, path)
     return to_canvas(image, size, mode), image
 
 

@@ -44,8 +44,8 @@ from typing import Iterator, Optional
 import numpy as np
 import torch
 
-from backmix.osr_data.canvas_reads import pad_photos
-from backmix.osr_data.decode import CANVAS_MODES, decode_rgb_bytes, to_canvas
+from backmix.osr_data.canvas_reads import decode_canvas_and_image, pad_photos
+from backmix.osr_data.decode import CANVAS_MODES
 from backmix.osr_data.errors import BackMixError
 from backmix.osr_data.index import INDEX_NAME, ImageIndex
 from backmix.osr_data.normalize import normalize_constants
@@ -184,8 +184,8 @@ def _whole_image_operation(source: "FfcvSource"):
             pool = ThreadPoolExecutor(max(1, cfg.num_workers), thread_name_prefix="backmix-ffcv-decode")
 
             def read(row):
-                image = decode_rgb_bytes(source.file_bytes(row), index.abspath(int(row)))
-                return to_canvas(image, cfg.canvas, cfg.canvas_mode), image
+                return decode_canvas_and_image(index.abspath(int(row)), cfg.canvas, cfg.canvas_mode,
+                                               source.file_bytes(row))
 
             def run(ids, _, __):
                 rows = np.asarray(ids).reshape(-1).astype(np.int64)   # a copy: ``ids`` is FFCV's buffer
