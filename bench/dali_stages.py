@@ -9,9 +9,9 @@ import numpy as np
 
 from backmix.osr_data.index import ImageIndex
 from backmix.pipeline.config import LoaderConfig, choose_device
-from backmix.pipeline.dali_graphs import crop_boxes
-from backmix.pipeline.dali_ops import (PREFETCH, crop_normalize, crop_where, decode_box, decode_to_canvas,
-                                       decode_whole)
+from backmix.osr_data.decode import check_pixels
+from backmix.pipeline.dali_ops import (PREFETCH, box_regions, canvas_rois, crop_normalize, crop_where,
+                                       decode_regions, decode_to_canvas, decode_whole)
 
 
 def stage_times(index: ImageIndex, config: LoaderConfig, batches: int) -> dict[str, float]:
@@ -27,21 +27,28 @@ def stage_times(index: ImageIndex, config: LoaderConfig, batches: int) -> dict[s
     b = config.batch_size
     rows = np.arange(min(len(index), b * max(1, batches)))
     files = [np.fromfile(index.abspath(int(i)), dtype=np.uint8) for i in rows]
+    sizes = np.array([check_pixels(index.abspath(int(i)), f) or (1, 1) for i, f in zip(rows, files)], dtype=np.int64)
     sampler = config.sampler()
     norm = {"mean": [255.0 * m for m in config.mean], "std": [255.0 * v for v in config.std],
             "dtype": types.FLOAT, "output_layout": "CHW"}
-    out, n_inputs = {}, {"decode": 1, "canvas": 1, "canvas crops": 4, "region crops": 3}
+    out, n_inputs = {}, {"decode": 1, "canvas": 3, "canvas crops": 6, "region crops": 6}
     for stage in ("decode", "canvas", "canvas crops", "region crops"):
-        crops = stage.endswith("crops")
-
         def batch_inputs(info):
             start = (info.iteration * b) % len(files)
-            batch = [files[(start + k) % len(files)] for k in range(b)]
-            if not crops:   # the files alone: DALI warns of outputs a pipeline does not read
+            at = [(start + k) % len(files) for k in range(b)]
+            batch = [files[k] for k in at]
+            if stage == "decode":   # the files alone: DALI warns of outputs a pipeline does not read
                 return (batch,)
+            hw = sizes[at]
+            rois = canvas_rois(hw, config.canvas, config.canvas_mode)
+            if stage == "canvas":
+                return (batch,) + rois
             p = sampler.draw(b, 0, info.iteration, train=config.train)
-            where = crop_where(p, config) if stage == "canvas crops" else crop_boxes(p)
-            return (batch, list(p.flips.astype(np.int32))) + tuple(where)
+            flips = (p.flips.astype(np.int32),)
+            if stage == "canvas crops":
+                return (batch,) + flips + crop_where(p, config) + rois
+            box = np.concatenate([p.crops, p.crop_sizes], axis=1)
+            return (batch,) + flips + box_regions(hw, [(box, config.crop)], config.canvas, config.canvas_mode)
 
         @pipeline_def(batch_size=b, num_threads=max(1, config.num_workers),
                       device_id=device.index if gpu else None,
@@ -52,12 +59,11 @@ def stage_times(index: ImageIndex, config: LoaderConfig, batches: int) -> dict[s
             if stage == "decode":
                 return decode_whole(files_in, gpu)
             if stage == "canvas":
-                return decode_to_canvas(files_in, config.canvas, gpu, config.canvas_mode)
+                return decode_to_canvas(files_in, config.canvas, gpu, rest)
             if stage == "canvas crops":
-                canvas = decode_to_canvas(files_in, config.canvas, gpu, config.canvas_mode)
-                return crop_normalize(canvas, rest[0], rest[1:], config)
-            shape = fn.peek_image_shape(files_in, adjust_orientation=False)
-            crop = decode_box(files_in, shape, rest[1], config.crop, config.canvas, config.canvas_mode, gpu)
+                canvas = decode_to_canvas(files_in, config.canvas, gpu, rest[3:5])
+                return crop_normalize(canvas, rest[0], rest[1:3], config)
+            crop = decode_regions(files_in, rest[1:3], [(rest[3], rest[4], config.crop)], gpu)[0]
             return fn.crop_mirror_normalize(crop, mirror=rest[0], **norm)
 
         pipe = timing_pipeline()

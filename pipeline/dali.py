@@ -11,7 +11,6 @@ decoder) run the same graphs.
 """
 from __future__ import annotations
 
-import io
 import logging
 import os
 import weakref
@@ -21,9 +20,8 @@ from typing import Iterator, NamedTuple, Optional
 
 import numpy as np
 import torch
-from PIL import Image
 
-from backmix.osr_data.decode import DecodeError, decode_rgb, read_bytes, read_canvas
+from backmix.osr_data.decode import DecodeError, check_pixels, decode_rgb, read_bytes, read_canvas
 from backmix.osr_data.errors import BackMixError
 
 from .core import Loader, Plan, Source, SourceBatch
@@ -56,9 +54,13 @@ class _Fed(NamedTuple):
     failed: list          # the errors of files dropped before feeding, in batch order
 
 
-def _file_bytes(path: str, size: int, mode: str) -> np.ndarray:
-    """``read_canvas``'s "decode" for DALI: the file's bytes (the graph decodes them)."""
-    return read_bytes(path).numpy()
+def _file_bytes(path: str, size: int, mode: str) -> tuple[np.ndarray, tuple[int, int]]:
+    """``read_canvas``'s "decode" for DALI: the file's bytes (the graph decodes them) and its stored
+    (height, width) from the header, which the graph's geometry needs; an image over the pixel limits is
+    refused here, from the header, as the other loaders refuse it (``check_pixels``). A header that
+    names no size gives (1, 1): DALI then fails on the file and the replay names it."""
+    data = read_bytes(path).numpy()
+    return data, check_pixels(path, data) or (1, 1)
 
 
 class _Feeder:
@@ -85,19 +87,24 @@ class _Feeder:
         while self.pending:
             step, planned = self.pending.popleft()
             rows = planned.tolist()
-            # Read in parallel (file reads release the GIL), kept in the batch's order.
-            reads = source.readers.map(source.read, rows)
-            good, data, failed = [], [], []
+            # Read in parallel (file reads release the GIL), kept in the batch's order: one task per
+            # reader thread, as a task per file costs more than reading a cached file.
+            n = source.readers._max_workers
+            chunks = [rows[k::n] for k in range(n)]
+            done = list(source.readers.map(lambda chunk: [source.read(i) for i in chunk], chunks))
+            reads = [done[k % n][k // n] for k in range(len(rows))]
+            good, data, sizes, failed = [], [], [], []
             for i, raw in zip(rows, reads):
                 if isinstance(raw, Exception):
                     failed.append(raw)
                 else:
                     good.append(i)
-                    data.append(raw)
+                    data.append(raw[0])
+                    sizes.append(raw[1])
             ids = np.asarray(good, dtype=np.int64)
             self.fed.append(_Fed(step, planned, ids, failed))
             if good:   # DALI takes no empty batch: a step none of whose files could be read is not fed
-                return (data,) + source.pipeline_inputs(step, ids, data)
+                return (data,) + source.pipeline_inputs(step, ids, np.asarray(sizes, dtype=np.int64))
         raise StopIteration
 
 
@@ -132,12 +139,10 @@ class DaliSource(Source):
             return self.bad_rows[row]
         return read_canvas(index, row, cfg.canvas, cfg.canvas_mode, "return", _file_bytes)
 
-    def pipeline_inputs(self, step: int, ids: np.ndarray, files: list) -> tuple:
-        """The batch's params and masks (``LoaderView.inputs``) as the current graph's DALI inputs. Crops cut
-        from the image are drawn in each image's size, read from its file's header."""
-        cfg = self.config
-        sizes = np.array([header_size(f) for f in files], dtype=np.int64) if cfg.crops_images else None
-        p, masks = self.view.inputs(step, ids, sizes)
+    def pipeline_inputs(self, step: int, ids: np.ndarray, sizes: np.ndarray) -> tuple:
+        """The batch's params and masks (``LoaderView.inputs``) as the current graph's DALI inputs.
+        ``sizes``: int [B, 2], each image's stored size; crops cut from the image are drawn in it."""
+        p, masks = self.view.inputs(step, ids, sizes if self.config.crops_images else None)
         return self._graph.inputs(p, masks, sizes)
 
     # ----------------------------------------------------------------- the pipeline
@@ -244,12 +249,6 @@ class DaliSource(Source):
         out = torch.empty(tuple(t.shape()), dtype=dtype, device=device)
         feed_ndarray(t, out, cuda_stream=torch.cuda.current_stream(device))
         return out
-
-
-def header_size(data: np.ndarray) -> tuple[int, int]:
-    """(height, width) of an encoded image, from its header (pixels as stored, as the decoders)."""
-    with Image.open(io.BytesIO(data.tobytes())) as im:
-        return im.height, im.width
 
 
 def _decode_error(path: str) -> Optional[DecodeError]:

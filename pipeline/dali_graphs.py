@@ -1,15 +1,16 @@
 """The DALI backend's two graphs: what each batch's host inputs are (``inputs``: the batch's params and
-masks from ``LoaderView.inputs`` as lists of numpy arrays) and the DALI ops that make its outputs from them
-(``outputs``). ``DaliSource`` builds one pipeline of one graph, chosen by ``choose_graph``:
+masks from ``LoaderView.inputs``, and the geometry, as numpy arrays, one batch each) and the DALI ops that
+make its outputs from them (``outputs``). ``DaliSource`` builds one pipeline of one graph, chosen by ``choose_graph``:
 
 - ``CanvasGraph`` whenever canvases are made (batches carry them, or an in-loop rebuild reads them) and
   the crops are cut from the canvas: each file is decoded and resized to its canvas once, the mix and
   the crops work on the canvas. Given DALI's canvases, its output is the reference's arithmetic exactly
   (crop_mirror_normalize's float rounding aside).
 - ``RegionGraph`` otherwise: no canvas is made for the crops. A box on the canvas is a region of the
-  image (the canvas is a scaled square of it), so each crop decodes only its box's image region and
-  resizes it once; crops cut from the image (``LoaderConfig.crops_images``) are such regions too. When
-  canvases are wanted as well, each file is decoded whole once and the regions are sliced from it.
+  image (the canvas is a scaled square of it), so each image decodes one region, the smallest holding
+  its crop's box and (with BackMix) the rectangle it lends, and resizes each once; crops cut from the
+  image (``LoaderConfig.crops_images``) are such regions too. When canvases are wanted as well, each
+  file is decoded whole once and the regions are sliced from it.
 
 The mix (target i borrows from partner j = partners[i]) in both: each image j cuts what it lends from
 its own pixels and blanks its own foreground in it (box-sized work, no mask permuted), then
@@ -23,7 +24,8 @@ import torch
 from .augment import fill_value
 from .backmix import stretched_span
 from .config import LoaderConfig
-from .dali_ops import crop_normalize, crop_where, decode_box, decode_to_canvas, decode_whole
+from .dali_ops import (batch_of, box_regions, canvas_rois, crop_normalize, crop_where, decode_regions, decode_to_canvas,
+                       decode_whole)
 
 
 def choose_graph(config: LoaderConfig, box_hw: tuple, gpu: bool, with_canvas: bool):
@@ -37,30 +39,32 @@ class _Graph:
         self.config, self.box_hw, self.gpu, self.with_canvas = config, tuple(box_hw), gpu, with_canvas
         self.fill_rgb = fill_value(config.mean).numpy().reshape(1, 1, 3)
 
+    def n_inputs(self) -> int:
+        return len(self.layout())
+
     def blank(self, lent, fg):
         """DALI ops: uint8 pixels ``lent`` with the foreground ``fg`` (uint8 0/1, same H, W) set to the fill."""
         from nvidia.dali import types
 
-        one = types.Constant(1, dtype=types.UINT8)
         fill = types.Constant(self.fill_rgb, dtype=types.UINT8, device="gpu" if self.gpu else "cpu")
-        return lent * (one - fg) + fill * fg
+        # uint8 arithmetic wraps (mod 256), so lent - (lent - fill) is fill exactly: one product, not two.
+        return lent - (lent - fill) * fg
 
 
 class CanvasGraph(_Graph):
     """Decode, canvas, mix on the canvas, crop (``crop_normalize``)."""
 
-    def n_inputs(self) -> int:
-        return 7 if self.config.backmix else 3
-
     def layout(self) -> list:
-        return [""] * 3 + (["HWC", "", "", ""] if self.config.backmix else [])
+        return [""] * 5 + (["HWC", "", "", ""] if self.config.backmix else [])
 
-    def inputs(self, p, masks: np.ndarray, sizes) -> tuple:
-        """flips, the crops' places (``crop_where``); with BackMix the masks, partners, each image's lent
-        box corner (its borrower's source corner) and the two pastes' corners (canvas, then the box)."""
+    def inputs(self, p, masks: np.ndarray, sizes: np.ndarray) -> tuple:
+        """flips, the crops' places (``crop_where``), the canvases' image regions (``canvas_rois``); with
+        BackMix the masks, partners, each image's lent box corner (its borrower's source corner) and the
+        two pastes' corners (canvas, then the box). ``sizes``: int [B, 2], each image's stored size."""
+        cfg = self.config
         b = len(p.partners)
-        out = (list(p.flips.astype(np.int32)),) + crop_where(p, self.config)
-        if not self.config.backmix:
+        out = (batch_of(p.flips.astype(np.int32)),) + crop_where(p, cfg) + canvas_rois(sizes, cfg.canvas, cfg.canvas_mode)
+        if not cfg.backmix:
             return out
         src, dst = p.boxes[:, 0:2], p.boxes[:, 2:4]
         if b < 2:
@@ -69,8 +73,8 @@ class CanvasGraph(_Graph):
         lend_at[p.partners] = src
         out_anchors = np.zeros((b, 2, 2), dtype=np.int32)
         out_anchors[:, 1] = dst
-        return out + (list(masks.astype(np.uint8)[..., None]), list(p.partners.astype(np.int32)),
-                      list(lend_at.astype(np.int32)), list(out_anchors))
+        return out + (batch_of(masks.astype(np.uint8)[..., None]), batch_of(p.partners.astype(np.int32)),
+                      batch_of(lend_at.astype(np.int32)), batch_of(out_anchors))
 
     def outputs(self, files, inputs) -> tuple:
         from nvidia.dali import fn, types
@@ -78,12 +82,12 @@ class CanvasGraph(_Graph):
         cfg, (bh, bw) = self.config, self.box_hw
         s = cfg.canvas
         flips, *where = inputs[0:3]
-        canvas = decode_to_canvas(files, s, self.gpu, cfg.canvas_mode)
+        canvas = decode_to_canvas(files, s, self.gpu, inputs[3:5])
         outs = [fn.transpose(canvas, perm=[2, 0, 1])] if self.with_canvas else []
         if cfg.clean:
             outs.append(crop_normalize(canvas, flips, where, cfg))
         if cfg.backmix:
-            masks, partners, lend_at, out_anchors = inputs[3:]
+            masks, partners, lend_at, out_anchors = inputs[5:]
             if self.gpu:
                 masks = masks.gpu()
             # The lent box of the nearest-upsampled mask, sampled straight from the g x g grid: box
@@ -102,65 +106,72 @@ class CanvasGraph(_Graph):
 
 
 class RegionGraph(_Graph):
-    """Each crop (and each lent rectangle) from its own image region, resized once (``decode_box``)."""
-
-    def n_inputs(self) -> int:
-        return 9 if self.config.backmix else 2
+    """Each crop, with the rectangle its image lends, from one region of its image, each resized once
+    (``box_regions``, ``decode_regions``)."""
 
     def layout(self) -> list:
-        return [""] * 6 + ["HWC", "", ""] if self.config.backmix else [""] * 2
+        cfg = self.config
+        return ([""] * (5 + 2 * cfg.backmix) + [""] * 2 * self.with_canvas
+                + (["", "", "", "HWC", "", ""] if cfg.backmix else []))
 
-    def inputs(self, p, masks: np.ndarray, sizes) -> tuple:
-        """flips, the crop boxes; with BackMix what each image lends (``lend_boxes``). ``sizes``: int
-        [B, 2], each image's height and width, for crops cut from the image (else None)."""
+    def inputs(self, p, masks: np.ndarray, sizes: np.ndarray) -> tuple:
+        """flips; the region of each image to decode and where its crop (and, with BackMix, what it
+        lends: ``lend_boxes``) lies in it (``box_regions``); the canvases' image regions when the
+        canvas is made; with BackMix the rest of ``lend_boxes``. ``sizes``: int [B, 2], each image's
+        stored size."""
         cfg, box_hw = self.config, self.box_hw
-        out = (list(p.flips.astype(np.int32)),) + crop_boxes(p)
+        mode = "image" if cfg.crops_images else cfg.canvas_mode   # where the crop boxes are
+        crop_box = np.concatenate([p.crops, p.crop_sizes], axis=1)
+        canvas = canvas_rois(sizes, cfg.canvas, cfg.canvas_mode) if self.with_canvas else ()
+        flips = (batch_of(p.flips.astype(np.int32)),)
         if not cfg.backmix:
-            return out
+            return flips + box_regions(sizes, [(crop_box, cfg.crop)], cfg.canvas, mode) + canvas
         src, dst = p.boxes[:, 0:2], p.boxes[:, 2:4]
-        if sizes is None:   # the box on the canvases; the partner's grid cells are canvas // grid pixels
+        if not cfg.crops_images:   # the box on the canvases; the partner's grid cells are canvas // grid pixels
             cells = np.full((len(p.partners), 2), 1.0 / (cfg.canvas // cfg.grid))
             spans = (dst, dst + box_hw, src, src + box_hw)
-        else:               # the box in the images' pixels their stretched canvases' box covers (``stretched_span``)
+        else:                      # the box in the images' pixels their stretched canvases' box covers (``stretched_span``)
             theirs = sizes[p.partners]
             cells = cfg.grid / theirs
             spans = image_spans(p.boxes, box_hw, sizes, theirs, cfg.canvas)
-        return out + lend_boxes(p, masks, cfg.crop, spans, cells)
+        partners, lend_box, shown, *rest = lend_boxes(p, masks, cfg.crop, spans, cells)
+        where = box_regions(sizes, [(crop_box, cfg.crop), (lend_box, shown)], cfg.canvas, mode)
+        return flips + where + canvas + (partners, shown, *rest)
 
     def outputs(self, files, inputs) -> tuple:
         from nvidia.dali import fn, types
 
         cfg, gpu = self.config, self.gpu
-        s, c = cfg.canvas, cfg.crop
-        mode = "image" if cfg.crops_images else cfg.canvas_mode   # where the crop boxes are
+        c = cfg.crop
         norm = {"mean": [255.0 * m for m in cfg.mean], "std": [255.0 * v for v in cfg.std],
                 "dtype": types.FLOAT, "output_layout": "CHW"}
-        flips, box = inputs[0:2]
-        shape = fn.peek_image_shape(files, adjust_orientation=False)   # H, W, C on the host, from the header
+        flips, region = inputs[0], inputs[1:3]
+        spans = [(inputs[3], inputs[4], c)]
+        k = 5
+        if cfg.backmix:
+            k += 2
         outs, images = [], None
         if self.with_canvas:   # decoded whole once: the canvas and the regions come from that decode
             images = decode_whole(files, gpu)
-            outs.append(fn.transpose(decode_to_canvas(files, s, gpu, cfg.canvas_mode, images), perm=[2, 0, 1]))
-        clean = decode_box(files, shape, box, c, s, mode, gpu, images)
+            outs.append(fn.transpose(decode_to_canvas(files, cfg.canvas, gpu, inputs[k:k + 2], images), perm=[2, 0, 1]))
+            k += 2
+        if not cfg.backmix:
+            clean = decode_regions(files, region, spans, gpu, images)[0]
+            outs.append(fn.crop_mirror_normalize(clean, mirror=flips, **norm))
+            return tuple(outs)
+        partners, shown, cells, masks, paste_shapes, out_anchors = inputs[k:]
+        clean, lent = decode_regions(files, region, spans + [(inputs[5], inputs[6], shown)], gpu, images)
         if cfg.clean:
             outs.append(fn.crop_mirror_normalize(clean, mirror=flips, **norm))
-        if cfg.backmix:
-            partners, lend_box, shown, cells, masks, paste_shapes, out_anchors = inputs[2:]
-            lent = decode_box(files, shape, lend_box, shown, s, mode, gpu, images)
-            if gpu:
-                masks = masks.gpu()
-            # The lender's foreground cell under each lent pixel's centre (nearest).
-            fg = fn.resize(masks, size=shown, roi_start=cells[0:2], roi_end=cells[2:4],
-                           roi_relative=False, interp_type=types.INTERP_NN, antialias=False)
-            lent = fn.permute_batch(self.blank(lent, fg), indices=partners)
-            mixed = fn.multi_paste(clean, lent, shapes=paste_shapes, out_anchors=out_anchors, output_size=[c, c])
-            outs.append(fn.crop_mirror_normalize(mixed, mirror=flips, **norm))
+        if gpu:
+            masks = masks.gpu()
+        # The lender's foreground cell under each lent pixel's centre (nearest).
+        fg = fn.resize(masks, size=shown, roi_start=cells[0:2], roi_end=cells[2:4],
+                       roi_relative=False, interp_type=types.INTERP_NN, antialias=False)
+        lent = fn.permute_batch(self.blank(lent, fg), indices=partners)
+        mixed = fn.multi_paste(clean, lent, shapes=paste_shapes, out_anchors=out_anchors, output_size=[c, c])
+        outs.append(fn.crop_mirror_normalize(mixed, mirror=flips, **norm))
         return tuple(outs)
-
-
-def crop_boxes(p) -> tuple:
-    """Each image's crop box on the canvas (float32 [4]: y, x, height, width), as a DALI input."""
-    return (list(np.concatenate([p.crops, p.crop_sizes], axis=1).astype(np.float32)),)
 
 
 def image_spans(boxes: np.ndarray, box_hw: tuple, sizes: np.ndarray, theirs: np.ndarray, canvas: int) -> tuple:
@@ -213,7 +224,7 @@ def lend_boxes(p, masks: np.ndarray, crop: int, spans: tuple, cells: np.ndarray)
     anchors = np.zeros((b, 2, 2), dtype=np.int32)
     anchors[:, 1] = np.where(empty, 0, first)
     lender = np.argsort(p.partners)   # the target that borrows from each image (partners is a permutation)
-    f32 = lambda a: list(a[lender].astype(np.float32))   # noqa: E731
-    return (list(p.partners.astype(np.int32)), f32(np.concatenate([at, extent], axis=1)), f32(shown.clip(1)),
+    f32 = lambda a: np.ascontiguousarray(a[lender], dtype=np.float32)   # noqa: E731
+    return (batch_of(p.partners.astype(np.int32)), f32(np.concatenate([at, extent], axis=1)), f32(shown.clip(1)),
             f32(np.concatenate([at * cells, (at + extent) * cells], axis=1)),
-            list(masks.astype(np.uint8)[..., None]), list(shapes), list(anchors))
+            batch_of(masks.astype(np.uint8)[..., None]), batch_of(shapes), batch_of(anchors))

@@ -1,8 +1,12 @@
-"""DALI graph pieces the loader's graphs (``dali_graphs``) and the benchmark share: the whole decode
-(``decode_whole``); the canvas made from it (``decode_to_canvas``, torchvision's canvas within a grey
-level); the crop, flip and normalise of a canvas (``crop_normalize``); the image region under a box of
-the canvas, decoded alone or sliced from the whole decode, resized once (``canvas_to_image``,
-``decode_box``)."""
+"""DALI graph pieces the loader's graphs (``dali_graphs``) and the benchmark share, and the host
+geometry they are fed: the whole decode (``decode_whole``); the canvas made from it
+(``decode_to_canvas``, torchvision's canvas within a grey level, at ``canvas_rois``); the crop, flip
+and normalise of a canvas (``crop_normalize``); the image region under boxes of the canvas, decoded
+alone or sliced from the whole decode, each box resized once (``box_regions``, ``decode_regions``).
+
+The geometry is numpy on the host, from each file's stored size (read from its header as the feeder
+reads the file): a DALI arithmetic op costs tens of microseconds a batch however small its data, and
+the geometry of a box took dozens of them."""
 from __future__ import annotations
 
 import numpy as np
@@ -13,14 +17,60 @@ from .sampling import BatchParams
 PREFETCH = 2   # DALI's prefetch queue depth: batches it pulls from the external source ahead of the consumer
 
 
-def round_half_even(x):
-    """Python's round() of a DALI float that is a whole or a half number (as torchvision's CenterCrop)."""
-    from nvidia.dali import math as dmath
+def batch_of(values: np.ndarray) -> np.ndarray:
+    """A host array [B, ...] as one batch of an external source: one contiguous array, which DALI takes
+    in one copy (a list of B arrays costs a copy and a check per sample)."""
+    return np.ascontiguousarray(values)
 
-    whole = dmath.floor(x)
-    half = 2.0 * (x - whole)                      # 1 for a half number, else 0
-    odd = whole - 2.0 * dmath.floor(whole / 2.0)  # 1 when ``whole`` is odd
-    return whole + half * odd
+
+def canvas_in_image(sizes: np.ndarray, size: int, mode: str) -> tuple[np.ndarray, np.ndarray]:
+    """(offset, scale), float [B, 2] (y, x), such that canvas point p (continuous coordinates) lies at
+    image point (p + offset) * scale. ``sizes``: int [B, 2], each image's stored height and width.
+    "stretch" scales each side by side / size; "center" is torchvision's Resize (the shorter side to
+    ``size``, the longer to int(size * long / short)) then CenterCrop (its corner rounded half to even,
+    as Python's round); "image": the boxes are in the image's own pixels."""
+    hw = sizes.astype(np.float64)
+    if mode == "image":
+        return np.zeros_like(hw), np.ones_like(hw)
+    if mode == "stretch":
+        return np.zeros_like(hw), hw / size
+    resized = np.maximum(np.floor(size * hw / hw[:, ::-1]), size)
+    return np.round((resized - size) / 2.0), hw / resized
+
+
+def canvas_rois(sizes: np.ndarray, size: int, mode: str) -> tuple[np.ndarray, np.ndarray]:
+    """The image region each canvas resamples (float32 [B, 2] start, end; y, x in image pixels): the
+    whole image when stretched; with "center" only the centre square's source, so that the longer
+    side's cut-off ends are never resampled."""
+    offset, scale = canvas_in_image(sizes, size, mode)
+    return batch_of((offset * scale).astype(np.float32)), batch_of(((offset + size) * scale).astype(np.float32))
+
+
+def box_regions(sizes: np.ndarray, boxes: list, size: int, mode: str) -> tuple:
+    """Where ``decode_regions`` decodes and resamples the boxes of each image (float32 [B, 2] arrays).
+    ``boxes``: (box, out) pairs: box float [B, 4] (y, x, height, width in canvas pixels, or image pixels
+    with mode "image"), out int or float [B, 2] the size it is resized to. Returned: the region's corner
+    and extent in the image, the smallest rectangle holding every box with a margin of one filter
+    support (the antialiasing filter's radius, the box's image extent per output pixel, plus one) so
+    that edge pixels are filtered as inside the whole image; then each box's start and end in the
+    region."""
+    offset, scale = canvas_in_image(sizes, size, mode)
+    hw = sizes.astype(np.float64)
+    spans, lo, hi = [], None, None
+    for box, out in boxes:
+        box = box.astype(np.float64)
+        start = (box[:, 0:2] + offset) * scale
+        end = (box[:, 0:2] + box[:, 2:4] + offset) * scale
+        margin = np.ceil((end - start) / np.asarray(out, dtype=np.float64)) + 1.0
+        first, last = np.floor(start) - margin, np.ceil(end) + margin
+        lo = first if lo is None else np.minimum(lo, first)
+        hi = last if hi is None else np.maximum(hi, last)
+        spans.append((start, end))
+    lo = np.clip(lo, 0.0, hw - 1.0)
+    hi = np.minimum(np.maximum(hi, lo + 1.0), hw)
+    f32 = lambda a: batch_of(a.astype(np.float32))   # noqa: E731
+    return (f32(lo), f32(hi - lo)) + tuple(f32(a - lo) for span in spans for a in span)
+
 
 def decode_whole(files, gpu: bool):
     """DALI ops: encoded files -> their whole images, uint8 HWC RGB, pixels as stored (EXIF orientation
@@ -30,88 +80,48 @@ def decode_whole(files, gpu: bool):
     return fn.decoders.image(files, device="mixed" if gpu else "cpu", output_type=types.RGB, adjust_orientation=False,
                              jpeg_fancy_upsampling=True)
 
-def decode_to_canvas(files, size: int, gpu: bool, mode: str = "center", images=None):
-    """DALI ops: encoded files -> uint8 HWC canvases of size x size, antialiased, in canvas ``mode`` as
-    ``osr_data.decode.to_canvas``: "stretch" resizes both sides; "center" is torchvision's Resize (the
-    shorter side to ``size``, the longer to int(size * long / short), from the file's header) then
-    CenterCrop, computed as one resize of the centre square's source region: only the canvas's pixels
-    are resampled (the longer side's cut-off ends never are). ``images``: the files already decoded
-    (``decode_whole``), when the graph uses them for more than the canvas."""
+
+def decode_to_canvas(files, size: int, gpu: bool, rois: tuple, images=None):
+    """DALI ops: encoded files -> uint8 HWC canvases of size x size, antialiased, as
+    ``osr_data.decode.to_canvas``: one linear resize of the image region ``rois`` (start, end: the
+    inputs fed from ``canvas_rois``). ``images``: the files already decoded (``decode_whole``), when the
+    graph uses them for more than the canvas."""
     from nvidia.dali import fn, types
-    from nvidia.dali import math as dmath
 
     images = decode_whole(files, gpu) if images is None else images
-    if mode == "stretch":
-        return fn.resize(images, size=[size, size], mode="stretch", antialias=True,
-                         interp_type=types.INTERP_LINEAR)
-    shape = fn.peek_image_shape(files, adjust_orientation=False)   # H, W, C on the host, from the header
-    hw = fn.cast(shape[0:2], dtype=types.FLOAT)
-    h, w = hw[0], hw[1]
-    # The shorter side becomes ``size`` exactly; max() picks it without a branch per sample.
-    resized = fn.stack(dmath.max(dmath.floor(size * h / w), float(size)),
-                       dmath.max(dmath.floor(size * w / h), float(size)))
-    corner = round_half_even((resized - size) / 2.0)   # CenterCrop's, in the resized image
-    # The same sampling positions as resizing the whole image to ``resized`` and slicing the square
-    # (within float rounding: a pixel may differ by one grey level, well inside the resize's tolerance).
-    scale = hw / resized
-    return fn.resize(images, size=[size, size], roi_start=corner * scale, roi_end=(corner + size) * scale,
-                     roi_relative=False, antialias=True, interp_type=types.INTERP_LINEAR)
+    return fn.resize(images, size=[size, size], roi_start=rois[0], roi_end=rois[1], roi_relative=False,
+                     antialias=True, interp_type=types.INTERP_LINEAR)
 
-def canvas_to_image(shape, size: int, mode: str):
-    """DALI ops: (offset, scale), float [2] (y, x) per sample, such that canvas point p (continuous
-    coordinates) lies at image point (p + offset) * scale. ``shape``: fn.peek_image_shape's H, W, C.
-    "stretch" scales each side by side / size; "center" is ``decode_to_canvas``'s geometry: the
-    resized image's centre square, the corner rounded as torchvision's CenterCrop; "image": the box
-    is in the image's own pixels."""
+
+def decode_regions(files, region: tuple, spans: list, gpu: bool, images=None) -> list:
+    """DALI ops: for each (start, end, out) of ``spans``, that span of each image's ``region`` (corner,
+    extent; the inputs fed from ``box_regions``) as uint8 HWC ``out`` (an int, or float [2] per sample),
+    resized once, linear and antialiased. The region alone is decoded, once for all the spans (a JPEG
+    decoder reads the entropy-coded rows down to a region's bottom whatever its width, so one region
+    holding two boxes costs less than two); or, given ``images`` (the files decoded whole, when the
+    graph makes their canvases too), it is sliced from them."""
     from nvidia.dali import fn, types
-    from nvidia.dali import math as dmath
 
-    hw = fn.cast(shape[0:2], dtype=types.FLOAT)
-    if mode == "image":   # boxes in the image's own pixels (crops cut from the image)
-        return hw * 0.0, hw * 0.0 + 1.0
-    if mode == "stretch":
-        return hw * 0.0, hw / float(size)
-    h, w = hw[0], hw[1]
-    resized = fn.stack(dmath.max(dmath.floor(size * h / w), float(size)),
-                       dmath.max(dmath.floor(size * w / h), float(size)))
-    return round_half_even((resized - size) / 2.0), hw / resized
-
-def decode_box(files, shape, box, out, size: int, mode: str, gpu: bool, images=None):
-    """DALI ops: the canvas box ``box`` (float [4]: y, x, height, width in canvas pixels) of each image
-    as uint8 HWC ``out`` (an int, or float [2] per sample), resized once, linear and antialiased. Only
-    the image region under the box is decoded; or, given ``images`` (the files decoded whole, when the
-    graph makes their canvases too), the region is sliced from them. A margin of one filter support
-    is taken around the region so that its edge pixels are filtered as inside the whole image."""
-    from nvidia.dali import fn, types
-    from nvidia.dali import math as dmath
-
-    offset, scale = canvas_to_image(shape, size, mode)
-    hw = fn.cast(shape[0:2], dtype=types.FLOAT)
-    start = (box[0:2] + offset) * scale
-    end = (box[0:2] + box[2:4] + offset) * scale
-    # The antialiasing filter's radius in image pixels: the box's image extent per output pixel.
-    margin = dmath.ceil((end - start) / out) + 1.0
-    lo = dmath.clamp(dmath.floor(start) - margin, 0.0, hw - 1.0)
-    hi = dmath.clamp(dmath.ceil(end) + margin, lo + 1.0, hw)
     where = {"axis_names": "HW", "normalized_anchor": False, "normalized_shape": False}
     if images is None:
-        region = fn.decoders.image_slice(files, lo, hi - lo, device="mixed" if gpu else "cpu", **where,
+        pixels = fn.decoders.image_slice(files, region[0], region[1], device="mixed" if gpu else "cpu", **where,
                                          output_type=types.RGB, adjust_orientation=False, jpeg_fancy_upsampling=True)
     else:
-        region = fn.slice(images, lo, hi - lo, **where)
-    return fn.resize(region, size=[out, out] if isinstance(out, int) else out, roi_start=start - lo, roi_end=end - lo,
-                     roi_relative=False, antialias=True, interp_type=types.INTERP_LINEAR)
+        pixels = fn.slice(images, region[0], region[1], **where)
+    return [fn.resize(pixels, size=[out, out] if isinstance(out, int) else out, roi_start=start, roi_end=end,
+                      roi_relative=False, antialias=True, interp_type=types.INTERP_LINEAR)
+            for start, end, out in spans]
 
 
 def crop_where(p: BatchParams, config: LoaderConfig) -> tuple:
-    """Where each image's crop is, as ``crop_normalize`` takes it (lists of float32 numpy arrays): with
+    """Where each image's crop is, as ``crop_normalize`` takes it (float32 numpy arrays, a batch each): with
     a resized crop its box's corner and height x width in the canvas; otherwise the corner as
     fractions (x, y) of the free range, which crop_mirror_normalize rounds back to the integer corner
     exactly (checked by the tests)."""
     if config.resizes:
-        return list(p.crops.astype(np.float32)), list(p.crop_sizes.astype(np.float32))
+        return batch_of(p.crops.astype(np.float32)), batch_of(p.crop_sizes.astype(np.float32))
     pos = (p.crops / max(config.canvas - config.crop, 1)).astype(np.float32)
-    return list(pos[:, 1]), list(pos[:, 0])
+    return batch_of(pos[:, 1]), batch_of(pos[:, 0])
 
 
 def crop_normalize(canvas, flips, where, config: LoaderConfig):

@@ -40,7 +40,7 @@ def encoded_or_canvas(path: str, size: int, mode: str) -> torch.Tensor:
     format's canvas (uint8 [3, S, S], decoded here)."""
     data = read_bytes(path)
     if is_jpeg(data):
-        check_pixels(path, data.numpy().tobytes())   # the header only: no gigapixel decode on the device
+        check_pixels(path, data.numpy())   # the header only: no gigapixel decode on the device
         return data
     return to_canvas(decode_rgb_bytes(data, path), size, mode)
 
@@ -49,7 +49,7 @@ def encoded(path: str, size: int, mode: str) -> torch.Tensor:
     """What a worker reads per file when the crops are cut from the whole image: its bytes (uint8 [N]),
     whatever the format, its size checked from the header."""
     data = read_bytes(path)
-    check_pixels(path, data.numpy().tobytes())
+    check_pixels(path, data.numpy())
     return data
 
 

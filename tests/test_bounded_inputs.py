@@ -5,6 +5,8 @@ bad file (wrong encoding, a key twice, a folder, a name that is not UTF-8, a tex
 a full disk) is one line naming it."""
 from __future__ import annotations
 
+import io
+
 import os
 import shutil
 import subprocess
@@ -225,6 +227,26 @@ def test_images_decode_without_warnings_as_their_first_frame_or_are_refused_from
         decode_rgb(str(tmp_path / "wide.png"))
     monkeypatch.setenv("BACKMIX_MAX_IMAGE_ASPECT", "101")
     assert decode_rgb(str(tmp_path / "wide.png")).shape == (3, 1, 101)
+
+
+@pytest.mark.parametrize("mode, save", [("RGB", {}), ("RGB", {"progressive": True}), ("L", {}), ("CMYK", {}),
+                                        ("RGB", {"exif": b"Exif\x00\x00MM\x00*\x00\x00\x00\x08\x00\x01\x01\x12"
+                                                          b"\x00\x03\x00\x00\x00\x01\x00\x06\x00\x00"})])
+def test_a_jpeg_header_gives_the_size_as_stored_as_pil_reads_it(mode, save):
+    from backmix.osr_data.decode import check_pixels, jpeg_size
+    buf = io.BytesIO()
+    Image.new(mode, (37, 21)).save(buf, format="JPEG", **save)
+    data = buf.getvalue()
+    assert jpeg_size(data) == (21, 37) == check_pixels("a.jpg", np.frombuffer(data, np.uint8))
+    assert jpeg_size(data[:20]) is None   # cut short before the frame header
+
+
+def test_an_image_that_is_not_a_jpeg_has_its_size_from_pil_or_none():
+    from backmix.osr_data.decode import check_pixels, jpeg_size
+    buf = io.BytesIO()
+    Image.new("RGB", (37, 21)).save(buf, format="PNG")
+    assert jpeg_size(buf.getvalue()) is None and check_pixels("a.png", buf.getvalue()) == (21, 37)
+    assert check_pixels("a.txt", b"not an image") is None and jpeg_size(b"") is None
 
 
 def test_a_wide_image_is_skipped_under_on_error_skip(root, tmp_path):
