@@ -13,9 +13,12 @@ make its outputs from them (``outputs``). ``DaliSource`` builds one pipeline of 
   file is decoded whole once and the regions are sliced from it.
 
 The mix (target i borrows from partner j = partners[i]) in both: each image j cuts what it lends from
-its own pixels and blanks its own foreground in it (box-sized work, no mask permuted), then
-``permute_batch`` hands it to its borrower and ``multi_paste`` lays it over the target. A batch of one
-is left as it is, as the kernel."""
+its own pixels (box-sized work), ``permute_batch`` hands it to its borrower and ``multi_paste`` lays it
+over the target. The lender's foreground in it is blanked: on the canvas by a blend with its mask
+before the hand-over, exactly as the kernel; in the region graph by pasting the fill over each
+foreground cell's rectangle after it (the same pixels, as the nearest cell under each pixel's centre
+is a rectangle of pixels per cell, without a per-pixel pass). A batch of one is left as it is, as the
+kernel."""
 from __future__ import annotations
 
 import numpy as np
@@ -42,6 +45,10 @@ class _Graph:
     def n_inputs(self) -> int:
         return len(self.layout())
 
+
+class CanvasGraph(_Graph):
+    """Decode, canvas, mix on the canvas, crop (``crop_normalize``)."""
+
     def blank(self, lent, fg):
         """DALI ops: uint8 pixels ``lent`` with the foreground ``fg`` (uint8 0/1, same H, W) set to the fill."""
         from nvidia.dali import types
@@ -49,10 +56,6 @@ class _Graph:
         fill = types.Constant(self.fill_rgb, dtype=types.UINT8, device="gpu" if self.gpu else "cpu")
         # uint8 arithmetic wraps (mod 256), so lent - (lent - fill) is fill exactly: one product, not two.
         return lent - (lent - fill) * fg
-
-
-class CanvasGraph(_Graph):
-    """Decode, canvas, mix on the canvas, crop (``crop_normalize``)."""
 
     def layout(self) -> list:
         return [""] * 5 + (["HWC", "", "", ""] if self.config.backmix else [])
@@ -111,8 +114,7 @@ class RegionGraph(_Graph):
 
     def layout(self) -> list:
         cfg = self.config
-        return ([""] * (5 + 2 * cfg.backmix) + [""] * 2 * self.with_canvas
-                + (["", "", "", "HWC", "", ""] if cfg.backmix else []))
+        return [""] * (5 + 2 * cfg.backmix + 2 * self.with_canvas + 4 * cfg.backmix)
 
     def inputs(self, p, masks: np.ndarray, sizes: np.ndarray) -> tuple:
         """flips; the region of each image to decode and where its crop (and, with BackMix, what it
@@ -134,9 +136,15 @@ class RegionGraph(_Graph):
             theirs = sizes[p.partners]
             cells = cfg.grid / theirs
             spans = image_spans(p.boxes, box_hw, sizes, theirs, cfg.canvas)
-        partners, lend_box, shown, *rest = lend_boxes(p, masks, cfg.crop, spans, cells)
+        partners, lend_box, shown, *pastes = lend_boxes(p, masks, cfg.crop, spans, cells, self.rects())
         where = box_regions(sizes, [(crop_box, cfg.crop), (lend_box, shown)], cfg.canvas, mode)
-        return flips + where + canvas + (partners, shown, *rest)
+        return flips + where + canvas + (partners, shown, *pastes)
+
+    def rects(self) -> int:
+        """Grid cells a pasted rectangle covers per axis, at most: its box's extent in cells (on the
+        canvas, or on a stretched canvas) and two partly covered ones."""
+        cfg = self.config
+        return int(np.ceil(max(self.box_hw) * cfg.grid / cfg.canvas)) + 2
 
     def outputs(self, files, inputs) -> tuple:
         from nvidia.dali import fn, types
@@ -159,17 +167,17 @@ class RegionGraph(_Graph):
             clean = decode_regions(files, region, spans, gpu, images)[0]
             outs.append(fn.crop_mirror_normalize(clean, mirror=flips, **norm))
             return tuple(outs)
-        partners, shown, cells, masks, paste_shapes, out_anchors = inputs[k:]
+        partners, shown, paste_shapes, out_anchors = inputs[k:]
         clean, lent = decode_regions(files, region, spans + [(inputs[5], inputs[6], shown)], gpu, images)
         if cfg.clean:
             outs.append(fn.crop_mirror_normalize(clean, mirror=flips, **norm))
-        if gpu:
-            masks = masks.gpu()
-        # The lender's foreground cell under each lent pixel's centre (nearest).
-        fg = fn.resize(masks, size=shown, roi_start=cells[0:2], roi_end=cells[2:4],
-                       roi_relative=False, interp_type=types.INTERP_NN, antialias=False)
-        lent = fn.permute_batch(self.blank(lent, fg), indices=partners)
-        mixed = fn.multi_paste(clean, lent, shapes=paste_shapes, out_anchors=out_anchors, output_size=[c, c])
+        lent = fn.permute_batch(lent, indices=partners)
+        # The lender's foreground under the rectangle is blanked by pasting the fill over it, one
+        # rectangle a cell: cheaper than a per-pixel blend, whose arithmetic reads the whole rectangle.
+        fill = fn.constant(idata=np.broadcast_to(self.fill_rgb, (c, c, 3)).ravel().tolist(), shape=[c, c, 3],
+                           dtype=types.UINT8, device="gpu" if gpu else "cpu")
+        fills = [fill] * self.rects() ** 2
+        mixed = fn.multi_paste(clean, lent, *fills, shapes=paste_shapes, out_anchors=out_anchors, output_size=[c, c])
         outs.append(fn.crop_mirror_normalize(mixed, mirror=flips, **norm))
         return tuple(outs)
 
@@ -188,7 +196,7 @@ def image_spans(boxes: np.ndarray, box_hw: tuple, sizes: np.ndarray, theirs: np.
     return t0, t1, s0, s1
 
 
-def lend_boxes(p, masks: np.ndarray, crop: int, spans: tuple, cells: np.ndarray) -> tuple:
+def lend_boxes(p, masks: np.ndarray, crop: int, spans: tuple, cells: np.ndarray, rects: int) -> tuple:
     """What the mixed crop of target i takes from its partner j = partners[i], as DALI inputs.
 
     ``spans`` (t0, t1, s0, s1; [B, 2] each, y and x): the pasted box's pixels [t0, t1) in the target
@@ -199,10 +207,11 @@ def lend_boxes(p, masks: np.ndarray, crop: int, spans: tuple, cells: np.ndarray)
     shows the partner's pixels there. Returned: partners (int32); in lender order (entry j for the
     target that borrows from image j, so that each image cuts from its own pixels and the small lent
     rectangles are what is permuted), that rectangle's extent in the lender (float32 [4]: y, x, height,
-    width; the only part of it read) and its size (float32 [2], at least 1: what it is resized to), the
-    extent in the lender's grid cells (float32 [4]: y0, x0, y1, x1) and the lender's top-k mask (uint8
-    g x g x 1); then, in target order, the paste of the crop then the rectangle (shapes and corners,
-    int32 [2, 2]; an empty rectangle pastes nothing). A batch of one is not mixed, as the kernel."""
+    width; the only part of it read) and its size (float32 [2], at least 1: what it is resized to); then,
+    in target order, the pastes (shapes and corners, int32 [2 + rects ** 2, 2]; an empty one pastes
+    nothing): the crop, the rectangle, then the fill over each of the lender's foreground cells in it
+    (``foreground_rects``; ``masks``: bool-like [B, g, g], each image's top-k cells; ``rects``: cells per
+    axis a rectangle covers at most). A batch of one is not mixed, as the kernel."""
     b = len(p.partners)
     corner, size = p.crops.astype(np.float64), p.crop_sizes.astype(np.float64)
     t0, t1, s0, s1 = (np.asarray(a, dtype=np.float64) for a in spans)
@@ -223,8 +232,41 @@ def lend_boxes(p, masks: np.ndarray, crop: int, spans: tuple, cells: np.ndarray)
     shapes[:, 0], shapes[:, 1] = crop, shown
     anchors = np.zeros((b, 2, 2), dtype=np.int32)
     anchors[:, 1] = np.where(empty, 0, first)
+    # The lender's foreground cells over the pasted rectangle, as fill pastes after it.
+    fill_shapes, fill_at = foreground_rects(at * cells, (at + extent) * cells, shown, masks[p.partners].astype(bool),
+                                            rects)
+    shapes = np.concatenate([shapes, fill_shapes], axis=1)
+    anchors = np.concatenate([anchors, np.where(fill_shapes.all(axis=2, keepdims=True),
+                                                fill_at + anchors[:, 1:2], 0)], axis=1).astype(np.int32)
     lender = np.argsort(p.partners)   # the target that borrows from each image (partners is a permutation)
     f32 = lambda a: np.ascontiguousarray(a[lender], dtype=np.float32)   # noqa: E731
     return (batch_of(p.partners.astype(np.int32)), f32(np.concatenate([at, extent], axis=1)), f32(shown.clip(1)),
-            f32(np.concatenate([at * cells, (at + extent) * cells], axis=1)),
-            batch_of(masks.astype(np.uint8)[..., None]), batch_of(shapes), batch_of(anchors))
+            batch_of(shapes), batch_of(anchors))
+
+
+def foreground_rects(c0: np.ndarray, c1: np.ndarray, shown: np.ndarray, fg: np.ndarray, rects: int) -> tuple:
+    """Where a pasted rectangle shows its lender's foreground: the rectangle's pixel (u, v) (of ``shown``,
+    int [B, 2]) shows the grid cell under its centre, floor(c0 + (u + 1/2) (c1 - c0) / shown) per axis
+    (c0, c1: float [B, 2], the rectangle's extent in the lender's cells; a cell off the grid is its edge
+    cell, as a nearest resize of the grid clamps), so each cell's pixels are a rectangle. ``fg``: bool
+    [B, g, g], the lender's foreground. Returned: int32 [B, rects ** 2, 2] shapes and corners in the
+    pasted rectangle of the cells it covers that are foreground, for ``rects`` cells per axis (at
+    least those it covers); zero shapes for the rest."""
+    g = fg.shape[1]
+    first, size = [], []
+    for axis in (0, 1):
+        a0, a1, n = c0[:, axis:axis + 1], c1[:, axis:axis + 1], shown[:, axis:axis + 1]
+        cell = np.clip(np.floor(a0), 0, g - 1).astype(np.int64) + np.arange(rects)
+        per_pixel = (a1 - a0) / np.maximum(n, 1)
+        u0 = np.where(cell <= 0, 0, np.ceil((cell - a0) / per_pixel - 0.5))
+        u1 = np.where(cell >= g - 1, n, np.ceil((cell + 1 - a0) / per_pixel - 0.5))
+        u0 = np.clip(u0, 0, n)
+        u1 = np.clip(u1, u0, n)
+        size.append(np.where(cell < g, u1 - u0, 0))
+        first.append((u0, np.minimum(cell, g - 1)))
+    (y0, ry), (x0, rx) = first
+    on = fg[np.arange(len(fg))[:, None, None], ry[:, :, None], rx[:, None, :]]
+    h, w = (size[0][:, :, None] * on), (size[1][:, None, :] * on)
+    shapes = np.stack(np.broadcast_arrays(h, w), axis=-1).reshape(len(fg), -1, 2)
+    corners = np.stack(np.broadcast_arrays(y0[:, :, None], x0[:, None, :]), axis=-1).reshape(len(fg), -1, 2)
+    return shapes.astype(np.int32), corners.astype(np.int32)

@@ -496,3 +496,26 @@ def test_photos_cut_from_the_whole_decode_or_their_regions_alone_are_the_same_cr
     for a, b in zip(kept, lean):
         assert a.canvas is not None and b.canvas is None
         assert torch.equal(a.images, b.images) and torch.equal(a.mixed, b.mixed)
+
+
+def test_foreground_rects_cover_the_pixels_whose_nearest_cell_is_foreground():
+    """The region graph blanks the lender's foreground by pasting the fill over one rectangle a cell:
+    together they are exactly the pixels whose centre's cell (clamped to the grid, as a nearest resize
+    of it) is foreground."""
+    from backmix.pipeline.dali_graphs import foreground_rects
+    rng = np.random.default_rng(0)
+    b, g, rects = 200, 8, 4
+    c0 = rng.uniform(-0.3, g - 2.0, (b, 2))
+    c1 = c0 + rng.uniform(0.2, 2.2, (b, 2))
+    shown = rng.integers(0, 120, (b, 2))
+    fg = rng.random((b, g, g)) < 0.3
+    shapes, corners = foreground_rects(c0, c1, shown, fg, rects)
+    for i in range(b):
+        h, w = shown[i]
+        cy = np.clip(np.floor(c0[i, 0] + (np.arange(h) + 0.5) * (c1[i, 0] - c0[i, 0]) / max(h, 1)), 0, g - 1)
+        cx = np.clip(np.floor(c0[i, 1] + (np.arange(w) + 0.5) * (c1[i, 1] - c0[i, 1]) / max(w, 1)), 0, g - 1)
+        want = fg[i][cy.astype(int)[:, None], cx.astype(int)[None, :]]
+        got = np.zeros((h, w), dtype=int)
+        for (rh, rw), (y, x) in zip(shapes[i], corners[i]):
+            got[y:y + rh, x:x + rw] += 1
+        assert got.max(initial=0) <= 1 and np.array_equal(got.astype(bool), want), i
