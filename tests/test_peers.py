@@ -2,9 +2,12 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import statistics
+import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -170,3 +173,30 @@ def test_peers_refuses_bad_input_in_one_line(tiny_root, tmp_path, capsys, argv, 
     status, out, err = peers(["--data", str(tiny_root), "--out", str(tmp_path), *TINY, *argv], capsys)
     assert status == 2 and err.count("\n") == 1 and err.startswith("backmix: error: ") and says in err
     assert not (tmp_path / "peers.json").exists() and not (tmp_path / "r.png").exists()
+
+
+def test_the_dali_profile_script_says_its_usage_and_refuses_what_it_lacks_in_one_line(tmp_path):
+    script = Path(__file__).resolve().parents[1] / "scripts" / "profile-dali.sh"
+    bash = shutil.which("bash")
+
+    def run(*args, path=None):
+        env = {**os.environ, **({"PATH": str(path)} if path else {})}
+        return subprocess.run([bash, str(script), *args], capture_output=True, text=True, env=env)
+
+    r = run("--help")
+    assert r.returncode == 0 and r.stdout.startswith("Where the DALI loader's CPU time goes")
+    assert "bash scripts/profile-dali.sh OUT [DATA]" in r.stdout
+    r = run()
+    assert r.returncode == 2 and "bash scripts/profile-dali.sh OUT [DATA]" in r.stderr
+    no_perf = tmp_path / "bin-without-perf"
+    no_perf.mkdir()
+    r = run(str(tmp_path / "out"), path=no_perf)
+    assert r.returncode == 2 and r.stderr == "profile-dali: perf is not installed (linux-tools)\n"
+    stub = tmp_path / "bin"
+    stub.mkdir()
+    (stub / "perf").write_text("#!/bin/sh\n")
+    (stub / "perf").chmod(0o755)
+    r = run(str(tmp_path / "out"), str(tmp_path / "nowhere"), path=f"{stub}:{os.environ['PATH']}")
+    assert r.returncode == 2 and r.stderr == (f"profile-dali: no image folder at {tmp_path / 'nowhere'} "
+                                              "(run 'backmix bench peers' once to make it)\n")
+    assert not (tmp_path / "out").exists()
