@@ -35,6 +35,25 @@ def wait_for(condition, proc: subprocess.Popen, seen: set, timeout: float = 120)
         time.sleep(0.02)
 
 
+def signal_while(condition, proc: subprocess.Popen, signum: int, timeout: float = 120) -> None:
+    """Send ``signum`` to ``proc`` at a moment ``condition()`` holds: the process is stopped (SIGSTOP)
+    while the condition is checked, so it cannot get past that state before the signal is sent. (A
+    prepare's temporary folder lives for a fraction of a second: on a loaded machine a check and a
+    signal sent after it may straddle its rename.)"""
+    end = time.monotonic() + timeout
+    while True:
+        assert proc.poll() is None, proc.stderr.read()
+        assert time.monotonic() < end, "timed out"
+        os.kill(proc.pid, signal.SIGSTOP)
+        try:
+            if condition():
+                proc.send_signal(signum)   # pending until the process runs again
+                return
+        finally:
+            os.kill(proc.pid, signal.SIGCONT)
+        time.sleep(0.005)
+
+
 def alive(pids: set) -> list[int]:
     """Those of ``pids`` that still run (a zombie is ended: only its exit status is left)."""
     live = []
@@ -146,10 +165,8 @@ def test_sigterm_during_data_prepare_removes_its_temporary_folder(tmp_path):
     proc = subprocess.Popen([sys.executable, "-m", "backmix", "data", "prepare", "--out", str(tmp_path / "p"),
                              "--dataset", "digits-on-photos"], cwd=REPO, env=env(), stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
-    children: set = set()
-    wait_for(lambda: list(tmp_path.glob(".p.tmp-*")), proc, children)   # writing into its temporary folder
-    proc.send_signal(signal.SIGTERM)
-    assert_interrupted(proc, children)
+    signal_while(lambda: list(tmp_path.glob(".p.tmp-*")), proc, signal.SIGTERM)   # writing into its temporary folder
+    assert_interrupted(proc, set())
     assert list(tmp_path.iterdir()) == []
 
 
