@@ -9,7 +9,7 @@ import numpy as np
 
 from backmix.osr_data.index import ImageIndex
 from backmix.pipeline.config import LoaderConfig, choose_device
-from backmix.osr_data.decode import check_pixels
+from backmix.pipeline.dali import file_bytes_and_size
 from backmix.pipeline.dali_ops import (PREFETCH, box_regions, canvas_rois, crop_normalize, crop_where,
                                        decode_regions, decode_to_canvas, decode_whole)
 
@@ -26,8 +26,8 @@ def stage_times(index: ImageIndex, config: LoaderConfig, batches: int) -> dict[s
     gpu = device.type == "cuda"
     b = config.batch_size
     rows = np.arange(min(len(index), b * max(1, batches)))
-    files = [np.fromfile(index.abspath(int(i)), dtype=np.uint8) for i in rows]
-    sizes = np.array([check_pixels(index.abspath(int(i)), f) or (1, 1) for i, f in zip(rows, files)], dtype=np.int64)
+    files, sizes = zip(*(file_bytes_and_size(index.abspath(int(i))) for i in rows))
+    sizes = np.array(sizes, dtype=np.int64)
     sampler = config.sampler()
     norm = {"mean": [255.0 * m for m in config.mean], "std": [255.0 * v for v in config.std],
             "dtype": types.FLOAT, "output_layout": "CHW"}

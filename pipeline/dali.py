@@ -54,7 +54,7 @@ class _Fed(NamedTuple):
     failed: list          # the errors of files dropped before feeding, in batch order
 
 
-def _file_bytes(path: str, size: int, mode: str) -> tuple[np.ndarray, tuple[int, int]]:
+def file_bytes_and_size(path: str, size: int = 0, mode: str = "") -> tuple[np.ndarray, tuple[int, int]]:
     """``read_canvas``'s "decode" for DALI: the file's bytes (the graph decodes them) and its stored
     (height, width) from the header, which the graph's geometry needs; an image over the pixel limits is
     refused here, from the header, as the other loaders refuse it (``check_pixels``). A header that
@@ -87,12 +87,11 @@ class _Feeder:
         while self.pending:
             step, planned = self.pending.popleft()
             rows = planned.tolist()
-            # Read in parallel (file reads release the GIL), kept in the batch's order: one task per
-            # reader thread, as a task per file costs more than reading a cached file.
-            n = source.readers._max_workers
-            chunks = [rows[k::n] for k in range(n)]
-            done = list(source.readers.map(lambda chunk: [source.read(i) for i in chunk], chunks))
-            reads = [done[k % n][k // n] for k in range(len(rows))]
+            # Read in parallel (file reads release the GIL), kept in the batch's order: one run of rows
+            # per reader thread, as a task per file costs more than reading a cached file.
+            parts = source.readers.map(lambda part: [source.read(i) for i in part.tolist()],
+                                       np.array_split(planned, source.n_readers))
+            reads = [raw for part in parts for raw in part]
             good, data, sizes, failed = [], [], [], []
             for i, raw in zip(rows, reads):
                 if isinstance(raw, Exception):
@@ -124,7 +123,8 @@ class DaliSource(Source):
         log.info("DALI pipeline on %s", "gpu" if self.gpu else "cpu")
         # Rows DALI failed to decode, with torchvision's error (the reference's message): dropped at feed time from then on.
         self.bad_rows: dict[int, DecodeError] = {}
-        self.readers = ThreadPoolExecutor(max(1, cfg.num_workers), thread_name_prefix="backmix-read")
+        self.n_readers = max(1, cfg.num_workers)
+        self.readers = ThreadPoolExecutor(self.n_readers, thread_name_prefix="backmix-read")
         self._feeder = _Feeder(self)
 
     def open(self, rows, view) -> None:
@@ -137,7 +137,7 @@ class DaliSource(Source):
         index, cfg = self.index, self.config
         if row in self.bad_rows:
             return self.bad_rows[row]
-        return read_canvas(index, row, cfg.canvas, cfg.canvas_mode, "return", _file_bytes)
+        return read_canvas(index, row, cfg.canvas, cfg.canvas_mode, "return", file_bytes_and_size)
 
     def pipeline_inputs(self, step: int, ids: np.ndarray, sizes: np.ndarray) -> tuple:
         """The batch's params and masks (``LoaderView.inputs``) as the current graph's DALI inputs.
