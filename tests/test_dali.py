@@ -452,12 +452,13 @@ def photos(tmp_path_factory):
 
 
 # The stream against the reference loader's on photographs (canvas 256, crop 224), in grey levels per pixel:
-# (bound on the mean over the epoch, on any one crop's mean, on any pixel). Measured on 64 photos, all five
+# (bound on the mean over the epoch, on any one crop's mean, on any pixel). Measured on 64 photos
+# (`python -m backmix.bench.dali_stream_difference`), all five
 # cases, clean and mixed (the largest of each): the plain crop 0.15 / 0.17 / 3.0 (the same sampling grid:
-# JPEG decoders, DALI's resize vs torchvision's); the resized crop 1.41 / 5.2 / 141 (resized once, not twice:
+# JPEG decoders, DALI's resize vs torchvision's); the resized crop 1.40 / 5.2 / 141 (resized once, not twice:
 # upscaled boxes differ at sharp edges, and the reference's linear resize blends the pasted box and the
 # blanked cells into their neighbours where DALI takes the nearest canvas pixel's). Crops cut from the image
-# (--crop-from image, rrc, stretch): 0.57 / 2.7 / 120 (one resize each; the reference pastes the partner's
+# (--crop-from image, rrc, stretch): 0.58 / 2.7 / 124 (one resize each; the reference pastes the partner's
 # nearest pixels, DALI resamples them linearly). The crop and what its image lends come from one decoded
 # region: the same figures as decoding each alone.
 PHOTO_BOUNDS = {"crop": (1.0, 1.5, 12.0), "rrc": (3.0, 12.0, 224.0), "image": (3.0, 12.0, 224.0)}
